@@ -1,0 +1,206 @@
+"""Numba kernels for everything in a transformer layer except the matrix products.
+
+Each kernel is a small pure function over float32 arrays; numpy twins live in tests/test_ops.py.
+Python wrappers check shapes and dtypes before a kernel runs (Numba does no bounds checks).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+_JIT = dict(cache=True, fastmath=True, nogil=True)
+
+
+# ---------------------------------------------------------------- RMSNorm
+@njit(parallel=True, **_JIT)
+def _rmsnorm(x, w, eps, out):
+    rows, n = x.shape
+    for r in prange(rows):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += x[r, i] * x[r, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
+        for i in range(n):
+            out[r, i] = x[r, i] * inv * w[i]
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """RMSNorm over the last axis of x (any leading shape); w has the last axis' length."""
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"rmsnorm: x last dim {x.shape[-1]} != weight {w.shape[0]}")
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    o2 = np.empty_like(x2) if out is None else out.reshape(x2.shape)
+    _rmsnorm(x2, np.ascontiguousarray(w, dtype=np.float32), np.float32(eps), o2)
+    return o2.reshape(x.shape)
+
+
+# ---------------------------------------------------------------- RoPE
+@njit(parallel=True, **_JIT)
+def _rope(x, positions, inv_freq, neox):
+    # x: (T, H, D) rotated in place over the first 2*len(inv_freq) dims of each head.
+    T, H, D = x.shape
+    half = inv_freq.shape[0]
+    for t in prange(T):
+        p = np.float32(positions[t])
+        for i in range(half):
+            ang = p * inv_freq[i]
+            c = np.float32(math.cos(ang))
+            s = np.float32(math.sin(ang))
+            for h in range(H):
+                if neox:
+                    a = x[t, h, i]
+                    b = x[t, h, i + half]
+                    x[t, h, i] = a * c - b * s
+                    x[t, h, i + half] = a * s + b * c
+                else:
+                    a = x[t, h, 2 * i]
+                    b = x[t, h, 2 * i + 1]
+                    x[t, h, 2 * i] = a * c - b * s
+                    x[t, h, 2 * i + 1] = a * s + b * c
+
+
+def rope_inv_freq(n_rot: int, base: float, freq_factors: np.ndarray | None = None) -> np.ndarray:
+    """theta_i = base^(-2i/n_rot), divided by per-frequency factors when the model has them (Llama 3)."""
+    inv = 1.0 / (base ** (np.arange(0, n_rot, 2, dtype=np.float64) / n_rot))
+    if freq_factors is not None:
+        inv = inv / freq_factors.astype(np.float64)
+    return inv.astype(np.float32)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, neox: bool) -> np.ndarray:
+    """Rotate x (T, H, D) in place. neox=False pairs (2i, 2i+1) (llama.cpp's normal mode, used with the
+    converter's Q/K permutation); neox=True pairs (i, i + n_rot/2) (Qwen2, Gemma)."""
+    if x.ndim != 3 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError("rope: x must be a contiguous float32 (T, H, D) array")
+    if 2 * inv_freq.shape[0] > x.shape[2] or positions.shape[0] != x.shape[0]:
+        raise ValueError("rope: rotation width or positions do not match x")
+    _rope(x, positions.astype(np.int64), inv_freq, neox)
+    return x
+
+
+# ---------------------------------------------------------------- attention
+@njit(parallel=True, **_JIT)
+def _attention(q, kc, vc, pos0, scale, window, out):
+    # q: (T, H, D); kc/vc: (H_kv, ctx, D) holding positions 0..pos0+T-1; out: (T, H, D).
+    T, H, D = q.shape
+    n_rep = H // kc.shape[0]
+    for job in prange(T * H):
+        t = job // H
+        h = job - t * H
+        g = h // n_rep
+        p = pos0 + t
+        start = 0
+        if window > 0 and p - window + 1 > 0:
+            start = p - window + 1
+        n = p + 1 - start
+        scores = np.empty(n, dtype=np.float32)
+        m = np.float32(-np.inf)
+        for j in range(n):
+            s = np.float32(0.0)
+            for d in range(D):
+                s += q[t, h, d] * kc[g, start + j, d]
+            s *= scale
+            scores[j] = s
+            if s > m:
+                m = s
+        total = np.float32(0.0)
+        for j in range(n):
+            e = np.float32(math.exp(scores[j] - m))
+            scores[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for d in range(D):
+            out[t, h, d] = 0.0
+        for j in range(n):
+            wj = scores[j] * inv
+            for d in range(D):
+                out[t, h, d] += wj * vc[g, start + j, d]
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float,
+              window: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """Causal attention of T new queries at positions pos0.. over cached keys/values 0..pos0+T-1.
+
+    Grouped-query: head h reads kv head h // (H / H_kv). window > 0 limits each query to the last
+    `window` positions (sliding-window layers)."""
+    T, H, D = q.shape
+    n_kv, ctx, dk = k_cache.shape
+    if dk != D or v_cache.shape != k_cache.shape or H % n_kv != 0:
+        raise ValueError("attention: q/k/v shapes do not match")
+    if pos0 < 0 or pos0 + T > ctx:
+        raise ValueError(f"attention: positions {pos0}..{pos0 + T} outside the cache ({ctx})")
+    if out is None:
+        out = np.empty((T, H, D), dtype=np.float32)
+    _attention(q, k_cache, v_cache, pos0, np.float32(scale), window, out)
+    return out
+
+
+# ---------------------------------------------------------------- activations
+@njit(parallel=True, **_JIT)
+def _silu_mul(g, u, out):
+    rows, n = g.shape
+    for r in prange(rows):
+        for i in range(n):
+            a = g[r, i]
+            out[r, i] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * u[r, i]
+
+
+@njit(parallel=True, **_JIT)
+def _gelu_mul(g, u, out):
+    # GELU, tanh approximation (gelu_pytorch_tanh), as Gemma uses.
+    rows, n = g.shape
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for r in prange(rows):
+        for i in range(n):
+            a = g[r, i]
+            t = np.float32(math.tanh(c * (a + np.float32(0.044715) * a * a * a)))
+            out[r, i] = np.float32(0.5) * a * (np.float32(1.0) + t) * u[r, i]
+
+
+def _gated(kernel, g, u):
+    if g.shape != u.shape:
+        raise ValueError("gate and up shapes differ")
+    g2 = np.ascontiguousarray(g, dtype=np.float32).reshape(-1, g.shape[-1])
+    u2 = np.ascontiguousarray(u, dtype=np.float32).reshape(g2.shape)
+    out = np.empty_like(g2)
+    kernel(g2, u2, out)
+    return out.reshape(g.shape)
+
+
+def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """SwiGLU: silu(g) * u."""
+    return _gated(_silu_mul, g, u)
+
+
+def gelu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """GeGLU: gelu_tanh(g) * u."""
+    return _gated(_gelu_mul, g, u)
+
+
+# ---------------------------------------------------------------- softmax
+@njit(**_JIT)
+def _softmax(x, out):
+    rows, n = x.shape
+    for r in range(rows):
+        m = x[r, 0]
+        for i in range(1, n):
+            if x[r, i] > m:
+                m = x[r, i]
+        s = np.float32(0.0)
+        for i in range(n):
+            e = np.float32(math.exp(x[r, i] - m))
+            out[r, i] = e
+            s += e
+        inv = np.float32(1.0) / s
+        for i in range(n):
+            out[r, i] *= inv
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis."""
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    out = np.empty_like(x2)
+    _softmax(x2, out)
+    return out.reshape(x.shape)

@@ -1,0 +1,62 @@
+"""Options shared by several verbs (model, context, threads, sampling)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
+    if model_optional:
+        p.add_argument("model", nargs="?", default=None, help="GGUF file or catalog name (default: smollm2-135m-instruct)")
+    else:
+        p.add_argument("model", help="GGUF file or catalog name (e.g. smollm2-135m-instruct)")
+    p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(trained, 4096))")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
+    add_cache_args(p)
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-ctk", "--cache-type-k", default=None, help="KV cache type for keys (f16, q8, q4)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, help="KV cache type for values (f16, q8, q4)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
+
+
+def load_model(a: argparse.Namespace):
+    from edgeq.engine import load
+
+    if a.threads is not None and a.threads < 1:
+        from edgeq.errors import EdgeqError
+
+        raise EdgeqError("--threads must be >= 1")
+    return load(a.model, n_ctx=a.ctx, threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
+
+
+def progress(i: int, n: int, label: str, t0: float) -> None:
+    """A one-line progress bar on stderr (only when it is a terminal)."""
+    import time
+
+    if not sys.stderr.isatty():
+        return
+    frac = i / max(n, 1)
+    el = time.perf_counter() - t0
+    eta = el / frac - el if frac > 0 else 0.0
+    bar = "#" * int(30 * frac)
+    sys.stderr.write(f"\r{label} [{bar:<30}] {i}/{n} eta {eta:5.0f}s")
+    if i == n:
+        sys.stderr.write("\n")
+    sys.stderr.flush()

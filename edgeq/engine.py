@@ -1,0 +1,264 @@
+"""The runtime: a loaded model, its KV cache, and generation (streamed text pieces).
+
+    model = edgeq.load("smollm2-135m-instruct")
+    for piece in model.chat([{"role": "user", "content": "Hi!"}]):
+        print(piece, end="")
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from edgeq.errors import ContextError, EdgeqError, ModelError
+from edgeq.sampling import Sampler, SamplingParams
+
+N_BATCH = 512  # tokens per forward call during prefill
+
+
+def resolve_model(path_or_name: str | os.PathLike) -> Path:
+    """A path to a file, or a catalog name (downloaded on first use)."""
+    p = Path(path_or_name).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise EdgeqError(f"{p} is a directory, not a GGUF file")
+    from edgeq import assets
+
+    name = str(path_or_name)
+    if name in assets.MODELS:
+        return assets.model_path(name)
+    local = assets.models_dir() / name
+    if local.is_file():
+        return local
+    raise EdgeqError(f"no such model file or known model name: {name} (known: {', '.join(assets.MODELS)})")
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class Model:
+    """A model loaded from one GGUF file: weights stay memory-mapped in their quantized blocks."""
+
+    def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
+                 cache_type_k: str | None = None, cache_type_v: str | None = None):
+        from edgeq.chat_template import ChatTemplate
+        from edgeq.formats.gguf_file import GGUFFile
+        from edgeq.kv_cache import make_kv_cache
+        from edgeq.models import architecture
+        from edgeq.tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        self.path = Path(path)
+        self.gguf = GGUFFile(self.path)
+        self.arch = architecture(self.gguf.arch)
+        self.cfg = self.arch.Config.from_gguf(self.gguf)
+        self.threads = threads or default_threads()
+        self._set_threads()
+        self.weights = self.arch.load_weights(self.gguf, self.cfg)
+        self.tokenizer = Tokenizer.from_gguf(self.gguf)
+        self.template = ChatTemplate.from_gguf(self.gguf)
+        n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
+        if n_ctx < 16 or n_ctx > self.cfg.n_ctx_train:
+            raise ContextError(f"n_ctx {n_ctx} must be between 16 and the model's trained context {self.cfg.n_ctx_train}")
+        self.n_ctx = n_ctx
+        self.cache = make_kv_cache(self.cfg.kv_layouts(), n_ctx, cache_type_k, cache_type_v)
+        self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
+        self._lock = threading.Lock()
+        self.last_stats: dict = {}
+        self.load_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------ facts
+    @property
+    def info(self) -> dict:
+        from collections import Counter
+
+        types = Counter(t.qtype for t in self.gguf.tensors.values() if len(t.shape) == 2)
+        return {
+            "name": self.gguf.get("general.name", self.path.stem),
+            "arch": self.gguf.arch,
+            "path": str(self.path),
+            "qtype": types.most_common(1)[0][0] if types else "?",
+            "n_ctx": self.n_ctx,
+            "n_ctx_train": self.cfg.n_ctx_train,
+            "has_chat_template": self.template is not None,
+        }
+
+    # ------------------------------------------------------------ evaluation
+    def _set_threads(self) -> None:
+        import numba
+
+        # set_num_threads is per calling thread: set it wherever forward runs (the TUI uses a worker)
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+
+    def _forward(self, tokens: list[int], all_logits: bool = False, observer=None) -> np.ndarray:
+        """Append `tokens` to the cache (in batches), returning logits of the last or of all of them."""
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise ContextError(f"context full: {len(self.tokens)} + {len(tokens)} tokens > n_ctx {self.n_ctx}")
+        self._set_threads()
+        outs = []
+        for i in range(0, len(tokens), N_BATCH):
+            chunk = np.asarray(tokens[i:i + N_BATCH], dtype=np.int64)
+            logits = self.arch.forward(self.weights, self.cfg, chunk, len(self.tokens), self.cache,
+                                       observer=observer, all_logits=all_logits)
+            self.tokens.extend(int(t) for t in chunk)
+            outs.append(logits)
+        return np.concatenate(outs) if all_logits else outs[-1][-1]
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def logits(self, token_ids: Iterable[int]) -> np.ndarray:
+        """Logits (T, vocab) of every position, evaluated from an empty context."""
+        ids = [int(t) for t in token_ids]
+        self._check_ids(ids)
+        with self._lock:
+            self.reset()
+            return self._forward(ids, all_logits=True)
+
+    def collect_activations(self, token_ids: Iterable[int], observer) -> None:
+        """Run tokens from an empty context, calling observer(tensor_name, x_in) before each matrix product."""
+        ids = [int(t) for t in token_ids]
+        self._check_ids(ids)
+        with self._lock:
+            self.reset()
+            self._forward(ids, all_logits=False, observer=observer)
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise EdgeqError("no tokens to evaluate")
+        if min(ids) < 0 or max(ids) >= self.cfg.n_vocab:
+            raise EdgeqError(f"token id out of range 0..{self.cfg.n_vocab - 1}")
+        if len(ids) > self.n_ctx:
+            raise ContextError(f"{len(ids)} tokens do not fit in the context ({self.n_ctx}); raise --ctx "
+                               f"(up to {self.cfg.n_ctx_train}) or shorten the input")
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Make the cache hold `ids` and return the next-token logits, reusing the common prefix."""
+        keep = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # at least one token is evaluated, for its logits
+        self.tokens = self.tokens[:keep]
+        return self._forward(ids[keep:])
+
+    # ------------------------------------------------------------ generation
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special=True, parse_special=True)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self.template is not None:
+            return self.template.render(messages, add_generation_prompt=True)
+        # a base model has no template: plain completion of the conversation's text
+        return "\n\n".join(m["content"] for m in messages if m.get("content"))
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.encode_prompt(self.render_chat(messages))
+        bos = self.tokenizer.bos_id
+        if len(ids) >= 2 and ids[0] == bos and ids[1] == bos:  # template wrote BOS and the tokenizer added one
+            ids = ids[1:]
+        return ids
+
+    def count_chat_tokens(self, messages: list[dict]) -> int:
+        return len(self.chat_ids(messages))
+
+    def generate(self, prompt: str, **kw) -> Iterator[str]:
+        """Stream the continuation of `prompt` as text pieces."""
+        return self._generate(self.encode_prompt(prompt), **kw)
+
+    def chat(self, messages: list[dict], **kw) -> Iterator[str]:
+        """Stream the assistant's reply to `messages`; earlier turns already in the cache are not recomputed."""
+        return self._generate(self.chat_ids(messages), **kw)
+
+    def _generate(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
+                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+                  seed: int | None = None, stop: Iterable[str] = (), cancel: threading.Event | None = None,
+                  ) -> Iterator[str]:
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed))
+        if not ids:
+            raise EdgeqError("empty prompt")
+        self._check_ids(ids)
+        if len(ids) >= self.n_ctx:
+            raise ContextError(f"prompt of {len(ids)} tokens does not fit in the context ({self.n_ctx})")
+        stops = [s for s in stop if s]
+        return self._stream(ids, max_tokens, sampler, stops, cancel)
+
+    def _stream(self, ids, max_tokens, sampler, stops, cancel) -> Iterator[str]:
+        with self._lock:
+            t0 = time.perf_counter()
+            cached = len(self.tokens)
+            logits = self._prefill(ids)
+            t1 = time.perf_counter()
+            stats = {"prompt_tokens": len(ids), "prompt_eval_tokens": len(ids) - min(cached, len(ids) - 1),
+                     "prompt_s": t1 - t0, "gen_tokens": 0, "gen_s": 0.0, "stop": "length"}
+            self.last_stats = stats
+            decoder = self.tokenizer.stream_decoder()
+            eog = self.tokenizer.eog_ids
+            history = list(ids)
+            pending = ""  # text held back while it could be the start of a stop string
+            n = 0
+            try:
+                while n < max_tokens:
+                    if cancel is not None and cancel.is_set():
+                        stats["stop"] = "cancelled"
+                        break
+                    tok = sampler(logits, history)
+                    if tok in eog:
+                        stats["stop"] = "eos"
+                        break
+                    n += 1
+                    history.append(tok)
+                    pending += decoder.feed(tok)
+                    out, pending, hit = _split_stop(pending, stops)
+                    if out:
+                        yield out
+                    if hit:
+                        stats["stop"] = "stop"
+                        pending = ""
+                        break
+                    if len(self.tokens) + 1 >= self.n_ctx:
+                        stats["stop"] = "context"
+                        break
+                    if n < max_tokens:
+                        logits = self._forward([tok])
+                    stats["gen_tokens"] = n
+                    stats["gen_s"] = time.perf_counter() - t1
+                tail = pending + decoder.flush()
+                if tail and stats["stop"] != "stop":
+                    yield tail
+            finally:
+                stats["gen_tokens"] = n
+                stats["gen_s"] = time.perf_counter() - t1
+
+
+def _split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
+    """(text safe to emit, text to hold back, whether a stop string was hit)."""
+    if not stops:
+        return text, "", False
+    for s in stops:
+        i = text.find(s)
+        if i >= 0:
+            return text[:i], "", True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return (text[:-hold], text[-hold:], False) if hold else (text, "", False)
+
+
+def load(path_or_name, n_ctx: int | None = None, threads: int | None = None, cache_type_k: str | None = None,
+         cache_type_v: str | None = None, **kwargs) -> Model:
+    """Load a model from a GGUF path or a catalog name. Cache types: None (the default), "f16", "q8", "q4"."""
+    if kwargs:
+        raise EdgeqError(f"unknown option(s): {', '.join(kwargs)}")
+    return Model(resolve_model(path_or_name), n_ctx=n_ctx, threads=threads,
+                 cache_type_k=cache_type_k, cache_type_v=cache_type_v)

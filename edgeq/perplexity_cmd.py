@@ -1,0 +1,54 @@
+"""`edgeq perplexity MODEL -f TEXT`: llama-perplexity's method; --save-logits / --kl-base for KL-divergence."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from edgeq.cli_common import progress
+
+
+def add_arguments(p):
+    p.add_argument("model", help="GGUF file or catalog name")
+    p.add_argument("-f", "--file", required=True, help="plain UTF-8 text")
+    p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--save-logits", default=None, help="store the top log-probs of this run (reference for --kl-base)")
+    p.add_argument("--kl-base", default=None, help="report KL-divergence and same-top-token %% against a saved run")
+    from edgeq.cli_common import add_cache_args
+
+    add_cache_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def main(a) -> int:
+    from edgeq.engine import load
+    from edgeq.errors import EdgeqError
+    from edgeq.perplexity import perplexity
+
+    try:
+        text = Path(a.file).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise EdgeqError(f"{a.file} is not UTF-8 text")
+    if a.ctx < 8:
+        raise EdgeqError("--ctx must be at least 8")
+    model = load(a.model, n_ctx=max(a.ctx, 16), threads=a.threads,
+                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
+    t0 = time.perf_counter()
+    res = perplexity(model, text, a.ctx, a.chunks, a.save_logits, a.kl_base,
+                     on_chunk=lambda i, n, p: progress(i, n, f"ppl {p:8.3f}", t0))
+    if a.json:
+        rec = {"ppl": res.ppl, "stderr": res.stderr, "tokens": res.tokens, "chunks": res.chunks,
+               "n_ctx": a.ctx, "seconds": round(res.seconds, 2), "model": str(model.path.name)}
+        if res.kl is not None:
+            rec.update(kl=res.kl, kl_stderr=res.kl_stderr, same_top=res.same_top)
+        print(json.dumps(rec))
+    else:
+        print(f"PPL = {res.ppl:.4f} +/- {res.stderr:.4f}  ({res.tokens} tokens, {res.chunks} windows of {a.ctx}, "
+              f"{res.seconds:.1f} s)")
+        if res.kl is not None:
+            print(f"KL-divergence = {res.kl:.6f} +/- {res.kl_stderr:.6f}   same top token = {100 * res.same_top:.2f} %")
+    sys.stdout.flush()
+    return 0

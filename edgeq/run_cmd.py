@@ -1,0 +1,51 @@
+"""`edgeq run MODEL -p PROMPT`: stream a completion (or a chat reply with --chat) to stdout."""
+from __future__ import annotations
+
+import sys
+import time
+
+from edgeq.cli_common import add_model_args, add_sampling_args, load_model, sampling_kwargs
+
+
+def add_arguments(p):
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", default=None, help="prompt text (default: read from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--verbose", action="store_true", help="print load time and speeds at the end")
+    add_sampling_args(p)
+
+
+def main(a) -> int:
+    t_start = time.perf_counter()
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    model = load_model(a)
+    if a.chat:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+        pieces = model.chat(messages, **sampling_kwargs(a))
+    else:
+        pieces = model.generate(prompt, **sampling_kwargs(a))
+        sys.stdout.write(prompt)
+    first = None
+    try:
+        for piece in pieces:
+            if first is None:
+                first = time.perf_counter() - t_start
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pieces.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return 130
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if a.verbose:
+        s = model.last_stats
+        pe, ps = s.get("prompt_eval_tokens", 0), s.get("prompt_s", 0.0)
+        gt, gs = s.get("gen_tokens", 0), s.get("gen_s", 0.0)
+        print(f"load time:        {model.load_s:8.2f} s\n"
+              f"first token:      {first if first is not None else float('nan'):8.2f} s after launch\n"
+              f"prompt eval:      {pe:8d} tokens  {pe / ps if ps else 0:8.1f} tokens/s\n"
+              f"decode:           {gt:8d} tokens  {gt / gs if gs else 0:8.1f} tokens/s", file=sys.stderr)
+    return 0

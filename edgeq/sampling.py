@@ -1,0 +1,69 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, repetition penalty.
+
+Order as in llama.cpp's default chain: penalties → top-k → top-p → min-p → temperature → draw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8     # 0 → greedy
+    top_k: int = 40              # 0 → off
+    top_p: float = 0.95          # 1 → off
+    min_p: float = 0.05          # 0 → off
+    repeat_penalty: float = 1.0  # 1 → off
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def validate(self) -> None:
+        from edgeq.errors import EdgeqError
+
+        if self.temperature < 0:
+            raise EdgeqError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise EdgeqError("top-k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise EdgeqError("top-p must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            raise EdgeqError("min-p must be in [0, 1)")
+        if self.repeat_penalty <= 0:
+            raise EdgeqError("repeat penalty must be > 0")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        params.validate()
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> int:
+        p = self.p
+        logits = np.asarray(logits, dtype=np.float32)
+        if p.repeat_penalty != 1.0 and history:
+            logits = logits.copy()
+            recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
+            vals = logits[recent]
+            logits[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        # candidates sorted by logit, best first
+        k = p.top_k if 0 < p.top_k < logits.shape[0] else logits.shape[0]
+        idx = np.argpartition(-logits, k - 1)[:k] if k < logits.shape[0] else np.arange(logits.shape[0])
+        idx = idx[np.argsort(-logits[idx], kind="stable")]
+        cand = logits[idx].astype(np.float64)
+        probs = np.exp(cand - cand[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            idx, cand, probs = idx[:keep], cand[:keep], probs[:keep]
+        if p.min_p > 0.0:
+            keep = probs >= p.min_p * probs[0]
+            idx, cand = idx[keep], cand[keep]
+        scaled = (cand - cand[0]) / p.temperature
+        w = np.exp(scaled)
+        w /= w.sum()
+        return int(idx[self.rng.choice(len(idx), p=w)])

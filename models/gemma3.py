@@ -1,0 +1,154 @@
+"""Gemma 3 (text): scaled embeddings, q/k RMSNorm, pre+post norms around attention and FFN, GeGLU,
+tied classifier, sliding-window attention on local layers (own RoPE base) and a global layer every 6th.
+
+Norm weights in GGUF already include Gemma's +1 (llama.cpp's converter adds it), so plain RMSNorm applies.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeq.cpu_kernels.ops import gelu_mul, rmsnorm, rope, rope_inv_freq
+from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam
+
+
+@dataclass
+class Config:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_base: float          # global layers
+    rope_base_local: float    # sliding-window layers
+    rope_scale_global: float  # linear RoPE scaling factor of the global layers (1 = none)
+    sliding_window: int
+    swa_pattern: int          # every swa_pattern-th layer is global
+
+    @classmethod
+    def from_gguf(cls, gf, arch: str = "gemma3", **overrides) -> "Config":
+        n_embd = hparam(gf, arch, "embedding_length", cast=int)
+        n_head = hparam(gf, arch, "attention.head_count", cast=int)
+        scaling = gf.get(f"{arch}.rope.scaling.type", None)
+        cfg = dict(
+            arch=arch,
+            n_vocab=int(gf.tensors["token_embd.weight"].shape[0]) if "token_embd.weight" in gf.tensors
+            else hparam(gf, arch, "vocab_size", cast=int),
+            n_embd=n_embd,
+            n_layer=hparam(gf, arch, "block_count", cast=int),
+            n_ff=hparam(gf, arch, "feed_forward_length", cast=int),
+            n_head=n_head,
+            n_head_kv=hparam(gf, arch, "attention.head_count_kv", n_head, cast=int),
+            head_dim=hparam(gf, arch, "attention.key_length", n_embd // n_head, cast=int),
+            n_ctx_train=hparam(gf, arch, "context_length", 32768, cast=int),
+            rms_eps=hparam(gf, arch, "attention.layer_norm_rms_epsilon", 1e-6, cast=float),
+            rope_base=hparam(gf, arch, "rope.freq_base", 1e6, cast=float),
+            rope_base_local=hparam(gf, arch, "rope.freq_base_swa", 10000.0, cast=float),
+            rope_scale_global=hparam(gf, arch, "rope.scaling.factor", 1.0, cast=float) if scaling == "linear" else 1.0,
+            sliding_window=hparam(gf, arch, "attention.sliding_window", 512, cast=int),
+            swa_pattern=hparam(gf, arch, "attention.sliding_window_pattern", 6, cast=int),
+        )
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    def is_local(self, il: int) -> bool:
+        return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
+
+    def kv_layouts(self) -> list[KVLayout]:
+        return [KVLayout(self.n_head_kv, self.head_dim, self.sliding_window if self.is_local(i) else 0)
+                for i in range(self.n_layer)]
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+    wo: Linear
+    post_attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    w_gate: Linear
+    w_up: Linear
+    w_down: Linear
+    post_ffn_norm: np.ndarray
+
+
+@dataclass
+class Weights:
+    tok_embd: object
+    layers: list[Layer]
+    output_norm: np.ndarray
+    output: Linear
+    inv_freq_global: np.ndarray
+    inv_freq_local: np.ndarray
+
+
+def load_weights(gf, cfg: Config) -> Weights:
+    t = TensorBinder(gf)
+    d, hd, ff = cfg.n_embd, cfg.head_dim, cfg.n_ff
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        layers.append(Layer(
+            attn_norm=t.vector(p + "attn_norm.weight", d),
+            wq=t.linear(p + "attn_q", cfg.n_head * hd, d),
+            wk=t.linear(p + "attn_k", cfg.n_head_kv * hd, d),
+            wv=t.linear(p + "attn_v", cfg.n_head_kv * hd, d),
+            q_norm=t.vector(p + "attn_q_norm.weight", hd),
+            k_norm=t.vector(p + "attn_k_norm.weight", hd),
+            wo=t.linear(p + "attn_output", d, cfg.n_head * hd),
+            post_attn_norm=t.vector(p + "post_attention_norm.weight", d),
+            ffn_norm=t.vector(p + "ffn_norm.weight", d),
+            w_gate=t.linear(p + "ffn_gate", ff, d),
+            w_up=t.linear(p + "ffn_up", ff, d),
+            w_down=t.linear(p + "ffn_down", d, ff),
+            post_ffn_norm=t.vector(p + "post_ffw_norm.weight", d),
+        ))
+    tied = not t.has("output.weight")
+    return Weights(
+        tok_embd=t.embedding("token_embd.weight", cfg.n_vocab, d),
+        layers=layers,
+        output_norm=t.vector("output_norm.weight", d),
+        output=t.linear("token_embd" if tied else "output", cfg.n_vocab, d),
+        inv_freq_global=rope_inv_freq(hd, cfg.rope_base) / np.float32(cfg.rope_scale_global),
+        inv_freq_local=rope_inv_freq(hd, cfg.rope_base_local),
+    )
+
+
+def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
+            observer: Observer | None = None, all_logits: bool = False) -> np.ndarray:
+    T = len(tokens)
+    positions = np.arange(pos0, pos0 + T)
+    hd = cfg.head_dim
+    scale = 1.0 / math.sqrt(hd)
+    x = w.tok_embd(tokens) * np.float32(math.sqrt(cfg.n_embd))      # (T, d)
+    for il, L in enumerate(w.layers):
+        local = cfg.is_local(il)
+        inv_freq = w.inv_freq_local if local else w.inv_freq_global
+        # attention with q/k norms, then a post-attention norm before the residual
+        h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
+        q = rmsnorm(L.wq(h, observer).reshape(T, cfg.n_head, hd), L.q_norm, cfg.rms_eps)
+        k = rmsnorm(L.wk(h, observer).reshape(T, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps)
+        v = L.wv(h, observer).reshape(T, cfg.n_head_kv, hd)
+        rope(q, positions, inv_freq, True)
+        rope(k, positions, inv_freq, True)
+        cache.store(il, pos0, k, v)
+        a = cache.attend(il, q, pos0, scale)
+        x += rmsnorm(L.wo(a.reshape(T, cfg.n_head * hd), observer), L.post_attn_norm, cfg.rms_eps)
+        # feed-forward (GeGLU), post-FFN norm before the residual
+        h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
+        g = gelu_mul(L.w_gate(h, observer), L.w_up(h, observer))
+        x += rmsnorm(L.w_down(g, observer), L.post_ffn_norm, cfg.rms_eps)
+    x = x if all_logits else x[-1:]
+    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
+    return w.output(x, observer)

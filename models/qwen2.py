@@ -1,0 +1,12 @@
+"""Qwen2: the Llama network with biases on q/k/v and NeoX-order RoPE (no Q/K permutation in the file)."""
+from __future__ import annotations
+
+from edgeq.models import llama
+from edgeq.models.llama import Weights, forward, load_weights  # noqa: F401  (same network)
+
+
+class Config(llama.Config):
+    @classmethod
+    def from_gguf(cls, gf, arch: str = "qwen2", **overrides) -> "Config":
+        overrides = {"rope_neox": True, "qkv_bias": True, **overrides}
+        return super().from_gguf(gf, arch, **overrides)

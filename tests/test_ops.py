@@ -1,0 +1,98 @@
+"""cpu_kernels/ops.py against numpy twins written independently here, on odd shapes."""
+import math
+
+import numpy as np
+import pytest
+
+from edgeq.cpu_kernels import ops
+
+rng = np.random.default_rng(0)
+
+
+def np_rmsnorm(x, w, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def np_rope(x, pos, base, n_rot, neox):
+    x = x.astype(np.float64).copy()
+    half = n_rot // 2
+    inv = base ** (-np.arange(half) * 2.0 / n_rot)
+    for t, p in enumerate(pos):
+        ang = p * inv
+        c, s = np.cos(ang), np.sin(ang)
+        if neox:
+            a, b = x[t, :, :half].copy(), x[t, :, half:n_rot].copy()
+            x[t, :, :half], x[t, :, half:n_rot] = a * c - b * s, a * s + b * c
+        else:
+            a, b = x[t, :, 0:n_rot:2].copy(), x[t, :, 1:n_rot:2].copy()
+            x[t, :, 0:n_rot:2], x[t, :, 1:n_rot:2] = a * c - b * s, a * s + b * c
+    return x
+
+
+def np_attention(q, k, v, pos0, scale, window):
+    T, H, D = q.shape
+    rep = H // k.shape[0]
+    out = np.zeros((T, H, D))
+    for t in range(T):
+        p = pos0 + t
+        lo = max(0, p - window + 1) if window > 0 else 0
+        for h in range(H):
+            kk = k[h // rep, lo:p + 1].astype(np.float64)
+            s = kk @ q[t, h] * scale
+            w = np.exp(s - s.max())
+            w /= w.sum()
+            out[t, h] = w @ v[h // rep, lo:p + 1]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 576), (5, 2, 33)])
+def test_rmsnorm(shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    np.testing.assert_allclose(ops.rmsnorm(x, w, 1e-6), np_rmsnorm(x, w, 1e-6), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("T,H,D,n_rot", [(1, 1, 8, 8), (5, 3, 64, 64), (3, 2, 20, 12)])
+def test_rope(neox, T, H, D, n_rot):
+    x = rng.standard_normal((T, H, D)).astype(np.float32)
+    pos = np.arange(7, 7 + T)
+    want = np_rope(x, pos, 10000.0, n_rot, neox)
+    got = ops.rope(x.copy(), pos, ops.rope_inv_freq(n_rot, 10000.0), neox)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,H,Hkv,D,pos0,window", [(1, 9, 3, 64, 20, 0), (7, 4, 1, 33, 0, 0), (5, 4, 2, 16, 30, 8),
+                                                   (1, 2, 2, 8, 0, 0), (13, 6, 3, 5, 3, 4)])
+def test_attention(T, H, Hkv, D, pos0, window):
+    ctx = pos0 + T + 3
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k = rng.standard_normal((Hkv, ctx, D)).astype(np.float32)
+    v = rng.standard_normal((Hkv, ctx, D)).astype(np.float32)
+    scale = 1 / math.sqrt(D)
+    got = ops.attention(q, k, v, pos0, scale, window)
+    np.testing.assert_allclose(got, np_attention(q, k, v, pos0, scale, window), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_rejects_positions_outside_cache():
+    q = np.zeros((2, 2, 4), np.float32)
+    k = np.zeros((1, 4, 4), np.float32)
+    with pytest.raises(ValueError):
+        ops.attention(q, k, k, 3, 1.0)
+
+
+def test_gated_activations():
+    g = rng.standard_normal((3, 37)).astype(np.float32) * 3
+    u = rng.standard_normal((3, 37)).astype(np.float32)
+    gd = g.astype(np.float64)
+    silu = gd / (1 + np.exp(-gd)) * u
+    gelu = 0.5 * gd * (1 + np.tanh(math.sqrt(2 / math.pi) * (gd + 0.044715 * gd ** 3))) * u
+    np.testing.assert_allclose(ops.silu_mul(g, u), silu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ops.gelu_mul(g, u), gelu, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax():
+    x = rng.standard_normal((4, 50)).astype(np.float32) * 10
+    e = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(ops.softmax(x), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)

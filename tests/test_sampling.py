@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from edgeq.engine import _split_stop
+from edgeq.errors import EdgeqError
+from edgeq.sampling import Sampler, SamplingParams
+
+
+def test_greedy_is_argmax():
+    logits = np.array([0.1, 3.0, 2.9, -1], np.float32)
+    assert Sampler(SamplingParams(temperature=0))(logits) == 1
+
+
+def test_same_seed_same_draws():
+    logits = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+    a = [Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=7))(logits) for _ in range(1)]
+    s1 = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=7))
+    s2 = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=7))
+    assert [s1(logits) for _ in range(50)] == [s2(logits) for _ in range(50)]
+    assert a[0] == Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=7))(logits)
+
+
+def test_top_k_limits_candidates():
+    logits = np.arange(100, dtype=np.float32)
+    s = Sampler(SamplingParams(temperature=5.0, top_k=3, top_p=1.0, min_p=0, seed=0))
+    assert {s(logits) for _ in range(300)} <= {97, 98, 99}
+
+
+def test_top_p_and_min_p_cut_the_tail():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.7, min_p=0, seed=0))
+    assert {s(logits) for _ in range(300)} == {0, 1}
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2, seed=0))
+    assert {s(logits) for _ in range(300)} == {0, 1, 2}
+
+
+def test_repeat_penalty_discourages_history():
+    logits = np.array([2.0, 1.9, 0.0], np.float32)
+    s = Sampler(SamplingParams(temperature=0, repeat_penalty=1.5))
+    assert s(logits, history=[0]) == 1
+
+
+def test_bad_params_rejected():
+    with pytest.raises(EdgeqError):
+        Sampler(SamplingParams(top_p=0))
+    with pytest.raises(EdgeqError):
+        Sampler(SamplingParams(temperature=-1))
+
+
+def test_split_stop_holds_back_partial_matches():
+    assert _split_stop("hello wor", ["world"]) == ("hello ", "wor", False)
+    assert _split_stop("hello world!", ["world"]) == ("hello ", "", True)
+    assert _split_stop("abc", []) == ("abc", "", False)
