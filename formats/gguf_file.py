@@ -1,0 +1,301 @@
+"""GGUF container reader: memory-mapped, and validated field by field before anything is handed out.
+
+The parser is our own (not `gguf.GGUFReader`): every length and count read from the file is checked against
+the bytes that remain before anything is allocated, so a malformed or hostile file fails fast with one
+`FormatError` instead of a crash, a hang or a huge allocation. The format itself (value types, tensor type
+ids, block sizes) comes from `gguf.constants`, described there once as data.
+
+Layout (little-endian, v2/v3): magic "GGUF", u32 version, u64 tensor count, u64 kv count; kv pairs
+(string key, u32 value type, value); tensor infos (string name, u32 n_dims, u64 ne[n_dims] innermost first,
+u32 ggml type, u64 offset relative to the data section); padding to `general.alignment`; tensor data.
+
+A missing file raises FileNotFoundError (the CLI prints it as "no such file"); everything else is FormatError.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
+
+from edgeq.formats.errors import FormatError
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+# Fixed-size value types: numpy dtype (little-endian) of one item.
+_SCALAR_DTYPES = {
+    GGUFValueType.UINT8: np.dtype("<u1"),
+    GGUFValueType.INT8: np.dtype("<i1"),
+    GGUFValueType.UINT16: np.dtype("<u2"),
+    GGUFValueType.INT16: np.dtype("<i2"),
+    GGUFValueType.UINT32: np.dtype("<u4"),
+    GGUFValueType.INT32: np.dtype("<i4"),
+    GGUFValueType.FLOAT32: np.dtype("<f4"),
+    GGUFValueType.BOOL: np.dtype("<u1"),
+    GGUFValueType.UINT64: np.dtype("<u8"),
+    GGUFValueType.INT64: np.dtype("<i8"),
+    GGUFValueType.FLOAT64: np.dtype("<f8"),
+}
+_SCALAR_STRUCTS = {t: struct.Struct("<" + c) for t, c in zip(_SCALAR_DTYPES, "BbHhIifBQqd")}
+assert all(st.size == _SCALAR_DTYPES[t].itemsize for t, st in _SCALAR_STRUCTS.items())
+
+# Smallest possible encodings, used to bound counts by the bytes left before reading anything.
+_MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+
+
+@dataclass(frozen=True, eq=False)
+class TensorInfo:
+    """One tensor of a GGUF file: where its bytes are and how to read them.
+
+    `shape` is in numpy order (GGUF stores ne0, the innermost dimension, first), e.g. (n_out, n_in) for a
+    matrix. `data` is a read-only zero-copy uint8 view of exactly `nbytes` bytes of the memory-mapped file.
+    `offset` is the absolute position of those bytes in the file.
+    """
+
+    name: str
+    qtype: str  # llama.cpp's type name: "F32", "Q4_K", ...
+    shape: tuple[int, ...]
+    data: np.ndarray = field(repr=False)
+    offset: int
+    n_elements: int
+    nbytes: int
+    type_id: int  # the ggml type id stored in the file
+
+
+class _Parser:
+    """Reads the header fields in order, every read checked against the end of the file."""
+
+    def __init__(self, buf, size: int, path: str):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+
+    def fail(self, what: str) -> FormatError:
+        return FormatError(f"{self.path}: {what}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"truncated: {what} at byte {self.pos} needs {n} bytes, {self.size - self.pos} left")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        v = _U32.unpack_from(self.buf, self.pos)[0]
+        self.pos += 4
+        return v
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        v = _U64.unpack_from(self.buf, self.pos)[0]
+        self.pos += 8
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"{what} length")
+        self.need(n, what)
+        s = str(self.buf[self.pos:self.pos + n], "utf-8", "replace")
+        self.pos += n
+        return s
+
+    def value_type(self, what: str) -> GGUFValueType:
+        t = self.u32(what)
+        try:
+            return GGUFValueType(t)
+        except ValueError:
+            raise self.fail(f"{what}: unknown value type {t}") from None
+
+    def scalar(self, vtype: GGUFValueType, what: str) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self.string(what)
+        st = _SCALAR_STRUCTS[vtype]
+        self.need(st.size, what)
+        v = st.unpack_from(self.buf, self.pos)[0]
+        self.pos += st.size
+        return bool(v) if vtype == GGUFValueType.BOOL else v
+
+    def array(self, what: str) -> tuple[GGUFValueType, list]:
+        sub = self.value_type(f"{what} item type")
+        if sub == GGUFValueType.ARRAY:
+            raise self.fail(f"{what}: arrays of arrays are not supported")
+        count = self.u64(f"{what} count")
+        if sub == GGUFValueType.STRING:
+            if count > (self.size - self.pos) // 8:
+                raise self.fail(f"{what}: {count} strings cannot fit in the {self.size - self.pos} bytes left")
+            return sub, self._strings(count, what)
+        dtype = _SCALAR_DTYPES[sub]
+        self.need(count * dtype.itemsize, f"{what} ({count} items)")
+        raw = np.frombuffer(self.buf[self.pos:self.pos + count * dtype.itemsize], dtype=dtype)
+        self.pos += count * dtype.itemsize
+        return sub, (raw != 0).tolist() if sub == GGUFValueType.BOOL else raw.tolist()
+
+    def _strings(self, count: int, what: str) -> list[str]:
+        # The hot loop of opening a file (262144 tokens for gemma3): kept to locals and one check per item.
+        buf, pos, end = self.buf, self.pos, self.size
+        unpack = _U64.unpack_from
+        out = [""] * count
+        for i in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.need(8, f"{what}[{i}] length")
+            n = unpack(buf, pos)[0]
+            pos += 8
+            if n > end - pos:
+                self.pos = pos
+                self.need(n, f"{what}[{i}]")
+            out[i] = str(buf[pos:pos + n], "utf-8", "replace")
+            pos += n
+        self.pos = pos
+        return out
+
+
+class GGUFFile:
+    """A GGUF file, memory-mapped and validated on open.
+
+    `metadata` holds plain Python values (str, int, float, bool, lists of those); `metadata_types` the GGUF
+    value type of each key as `(type, item_type)` (item_type is None unless type is ARRAY), so a writer can
+    copy keys unchanged. `tensors` maps names to `TensorInfo`s (zero-copy views) in file order.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as f:  # FileNotFoundError / IsADirectoryError pass through
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 4 or head[:4] != MAGIC:
+                raise FormatError(f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected {MAGIC!r})")
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.file_size = size
+        self.metadata: dict[str, Any] = {}
+        self.metadata_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ parsing
+
+    def _parse(self) -> None:
+        p = _Parser(self._mm, self.file_size, self.path)
+        p.pos = 4
+        version = p.u32("version")
+        if version not in VERSIONS:
+            if version & 0xFFFF == 0 and (version >> 24) in VERSIONS:
+                raise p.fail("big-endian GGUF files are not supported")
+            raise p.fail(f"unsupported GGUF version {version} (supported: {', '.join(map(str, VERSIONS))})")
+        self.version = version
+        n_tensors = p.u64("tensor count")
+        n_kv = p.u64("metadata count")
+        left = self.file_size - p.pos
+        if n_kv > left // _MIN_KV_BYTES or n_tensors > left // _MIN_TENSOR_INFO_BYTES \
+                or n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > left:
+            raise p.fail(f"{n_tensors} tensors and {n_kv} metadata keys cannot fit in a {self.file_size}-byte file")
+
+        for i in range(n_kv):
+            key = p.string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise p.fail(f"duplicate metadata key {key!r}")
+            vtype = p.value_type(f"type of metadata {key!r}")
+            if vtype == GGUFValueType.ARRAY:
+                sub, value = p.array(f"metadata {key!r}")
+            else:
+                sub, value = None, p.scalar(vtype, f"metadata {key!r}")
+            self.metadata[key] = value
+            self.metadata_types[key] = (vtype, sub)
+
+        alignment = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise p.fail(f"general.alignment must be a power of two, got {alignment!r}")
+        self.alignment = alignment
+
+        infos = []
+        for i in range(n_tensors):
+            name = p.string(f"name of tensor #{i}")
+            what = f"tensor {name!r}"
+            n_dims = p.u32(f"{what} n_dims")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise p.fail(f"{what}: n_dims {n_dims} not in 1..{MAX_DIMS}")
+            ne = [p.u64(f"{what} dims") for _ in range(n_dims)]
+            type_id = p.u32(f"{what} type")
+            offset = p.u64(f"{what} offset")
+            infos.append((name, ne, type_id, offset))
+
+        data_start = -(-p.pos // alignment) * alignment
+        self.data_offset = data_start
+        checked, seen = [], set()
+        for name, ne, type_id, offset in infos:
+            what = f"tensor {name!r}"
+            if name in seen:
+                raise p.fail(f"duplicate tensor name {name!r}")
+            if type_id not in _TYPES:
+                raise p.fail(f"{what}: unknown ggml type id {type_id}")
+            qtype, bs, ts = _TYPES[type_id]
+            if any(d <= 0 for d in ne):
+                raise p.fail(f"{what}: dimensions {ne} must be positive")
+            if ne[0] % bs:
+                raise p.fail(f"{what}: row length {ne[0]} is not a multiple of the {qtype} block size {bs}")
+            n_elements = 1
+            for d in ne:
+                n_elements *= d
+            nbytes = n_elements // bs * ts
+            if offset % alignment:
+                raise p.fail(f"{what}: data offset {offset} is not a multiple of the alignment {alignment}")
+            start = data_start + offset
+            if nbytes > self.file_size or start + nbytes > self.file_size:
+                raise p.fail(f"{what}: data [{start}, {start + nbytes}) runs past the end of the file "
+                             f"({self.file_size} bytes)")
+            seen.add(name)
+            checked.append((name, qtype, tuple(reversed(ne)), start, n_elements, nbytes, type_id))
+        spans = sorted((start, nbytes, name) for name, _, _, start, _, nbytes, _ in checked)
+        for (o1, n1, a), (o2, _, b) in zip(spans, spans[1:]):
+            if o1 + n1 > o2:
+                raise p.fail(f"tensors {a!r} and {b!r} overlap")
+
+        # Only now, with everything checked, hand out views of the mapping.
+        u8 = np.frombuffer(self._mm, dtype=np.uint8) if checked else None
+        for name, qtype, shape, start, n_elements, nbytes, type_id in checked:
+            self.tensors[name] = TensorInfo(name=name, qtype=qtype, shape=shape, data=u8[start:start + nbytes],
+                                            offset=start, n_elements=n_elements, nbytes=nbytes, type_id=type_id)
+
+    # ------------------------------------------------------------------ access
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    @property
+    def arch(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise FormatError(f"{self.path}: metadata key general.architecture is missing")
+        return arch
+
+    def close(self) -> None:
+        """Drop the tensor views and unmap; views still held elsewhere keep the mapping alive until freed."""
+        self.tensors = {}
+        mm, self._mm = getattr(self, "_mm", None), None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # someone still holds a view: the mapping goes when it does
+                pass
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({self.path!r}, version={getattr(self, 'version', '?')}, tensors={len(self.tensors)})"
+
+
+# ggml type id -> (llama.cpp name, elements per block, bytes per block)
+_TYPES = {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}

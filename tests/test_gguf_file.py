@@ -1,0 +1,434 @@
+"""The GGUF container: write → read round trips, agreement with gguf-py, and malformed files failing cleanly."""
+from __future__ import annotations
+
+import os
+import struct
+import time
+import tracemalloc
+
+import gguf
+import numpy as np
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as VT
+from hypothesis import given, settings, strategies as st
+
+from edgeq.formats.errors import FormatError
+from edgeq.formats.gguf_file import GGUFFile
+from edgeq.formats.gguf_write import GGUFOutput, copy_metadata, infer_type, write_gguf
+
+
+# --------------------------------------------------------------------------- a small, varied file
+
+METADATA = {
+    "general.name": "tiny",
+    "tiny.block_count": 2,
+    "tiny.context_length": 128,
+    "tiny.rope.freq_base": 10000.0,
+    "tiny.flag": True,
+    "tiny.negative": -5,
+    "tiny.big": 2**40,
+    "tiny.per_layer": [4, 4],
+    "tiny.signed_list": [-1, 2, 3],
+    "tiny.floats": [0.5, 1.0, -2.25],
+    "tiny.bools": [True, False, True],
+    "tokenizer.ggml.tokens": ["<s>", "</s>", "héllo", "", "▁a"],
+    "tokenizer.chat_template": "{{ messages }}",
+}
+EXPLICIT = {  # keys written with a given type, to check types survive
+    "tiny.u8": (7, VT.UINT8, None),
+    "tiny.i16": (-300, VT.INT16, None),
+    "tiny.f64": (1.0 / 3.0, VT.FLOAT64, None),
+    "tiny.i64_list": ([1, 2], VT.ARRAY, VT.INT64),
+    "tiny.empty": ([], VT.ARRAY, VT.INT32),
+}
+TENSORS = [  # name, qtype, numpy shape
+    ("token_embd.weight", "Q8_0", (10, 64)),
+    ("blk.0.attn_q.weight", "Q4_K", (3, 256)),
+    ("blk.0.attn_norm.weight", "F32", (64,)),
+    ("blk.0.ffn_up.weight", "F16", (2, 3, 32)),
+    ("blk.1.ffn_down.weight", "Q4_0", (5, 32)),
+    ("output.weight", "BF16", (1, 1, 1, 32)),
+]
+
+
+def nbytes(qtype, shape):
+    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return int(np.prod(shape)) // bs * ts
+
+
+def tensor_bytes(seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: rng.integers(0, 256, nbytes(q, s), dtype=np.uint8) for name, q, s in TENSORS}
+
+
+def write_tiny(path, seed=0):
+    raws = tensor_bytes(seed)
+    with GGUFOutput(path, "tiny") as out:
+        for k, v in METADATA.items():
+            out.add_metadata(k, v)
+        for k, (v, t, sub) in EXPLICIT.items():
+            out.add_metadata(k, v, t, sub)
+        for name, q, s in TENSORS:
+            out.add_tensor_info(name, q, s)
+        for name, _, _ in TENSORS:
+            out.write_tensor(name, raws[name])
+    return raws
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    return path, write_tiny(path)
+
+
+# --------------------------------------------------------------------------- round trips
+
+def test_roundtrip_metadata_and_types(tiny):
+    path, _ = tiny
+    with GGUFFile(path) as gf:
+        assert gf.arch == "tiny"
+        assert gf.get("general.architecture") == "tiny"
+        assert gf.get("no.such.key", 42) == 42
+        for k, v in METADATA.items():
+            assert gf.metadata[k] == v, k
+            assert gf.metadata_types[k] == infer_type(k, v)
+        for k, (v, t, sub) in EXPLICIT.items():
+            assert gf.metadata[k] == pytest.approx(v) if t == VT.FLOAT64 else gf.metadata[k] == v, k
+            assert gf.metadata_types[k] == (t, sub)
+        assert gf.metadata_types["tiny.block_count"] == (VT.UINT32, None)
+        assert gf.metadata_types["tiny.negative"] == (VT.INT32, None)
+        assert gf.metadata_types["tiny.big"] == (VT.UINT64, None)
+        assert gf.metadata_types["tiny.rope.freq_base"] == (VT.FLOAT32, None)
+        assert gf.metadata_types["tiny.signed_list"] == (VT.ARRAY, VT.INT32)
+        assert gf.metadata_types["tokenizer.ggml.tokens"] == (VT.ARRAY, VT.STRING)
+        assert set(gf.metadata) == {"general.architecture", *METADATA, *EXPLICIT}
+
+
+def test_roundtrip_tensors(tiny):
+    path, raws = tiny
+    with GGUFFile(path) as gf:
+        assert list(gf.tensors) == [name for name, _, _ in TENSORS]
+        for name, q, shape in TENSORS:
+            t = gf.tensors[name]
+            assert (t.name, t.qtype, t.shape) == (name, q, shape)
+            assert t.n_elements == int(np.prod(shape)) and t.nbytes == raws[name].nbytes
+            assert t.data.dtype == np.uint8 and t.data.ndim == 1 and not t.data.flags.writeable
+            np.testing.assert_array_equal(t.data, raws[name])
+            assert t.offset % 32 == 0
+            with open(path, "rb") as f:  # offset is the absolute position of the bytes
+                f.seek(t.offset)
+                assert f.read(t.nbytes) == raws[name].tobytes()
+
+
+def test_gguf_py_reads_our_files(tiny):
+    path, raws = tiny
+    r = gguf.GGUFReader(path)
+    fields = {k: f for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    with GGUFFile(path) as gf:
+        assert set(fields) == set(gf.metadata)
+        for k, f in fields.items():
+            assert f.contents() == gf.metadata[k], k
+            assert f.types[0] == gf.metadata_types[k][0]
+    assert [t.name for t in r.tensors] == [name for name, _, _ in TENSORS]
+    for t, (name, q, shape) in zip(r.tensors, TENSORS):
+        assert t.tensor_type.name == q
+        assert tuple(int(d) for d in reversed(t.shape)) == shape
+        assert np.asarray(t.data).tobytes() == raws[name].tobytes()
+
+
+def test_copy_metadata_keeps_types(tiny, tmp_path):
+    path, raws = tiny
+    with GGUFFile(path) as src:
+        with GGUFOutput(tmp_path / "copy.gguf", src.arch) as out:
+            copy_metadata(src, out, skip={"general.name"})
+        with GGUFFile(tmp_path / "copy.gguf") as dst:
+            expected = {k: v for k, v in src.metadata.items() if k != "general.name"}
+            assert dst.metadata == expected
+            assert dst.metadata_types == {k: src.metadata_types[k] for k in expected}
+            assert dst.tensors == {}
+
+
+def test_write_gguf_and_alignment(tmp_path):
+    raw = np.arange(64 * 4, dtype=np.uint8)
+    path = tmp_path / "a.gguf"
+    write_gguf(path, "tiny", {"general.alignment": 64, "x": 1},
+               [("a", "F32", (64,), raw), ("b", "F32", (64,), raw)], metadata_types={"x": (VT.INT16, None)})
+    with GGUFFile(path) as gf:
+        assert gf.alignment == 64 and gf.metadata["general.alignment"] == 64
+        assert gf.metadata_types["x"] == (VT.INT16, None)
+        assert all(t.offset % 64 == 0 for t in gf.tensors.values())
+        np.testing.assert_array_equal(gf.tensors["b"].data, raw)
+
+
+def test_infer_type():
+    assert infer_type("k", 3) == (VT.UINT32, None)
+    assert infer_type("k", -3) == (VT.INT32, None)
+    assert infer_type("k", 2**33) == (VT.UINT64, None)
+    assert infer_type("k", -2**33) == (VT.INT64, None)
+    assert infer_type("k", True) == (VT.BOOL, None)
+    assert infer_type("k", 1.5) == (VT.FLOAT32, None)
+    assert infer_type("k", np.float32(1.5)) == (VT.FLOAT32, None)
+    assert infer_type("k", "s") == (VT.STRING, None)
+    assert infer_type("k", [1, 2.5]) == (VT.ARRAY, VT.FLOAT32)
+    assert infer_type("k", np.arange(3)) == (VT.ARRAY, VT.UINT32)
+    for bad in ([], [[1]], ["a", 1], {"a": 1}, 2**64):
+        with pytest.raises(ValueError):
+            infer_type("k", bad)
+
+
+# --------------------------------------------------------------------------- writer failures
+
+def test_writer_exception_leaves_nothing(tmp_path):
+    dest = tmp_path / "out.gguf"
+    for exc in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(exc):
+            with GGUFOutput(dest, "tiny") as out:
+                out.add_metadata("general.name", "x")
+                out.add_tensor_info("a", "F32", (64,))
+                out.add_tensor_info("b", "F32", (64,))
+                out.write_tensor("a", np.zeros(64, np.float32))
+                raise exc("stop")
+        assert os.listdir(tmp_path) == []
+
+
+def test_writer_failure_keeps_existing_destination(tmp_path):
+    dest = tmp_path / "out.gguf"
+    dest.write_bytes(b"old")
+    with pytest.raises(ValueError, match="never written"):
+        with GGUFOutput(dest, "tiny") as out:
+            out.add_tensor_info("a", "F32", (64,))
+            out.add_tensor_info("b", "F32", (64,))
+            out.write_tensor("a", np.zeros(64, np.float32))
+    assert os.listdir(tmp_path) == ["out.gguf"] and dest.read_bytes() == b"old"
+
+
+def test_writer_checks(tmp_path):
+    with GGUFOutput(tmp_path / "x.gguf", "tiny") as out:
+        with pytest.raises(ValueError, match="block size"):
+            out.add_tensor_info("q", "Q4_K", (2, 100))
+        with pytest.raises(ValueError, match="unknown tensor type"):
+            out.add_tensor_info("q", "Q9_X", (2, 256))
+        with pytest.raises(ValueError, match="architecture"):
+            out.add_metadata("general.architecture", "other")
+        out.add_tensor_info("a", "Q8_0", (2, 32))
+        out.add_tensor_info("b", "F16", (32,))
+        with pytest.raises(ValueError, match="order"):
+            out.write_tensor("b", np.zeros(32, np.float16))
+        with pytest.raises(ValueError, match="bytes"):
+            out.write_tensor("a", np.zeros(10, np.uint8))
+        out.write_tensor("a", np.zeros(68, np.uint8))
+        with pytest.raises(RuntimeError):
+            out.add_metadata("late", 1)
+        out.write_tensor("b", np.zeros(32, np.float16))
+    assert os.listdir(tmp_path) == ["x.gguf"]
+
+
+# --------------------------------------------------------------------------- the real models
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["smollm2_path", "gemma3_path"])
+def test_real_files_match_gguf_py(which, request):
+    path = request.getfixturevalue(which)
+    t0 = time.perf_counter()
+    with GGUFFile(path) as gf:
+        assert gf.metadata  # forces nothing lazy: metadata is parsed on open
+        open_s = time.perf_counter() - t0
+        assert open_s < 2.0, f"opening took {open_s:.2f} s"
+        r = gguf.GGUFReader(path)
+        fields = {k: f for k, f in r.fields.items() if not k.startswith("GGUF.")}
+        assert set(fields) == set(gf.metadata)
+        for k, f in fields.items():
+            assert f.contents() == gf.metadata[k], k
+            assert (f.types[0], f.types[1] if f.types[0] == VT.ARRAY else None) == gf.metadata_types[k], k
+        assert [t.name for t in r.tensors] == list(gf.tensors)
+        for t in r.tensors:
+            mine = gf.tensors[t.name]
+            assert mine.qtype == t.tensor_type.name
+            assert mine.shape == tuple(int(d) for d in reversed(t.shape))
+            assert (mine.offset, mine.nbytes, mine.n_elements) == (t.data_offset, t.n_bytes, t.n_elements)
+            assert not mine.data.flags.owndata and not mine.data.flags.writeable  # a view of the mapping
+        emb = gf.tensors["token_embd.weight"]
+        assert np.asarray(r.get_tensor(0).data).tobytes()[:64] == gf.tensors[r.tensors[0].name].data[:64].tobytes()
+        assert emb.shape[0] == len(gf.metadata["tokenizer.ggml.tokens"])
+
+
+@pytest.mark.slow
+def test_real_file_roundtrip(smollm2_path, tmp_path):
+    dest = tmp_path / "copy.gguf"
+    with GGUFFile(smollm2_path) as src:
+        with GGUFOutput(dest, src.arch) as out:
+            copy_metadata(src, out)
+            for t in src.tensors.values():
+                out.add_tensor_info(t.name, t.qtype, t.shape)
+            for t in src.tensors.values():
+                out.write_tensor(t.name, t.data)
+        with GGUFFile(dest) as dst:
+            assert dst.metadata == src.metadata and dst.metadata_types == src.metadata_types
+            for name, t in src.tensors.items():
+                u = dst.tensors[name]
+                assert (u.qtype, u.shape) == (t.qtype, t.shape)
+                np.testing.assert_array_equal(u.data, t.data)
+
+
+# --------------------------------------------------------------------------- malformed files
+
+def s(text: str | bytes) -> bytes:
+    b = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(b)) + b
+
+
+def kv(key, vtype, payload: bytes) -> bytes:
+    return s(key) + struct.pack("<I", vtype) + payload
+
+
+def ti(name, ne, type_id=0, offset=0) -> bytes:
+    return s(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne) + \
+        struct.pack("<IQ", type_id, offset)
+
+
+def gguf_bytes(kvs=(), tensors=(), data=b"", version=3, n_tensors=None, n_kv=None, magic=b"GGUF", align=32):
+    kvs = [kv("general.architecture", VT.STRING, s("tiny")), *kvs]
+    head = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                               len(kvs) if n_kv is None else n_kv)
+    body = head + b"".join(kvs) + b"".join(tensors)
+    return body + b"\0" * (-len(body) % align) + data
+
+
+F32_64 = [ti("w", [64], 0, 0)]
+
+
+def open_bytes(tmp_path, data: bytes, name="bad.gguf"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return GGUFFile(p)
+
+
+def test_builder_makes_valid_files(tmp_path):
+    with open_bytes(tmp_path, gguf_bytes(tensors=F32_64, data=bytes(256))) as gf:
+        assert gf.tensors["w"].shape == (64,)
+
+
+BAD = {
+    "empty": b"",
+    "bad magic": b"GGML" + bytes(100),
+    "text": b"this is not a model at all" * 100,
+    "version 1": gguf_bytes(version=1),
+    "version 4": gguf_bytes(version=4),
+    "big-endian": gguf_bytes(version=3 << 24),
+    "only magic": b"GGUF",
+    "huge tensor count": gguf_bytes(n_tensors=2**63),
+    "huge kv count": gguf_bytes(n_kv=2**64 - 1),
+    "kv count too big": gguf_bytes(n_kv=5),
+    "absurd key length": b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2**62) + b"x" * 64,
+    "absurd string value": gguf_bytes([kv("k", VT.STRING, struct.pack("<Q", 2**63) + b"abc")]),
+    "absurd string array": gguf_bytes([kv("k", VT.ARRAY, struct.pack("<IQ", VT.STRING, 2**60))]),
+    "absurd int array": gguf_bytes([kv("k", VT.ARRAY, struct.pack("<IQ", VT.UINT64, 2**61))]),
+    "string array item too long": gguf_bytes([kv("k", VT.ARRAY, struct.pack("<IQ", VT.STRING, 2) + s("a") +
+                                                 struct.pack("<Q", 10**9))]),
+    "unknown value type": gguf_bytes([kv("k", 13, b"\0" * 8)]),
+    "unknown array item type": gguf_bytes([kv("k", VT.ARRAY, struct.pack("<IQ", 99, 1) + b"\0" * 8)]),
+    "nested array": gguf_bytes([kv("k", VT.ARRAY, struct.pack("<IQ", VT.ARRAY, 1) + struct.pack("<IQ", 4, 0))]),
+    "duplicate key": gguf_bytes([kv("k", VT.UINT8, b"\1"), kv("k", VT.UINT8, b"\2")]),
+    "alignment not power of 2": gguf_bytes([kv("general.alignment", VT.UINT32, struct.pack("<I", 48))]),
+    "alignment zero": gguf_bytes([kv("general.alignment", VT.UINT32, struct.pack("<I", 0))]),
+    "alignment a string": gguf_bytes([kv("general.alignment", VT.STRING, s("32"))]),
+    "unknown ggml type": gguf_bytes(tensors=[ti("w", [64], 4, 0)], data=bytes(256)),
+    "huge ggml type": gguf_bytes(tensors=[ti("w", [64], 2**32 - 1, 0)], data=bytes(256)),
+    "n_dims 0": gguf_bytes(tensors=[ti("w", [], 0, 0)], data=bytes(256)),
+    "n_dims 5": gguf_bytes(tensors=[ti("w", [1, 1, 1, 1, 64], 0, 0)], data=bytes(256)),
+    "zero dim": gguf_bytes(tensors=[ti("w", [64, 0], 0, 0)], data=bytes(256)),
+    "row not a multiple of the block": gguf_bytes(tensors=[ti("w", [48, 2], 12, 0)], data=bytes(4096)),
+    "huge dims": gguf_bytes(tensors=[ti("w", [2**63, 2**63, 2**63, 2**63], 0, 0)], data=bytes(256)),
+    "data past end": gguf_bytes(tensors=[ti("w", [128], 0, 0)], data=bytes(256)),
+    "offset past end": gguf_bytes(tensors=[ti("w", [64], 0, 2**40)], data=bytes(256)),
+    "offset near 2**64": gguf_bytes(tensors=[ti("w", [64], 0, 2**64 - 32)], data=bytes(256)),
+    "misaligned offset": gguf_bytes(tensors=[ti("w", [8], 0, 4)], data=bytes(256)),
+    "overlap": gguf_bytes(tensors=[ti("a", [64], 0, 0), ti("b", [64], 0, 128)], data=bytes(512)),
+    "duplicate tensor": gguf_bytes(tensors=[ti("a", [8], 0, 0), ti("a", [8], 0, 32)], data=bytes(64)),
+    "no tensor data at all": gguf_bytes(tensors=F32_64),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_malformed(case, tmp_path):
+    with pytest.raises(FormatError) as e:
+        open_bytes(tmp_path, BAD[case], "bad file.gguf")
+    msg = str(e.value)
+    assert "bad file.gguf" in msg and "\n" not in msg
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        GGUFFile(tmp_path / "nope.gguf")
+
+
+def test_arch_missing_is_format_error(tmp_path):
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 0)
+    with open_bytes(tmp_path, data) as gf:
+        assert gf.metadata == {} and gf.tensors == {}
+        with pytest.raises(FormatError, match="general.architecture"):
+            gf.arch
+
+
+@pytest.mark.slow
+def test_truncated_real_header(smollm2_path, tmp_path):
+    with GGUFFile(smollm2_path) as gf:
+        end = gf.data_offset + gf.tensors["token_embd.weight"].nbytes // 2
+    with open(smollm2_path, "rb") as f:
+        head = f.read(end)
+    cuts = sorted({int(c) for c in np.linspace(0, end - 1, 50)} | {3, 4, 7, 8, 23, 24, 25})
+    p = tmp_path / "cut.gguf"
+    for cut in cuts:
+        p.write_bytes(head[:cut])
+        t0 = time.perf_counter()
+        with pytest.raises(FormatError):
+            GGUFFile(p)
+        assert time.perf_counter() - t0 < 1.0, cut
+
+
+# Hypothesis: byte mutations of a small real-ish file open fine or raise FormatError — nothing else, quickly,
+# without big allocations.
+@pytest.fixture(scope="module")
+def small_blob(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "small.gguf"
+    write_tiny(path)
+    return path.read_bytes()
+
+
+def check_opens_or_format_error(path):
+    tracemalloc.start()
+    try:
+        with GGUFFile(path) as gf:
+            for t in gf.tensors.values():
+                assert t.data.nbytes == t.nbytes and t.offset + t.nbytes <= os.path.getsize(path)
+    except FormatError as e:
+        assert "\n" not in str(e)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"peak allocation {peak / 2**20:.0f} MiB"
+
+
+EXTREMES = [0, 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, 0x7FFFFFFF, 13, 5]
+
+
+@settings(max_examples=300, deadline=2000)
+@given(data=st.data())
+def test_fuzz_mutations(data, small_blob, tmp_path_factory):
+    blob = bytearray(small_blob)
+    header_end = blob.find(b"\0" * 32, 24)  # mutations mostly land in the header, where the parsing is
+    header_end = len(blob) if header_end < 0 else header_end + 32
+    for _ in range(data.draw(st.integers(1, 4), label="n_mutations")):
+        pos = data.draw(st.integers(0, header_end - 1), label="pos")
+        kind = data.draw(st.sampled_from(["byte", "u32", "u64"]), label="kind")
+        if kind == "byte":
+            blob[pos] = data.draw(st.integers(0, 255), label="byte")
+        else:
+            n = 4 if kind == "u32" else 8
+            v = data.draw(st.sampled_from(EXTREMES) | st.integers(0, 2 ** (8 * n) - 1), label="value") % 2 ** (8 * n)
+            blob[pos:pos + n] = v.to_bytes(n, "little")
+    if data.draw(st.booleans(), label="truncate"):
+        del blob[data.draw(st.integers(0, len(blob)), label="cut"):]
+    path = tmp_path_factory.getbasetemp() / "mutated.gguf"
+    path.write_bytes(bytes(blob))
+    check_opens_or_format_error(path)

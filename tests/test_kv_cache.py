@@ -1,0 +1,273 @@
+"""KV cache types and the quantized attention kernels against numpy twins (float64 attention).
+
+Each cache type is checked twice: tightly against attention over the numpy twin of its codec (so the kernel
+reads the blocks exactly as stored), and loosely against attention over the original float keys/values
+(the codec's own error stays small).
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+from edgeq.cpu_kernels import attention_q as aq
+from edgeq.errors import EdgeqError
+from edgeq.kv_cache import CACHE_TYPES, make_kv_cache
+
+QB = 32
+
+
+class KVLayout:  # the fields of models.base.KVLayout the cache reads (no model code needed here)
+    def __init__(self, n_kv_heads, head_dim, window=0):
+        self.n_kv_heads, self.head_dim, self.window = n_kv_heads, head_dim, window
+
+
+# ---------------------------------------------------------------- numpy twins of the codecs
+def f16r(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def twin_q8(x):
+    """per token, blocks of 32 along the last axis, symmetric int8 with a half scale"""
+    xb = x.reshape(*x.shape[:-1], -1, QB).astype(np.float32)
+    d = f16r(np.abs(xb).max(-1, keepdims=True) / np.float32(127))
+    inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
+    c = np.clip(np.round(xb * inv), -127, 127)
+    return (c * d).reshape(x.shape)
+
+
+def twin_q4(x):
+    """per token, blocks of 32 along the last axis, 4-bit asymmetric with half scale and min"""
+    xb = x.reshape(*x.shape[:-1], -1, QB).astype(np.float32)
+    m = f16r(xb.min(-1, keepdims=True))
+    d = f16r((xb.max(-1, keepdims=True) - m) / np.float32(15))
+    inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
+    c = np.clip(np.round((xb - m) * inv), 0, 15)
+    return (c * d + m).reshape(x.shape)
+
+
+def twin_q4c(x):
+    """x (n, Hkv, D) by position: whole groups of 32 positions per channel at 4 bits, the tail in half"""
+    x = f16r(x)
+    n = x.shape[0]
+    full = n // QB * QB
+    out = x.copy()
+    if full:
+        g = x[:full].reshape(-1, QB, *x.shape[1:])
+        m = f16r(g.min(1, keepdims=True))
+        d = f16r((g.max(1, keepdims=True) - m) / np.float32(15))
+        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
+        c = np.clip(np.round((g - m) * inv), 0, 15)
+        out[:full] = (c * d + m).reshape(full, *x.shape[1:])
+    return out
+
+
+TWIN_V = {"f32": lambda x: x, "f16": f16r, "q8": twin_q8, "q4": twin_q4, "q4t": twin_q4}
+TWIN_K = dict(TWIN_V, q4=twin_q4c, q4c=twin_q4c)  # keys: "q4" is the per-channel layout
+
+
+def ref_attention(q, K, V, pos0, scale, window):
+    """float64 causal GQA attention: q (T, H, D) at pos0..; K/V (n, Hkv, D) for positions 0..n-1."""
+    T, H, D = q.shape
+    n_rep = H // K.shape[1]
+    out = np.zeros((T, H, D))
+    for t in range(T):
+        p = pos0 + t
+        lo = max(0, p - window + 1) if window else 0
+        for h in range(H):
+            s = K[lo:p + 1, h // n_rep].astype(np.float64) @ q[t, h].astype(np.float64) * scale
+            w = np.exp(s - s.max())
+            out[t, h] = (w / w.sum()) @ V[lo:p + 1, h // n_rep].astype(np.float64)
+    return out
+
+
+def rand_kv(rng, T, Hkv, D):
+    k = rng.standard_normal((T, Hkv, D)).astype(np.float32)
+    k[:, :, 3] += 4.0  # an outlier channel in the keys, as real models have
+    v = rng.standard_normal((T, Hkv, D)).astype(np.float32)
+    return k, v
+
+
+# ---------------------------------------------------------------- half precision scalars
+def test_half_conversions_match_numpy():
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-9, 5, 2000),
+                         [0.0, -0.0, 1.0, -2.5, 65504.0, 6.1e-5, 5.96e-8, 1e-9, 3e-5, 65519.0]])
+    for x in xs:
+        want = np.float16(np.clip(x, -65504, 65504)).view(np.uint16)
+        got = aq.f2h(x)
+        assert abs(int(got) - int(want)) <= 1 or (x == 0), (x, got, want)  # ties may round either way
+    bits = np.arange(0, 65536, dtype=np.uint32).astype(np.uint16)
+    finite = bits[np.isfinite(bits.view(np.float16))]
+    for h in finite[::7]:
+        assert aq.h2f(h) == np.float32(h.view(np.float16)), h
+    row = np.empty(len(finite), np.float32)  # the vectorized row conversion the f16 cache uses: every half
+    aq._half_row(finite, row)
+    np.testing.assert_array_equal(row, finite.view(np.float16).astype(np.float32))
+
+
+# ---------------------------------------------------------------- attention vs twins
+def assert_twin(got, want, tk, tv):
+    """Tight agreement; quantized codecs may round a rare exact tie the other way (fastmath reciprocal):
+    allow a few elements off by a small amount."""
+    bad = np.abs(got - want) > 2e-4 + 1e-3 * np.abs(want)
+    if tk in ("f32", "f16") and tv in ("f32", "f16"):
+        assert not bad.any(), np.abs(got - want).max()
+    else:
+        assert bad.mean() < 1e-2 and np.abs(got - want).max() < 5e-2, (bad.mean(), np.abs(got - want).max())
+
+
+COMBOS = [("f32", "f32"), ("f16", "f16"), ("q8", "q8"), ("q4t", "q4"), ("q4", "q4"), ("q8", "f16"),
+          ("f16", "q4"), ("q4c", "q8")]
+# loose bounds vs the exact float reference (max abs error of outputs of unit-variance values)
+LOOSE = {"f32": 1e-5, "f16": 3e-3, "q8": 6e-2, "q4": 0.6, "q4c": 0.6, "q4t": 0.6}
+
+
+@pytest.mark.parametrize("tk,tv", COMBOS)
+@pytest.mark.parametrize("D,Hkv,H,window", [(64, 3, 9, 0), (96, 2, 2, 0), (64, 1, 4, 24)])
+def test_attention_against_twins(tk, tv, D, Hkv, H, window):
+    rng = np.random.default_rng(zlib.crc32(f"{tk}{tv}{D}{window}".encode()))
+    n_ctx = 160
+    cache = make_kv_cache([KVLayout(Hkv, D, window)] * 2, n_ctx, tk, tv, max_batch=40)
+    scale = 1 / np.sqrt(D)
+    K = np.zeros((0, Hkv, D), np.float32)
+    V = np.zeros((0, Hkv, D), np.float32)
+    pos = 0
+    for T in (7, 33, 1, 40, 1, 1, 25, 31, 1):  # positions spanning many store calls and q4c groups
+        k, v = rand_kv(rng, T, Hkv, D)
+        q = rng.standard_normal((T, H, D)).astype(np.float32)
+        cache.store(1, pos, k, v)
+        got = cache.attend(1, q, pos, scale)
+        K, V = np.concatenate([K, k]), np.concatenate([V, v])
+        Kt = TWIN_K[tk](K)
+        Vt = TWIN_V[tv](V)
+        want = ref_attention(q, Kt, Vt, pos, scale, window)
+        assert_twin(got, want, tk, tv)
+        exact = ref_attention(q, K, V, pos, scale, window)
+        assert np.abs(got - exact).max() < max(LOOSE[tk], LOOSE[tv]), (tk, tv, np.abs(got - exact).max())
+        pos += T
+    assert cache.layers[1].n == pos and cache.layers[0].n == 0
+
+
+def test_f32_cache_matches_ops_attention():
+    from edgeq.cpu_kernels.ops import attention
+
+    rng = np.random.default_rng(1)
+    T, Hkv, H, D, n_ctx = 37, 2, 6, 64, 64
+    k, v = rand_kv(rng, T, Hkv, D)
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    cache = make_kv_cache([KVLayout(Hkv, D, 16)], n_ctx, "f32", "f32")
+    cache.store(0, 0, k, v)
+    kc = np.zeros((Hkv, n_ctx, D), np.float32)
+    vc = np.zeros((Hkv, n_ctx, D), np.float32)
+    kc[:, :T], vc[:, :T] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+    np.testing.assert_allclose(cache.attend(0, q, 0, 0.125), attention(q, kc, vc, 0, 0.125, 16), atol=1e-5)
+
+
+# ---------------------------------------------------------------- sliding-window ring and rewinds
+@pytest.mark.parametrize("tk,tv", [("f16", "f16"), ("q8", "q8"), ("q4", "q4"), ("q4t", "q4t")])
+def test_ring_buffer_long_sequence(tk, tv):
+    rng = np.random.default_rng(2)
+    Hkv, H, D, window, n_ctx = 1, 4, 64, 40, 400
+    cache = make_kv_cache([KVLayout(Hkv, D, window)], n_ctx, tk, tv, max_batch=24)
+    L = cache.layers[0]
+    assert L.ring and L.nslots == 64  # window + batch, rounded up to a block: memory independent of n_ctx
+    K = np.zeros((0, Hkv, D), np.float32)
+    V = np.zeros((0, Hkv, D), np.float32)
+    pos = 0
+    while pos < 300:
+        T = int(rng.integers(1, 25))
+        k, v = rand_kv(rng, T, Hkv, D)
+        q = rng.standard_normal((T, H, D)).astype(np.float32)
+        cache.store(0, pos, k, v)
+        got = cache.attend(0, q, pos, 0.125)
+        K, V = np.concatenate([K, k]), np.concatenate([V, v])
+        want = ref_attention(q, TWIN_K[tk](K), TWIN_V[tv](V), pos, 0.125, window)
+        assert_twin(got, want, tk, tv)  # q4c: ring slots are block-aligned, so the groups are the same
+        pos += T
+    with pytest.raises(ValueError):
+        cache.store(0, pos, *rand_kv(rng, 30, Hkv, D))  # more than the ring's slack at once
+    assert cache.can_rewind_to(pos) and cache.can_rewind_to(pos - 10) and cache.can_rewind_to(0)
+    assert not cache.can_rewind_to(pos - 40) and not cache.can_rewind_to(pos + 1)
+    with pytest.raises(ValueError):
+        cache.store(0, pos - 40, *rand_kv(rng, 1, Hkv, D))
+    cache.store(0, 0, *rand_kv(rng, 3, Hkv, D))  # from scratch is always possible
+    assert L.n == 3
+
+
+@pytest.mark.parametrize("tk,tv", [("f32", "f32"), ("q8", "q4"), ("q4", "q8"), ("q4t", "q4t")])
+def test_rewind_overwrites(tk, tv):
+    """The engine rewinds to a common prefix by storing later positions again (also mid q4c group)."""
+    rng = np.random.default_rng(3)
+    Hkv, H, D = 2, 4, 64
+    cache = make_kv_cache([KVLayout(Hkv, D)], 128, tk, tv)
+    k, v = rand_kv(rng, 100, Hkv, D)
+    cache.store(0, 0, k, v)
+    for rew in (70, 64, 45):
+        k2, v2 = rand_kv(rng, 9, Hkv, D)
+        q = rng.standard_normal((9, H, D)).astype(np.float32)
+        cache.store(0, rew, k2, v2)
+        got = cache.attend(0, q, rew, 0.125)
+        K = np.concatenate([k[:rew], k2])
+        V = np.concatenate([v[:rew], v2])
+        exact = ref_attention(q, K, V, rew, 0.125, 0)
+        assert np.abs(got - exact).max() < max(LOOSE[tk], LOOSE[tv])
+        k[rew:rew + 9], v[rew:rew + 9] = k2, v2
+        assert cache.layers[0].n == rew + 9
+    with pytest.raises(ValueError):
+        cache.store(0, 60, *rand_kv(rng, 1, Hkv, D))  # a gap
+
+
+# ---------------------------------------------------------------- validation, sizes, defaults
+def test_validation_and_types():
+    cache = make_kv_cache([KVLayout(2, 64)], 32, None, None)
+    assert (cache.type_k, cache.type_v) == ("q8", "q8")
+    with pytest.raises(ValueError):
+        cache.store(0, 0, np.zeros((4, 3, 64), np.float32), np.zeros((4, 3, 64), np.float32))
+    with pytest.raises(ValueError):
+        cache.store(0, 30, np.zeros((4, 2, 64), np.float32), np.zeros((4, 2, 64), np.float32))
+    with pytest.raises(ValueError):
+        cache.attend(0, np.zeros((1, 4, 64), np.float32), 0, 1.0)  # nothing stored yet
+    with pytest.raises(ValueError):
+        cache.attend(0, np.zeros((1, 3, 64), np.float32), 0, 1.0)
+    for bad in (("q4c", "q4c"), ("q5", None), (None, "int8")):
+        with pytest.raises(EdgeqError):
+            make_kv_cache([KVLayout(2, 64)], 32, *bad)
+    with pytest.raises(EdgeqError):
+        make_kv_cache([KVLayout(2, 40)], 32, "q8", "f16")
+    assert set(CACHE_TYPES) >= {"f16", "q8", "q4", "q4c", "q4t", "f32"}
+    c = make_kv_cache([KVLayout(2, 64)], 32, "q4", "q4")
+    assert (c.layers[0].k.kind, c.layers[0].v.kind) == ("q4c", "q4")  # per channel keys, per token values
+    assert make_kv_cache([KVLayout(2, 64)], 32, "F16", "Q8").type_v == "q8"
+
+
+def _layouts(name):
+    if name == "smollm2":  # 30 layers, 3 kv heads of 64
+        return [KVLayout(3, 64) for _ in range(30)]
+    return [KVLayout(1, 256, 512 if i % 6 < 5 else 0) for i in range(18)]  # gemma3-270m
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_memory_at_8192(model):
+    L = _layouts(model)
+    f16 = make_kv_cache(L, 8192, "f16", "f16").nbytes
+    if model == "smollm2":
+        assert f16 == 30 * 2 * 3 * 8192 * 64 * 2
+    assert make_kv_cache(L, 8192, "q8", "q8").nbytes <= 0.55 * f16
+    assert make_kv_cache(L, 8192, "q4", "q4").nbytes <= 0.32 * f16
+    assert make_kv_cache(L, 8192, "q4t", "q4").nbytes <= 0.32 * f16
+    assert make_kv_cache(L, 8192, "f32", "f32").nbytes == 2 * f16
+
+
+@pytest.mark.parametrize("t", ["f16", "q8", "q4", "q4t"])
+def test_batching_does_not_change_the_cache(t):
+    """Prefill in one call or decode one position at a time: same stored blocks, same attention."""
+    rng = np.random.default_rng(4)
+    Hkv, H, D, n = 2, 4, 64, 77
+    k, v = rand_kv(rng, n, Hkv, D)
+    q = rng.standard_normal((1, H, D)).astype(np.float32)
+    a = make_kv_cache([KVLayout(Hkv, D)], 128, t, t)
+    b = make_kv_cache([KVLayout(Hkv, D)], 128, t, t)
+    a.store(0, 0, k, v)
+    for p in range(n):
+        b.store(0, p, k[p:p + 1], v[p:p + 1])
+    np.testing.assert_allclose(a.attend(0, q, n - 1, 0.125), b.attend(0, q, n - 1, 0.125), atol=1e-6)

@@ -1,0 +1,150 @@
+"""cpu_kernels/linear.py against its numpy twin: gguf-py's dequantizers followed by a float64 product."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from edgeq.cpu_kernels.linear import BLOCKS, QuantLinear, embed_rows
+
+ALL = list(BLOCKS)
+FLOAT = {"F32", "F16", "BF16"}
+# byte offsets of the f16 super-block scales, which random bytes must not turn into inf/nan
+K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def make_weights(qtype: str, n_out: int, n_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(raw uint8 1-D, dequantized float64 (n_out, n_in)) for a random matrix of the given type."""
+    rng = np.random.default_rng(seed)
+    bw, bb = BLOCKS[qtype]
+    if qtype in K_SCALES:  # gguf-py has no k-quant quantizer: random codes with sane scales
+        raw = rng.integers(0, 256, size=(n_out, n_in // bw, bb), dtype=np.uint8)
+        scales = (rng.random((n_out, n_in // bw, 1)) * 0.02 + 1e-4).astype(np.float16).view(np.uint8)
+        for p in K_SCALES[qtype]:
+            raw[:, :, p:p + 2] = scales
+    else:
+        w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        raw = quantize(w, GGMLQuantizationType[qtype])
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    ref = dequantize(raw.reshape(n_out, -1), GGMLQuantizationType[qtype]).reshape(n_out, n_in)
+    return raw, ref.astype(np.float64)
+
+
+def rel_err(y, ref) -> float:
+    return float(np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref))
+
+
+def tolerance(qtype: str, T: int) -> float:
+    # float weights are exact up to float32 rounding; quantized weights with few rows use int8 activations
+    # (error ~ 1/127 per block, relative to the output norm), many rows go through float32 tiles
+    return 1e-5 if qtype in FLOAT or T >= 8 else 2e-2
+
+
+@pytest.mark.parametrize("qtype", ALL)
+@pytest.mark.parametrize("n_out,n_blocks", [(37, 1), (37, 3), (300, 2)])
+def test_matvec_matmul_match_reference(qtype, n_out, n_blocks):
+    bw = BLOCKS[qtype][0]
+    n_in = max(bw, 32) * n_blocks
+    raw, W = make_weights(qtype, n_out, n_in, seed=n_out + n_blocks)
+    q = QuantLinear(raw, qtype, (n_out, n_in))
+    assert (q.n_out, q.n_in, q.qtype, q.nbytes) == (n_out, n_in, qtype, raw.nbytes)
+    rng = np.random.default_rng(1)
+    for T in (1, 3, 17):
+        X = rng.standard_normal((T, n_in)).astype(np.float32)
+        ref = X.astype(np.float64) @ W.T
+        Y = q.matmul(X)
+        assert Y.shape == (T, n_out) and Y.dtype == np.float32
+        assert rel_err(Y, ref) < tolerance(qtype, T), (qtype, T, rel_err(Y, ref))
+        y = q.matvec(X[0])
+        assert y.shape == (n_out,) and y.dtype == np.float32
+        assert rel_err(y, ref[0]) < tolerance(qtype, 1)
+
+
+@pytest.mark.parametrize("qtype", ALL)
+def test_embed_rows_match_dequantize(qtype):
+    n_out, n_in = 37, max(BLOCKS[qtype][0], 32) * 2
+    raw, W = make_weights(qtype, n_out, n_in)
+    ids = np.array([0, 36, 5, 5, 17])
+    E = embed_rows(raw, qtype, (n_out, n_in), ids)
+    assert E.shape == (5, n_in) and E.dtype == np.float32
+    np.testing.assert_allclose(E, W[ids], rtol=1e-6, atol=1e-7)
+    assert embed_rows(raw, qtype, (n_out, n_in), []).shape == (0, n_in)
+
+
+def test_out_argument_and_zero_activation():
+    raw, W = make_weights("Q4_K", 64, 512)
+    q = QuantLinear(raw, "Q4_K", (64, 512))
+    y = np.full(64, 7.0, np.float32)
+    assert q.matvec(np.zeros(512, np.float32), out=y) is y
+    np.testing.assert_array_equal(y, 0.0)
+    for T, tol in ((3, 2e-2), (9, 1e-5)):  # integer path (int8 activations), float32 tile path
+        X = np.random.default_rng(0).standard_normal((T, 512)).astype(np.float32)
+        Y = np.empty((T, 64), np.float32)
+        assert q.matmul(X, out=Y) is Y
+        assert rel_err(Y, X.astype(np.float64) @ W.T) < tol
+
+
+def test_invalid_inputs_raise_value_error():
+    raw, _ = make_weights("Q4_0", 8, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        QuantLinear(raw[:-1], "Q4_0", (8, 64))
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        QuantLinear(raw, "Q4_0", (8, 60))
+    with pytest.raises(ValueError, match="unsupported"):
+        QuantLinear(raw, "Q7_0", (8, 64))
+    with pytest.raises(ValueError, match="uint8"):
+        QuantLinear(raw.view(np.int8), "Q4_0", (8, 64))
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        QuantLinear(np.zeros(8 * 84, np.uint8), "Q2_K", (8, 32))
+    q = QuantLinear(raw, "Q4_0", (8, 64))
+    with pytest.raises(ValueError, match="x of shape"):
+        q.matvec(np.zeros(63, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        q.matmul(np.zeros((2, 32), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        q.matvec(np.zeros(64, np.float32), out=np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="token ids"):
+        embed_rows(raw, "Q4_0", (8, 64), [0, 8])
+    with pytest.raises(ValueError, match="token ids"):
+        embed_rows(raw, "Q4_0", (8, 64), [-1])
+    with pytest.raises(ValueError, match="integer"):
+        embed_rows(raw, "Q4_0", (8, 64), [0.5])
+
+
+def test_memmap_view_is_used_without_copy(tmp_path):
+    raw, W = make_weights("Q8_0", 40, 96)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 32 + raw.tobytes())  # GGUF tensor data is 32-byte aligned
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    q = QuantLinear(mm[32:], "Q8_0", (40, 96))
+    x = np.random.default_rng(0).standard_normal(96).astype(np.float32)
+    assert rel_err(q.matvec(x), W @ x) < 2e-2
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K", "F16"])
+def test_concurrent_calls_from_two_threads(qtype):
+    raw, _ = make_weights(qtype, 300, 512)
+    q = QuantLinear(raw, qtype, (300, 512))
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((T, 512)).astype(np.float32) for T in (1, 9)]
+    expect = [q.matmul(x) for x in xs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(30):
+                for x, e in zip(xs, expect):
+                    np.testing.assert_array_equal(q.matmul(x), e)
+                np.testing.assert_array_equal(q.matvec(xs[0][0]), expect[0][0])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -1,0 +1,201 @@
+"""The GGUF tokenizer against Hugging Face's and llama.cpp's on the real files, plus small synthetic vocabularies."""
+import functools
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeq.tokenizer import Tokenizer
+
+MIXED = (
+    "Hello world! The café's naïve façade — 'quoted' \"text\", isn't it? I'll say we've 12345 and 3.14159.\n"
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\n\n\tif (a && b) { c[i] = 0x1F; }\n"
+    "Unicode: 日本語のテキスト, 한국어, Ελληνικά, русский, עברית, العربية, हिन्दी.\n"
+    "Emoji: 🤗👍🏽🎉 👨‍👩‍👧 🇫🇷 ∑∫√∞ ≤≥ ‰ 𝔘𝔫𝔦 𓀀\n"
+    "  leading and trailing spaces   \r\n"
+    "<|im_start|>user\nHi there<|im_end|>\n<start_of_turn>model\nSure<end_of_turn>\n<bos>x<eos>"
+)
+
+LLAMACPP_PYTHON = Path.home() / ".cache" / "edgeq-llamacpp" / "bin" / "python"
+LLAMACPP_SCRIPT = """
+import json, sys
+from llama_cpp import Llama
+path, add_special, special = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+llm = Llama(model_path=path, vocab_only=True, verbose=False)
+print(json.dumps([llm.tokenize(t.encode("utf-8"), add_bos=add_special, special=special) for t in json.load(sys.stdin)]))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def gguf_metadata(path) -> dict:
+    """The file's metadata as Python values: edgeq's GGUFFile when present, else gguf-py's reader."""
+    try:
+        from edgeq.formats.gguf_file import GGUFFile
+    except ImportError:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    with GGUFFile(path) as gf:
+        return dict(gf.metadata)
+
+
+def hf_tokenizer(path):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    transformers = pytest.importorskip("transformers")
+    path = Path(path)
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def llamacpp_tokenize(path, texts, add_special=True, special=True):
+    if not LLAMACPP_PYTHON.exists():
+        pytest.skip(f"llama-cpp-python venv not found at {LLAMACPP_PYTHON}: no llama.cpp comparison")
+    r = subprocess.run([str(LLAMACPP_PYTHON), "-c", LLAMACPP_SCRIPT, str(path), str(int(add_special)), str(int(special))],
+                       input=json.dumps(texts), capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        pytest.skip(f"llama-cpp-python could not tokenize: {r.stderr.strip()[-300:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def real(request):
+    path = request.getfixturevalue(f"{request.param}_path")
+    meta = gguf_metadata(str(path))
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_metadata(meta)
+    build_s = time.perf_counter() - t0
+    return request.param, Path(path), meta, tok, build_s
+
+
+TEXTS = [MIXED, "", " ", "a", "  two", "x\n\n\ny", "1234567890", "don't DON'T", "<|im_start|>", "<end_of_turn>"]
+
+
+def test_build_is_fast(real):
+    name, _, meta, tok, build_s = real
+    limit = {"smollm2": 0.3, "gemma3": 1.5}[name]
+    if build_s > limit:  # a busy machine can make one build slow: measure once more before failing
+        t0 = time.perf_counter()
+        Tokenizer.from_metadata(meta)
+        build_s = time.perf_counter() - t0
+    assert build_s < limit * 2, f"{name} tokenizer took {build_s:.2f}s to build (aim < {limit}s)"
+
+
+def test_ids_match_huggingface(real):
+    _, path, _, tok, _ = real
+    hf = hf_tokenizer(path)
+    for text in TEXTS:
+        assert tok.encode(text) == hf.encode(text), text
+
+
+def test_ids_match_llamacpp(real):
+    _, path, _, tok, _ = real
+    expected = llamacpp_tokenize(path, TEXTS, add_special=True, special=True)
+    for text, want in zip(TEXTS, expected):
+        assert tok.encode(text) == want, text
+    plain = llamacpp_tokenize(path, TEXTS, add_special=False, special=False)
+    for text, want in zip(TEXTS, plain):
+        assert tok.encode(text, add_special=False, parse_special=False) == want, text
+
+
+def test_special_tokens(real):
+    name, _, _, tok, _ = real
+    if name == "smollm2":
+        assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.add_eos) == (1, 2, False, False)
+        assert tok.encode("<|im_start|>user<|im_end|>") == [1, 4093, 2]
+        assert 1 not in tok.encode("<|im_start|>", parse_special=False)
+        assert tok.eog_ids == {0, 2}  # <|endoftext|>, <|im_end|>
+    else:
+        assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.add_eos) == (2, 1, True, False)
+        assert tok.encode("hi")[0] == 2 and tok.encode("hi", add_special=False)[0] != 2
+        assert tok.encode("<start_of_turn>", add_special=False) == [105]
+        assert tok.eog_ids == {1, 106}  # <eos>, <end_of_turn>
+    assert tok.vocab_size == len(tok.tokens)
+
+
+def test_roundtrip(real):
+    _, _, _, tok, _ = real
+    ids = tok.encode(MIXED, add_special=False)
+    assert tok.decode(ids) == MIXED
+    end = tok.token_text(max(tok.eog_ids))  # <|im_end|> or <end_of_turn>
+    assert tok.decode(tok.encode(f"a{end}b", add_special=False), skip_special=True) == "ab"
+
+
+def test_stream_decoder_never_splits_a_character(real):
+    _, _, _, tok, _ = real
+    ids = tok.encode(MIXED, add_special=False)
+    d = tok.stream_decoder()
+    out = ""
+    for i in ids:
+        out += d.feed(i)
+        assert "\ufffd" not in out
+        assert MIXED.startswith(out)
+    assert out + d.flush() == MIXED
+
+
+def test_byte_fallback_assembles_characters():
+    """SentencePiece byte tokens <0xF0><0x9F>... come out as one character, never half of one."""
+    tok = Tokenizer.from_metadata(tiny_spm_metadata())
+    ids = tok.encode("a🤗", add_special=False)
+    assert [tok.token_text(i) for i in ids] == ["▁a", "<0xF0>", "<0x9F>", "<0xA4>", "<0x97>"]
+    d = tok.stream_decoder()
+    pieces = [d.feed(i) for i in ids]
+    assert pieces == ["a", "", "", "", "🤗"]  # add_space_prefix: the leading space is dropped
+    assert d.flush() == ""
+    assert tok.decode(ids) == "a🤗"
+
+
+def test_gemma_byte_fallback(gemma3_path):
+    tok = Tokenizer.from_metadata(gguf_metadata(str(gemma3_path)))
+    text = "𓀀𓀁 🫨"
+    ids = tok.encode(text, add_special=False)
+    assert tok.decode(ids) == text
+    d = tok.stream_decoder()
+    assert all("\ufffd" not in d.feed(i) for i in ids)
+
+
+def tiny_spm_metadata(**over):
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁", "a", "b", "▁a", "ab", "▁ab", "<ctl>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * 6 + [3]
+    scores = [0.0] * 259 + [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, 0.0]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0}
+    meta.update(over)
+    return meta
+
+
+def test_tiny_spm_merges_by_score():
+    tok = Tokenizer.from_metadata(tiny_spm_metadata())
+    assert tok.add_bos and tok.add_space_prefix  # SentencePiece defaults, as llama.cpp
+    # "▁ab": ▁a (-4) beats ab (-5), then ▁ab (-6) from ▁a + b
+    assert [tok.token_text(i) for i in tok.encode("ab")] == ["<s>", "▁ab"]
+    # llama.cpp puts the space prefix in front of every text run after a special token too
+    assert [tok.token_text(i) for i in tok.encode("a<ctl>b", add_special=False)] == ["▁a", "<ctl>", "▁", "b"]
+    assert tok.decode(tok.encode("ab ab")) == "<s>ab ab"
+    assert tok.decode(tok.encode("ab ab"), skip_special=True) == "ab ab"
+
+
+def test_gpt2_unknown_pre_falls_back_with_warning(smollm2_path, caplog):
+    meta = dict(gguf_metadata(str(smollm2_path)), **{"tokenizer.ggml.pre": "no-such-pre"})
+    with caplog.at_level(logging.WARNING, logger="edgeq.tokenizer"):
+        tok = Tokenizer.from_metadata(meta)
+    assert "no-such-pre" in caplog.text
+    assert tok.decode(tok.encode("Hello world 123")) == "Hello world 123"
+
+
+def test_from_gguf_reads_metadata_attribute():
+    class FakeFile:
+        metadata = tiny_spm_metadata()
+
+    assert Tokenizer.from_gguf(FakeFile()).vocab_size == 266
+
+
+def test_unsupported_model_is_a_model_error():
+    from edgeq.errors import ModelError
+
+    with pytest.raises(ModelError, match="tokenizer model"):
+        Tokenizer.from_metadata(tiny_spm_metadata(**{"tokenizer.ggml.model": "rwkv"}))
