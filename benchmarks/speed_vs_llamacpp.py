@@ -26,6 +26,10 @@ TOOLS = ROOT.parent / "shared" / "tools"
 
 
 def llamacpp_python() -> str:
+    """EDGEQ_LLAMACPP_PY, else the no-AMX build (the AMX one crashes on these VMs), else llamacpp-env.sh's."""
+    for cand in (os.environ.get("EDGEQ_LLAMACPP_PY"), Path.home() / ".cache/edgeq-llamacpp-noamx/bin/python"):
+        if cand and Path(cand).is_file():
+            return str(cand)
     return subprocess.run([str(TOOLS / "llamacpp-env.sh")], capture_output=True, text=True, check=True).stdout.strip()
 
 
