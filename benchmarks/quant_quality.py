@@ -51,11 +51,15 @@ def run(cmd: list[str], label: str, timeout: int = 3600) -> tuple[str, float, in
 
 def timed(cmd: list[str], label: str) -> tuple[float, int]:
     """Seconds and peak RSS (KB) of a child process, measured by os.wait4."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    import tempfile
+
+    with tempfile.TemporaryFile() as errf:  # a file, not a pipe: a chatty child must never block on stderr
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=errf)
+        _, status, usage = os.wait4(proc.pid, 0)
+        dt = time.perf_counter() - t0
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{label} failed: {err.strip()[-2000:]}")
     return dt, usage.ru_maxrss
