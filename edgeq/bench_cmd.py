@@ -20,8 +20,9 @@ def add_arguments(p):
     p.add_argument("-t", "--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--text", default=None, help="text whose first tokens form the prompt (default: Hamlet)")
-    from edgeq.cli_common import add_cache_args
+    from edgeq.cli_common import add_cache_args, add_device_arg
 
+    add_device_arg(p)
     add_cache_args(p)
     p.add_argument("--json", action="store_true", help="one JSON line per thread count")
 
@@ -31,6 +32,8 @@ def _rss_mb() -> float:
 
 
 def bench_one(model, prompt: list[int], n_gen: int) -> dict:
+    # every step ends with the logits on the host (the CUDA path copies them back), so the timings
+    # include all device work
     model.logits(prompt[:32])                 # warm-up: touches the weights, compiles what is missing
     model.reset()
     t = time.perf_counter()
@@ -47,6 +50,7 @@ def bench_one(model, prompt: list[int], n_gen: int) -> dict:
 
 
 def main(a) -> int:
+    from edgeq.cli_common import note_device
     from edgeq.engine import load
     from edgeq.errors import EdgeqError
 
@@ -68,19 +72,23 @@ def main(a) -> int:
     for n_threads in threads:
         t = time.perf_counter()
         model = load(a.model, n_ctx=a.ctx, threads=n_threads, cache_type_k=a.cache_type_k,
-                      cache_type_v=a.cache_type_v)
+                     cache_type_v=a.cache_type_v, device=a.device)
         load_s = time.perf_counter() - t
+        if not rows:
+            note_device(model, a.device)
         prompt = model.tokenizer.encode(text[:20000], add_special=True, parse_special=False)[: a.prompt_tokens]
         if len(prompt) < a.prompt_tokens:
             raise EdgeqError(f"text too short for a {a.prompt_tokens}-token prompt")
         r = bench_one(model, prompt, a.gen_tokens)
-        r.update(model=model.path.name, threads=n_threads, load_s=load_s, peak_rss_mb=_rss_mb(),
+        r.update(model=model.path.name, device=model.device, device_name=model.device_name, threads=n_threads,
+                 load_s=load_s, peak_rss_mb=_rss_mb(),
                  kv_cache_mb=model.cache.nbytes / 2**20, n_ctx=a.ctx, pp=a.prompt_tokens, tg=a.gen_tokens)
         rows.append(r)
         if a.json:
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
         del model
     if not a.json:
+        print(f"device: {rows[0]['device_name']}")
         print(f"{'model':<36} {'threads':>7} {'pp' + str(a.prompt_tokens) + ' t/s':>12} {'tg' + str(a.gen_tokens) + ' t/s':>12}"
               f" {'load s':>7} {'peak RSS MB':>12}")
         for r in rows:

@@ -12,6 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"GGUF file, local model or catalog name (default: {assets.DEFAULT_MODEL})")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(trained, 4096))")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    from edgeq.cli_common import add_device_arg
+
+    add_device_arg(p)
     p.add_argument("--temp", type=float, default=None, help="temperature for new chats (default 0.7)")
     p.add_argument("--top-p", type=float, default=None, help="top-p for new chats (default 0.95)")
     p.add_argument("--max-tokens", type=int, default=None, help="reply length limit for new chats (default 512)")
@@ -28,7 +31,12 @@ def main(args: argparse.Namespace) -> int:
 
         report = (lambda line: print(line, file=sys.stderr)) if verbose else None
         path = assets.resolve_model(ref, quiet=not verbose, report=report)
-        return load(path, n_ctx=args.ctx, threads=args.threads)
+        model = load(path, n_ctx=args.ctx, threads=args.threads, device=args.device)
+        if verbose:
+            from edgeq.cli_common import note_device
+
+            note_device(model, args.device)
+        return model
 
     # everything that can fail before the UI starts fails here, as one line
     try:

@@ -12,7 +12,27 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> 
         p.add_argument("model", help="GGUF file or catalog name (e.g. smollm2-135m-instruct)")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(trained, 4096))")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
+    add_device_arg(p)
     add_cache_args(p)
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs: auto (a CUDA GPU if numba-cuda finds one, else the CPU), cpu, cuda")
+
+
+def note_device(model, requested: str) -> None:
+    """One line on stderr when --device auto fell back to the CPU (the library itself prints nothing)."""
+    if requested == "auto" and model.device == "cpu":
+        from edgeq.gpu_kernels import device as gpu
+
+        if not gpu.installed():
+            why = "no CUDA device (numba-cuda not installed)"
+        elif gpu.gpu_present():
+            why = "the CUDA path has no quantized KV cache (-ctk/-ctv)"
+        else:
+            why = "no CUDA device (no GPU found)"
+        print(f"note: {why}; running on the CPU", file=sys.stderr)
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +63,10 @@ def load_model(a: argparse.Namespace):
         from edgeq.errors import EdgeqError
 
         raise EdgeqError("--threads must be >= 1")
-    return load(a.model, n_ctx=a.ctx, threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
+    model = load(a.model, n_ctx=a.ctx, threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+                 device=a.device)
+    note_device(model, a.device)
+    return model
 
 
 def progress(i: int, n: int, label: str, t0: float) -> None:

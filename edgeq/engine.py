@@ -18,6 +18,7 @@ from edgeq.errors import ContextError, EdgeqError, ModelError
 from edgeq.sampling import Sampler, SamplingParams
 
 N_BATCH = 512  # tokens per forward call during prefill
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_model(path_or_name: str | os.PathLike) -> Path:
@@ -42,11 +43,48 @@ def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+def cpu_name() -> str:
+    """The processor's name where the system says it (Linux /proc/cpuinfo), else "CPU"."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "CPU: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"CPU: {platform.processor()}" if platform.processor() else "CPU"
+
+
+def select_device(device: str = "auto", cache_type_k: str | None = None, cache_type_v: str | None = None) -> str:
+    """The device ("cpu" or "cuda") a requested one resolves to.
+
+    "auto": a real GPU when numba-cuda finds one (never the simulator), unless a quantized KV cache was
+    asked for (the CUDA cache is float32). "cuda": an EdgeqError when there is nothing to run on; numba-cuda's
+    simulator is accepted (tests)."""
+    if device not in DEVICES:
+        raise EdgeqError(f"unknown device {device!r} (choose {', '.join(DEVICES)})")
+    if device == "cpu":
+        return "cpu"
+    from edgeq.gpu_kernels import device as gpu
+
+    quantized_cache = any(t not in (None, "f32") for t in (cache_type_k, cache_type_v))
+    if device == "auto":
+        return "cuda" if not quantized_cache and gpu.gpu_present() else "cpu"
+    if not gpu.available():
+        raise EdgeqError(f"device cuda is not available ({gpu.unavailable_reason()})")
+    if quantized_cache:
+        raise EdgeqError("the CUDA path keeps a float32 KV cache: drop --cache-type-k/-v (or use f32), "
+                         "or run on the CPU")
+    return "cuda"
+
+
 class Model:
     """A model loaded from one GGUF file: weights stay memory-mapped in their quantized blocks."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
-                 cache_type_k: str | None = None, cache_type_v: str | None = None):
+                 cache_type_k: str | None = None, cache_type_v: str | None = None, device: str = "cpu"):
         from edgeq.chat_template import ChatTemplate
         from edgeq.formats.gguf_file import GGUFFile
         from edgeq.kv_cache import make_kv_cache
@@ -54,6 +92,7 @@ class Model:
         from edgeq.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
+        self.device = select_device(device, cache_type_k, cache_type_v)  # before any slow work
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.arch = architecture(self.gguf.arch)
@@ -67,7 +106,22 @@ class Model:
         if n_ctx < 16 or n_ctx > self.cfg.n_ctx_train:
             raise ContextError(f"n_ctx {n_ctx} must be between 16 and the model's trained context {self.cfg.n_ctx_train}")
         self.n_ctx = n_ctx
-        self.cache = make_kv_cache(self.cfg.kv_layouts(), n_ctx, cache_type_k, cache_type_v, max_batch=N_BATCH)
+        self._gpu = None
+        if self.device == "cuda":
+            from edgeq.gpu_kernels import device as gpu
+            from edgeq.gpu_kernels.forward import CudaForward
+
+            try:
+                self._gpu = CudaForward(self.weights, self.cfg, n_ctx)   # weights uploaded once, f32 KV cache
+            except Exception as e:  # driver errors (out of device memory...) are one line, bugs still raise
+                if not type(e).__name__.startswith("Cuda"):
+                    raise
+                raise EdgeqError(f"CUDA: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            self.cache = self._gpu.cache
+            self.device_name = gpu.describe()
+        else:
+            self.cache = make_kv_cache(self.cfg.kv_layouts(), n_ctx, cache_type_k, cache_type_v, max_batch=N_BATCH)
+            self.device_name = cpu_name()
         self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
         self._lock = threading.Lock()
         self.last_stats: dict = {}
@@ -87,6 +141,7 @@ class Model:
             "n_ctx": self.n_ctx,
             "n_ctx_train": self.cfg.n_ctx_train,
             "has_chat_template": self.template is not None,
+            "device": self.device,
         }
 
     # ------------------------------------------------------------ evaluation
@@ -100,12 +155,17 @@ class Model:
         """Append `tokens` to the cache (in batches), returning logits of the last or of all of them."""
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise ContextError(f"context full: {len(self.tokens)} + {len(tokens)} tokens > n_ctx {self.n_ctx}")
+        if observer is not None and self._gpu is not None:
+            raise EdgeqError("collecting activations runs on the CPU only: load the model with device='cpu'")
         self._set_threads()
         outs = []
         for i in range(0, len(tokens), N_BATCH):
             chunk = np.asarray(tokens[i:i + N_BATCH], dtype=np.int64)
-            logits = self.arch.forward(self.weights, self.cfg, chunk, len(self.tokens), self.cache,
-                                       observer=observer, all_logits=all_logits)
+            if self._gpu is not None:
+                logits = self._gpu(chunk, len(self.tokens), all_logits=all_logits)
+            else:
+                logits = self.arch.forward(self.weights, self.cfg, chunk, len(self.tokens), self.cache,
+                                           observer=observer, all_logits=all_logits)
             self.tokens.extend(int(t) for t in chunk)
             outs.append(logits)
         return np.concatenate(outs) if all_logits else outs[-1][-1]
@@ -258,9 +318,12 @@ def _split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
 
 
 def load(path_or_name, n_ctx: int | None = None, threads: int | None = None, cache_type_k: str | None = None,
-         cache_type_v: str | None = None, **kwargs) -> Model:
-    """Load a model from a GGUF path or a catalog name. Cache types: None (the default), "f16", "q8", "q4"."""
+         cache_type_v: str | None = None, device: str = "cpu", **kwargs) -> Model:
+    """Load a model from a GGUF path or a catalog name. Cache types: None (the default), "f16", "q8", "q4".
+
+    device: "cpu" (the default), "cuda" (numba-cuda and a GPU; an EdgeqError otherwise) or "auto" (a GPU
+    when there is one, else the CPU). `model.device` says which was taken, `model.device_name` names it."""
     if kwargs:
         raise EdgeqError(f"unknown option(s): {', '.join(kwargs)}")
     return Model(resolve_model(path_or_name), n_ctx=n_ctx, threads=threads,
-                 cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+                 cache_type_k=cache_type_k, cache_type_v=cache_type_v, device=device)

@@ -15,6 +15,9 @@ def add_arguments(p):
     p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
     p.add_argument("-t", "--threads", type=int, default=None)
+    from edgeq.cli_common import add_device_arg
+
+    add_device_arg(p)
     p.add_argument("--save-logits", default=None, help="store the top log-probs of this run (reference for --kl-base)")
     p.add_argument("--kl-base", default=None, help="report KL-divergence and same-top-token %% against a saved run")
     from edgeq.cli_common import add_cache_args
@@ -34,14 +37,18 @@ def main(a) -> int:
         raise EdgeqError(f"{a.file} is not UTF-8 text")
     if a.ctx < 8:
         raise EdgeqError("--ctx must be at least 8")
+    from edgeq.cli_common import note_device
+
     model = load(a.model, n_ctx=max(a.ctx, 16), threads=a.threads,
-                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
+                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, device=a.device)
+    note_device(model, a.device)
     t0 = time.perf_counter()
     res = perplexity(model, text, a.ctx, a.chunks, a.save_logits, a.kl_base,
                      on_chunk=lambda i, n, p: progress(i, n, f"ppl {p:8.3f}", t0))
     if a.json:
         rec = {"ppl": res.ppl, "stderr": res.stderr, "tokens": res.tokens, "chunks": res.chunks,
-               "n_ctx": a.ctx, "seconds": round(res.seconds, 2), "model": str(model.path.name)}
+               "n_ctx": a.ctx, "seconds": round(res.seconds, 2), "model": str(model.path.name),
+               "device": model.device}
         if res.kl is not None:
             rec.update(kl=res.kl, kl_stderr=res.kl_stderr, same_top=res.same_top)
         print(json.dumps(rec))

@@ -1,11 +1,11 @@
 """CUDA matrix products over GGUF quantized weights, decoded inside the kernel.
 
 The weight stays on the device as the file's raw block bytes (uint8, one row after another), so a
-4-bit model takes 4-bit memory on the GPU too. Every kernel works in "units" of 32 weights: one
-Q8_0/Q4_0/Q4_1/Q5_0 block, or one 32-weight sub-block of a Q4_K/Q5_K/Q6_K super-block, or 32 F16
-values. One thread block computes one output (row, token): its threads take units in turn, each
-returns its 32-weight dot product, and a shared-memory tree sums the partials. The prefill product is
-the same kernel over a 2-D grid (row, token).
+4-bit model takes 4-bit memory on the GPU too (F32 weights stay float32 values). Every kernel works in
+"units" of 32 weights: one Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 block, or one 32-weight sub-block of a
+Q4_K/Q5_K/Q6_K super-block, or 32 F16/F32 values. One thread block computes one output (row, token):
+its threads take units in turn, each returns its 32-weight dot product, and a shared-memory tree sums
+the partials. The prefill product is the same kernel over a 2-D grid (row, token).
 
 Block layouts follow gguf-py's `gguf/quants.py` (the reference in tests/test_gpu_kernels.py).
 f16 scales are decoded from their bit pattern with integer arithmetic: no float16 loads, and the same
@@ -20,8 +20,8 @@ from .device import to_device
 
 UNIT = 32  # weights per unit of work
 QTYPE_BLOCKS = {  # qtype: (weights per block, bytes per block)
-    "F16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
-    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
+    "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
 DEFAULT_THREADS = 128  # per block; a power of two (the reduction halves it)
 
@@ -63,7 +63,19 @@ def _k_scale_min(w, sc_off, j):
 
 # ---------------------------------------------------------------- per-unit dot products
 # Each: (w raw bytes of all rows, base byte offset of the row, unit index u, x (T, n_in), token t, n_in)
-# -> float32 dot product of weights u*32 .. u*32+31 of the row with x[t].
+# -> float32 dot product of weights u*32 .. u*32+31 of the row with x[t]. (F32: w is float32 values and
+# base an element offset.)
+
+@cuda.jit(device=True)
+def _dot_f32(w, base, u, x, t, n_in):
+    s = float32(0.0)
+    e0 = u * 32
+    for i in range(32):
+        e = e0 + i
+        if e < n_in:
+            s += w[base + e] * x[t, e]
+    return s
+
 
 @cuda.jit(device=True)
 def _dot_f16(w, base, u, x, t, n_in):
@@ -133,6 +145,26 @@ def _dot_q5_0(w, base, u, x, t, n_in):
 
 
 @cuda.jit(device=True)
+def _dot_q5_1(w, base, u, x, t, n_in):
+    o = base + 24 * u
+    d = f16_to_f32(w[o], w[o + 1])
+    m = f16_to_f32(w[o + 2], w[o + 3])
+    qh = int32(w[o + 4]) | (int32(w[o + 5]) << 8) | (int32(w[o + 6]) << 16) | (int32(w[o + 7]) << 24)
+    e0 = u * 32
+    s = float32(0.0)
+    sx = float32(0.0)
+    for i in range(16):
+        b = int32(w[o + 8 + i])
+        lo = (b & 15) | (((qh >> i) & 1) << 4)
+        hi = (b >> 4) | (((qh >> (i + 16)) & 1) << 4)
+        xa = x[t, e0 + i]
+        xb = x[t, e0 + 16 + i]
+        s += float32(lo) * xa + float32(hi) * xb
+        sx += xa + xb
+    return d * s + m * sx
+
+
+@cuda.jit(device=True)
 def _dot_q4_k(w, base, u, x, t, n_in):
     sb = u // 8
     j = u - 8 * sb
@@ -199,22 +231,23 @@ def _dot_q6_k(w, base, u, x, t, n_in):
 
 
 _UNIT_DOTS = {
-    "F16": _dot_f16, "Q8_0": _dot_q8_0, "Q4_0": _dot_q4_0, "Q4_1": _dot_q4_1, "Q5_0": _dot_q5_0,
-    "Q4_K": _dot_q4_k, "Q5_K": _dot_q5_k, "Q6_K": _dot_q6_k,
+    "F32": _dot_f32, "F16": _dot_f16, "Q8_0": _dot_q8_0, "Q4_0": _dot_q4_0, "Q4_1": _dot_q4_1,
+    "Q5_0": _dot_q5_0, "Q5_1": _dot_q5_1, "Q4_K": _dot_q4_k, "Q5_K": _dot_q5_k, "Q6_K": _dot_q6_k,
 }
 
 
 # ---------------------------------------------------------------- the kernel
 def _make_kernel(unit_dot, threads):
-    """out[t, row] = W[row] . x[t]; grid (n_out, T), `threads` threads per block."""
+    """out[t, row] = W[row] . x[t]; grid (n_out, T), `threads` threads per block. `row_stride` is a row's
+    length in elements of w (bytes; F32: values)."""
 
     @cuda.jit
-    def kernel(w, row_bytes, x, n_in, out):
+    def kernel(w, row_stride, x, n_in, out):
         row = cuda.blockIdx.x
         t = cuda.blockIdx.y
         tid = cuda.threadIdx.x
         partial = cuda.shared.array(threads, float32)
-        base = row * row_bytes
+        base = row * row_stride
         acc = float32(0.0)
         for u in range(tid, (n_in + 31) // 32, threads):
             acc += unit_dot(w, base, u, x, t, n_in)
@@ -265,19 +298,23 @@ class CudaLinear:
         raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
         if raw.size != n_out * self.row_bytes:
             raise ValueError(f"CudaLinear: {raw.size} bytes for {qtype} {shape}, expected {n_out * self.row_bytes}")
+        if qtype == "F32":  # the kernel reads float32 values: the row stride is counted in them
+            raw, self.row_stride = raw.view(np.float32), n_in
+        else:
+            self.row_stride = self.row_bytes
         self.d_w = to_device(raw)  # uploaded once
         self._kernel = matmul_kernel(qtype, threads)
 
     @property
     def nbytes(self) -> int:
-        return int(self.d_w.size)
+        return int(self.d_w.size) * self.d_w.dtype.itemsize
 
     def matmul(self, d_X, d_out, stream=0):
         T, n_in = d_X.shape
         n_out = self.shape[0]
         if n_in != self.shape[1] or tuple(d_out.shape) != (T, n_out):
             raise ValueError(f"CudaLinear.matmul: X {tuple(d_X.shape)} / out {tuple(d_out.shape)} vs weight {self.shape}")
-        self._kernel[(n_out, T), self.threads, stream](self.d_w, self.row_bytes, d_X, n_in, d_out)
+        self._kernel[(n_out, T), self.threads, stream](self.d_w, self.row_stride, d_X, n_in, d_out)
         return d_out
 
     def matvec(self, d_x, d_out, stream=0):

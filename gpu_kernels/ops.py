@@ -21,6 +21,11 @@ def _check_threads(threads):
         raise ValueError(f"threads must be a power of two in 1..1024, got {threads}")
 
 
+def _blocks(n, threads):
+    """Blocks for a grid-stride loop over n elements (at most 1024: the loop covers the rest)."""
+    return max(1, min((n + threads - 1) // threads, 1024))
+
+
 def _cached(make):
     """Build one kernel per block size: shared-memory sizes are compile-time constants."""
     kernels = {}
@@ -235,9 +240,7 @@ def _gelu_mul_kernel(g, u, out):
 def _gated(kernel, d_g, d_u, d_out, threads, stream):
     if tuple(d_g.shape) != tuple(d_u.shape) or tuple(d_out.shape) != tuple(d_g.shape) or d_g.ndim != 2:
         raise ValueError("gate, up and out must be (rows, n) arrays of one shape")
-    n = d_g.shape[0] * d_g.shape[1]
-    blocks = max(1, min((n + threads - 1) // threads, 1024))
-    kernel[blocks, threads, stream](d_g, d_u, d_out)
+    kernel[_blocks(d_g.shape[0] * d_g.shape[1], threads), threads, stream](d_g, d_u, d_out)
     return d_out
 
 
@@ -249,3 +252,62 @@ def silu_mul(d_g, d_u, d_out, threads: int = DEFAULT_THREADS, stream=0):
 def gelu_mul(d_g, d_u, d_out, threads: int = DEFAULT_THREADS, stream=0):
     """GeGLU: d_out = gelu_tanh(d_g) * d_u, all (rows, n). d_out may be d_g."""
     return _gated(_gelu_mul_kernel, d_g, d_u, d_out, threads, stream)
+
+
+# ---------------------------------------------------------------- elementwise helpers of the forward pass
+@cuda.jit
+def _add_kernel(x, y):
+    rows, n = x.shape
+    for k in range(cuda.grid(1), rows * n, cuda.gridsize(1)):
+        r = k // n
+        i = k - r * n
+        x[r, i] += y[r, i]
+
+
+@cuda.jit
+def _add_bias_kernel(x, b):
+    rows, n = x.shape
+    for k in range(cuda.grid(1), rows * n, cuda.gridsize(1)):
+        r = k // n
+        i = k - r * n
+        x[r, i] += b[i]
+
+
+def add(d_x, d_y, threads: int = DEFAULT_THREADS, stream=0):
+    """Residual add in place: d_x += d_y, both (rows, n). Returns d_x."""
+    if d_x.ndim != 2 or tuple(d_x.shape) != tuple(d_y.shape):
+        raise ValueError(f"add: x {tuple(d_x.shape)} and y {tuple(d_y.shape)} must be equal (rows, n) shapes")
+    _check_threads(threads)
+    _add_kernel[_blocks(d_x.shape[0] * d_x.shape[1], threads), threads, stream](d_x, d_y)
+    return d_x
+
+
+def add_bias(d_x, d_b, threads: int = DEFAULT_THREADS, stream=0):
+    """d_x (rows, n) += d_b (n,) on every row, in place (the bias of a linear layer). Returns d_x."""
+    if d_x.ndim != 2 or d_b.ndim != 1 or d_b.shape[0] != d_x.shape[1]:
+        raise ValueError(f"add_bias: x {tuple(d_x.shape)}, bias {tuple(d_b.shape)}")
+    _check_threads(threads)
+    _add_bias_kernel[_blocks(d_x.shape[0] * d_x.shape[1], threads), threads, stream](d_x, d_b)
+    return d_x
+
+
+@cuda.jit
+def _store_kv_kernel(x, cache, pos0):
+    # x (T, H_kv, D) -> cache[h, pos0 + t, :]; grid (T, H_kv), threads over D.
+    t = cuda.blockIdx.x
+    h = cuda.blockIdx.y
+    for d in range(cuda.threadIdx.x, x.shape[2], cuda.blockDim.x):
+        cache[h, pos0 + t, d] = x[t, h, d]
+
+
+def store_kv(d_x, d_cache, pos0: int, threads: int = DEFAULT_THREADS, stream=0):
+    """Write the keys (or values) d_x (T, H_kv, D) of positions pos0.. into d_cache (H_kv, ctx, D)."""
+    T, H, D = d_x.shape
+    n_kv, ctx, dc = d_cache.shape
+    if n_kv != H or dc != D:
+        raise ValueError(f"store_kv: x {tuple(d_x.shape)} does not match the cache {tuple(d_cache.shape)}")
+    if pos0 < 0 or pos0 + T > ctx:
+        raise ValueError(f"store_kv: positions {pos0}..{pos0 + T} outside the cache ({ctx})")
+    _check_threads(threads)
+    _store_kv_kernel[(T, H), threads, stream](d_x, d_cache, int(pos0))
+    return d_cache

@@ -3,7 +3,7 @@
 The simulator runs the kernels as Python, so it cannot catch what only the CUDA target rejects
 (typing, unsupported functions, float64 slipping into the arithmetic). This check runs the real
 compiler (NVVM, from the `nvidia-nvvm` wheel that `numba-cuda[cu12]`/`[cu13]` installs) for a chosen
-compute capability. Exit 0: all compiled; 2: no NVVM here (nothing checked); 1: a kernel failed.
+compute capability. Exit 0: all compiled; 2: no NVVM/NVRTC here (nothing checked); 1: a kernel failed.
 """
 from __future__ import annotations
 
@@ -22,12 +22,16 @@ def _signatures():
     f2, f3 = numba.float32[:, ::1], numba.float32[:, :, ::1]
     i64, f32 = numba.int64, numba.float32
     for qtype in linear.QTYPE_BLOCKS:
-        yield f"matmul {qtype}", linear.matmul_kernel(qtype), (u8, i64, f2, i64, f2)
+        w = f1 if qtype == "F32" else u8  # F32 weights are uploaded as float32 values
+        yield f"matmul {qtype}", linear.matmul_kernel(qtype), (w, i64, f2, i64, f2)
     yield "rmsnorm", ops._rmsnorm(ops.DEFAULT_THREADS), (f2, f1, f32, f2)
     yield "rope", ops._rope_kernel, (f3, numba.int32[::1], f1, numba.boolean)
     yield "attention", ops._attention(ops.DEFAULT_THREADS), (f3, f3, f3, i64, f32, i64, f3)
     yield "silu_mul", ops._silu_mul_kernel, (f2, f2, f2)
     yield "gelu_mul", ops._gelu_mul_kernel, (f2, f2, f2)
+    yield "add", ops._add_kernel, (f2, f2)
+    yield "add_bias", ops._add_bias_kernel, (f2, f1)
+    yield "store_kv", ops._store_kv_kernel, (f3, f3, i64)
 
 
 def main(argv=None) -> int:
@@ -51,8 +55,9 @@ def main(argv=None) -> int:
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
         except Exception as e:  # report every kernel, not just the first failure
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "NVVM" in msg or "libnvvm" in msg.lower():
-                print(f"ptx_check: NVVM not found ({msg}); install numba-cuda[cu12] or [cu13]", file=sys.stderr)
+            if "NVVM" in msg or "libnvvm" in msg.lower() or "libnvrtc" in msg.lower():
+                print(f"ptx_check: CUDA toolkit libraries not found ({msg}); install numba-cuda[cu12] or [cu13]",
+                      file=sys.stderr)
                 return 2
             print(f"FAIL {name}: {msg}")
             failed += 1

@@ -50,15 +50,17 @@ needs_device = pytest.mark.skipif(not device.available(), reason="numba.cuda was
                                   "simulator and there is no GPU (see test_in_simulator_subprocess)")
 T = 16  # threads per block in the simulator: small keeps it fast, >1 exercises the reductions
 
-F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+              "Q6_K": [208]}
 
 
 def random_raw(rng, qtype, n_out, n_in):
     """Random block bytes (every bit pattern of the quants) with sane f16 scales in the scale fields."""
     from edgeq.gpu_kernels.linear import QTYPE_BLOCKS
 
-    if qtype == "F16":
-        return rng.standard_normal((n_out, n_in)).astype(np.float16).view(np.uint8)
+    if qtype in ("F16", "F32"):
+        dtype = np.float16 if qtype == "F16" else np.float32
+        return rng.standard_normal((n_out, n_in)).astype(dtype).view(np.uint8)
     bs, bb = QTYPE_BLOCKS[qtype]
     raw = rng.integers(0, 256, (n_out, n_in // bs, bb), dtype=np.uint8)
     for off in F16_FIELDS[qtype]:
@@ -75,8 +77,8 @@ def dequant_ref(raw, qtype, shape):
 
 # ---------------------------------------------------------------- matrix products
 @needs_device
-@pytest.mark.parametrize("qtype,n_in", [("F16", 45), ("Q8_0", 96), ("Q4_0", 96), ("Q4_1", 64), ("Q5_0", 96),
-                                        ("Q4_K", 512), ("Q5_K", 256), ("Q6_K", 512)])
+@pytest.mark.parametrize("qtype,n_in", [("F32", 45), ("F16", 45), ("Q8_0", 96), ("Q4_0", 96), ("Q4_1", 64),
+                                        ("Q5_0", 96), ("Q5_1", 64), ("Q4_K", 512), ("Q5_K", 256), ("Q6_K", 512)])
 def test_matmul_matches_gguf_dequantize(qtype, n_in):
     from edgeq.gpu_kernels.linear import CudaLinear
 
@@ -219,6 +221,27 @@ def test_silu_and_gelu_mul():
         np.testing.assert_allclose(d_out.copy_to_host(), cpu_fn(g, u), rtol=1e-5, atol=1e-6)
 
 
+@needs_device
+def test_add_add_bias_and_store_kv():
+    from edgeq.gpu_kernels import ops
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 37)).astype(np.float32)
+    y = rng.standard_normal((3, 37)).astype(np.float32)
+    b = rng.standard_normal(37).astype(np.float32)
+    d_x = device.to_device(x)
+    ops.add(d_x, device.to_device(y), threads=T)
+    np.testing.assert_array_equal(d_x.copy_to_host(), x + y)
+    ops.add_bias(d_x, device.to_device(b), threads=T)
+    np.testing.assert_array_equal(d_x.copy_to_host(), x + y + b)
+    k = rng.standard_normal((2, 3, 5)).astype(np.float32)  # (T, H_kv, D) at positions 4, 5
+    cache = np.zeros((3, 8, 5), np.float32)
+    d_cache = device.to_device(cache)
+    ops.store_kv(device.to_device(k), d_cache, 4, threads=4)
+    cache[:, 4:6] = k.transpose(1, 0, 2)
+    np.testing.assert_array_equal(d_cache.copy_to_host(), cache)
+
+
 def test_ops_reject_bad_shapes():
     from edgeq.gpu_kernels import ops
 
@@ -227,6 +250,12 @@ def test_ops_reject_bad_shapes():
     with pytest.raises(ValueError, match="outside the cache"):
         z = np.zeros((2, 2, 4), np.float32)
         ops.attention(z, np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32), 1, 1.0, z)
+    with pytest.raises(ValueError, match="outside the cache"):
+        ops.store_kv(np.zeros((2, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32), 1)
+    with pytest.raises(ValueError):
+        ops.add_bias(np.zeros((2, 4), np.float32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError):
+        ops.add(np.zeros((2, 4), np.float32), np.zeros((4, 2), np.float32))
 
 
 # ---------------------------------------------------------------- when this process cannot simulate

@@ -1,0 +1,223 @@
+"""The forward pass on a CUDA device, for every architecture in models/ (Llama, Qwen2, Gemma 3).
+
+Built from the CPU-loaded `Weights`/`Config` of a model:
+
+    fwd = CudaForward(weights, cfg, n_ctx)      # uploads every weight once
+    logits = fwd(tokens, pos0, all_logits)      # same contract as models.<arch>.forward, minus the cache
+
+Weight matrices go to the device once, in their quantized GGUF form (`CudaLinear`); norm vectors, biases
+and RoPE frequencies as float32. Types without a CUDA kernel (Q2_K, Q3_K, BF16, IQ*...) are dequantized
+at upload, to F16 (or F32 where a value would overflow F16): they then take 2 (4) bytes per weight on the
+device. Activations stay on the device for the whole pass; the token embedding is looked up on the host
+(the same `embed_rows` as the CPU) and uploaded, and only the logits come back.
+
+The KV cache (`CudaKVCache`) is float32, positional and holds all n_ctx positions of every layer, sliding
+window layers included (attention reads only the window): any prefix can be rewound to, so the engine
+truncates its token list and nothing else. The layer sequence mirrors models/llama.py and
+models/gemma3.py step for step; `_Plan` names what differs between them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeq.formats.quants import dequantize
+
+from . import ops
+from .device import device_empty, to_device
+from .linear import DEFAULT_THREADS, QTYPE_BLOCKS, CudaLinear
+
+F16_MAX = 65504.0
+BLOCK_THREADS = DEFAULT_THREADS  # threads per block of every kernel (tests lower it for the simulator)
+
+
+def upload_matrix(raw: np.ndarray, qtype: str, shape: tuple[int, int], threads: int) -> CudaLinear:
+    """A weight matrix on the device: as is when a kernel decodes its type, else dequantized at upload."""
+    if qtype not in QTYPE_BLOCKS:
+        w = dequantize(raw, qtype, shape)
+        if np.abs(w).max(initial=0.0) <= F16_MAX:
+            raw, qtype = w.astype(np.float16).view(np.uint8), "F16"
+        else:
+            raw, qtype = w.view(np.uint8), "F32"
+    return CudaLinear(raw, qtype, shape, threads=threads)
+
+
+class DeviceLinear:
+    """`models.base.Linear` on the device: y = x W^T (+ b)."""
+
+    def __init__(self, lin, threads: int):
+        self.name = lin.name
+        self.source_qtype = lin.q.qtype
+        self.w = upload_matrix(lin.q.raw, lin.q.qtype, (lin.n_out, lin.n_in), threads)
+        self.bias = None if lin.bias is None else to_device(np.asarray(lin.bias, np.float32))
+        self.n_out, self.n_in = lin.n_out, lin.n_in
+        self.threads = threads
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + (0 if self.bias is None else 4 * self.n_out)
+
+    def __call__(self, d_x, d_out):
+        self.w.matmul(d_x, d_out)
+        if self.bias is not None:
+            ops.add_bias(d_out, self.bias, threads=self.threads)
+        return d_out
+
+
+class CudaKVCache:
+    """Float32 keys and values (n_kv_heads, n_ctx, head_dim) per layer, indexed by position."""
+
+    def __init__(self, layouts, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.windows = [lay.window for lay in layouts]
+        self.k = [device_empty((lay.n_kv_heads, n_ctx, lay.head_dim)) for lay in layouts]
+        self.v = [device_empty((lay.n_kv_heads, n_ctx, lay.head_dim)) for lay in layouts]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(4 * int(np.prod(a.shape)) for a in self.k + self.v)
+
+    def can_rewind_to(self, pos: int) -> bool:
+        return 0 <= pos <= self.n_ctx  # every position is kept, window layers too
+
+
+@dataclass
+class _Layer:
+    attn_norm: object
+    wq: DeviceLinear
+    wk: DeviceLinear
+    wv: DeviceLinear
+    wo: DeviceLinear
+    ffn_norm: object
+    w_gate: DeviceLinear
+    w_up: DeviceLinear
+    w_down: DeviceLinear
+    inv_freq: object             # RoPE frequencies of this layer (device)
+    q_norm: object = None        # Gemma 3: RMSNorm of each head of q and k
+    k_norm: object = None
+    post_attn_norm: object = None  # Gemma 3: RMSNorm of the attention / FFN output before the residual
+    post_ffn_norm: object = None
+
+
+@dataclass
+class _Plan:
+    """What differs between the architectures' layer sequences."""
+
+    embed_scale: float  # Gemma 3: sqrt(n_embd)
+    neox: bool          # RoPE pairing
+    gelu: bool          # GeGLU (Gemma 3) instead of SwiGLU
+
+
+class CudaForward:
+    """One model's weights on the device, its KV cache, and the forward pass over them."""
+
+    def __init__(self, weights, cfg, n_ctx: int, threads: int | None = None):
+        from edgeq.models import gemma3
+
+        self.cfg, self.n_ctx, self.threads = cfg, n_ctx, threads or BLOCK_THREADS
+        self.embed = weights.tok_embd          # host lookup (quantized rows, decoded on the CPU)
+        up = self._upload
+        vec = self._vector
+        gemma = isinstance(weights, gemma3.Weights)
+        if gemma:
+            self.plan = _Plan(math.sqrt(cfg.n_embd), True, True)
+            freqs = {True: vec(weights.inv_freq_local), False: vec(weights.inv_freq_global)}
+        else:
+            self.plan = _Plan(1.0, bool(cfg.rope_neox), False)
+            inv_freq = vec(weights.inv_freq)
+        self.layers = []
+        for il, L in enumerate(weights.layers):
+            layer = _Layer(vec(L.attn_norm), up(L.wq), up(L.wk), up(L.wv), up(L.wo), vec(L.ffn_norm),
+                           up(L.w_gate), up(L.w_up), up(L.w_down),
+                           freqs[cfg.is_local(il)] if gemma else inv_freq)
+            if gemma:
+                layer.q_norm, layer.k_norm = vec(L.q_norm), vec(L.k_norm)
+                layer.post_attn_norm, layer.post_ffn_norm = vec(L.post_attn_norm), vec(L.post_ffn_norm)
+            self.layers.append(layer)
+        self.output_norm = vec(weights.output_norm)
+        self.output = up(weights.output)
+        self.cache = CudaKVCache(cfg.kv_layouts(), n_ctx)
+        self._bufs: dict = {}
+
+    def _upload(self, lin) -> DeviceLinear:
+        return DeviceLinear(lin, self.threads)
+
+    @staticmethod
+    def _vector(a):
+        return to_device(np.asarray(a, dtype=np.float32))
+
+    @property
+    def weight_nbytes(self) -> int:
+        mats = [m for L in self.layers for m in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
+        return sum(m.nbytes for m in mats) + self.output.nbytes
+
+    @property
+    def fallback_types(self) -> set[str]:
+        """Source types of the matrices that were dequantized at upload (no kernel for them)."""
+        mats = [m for L in self.layers for m in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
+        return {m.source_qtype for m in mats + [self.output] if m.source_qtype not in QTYPE_BLOCKS}
+
+    def _buf(self, name: str, rows: int, *shape):
+        """Scratch (rows, *shape) float32, reused across calls; grown when more rows are needed."""
+        b = self._bufs.get(name)
+        if b is None or b.shape[0] < rows:
+            b = self._bufs[name] = device_empty((rows,) + shape)
+        return b[:rows]
+
+    def __call__(self, tokens: np.ndarray, pos0: int, all_logits: bool = False) -> np.ndarray:
+        """Logits (T, n_vocab) of `tokens` at positions pos0.. if all_logits, else (1, n_vocab) of the last;
+        their keys/values are written into the cache (positions >= pos0 are overwritten)."""
+        cfg, plan, nt = self.cfg, self.plan, self.threads
+        T = len(tokens)
+        if T == 0 or pos0 < 0 or pos0 + T > self.n_ctx:
+            raise ValueError(f"CudaForward: positions {pos0}..{pos0 + T} outside 0..{self.n_ctx}")
+        H, H_kv, hd, d, eps = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_embd, cfg.rms_eps
+        scale = 1.0 / math.sqrt(hd)
+        x = self.embed(np.asarray(tokens))
+        if plan.embed_scale != 1.0:
+            x = x * np.float32(plan.embed_scale)
+        d_x = to_device(x)                                                # (T, d) residual stream
+        d_pos = to_device(np.arange(pos0, pos0 + T, dtype=np.int32))
+        h = self._buf("h", T, d)
+        q2, k2, v2 = self._buf("q", T, H * hd), self._buf("k", T, H_kv * hd), self._buf("v", T, H_kv * hd)
+        q, k, v = q2.reshape(T, H, hd), k2.reshape(T, H_kv, hd), v2.reshape(T, H_kv, hd)
+        a = self._buf("a", T, H, hd)
+        o = self._buf("o", T, d)
+        g, u = self._buf("g", T, cfg.n_ff), self._buf("u", T, cfg.n_ff)
+        for il, L in enumerate(self.layers):
+            # attention
+            ops.rmsnorm(d_x, L.attn_norm, eps, h, threads=nt)
+            L.wq(h, q2)
+            L.wk(h, k2)
+            L.wv(h, v2)
+            if L.q_norm is not None:
+                ops.rmsnorm(q2.reshape(T * H, hd), L.q_norm, eps, q2.reshape(T * H, hd), threads=nt)
+                ops.rmsnorm(k2.reshape(T * H_kv, hd), L.k_norm, eps, k2.reshape(T * H_kv, hd), threads=nt)
+            ops.rope(q, d_pos, L.inv_freq, plan.neox, threads=nt)
+            ops.rope(k, d_pos, L.inv_freq, plan.neox, threads=nt)
+            ops.store_kv(k, self.cache.k[il], pos0, threads=nt)
+            ops.store_kv(v, self.cache.v[il], pos0, threads=nt)
+            ops.attention(q, self.cache.k[il], self.cache.v[il], pos0, scale, a, window=self.cache.windows[il],
+                          threads=nt)
+            L.wo(a.reshape(T, H * hd), o)
+            if L.post_attn_norm is not None:
+                ops.rmsnorm(o, L.post_attn_norm, eps, o, threads=nt)
+            ops.add(d_x, o, threads=nt)
+            # feed-forward
+            ops.rmsnorm(d_x, L.ffn_norm, eps, h, threads=nt)
+            L.w_gate(h, g)
+            L.w_up(h, u)
+            (ops.gelu_mul if plan.gelu else ops.silu_mul)(g, u, g, threads=nt)
+            L.w_down(g, o)
+            if L.post_ffn_norm is not None:
+                ops.rmsnorm(o, L.post_ffn_norm, eps, o, threads=nt)
+            ops.add(d_x, o, threads=nt)
+        rows = T if all_logits else 1
+        xs = d_x if all_logits else d_x[T - 1:]
+        hn = h[:rows]
+        ops.rmsnorm(xs, self.output_norm, eps, hn, threads=nt)
+        logits = self._buf("logits", rows, cfg.n_vocab)
+        self.output(hn, logits)
+        return logits.copy_to_host()

@@ -1,0 +1,254 @@
+"""The CUDA forward pass (gpu_kernels/forward.py) against the CPU one, on tiny random GGUF models.
+
+Same simulator arrangement as tests/test_gpu_kernels.py (see its docstring): numba.cuda is imported here
+with NUMBA_ENABLE_CUDASIM=1 unless something imported it earlier, in which case, without a GPU, the
+simulator tests skip and `test_in_simulator_subprocess` reruns this file in a fresh process.
+EDGEQ_CUDA_TESTS=gpu runs them on the real GPU. Models are tiny (n_embd 32, 2 layers, vocab 64) and the
+kernels use 2 threads per block: the simulator runs every CUDA thread as a Python thread.
+"""
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+_WANT_GPU = os.environ.get("EDGEQ_CUDA_TESTS") == "gpu"
+if "numba.cuda" not in sys.modules and not _WANT_GPU:
+    _saved = os.environ.get("NUMBA_ENABLE_CUDASIM")
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    try:
+        import numba.cuda  # noqa: F401  (reads the variable now, once)
+    except Exception:  # numba-cuda missing: device.available() says so below
+        pass
+    finally:
+        if _saved is None:
+            del os.environ["NUMBA_ENABLE_CUDASIM"]
+        else:
+            os.environ["NUMBA_ENABLE_CUDASIM"] = _saved
+
+from edgeq.gpu_kernels import device  # noqa: E402
+
+if device.cuda_module() is None:
+    pytest.skip("numba-cuda is not installed (pip install edgeq[cuda])", allow_module_level=True)
+
+needs_device = pytest.mark.skipif(not device.available(), reason="numba.cuda was imported without the "
+                                  "simulator and there is no GPU (see test_in_simulator_subprocess)")
+
+
+# ---------------------------------------------------------------- tiny models
+VOCAB = 64  # byte-level tokens for bytes 0..63: digits, space and punctuation
+IDS = [ord(c) for c in "1+2=3; 4"][:7]  # 5 prefilled, then 2 decoded
+
+
+def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n_embd=32, n_ff=32, n_layer=2,
+              n_head=2, seed=0):
+    """A random `arch` model (llama, qwen2 or gemma3) written with gguf-py: matrices in `qtype`, or in
+    types[short name] (e.g. {"attn_q": "Q4_0"}), a byte-level BPE vocabulary of 64 tokens, `n_head` query
+    heads sharing 1 KV head of 32 dims. Gemma 3: layer 0 has a 3-token sliding window, layer 1 is global."""
+    from edgeq.formats.quants import quantize
+    from edgeq.tokenizer import BYTE_TO_CHAR
+
+    rng = np.random.default_rng(seed)
+    n_kv, hd = 1, 32  # head_dim 32: the CPU KV cache works in blocks of 32
+    types = types or {}
+    gemma = arch == "gemma3"
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in [("embedding_length", n_embd), ("block_count", n_layer), ("feed_forward_length", n_ff),
+                 ("attention.head_count", n_head), ("attention.head_count_kv", n_kv), ("context_length", 64),
+                 ("attention.key_length", hd), ("attention.value_length", hd)]:
+        w.add_uint32(f"{arch}.{k}", v)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    if gemma:
+        w.add_uint32(f"{arch}.attention.sliding_window", 3)
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", 2)
+        w.add_float32(f"{arch}.rope.freq_base_swa", 100.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([BYTE_TO_CHAR[b] for b in range(VOCAB)])
+    w.add_token_types([1] * VOCAB)
+    w.add_eos_token_id(0)
+
+    def matrix(name, n_out, n_in, std=None):
+        x = (rng.standard_normal((n_out, n_in)) * (std or n_in ** -0.5)).astype(np.float32)
+        t = types.get(name.split(".")[-2], qtype)
+        w.add_tensor(name, quantize(x, t), raw_dtype=gguf.GGMLQuantizationType[t])
+
+    def vector(name, n, base=1.0):
+        w.add_tensor(name, (base + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    matrix("token_embd.weight", VOCAB, n_embd, std=1.0)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", n_embd)
+        matrix(p + "attn_q.weight", n_head * hd, n_embd)
+        matrix(p + "attn_k.weight", n_kv * hd, n_embd)
+        matrix(p + "attn_v.weight", n_kv * hd, n_embd)
+        matrix(p + "attn_output.weight", n_embd, n_head * hd)
+        vector(p + "ffn_norm.weight", n_embd)
+        matrix(p + "ffn_gate.weight", n_ff, n_embd)
+        matrix(p + "ffn_up.weight", n_ff, n_embd)
+        matrix(p + "ffn_down.weight", n_embd, n_ff)
+        if arch == "qwen2":
+            for t, n in (("attn_q", n_head * hd), ("attn_k", n_kv * hd), ("attn_v", n_kv * hd)):
+                vector(p + t + ".bias", n, base=0.0)
+        if gemma:
+            vector(p + "attn_q_norm.weight", hd)
+            vector(p + "attn_k_norm.weight", hd)
+            vector(p + "post_attention_norm.weight", n_embd)
+            vector(p + "post_ffw_norm.weight", n_embd)
+    vector("output_norm.weight", n_embd)
+    if not gemma:  # Gemma 3 ties the classifier to token_embd
+        matrix("output.weight", VOCAB, n_embd)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+MODELS = {  # name: (arch, default type, per-tensor types, other shape arguments)
+    # llama: Q8_0 with Q4_0 and Q5_1 matrices
+    "llama": ("llama", "Q8_0", {"attn_q": "Q4_0", "ffn_up": "Q4_0", "attn_output": "Q5_1"}, {"n_layer": 1}),
+    # qwen2 (q/k/v biases): 8 query heads, so that attn_output has rows of 256 and can be a K-quant
+    "qwen2": ("qwen2", "Q8_0", {"attn_output": "Q4_K", "attn_v": "Q4_1"}, {"n_head": 8, "n_layer": 1}),
+    # gemma3 (2 layers: window 3 < 7 tokens, then global): Q4_0, a Q5_0 matrix and a BF16 one (no kernel:
+    # F16 at upload)
+    "gemma3": ("gemma3", "Q4_0", {"attn_k": "BF16", "ffn_gate": "Q5_0"}, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def fast_simulator():
+    """In the simulator: kernels with 2 threads per block, and a short GIL switch interval (its block loop
+    polls its threads, which otherwise wait up to 5 ms for the GIL at every step)."""
+    from edgeq.gpu_kernels import forward
+
+    saved = forward.BLOCK_THREADS, sys.getswitchinterval()
+    if device.simulator():
+        forward.BLOCK_THREADS = 2
+        sys.setswitchinterval(1e-4)
+    yield
+    forward.BLOCK_THREADS = saved[0]
+    sys.setswitchinterval(saved[1])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, fast_simulator):
+    """name -> (CPU model with a float32 KV cache, CUDA model), loaded once per module."""
+    from edgeq.engine import Model
+
+    root = tmp_path_factory.mktemp("cuda_models")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            arch, qtype, types, shape = MODELS[name]
+            path = tiny_gguf(root / f"{name}.gguf", arch, qtype, types, **shape)
+            cache[name] = (Model(path, n_ctx=16, threads=1, cache_type_k="f32", cache_type_v="f32", device="cpu"),
+                           Model(path, n_ctx=16, device="cuda"))
+        return cache[name]
+
+    return get
+
+
+def _prefill_then_decode(model, ids, n_prefill):
+    model.reset()
+    rows = list(model._forward(ids[:n_prefill], all_logits=True))
+    rows += [model._forward([t]) for t in ids[n_prefill:]]
+    return np.stack(rows)
+
+
+def _rel_err(got, want):
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# ---------------------------------------------------------------- CUDA vs CPU
+@needs_device
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_match_cpu(models, name):
+    cpu, gpu = models(name)
+    assert (cpu.device, gpu.device) == ("cpu", "cuda") and gpu.info["device"] == "cuda"
+    got = _prefill_then_decode(gpu, IDS, 5)
+    # The CPU's 7-token prefill is float32 throughout (from 6 tokens its matrix products dequantize the
+    # weights) as the CUDA kernels are; its one-token decode quantizes activations to 8 bits, so it is
+    # compared more loosely.
+    want = cpu.logits(IDS)
+    assert _rel_err(got, want) < 1e-4, _rel_err(got, want)
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert _rel_err(got, _prefill_then_decode(cpu, IDS, 5)) < 3e-2
+    assert gpu._gpu.fallback_types == ({"BF16"} if name == "gemma3" else set())
+
+
+@needs_device
+def test_prefix_reuse_rewinds_the_device_cache(models):
+    """The engine keeps the common prefix and overwrites the rest: the positional CUDA cache follows."""
+    cpu, gpu = models("llama")
+    gpu._prefill(IDS)                     # (the cache may hold IDS already: then one token is evaluated)
+    other = IDS[:5] + [33, 63]
+    last = gpu._prefill(other)            # keeps 5 cached positions, evaluates 2 new tokens
+    assert gpu.tokens == other and gpu._n_evaluated == 2
+    assert _rel_err(last, cpu.logits(other)[-1]) < 1e-4
+
+
+@needs_device
+def test_generation_on_the_device(models):
+    cpu, gpu = models("gemma3")
+    kw = dict(max_tokens=3, temperature=0.0)
+    assert "".join(gpu.generate("1+1=", **kw)) == "".join(cpu.generate("1+1=", **kw))
+    assert gpu.cache.can_rewind_to(1)
+    assert gpu.cache.nbytes == 2 * 2 * (1 * 16 * 32 * 4)  # layers x (k, v) x (kv heads, n_ctx, head dim) f32
+
+
+@needs_device
+def test_quantized_cache_is_refused_on_cuda(tmp_path):
+    from edgeq.engine import Model
+    from edgeq.errors import EdgeqError
+
+    with pytest.raises(EdgeqError, match="float32 KV cache"):
+        Model(tmp_path / "not-read.gguf", device="cuda", cache_type_k="q8")
+
+
+def test_device_selection():
+    from edgeq.engine import select_device
+    from edgeq.errors import EdgeqError
+
+    assert select_device("cpu") == "cpu"
+    assert select_device("auto", cache_type_k="q4") == "cpu"
+    if device.simulator():
+        assert select_device("auto") == "cpu"  # auto never picks the simulator
+        assert select_device("cuda") == "cuda"
+    with pytest.raises(EdgeqError, match="unknown device"):
+        select_device("tpu")
+
+
+# ---------------------------------------------------------------- the CLI without a device
+def _cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_cli_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    path = tiny_gguf(tmp_path / "m.gguf", "llama", n_layer=1)
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "EDGEQ_CUDA_TESTS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # hides any real GPU from numba-cuda
+    p = _cli("run", path, "-p", "1+1", "-n", "2", "--device", "cuda", env=env)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgeq run: device cuda is not available"), p.stderr
+    p = _cli("run", path, "-p", "1+1", "-n", "2", "--temp", "0", "--device", "auto", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "running on the CPU" in p.stderr
+
+
+# ---------------------------------------------------------------- when this process cannot simulate
+@pytest.mark.skipif(device.available(), reason="the CUDA tests ran in this process")
+def test_in_simulator_subprocess():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    env.pop("EDGEQ_CUDA_TESTS", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
