@@ -20,7 +20,10 @@ MIXED = (
     "<|im_start|>user\nHi there<|im_end|>\n<start_of_turn>model\nSure<end_of_turn>\n<bos>x<eos>"
 )
 
-LLAMACPP_PYTHON = Path.home() / ".cache" / "edgeq-llamacpp" / "bin" / "python"
+LLAMACPP_PYTHON = next((p for p in (Path(os.environ.get("EDGEQ_LLAMACPP_PY", "/nonexistent")),
+                                    Path.home() / ".cache" / "edgeq-llamacpp-noamx" / "bin" / "python",
+                                    Path.home() / ".cache" / "edgeq-llamacpp" / "bin" / "python") if p.is_file()),
+                       Path.home() / ".cache" / "edgeq-llamacpp" / "bin" / "python")
 LLAMACPP_SCRIPT = """
 import json, sys
 from llama_cpp import Llama
