@@ -452,8 +452,15 @@ def quantize(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) ->
             raise ValueError("importance must be finite and non-negative")
     if rows == 0:
         return np.zeros((0, row_bytes(qtype, cols)), dtype=np.uint8)
+    out = np.empty((rows, row_bytes(qtype, cols)), dtype=np.uint8)
+    step = max(1, _QUANT_CHUNK_VALUES // cols)  # rows per pass: bounds the codecs' temporaries (rows are independent)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # IEEE semantics, as llama.cpp's C
-        return np.ascontiguousarray(q.quantize_rows(x, importance), dtype=np.uint8)
+        for r0 in range(0, rows, step):
+            out[r0:r0 + step] = q.quantize_rows(x[r0:r0 + step], importance)
+    return out
+
+
+_QUANT_CHUNK_VALUES = 1 << 22  # values per quantize pass (16 MB of float32)
 
 
 _DEQUANT_CHUNK = 1 << 15  # blocks per numpy pass: bounds the temporaries for large tables
