@@ -69,15 +69,21 @@ def first_token_s(model: str, threads: int) -> float:
     return dt
 
 
+_BANDWIDTH = """
+import time, numpy as np
+a = np.ones(64 * 2**20, dtype=np.float64)
+best = 1e9
+for _ in range(5):
+    t = time.perf_counter(); a.sum(); best = min(best, time.perf_counter() - t)
+print(a.nbytes / best / 1e9)
+"""
+
+
 def memory_bandwidth_gbs() -> float:
-    """Read bandwidth of this machine: summing a 512 MB array (one thread, numpy), best of 5."""
-    a = np.ones(64 * 2**20, dtype=np.float64)
-    best = 1e9
-    for _ in range(5):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
-    return a.nbytes / best / 1e9
+    """Read bandwidth of this machine: summing a 512 MB array (one thread, numpy), best of 5. In a child
+    process: a 512 MB array here would raise the ru_maxrss that every later child inherits on Linux."""
+    return float(subprocess.run([sys.executable, "-c", _BANDWIDTH], capture_output=True, text=True,
+                                check=True).stdout)
 
 
 def weight_bytes_per_token(path: str) -> int:

@@ -28,6 +28,15 @@ def add_arguments(p):
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process. VmHWM (Linux) belongs to this program's own memory map; ru_maxrss also
+    carries the high-water mark of the parent it was forked from, which inflates it under a driver script."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -52,7 +52,7 @@ class Sampler:
             return int(np.argmax(logits))
         # candidates sorted by logit, best first
         k = p.top_k if 0 < p.top_k < logits.shape[0] else logits.shape[0]
-        idx = np.argpartition(-logits, k - 1)[:k] if k < logits.shape[0] else np.arange(logits.shape[0])
+        idx = _top_k_indices(logits, k) if k < logits.shape[0] else np.arange(logits.shape[0])
         idx = idx[np.argsort(-logits[idx], kind="stable")]
         cand = logits[idx].astype(np.float64)
         probs = np.exp(cand - cand[0])
@@ -67,3 +67,19 @@ class Sampler:
         w = np.exp(scaled)
         w /= w.sum()
         return int(idx[self.rng.choice(len(idx), p=w)])
+
+
+_POOL = 64
+
+
+def _top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest logits (unordered). For large vocabularies a max-pooled prefilter first: k
+    pools have a maximum >= the k-th largest pool maximum m, so at least k logits are >= m, hence every
+    one of the top k is >= m too and survives the filter `logits >= m` (a few hundred candidates)."""
+    n = logits.shape[0]
+    if n % _POOL or n < 8 * _POOL * k:
+        return np.argpartition(-logits, k - 1)[:k]
+    pooled = logits.reshape(-1, _POOL).max(axis=1)
+    m = np.partition(pooled, pooled.size - k)[pooled.size - k]
+    cand = np.flatnonzero(logits >= m)
+    return cand[np.argpartition(-logits[cand], k - 1)[:k]]

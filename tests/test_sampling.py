@@ -51,3 +51,18 @@ def test_split_stop_holds_back_partial_matches():
     assert _split_stop("hello wor", ["world"]) == ("hello ", "wor", False)
     assert _split_stop("hello world!", ["world"]) == ("hello ", "", True)
     assert _split_stop("abc", []) == ("abc", "", False)
+
+
+def test_top_k_prefilter_equals_full_sort():
+    """The max-pooled top-k prefilter (large vocabularies) keeps exactly the k largest values, ties included."""
+    from edgeq.sampling import _top_k_indices
+
+    rng = np.random.default_rng(3)
+    for n, k in [(262144, 40), (49152, 40), (262144, 1), (65536, 100), (1000, 5)]:
+        for _ in range(5):
+            x = (rng.standard_normal(n) * rng.uniform(0.1, 10)).astype(np.float32)
+            if rng.random() < 0.5:
+                x = np.round(x)  # many ties
+            got = _top_k_indices(x, k)
+            assert len(got) == k and len(set(got.tolist())) == k
+            assert np.array_equal(np.sort(x[got]), np.sort(x)[-k:])
