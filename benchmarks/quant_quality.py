@@ -197,7 +197,8 @@ def write_report(results: list[dict], out_dir: Path, args) -> None:
     markers = {"edgeq": "o", "edgeq + imatrix": "s", "llama.cpp": "^"}
     for ax, res in zip(axes[0], results):
         for who, m in markers.items():
-            rows = [r for r in res["rows"] if r["quantizer"] == who and r.get("ppl_llamacpp") and r["type"] != "F16"]
+            rows = sorted((r for r in res["rows"] if r["quantizer"] == who and r.get("ppl_llamacpp") and r["type"] != "F16"),
+                          key=lambda r: r["bits_per_weight"])
             if rows:
                 ax.plot([r["bits_per_weight"] for r in rows], [r["ppl_llamacpp"] for r in rows], m + "-", label=who)
                 for r in rows:
