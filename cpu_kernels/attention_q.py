@@ -213,8 +213,12 @@ def _load_rows(kind, af, ah, ai8, au4, au8, asc, amn, pend, g, b0, j0, j1, nslot
                 buf[j, d] = cs[d] * np.float32((np.int32(au8[g, r, d]) >> sh) & np.int32(15)) + cm[d]
         return
     nbd = D // QBLOCK
-    buf4 = buf.reshape(QBLOCK, nbd, 2, QBLOCK // 2)  # [j, block, low/high half, i]
-    cs3 = cs.reshape(nbd, QBLOCK)
+    if D % QBLOCK == 0:
+        buf4 = buf.reshape(QBLOCK, nbd, 2, QBLOCK // 2)  # [j, block, low/high half, i]
+        cs3 = cs.reshape(nbd, QBLOCK)
+    else:  # only f32/f16 caches allow head_dim % 32 != 0, and they never use these views
+        buf4 = np.empty((0, 0, 2, 0), dtype=buf.dtype)
+        cs3 = np.empty((0, 0), dtype=cs.dtype)
     for j in range(j0, j1):
         s = (b0 + j) % nslots
         if kind == F32:

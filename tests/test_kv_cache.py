@@ -271,3 +271,27 @@ def test_batching_does_not_change_the_cache(t):
     for p in range(n):
         b.store(0, p, k[p:p + 1], v[p:p + 1])
     np.testing.assert_allclose(a.attend(0, q, n - 1, 0.125), b.attend(0, q, n - 1, 0.125), atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [16, 48])
+@pytest.mark.parametrize("ctype", ["f16", "f32"])
+def test_float_cache_head_dim_not_multiple_of_32(head_dim, ctype):
+    """f16/f32 caches accept any head_dim (the quantized ones need whole blocks of 32): causal attention
+    equals a numpy softmax reference."""
+    from edgeq.kv_cache import make_kv_cache
+    from edgeq.models.base import KVLayout
+
+    rng = np.random.default_rng(head_dim)
+    T, Hkv, H = 7, 2, 4
+    c = make_kv_cache([KVLayout(Hkv, head_dim)], 64, ctype, ctype)
+    k, v = (rng.standard_normal((T, Hkv, head_dim)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((T, H, head_dim)).astype(np.float32)
+    c.store(0, 0, k, v)
+    out = c.attend(0, q, 0, 0.25)
+    ref = np.empty_like(q)
+    for t in range(T):
+        for h in range(H):
+            s = (k[:t + 1, h // 2] @ q[t, h]) * 0.25
+            p = np.exp(s - s.max())
+            ref[t, h] = (p / p.sum()) @ v[:t + 1, h // 2]
+    np.testing.assert_allclose(out, ref, atol=2e-3 if ctype == "f16" else 1e-5)
