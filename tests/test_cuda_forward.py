@@ -14,24 +14,9 @@ import gguf
 import numpy as np
 import pytest
 
-_WANT_GPU = os.environ.get("EDGEQ_CUDA_TESTS") == "gpu"
-if "numba.cuda" not in sys.modules and not _WANT_GPU:
-    _saved = os.environ.get("NUMBA_ENABLE_CUDASIM")
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    try:
-        import numba.cuda  # noqa: F401  (reads the variable now, once)
-    except Exception:  # numba-cuda missing: device.available() says so below
-        pass
-    finally:
-        if _saved is None:
-            del os.environ["NUMBA_ENABLE_CUDASIM"]
-        else:
-            os.environ["NUMBA_ENABLE_CUDASIM"] = _saved
+from _cuda_sim import import_numba_cuda, rerun_in_simulator
 
-from edgeq.gpu_kernels import device  # noqa: E402
-
-if device.cuda_module() is None:
-    pytest.skip("numba-cuda is not installed (pip install edgeq[cuda])", allow_module_level=True)
+device = import_numba_cuda()
 
 needs_device = pytest.mark.skipif(not device.available(), reason="numba.cuda was imported without the "
                                   "simulator and there is no GPU (see test_in_simulator_subprocess)")
@@ -247,8 +232,4 @@ def test_cli_device_cuda_without_a_gpu_is_one_line(tmp_path):
 # ---------------------------------------------------------------- when this process cannot simulate
 @pytest.mark.skipif(device.available(), reason="the CUDA tests ran in this process")
 def test_in_simulator_subprocess():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env.pop("EDGEQ_CUDA_TESTS", None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    rerun_in_simulator(__file__)

@@ -1,9 +1,8 @@
 """CUDA kernels (gpu_kernels/) against numpy twins, under numba-cuda's simulator unless asked otherwise.
 
-The simulator is chosen when `numba.cuda` is first imported (NUMBA_ENABLE_CUDASIM). The rest of the suite
-never imports numba.cuda (Numba's CPU target does not need it), so this module sets the variable, imports
-numba.cuda, and puts the variable back: the CPU kernels and any subprocess are unaffected. If something
-imported numba.cuda earlier without the simulator and there is no GPU, the kernel tests skip and
+The simulator is chosen when `numba.cuda` is first imported (NUMBA_ENABLE_CUDASIM): tests/_cuda_sim.py sets
+the variable, imports numba.cuda, and puts the variable back, so the CPU kernels and any subprocess are
+unaffected. If something imported numba.cuda earlier without the simulator and there is no GPU, the kernel tests skip and
 `test_in_simulator_subprocess` runs this file again in a fresh process with the simulator on.
 EDGEQ_CUDA_TESTS=gpu runs the kernels on the real GPU instead. Shapes are tiny and odd: the simulator
 runs each CUDA thread as a Python thread.
@@ -15,24 +14,9 @@ import sys
 import numpy as np
 import pytest
 
-_WANT_GPU = os.environ.get("EDGEQ_CUDA_TESTS") == "gpu"
-if "numba.cuda" not in sys.modules and not _WANT_GPU:
-    _saved = os.environ.get("NUMBA_ENABLE_CUDASIM")
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    try:
-        import numba.cuda  # noqa: F401  (reads the variable now, once)
-    except Exception:  # numba-cuda missing: device.available() says so below
-        pass
-    finally:
-        if _saved is None:
-            del os.environ["NUMBA_ENABLE_CUDASIM"]
-        else:
-            os.environ["NUMBA_ENABLE_CUDASIM"] = _saved
+from _cuda_sim import import_numba_cuda, rerun_in_simulator
 
-from edgeq.gpu_kernels import device  # noqa: E402
-
-if device.cuda_module() is None:
-    pytest.skip("numba-cuda is not installed (pip install edgeq[cuda])", allow_module_level=True)
+device = import_numba_cuda()
 
 from numba import cuda  # noqa: E402  (the simulator swaps module globals named `cuda` inside kernels)
 
@@ -261,11 +245,7 @@ def test_ops_reject_bad_shapes():
 # ---------------------------------------------------------------- when this process cannot simulate
 @pytest.mark.skipif(device.available(), reason="the kernels ran in this process")
 def test_in_simulator_subprocess():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env.pop("EDGEQ_CUDA_TESTS", None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    rerun_in_simulator(__file__)
 
 
 def test_kernels_compile_to_ptx():
