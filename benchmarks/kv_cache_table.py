@@ -15,32 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT.parent / "shared" / "tools"
+from yardstick import ROOT, TOOLS, llamacpp_python, run_json
 EDGEQ_TYPES = ["f16", "q8", "q4"]
 LLAMA_TYPES = {"f16": "f16", "q8": "q8_0", "q4": "q4_0"}
-
-
-def llamacpp_python() -> str | None:
-    for cand in (os.environ.get("EDGEQ_LLAMACPP_PY"), Path.home() / ".cache/edgeq-llamacpp-noamx/bin/python"):
-        if cand and Path(cand).is_file():
-            return str(cand)
-    return None
-
-
-def last_json(cmd: list[str]) -> dict:
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {p.stderr.strip()[-1500:]}")
-    for line in reversed(p.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"no JSON from {cmd}")
 
 
 def edgeq(*args) -> list[str]:
@@ -63,18 +43,18 @@ def main() -> int:
         path = model_path(name)
         r = {"model": path.name, "mem_mb": {}, "ppl": {}, "ppl_llamacpp": {}}
         for t in EDGEQ_TYPES:
-            r["mem_mb"][t] = last_json(edgeq("bench", path, "--ctx", 8192, "-p", 16, "-n", 1, "-ctk", t, "-ctv", t,
+            r["mem_mb"][t] = run_json(edgeq("bench", path, "--ctx", 8192, "-p", 16, "-n", 1, "-ctk", t, "-ctv", t,
                                              "--json"))["kv_cache_mb"]
-            r["ppl"][t] = last_json(edgeq("perplexity", path, "-f", hamlet, "--ctx", 2048, "--chunks", a.chunks,
+            r["ppl"][t] = run_json(edgeq("perplexity", path, "-f", hamlet, "--ctx", 2048, "--chunks", a.chunks,
                                           "-ctk", t, "-ctv", t, "-t", 2, "--json"))["ppl"]
             if py:
-                r["ppl_llamacpp"][t] = last_json([py, TOOLS / "llamacpp_ppl.py", path, "--text", hamlet, "--n-ctx",
+                r["ppl_llamacpp"][t] = run_json([py, TOOLS / "llamacpp_ppl.py", path, "--text", hamlet, "--n-ctx",
                                                   2048, "--max-chunks", a.chunks, "--threads", 2,
                                                   "--kv", LLAMA_TYPES[t]])["ppl"]
             print(f"{name} {t}: {r['mem_mb'][t]:.2f} MiB, PPL {r['ppl'][t]:.4f}, "
                   f"llama.cpp {r['ppl_llamacpp'].get(t, float('nan')):.4f}", file=sys.stderr)
         if a.long:
-            r["long"] = last_json(edgeq("bench", path, "--ctx", 8192, "-p", 4096, "-n", 4095, "-ctk", "q8", "-ctv",
+            r["long"] = run_json(edgeq("bench", path, "--ctx", 8192, "-p", 4096, "-n", 4095, "-ctk", "q8", "-ctv",
                                         "q8", "--json"))
         results.append(r)
 

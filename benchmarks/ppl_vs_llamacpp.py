@@ -10,28 +10,9 @@ with the no-AMX llama-cpp-python build (EDGEQ_LLAMACPP_PY overrides). Prints a m
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT.parent / "shared" / "tools"
-
-
-def llamacpp_python() -> str:
-    for cand in (os.environ.get("EDGEQ_LLAMACPP_PY"), Path.home() / ".cache/edgeq-llamacpp-noamx/bin/python"):
-        if cand and Path(cand).is_file():
-            return str(cand)
-    return subprocess.run([str(TOOLS / "llamacpp-env.sh")], capture_output=True, text=True, check=True).stdout.strip()
-
-
-def last_json(cmd) -> dict:
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-1500:])
-    return json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
+from yardstick import TOOLS, llamacpp_python, run_json
 
 
 def main() -> int:
@@ -45,15 +26,15 @@ def main() -> int:
     from edgeq.engine import resolve_model
 
     text = text_path("hamlet")
-    py = llamacpp_python()
+    py = llamacpp_python(build=True)
     lines = [f"`python benchmarks/ppl_vs_llamacpp.py --ctx {a.ctx} --chunks {a.chunks}"
              f"{' --edgeq-args ' + repr(a.edgeq_args) if a.edgeq_args else ''}` (Hamlet)", "",
              "| model | edgeq PPL | llama.cpp PPL | edgeq / llama.cpp | scored tokens |", "|---|---|---|---|---|"]
     for name in a.models:
         path = resolve_model(name)
-        e = last_json([sys.executable, "-m", "edgeq.cli", "perplexity", path, "-f", text, "--ctx", a.ctx,
+        e = run_json([sys.executable, "-m", "edgeq.cli", "perplexity", path, "-f", text, "--ctx", a.ctx,
                        "--chunks", a.chunks, "-t", "2", "--json", *a.edgeq_args.split()])
-        ll = last_json([py, TOOLS / "llamacpp_ppl.py", path, "--text", text, "--n-ctx", a.ctx,
+        ll = run_json([py, TOOLS / "llamacpp_ppl.py", path, "--text", text, "--n-ctx", a.ctx,
                         "--max-chunks", a.chunks, "--threads", "2"])
         lines.append(f"| {path.name} | {e['ppl']:.4f} ± {e['stderr']:.3f} | {ll['ppl']:.4f} ± {ll['ppl_stderr']:.3f} | "
                      f"{e['ppl'] / ll['ppl']:.4f} | {e['tokens']} / {ll['n_scored']} |")

@@ -24,20 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = Path(os.environ.get("EDGEQ_SHARED_TOOLS", ROOT.parent / "shared" / "tools"))
-if not TOOLS.is_dir():
-    TOOLS = Path("/work/shared/tools")
+from yardstick import ROOT, TOOLS, last_json, llamacpp_python
 MODELS = {"smollm2": ("smollm2-135m-instruct", "SmolLM2-135M-Instruct"), "gemma3": ("gemma3-270m", "gemma-3-270m")}
-
-
-def llamacpp_python() -> Path | None:
-    """The llama-cpp-python venv; the -noamx build first (the AMX one crashes on quantized types here)."""
-    for p in (os.environ.get("EDGEQ_LLAMACPP_PY"), Path.home() / ".cache/edgeq-llamacpp-noamx/bin/python",
-              Path.home() / ".cache/edgeq-llamacpp/bin/python"):
-        if p and Path(p).is_file():
-            return Path(p)
-    return None
 
 
 def run(cmd: list[str], label: str, timeout: int = 3600) -> tuple[str, float, int]:
@@ -82,7 +70,7 @@ def gguf_bits(path: Path) -> tuple[float, int]:
 def llamacpp_ppl(py: Path, model: Path, text: Path, chunks: int) -> dict:
     out, dt, _ = run([py, TOOLS / "llamacpp_ppl.py", model, "--text", text, "--max-chunks", chunks,
                       "--threads", "2"], f"llamacpp_ppl {model.name}")
-    rec = json.loads(out.strip().splitlines()[-1])
+    rec = last_json(out)
     rec["eval_seconds"] = dt
     return rec
 
@@ -92,7 +80,7 @@ def edgeq_ppl(model: Path, text: Path, chunks: int, base_logits: Path, save: boo
     cmd += ["--save-logits", base_logits] if save else ["--kl-base", base_logits]
     try:
         out, _, _ = run(cmd, f"edgeq perplexity {model.name}")
-        return json.loads(out.strip().splitlines()[-1])
+        return last_json(out)
     except Exception as e:  # the runtime may not run every type yet: leave the column empty
         print(f"  edgeq perplexity unavailable for {model.name}: {str(e)[:200]}", file=sys.stderr)
         return None
@@ -227,6 +215,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = ap.parse_args()
     py = llamacpp_python()
+    py = Path(py) if py else None
     if py is None:
         print("llama-cpp-python venv not found: llama.cpp columns left empty", file=sys.stderr)
     results = [bench_model(m, args.types, args, py) for m in args.models]

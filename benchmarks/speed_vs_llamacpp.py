@@ -11,7 +11,6 @@ Writes a markdown table to stdout (and --out FILE).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -19,43 +18,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT.parent / "shared" / "tools"
-
-
-def llamacpp_python() -> str:
-    """EDGEQ_LLAMACPP_PY, else the no-AMX build (the AMX one crashes on these VMs), else llamacpp-env.sh's."""
-    for cand in (os.environ.get("EDGEQ_LLAMACPP_PY"), Path.home() / ".cache/edgeq-llamacpp-noamx/bin/python"):
-        if cand and Path(cand).is_file():
-            return str(cand)
-    return subprocess.run([str(TOOLS / "llamacpp-env.sh")], capture_output=True, text=True, check=True).stdout.strip()
-
-
-def last_json(out: str) -> dict:
-    for line in reversed(out.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"no JSON in output: {out[-500:]}")
+from yardstick import TOOLS, llamacpp_python, run_json
 
 
 def run_edgeq(model: str, threads: int, text: str, ctx: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "edgeq.cli", "bench", model, "-p", "512", "-n", "128", "-t", str(threads),
-           "--ctx", str(ctx), "--text", text, "--json", *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-2000:])
-    return last_json(p.stdout)
+    return run_json([sys.executable, "-m", "edgeq.cli", "bench", model, "-p", "512", "-n", "128", "-t", str(threads),
+                     "--ctx", str(ctx), "--text", text, "--json", *extra])
 
 
 def run_llamacpp(py: str, model: str, threads: int, text: str, ctx: int) -> dict:
-    cmd = [py, str(TOOLS / "llamacpp_bench.py"), "--model", model, "--threads", str(threads), "--text", text,
-           "--n-ctx", str(ctx), "--no-tg0"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-2000:])
-    return last_json(p.stdout)
+    return run_json([py, TOOLS / "llamacpp_bench.py", "--model", model, "--threads", str(threads), "--text", text,
+                     "--n-ctx", str(ctx), "--no-tg0"])
 
 
 def first_token_s(model: str, threads: int) -> float:
@@ -109,7 +83,7 @@ def main() -> int:
     from edgeq.engine import resolve_model
 
     text = str(text_path("hamlet"))
-    py = llamacpp_python()
+    py = llamacpp_python(build=True)
     bw = memory_bandwidth_gbs()
     lines = [f"`python benchmarks/speed_vs_llamacpp.py --runs {a.runs} --threads {a.threads}"
              f"{' --edgeq-args ' + repr(a.edgeq_args) if a.edgeq_args else ''}` — {time.strftime('%Y-%m-%d')}, "
