@@ -440,7 +440,7 @@ def quantize(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) ->
     if x.ndim != 2:
         raise ValueError(f"quantize expects a 2-D array (rows, cols), got shape {x.shape}")
     rows, cols = x.shape
-    row_bytes(qtype, cols)
+    n_bytes = row_bytes(qtype, cols)  # also refuses a width that is not whole blocks
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"cannot quantize to {qtype}: input has non-finite values (nan/inf)")
@@ -450,10 +450,8 @@ def quantize(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) ->
             raise ValueError(f"importance has {importance.size} values, expected one per column ({cols})")
         if not np.isfinite(importance).all() or (importance < 0).any():
             raise ValueError("importance must be finite and non-negative")
-    if rows == 0:
-        return np.zeros((0, row_bytes(qtype, cols)), dtype=np.uint8)
-    out = np.empty((rows, row_bytes(qtype, cols)), dtype=np.uint8)
-    step = max(1, _QUANT_CHUNK_VALUES // cols)  # rows per pass: bounds the codecs' temporaries (rows are independent)
+    out = np.empty((rows, n_bytes), dtype=np.uint8)
+    step = max(1, _QUANT_CHUNK_VALUES // max(cols, 1))  # rows per pass: bounds the codecs' temporaries (rows are independent)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # IEEE semantics, as llama.cpp's C
         for r0 in range(0, rows, step):
             out[r0:r0 + step] = q.quantize_rows(x[r0:r0 + step], importance)
