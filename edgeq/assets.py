@@ -18,9 +18,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeq.errors import EdgeqError
 
-class AssetError(Exception):
-    """A download or check failed; the message is one readable line."""
+
+class AssetError(EdgeqError):
+    """A download or check failed, or no model has that name; the message is one readable line."""
 
 
 @dataclass(frozen=True)

@@ -22,21 +22,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_model(path_or_name: str | os.PathLike) -> Path:
-    """A path to a file, or a catalog name (downloaded on first use)."""
+    """A path to a file, a local model's name, or a catalog name (downloaded on first use)."""
     p = Path(path_or_name).expanduser()
-    if p.is_file():
-        return p
     if p.is_dir():
         raise EdgeqError(f"{p} is a directory, not a GGUF file")
     from edgeq import assets
 
-    name = str(path_or_name)
-    if name in assets.MODELS:
-        return assets.model_path(name)
-    local = assets.models_dir() / name
-    if local.is_file():
-        return local
-    raise EdgeqError(f"no such model file or known model name: {name} (known: {', '.join(assets.MODELS)})")
+    return assets.resolve_model(str(path_or_name))
 
 
 def default_threads() -> int:

@@ -17,9 +17,8 @@ class ContextError(EdgeqError):
 def user_message(e: BaseException) -> str | None:
     """The line to print for an error a user can cause; None for a bug (let it raise)."""
     from edgeq.formats.errors import FormatError
-    from edgeq.assets import AssetError
 
-    if isinstance(e, (EdgeqError, FormatError, AssetError)):
+    if isinstance(e, (EdgeqError, FormatError)):  # AssetError is an EdgeqError
         return str(e)
     if isinstance(e, FileNotFoundError):
         return f"no such file: {e.filename}"
