@@ -7,13 +7,13 @@ vcvtph2ps instruction). Block layouts follow ggml-common.h; the numpy twins are 
 
 Decode (`matvec`, and `matmul` for a few rows): the activation row is quantized to int8 per 32 values
 (llama.cpp's Q8_0/Q8_K idea: one float scale `dx` per 32, plus the integer sums `bs` of every 16 for the
-min / offset terms), then each weight block is dotted in int32 and scaled once per block. Everything inside
-a block stays int32 (numba widens int32 * int32 to int64 unless told otherwise, hence the `np.int32(...)`
-casts) so LLVM's SLP vectorizer turns the 16/32-wide block loop into zmm code (vpmovzxbw/vpmovsxbw,
-vpmaddwd or vpmullw, one horizontal add per block; no gathers).
-The kernels use `_FAST` (fastmath without `reassoc`): with reassociation LLVM's loop vectorizer instead
-vectorizes *across* blocks with strided shuffles, 3-4x slower. The SLP vectorizer must be on
-(NUMBA_SLP_VECTORIZE=1, set in edgeq/_numba_env.py).
+min / offset terms), then each weight row is dotted block by block by the explicit-SIMD row dots of
+cpu_kernels/simd.py (vpdpbusd / vpmaddubsw byte dots, one float vector accumulator per row). The plain
+loops of this module vectorise only to ~4 GB/s per thread for 4-bit types (LLVM reduces every block to a
+scalar and never forms the byte dot instructions); the IR row dots read 10-25 GB/s per thread.
+The dequantizers below use `_FAST` (fastmath without `reassoc`) and the SLP vectorizer
+(NUMBA_SLP_VECTORIZE=1, set in edgeq/_numba_env.py): with reassociation LLVM's loop vectorizer vectorizes
+*across* blocks with strided shuffles, 3-4x slower.
 
 Prefill (`matmul` with T >= _GEMM_MIN_T rows): weight tiles of `_TILE_BYTES` are dequantized to float32
 and multiplied with a float32 GEMM on Numba's own threads (`_gemm_f32`, ~60 GFLOP/s per core against ~15 for
@@ -32,6 +32,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from . import simd
 
 # fastmath without 'reassoc' (see the module docstring): contract still gives FMAs.
 _FAST = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
@@ -172,236 +174,9 @@ def _quantize_act(X, qx, dx, bs):
             bs[t, 2 * b + 1] = s1
 
 
-# ---------------------------------------------------------------- row dots: weight row . quantized activation row
-# row: uint8 bytes of the weight row; qx int8 (n,); dx float32 (n/32,); bs int32 (n/16,); nb = blocks per row.
-@njit(**_JIT)
-def _dot_q8_0(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for b in range(nb):
-        d = _h2f(row[b * 34], row[b * 34 + 1])
-        w = row[b * 34 + 2:b * 34 + 34]
-        x = qx[b * 32:b * 32 + 32]
-        s = np.int32(0)
-        for j in range(32):
-            s = np.int32(s + np.int32(_i8(w[j]) * np.int32(x[j])))
-        acc += d * dx[b] * np.float32(s)
-    return acc
-
-
-@njit(**_JIT)
-def _dot_q4_0(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for b in range(nb):
-        d = _h2f(row[b * 18], row[b * 18 + 1])
-        w = row[b * 18 + 2:b * 18 + 18]
-        x = qx[b * 32:b * 32 + 32]
-        s = np.int32(0)
-        for j in range(16):
-            v = np.int32(w[j])
-            s = np.int32(s + np.int32((v & 15) * np.int32(x[j])) + np.int32((v >> 4) * np.int32(x[16 + j])))
-        s = np.int32(s - np.int32(8) * (bs[2 * b] + bs[2 * b + 1]))
-        acc += d * dx[b] * np.float32(s)
-    return acc
-
-
-@njit(**_JIT)
-def _dot_q4_1(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for b in range(nb):
-        d = _h2f(row[b * 20], row[b * 20 + 1])
-        m = _h2f(row[b * 20 + 2], row[b * 20 + 3])
-        w = row[b * 20 + 4:b * 20 + 20]
-        x = qx[b * 32:b * 32 + 32]
-        s = np.int32(0)
-        for j in range(16):
-            v = np.int32(w[j])
-            s = np.int32(s + np.int32((v & 15) * np.int32(x[j])) + np.int32((v >> 4) * np.int32(x[16 + j])))
-        acc += dx[b] * (d * np.float32(s) + m * np.float32(bs[2 * b] + bs[2 * b + 1]))
-    return acc
-
-
-@njit(inline="always", **_JIT)
-def _q5_sum(w, qh, x):
-    """sum_j q_j x_j over one 32-block of 5-bit codes (low nibbles w[0:16], high bits in qh)."""
-    s = np.int32(0)
-    for j in range(16):
-        v = np.int32(w[j])
-        lo = (v & 15) | (((qh >> np.int32(j)) & 1) << 4)
-        hi = (v >> 4) | (((qh >> np.int32(j + 16)) & 1) << 4)
-        s = np.int32(s + np.int32(lo * np.int32(x[j])) + np.int32(hi * np.int32(x[16 + j])))
-    return s
-
-
 @njit(inline="always", **_JIT)
 def _u32(w, o):
     return (np.int32(w[o]) | (np.int32(w[o + 1]) << 8) | (np.int32(w[o + 2]) << 16) | (np.int32(w[o + 3]) << 24))
-
-
-@njit(**_JIT)
-def _dot_q5_0(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for b in range(nb):
-        o = b * 22
-        d = _h2f(row[o], row[o + 1])
-        qh = _u32(row, o + 2)
-        s = _q5_sum(row[o + 6:o + 22], qh, qx[b * 32:b * 32 + 32])
-        s = np.int32(s - np.int32(16) * (bs[2 * b] + bs[2 * b + 1]))
-        acc += d * dx[b] * np.float32(s)
-    return acc
-
-
-@njit(**_JIT)
-def _dot_q5_1(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for b in range(nb):
-        o = b * 24
-        d = _h2f(row[o], row[o + 1])
-        m = _h2f(row[o + 2], row[o + 3])
-        qh = _u32(row, o + 4)
-        s = _q5_sum(row[o + 8:o + 24], qh, qx[b * 32:b * 32 + 32])
-        acc += dx[b] * (d * np.float32(s) + m * np.float32(bs[2 * b] + bs[2 * b + 1]))
-    return acc
-
-
-@njit(**_JIT)
-def _dot_q2_k(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for sb in range(nb):
-        o = sb * 84
-        sc = row[o:o + 16]
-        d = _h2f(row[o + 80], row[o + 81])
-        dmin = _h2f(row[o + 82], row[o + 83])
-        for k in range(8):
-            kb = sb * 8 + k
-            w = row[o + 16 + (k >> 2) * 32:o + 16 + (k >> 2) * 32 + 32]
-            x = qx[kb * 32:kb * 32 + 32]
-            sh = np.int32(2 * (k & 3))
-            s0 = np.int32(0)
-            s1 = np.int32(0)
-            for j in range(16):
-                s0 = np.int32(s0 + np.int32(((np.int32(w[j]) >> sh) & 3) * np.int32(x[j])))
-                s1 = np.int32(s1 + np.int32(((np.int32(w[16 + j]) >> sh) & 3) * np.int32(x[16 + j])))
-            c0 = np.int32(sc[2 * k])
-            c1 = np.int32(sc[2 * k + 1])
-            isc = np.int32((c0 & 15) * s0 + (c1 & 15) * s1)
-            imn = np.int32((c0 >> 4) * bs[2 * kb] + (c1 >> 4) * bs[2 * kb + 1])
-            acc += dx[kb] * (d * np.float32(isc) - dmin * np.float32(imn))
-    return acc
-
-
-@njit(**_JIT)
-def _dot_q3_k(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for sb in range(nb):
-        o = sb * 110
-        hm = row[o:o + 32]
-        sc = row[o + 96:o + 108]
-        d = _h2f(row[o + 108], row[o + 109])
-        for k in range(8):
-            kb = sb * 8 + k
-            w = row[o + 32 + (k >> 2) * 32:o + 32 + (k >> 2) * 32 + 32]
-            x = qx[kb * 32:kb * 32 + 32]
-            sh = np.int32(2 * (k & 3))
-            hk = np.int32(k)
-            s0 = np.int32(0)
-            s1 = np.int32(0)
-            for j in range(16):
-                q0 = ((np.int32(w[j]) >> sh) & 3) | (((np.int32(hm[j]) >> hk) & 1) << 2)
-                q1 = ((np.int32(w[16 + j]) >> sh) & 3) | (((np.int32(hm[16 + j]) >> hk) & 1) << 2)
-                s0 = np.int32(s0 + np.int32(q0 * np.int32(x[j])))
-                s1 = np.int32(s1 + np.int32(q1 * np.int32(x[16 + j])))
-            s0 = np.int32(s0 - np.int32(4) * bs[2 * kb])       # codes are q - 4
-            s1 = np.int32(s1 - np.int32(4) * bs[2 * kb + 1])
-            isc = np.int32(_q3_scale(sc, 2 * k) * s0 + _q3_scale(sc, 2 * k + 1) * s1)
-            acc += d * dx[kb] * np.float32(isc)
-    return acc
-
-
-@njit(**_JIT)
-def _dot_q4_k(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for sb in range(nb):
-        o = sb * 144
-        d = _h2f(row[o], row[o + 1])
-        dmin = _h2f(row[o + 2], row[o + 3])
-        sc = row[o + 4:o + 16]
-        for c in range(4):
-            w = row[o + 16 + c * 32:o + 16 + c * 32 + 32]
-            kb = sb * 8 + 2 * c
-            x0 = qx[kb * 32:kb * 32 + 32]
-            x1 = qx[kb * 32 + 32:kb * 32 + 64]
-            s0 = np.int32(0)
-            s1 = np.int32(0)
-            for j in range(32):
-                v = np.int32(w[j])
-                s0 = np.int32(s0 + np.int32((v & 15) * np.int32(x0[j])))
-                s1 = np.int32(s1 + np.int32((v >> 4) * np.int32(x1[j])))
-            a0, m0 = _k_scale_min(sc, 2 * c)
-            a1, m1 = _k_scale_min(sc, 2 * c + 1)
-            acc += dx[kb] * (d * np.float32(a0 * s0) - dmin * np.float32(m0 * (bs[2 * kb] + bs[2 * kb + 1])))
-            acc += dx[kb + 1] * (d * np.float32(a1 * s1)
-                                 - dmin * np.float32(m1 * (bs[2 * kb + 2] + bs[2 * kb + 3])))
-    return acc
-
-
-@njit(**_JIT)
-def _dot_q5_k(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for sb in range(nb):
-        o = sb * 176
-        d = _h2f(row[o], row[o + 1])
-        dmin = _h2f(row[o + 2], row[o + 3])
-        sc = row[o + 4:o + 16]
-        qh = row[o + 16:o + 48]
-        for c in range(4):
-            w = row[o + 48 + c * 32:o + 48 + c * 32 + 32]
-            kb = sb * 8 + 2 * c
-            x0 = qx[kb * 32:kb * 32 + 32]
-            x1 = qx[kb * 32 + 32:kb * 32 + 64]
-            h0 = np.int32(2 * c)
-            h1 = np.int32(2 * c + 1)
-            s0 = np.int32(0)
-            s1 = np.int32(0)
-            for j in range(32):
-                v = np.int32(w[j])
-                hb = np.int32(qh[j])
-                s0 = np.int32(s0 + np.int32(((v & 15) | (((hb >> h0) & 1) << 4)) * np.int32(x0[j])))
-                s1 = np.int32(s1 + np.int32(((v >> 4) | (((hb >> h1) & 1) << 4)) * np.int32(x1[j])))
-            a0, m0 = _k_scale_min(sc, 2 * c)
-            a1, m1 = _k_scale_min(sc, 2 * c + 1)
-            acc += dx[kb] * (d * np.float32(a0 * s0) - dmin * np.float32(m0 * (bs[2 * kb] + bs[2 * kb + 1])))
-            acc += dx[kb + 1] * (d * np.float32(a1 * s1)
-                                 - dmin * np.float32(m1 * (bs[2 * kb + 2] + bs[2 * kb + 3])))
-    return acc
-
-
-@njit(**_JIT)
-def _dot_q6_k(row, nb, qx, dx, bs):
-    acc = np.float32(0.0)
-    for sb in range(nb):
-        o = sb * 210
-        d = _h2f(row[o + 208], row[o + 209])
-        for k in range(8):
-            kb = sb * 8 + k
-            h = k >> 2
-            kk = k & 3
-            lo = row[o + h * 64 + (kk & 1) * 32:o + h * 64 + (kk & 1) * 32 + 32]
-            hi = row[o + 128 + h * 32:o + 128 + h * 32 + 32]
-            x = qx[kb * 32:kb * 32 + 32]
-            sl = np.int32(4 * (kk >> 1))
-            shh = np.int32(2 * kk)
-            s0 = np.int32(0)
-            s1 = np.int32(0)
-            for j in range(16):
-                q0 = ((np.int32(lo[j]) >> sl) & 15) | (((np.int32(hi[j]) >> shh) & 3) << 4)
-                q1 = ((np.int32(lo[16 + j]) >> sl) & 15) | (((np.int32(hi[16 + j]) >> shh) & 3) << 4)
-                s0 = np.int32(s0 + np.int32(q0 * np.int32(x[j])))
-                s1 = np.int32(s1 + np.int32(q1 * np.int32(x[16 + j])))
-            s0 = np.int32(s0 - np.int32(32) * bs[2 * kb])      # codes are q - 32
-            s1 = np.int32(s1 - np.int32(32) * bs[2 * kb + 1])
-            isc = np.int32(_i8(row[o + 192 + 2 * k]) * s0 + _i8(row[o + 193 + 2 * k]) * s1)
-            acc += d * dx[kb] * np.float32(isc)
-    return acc
 
 
 # ---------------------------------------------------------------- row dequantizers: one weight row -> float32
@@ -561,9 +336,8 @@ def _mm_q8_0(raw, n_in, qx, dx, bs, out):
     rb = nb * 34
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q8_0(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q8_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -572,9 +346,8 @@ def _mm_q4_0(raw, n_in, qx, dx, bs, out):
     rb = nb * 18
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q4_0(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q4_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -583,9 +356,8 @@ def _mm_q4_1(raw, n_in, qx, dx, bs, out):
     rb = nb * 20
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q4_1(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q4_1(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -594,9 +366,8 @@ def _mm_q5_0(raw, n_in, qx, dx, bs, out):
     rb = nb * 22
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q5_0(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q5_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -605,9 +376,8 @@ def _mm_q5_1(raw, n_in, qx, dx, bs, out):
     rb = nb * 24
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q5_1(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q5_1(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -616,9 +386,8 @@ def _mm_q2_k(raw, n_in, qx, dx, bs, out):
     rb = nb * 84
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q2_k(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q2_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -627,9 +396,8 @@ def _mm_q3_k(raw, n_in, qx, dx, bs, out):
     rb = nb * 110
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q3_k(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q3_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -638,9 +406,8 @@ def _mm_q4_k(raw, n_in, qx, dx, bs, out):
     rb = nb * 144
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q4_k(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q4_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -649,9 +416,8 @@ def _mm_q5_k(raw, n_in, qx, dx, bs, out):
     rb = nb * 176
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q5_k(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q5_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -660,9 +426,8 @@ def _mm_q6_k(raw, n_in, qx, dx, bs, out):
     rb = nb * 210
     for r in prange(out.shape[1]):
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        row = raw[r * rb:(r + 1) * rb]
         for t in range(qx.shape[0]):
-            out[t, r] = _dot_q6_k(row, nb, qx[t], dx[t], bs[t])
+            out[t, r] = simd.dot_q6_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)

@@ -6,14 +6,51 @@ once (the chat UI generates from a worker thread), so a thread-safe layer is req
 The SLP vectorizer (off by default in Numba) turns the per-block integer dot products of the quantized
 matrix kernels (cpu_kernels/linear.py) into vpmaddwd on zmm registers: 3-4x faster decode. Numba's cache
 key ignores these flags, so the on-disk cache lives in a folder named after them: a kernel compiled under
-other settings is never loaded by mistake.
+other settings (or for another EDGEQ_SIMD level) is never loaded by mistake.
 """
+import hashlib
+import importlib.util
 import os
+
+
+
+def _kernel_sources_hash() -> str:
+    """8 hex digits of the kernel modules' source. Numba stamps a cached function with its own file only, so
+    an edit of a module it calls into (cpu_kernels/simd.py's intrinsics, an inlined helper) would otherwise
+    load stale machine code: a folder per source version makes every edit or upgrade recompile."""
+    h = hashlib.sha256()
+    spec = importlib.util.find_spec("edgeq.cpu_kernels")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:8]
+
+
+def _prune_old_caches(current: str, max_age_days: float = 14.0) -> None:
+    """Remove sibling numba-* cache folders untouched for two weeks (old source versions); never raises."""
+    import shutil
+    import time
+
+    parent = os.path.dirname(current)
+    try:
+        for name in os.listdir(parent):
+            path = os.path.join(parent, name)
+            if name.startswith("numba-") and path != current and \
+                    time.time() - os.path.getmtime(path) > max_age_days * 86400:
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+
 
 os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
 os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
 if "NUMBA_CACHE_DIR" not in os.environ:
-    _tag = "slp{}-lv{}-opt{}".format(os.environ["NUMBA_SLP_VECTORIZE"], os.environ.get("NUMBA_LOOP_VECTORIZE", "1"),
-                                     os.environ.get("NUMBA_OPT", "3"))
+    # EDGEQ_SIMD (cpu_kernels/simd.py) picks the byte-dot instructions baked into the compiled kernels
+    _tag = "slp{}-lv{}-opt{}-simd{}".format(os.environ["NUMBA_SLP_VECTORIZE"],
+                                            os.environ.get("NUMBA_LOOP_VECTORIZE", "1"), os.environ.get("NUMBA_OPT", "3"),
+                                            os.environ.get("EDGEQ_SIMD", "auto").strip().lower() or "auto")
     _base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    os.environ["NUMBA_CACHE_DIR"] = os.path.join(_base, "edgeq", "numba-" + _tag)
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(_base, "edgeq", "numba-" + _tag + "-" + _kernel_sources_hash())
+    _prune_old_caches(os.environ["NUMBA_CACHE_DIR"])

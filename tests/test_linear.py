@@ -63,6 +63,31 @@ def test_matvec_matmul_match_reference(qtype, n_out, n_blocks):
         assert rel_err(y, ref[0]) < tolerance(qtype, 1)
 
 
+def quantize_activations(X: np.ndarray) -> np.ndarray:
+    """numpy twin of linear._quantize_act: X rounded to int8 codes per 32 values, returned as float64 codes*scale."""
+    T, n = X.shape
+    B = X.reshape(T, n // 32, 32).astype(np.float32)
+    d = (np.abs(B).max(axis=2, keepdims=True) / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    q = np.rint(B * inv)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(T, n)
+
+
+@pytest.mark.parametrize("qtype", [t for t in ALL if t not in FLOAT])
+@pytest.mark.parametrize("n_out,n_blocks", [(37, 1), (19, 4)])
+def test_integer_path_exact_against_quantized_activations(qtype, n_out, n_blocks):
+    """The decode kernels (cpu_kernels/simd.py row dots) equal W . dequant(quant(x)) up to float32 rounding:
+    a wrong scale, min, bit or sub-block order shows up here, far below the 2e-2 of the test above."""
+    n_in = max(BLOCKS[qtype][0], 32) * n_blocks
+    raw, W = make_weights(qtype, n_out, n_in, seed=7 * n_out + n_blocks)
+    q = QuantLinear(raw, qtype, (n_out, n_in))
+    X = np.random.default_rng(3).standard_normal((3, n_in)).astype(np.float32)
+    ref = quantize_activations(X) @ W.T
+    assert rel_err(q.matmul(X), ref) < 1e-5, (qtype, rel_err(q.matmul(X), ref))
+    assert rel_err(q.matvec(X[1]), ref[1]) < 1e-5
+
+
 @pytest.mark.parametrize("qtype", ALL)
 def test_embed_rows_match_dequantize(qtype):
     n_out, n_in = 37, max(BLOCKS[qtype][0], 32) * 2

@@ -1,0 +1,398 @@
+"""Explicit SIMD row dots for the decode matvec: LLVM vector IR written through Numba intrinsics.
+
+Why: LLVM does not turn the plain-Python block loops of cpu_kernels/linear.py into the byte dot-product
+instructions (vpdpbusd, vpmaddubsw), and it reduces every block to a scalar (a horizontal add per 32
+weights). Here each block's integer dot stays in a vector of 8 int32 lanes, is converted to float once,
+scaled by the block scale and accumulated into a vector of 8 floats; one horizontal sum per row.
+This is llama.cpp's ggml_vec_dot_* design, written as IR instead of C intrinsics.
+
+One function per weight type builds the IR of one block (`_block_<type>`); `_row_dot(block)` wraps it
+in the loop over the blocks of a row and returns a Numba intrinsic with the signature
+
+    dot(raw uint8[:], off intp, nb intp, qx int8[:], dx float32[:], bs int32[:]) -> float32
+
+(`raw[off:]` = the row's bytes, nb = blocks per row; qx/dx/bs as produced by linear._quantize_act).
+The caller validates every size (linear._check): the IR does no bounds checks.
+
+The byte dot product `udot(u, s)` (32 unsigned x 32 signed bytes -> 8 int32 sums of 4) is chosen once by
+the CPU: AVX512-VNNI / AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw` + `vpmaddwd`, or portable IR (widening
+multiply and adds) elsewhere; EDGEQ_SIMD=vnni|avx2|generic overrides (tests run all three).
+The numpy twins are gguf-py's dequantizers (tests/test_linear.py compares every type on every level).
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _detect_level() -> str:
+    forced = os.environ.get("EDGEQ_SIMD", "").strip().lower()
+    if forced:
+        if forced not in ("vnni", "avx2", "generic"):
+            raise ValueError(f"EDGEQ_SIMD must be vnni, avx2 or generic, not {forced!r}")
+        return forced
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    f = llvm_binding.get_host_cpu_features()
+    if (f.get("avx512vnni") and f.get("avx512vl")) or f.get("avxvnni"):
+        return "vnni"
+    return "avx2" if f.get("avx2") else "generic"
+
+
+LEVEL = _detect_level()
+
+
+class _IR:
+    """Small helpers over an llvmlite IRBuilder: unaligned loads at byte offsets, splats, the byte dot."""
+
+    def __init__(self, builder: ir.IRBuilder):
+        self.b = builder
+        self.mod = builder.module
+
+    def i64(self, v) -> ir.Value:
+        return ir.Constant(I64, v) if isinstance(v, int) else v
+
+    def at(self, base, off, ty) -> ir.Value:
+        """Load a value of type `ty` from byte offset `off` of the i8* `base` (align 1)."""
+        p = self.b.bitcast(self.b.gep(base, [self.i64(off)]), ty.as_pointer())
+        return self.b.load(p, align=1)
+
+    def off(self, o, c: int) -> ir.Value:
+        return self.b.add(o, ir.Constant(I64, c))
+
+    def byte(self, base, off) -> ir.Value:
+        """Unsigned byte at `off` as i32."""
+        return self.b.zext(self.at(base, off, I8), I32)
+
+    def act(self, qx, b) -> ir.Value:
+        """The 32 int8 activation codes of block b."""
+        return self.at(qx, self.b.mul(b, ir.Constant(I64, 32)), _vec(I8, 32))
+
+    def elem(self, base, idx, ty) -> ir.Value:
+        """base[idx] for a typed pointer-as-i8* `base` with elements of `ty` (4-byte f32/i32)."""
+        p = self.b.bitcast(base, ty.as_pointer())
+        return self.b.load(self.b.gep(p, [self.i64(idx)]), align=4)
+
+    def half(self, base, off) -> ir.Value:
+        """IEEE half at byte offset `off` -> float."""
+        h = self.b.bitcast(self.at(base, off, I16), ir.HalfType())
+        return self.b.fpext(h, F32)
+
+    def splat(self, v, n) -> ir.Value:
+        vt = _vec(v.type, n)
+        one = self.b.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(I32, 0))
+        return self.b.shuffle_vector(one, ir.Constant(vt, ir.Undefined), ir.Constant(_vec(I32, n), [0] * n))
+
+    @staticmethod
+    def const(ty, n, v) -> ir.Constant:
+        return ir.Constant(_vec(ty, n), [v] * n)
+
+    def concat(self, a, c) -> ir.Value:
+        n = a.type.count
+        return self.b.shuffle_vector(a, c, ir.Constant(_vec(I32, 2 * n), list(range(2 * n))))
+
+    def half_of(self, v, which: int) -> ir.Value:
+        n = v.type.count // 2
+        return self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
+                                     ir.Constant(_vec(I32, n), list(range(which * n, which * n + n))))
+
+    def intr(self, name, ret, args) -> ir.Value:
+        fn = cgutils.get_or_insert_function(self.mod, ir.FunctionType(ret, [a.type for a in args]), name)
+        return self.b.call(fn, args)
+
+    def udot(self, u, s) -> ir.Value:
+        """<32 x i8> unsigned (each < 128) . <32 x i8> signed -> <8 x i32>, lane i = sum of bytes 4i..4i+3."""
+        v8 = _vec(I32, 8)
+        if LEVEL == "vnni":
+            return self.intr("llvm.x86.avx512.vpdpbusd.256", v8,
+                             [ir.Constant(v8, None), self.b.bitcast(u, v8), self.b.bitcast(s, v8)])
+        if LEVEL == "avx2":
+            # pairs of u*s in int16 (|sum| <= 2*127*128: no saturation), then pairs of those in int32
+            p16 = self.intr("llvm.x86.avx2.pmadd.ub.sw", _vec(I16, 16), [u, s])
+            return self.intr("llvm.x86.avx2.pmadd.wd", v8, [p16, self.const(I16, 16, 1)])
+        return self.sum4(self.b.mul(self.b.zext(u, _vec(I32, 32)), self.b.sext(s, _vec(I32, 32))))
+
+    def sdot(self, w, s) -> ir.Value:
+        """<32 x i8> signed . <32 x i8> signed (codes in [-127, 127]) -> <8 x i32> like `udot`."""
+        if LEVEL == "generic":
+            prod = self.b.mul(self.b.sext(w, _vec(I32, 32)), self.b.sext(s, _vec(I32, 32)))
+            return self.sum4(prod)
+        # the x86 byte dots take one unsigned operand: |w| . (s * sign(w)), as llama.cpp does
+        zero = ir.Constant(w.type, None)
+        neg = self.b.icmp_signed("<", w, zero)
+        return self.udot(self.b.select(neg, self.b.sub(zero, w), w),   # |-128| = 0x80 = 128 as unsigned
+                         self.b.select(neg, self.b.sub(zero, s), s))
+
+    def sum4(self, prod) -> ir.Value:
+        """<32 x i32> -> <8 x i32>: lane i = sum of lanes 4i..4i+3."""
+        v8 = _vec(I32, 8)
+        lanes = [self.b.shuffle_vector(prod, ir.Constant(prod.type, ir.Undefined),
+                                       ir.Constant(v8, [4 * i + k for i in range(8)])) for k in range(4)]
+        return self.b.add(self.b.add(lanes[0], lanes[1]), self.b.add(lanes[2], lanes[3]))
+
+    def fma8(self, a, c, acc) -> ir.Value:
+        v = _vec(F32, 8)
+        return self.intr("llvm.fma.v8f32", v, [a, c, acc])
+
+    def hsum8(self, v) -> ir.Value:
+        lo, hi = self.half_of(v, 0), self.half_of(v, 1)
+        s4 = self.b.fadd(lo, hi)
+        s2 = self.b.fadd(self.half_of(s4, 0), self.half_of(s4, 1))
+        return self.b.fadd(self.b.extract_element(s2, ir.Constant(I32, 0)),
+                           self.b.extract_element(s2, ir.Constant(I32, 1)))
+
+    def nibbles(self, w) -> ir.Value:
+        """<16 x i8> packed 4-bit codes -> <32 x i8>: the 16 low nibbles, then the 16 high nibbles."""
+        n = w.type.count
+        lo = self.b.and_(w, self.const(I8, n, 15))
+        hi = self.b.lshr(w, self.const(I8, n, 4))
+        return self.concat(lo, hi)
+
+
+class _Acc:
+    """A row's running sums: `vec` (8 floats, block dot * scale) and `sc` (scalar terms such as mins)."""
+
+    def __init__(self, x: _IR):
+        self.x = x
+        self.vec_p = cgutils.alloca_once_value(x.b, ir.Constant(_vec(F32, 8), None))
+        self.sc_p = cgutils.alloca_once_value(x.b, ir.Constant(F32, 0.0))
+
+    def add_dot(self, idot, scale) -> None:
+        """vec += float(idot) * scale, for an <8 x i32> block dot and a float scale."""
+        b = self.x.b
+        f = b.sitofp(idot, _vec(F32, 8))
+        b.store(self.x.fma8(f, self.x.splat(scale, 8), b.load(self.vec_p)), self.vec_p)
+
+    def add(self, v) -> None:
+        self.x.b.store(self.x.b.fadd(self.x.b.load(self.sc_p), v), self.sc_p)
+
+    def total(self) -> ir.Value:
+        return self.x.b.fadd(self.x.hsum8(self.x.b.load(self.vec_p)), self.x.b.load(self.sc_p))
+
+
+def _row_dot(block, block_bytes: int, doc: str):
+    """Numba intrinsic dot(raw, off, nb, qx, dx, bs) -> float32 looping `block` over the row's nb blocks.
+
+    block(x, acc, row, o, b, qx, dx, bs): emit the IR of one block at byte offset `o` (i64) of the i8*
+    `row`, block index `b` (i64); qx/dx/bs are i8* to the quantized activation row."""
+    def impl(typingctx, raw, off, nb, qx, dx, bs):
+        sig = types.float32(raw, types.intp, types.intp, qx, dx, bs)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            ptrs = [builder.bitcast(context.make_array(t)(context, builder, v).data, I8.as_pointer())
+                    for t, v in zip((signature.args[0], signature.args[3], signature.args[4], signature.args[5]),
+                                    (args[0], args[3], args[4], args[5]))]
+            row0, pqx, pdx, pbs = ptrs
+            row = builder.gep(row0, [args[1]])
+            acc = _Acc(x)
+            with cgutils.for_range(builder, args[2]) as loop:
+                b = loop.index
+                block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbs)
+            return acc.total()
+        return sig, codegen
+    impl.__doc__ = doc
+    impl.__name__ = impl.__qualname__ = block.__name__.replace("_block_", "dot_")
+    return intrinsic(impl)
+
+
+def _bs_pair(x, bs, b):
+    """Integer sum of the 32 activation codes of block b (two 16-sums), as float."""
+    i = x.b.mul(b, ir.Constant(I64, 2))
+    s = x.b.add(x.elem(bs, i, I32), x.elem(bs, x.b.add(i, ir.Constant(I64, 1)), I32))
+    return x.b.sitofp(s, F32)
+
+
+def _block_q4_0(x, acc, row, o, b, qx, dx, bs):
+    # 18 bytes: d (f16), 16 bytes of nibbles (low = weights 0..15, high = 16..31); w = d * (q - 8)
+    d = x.half(row, o)
+    q = x.nibbles(x.at(row, x.b.add(o, ir.Constant(I64, 2)), _vec(I8, 16)))
+    s = x.act(qx, b)
+    dd = x.b.fmul(d, x.elem(dx, b, F32))
+    acc.add_dot(x.udot(q, s), dd)
+    acc.add(x.b.fmul(x.b.fmul(dd, ir.Constant(F32, -8.0)), _bs_pair(x, bs, b)))
+
+
+def _block_q4_1(x, acc, row, o, b, qx, dx, bs):
+    # 20 bytes: d, m (f16), 16 bytes of nibbles; w = d * q + m
+    d = x.half(row, o)
+    m = x.half(row, x.b.add(o, ir.Constant(I64, 2)))
+    q = x.nibbles(x.at(row, x.b.add(o, ir.Constant(I64, 4)), _vec(I8, 16)))
+    s = x.act(qx, b)
+    xd = x.elem(dx, b, F32)
+    acc.add_dot(x.udot(q, s), x.b.fmul(d, xd))
+    acc.add(x.b.fmul(x.b.fmul(m, xd), _bs_pair(x, bs, b)))
+
+
+def _block_q8_0(x, acc, row, o, b, qx, dx, bs):
+    # 34 bytes: d (f16), 32 signed bytes; w = d * q.  udot needs an unsigned operand: |w| . (x * sign(w))
+    d = x.half(row, o)
+    w = x.at(row, x.b.add(o, ir.Constant(I64, 2)), _vec(I8, 32))
+    s = x.act(qx, b)
+    acc.add_dot(x.sdot(w, s), x.b.fmul(d, x.elem(dx, b, F32)))
+
+
+def _high_bits(x, qh32, shift: int) -> ir.Value:
+    """The 32 bits of an i32 as <32 x i8> of (bit << shift): Q5's fifth bits (kmov + masked move on AVX-512)."""
+    bits = x.b.zext(x.b.bitcast(qh32, _vec(ir.IntType(1), 32)), _vec(I8, 32))
+    return x.b.shl(bits, x.const(I8, 32, shift))
+
+
+def _block_q5_0(x, acc, row, o, b, qx, dx, bs):
+    # 22 bytes: d (f16), qh (32 fifth bits), 16 bytes of nibbles; w = d * (q - 16)
+    d = x.half(row, o)
+    q = x.b.or_(x.nibbles(x.at(row, x.off(o, 6), _vec(I8, 16))), _high_bits(x, x.at(row, x.off(o, 2), I32), 4))
+    dd = x.b.fmul(d, x.elem(dx, b, F32))
+    acc.add_dot(x.udot(q, x.act(qx, b)), dd)
+    acc.add(x.b.fmul(x.b.fmul(dd, ir.Constant(F32, -16.0)), _bs_pair(x, bs, b)))
+
+
+def _block_q5_1(x, acc, row, o, b, qx, dx, bs):
+    # 24 bytes: d, m (f16), qh, 16 bytes of nibbles; w = d * q + m
+    d = x.half(row, o)
+    m = x.half(row, x.off(o, 2))
+    q = x.b.or_(x.nibbles(x.at(row, x.off(o, 8), _vec(I8, 16))), _high_bits(x, x.at(row, x.off(o, 4), I32), 4))
+    xd = x.elem(dx, b, F32)
+    acc.add_dot(x.udot(q, x.act(qx, b)), x.b.fmul(d, xd))
+    acc.add(x.b.fmul(x.b.fmul(m, xd), _bs_pair(x, bs, b)))
+
+
+def _k_scale_min(x, row, o, k: int):
+    """Q4_K/Q5_K: 6-bit scale and min (i32) of sub-block k from the 12 packed bytes at row + o."""
+    sc = [x.byte(row, x.off(o, i)) for i in range(12)]
+    c = lambda v: ir.Constant(I32, v)  # noqa: E731
+    if k < 4:
+        return x.b.and_(sc[k], c(63)), x.b.and_(sc[k + 4], c(63))
+    s = x.b.or_(x.b.and_(sc[k + 4], c(15)), x.b.and_(x.b.lshr(sc[k - 4], c(2)), c(48)))
+    m = x.b.or_(x.b.lshr(sc[k + 4], c(4)), x.b.and_(x.b.lshr(sc[k], c(2)), c(48)))
+    return s, m
+
+
+def _kquant_sub(x, acc, q, b, k, d, dmin, sc, mn, qx, dx, bs):
+    """Sub-block k (32 weights) of super-block b: w = d * sc * q - dmin * mn."""
+    kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
+    xd = x.elem(dx, kb, F32)
+    acc.add_dot(x.udot(q, x.act(qx, kb)), x.b.fmul(x.b.fmul(d, x.b.sitofp(sc, F32)), xd))
+    acc.add(x.b.fmul(x.b.fmul(x.b.fmul(dmin, x.b.sitofp(mn, F32)), xd),
+                     x.b.fsub(ir.Constant(F32, 0.0), _bs_pair(x, bs, kb))))
+
+
+def _block_q4_k(x, acc, row, o, b, qx, dx, bs):
+    # 144 bytes: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of nibbles: each 32 bytes hold
+    # sub-block 2c in the low nibbles and 2c+1 in the high ones
+    d, dmin = x.half(row, o), x.half(row, x.off(o, 2))
+    for c in range(4):
+        w = x.at(row, x.off(o, 16 + 32 * c), _vec(I8, 32))
+        for h, q in enumerate((x.b.and_(w, x.const(I8, 32, 15)), x.b.lshr(w, x.const(I8, 32, 4)))):
+            sc, mn = _k_scale_min(x, row, x.off(o, 4), 2 * c + h)
+            _kquant_sub(x, acc, q, b, 2 * c + h, d, dmin, sc, mn, qx, dx, bs)
+
+
+def _block_q5_k(x, acc, row, o, b, qx, dx, bs):
+    # 176 bytes: d, dmin, 12 bytes of scales/mins, qh[32] (bit k of byte j = fifth bit of sub-block k), qs[128]
+    d, dmin = x.half(row, o), x.half(row, x.off(o, 2))
+    qh = x.at(row, x.off(o, 16), _vec(I8, 32))
+    for c in range(4):
+        w = x.at(row, x.off(o, 48 + 32 * c), _vec(I8, 32))
+        for h, q in enumerate((x.b.and_(w, x.const(I8, 32, 15)), x.b.lshr(w, x.const(I8, 32, 4)))):
+            k = 2 * c + h
+            hi = x.b.shl(x.b.and_(x.b.lshr(qh, x.const(I8, 32, k)), x.const(I8, 32, 1)), x.const(I8, 32, 4))
+            sc, mn = _k_scale_min(x, row, x.off(o, 4), k)
+            _kquant_sub(x, acc, x.b.or_(q, hi), b, k, d, dmin, sc, mn, qx, dx, bs)
+
+
+def _sub16(x, acc, q, b, k, s0, s1, d, offset: int, qx, dx, bs):
+    """Sub-block k (32 weights, two scales s0, s1 of 16) of super-block b: w = d * s * (q - offset)."""
+    kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
+    xd = x.b.fmul(d, x.elem(dx, kb, F32))
+    scv = x.concat(x.splat(s0, 4), x.splat(s1, 4))
+    acc.add_dot(x.b.mul(x.udot(q, x.act(qx, kb)), scv), xd)
+    i = x.b.mul(kb, ir.Constant(I64, 2))
+    corr = x.b.add(x.b.mul(s0, x.elem(bs, i, I32)), x.b.mul(s1, x.elem(bs, x.b.add(i, ir.Constant(I64, 1)), I32)))
+    acc.add(x.b.fmul(x.b.fmul(xd, ir.Constant(F32, float(-offset))), x.b.sitofp(corr, F32)))
+
+
+def _block_q6_k(x, acc, row, o, b, qx, dx, bs):
+    # 210 bytes: ql[128] low nibbles, qh[64] 2-bit high parts, 16 int8 scales (one per 16), d (f16);
+    # w = d * sc * (q - 32). Half h covers sub-blocks 4h..4h+3 from ql[64h:64h+64] and qh[32h:32h+32].
+    d = x.half(row, x.off(o, 208))
+    m15, m3 = x.const(I8, 32, 15), x.const(I8, 32, 3)
+    for h in range(2):
+        l0 = x.at(row, x.off(o, 64 * h), _vec(I8, 32))
+        l1 = x.at(row, x.off(o, 64 * h + 32), _vec(I8, 32))
+        hb = x.at(row, x.off(o, 128 + 32 * h), _vec(I8, 32))
+        for kk in range(4):
+            lo = l0 if kk % 2 == 0 else l1
+            lo = x.b.and_(lo, m15) if kk < 2 else x.b.lshr(lo, x.const(I8, 32, 4))
+            hi = x.b.shl(x.b.and_(x.b.lshr(hb, x.const(I8, 32, 2 * kk)), m3), x.const(I8, 32, 4))
+            k = 4 * h + kk
+            s0 = x.b.sext(x.at(row, x.off(o, 192 + 2 * k), I8), I32)
+            s1 = x.b.sext(x.at(row, x.off(o, 193 + 2 * k), I8), I32)
+            _sub16(x, acc, x.b.or_(lo, hi), b, k, s0, s1, d, 32, qx, dx, bs)
+
+
+def _block_q2_k(x, acc, row, o, b, qx, dx, bs):
+    # 84 bytes: 16 scale bytes (low nibble scale, high nibble min, per 16 weights), qs[64] 2-bit codes,
+    # d, dmin (f16); w = d * sc * q - dmin * mn.  Sub-block k uses qs[32(k>>2):+32] >> 2(k&3).
+    d, dmin = x.half(row, x.off(o, 80)), x.half(row, x.off(o, 82))
+    for half in range(2):
+        w = x.at(row, x.off(o, 16 + 32 * half), _vec(I8, 32))
+        for j in range(4):
+            k = 4 * half + j
+            q = x.b.and_(x.b.lshr(w, x.const(I8, 32, 2 * j)), x.const(I8, 32, 3))
+            c0, c1 = x.byte(row, x.off(o, 2 * k)), x.byte(row, x.off(o, 2 * k + 1))
+            lo = lambda v: x.b.and_(v, ir.Constant(I32, 15))  # noqa: E731
+            _sub16(x, acc, q, b, k, lo(c0), lo(c1), d, 0, qx, dx, bs)
+            kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
+            i = x.b.mul(kb, ir.Constant(I64, 2))
+            mins = x.b.add(x.b.mul(x.b.lshr(c0, ir.Constant(I32, 4)), x.elem(bs, i, I32)),
+                           x.b.mul(x.b.lshr(c1, ir.Constant(I32, 4)), x.elem(bs, x.b.add(i, ir.Constant(I64, 1)), I32)))
+            acc.add(x.b.fmul(x.b.fmul(dmin, x.elem(dx, kb, F32)), x.b.fsub(ir.Constant(F32, 0.0),
+                                                                             x.b.sitofp(mins, F32))))
+
+
+def _q3_scale(x, row, o, i: int):
+    """Q3_K: signed 6-bit scale i (0..15) from the 12 packed bytes at row + o, as i32."""
+    c = lambda v: ir.Constant(I32, v)  # noqa: E731
+    lo = x.b.and_(x.byte(row, x.off(o, i)), c(15)) if i < 8 else x.b.lshr(x.byte(row, x.off(o, i - 8)), c(4))
+    hi = x.b.and_(x.b.lshr(x.byte(row, x.off(o, 8 + (i & 3))), c(2 * (i >> 2))), c(3))
+    return x.b.sub(x.b.or_(lo, x.b.shl(hi, c(4))), c(32))
+
+
+def _block_q3_k(x, acc, row, o, b, qx, dx, bs):
+    # 110 bytes: hmask[32] (bit k of byte j = third bit of sub-block k), qs[64] 2-bit codes, 12 bytes of
+    # 6-bit scales (one per 16), d (f16); w = d * sc * (q - 4)
+    d = x.half(row, x.off(o, 108))
+    hm = x.at(row, x.off(o, 0), _vec(I8, 32))
+    for half in range(2):
+        w = x.at(row, x.off(o, 32 + 32 * half), _vec(I8, 32))
+        for j in range(4):
+            k = 4 * half + j
+            q = x.b.and_(x.b.lshr(w, x.const(I8, 32, 2 * j)), x.const(I8, 32, 3))
+            hi = x.b.shl(x.b.and_(x.b.lshr(hm, x.const(I8, 32, k)), x.const(I8, 32, 1)), x.const(I8, 32, 2))
+            _sub16(x, acc, x.b.or_(q, hi), b, k, _q3_scale(x, row, x.off(o, 96), 2 * k),
+                   _q3_scale(x, row, x.off(o, 96), 2 * k + 1), d, 4, qx, dx, bs)
+
+
+dot_q8_0 = _row_dot(_block_q8_0, 34, "Q8_0 row . quantized activations")
+dot_q4_0 = _row_dot(_block_q4_0, 18, "Q4_0 row . quantized activations")
+dot_q4_1 = _row_dot(_block_q4_1, 20, "Q4_1 row . quantized activations")
+dot_q5_0 = _row_dot(_block_q5_0, 22, "Q5_0 row . quantized activations")
+dot_q5_1 = _row_dot(_block_q5_1, 24, "Q5_1 row . quantized activations")
+dot_q2_k = _row_dot(_block_q2_k, 84, "Q2_K row . quantized activations")
+dot_q3_k = _row_dot(_block_q3_k, 110, "Q3_K row . quantized activations")
+dot_q4_k = _row_dot(_block_q4_k, 144, "Q4_K row . quantized activations")
+dot_q5_k = _row_dot(_block_q5_k, 176, "Q5_K row . quantized activations")
+dot_q6_k = _row_dot(_block_q6_k, 210, "Q6_K row . quantized activations")

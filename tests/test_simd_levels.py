@@ -1,0 +1,48 @@
+"""The explicit-SIMD row dots (cpu_kernels/simd.py) on every instruction level this machine can run.
+
+The default run uses the best level of the CPU (vnni here); the other levels are compiled in a child
+process with EDGEQ_SIMD set (each level has its own Numba cache folder, edgeq/_numba_env.py) and must
+pass the same exact-against-numpy check of tests/test_linear.py."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from llvmlite import binding as llvm_binding
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _can_run(level: str) -> bool:
+    if level == "generic":
+        return True
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    f = llvm_binding.get_host_cpu_features()
+    return bool(f.get("avx2")) if level == "avx2" else bool((f.get("avx512vnni") and f.get("avx512vl")) or f.get("avxvnni"))
+
+
+@pytest.mark.parametrize("level", ["vnni", "avx2", "generic"])
+def test_row_dots_exact_on_level(level):
+    if not _can_run(level):
+        pytest.skip(f"this CPU cannot run the {level} level")
+    env = dict(os.environ, EDGEQ_SIMD=level)
+    env.pop("NUMBA_CACHE_DIR", None)  # let edgeq/_numba_env.py pick the folder of this level
+    probe = subprocess.run([sys.executable, "-c", "import edgeq.cpu_kernels.simd as s; print(s.LEVEL)"],
+                           env=env, capture_output=True, text=True, cwd=ROOT)
+    assert probe.stdout.strip() == level, probe.stderr
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_linear.py"),
+                        "-k", "integer_path_exact"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
+
+
+def test_bad_level_is_one_clear_error():
+    env = dict(os.environ, EDGEQ_SIMD="sse9")
+    r = subprocess.run([sys.executable, "-c", "import edgeq.cpu_kernels.simd"], env=env, capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode != 0 and "EDGEQ_SIMD must be vnni, avx2 or generic" in r.stderr
