@@ -24,6 +24,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import simd
+
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
 F32, F16, Q8, Q4, Q4C = 0, 1, 2, 3, 4
@@ -388,3 +390,107 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
         inv = np.float32(1.0) / tot
         for d in range(D):
             out[t, h, d] *= inv
+
+
+
+
+@njit(parallel=True, **_JIT)
+def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
+                         kkind, kf, kh, ki8, ku4, ku8, ks, km, kpend,
+                         vkind, vf, vh, vi8, vu4, vu8, vs, vm, vpend, out):
+    """One query token (q (H, D) at position `pos`) -> out (H, D): the decode step's attention.
+
+    Same cache reads as attend_kernel, organised for a single token: jobs = (kv head, split of the key
+    range); each job scores all its positions for the group's query heads at once (scores kept, plain
+    two-pass softmax instead of online rescaling), then sums the values; the splits merge at the end."""
+    H, D = q.shape
+    n_rep = H // n_kv
+    lo = max(0, pos - window + 1) if window > 0 else 0
+    blo = lo // QBLOCK
+    nb = pos // QBLOCK + 1 - blo
+    span = (nb + n_split - 1) // n_split * QBLOCK
+    pm = np.empty((n_split, H), np.float32)
+    pl = np.zeros((n_split, H), np.float32)
+    pacc = np.zeros((n_split, H, D), np.float32)
+    for job in prange(n_kv * n_split):
+        sp = job % n_split
+        g = job // n_split
+        b_first = blo + (nb * sp) // n_split
+        b_last = blo + (nb * (sp + 1)) // n_split
+        if b_first >= b_last:
+            for r in range(n_rep):
+                pm[sp, g * n_rep + r] = _NEG
+            continue
+        p0 = b_first * QBLOCK
+        qb = np.empty((n_rep, D), np.float32)
+        for r in range(n_rep):
+            for d in range(D):
+                qb[r, d] = q[g * n_rep + r, d] * scale
+        sc = np.full((n_rep, span), _NEG, np.float32)
+        buf = np.empty((QBLOCK, D), np.float32)
+        cs = np.empty(D, np.float32)
+        cm = np.empty(D, np.float32)
+        p_lo = max(lo, p0)
+        p_hi = min(pos + 1, b_last * QBLOCK)
+        if kkind == Q8:
+            # q8 keys: float dots straight from the int8 codes (simd.scores_q8)
+            for r in range(n_rep):
+                simd.scores_q8(ki8, ks, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r], sc[r, p_lo - p0:])
+        else:
+            for blk in range(b_first, b_last):
+                b0 = blk * QBLOCK
+                j0 = max(lo - b0, 0)
+                j1 = min(QBLOCK, pos + 1 - b0)
+                _load_rows(kkind, kf, kh, ki8, ku4, ku8, ks, km, kpend, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                for j in range(j0, j1):
+                    kr = buf[j]
+                    for r in range(n_rep):
+                        s = np.float32(0.0)
+                        for d in range(D):
+                            s += qb[r, d] * kr[d]
+                        sc[r, b0 - p0 + j] = s
+        n = (b_last - b_first) * QBLOCK
+        eu = np.empty(n, np.uint32)
+        ef = eu.view(np.float32)
+        for r in range(n_rep):
+            mx = _NEG
+            for j in range(n):
+                mx = max(mx, sc[r, j])
+            pm[sp, g * n_rep + r] = mx
+            pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx, eu, ef)
+        acc = np.zeros((n_rep, D), np.float32)
+        if vkind == Q8:
+            for r in range(n_rep):
+                simd.wsum_q8(vi8, vs, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, sc[r, p_lo - p0:], acc[r])
+        else:
+            for blk in range(b_first, b_last):
+                b0 = blk * QBLOCK
+                j0 = max(lo - b0, 0)
+                j1 = min(QBLOCK, pos + 1 - b0)
+                _load_rows(vkind, vf, vh, vi8, vu4, vu8, vs, vm, vpend, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                for j in range(j0, j1):
+                    vr = buf[j]
+                    for r in range(n_rep):
+                        w = sc[r, b0 - p0 + j]
+                        for d in range(D):
+                            acc[r, d] += w * vr[d]
+        for r in range(n_rep):
+            for d in range(D):
+                pacc[sp, g * n_rep + r, d] = acc[r, d]
+    for h in range(H):
+        mx = pm[0, h]
+        for sp in range(1, n_split):
+            mx = max(mx, pm[sp, h])
+        tot = np.float32(0.0)
+        for d in range(D):
+            out[h, d] = 0.0
+        for sp in range(n_split):
+            if pl[sp, h] == 0.0:
+                continue
+            c = np.float32(math.exp(pm[sp, h] - mx))
+            tot += c * pl[sp, h]
+            for d in range(D):
+                out[h, d] += c * pacc[sp, h, d]
+        inv = np.float32(1.0) / tot
+        for d in range(D):
+            out[h, d] *= inv

@@ -52,6 +52,10 @@ def _detect_level() -> str:
 
 
 LEVEL = _detect_level()
+# f16 -> f32 in hardware where LLVM has it (x86 F16C, any ARM64); EDGEQ_SOFT_HALF=1 forces the integer path
+_HW_HALF = os.environ.get("EDGEQ_SOFT_HALF", "") != "1" and (
+    platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86")
+    or bool(llvm_binding.get_host_cpu_features().get("f16c", False)))
 
 
 class _IR:
@@ -86,9 +90,17 @@ class _IR:
         return self.b.load(self.b.gep(p, [self.i64(idx)]), align=4)
 
     def half(self, base, off) -> ir.Value:
-        """IEEE half at byte offset `off` -> float."""
-        h = self.b.bitcast(self.at(base, off, I16), ir.HalfType())
-        return self.b.fpext(h, F32)
+        """IEEE half at byte offset `off` -> float (finite values; scales never hold inf/nan)."""
+        h = self.at(base, off, I16)
+        if _HW_HALF:
+            return self.b.fpext(self.b.bitcast(h, ir.HalfType()), F32)
+        # x86 without F16C: magnitude bits moved into float position, times 2^112 re-biases the exponent
+        # (subnormal halves come out right too), then the sign
+        h32 = self.b.zext(h, I32)
+        mag = self.b.bitcast(self.b.shl(self.b.and_(h32, ir.Constant(I32, 0x7FFF)), ir.Constant(I32, 13)), F32)
+        mag = self.b.bitcast(self.b.fmul(mag, ir.Constant(F32, 2.0 ** 112)), I32)
+        sign = self.b.shl(self.b.and_(h32, ir.Constant(I32, 0x8000)), ir.Constant(I32, 16))
+        return self.b.bitcast(self.b.or_(mag, sign), F32)
 
     def splat(self, v, n) -> ir.Value:
         vt = _vec(v.type, n)
@@ -396,3 +408,105 @@ dot_q3_k = _row_dot(_block_q3_k, 110, "Q3_K row . quantized activations")
 dot_q4_k = _row_dot(_block_q4_k, 144, "Q4_K row . quantized activations")
 dot_q5_k = _row_dot(_block_q5_k, 176, "Q5_K row . quantized activations")
 dot_q6_k = _row_dot(_block_q6_k, 210, "Q6_K row . quantized activations")
+
+
+def _kv_q8_args(context, builder, signature, args, x):
+    """Pointers and sizes shared by the q8 KV-cache intrinsics below."""
+    ptr = [builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data, I8.as_pointer())
+           for i in (0, 1, 6, 7)]
+    vec_arr = context.make_array(signature.args[6])(context, builder, args[6])
+    D = builder.extract_value(vec_arr.shape, 0)
+    return ptr, D, builder.udiv(D, ir.Constant(I64, 32))
+
+
+def _kv_slot(builder, base, nslots, s_first, i):
+    """Row index base + (s_first + i) wrapped at nslots (i < nslots)."""
+    s = builder.add(s_first, i)
+    return builder.add(base, builder.select(builder.icmp_signed(">=", s, nslots), builder.sub(s, nslots), s))
+
+
+def _scores_q8_impl(typingctx, codes, scales, base, nslots, s_first, n_pos, q, out):
+    """scores(codes, scales, base, nslots, s_first, n_pos, q, out): out[i] = q . row(slot i) for the q8
+    KV-cache rows at slots s_first, s_first+1, ... (wrapping at nslots), i < n_pos: the decode step's key
+    scores in float, straight from the int8 codes. Row r of the table starts at code byte r * D and scale
+    element r * D/32, r = base + slot; D = q.shape[0] (a multiple of 32)."""
+    sig = types.void(codes, scales, types.intp, types.intp, types.intp, types.intp, q, out)
+
+    def codegen(context, builder, signature, args):
+        x = _IR(builder)
+        (pc, ps, pq, po), D, nbd = _kv_q8_args(context, builder, signature, args, x)
+        base, nslots, s_first, n_pos = args[2:6]
+        v32 = _vec(F32, 32)
+        with cgutils.for_range(builder, n_pos) as loop:
+            i = loop.index
+            row = _kv_slot(builder, base, nslots, s_first, i)
+            acc_p = cgutils.alloca_once_value(builder, ir.Constant(v32, None))
+            builder.store(ir.Constant(v32, None), acc_p)
+            with cgutils.for_range(builder, nbd) as chunk:
+                c = chunk.index
+                vals = builder.sitofp(x.at(pc, builder.add(builder.mul(row, D), builder.mul(c, ir.Constant(I64, 32))),
+                                           _vec(I8, 32)), v32)
+                qv = x.at(pq, builder.mul(c, ir.Constant(I64, 128)), v32)
+                f = x.half(ps, builder.mul(builder.add(builder.mul(row, nbd), c), ir.Constant(I64, 2)))
+                prod = builder.fmul(vals, qv)
+                builder.store(x.intr("llvm.fma.v32f32", v32, [prod, x.splat(f, 32), builder.load(acc_p)]), acc_p)
+            acc = builder.load(acc_p)
+            lo, hi = x.half_of(acc, 0), x.half_of(acc, 1)
+            s16 = builder.fadd(lo, hi)
+            s8 = builder.fadd(x.half_of(s16, 0), x.half_of(s16, 1))
+            optr = builder.bitcast(builder.gep(po, [builder.mul(i, ir.Constant(I64, 4))]), F32.as_pointer())
+            builder.store(x.hsum8(s8), optr, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _wsum_q8_impl(typingctx, codes, scales, base, nslots, s_first, n_pos, w, out):
+    """wsum(codes, scales, base, nslots, s_first, n_pos, w, out): out[:] += sum_i w[i] * row(slot i) over the
+    same q8 rows as `scores` (D = out.shape[0]): the decode step's attention-weighted sum of values, read
+    straight from the int8 codes. 32 columns at a time, four positions per step in four accumulators (one
+    chain of FMAs would wait on its own latency)."""
+    sig = types.void(codes, scales, types.intp, types.intp, types.intp, types.intp, w, out)
+
+    def codegen(context, builder, signature, args):
+        x = _IR(builder)
+        pc, ps, pw, po = [builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data,
+                                          I8.as_pointer()) for i in (0, 1, 6, 7)]
+        D = builder.extract_value(context.make_array(signature.args[7])(context, builder, args[7]).shape, 0)
+        nbd = builder.udiv(D, ir.Constant(I64, 32))
+        base, nslots, s_first, n_pos = args[2:6]
+        v32 = _vec(F32, 32)
+        UNROLL = 4
+
+        def term(c, i):
+            row = _kv_slot(builder, base, nslots, s_first, i)
+            vals = builder.sitofp(x.at(pc, builder.add(builder.mul(row, D), builder.mul(c, ir.Constant(I64, 32))),
+                                       _vec(I8, 32)), v32)
+            f = x.half(ps, builder.mul(builder.add(builder.mul(row, nbd), c), ir.Constant(I64, 2)))
+            return vals, builder.fmul(x.elem(pw, i, F32), f)
+
+        with cgutils.for_range(builder, nbd) as chunk:
+            c = chunk.index
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(UNROLL)]
+            for a in accs:
+                builder.store(ir.Constant(v32, None), a)
+            n4 = builder.udiv(n_pos, ir.Constant(I64, UNROLL))
+            with cgutils.for_range(builder, n4) as loop:
+                for u, a in enumerate(accs):
+                    i = builder.add(builder.mul(loop.index, ir.Constant(I64, UNROLL)), ir.Constant(I64, u))
+                    vals, wf = term(c, i)
+                    builder.store(x.intr("llvm.fma.v32f32", v32, [vals, x.splat(wf, 32), builder.load(a)]), a)
+            with cgutils.for_range(builder, builder.sub(n_pos, builder.mul(n4, ir.Constant(I64, UNROLL)))) as loop:
+                i = builder.add(builder.mul(n4, ir.Constant(I64, UNROLL)), loop.index)
+                vals, wf = term(c, i)
+                a = accs[0]
+                builder.store(x.intr("llvm.fma.v32f32", v32, [vals, x.splat(wf, 32), builder.load(a)]), a)
+            total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
+                                 builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
+            optr = builder.bitcast(builder.gep(po, [builder.mul(c, ir.Constant(I64, 128))]), v32.as_pointer())
+            builder.store(builder.fadd(builder.load(optr, align=4), total), optr, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+wsum_q8 = intrinsic(_wsum_q8_impl)
+scores_q8 = intrinsic(_scores_q8_impl)

@@ -51,6 +51,8 @@ if "NUMBA_CACHE_DIR" not in os.environ:
     _tag = "slp{}-lv{}-opt{}-simd{}".format(os.environ["NUMBA_SLP_VECTORIZE"],
                                             os.environ.get("NUMBA_LOOP_VECTORIZE", "1"), os.environ.get("NUMBA_OPT", "3"),
                                             os.environ.get("EDGEQ_SIMD", "auto").strip().lower() or "auto")
+    if os.environ.get("EDGEQ_SOFT_HALF") == "1":
+        _tag += "-softhalf"
     _base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     os.environ["NUMBA_CACHE_DIR"] = os.path.join(_base, "edgeq", "numba-" + _tag + "-" + _kernel_sources_hash())
     _prune_old_caches(os.environ["NUMBA_CACHE_DIR"])

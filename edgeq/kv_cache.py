@@ -205,6 +205,11 @@ class KVCache:
         n_blocks = -(-(pos0 + T - lo) // _QB) + 1
         n_split = max(1, min(n_blocks, -(-4 * numba.get_num_threads() // jobs)))
         full = L.n // _QB * _QB
+        if T == 1:
+            aq.attend_decode_kernel(q[0], L.n_kv, pos0, np.float32(scale), L.window, L.nslots,
+                                    max(1, min(n_blocks - 1, 2 * numba.get_num_threads() // L.n_kv + 1)), full,
+                                    *L.k.kernel_args(), *L.v.kernel_args(), out[0])
+            return out
         aq.attend_kernel(q, L.n_kv, pos0, np.float32(scale), L.window, L.nslots, n_split, full,
                          *L.k.kernel_args(), *L.v.kernel_args(), out)
         return out

@@ -2,7 +2,9 @@
 
 The default run uses the best level of the CPU (vnni here); the other levels are compiled in a child
 process with EDGEQ_SIMD set (each level has its own Numba cache folder, edgeq/_numba_env.py) and must
-pass the same exact-against-numpy check of tests/test_linear.py."""
+pass the same exact-against-numpy checks of tests/test_linear.py and tests/test_kv_cache.py (the q8 cache's
+attention intrinsics). The portable level also runs with the integer f16 conversion (EDGEQ_SOFT_HALF=1),
+the path of x86 CPUs without F16C."""
 from __future__ import annotations
 
 import os
@@ -30,13 +32,14 @@ def _can_run(level: str) -> bool:
 def test_row_dots_exact_on_level(level):
     if not _can_run(level):
         pytest.skip(f"this CPU cannot run the {level} level")
-    env = dict(os.environ, EDGEQ_SIMD=level)
+    env = dict(os.environ, EDGEQ_SIMD=level, EDGEQ_SOFT_HALF="1" if level == "generic" else "0")
     env.pop("NUMBA_CACHE_DIR", None)  # let edgeq/_numba_env.py pick the folder of this level
     probe = subprocess.run([sys.executable, "-c", "import edgeq.cpu_kernels.simd as s; print(s.LEVEL)"],
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.strip() == level, probe.stderr
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_linear.py"),
-                        "-k", "integer_path_exact"], env=env, capture_output=True, text=True, cwd=ROOT)
+                        str(ROOT / "tests/test_kv_cache.py"), "-k", "integer_path_exact or attention_against_twins"],
+                       env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
 
