@@ -115,6 +115,7 @@ class Model:
             self.cache = make_kv_cache(self.cfg.kv_layouts(), n_ctx, cache_type_k, cache_type_v, max_batch=N_BATCH)
             self.device_name = cpu_name()
         self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
+        self._prompt_logits: tuple[list[int], np.ndarray] | None = None  # last prefilled prompt, its logits
         self._lock = threading.Lock()
         self.last_stats: dict = {}
         self.load_s = time.perf_counter() - t0
@@ -164,6 +165,7 @@ class Model:
 
     def reset(self) -> None:
         self.tokens = []
+        self._prompt_logits = None
 
     def logits(self, token_ids: Iterable[int]) -> np.ndarray:
         """Logits (T, vocab) of every position, evaluated from an empty context."""
@@ -197,12 +199,22 @@ class Model:
             if a != b:
                 break
             keep += 1
+        saved = self._prompt_logits
+        if saved is not None and keep == len(ids) and saved[0] == ids and self.cache.can_rewind_to(keep):
+            # the same prompt again (regenerate, or a repeated request): its logits were kept, so temperature
+            # 0 answers the same. Re-evaluating its last token alone would take the single-token kernels,
+            # whose rounding differs from the batched prefill's and can flip a near-tie.
+            self.tokens = self.tokens[:keep]
+            self._n_evaluated = 0
+            return saved[1].copy()
         keep = min(keep, len(ids) - 1)  # at least one token is evaluated, for its logits
         if not self.cache.can_rewind_to(keep):
             keep = 0  # a sliding-window ring has overwritten positions that `keep` still needs
         self.tokens = self.tokens[:keep]
         self._n_evaluated = len(ids) - keep
-        return self._forward(ids[keep:])
+        logits = self._forward(ids[keep:])
+        self._prompt_logits = (list(ids), logits.copy())
+        return logits
 
     # ------------------------------------------------------------ generation
     def encode_prompt(self, prompt: str) -> list[int]:
