@@ -2,7 +2,7 @@
 """Where a decode step's time goes: timers around every matvec, attention, norm, RoPE, activation, KV store
 and the sampler, over N decode steps after a prompt of P tokens (2 threads by default).
 
-    python benchmarks/decode_profile.py smollm2-135m-instruct [-p 512] [-n 128] [-t 2]
+    python benchmarks/decode_profile.py smollm2-135m-instruct [-p 512] [-n 128] [-t 2] [--prefill]
 
 Prints ms per token per part; "other" is the rest of the forward pass (Python glue).
 """
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
     ap.add_argument("-n", "--steps", type=int, default=128)
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--prefill", action="store_true", help="profile the prompt's prefill instead (3 runs)")
     a = ap.parse_args()
     m = edgeq.load(a.model, n_ctx=2048, threads=a.threads)
     total, calls = collections.defaultdict(float), collections.Counter()
@@ -51,6 +52,21 @@ def main() -> None:
     wrap(base.Embedding, "__call__", "embed")
     wrap(type(m.cache), "attend", "attend")
     wrap(type(m.cache), "store", "store")
+    if a.prefill:
+        total.clear()
+        calls.clear()
+        n = 3
+        t0 = time.perf_counter()
+        for _ in range(n):
+            m.reset()
+            m._forward(ids)
+        wall = time.perf_counter() - t0
+        print(f"{m.path.name}: prefill of {len(ids)} tokens {1000 * wall / n:.1f} ms ({n * len(ids) / wall:.1f} t/s), "
+              f"{a.threads} threads")
+        for k, v in sorted(total.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:8s} {1000 * v / n:8.1f} ms  {calls[k] // n} calls")
+        print(f"  other    {1000 * (wall - sum(total.values())) / n:8.1f} ms")
+        return
     sampler = Sampler(SamplingParams(0.8, 40, 0.95, 0.05, 1.0, 64, 0))
     tok, t_sample = ids[-1], 0.0
     t0 = time.perf_counter()

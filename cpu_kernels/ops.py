@@ -8,9 +8,39 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
+
+
+# ---------------------------------------------------------------- exp that vectorizes
+@intrinsic
+def _i32_as_f32(typingctx, bits):
+    """Reinterpret int32 bits as a float32 (a plain bitcast, so loops around it still vectorize)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", **_JIT)
+def fast_exp(x):
+    """exp(x) for float32, relative error ~2e-7 near 0 (|x| * 6e-8 from rounding x * log2 e): Cephes' exp2f,
+    2^n from the exponent bits times a polynomial of the fraction. math.exp is a scalar libm call in Numba
+    (no SVML), 10-20x slower in the activation loops; this one vectorizes. x is clamped to [-86.6, 88]
+    (results 2^-125 .. 2^127: no inf or subnormal, which fastmath assumes away)."""
+    y = min(max(x * np.float32(1.4426950408889634), np.float32(-125.0)), np.float32(127.0))
+    n = np.floor(y + np.float32(0.5))
+    f = y - n
+    p = np.float32(1.535336188319500e-4)
+    p = p * f + np.float32(1.339887440266574e-3)
+    p = p * f + np.float32(9.618437357674640e-3)
+    p = p * f + np.float32(5.550332471162809e-2)
+    p = p * f + np.float32(2.402264791363012e-1)
+    p = p * f + np.float32(6.931472028550421e-1)
+    p = p * f + np.float32(1.0)
+    return p * _i32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -144,19 +174,19 @@ def _silu_mul(g, u, out):
     for r in prange(rows):
         for i in range(n):
             a = g[r, i]
-            out[r, i] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * u[r, i]
+            out[r, i] = a / (np.float32(1.0) + fast_exp(-a)) * u[r, i]
 
 
 @njit(parallel=True, **_JIT)
 def _gelu_mul(g, u, out):
-    # GELU, tanh approximation (gelu_pytorch_tanh), as Gemma uses.
+    # GELU, tanh approximation (gelu_pytorch_tanh), as Gemma uses:
+    # 0.5 a (1 + tanh(z)) = a / (1 + exp(-2z)), z = sqrt(2/pi) (a + 0.044715 a^3)
     rows, n = g.shape
-    c = np.float32(math.sqrt(2.0 / math.pi))
+    c2 = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
     for r in prange(rows):
         for i in range(n):
             a = g[r, i]
-            t = np.float32(math.tanh(c * (a + np.float32(0.044715) * a * a * a)))
-            out[r, i] = np.float32(0.5) * a * (np.float32(1.0) + t) * u[r, i]
+            out[r, i] = a / (np.float32(1.0) + fast_exp(c2 * (a + np.float32(0.044715) * a * a * a))) * u[r, i]
 
 
 def _gated(kernel, g, u):
