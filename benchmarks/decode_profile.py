@@ -48,6 +48,7 @@ def main() -> None:
         for fn in ("rmsnorm", "rope", "silu_mul", "gelu_mul"):
             if hasattr(mod, fn):
                 wrap(mod, fn, fn)
+        wrap(mod, "linears", "matvec")  # Q/K/V and gate/up as one call each
     wrap(base.Linear, "__call__", "matvec")
     wrap(base.Embedding, "__call__", "embed")
     wrap(type(m.cache), "attend", "attend")

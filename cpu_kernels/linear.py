@@ -326,105 +326,185 @@ def _dq_q6_k(row, n, y):
 
 
 # ---------------------------------------------------------------- parallel drivers, one pair per type
-# Spelled out per type (not made by a factory): Numba's on-disk cache does not work for closures.
-# _mm_*: out[t, r] = W[r] . X[t] over quantized activations; prange over weight rows, so each row is read
-#        once from memory and reused for all T activation rows from L1.
+@njit(inline="always", **_JIT)
+def _row_starts(outs):
+    """First global row of each matrix stacked in `outs` order, plus the total: (len(outs) + 1,)."""
+    starts = np.zeros(len(outs) + 1, np.int64)
+    for m in range(len(outs)):
+        starts[m + 1] = starts[m] + outs[m].shape[1]
+    return starts
+
+
+# _mm_*: outs[m][t, r] = W_m[r] . X[t] over quantized activations, for a tuple of matrices sharing the input
+#        (raws[m] their bytes: Q/K/V or gate/up run as one parallel loop over all their rows, after one
+#        activation quantization); prange over weight rows, so each row is read once from memory and reused
+#        for all T activation rows from L1.
 # _rows_*: dequantize the listed rows to float32 (embedding lookup, prefill tiles).
 @njit(parallel=True, **_JIT)
-def _mm_q8_0(raw, n_in, qx, dx, bs, out):
+def _mm_q8_0(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 34
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q8_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q4_0(raw, n_in, qx, dx, bs, out):
+def _mm_q4_0(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 18
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q4_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q4_1(raw, n_in, qx, dx, bs, out):
+def _mm_q4_1(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 20
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q4_1(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q5_0(raw, n_in, qx, dx, bs, out):
+def _mm_q5_0(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 22
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q5_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q5_1(raw, n_in, qx, dx, bs, out):
+def _mm_q5_1(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 24
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q5_1(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q2_k(raw, n_in, qx, dx, bs, out):
+def _mm_q2_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 84
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q2_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q3_k(raw, n_in, qx, dx, bs, out):
+def _mm_q3_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 110
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q3_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q4_k(raw, n_in, qx, dx, bs, out):
+def _mm_q4_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 144
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q4_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q5_k(raw, n_in, qx, dx, bs, out):
+def _mm_q5_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 176
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q5_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
 
 
 @njit(parallel=True, **_JIT)
-def _mm_q6_k(raw, n_in, qx, dx, bs, out):
+def _mm_q6_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 210
-    for r in prange(out.shape[1]):
+    starts = _row_starts(outs)
+    for i in prange(starts[-1]):
+        m = 0
+        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
+            if i >= starts[k]:
+                m = k
+        r = i - starts[m]
+        raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
             out[t, r] = simd.dot_q6_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
@@ -672,7 +752,7 @@ class QuantLinear:
             _gemm_f32(self._f32, X, Y, 0)
         elif self._mm is not None and T < _GEMM_MIN_T:
             qx, dx, bs = _quantized(X)
-            self._mm(self.raw, self.n_in, qx, dx, bs, Y)
+            self._mm((self.raw,), self.n_in, qx, dx, bs, (Y,))
         else:
             # dequantize a tile of weight rows to float32, then the float32 GEMM
             tile = np.empty((min(self._tile, self.n_out), self.n_in), np.float32)
@@ -681,6 +761,21 @@ class QuantLinear:
                 w = tile[:r1 - r0]
                 self._rows(self.raw, np.arange(r0, r1, dtype=np.int64), self.n_in, w)
                 _gemm_f32(w, X, Y, r0)
+
+
+def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:
+    """[W x for W in qs] for matrices of one quantized type and input width (Q/K/V, gate/up): one activation
+    quantization and one parallel kernel call instead of one each. Other cases fall back to matvec."""
+    x = np.asarray(x)
+    first = qs[0]
+    if len(qs) == 1 or first._mm is None or any(q.qtype != first.qtype or q.n_in != first.n_in for q in qs):
+        return [q.matvec(x) for q in qs]
+    if x.ndim != 1 or x.shape[0] != first.n_in:
+        raise ValueError(f"matvec: expected x of shape ({first.n_in},), got {x.shape}")
+    qx, dx, bs = _quantized(np.ascontiguousarray(x, dtype=np.float32)[None, :])
+    outs = tuple(np.empty((1, q.n_out), np.float32) for q in qs)
+    first._mm(tuple(q.raw for q in qs), first.n_in, qx, dx, bs, outs)
+    return [y[0] for y in outs]
 
 
 def embed_rows(raw: np.ndarray, qtype: str, shape: tuple[int, int], ids) -> np.ndarray:

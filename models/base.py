@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.cpu_kernels.linear import QuantLinear, embed_rows
+from edgeq.cpu_kernels.linear import QuantLinear, embed_rows, matvec_many
 from edgeq.errors import ModelError
 from edgeq.formats.quants import dequantize
 
@@ -47,6 +47,21 @@ class Linear:
         if self.bias is not None:
             y += self.bias
         return y
+
+
+def linears(layers: list[Linear], x: np.ndarray, observer: Observer | None = None) -> list[np.ndarray]:
+    """[layer(x) for layer in layers] for layers that share their input (Q/K/V, gate/up): for one token, a
+    single kernel call over all their rows (cpu_kernels/linear.matvec_many)."""
+    if x.shape[0] != 1:
+        return [lin(x, observer) for lin in layers]
+    if observer is not None:
+        for lin in layers:
+            observer(lin.name, x)
+    ys = [y[None, :] for y in matvec_many([lin.q for lin in layers], x[0])]
+    for lin, y in zip(layers, ys):
+        if lin.bias is not None:
+            y += lin.bias
+    return ys
 
 
 class Embedding:

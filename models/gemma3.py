@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.cpu_kernels.ops import gelu_mul, rmsnorm, rope, rope_inv_freq
-from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam
+from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam, linears
 
 
 @dataclass
@@ -137,9 +137,10 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
         inv_freq = w.inv_freq_local if local else w.inv_freq_global
         # attention with q/k norms, then a post-attention norm before the residual
         h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
-        q = rmsnorm(L.wq(h, observer).reshape(T, cfg.n_head, hd), L.q_norm, cfg.rms_eps)
-        k = rmsnorm(L.wk(h, observer).reshape(T, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps)
-        v = L.wv(h, observer).reshape(T, cfg.n_head_kv, hd)
+        q, k, v = linears([L.wq, L.wk, L.wv], h, observer)
+        q = rmsnorm(q.reshape(T, cfg.n_head, hd), L.q_norm, cfg.rms_eps)
+        k = rmsnorm(k.reshape(T, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps)
+        v = v.reshape(T, cfg.n_head_kv, hd)
         rope(q, positions, inv_freq, True)
         rope(k, positions, inv_freq, True)
         cache.store(il, pos0, k, v)
@@ -147,7 +148,7 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
         x += rmsnorm(L.wo(a.reshape(T, cfg.n_head * hd), observer), L.post_attn_norm, cfg.rms_eps)
         # feed-forward (GeGLU), post-FFN norm before the residual
         h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = gelu_mul(L.w_gate(h, observer), L.w_up(h, observer))
+        g = gelu_mul(*linears([L.w_gate, L.w_up], h, observer))
         x += rmsnorm(L.w_down(g, observer), L.post_ffn_norm, cfg.rms_eps)
     x = x if all_logits else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq.cpu_kernels.ops import rmsnorm, rope, rope_inv_freq, silu_mul
-from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam
+from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam, linears
 
 
 @dataclass
@@ -122,9 +122,10 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
     for il, L in enumerate(w.layers):
         # attention
         h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
-        q = L.wq(h, observer).reshape(T, cfg.n_head, hd)
-        k = L.wk(h, observer).reshape(T, cfg.n_head_kv, hd)
-        v = L.wv(h, observer).reshape(T, cfg.n_head_kv, hd)
+        q, k, v = linears([L.wq, L.wk, L.wv], h, observer)
+        q = q.reshape(T, cfg.n_head, hd)
+        k = k.reshape(T, cfg.n_head_kv, hd)
+        v = v.reshape(T, cfg.n_head_kv, hd)
         rope(q, positions, w.inv_freq, cfg.rope_neox)
         rope(k, positions, w.inv_freq, cfg.rope_neox)
         cache.store(il, pos0, k, v)
@@ -132,7 +133,7 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
         x += L.wo(a.reshape(T, cfg.n_head * hd), observer)
         # feed-forward (SwiGLU)
         h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = silu_mul(L.w_gate(h, observer), L.w_up(h, observer))
+        g = silu_mul(*linears([L.w_gate, L.w_up], h, observer))
         x += L.w_down(g, observer)
     x = x if all_logits else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)

@@ -173,3 +173,20 @@ def test_concurrent_calls_from_two_threads(qtype):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("qtypes", [("Q4_1", "Q4_1", "Q4_1"), ("Q4_K", "Q4_K"), ("Q5_0", "Q8_0", "Q5_0"), ("F16", "F16")])
+def test_matvec_many_equals_separate_products(qtypes):
+    """Q/K/V and gate/up run as one kernel call over all their rows (mixed types fall back to one call each)."""
+    from edgeq.cpu_kernels.linear import matvec_many
+
+    n_in = 512
+    mats = [make_weights(t, n_out, n_in, seed=n_out) for t, n_out in zip(qtypes, (48, 16, 16))]
+    qs = [QuantLinear(raw, t, (W.shape[0], n_in)) for t, (raw, W) in zip(qtypes, mats)]
+    x = np.random.default_rng(5).standard_normal(n_in).astype(np.float32)
+    ys = matvec_many(qs, x)
+    assert [y.shape for y in ys] == [(W.shape[0],) for _, W in mats]
+    for q, y in zip(qs, ys):  # the same row dots, compiled per tuple length: equal up to an ulp
+        np.testing.assert_allclose(y, q.matvec(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        matvec_many(qs, x[:-1])
