@@ -29,15 +29,21 @@ def main() -> None:
     m = edgeq.load(a.model, n_ctx=2048, threads=a.threads)
     total, calls = collections.defaultdict(float), collections.Counter()
 
+    depth = [0]  # timers inside timers (linears -> Linear.__call__ at prefill) count once, at the outer one
+
     def wrap(owner, attr, label):
         f = getattr(owner, attr)
 
         def timed(*args, **kw):
+            depth[0] += 1
             t = time.perf_counter()
-            r = f(*args, **kw)
-            total[label] += time.perf_counter() - t
-            calls[label] += 1
-            return r
+            try:
+                return f(*args, **kw)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    total[label] += time.perf_counter() - t
+                    calls[label] += 1
 
         setattr(owner, attr, timed)
 

@@ -314,6 +314,7 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
             for d in range(D):
                 qb[r, d] = q[t, h, d] * scale
         kb = np.empty((QBLOCK, D), np.float32)
+        kt = np.zeros((D, QBLOCK), np.float32)  # the block's keys transposed (columns outside ulo..uhi: stale)
         vb = np.empty((QBLOCK, D), np.float32)
         sc = np.empty((rows, QBLOCK), np.float32)
         cs = np.empty(D, np.float32)
@@ -339,18 +340,18 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
             if ulo >= uhi:
                 continue
             _load_rows(kkind, kf, kh, ki8, ku4, ku8, ks, km, kpend, g, b0, ulo, uhi, nslots, full, kb, cs, cm)
+            for j in range(ulo, uhi):
+                for d in range(D):
+                    kt[d, j] = kb[j, d]
             for r in range(rows):
                 a = jlo[r]
                 z = jhi[r]
                 if a >= z:
                     continue
+                simd.block_scores(qb[r], kt, sc[r])  # all 32 scores of the block as one vector
                 mx = m[r]
                 for j in range(a, z):
-                    s = np.float32(0.0)
-                    for d in range(D):
-                        s += qb[r, d] * kb[j, d]
-                    sc[r, j] = s
-                    mx = max(mx, s)
+                    mx = max(mx, sc[r, j])
                 if mx > m[r]:
                     corr = np.float32(math.exp(m[r] - mx))
                     l[r] *= corr
@@ -360,10 +361,15 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
                 l[r] += _exp_block(sc[r], a, z, mx, eu, ef)
             _load_rows(vkind, vf, vh, vi8, vu4, vu8, vs, vm, vpend, g, b0, ulo, uhi, nslots, full, vb, cs, cm)
             for r in range(rows):
-                for j in range(jlo[r], jhi[r]):
-                    w = sc[r, j]
-                    for d in range(D):
-                        acc[r, d] += w * vb[j, d]
+                if jlo[r] >= jhi[r]:
+                    continue
+                if D % QBLOCK == 0:
+                    simd.block_wsum(sc[r], jlo[r], jhi[r], vb, acc[r])
+                else:  # f16/f32 caches with head_dim not a multiple of 32
+                    for j in range(jlo[r], jhi[r]):
+                        w = sc[r, j]
+                        for d in range(D):
+                            acc[r, d] += w * vb[j, d]
         for r in range(rows):
             t = t0 + r // n_rep
             h = g * n_rep + r % n_rep

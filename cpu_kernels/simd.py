@@ -419,6 +419,11 @@ def _kv_q8_args(context, builder, signature, args, x):
     return ptr, D, builder.udiv(D, ir.Constant(I64, 32))
 
 
+def _non_negative(builder, n):
+    """max(n, 0): counts go through unsigned divisions below, where a negative count would be huge."""
+    return builder.select(builder.icmp_signed("<", n, ir.Constant(n.type, 0)), ir.Constant(n.type, 0), n)
+
+
 def _kv_slot(builder, base, nslots, s_first, i):
     """Row index base + (s_first + i) wrapped at nslots (i < nslots)."""
     s = builder.add(s_first, i)
@@ -474,6 +479,7 @@ def _wsum_q8_impl(typingctx, codes, scales, base, nslots, s_first, n_pos, w, out
         D = builder.extract_value(context.make_array(signature.args[7])(context, builder, args[7]).shape, 0)
         nbd = builder.udiv(D, ir.Constant(I64, 32))
         base, nslots, s_first, n_pos = args[2:6]
+        n_pos = _non_negative(builder, n_pos)
         v32 = _vec(F32, 32)
         UNROLL = 4
 
@@ -510,3 +516,83 @@ def _wsum_q8_impl(typingctx, codes, scales, base, nslots, s_first, n_pos, w, out
 
 wsum_q8 = intrinsic(_wsum_q8_impl)
 scores_q8 = intrinsic(_scores_q8_impl)
+
+
+# ---------------------------------------------------------------- prefill attention: one block of 32 keys
+def _block_scores_impl(typingctx, q, kt, out):
+    """block_scores(q, kt, out): out[j] = sum_d q[d] * kt[d, j] for the 32 keys j of a block, kt (D, 32) the
+    block's keys transposed: one vector of 32 scores per query row, four accumulators over d (no horizontal
+    sums, unlike 32 separate dot products)."""
+    sig = types.void(q, kt, out)
+
+    def codegen(context, builder, signature, args):
+        x = _IR(builder)
+        qa = context.make_array(signature.args[0])(context, builder, args[0])
+        pq, pk, po = [builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data,
+                                      I8.as_pointer()) for i in range(3)]
+        D = builder.extract_value(qa.shape, 0)
+        v32 = _vec(F32, 32)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(4)]
+        for a in accs:
+            builder.store(ir.Constant(v32, None), a)
+
+        def step(d, acc):
+            qd = x.elem(pq, d, F32)
+            row = x.at(pk, builder.mul(d, ir.Constant(I64, 128)), v32)
+            builder.store(x.intr("llvm.fma.v32f32", v32, [row, x.splat(qd, 32), builder.load(acc)]), acc)
+
+        n4 = builder.udiv(D, ir.Constant(I64, 4))
+        with cgutils.for_range(builder, n4) as loop:
+            for u, acc in enumerate(accs):
+                step(builder.add(builder.mul(loop.index, ir.Constant(I64, 4)), ir.Constant(I64, u)), acc)
+        with cgutils.for_range(builder, builder.sub(D, builder.mul(n4, ir.Constant(I64, 4)))) as loop:
+            step(builder.add(builder.mul(n4, ir.Constant(I64, 4)), loop.index), accs[0])
+        total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
+                             builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
+        builder.store(total, builder.bitcast(po, v32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _block_wsum_impl(typingctx, p, a, z, v, acc):
+    """block_wsum(p, a, z, v, acc): acc[:] += sum_{a <= j < z} p[j] * v[j, :] for a block's values v (32, D),
+    D a multiple of 32: 32 columns at a time with their sums in registers, four positions per step."""
+    sig = types.void(p, types.intp, types.intp, v, acc)
+
+    def codegen(context, builder, signature, args):
+        x = _IR(builder)
+        pp, pv, pa = [builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data,
+                                      I8.as_pointer()) for i in (0, 3, 4)]
+        D = builder.extract_value(context.make_array(signature.args[4])(context, builder, args[4]).shape, 0)
+        ja, jz = args[1], args[2]
+        n = _non_negative(builder, builder.sub(jz, ja))
+        v32 = _vec(F32, 32)
+        row_bytes = builder.mul(D, ir.Constant(I64, 4))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v32, None)) for _ in range(4)]
+
+        def step(c, j, acc):
+            vals = x.at(pv, builder.add(builder.mul(j, row_bytes), builder.mul(c, ir.Constant(I64, 128))), v32)
+            builder.store(x.intr("llvm.fma.v32f32", v32, [vals, x.splat(x.elem(pp, j, F32), 32), builder.load(acc)]),
+                          acc)
+
+        with cgutils.for_range(builder, builder.udiv(D, ir.Constant(I64, 32))) as chunk:
+            c = chunk.index
+            for acc in accs:
+                builder.store(ir.Constant(v32, None), acc)
+            n4 = builder.udiv(n, ir.Constant(I64, 4))
+            with cgutils.for_range(builder, n4) as loop:
+                for u, acc in enumerate(accs):
+                    step(c, builder.add(ja, builder.add(builder.mul(loop.index, ir.Constant(I64, 4)),
+                                                        ir.Constant(I64, u))), acc)
+            with cgutils.for_range(builder, builder.sub(n, builder.mul(n4, ir.Constant(I64, 4)))) as loop:
+                step(c, builder.add(ja, builder.add(builder.mul(n4, ir.Constant(I64, 4)), loop.index)), accs[0])
+            total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
+                                 builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
+            optr = builder.bitcast(builder.gep(pa, [builder.mul(c, ir.Constant(I64, 128))]), v32.as_pointer())
+            builder.store(builder.fadd(builder.load(optr, align=4), total), optr, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+block_scores = intrinsic(_block_scores_impl)
+block_wsum = intrinsic(_block_wsum_impl)
