@@ -764,18 +764,28 @@ class QuantLinear:
 
 
 def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:
-    """[W x for W in qs] for matrices of one quantized type and input width (Q/K/V, gate/up): one activation
-    quantization and one parallel kernel call instead of one each. Other cases fall back to matvec."""
+    """[W x for W in qs] for matrices sharing the input (Q/K/V, gate/up): those of one quantized type run as one
+    parallel kernel call after one activation quantization (a mix's odd one out, e.g. a Q8_0 attn_v beside
+    Q5_0 q/k, gets its own call); float matrices use matvec."""
     x = np.asarray(x)
-    first = qs[0]
-    if len(qs) == 1 or first._mm is None or any(q.qtype != first.qtype or q.n_in != first.n_in for q in qs):
-        return [q.matvec(x) for q in qs]
-    if x.ndim != 1 or x.shape[0] != first.n_in:
-        raise ValueError(f"matvec: expected x of shape ({first.n_in},), got {x.shape}")
-    qx, dx, bs = _quantized(np.ascontiguousarray(x, dtype=np.float32)[None, :])
-    outs = tuple(np.empty((1, q.n_out), np.float32) for q in qs)
-    first._mm(tuple(q.raw for q in qs), first.n_in, qx, dx, bs, outs)
-    return [y[0] for y in outs]
+    n_in = qs[0].n_in
+    if x.ndim != 1 or x.shape[0] != n_in or any(q.n_in != n_in for q in qs):
+        raise ValueError(f"matvec: expected x of shape ({n_in},) for every matrix, got {x.shape}")
+    ys: list[np.ndarray | None] = [None] * len(qs)
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(qs):
+        if q._mm is None:
+            ys[i] = q.matvec(x)
+        else:
+            groups.setdefault(q.qtype, []).append(i)
+    if groups:
+        qx, dx, bs = _quantized(np.ascontiguousarray(x, dtype=np.float32)[None, :])
+        for idx in groups.values():
+            outs = tuple(np.empty((1, qs[i].n_out), np.float32) for i in idx)
+            qs[idx[0]]._mm(tuple(qs[i].raw for i in idx), n_in, qx, dx, bs, outs)
+            for i, y in zip(idx, outs):
+                ys[i] = y[0]
+    return ys
 
 
 def embed_rows(raw: np.ndarray, qtype: str, shape: tuple[int, int], ids) -> np.ndarray:
