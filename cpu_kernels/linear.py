@@ -702,6 +702,41 @@ def _quantized(X: np.ndarray):
     return qx, dx, bs
 
 
+_FUSED = 3                              # matrices per kernel call: Q/K/V
+_NO_ROWS = np.zeros(0, np.uint8)
+_NO_ROWS_RO = np.zeros(0, np.uint8)
+_NO_ROWS_RO.flags.writeable = False
+_NO_OUT: dict[int, np.ndarray] = {}      # T -> a (T, 0) output: a padding matrix's (empty) result
+
+
+def _pad(raw: np.ndarray) -> np.ndarray:
+    """A zero-row matrix of the same Numba type as `raw` (mmap views are read-only, copies are not)."""
+    return _NO_ROWS if raw.flags.writeable else _NO_ROWS_RO
+
+
+def _no_out(T: int) -> np.ndarray:
+    o = _NO_OUT.get(T)
+    if o is None:
+        o = _NO_OUT[T] = np.empty((T, 0), np.float32)
+    return o
+
+
+def _run_fused(mm, raws: list, n_in: int, qx, dx, bs, outs: list) -> None:
+    """mm over up to _FUSED matrices at once, always as 3-tuples (padded with zero-row matrices): one compiled
+    specialization per weight type instead of one per tuple length (each costs cold-start time and ~5 MB of
+    resident compiled code)."""
+    if len({bool(r.flags.writeable) for r in raws}) > 1:  # one Numba tuple holds one array type
+        raws = [r.view() for r in raws]
+        for r in raws:
+            r.flags.writeable = False
+    for k in range(0, len(raws), _FUSED):
+        r, o = list(raws[k:k + _FUSED]), list(outs[k:k + _FUSED])
+        while len(r) < _FUSED:
+            r.append(_pad(r[0]))
+            o.append(_no_out(qx.shape[0]))
+        mm(tuple(r), n_in, qx, dx, bs, tuple(o))
+
+
 def _out(out, shape) -> np.ndarray:
     if out is None:
         return np.empty(shape, np.float32)
@@ -720,6 +755,7 @@ class QuantLinear:
         self.nbytes = raw.nbytes
         self._f32 = raw.view(np.float32).reshape(self.n_out, self.n_in) if qtype == "F32" else None
         self._mm, self._rows = _KERNELS.get(qtype, (None, None))
+        self._raws3 = (raw, _pad(raw), _pad(raw))  # the kernels take 3 matrices (see _run_fused)
         # float32 rows per prefill tile
         self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
 
@@ -752,7 +788,8 @@ class QuantLinear:
             _gemm_f32(self._f32, X, Y, 0)
         elif self._mm is not None and T < _GEMM_MIN_T:
             qx, dx, bs = _quantized(X)
-            self._mm((self.raw,), self.n_in, qx, dx, bs, (Y,))
+            e = _no_out(X.shape[0])
+            self._mm(self._raws3, self.n_in, qx, dx, bs, (Y, e, e))
         else:
             # dequantize a tile of weight rows to float32, then the float32 GEMM
             tile = np.empty((min(self._tile, self.n_out), self.n_in), np.float32)
@@ -781,8 +818,8 @@ def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:
     if groups:
         qx, dx, bs = _quantized(np.ascontiguousarray(x, dtype=np.float32)[None, :])
         for idx in groups.values():
-            outs = tuple(np.empty((1, qs[i].n_out), np.float32) for i in idx)
-            qs[idx[0]]._mm(tuple(qs[i].raw for i in idx), n_in, qx, dx, bs, outs)
+            outs = [np.empty((1, qs[i].n_out), np.float32) for i in idx]
+            _run_fused(qs[idx[0]]._mm, [qs[i].raw for i in idx], n_in, qx, dx, bs, outs)
             for i, y in zip(idx, outs):
                 ys[i] = y[0]
     return ys
