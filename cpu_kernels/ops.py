@@ -43,17 +43,30 @@ def fast_exp(x):
     return p * _i32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
+# Each op: a row function and a parallel driver over rows; RMSNorm and RoPE also have a serial driver for a
+# single row (decode), where starting a parallel region (~3 us) costs more than the row's work.
 # ---------------------------------------------------------------- RMSNorm
+@njit(**_JIT)
+def _rmsnorm_row(x, w, eps, out, r):
+    n = x.shape[1]
+    ss = np.float32(0.0)
+    for i in range(n):
+        ss += x[r, i] * x[r, i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
+    for i in range(n):
+        out[r, i] = x[r, i] * inv * w[i]
+
+
 @njit(parallel=True, **_JIT)
 def _rmsnorm(x, w, eps, out):
-    rows, n = x.shape
-    for r in prange(rows):
-        ss = np.float32(0.0)
-        for i in range(n):
-            ss += x[r, i] * x[r, i]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
-        for i in range(n):
-            out[r, i] = x[r, i] * inv * w[i]
+    for r in prange(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, r)
+
+
+@njit(**_JIT)
+def _rmsnorm_serial(x, w, eps, out):
+    for r in range(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, r)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
@@ -62,33 +75,45 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = N
         raise ValueError(f"rmsnorm: x last dim {x.shape[-1]} != weight {w.shape[0]}")
     x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     o2 = np.empty_like(x2) if out is None else out.reshape(x2.shape)
-    _rmsnorm(x2, np.ascontiguousarray(w, dtype=np.float32), np.float32(eps), o2)
+    kernel = _rmsnorm if x2.shape[0] > 1 else _rmsnorm_serial
+    kernel(x2, np.ascontiguousarray(w, dtype=np.float32), np.float32(eps), o2)
     return o2.reshape(x.shape)
 
 
 # ---------------------------------------------------------------- RoPE
+@njit(**_JIT)
+def _rope_row(x, positions, inv_freq, neox, t):
+    # x: (T, H, D), row t rotated in place over the first 2*len(inv_freq) dims of each head.
+    H = x.shape[1]
+    half = inv_freq.shape[0]
+    p = np.float32(positions[t])
+    for i in range(half):
+        ang = p * inv_freq[i]
+        c = np.float32(math.cos(ang))
+        s = np.float32(math.sin(ang))
+        for h in range(H):
+            if neox:
+                a = x[t, h, i]
+                b = x[t, h, i + half]
+                x[t, h, i] = a * c - b * s
+                x[t, h, i + half] = a * s + b * c
+            else:
+                a = x[t, h, 2 * i]
+                b = x[t, h, 2 * i + 1]
+                x[t, h, 2 * i] = a * c - b * s
+                x[t, h, 2 * i + 1] = a * s + b * c
+
+
 @njit(parallel=True, **_JIT)
 def _rope(x, positions, inv_freq, neox):
-    # x: (T, H, D) rotated in place over the first 2*len(inv_freq) dims of each head.
-    T, H, D = x.shape
-    half = inv_freq.shape[0]
-    for t in prange(T):
-        p = np.float32(positions[t])
-        for i in range(half):
-            ang = p * inv_freq[i]
-            c = np.float32(math.cos(ang))
-            s = np.float32(math.sin(ang))
-            for h in range(H):
-                if neox:
-                    a = x[t, h, i]
-                    b = x[t, h, i + half]
-                    x[t, h, i] = a * c - b * s
-                    x[t, h, i + half] = a * s + b * c
-                else:
-                    a = x[t, h, 2 * i]
-                    b = x[t, h, 2 * i + 1]
-                    x[t, h, 2 * i] = a * c - b * s
-                    x[t, h, 2 * i + 1] = a * s + b * c
+    for t in prange(x.shape[0]):
+        _rope_row(x, positions, inv_freq, neox, t)
+
+
+@njit(**_JIT)
+def _rope_serial(x, positions, inv_freq, neox):
+    for t in range(x.shape[0]):
+        _rope_row(x, positions, inv_freq, neox, t)
 
 
 def rope_inv_freq(n_rot: int, base: float, freq_factors: np.ndarray | None = None) -> np.ndarray:
@@ -106,7 +131,7 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, neox: bool)
         raise ValueError("rope: x must be a contiguous float32 (T, H, D) array")
     if 2 * inv_freq.shape[0] > x.shape[2] or positions.shape[0] != x.shape[0]:
         raise ValueError("rope: rotation width or positions do not match x")
-    _rope(x, positions.astype(np.int64), inv_freq, neox)
+    (_rope if x.shape[0] > 1 else _rope_serial)(x, positions.astype(np.int64), inv_freq, neox)
     return x
 
 
@@ -168,25 +193,33 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
 
 
 # ---------------------------------------------------------------- activations
+@njit(**_JIT)
+def _silu_row(g, u, out, r):
+    for i in range(g.shape[1]):
+        a = g[r, i]
+        out[r, i] = a / (np.float32(1.0) + fast_exp(-a)) * u[r, i]
+
+
+@njit(**_JIT)
+def _gelu_row(g, u, out, r):
+    # GELU, tanh approximation (gelu_pytorch_tanh), as Gemma uses:
+    # 0.5 a (1 + tanh(z)) = a / (1 + exp(-2z)), z = sqrt(2/pi) (a + 0.044715 a^3)
+    c2 = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
+    for i in range(g.shape[1]):
+        a = g[r, i]
+        out[r, i] = a / (np.float32(1.0) + fast_exp(c2 * (a + np.float32(0.044715) * a * a * a))) * u[r, i]
+
+
 @njit(parallel=True, **_JIT)
 def _silu_mul(g, u, out):
-    rows, n = g.shape
-    for r in prange(rows):
-        for i in range(n):
-            a = g[r, i]
-            out[r, i] = a / (np.float32(1.0) + fast_exp(-a)) * u[r, i]
+    for r in prange(g.shape[0]):
+        _silu_row(g, u, out, r)
 
 
 @njit(parallel=True, **_JIT)
 def _gelu_mul(g, u, out):
-    # GELU, tanh approximation (gelu_pytorch_tanh), as Gemma uses:
-    # 0.5 a (1 + tanh(z)) = a / (1 + exp(-2z)), z = sqrt(2/pi) (a + 0.044715 a^3)
-    rows, n = g.shape
-    c2 = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
-    for r in prange(rows):
-        for i in range(n):
-            a = g[r, i]
-            out[r, i] = a / (np.float32(1.0) + fast_exp(c2 * (a + np.float32(0.044715) * a * a * a))) * u[r, i]
+    for r in prange(g.shape[0]):
+        _gelu_row(g, u, out, r)
 
 
 def _gated(kernel, g, u):
@@ -195,7 +228,7 @@ def _gated(kernel, g, u):
     g2 = np.ascontiguousarray(g, dtype=np.float32).reshape(-1, g.shape[-1])
     u2 = np.ascontiguousarray(u, dtype=np.float32).reshape(g2.shape)
     out = np.empty_like(g2)
-    kernel(g2, u2, out)
+    kernel(g2, u2, out)  # parallel even for one row: 1536-2048 exps are worth the ~3 us start
     return out.reshape(g.shape)
 
 
