@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import simd
+from . import simd_attention
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
@@ -348,7 +348,7 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
                 z = jhi[r]
                 if a >= z:
                     continue
-                simd.block_scores(qb[r], kt, sc[r])  # all 32 scores of the block as one vector
+                simd_attention.block_scores(qb[r], kt, sc[r])  # all 32 scores of the block as one vector
                 mx = m[r]
                 for j in range(a, z):
                     mx = max(mx, sc[r, j])
@@ -364,7 +364,7 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
                 if jlo[r] >= jhi[r]:
                     continue
                 if D % QBLOCK == 0:
-                    simd.block_wsum(sc[r], jlo[r], jhi[r], vb, acc[r])
+                    simd_attention.block_wsum(sc[r], jlo[r], jhi[r], vb, acc[r])
                 else:  # f16/f32 caches with head_dim not a multiple of 32
                     for j in range(jlo[r], jhi[r]):
                         w = sc[r, j]
@@ -439,9 +439,10 @@ def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
         p_lo = max(lo, p0)
         p_hi = min(pos + 1, b_last * QBLOCK)
         if kkind == Q8:
-            # q8 keys: float dots straight from the int8 codes (simd.scores_q8)
+            # q8 keys: float dots straight from the int8 codes (simd_attention.scores_q8)
             for r in range(n_rep):
-                simd.scores_q8(ki8, ks, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r], sc[r, p_lo - p0:])
+                simd_attention.scores_q8(ki8, ks, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r],
+                                         sc[r, p_lo - p0:])
         else:
             for blk in range(b_first, b_last):
                 b0 = blk * QBLOCK
@@ -467,7 +468,8 @@ def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
         acc = np.zeros((n_rep, D), np.float32)
         if vkind == Q8:
             for r in range(n_rep):
-                simd.wsum_q8(vi8, vs, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, sc[r, p_lo - p0:], acc[r])
+                simd_attention.wsum_q8(vi8, vs, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, sc[r, p_lo - p0:],
+                                       acc[r])
         else:
             for blk in range(b_first, b_last):
                 b0 = blk * QBLOCK
