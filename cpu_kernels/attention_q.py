@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd_attention
+from .ops import fast_exp
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
@@ -248,24 +249,12 @@ def _load_rows(kind, af, ah, ai8, au4, au8, asc, amn, pend, g, b0, j0, j1, nslot
 
 
 @njit(**_JIT)
-def _exp_block(x, a, z, mx, eu, ef):
-    # x[a:z] = exp(x[a:z] - mx) (all <= 0), returns their sum. Cephes' exp2f: 2^n (bits) * polynomial(f),
-    # relative error ~1e-7; written so the loops vectorize (no SVML: math.exp would be a scalar libm call).
-    for j in range(a, z):
-        y = max((x[j] - mx) * np.float32(1.4426950408889634), np.float32(-125.0))
-        n = np.floor(y + np.float32(0.5))
-        f = y - n
-        p = np.float32(1.535336188319500e-4)
-        p = p * f + np.float32(1.339887440266574e-3)
-        p = p * f + np.float32(9.618437357674640e-3)
-        p = p * f + np.float32(5.550332471162809e-2)
-        p = p * f + np.float32(2.402264791363012e-1)
-        p = p * f + np.float32(6.931472028550421e-1)
-        x[j] = p * f + np.float32(1.0)
-        eu[j] = np.uint32((np.int32(n) + np.int32(127)) << np.int32(23))
+def _exp_block(x, a, z, mx):
+    """x[a:z] = exp(x[a:z] - mx) (all <= 0), returns their sum; ops.fast_exp vectorizes (math.exp would be
+    a scalar libm call: Numba has no SVML here)."""
     tot = np.float32(0.0)
     for j in range(a, z):
-        e = x[j] * ef[j]
+        e = fast_exp(x[j] - mx)
         x[j] = e
         tot += e
     return tot
@@ -319,8 +308,6 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
         sc = np.empty((rows, QBLOCK), np.float32)
         cs = np.empty(D, np.float32)
         cm = np.empty(D, np.float32)
-        eu = np.empty(QBLOCK, np.uint32)
-        ef = eu.view(np.float32)
         for blk in range(bs0, bs1):
             b0 = blk * QBLOCK
             ulo = QBLOCK
@@ -358,7 +345,7 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
                     for d in range(D):
                         acc[r, d] *= corr
                     m[r] = mx
-                l[r] += _exp_block(sc[r], a, z, mx, eu, ef)
+                l[r] += _exp_block(sc[r], a, z, mx)
             _load_rows(vkind, vf, vh, vi8, vu4, vu8, vs, vm, vpend, g, b0, ulo, uhi, nslots, full, vb, cs, cm)
             for r in range(rows):
                 if jlo[r] >= jhi[r]:
@@ -457,14 +444,12 @@ def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
                             s += qb[r, d] * kr[d]
                         sc[r, b0 - p0 + j] = s
         n = (b_last - b_first) * QBLOCK
-        eu = np.empty(n, np.uint32)
-        ef = eu.view(np.float32)
         for r in range(n_rep):
             mx = _NEG
             for j in range(n):
                 mx = max(mx, sc[r, j])
             pm[sp, g * n_rep + r] = mx
-            pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx, eu, ef)
+            pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx)
         acc = np.zeros((n_rep, D), np.float32)
         if vkind == Q8:
             for r in range(n_rep):
