@@ -44,8 +44,8 @@ def main() -> None:
         bw, bb = L.BLOCKS[qt]
         n_in = max(bw, 32)
         raw = np.zeros(bb * (n_in // bw) * 8, np.uint8)
-        mm((raw,), n_in, np.zeros((1, n_in), np.int8), np.zeros((1, n_in // 32), np.float32),
-           np.zeros((1, n_in // 16), np.int32), (np.zeros((1, 8), np.float32),))
+        L._run_fused(mm, [raw], n_in, np.zeros((1, n_in), np.int8), np.zeros((1, n_in // 32), np.float32),
+                     np.zeros((1, n_in // 16), np.int32), [np.zeros((1, 8), np.float32)])
         rows.append((f"matvec {qt}", census("\n".join(mm.inspect_asm().values()))))
     from edgeq.kv_cache import make_kv_cache
 

@@ -385,8 +385,6 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
             out[t, h, d] *= inv
 
 
-
-
 @njit(parallel=True, **_JIT)
 def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
                          kkind, kf, kh, ki8, ku4, ku8, ks, km, kpend,

@@ -24,24 +24,18 @@ Every kernel is compiled on first use of its type only (lazy), with cache=True.
 """
 from __future__ import annotations
 
-import platform
-
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
+from .simd import _HW_HALF  # f16 -> f32 in hardware (x86 F16C, ARM64) or integer arithmetic
 
 # fastmath without 'reassoc' (see the module docstring): contract still gives FMAs.
 _FAST = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
-
-# f16 -> f32 in hardware where LLVM has it (x86 F16C, any ARM64); else integer arithmetic
-_HW_HALF = platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or \
-    bool(llvm_binding.get_host_cpu_features().get("f16c", False))
 
 # qtype -> (weights per block, bytes per block)
 BLOCKS: dict[str, tuple[int, int]] = {
@@ -327,15 +321,25 @@ def _dq_q6_k(row, n, y):
 
 # ---------------------------------------------------------------- parallel drivers, one pair per type
 @njit(inline="always", **_JIT)
-def _row_starts(outs):
-    """First global row of each matrix stacked in `outs` order, plus the total: (len(outs) + 1,)."""
-    starts = np.zeros(len(outs) + 1, np.int64)
-    for m in range(len(outs)):
-        starts[m + 1] = starts[m] + outs[m].shape[1]
-    return starts
+def _n_rows(outs):
+    return outs[0].shape[1] + outs[1].shape[1] + outs[2].shape[1]
 
 
-# _mm_*: outs[m][t, r] = W_m[r] . X[t] over quantized activations, for a tuple of matrices sharing the input
+@njit(**_JIT)
+def _locate(outs, i):
+    """Global row i of the 3 matrices stacked in `outs` order (see _run_fused) -> (matrix, row in it).
+    i arrives as the parallel loop's unsigned index: made int64 first (uint64 - int64 is float64 in Numba)."""
+    i = np.int64(i)
+    n0 = outs[0].shape[1]
+    if i < n0:
+        return 0, i
+    n1 = n0 + outs[1].shape[1]
+    if i < n1:
+        return 1, i - n0
+    return 2, i - n1
+
+
+# _mm_*: outs[m][t, r] = W_m[r] . X[t] over quantized activations, for 3 matrices sharing the input
 #        (raws[m] their bytes: Q/K/V or gate/up run as one parallel loop over all their rows, after one
 #        activation quantization); prange over weight rows, so each row is read once from memory and reused
 #        for all T activation rows from L1.
@@ -344,13 +348,8 @@ def _row_starts(outs):
 def _mm_q8_0(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 34
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -361,13 +360,8 @@ def _mm_q8_0(raws, n_in, qx, dx, bs, outs):
 def _mm_q4_0(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 18
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -378,13 +372,8 @@ def _mm_q4_0(raws, n_in, qx, dx, bs, outs):
 def _mm_q4_1(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 20
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -395,13 +384,8 @@ def _mm_q4_1(raws, n_in, qx, dx, bs, outs):
 def _mm_q5_0(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 22
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -412,13 +396,8 @@ def _mm_q5_0(raws, n_in, qx, dx, bs, outs):
 def _mm_q5_1(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 32
     rb = nb * 24
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -429,13 +408,8 @@ def _mm_q5_1(raws, n_in, qx, dx, bs, outs):
 def _mm_q2_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 84
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -446,13 +420,8 @@ def _mm_q2_k(raws, n_in, qx, dx, bs, outs):
 def _mm_q3_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 110
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -463,13 +432,8 @@ def _mm_q3_k(raws, n_in, qx, dx, bs, outs):
 def _mm_q4_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 144
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -480,13 +444,8 @@ def _mm_q4_k(raws, n_in, qx, dx, bs, outs):
 def _mm_q5_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 176
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):
@@ -497,13 +456,8 @@ def _mm_q5_k(raws, n_in, qx, dx, bs, outs):
 def _mm_q6_k(raws, n_in, qx, dx, bs, outs):
     nb = n_in // 256
     rb = nb * 210
-    starts = _row_starts(outs)
-    for i in prange(starts[-1]):
-        m = 0
-        for k in range(1, len(outs)):   # which matrix (no searchsorted: ~30 ns a row)
-            if i >= starts[k]:
-                m = k
-        r = i - starts[m]
+    for i in prange(_n_rows(outs)):
+        m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, r * rb + _PREFETCH, rb)
         for t in range(qx.shape[0]):

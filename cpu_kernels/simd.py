@@ -37,18 +37,25 @@ def _vec(t, n):
     return ir.VectorType(t, n)
 
 
+def host_levels() -> list[str]:
+    """The instruction levels this CPU can run, best first (always ending with "generic")."""
+    levels = ["generic"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        f = llvm_binding.get_host_cpu_features()
+        if f.get("avx2"):
+            levels.insert(0, "avx2")
+        if (f.get("avx512vnni") and f.get("avx512vl")) or f.get("avxvnni"):
+            levels.insert(0, "vnni")
+    return levels
+
+
 def _detect_level() -> str:
     forced = os.environ.get("EDGEQ_SIMD", "").strip().lower()
     if forced:
         if forced not in ("vnni", "avx2", "generic"):
             raise ValueError(f"EDGEQ_SIMD must be vnni, avx2 or generic, not {forced!r}")
         return forced
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "generic"
-    f = llvm_binding.get_host_cpu_features()
-    if (f.get("avx512vnni") and f.get("avx512vl")) or f.get("avxvnni"):
-        return "vnni"
-    return "avx2" if f.get("avx2") else "generic"
+    return host_levels()[0]
 
 
 LEVEL = _detect_level()
@@ -194,6 +201,12 @@ class _Acc:
         return self.x.b.fadd(self.x.hsum8(self.x.b.load(self.vec_p)), self.x.b.load(self.sc_p))
 
 
+def data_ptrs(context, builder, signature, args, which) -> list:
+    """The data pointers (as i8*) of the array arguments numbered `which` of an intrinsic's call."""
+    return [builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data, I8.as_pointer())
+            for i in which]
+
+
 def _row_dot(block, block_bytes: int, doc: str):
     """Numba intrinsic dot(raw, off, nb, qx, dx, bs) -> float32 looping `block` over the row's nb blocks.
 
@@ -204,10 +217,7 @@ def _row_dot(block, block_bytes: int, doc: str):
 
         def codegen(context, builder, signature, args):
             x = _IR(builder)
-            ptrs = [builder.bitcast(context.make_array(t)(context, builder, v).data, I8.as_pointer())
-                    for t, v in zip((signature.args[0], signature.args[3], signature.args[4], signature.args[5]),
-                                    (args[0], args[3], args[4], args[5]))]
-            row0, pqx, pdx, pbs = ptrs
+            row0, pqx, pdx, pbs = data_ptrs(context, builder, signature, args, (0, 3, 4, 5))
             row = builder.gep(row0, [args[1]])
             acc = _Acc(x)
             with cgutils.for_range(builder, args[2]) as loop:

@@ -19,7 +19,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import F32, I8, I64, _IR, _vec
+from .simd import F32, I8, I64, _IR, _vec, data_ptrs
 
 V32 = _vec(F32, 32)
 UNROLL = 4
@@ -27,11 +27,6 @@ UNROLL = 4
 
 def _c(v: int) -> ir.Constant:
     return ir.Constant(I64, v)
-
-
-def _ptrs(context, builder, signature, args, which) -> list:
-    return [builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data, I8.as_pointer())
-            for i in which]
 
 
 def _len(context, builder, signature, args, i) -> ir.Value:
@@ -89,7 +84,7 @@ def scores_q8(typingctx, codes, scales, base, nslots, s_first, n_pos, q, out):
 
     def codegen(context, builder, signature, args):
         x = _IR(builder)
-        pc, ps, pq, po = _ptrs(context, builder, signature, args, (0, 1, 6, 7))
+        pc, ps, pq, po = data_ptrs(context, builder, signature, args, (0, 1, 6, 7))
         base, nslots, s_first, n_pos = args[2:6]
         D = _len(context, builder, signature, args, 6)
         nbd = builder.udiv(D, _c(32))
@@ -114,7 +109,7 @@ def wsum_q8(typingctx, codes, scales, base, nslots, s_first, n_pos, w, out):
 
     def codegen(context, builder, signature, args):
         x = _IR(builder)
-        pc, ps, pw, po = _ptrs(context, builder, signature, args, (0, 1, 6, 7))
+        pc, ps, pw, po = data_ptrs(context, builder, signature, args, (0, 1, 6, 7))
         base, nslots, s_first, n_pos = args[2:6]
         D = _len(context, builder, signature, args, 7)
         nbd = builder.udiv(D, _c(32))
@@ -133,7 +128,7 @@ def block_scores(typingctx, q, kt, out):
 
     def codegen(context, builder, signature, args):
         x = _IR(builder)
-        pq, pk, po = _ptrs(context, builder, signature, args, (0, 1, 2))
+        pq, pk, po = data_ptrs(context, builder, signature, args, (0, 1, 2))
         D = _len(context, builder, signature, args, 0)
         total = _fma_sum(x, D, _c(0), lambda d: (x.at(pk, builder.mul(d, _c(128)), V32), x.elem(pq, d, F32)))
         builder.store(total, builder.bitcast(po, V32.as_pointer()), align=4)
@@ -147,7 +142,7 @@ def block_wsum(typingctx, p, a, z, v, acc):
 
     def codegen(context, builder, signature, args):
         x = _IR(builder)
-        pp, pv, pa = _ptrs(context, builder, signature, args, (0, 3, 4))
+        pp, pv, pa = data_ptrs(context, builder, signature, args, (0, 3, 4))
         D = _len(context, builder, signature, args, 4)
         row_bytes = builder.mul(D, _c(4))
         with cgutils.for_range(builder, builder.udiv(D, _c(32))) as chunk:

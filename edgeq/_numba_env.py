@@ -13,7 +13,6 @@ import importlib.util
 import os
 
 
-
 def _kernel_sources_hash() -> str:
     """8 hex digits of the kernel modules' source. Numba stamps a cached function with its own file only, so
     an edit of a module it calls into (cpu_kernels/simd.py's intrinsics, an inlined helper) would otherwise

@@ -200,16 +200,16 @@ class KVCache:
                              f"(layer {il} holds {L.n}, ring of {L.nslots})")
         q = np.ascontiguousarray(q, dtype=np.float32)
         out = np.empty_like(q)
-        n_qt = -(-T // aq.TILE_Q)
-        jobs = L.n_kv * n_qt
         n_blocks = -(-(pos0 + T - lo) // _QB) + 1
-        n_split = max(1, min(n_blocks, -(-4 * numba.get_num_threads() // jobs)))
         full = L.n // _QB * _QB
-        if T == 1:
-            aq.attend_decode_kernel(q[0], L.n_kv, pos0, np.float32(scale), L.window, L.nslots,
-                                    max(1, min(n_blocks - 1, 2 * numba.get_num_threads() // L.n_kv + 1)), full,
+        threads = numba.get_num_threads()
+        if T == 1:  # jobs = kv heads x key splits, a few per thread
+            n_split = max(1, min(n_blocks - 1, 2 * threads // L.n_kv + 1))
+            aq.attend_decode_kernel(q[0], L.n_kv, pos0, np.float32(scale), L.window, L.nslots, n_split, full,
                                     *L.k.kernel_args(), *L.v.kernel_args(), out[0])
             return out
+        jobs = L.n_kv * -(-T // aq.TILE_Q)  # kv heads x tiles of queries, times the key splits
+        n_split = max(1, min(n_blocks, -(-4 * threads // jobs)))
         aq.attend_kernel(q, L.n_kv, pos0, np.float32(scale), L.window, L.nslots, n_split, full,
                          *L.k.kernel_args(), *L.v.kernel_args(), out)
         return out

@@ -8,29 +8,20 @@ the path of x86 CPUs without F16C."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from llvmlite import binding as llvm_binding
+
+from edgeq.cpu_kernels.simd import host_levels
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _can_run(level: str) -> bool:
-    if level == "generic":
-        return True
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    f = llvm_binding.get_host_cpu_features()
-    return bool(f.get("avx2")) if level == "avx2" else bool((f.get("avx512vnni") and f.get("avx512vl")) or f.get("avxvnni"))
-
-
 @pytest.mark.parametrize("level", ["vnni", "avx2", "generic"])
 def test_row_dots_exact_on_level(level):
-    if not _can_run(level):
+    if level not in host_levels():
         pytest.skip(f"this CPU cannot run the {level} level")
     env = dict(os.environ, EDGEQ_SIMD=level, EDGEQ_SOFT_HALF="1" if level == "generic" else "0")
     env.pop("NUMBA_CACHE_DIR", None)  # let edgeq/_numba_env.py pick the folder of this level
