@@ -15,7 +15,7 @@ import time
 import edgeq
 from edgeq.assets import text_path
 from edgeq.models import base, gemma3, llama
-from edgeq.sampling import Sampler, SamplingParams
+from edgeq.runtime.sampling import Sampler, SamplingParams
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def main() -> None:
         L._run_fused(mm, [raw], n_in, np.zeros((1, n_in), np.int8), np.zeros((1, n_in // 32), np.float32),
                      np.zeros((1, n_in // 16), np.int32), [np.zeros((1, 8), np.float32)])
         rows.append((f"matvec {qt}", census("\n".join(mm.inspect_asm().values()))))
-    from edgeq.kv_cache import make_kv_cache
+    from edgeq.runtime.kv_cache import make_kv_cache
 
     class Layout:
         n_kv_heads, head_dim, window = 1, 64, 0

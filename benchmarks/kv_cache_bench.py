@@ -43,7 +43,7 @@ def kernel_layouts(name: str):
 
 
 def bench_kernel(name: str, types, n_pos: int, n_steps: int, repeat: int) -> list[dict]:
-    from edgeq.kv_cache import make_kv_cache
+    from edgeq.runtime.kv_cache import make_kv_cache
 
     _, n_kv, H, D, _ = LAYOUTS[name]
     layouts = kernel_layouts(name)
@@ -83,7 +83,7 @@ def bench_kernel(name: str, types, n_pos: int, n_steps: int, repeat: int) -> lis
 
 
 def bench_model(model_name: str, types, n_prefill: int, n_steps: int, repeat: int, threads: int, text: str | None):
-    from edgeq.engine import load
+    from edgeq.runtime.engine import load
 
     if text is None:
         from edgeq.assets import text_path

@@ -23,7 +23,7 @@ def main() -> int:
     ap.add_argument("--edgeq-args", default="")
     a = ap.parse_args()
     from edgeq.assets import text_path
-    from edgeq.engine import resolve_model
+    from edgeq.runtime.engine import resolve_model
 
     text = text_path("hamlet")
     py = llamacpp_python(build=True)

@@ -88,7 +88,7 @@ def edgeq_ppl(model: Path, text: Path, chunks: int, base_logits: Path, save: boo
 
 def bench_model(key: str, types: list[str], args, py: Path | None) -> dict:
     from edgeq.assets import model_path, text_path
-    from edgeq.hf_checkpoint import materialize_from_gguf
+    from edgeq.convert.hf_checkpoint import materialize_from_gguf
 
     catalog, dirname = MODELS[key]
     work = Path(args.work).expanduser() / key

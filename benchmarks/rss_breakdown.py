@@ -45,10 +45,10 @@ def main() -> None:
         from numba.core import registry
         registry.cpu_target.target_context.refresh()
     stage("numba target context", target)
-    stage("edgeq engine + kernels modules", lambda: __import__("edgeq.engine"))
+    stage("edgeq engine + kernels modules", lambda: __import__("edgeq.runtime.engine"))
     from edgeq.assets import resolve_model
     from edgeq.formats.gguf_file import GGUFFile
-    from edgeq.tokenizer import Tokenizer
+    from edgeq.runtime.tokenizer import Tokenizer
     path = resolve_model(a.model)
     if a.tokenizer_only:
         gf = stage("GGUF header + metadata", lambda: GGUFFile(path))

@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from edgeq.assets import text_path
-    from edgeq.engine import resolve_model
+    from edgeq.runtime.engine import resolve_model
 
     text = str(text_path("hamlet"))
     py = llamacpp_python(build=True)

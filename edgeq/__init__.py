@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 
 def load(path, **kwargs):
-    """Load a GGUF model (path or catalog name) and return an `edgeq.engine.Model`."""
-    from edgeq.engine import load as _load
+    """Load a GGUF model (path or catalog name) and return an `edgeq.runtime.engine.Model`."""
+    from edgeq.runtime.engine import load as _load
 
     return _load(path, **kwargs)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeq.chat_template import ChatTemplate, ChatTemplateError
+from edgeq.runtime.chat_template import ChatTemplate, ChatTemplateError
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse. Réponds en français si besoin 🙂."},

@@ -1,5 +1,4 @@
 """Bad input through the real CLI: one clear line on stderr, non-zero exit, never a traceback."""
-import os
 import signal
 import subprocess
 import sys

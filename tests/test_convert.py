@@ -21,9 +21,9 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from edgeq import hf_to_gguf, imatrix, mixes  # noqa: E402
+from edgeq.convert import hf_to_gguf, imatrix, mixes  # noqa: E402
 from edgeq.cli import main as cli  # noqa: E402
-from edgeq.hf_checkpoint import HFCheckpoint, materialize_from_gguf  # noqa: E402
+from edgeq.convert.hf_checkpoint import HFCheckpoint, materialize_from_gguf  # noqa: E402
 
 HF_CACHE = Path(os.environ.get("EDGEQ_HF_CACHE", Path.home() / ".cache" / "edgeq" / "hf"))
 # the AMX build of llama-cpp-python in ~/.cache/edgeq-llamacpp crashes on quantized types on this CPU (it
@@ -257,7 +257,7 @@ def test_bf16_and_f16_sources_read(tmp_path, hf_smollm2):
 # ------------------------------------------------------------------------------------------------
 
 def _edgeq_logits(path: Path, ids: list[int]) -> np.ndarray:
-    engine = pytest.importorskip("edgeq.engine")
+    engine = pytest.importorskip("edgeq.runtime.engine")
     return engine.load(str(path), n_ctx=64, threads=1, cache_type_k="f32", cache_type_v="f32").logits(ids)
 
 
@@ -512,7 +512,7 @@ def test_imatrix_legacy_dat(tmp_path):
 
 @needs_quants
 def test_calibrate_save_and_reuse(tiny, tmp_path):
-    pytest.importorskip("edgeq.engine")
+    pytest.importorskip("edgeq.runtime.engine")
     text = tmp_path / "calib.txt"
     text.write_text(TEXT * 20)
     im_path, a, b = tmp_path / "im.gguf", tmp_path / "a.gguf", tmp_path / "b.gguf"
@@ -553,7 +553,7 @@ def test_smollm2_to_q4_k_m(hf_smollm2, tmp_path):
 @needs_quants
 def test_smollm2_f16_perplexity_matches_transformers(hf_smollm2, tmp_path, hamlet_path):
     """Same token windows, same scoring (second half of 512-token windows): within 0.1%."""
-    engine = pytest.importorskip("edgeq.engine")
+    engine = pytest.importorskip("edgeq.runtime.engine")
     out = tmp_path / "smollm2-f16.gguf"
     assert convert(hf_smollm2, out, "F16") == 0
     model = engine.load(str(out), n_ctx=512, cache_type_k="f32", cache_type_v="f32")  # weights are the question

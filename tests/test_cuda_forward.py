@@ -33,7 +33,7 @@ def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n
     types[short name] (e.g. {"attn_q": "Q4_0"}), a byte-level BPE vocabulary of 64 tokens, `n_head` query
     heads sharing 1 KV head of 32 dims. Gemma 3: layer 0 has a 3-token sliding window, layer 1 is global."""
     from edgeq.formats.quants import quantize
-    from edgeq.tokenizer import BYTE_TO_CHAR
+    from edgeq.runtime.tokenizer import BYTE_TO_CHAR
 
     rng = np.random.default_rng(seed)
     n_kv, hd = 1, 32  # head_dim 32: the CPU KV cache works in blocks of 32
@@ -123,7 +123,7 @@ def fast_simulator():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, fast_simulator):
     """name -> (CPU model with a float32 KV cache, CUDA model), loaded once per module."""
-    from edgeq.engine import Model
+    from edgeq.runtime.engine import Model
 
     root = tmp_path_factory.mktemp("cuda_models")
     cache = {}
@@ -189,7 +189,7 @@ def test_generation_on_the_device(models):
 
 @needs_device
 def test_quantized_cache_is_refused_on_cuda(tmp_path):
-    from edgeq.engine import Model
+    from edgeq.runtime.engine import Model
     from edgeq.errors import EdgeqError
 
     with pytest.raises(EdgeqError, match="float32 KV cache"):
@@ -197,7 +197,7 @@ def test_quantized_cache_is_refused_on_cuda(tmp_path):
 
 
 def test_device_selection():
-    from edgeq.engine import select_device
+    from edgeq.runtime.engine import select_device
     from edgeq.errors import EdgeqError
 
     assert select_device("cpu") == "cpu"

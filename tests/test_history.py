@@ -1,7 +1,7 @@
 """The SQLite chat history: WAL mode, per-chat settings, incremental saves seen by another connection."""
 import sqlite3
 
-from edgeq.history import ChatSettings, History
+from edgeq.tui.history import ChatSettings, History
 
 
 def test_roundtrip_and_wal(tmp_path):
@@ -25,7 +25,7 @@ def test_roundtrip_and_wal(tmp_path):
 def test_order_delete_export(tmp_path):
     h = History(tmp_path / "c.db")
     a = h.new_conversation("a")
-    b = h.new_conversation("b")
+    h.new_conversation("b")
     h.add_message(a.id, "user", "newer activity")
     assert [c.title for c in h.conversations()] == ["a", "b"]
     md = h.export_markdown(a.id)

@@ -11,7 +11,7 @@ import pytest
 
 from edgeq.cpu_kernels import attention_q as aq
 from edgeq.errors import EdgeqError
-from edgeq.kv_cache import CACHE_TYPES, make_kv_cache
+from edgeq.runtime.kv_cache import CACHE_TYPES, make_kv_cache
 
 QB = 32
 
@@ -278,7 +278,7 @@ def test_batching_does_not_change_the_cache(t):
 def test_float_cache_head_dim_not_multiple_of_32(head_dim, ctype):
     """f16/f32 caches accept any head_dim (the quantized ones need whole blocks of 32): causal attention
     equals a numpy softmax reference."""
-    from edgeq.kv_cache import make_kv_cache
+    from edgeq.runtime.kv_cache import make_kv_cache
     from edgeq.models.base import KVLayout
 
     rng = np.random.default_rng(head_dim)

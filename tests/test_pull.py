@@ -4,7 +4,8 @@ import zipfile
 
 import pytest
 
-from edgeq import assets, pull_cmd
+from edgeq import assets
+from edgeq.cli import pull as pull_cmd
 from edgeq.cli import main
 
 

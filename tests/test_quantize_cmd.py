@@ -9,9 +9,9 @@ import pytest
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from edgeq import mixes  # noqa: E402
+from edgeq.convert import mixes  # noqa: E402
 from edgeq.cli import main as cli  # noqa: E402
-from edgeq.hf_checkpoint import materialize_from_gguf  # noqa: E402
+from edgeq.convert.hf_checkpoint import materialize_from_gguf  # noqa: E402
 from test_convert import HF_CACHE, _has_quants, needs_quants  # noqa: E402
 
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from edgeq.engine import _split_stop
+from edgeq.runtime.engine import _split_stop
 from edgeq.errors import EdgeqError
-from edgeq.sampling import Sampler, SamplingParams
+from edgeq.runtime.sampling import Sampler, SamplingParams
 
 
 def test_greedy_is_argmax():
@@ -55,7 +55,7 @@ def test_split_stop_holds_back_partial_matches():
 
 def test_top_k_prefilter_equals_full_sort():
     """The max-pooled top-k prefilter (large vocabularies) keeps exactly the k largest values, ties included."""
-    from edgeq.sampling import _top_k_indices
+    from edgeq.runtime.sampling import _top_k_indices
 
     rng = np.random.default_rng(3)
     for n, k in [(262144, 40), (49152, 40), (262144, 1), (65536, 100), (1000, 5)]:

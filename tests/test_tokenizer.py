@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeq.tokenizer import Tokenizer
+from edgeq.runtime.tokenizer import Tokenizer
 
 MIXED = (
     "Hello world! The café's naïve façade — 'quoted' \"text\", isn't it? I'll say we've 12345 and 3.14159.\n"
@@ -184,7 +184,7 @@ def test_tiny_spm_merges_by_score():
 
 def test_gpt2_unknown_pre_falls_back_with_warning(smollm2_path, caplog):
     meta = dict(gguf_metadata(str(smollm2_path)), **{"tokenizer.ggml.pre": "no-such-pre"})
-    with caplog.at_level(logging.WARNING, logger="edgeq.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="edgeq.runtime.tokenizer"):
         tok = Tokenizer.from_metadata(meta)
     assert "no-such-pre" in caplog.text
     assert tok.decode(tok.encode("Hello world 123")) == "Hello world 123"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edgeq.history import ChatSettings, History
+from edgeq.tui.history import ChatSettings, History
 from edgeq.tui.app import ChatApp, ChatMessage, PromptInput, SettingsScreen
 
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio backend)
@@ -287,7 +287,7 @@ def test_snapshot_settings_screen(home, snap_compare):
 @pytest.fixture(scope="module")
 def real_model(smollm2_path):
     pytest.importorskip("edgeq.formats.gguf_file")
-    from edgeq.engine import load
+    from edgeq.runtime.engine import load
 
     # f16 cache: its logits track transformers' fp32 ones (The 24.13 vs La 23.94 for the first reply token,
     # transformers 24.14 vs 24.05); the default q8 cache's rounding puts that near-tie within its noise,
@@ -326,7 +326,7 @@ async def test_real_model_chat_flow(home, real_model):
 @pytest.mark.slow
 async def test_real_model_context_overflow(home, smollm2_path):
     pytest.importorskip("edgeq.formats.gguf_file")
-    from edgeq.engine import load
+    from edgeq.runtime.engine import load
 
     model = load(smollm2_path, n_ctx=128)
     app = make_app(home, model, defaults=ChatSettings(temperature=0.0, max_tokens=24))

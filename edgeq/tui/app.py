@@ -23,7 +23,8 @@ from textual.message import Message as TMessage
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, ListItem, ListView, Markdown, OptionList, Static, TextArea
 
-from edgeq.history import ChatSettings, History
+from edgeq.runtime.context import fit_messages
+from edgeq.tui.history import ChatSettings, History
 
 BATCH_S = 0.05   # how often streamed pieces are pushed to the UI
 SAVE_S = 0.5     # how often the growing reply is written to the database
@@ -508,21 +509,9 @@ class ChatApp(App):
         self.generate(self.conv_id, reply, self.cancel)
 
     def fit_messages(self, conv_id: int) -> tuple[list[dict], int]:
-        """The messages to send: system prompt + the newest turns that fit with max_tokens; and how many were dropped."""
         s = self.settings
-        turns = [{"role": m.role, "content": m.content} for m in self.history.messages(conv_id)
-                 if m.role in ("user", "assistant") and m.content]
-        system = [{"role": "system", "content": s.system}] if s.system.strip() else []
-        budget = self.model.n_ctx - s.max_tokens
-        dropped = 0
-        while len(turns) > 1 and self.model.count_chat_tokens(system + turns) > budget:
-            n = 2 if turns[0]["role"] == "user" and len(turns) > 2 and turns[1]["role"] == "assistant" else 1
-            del turns[:n]
-            dropped += n
-        while turns and turns[0]["role"] == "assistant":
-            del turns[0]
-            dropped += 1
-        return system + turns, dropped
+        turns = [{"role": m.role, "content": m.content} for m in self.history.messages(conv_id)]
+        return fit_messages(self.model, turns, s.system, s.max_tokens)
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, conv_id: int, reply: ChatMessage, cancel: threading.Event) -> None:

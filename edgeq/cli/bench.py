@@ -10,8 +10,6 @@ import resource
 import sys
 import time
 
-import numpy as np
-
 
 def add_arguments(p):
     p.add_argument("model", help="GGUF file or catalog name")
@@ -20,7 +18,7 @@ def add_arguments(p):
     p.add_argument("-t", "--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--text", default=None, help="text whose first tokens form the prompt (default: Hamlet)")
-    from edgeq.cli_common import add_cache_args, add_device_arg
+    from edgeq.cli.common import add_cache_args, add_device_arg
 
     add_device_arg(p)
     add_cache_args(p)
@@ -40,27 +38,10 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench_one(model, prompt: list[int], n_gen: int) -> dict:
-    # every step ends with the logits on the host (the CUDA path copies them back), so the timings
-    # include all device work
-    model.logits(prompt[:32])                 # warm-up: touches the weights, compiles what is missing
-    model.reset()
-    t = time.perf_counter()
-    logits = model._forward(prompt)           # prefill in batches of up to 512
-    t_pp = time.perf_counter() - t
-    nxt = int(np.argmax(logits))
-    t = time.perf_counter()
-    for _ in range(n_gen):
-        logits = model._forward([nxt])
-        nxt = int(np.argmax(logits))
-    t_tg = time.perf_counter() - t
-    model.reset()
-    return {"prefill_tps": len(prompt) / t_pp, "decode_tps": n_gen / t_tg, "t_pp_s": t_pp, "t_tg_s": t_tg}
-
-
 def main(a) -> int:
-    from edgeq.cli_common import note_device
-    from edgeq.engine import load
+    from edgeq.cli.common import note_device
+    from edgeq.runtime.bench import bench_one
+    from edgeq.runtime.engine import load
     from edgeq.errors import EdgeqError
 
     try:

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
-from edgeq.cli_common import progress
+from edgeq.progress import Progress
 
 
 def add_arguments(p):
@@ -15,21 +14,21 @@ def add_arguments(p):
     p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
     p.add_argument("-t", "--threads", type=int, default=None)
-    from edgeq.cli_common import add_device_arg
+    from edgeq.cli.common import add_device_arg
 
     add_device_arg(p)
     p.add_argument("--save-logits", default=None, help="store the top log-probs of this run (reference for --kl-base)")
     p.add_argument("--kl-base", default=None, help="report KL-divergence and same-top-token %% against a saved run")
-    from edgeq.cli_common import add_cache_args
+    from edgeq.cli.common import add_cache_args
 
     add_cache_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON line")
 
 
 def main(a) -> int:
-    from edgeq.engine import load
+    from edgeq.runtime.engine import load
     from edgeq.errors import EdgeqError
-    from edgeq.perplexity import perplexity
+    from edgeq.runtime.perplexity import perplexity
 
     try:
         text = Path(a.file).read_bytes().decode("utf-8")
@@ -37,14 +36,19 @@ def main(a) -> int:
         raise EdgeqError(f"{a.file} is not UTF-8 text")
     if a.ctx < 8:
         raise EdgeqError("--ctx must be at least 8")
-    from edgeq.cli_common import note_device
+    from edgeq.cli.common import note_device
 
     model = load(a.model, n_ctx=max(a.ctx, 16), threads=a.threads,
                  cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, device=a.device)
     note_device(model, a.device)
-    t0 = time.perf_counter()
-    res = perplexity(model, text, a.ctx, a.chunks, a.save_logits, a.kl_base,
-                     on_chunk=lambda i, n, p: progress(i, n, f"ppl {p:8.3f}", t0))
+    bar = Progress(1, label="perplexity ")
+
+    def on_chunk(i: int, n: int, ppl: float) -> None:
+        bar.total = n
+        bar.update(i, detail=f"{i}/{n} windows, ppl {ppl:8.3f}")
+
+    res = perplexity(model, text, a.ctx, a.chunks, a.save_logits, a.kl_base, on_chunk=on_chunk)
+    bar.clear()
     if a.json:
         rec = {"ppl": res.ppl, "stderr": res.stderr, "tokens": res.tokens, "chunks": res.chunks,
                "n_ctx": a.ctx, "seconds": round(res.seconds, 2), "model": str(model.path.name),

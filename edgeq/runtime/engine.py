@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from edgeq.errors import ContextError, EdgeqError, ModelError
-from edgeq.sampling import Sampler, SamplingParams
+from edgeq.errors import ContextError, EdgeqError
+from edgeq.runtime.sampling import Sampler, SamplingParams
 
 N_BATCH = 512  # tokens per forward call during prefill
 DEVICES = ("auto", "cpu", "cuda")
@@ -77,11 +77,11 @@ class Model:
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
                  cache_type_k: str | None = None, cache_type_v: str | None = None, device: str = "cpu"):
-        from edgeq.chat_template import ChatTemplate
+        from edgeq.runtime.chat_template import ChatTemplate
         from edgeq.formats.gguf_file import GGUFFile
-        from edgeq.kv_cache import make_kv_cache
+        from edgeq.runtime.kv_cache import make_kv_cache
         from edgeq.models import architecture
-        from edgeq.tokenizer import Tokenizer
+        from edgeq.runtime.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
         self.device = select_device(device, cache_type_k, cache_type_v)  # before any slow work
@@ -162,6 +162,13 @@ class Model:
             self.tokens.extend(int(t) for t in chunk)
             outs.append(logits)
         return np.concatenate(outs) if all_logits else outs[-1][-1]
+
+    def append(self, token_ids: Iterable[int]) -> np.ndarray:
+        """Evaluate tokens after those already in the cache; the next-token logits of the last one."""
+        ids = [int(t) for t in token_ids]
+        self._check_ids(ids)
+        with self._lock:
+            return self._forward(ids)
 
     def reset(self) -> None:
         self.tokens = []

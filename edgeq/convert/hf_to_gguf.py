@@ -19,7 +19,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_VERSION, MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, Keys, TokenType
 
 from edgeq.errors import ModelError
-from edgeq.hf_checkpoint import HFCheckpoint
+from edgeq.convert.hf_checkpoint import HFCheckpoint
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def load_model(a: argparse.Namespace):
-    from edgeq.engine import load
+    from edgeq.runtime.engine import load
 
     if a.threads is not None and a.threads < 1:
         from edgeq.errors import EdgeqError
@@ -69,17 +69,24 @@ def load_model(a: argparse.Namespace):
     return model
 
 
-def progress(i: int, n: int, label: str, t0: float) -> None:
-    """A one-line progress bar on stderr (only when it is a terminal)."""
-    import time
+def add_recipe_arguments(p: argparse.ArgumentParser, default_type: str | None) -> None:
+    """Options of `edgeq convert` and `edgeq quantize` (edgeq.convert.QuantOptions)."""
+    from edgeq.convert.mixes import FILE_TYPES, TENSOR_TYPES
 
-    if not sys.stderr.isatty():
-        return
-    frac = i / max(n, 1)
-    el = time.perf_counter() - t0
-    eta = el / frac - el if frac > 0 else 0.0
-    bar = "#" * int(30 * frac)
-    sys.stderr.write(f"\r{label} [{bar:<30}] {i}/{n} eta {eta:5.0f}s")
-    if i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+    p.add_argument("--type", dest="qtype", default=default_type, required=default_type is None,
+                   type=str.upper, choices=list(FILE_TYPES), metavar="TYPE",
+                   help=f"file type: {', '.join(FILE_TYPES)}" + (f" (default {default_type})" if default_type else ""))
+    p.add_argument("--pure", action="store_true", help="one type for every matrix (no per-tensor rules)")
+    p.add_argument("--output-type", type=str.upper, choices=TENSOR_TYPES, metavar="T",
+                   help="type of output.weight (the classifier)")
+    p.add_argument("--embedding-type", type=str.upper, choices=TENSOR_TYPES, metavar="T",
+                   help="type of token_embd.weight")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--calibrate", metavar="TEXT",
+                   help="collect an importance matrix by running the model over TEXT (a file, or a known text name)")
+    g.add_argument("--imatrix", metavar="FILE", help="use an importance matrix file (llama.cpp GGUF or legacy .dat)")
+    p.add_argument("--save-imatrix", metavar="FILE", help="write the collected importance matrix (GGUF imatrix format)")
+    p.add_argument("--chunks", type=int, default=32, help="calibration: windows of --calib-ctx tokens (default 32)")
+    p.add_argument("--calib-ctx", type=int, default=512, help="calibration window in tokens (default 512)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads for calibration")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")

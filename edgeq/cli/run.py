@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from edgeq.cli_common import add_model_args, add_sampling_args, load_model, sampling_kwargs
+from edgeq.cli.common import add_model_args, add_sampling_args, load_model, sampling_kwargs
 
 
 def add_arguments(p):

@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"GGUF file, local model or catalog name (default: {assets.DEFAULT_MODEL})")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(trained, 4096))")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
-    from edgeq.cli_common import add_device_arg
+    from edgeq.cli.common import add_device_arg
 
     add_device_arg(p)
     p.add_argument("--temp", type=float, default=None, help="temperature for new chats (default 0.7)")
@@ -22,18 +22,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from edgeq.history import ChatSettings, History
+    from edgeq.tui.history import ChatSettings, History
     from edgeq.tui.app import ChatApp, describe_error
 
     def factory(ref: str, verbose: bool = False):
         """Load a model; the model picker calls it inside the UI, where nothing may print (verbose=False)."""
-        from edgeq.engine import load
+        from edgeq.runtime.engine import load
 
         report = (lambda line: print(line, file=sys.stderr)) if verbose else None
         path = assets.resolve_model(ref, quiet=not verbose, report=report)
         model = load(path, n_ctx=args.ctx, threads=args.threads, device=args.device)
         if verbose:
-            from edgeq.cli_common import note_device
+            from edgeq.cli.common import note_device
 
             note_device(model, args.device)
         return model

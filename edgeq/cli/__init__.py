@@ -6,16 +6,16 @@ import importlib
 import sys
 
 VERBS = {
-    "chat": ("edgeq.chat_cmd", "chat with a model in a terminal UI (default: SmolLM2-135M-Instruct)"),
-    "run": ("edgeq.run_cmd", "generate text from a prompt, streamed to stdout"),
-    "convert": ("edgeq.convert_cmd", "convert a Hugging Face checkpoint to one quantized GGUF file"),
-    "quantize": ("edgeq.quantize_cmd", "requantize a GGUF file to another type"),
-    "perplexity": ("edgeq.perplexity_cmd", "perplexity of a model on a text (llama-perplexity's method)"),
-    "bench": ("edgeq.bench_cmd", "prefill/decode speed, load time and peak memory"),
-    "inspect": ("edgeq.inspect_cmd", "show what a GGUF file holds"),
-    "pull": ("edgeq.pull_cmd", "download a known model into the data folder"),
-    "list": ("edgeq.pull_cmd:list", "list local models"),
-    "rm": ("edgeq.pull_cmd:rm", "remove a local model"),
+    "chat": ("edgeq.cli.chat", "chat with a model in a terminal UI (default: SmolLM2-135M-Instruct)"),
+    "run": ("edgeq.cli.run", "generate text from a prompt, streamed to stdout"),
+    "convert": ("edgeq.cli.convert", "convert a Hugging Face checkpoint to one quantized GGUF file"),
+    "quantize": ("edgeq.cli.quantize", "requantize a GGUF file to another type"),
+    "perplexity": ("edgeq.cli.perplexity", "perplexity of a model on a text (llama-perplexity's method)"),
+    "bench": ("edgeq.cli.bench", "prefill/decode speed, load time and peak memory"),
+    "inspect": ("edgeq.cli.inspect", "show what a GGUF file holds"),
+    "pull": ("edgeq.cli.pull", "download a known model into the data folder"),
+    "list": ("edgeq.cli.pull:list", "list local models"),
+    "rm": ("edgeq.cli.pull:rm", "remove a local model"),
 }
 
 

@@ -1,0 +1,90 @@
+"""Writing one GGUF file: tensors streamed one at a time (load, quantize, write) into a temp file that is
+renamed into place at the end, so an error or Ctrl-C leaves no partial output. Shared by convert and
+quantize (edgeq/convert/__init__.py)."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgeq.convert.mixes import Recipe
+from edgeq.errors import EdgeqError
+from edgeq.progress import Progress
+
+
+@dataclass
+class OutTensor:
+    """One tensor to write: name, numpy-order shape, and a loader returning float32 values."""
+
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise EdgeqError(f"{out}: is a directory (give a file name, e.g. {out / 'model.gguf'})")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise EdgeqError(f"{folder}: output folder does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EdgeqError(f"{folder}: output folder is not writable")
+    return out
+
+
+def _default_mode(path) -> None:
+    """Temp files are created 0600; give the finished file the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_model(path: str | os.PathLike, arch: str,
+                metadata: Sequence[tuple[str, Any, Any, Any]],
+                tensors: Sequence[OutTensor], recipe: Recipe, imatrix=None,
+                quiet: bool = False, label: str = "") -> dict[str, Any]:
+    """Quantize and write tensors one at a time into a new GGUF; returns stats (types, bytes, seconds)."""
+    from edgeq.formats.gguf_write import GGUFOutput
+    from edgeq.formats.quants import quantize
+
+    t0 = time.perf_counter()
+    types = {t.name: recipe.choose(t.name, t.shape) for t in tensors}
+    counts: dict[str, int] = {}
+    for q in types.values():
+        counts[q] = counts.get(q, 0) + 1
+    progress = Progress(sum(int(np.prod(t.shape)) for t in tensors), label=label, enabled=not quiet)
+    n_bytes = 0
+    with GGUFOutput(path, arch) as out:
+        for key, value, vtype, sub in metadata:
+            out.add_metadata(key, value, vtype, sub)
+        for t in tensors:
+            out.add_tensor_info(t.name, types[t.name], t.shape)
+        for i, t in enumerate(tensors, 1):
+            x = t.load()
+            if tuple(x.shape) != tuple(t.shape):
+                raise EdgeqError(f"tensor {t.name}: got shape {x.shape}, expected {t.shape}")
+            q = types[t.name]
+            x2 = x.reshape(-1, t.shape[-1])
+            imp = None
+            if imatrix is not None and q not in ("F32", "F16", "BF16") and x.ndim == 2:
+                imp = imatrix.importance(t.name, t.shape[-1])
+            raw = quantize(np.ascontiguousarray(x2, dtype=np.float32), q, imp)
+            out.write_tensor(t.name, raw)
+            n_bytes += raw.nbytes
+            del x, x2, raw
+            progress.update(advance=int(np.prod(t.shape)), detail=f"[{i:>4}/{len(tensors)}] {t.name} → {q}")
+    _default_mode(path)
+    seconds = time.perf_counter() - t0
+    n_el = sum(int(np.prod(t.shape)) for t in tensors)
+    stats = {"seconds": seconds, "tensor_bytes": n_bytes, "file_bytes": os.path.getsize(path),
+             "bits_per_weight": 8 * n_bytes / max(n_el, 1), "types": counts}
+    mix = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    progress.finish(f"wrote {path}: {stats['file_bytes'] / 1e6:.1f} MB, {stats['bits_per_weight']:.2f} bits/weight "
+                    f"({mix}) in {seconds:.1f}s")
+    return stats

@@ -1,0 +1,1 @@
+"""The runtime: a loaded model (engine), its KV cache, tokenizer, chat template, sampling, perplexity."""
