@@ -3,9 +3,9 @@
 The threading layer: Numba's `workqueue` aborts the process when two threads run parallel code at
 once (the chat UI generates from a worker thread), so a thread-safe layer is required.
 
-The SLP vectorizer (off by default in Numba) turns the per-block integer dot products of the quantized
-matrix kernels (cpu_kernels/linear.py) into vpmaddwd on zmm registers: 3-4x faster decode. Numba's cache
-key ignores these flags, so the on-disk cache lives in a folder named after them: a kernel compiled under
+The SLP vectorizer (off by default in Numba) is turned on for the loops not written as explicit SIMD
+(the float prefill GEMM, norms, activations). The quantized row dots that carry decode are explicit SIMD
+(LLVM IR intrinsics in cpu_kernels/simd.py) and do not depend on it. Numba's cache key ignores these flags, so the on-disk cache lives in a folder named after them: a kernel compiled under
 other settings (or for another EDGEQ_SIMD level) is never loaded by mistake.
 """
 import hashlib

@@ -114,13 +114,13 @@ class CudaForward:
     """One model's weights on the device, its KV cache, and the forward pass over them."""
 
     def __init__(self, weights, cfg, n_ctx: int, threads: int | None = None):
-        from edgeq.models import gemma3
-
         self.cfg, self.n_ctx, self.threads = cfg, n_ctx, threads or BLOCK_THREADS
         self.embed = weights.tok_embd          # host lookup (quantized rows, decoded on the CPU)
         up = self._upload
         vec = self._vector
-        gemma = isinstance(weights, gemma3.Weights)
+        # Gemma 3's layer sequence (local/global RoPE, q/k norms, post-norms) is told by its weights' fields:
+        # kernels never import models
+        gemma = hasattr(weights, "inv_freq_local")
         if gemma:
             self.plan = _Plan(math.sqrt(cfg.n_embd), True, True)
             freqs = {True: vec(weights.inv_freq_local), False: vec(weights.inv_freq_global)}

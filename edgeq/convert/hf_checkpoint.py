@@ -97,11 +97,9 @@ def resolve_source(src: str | os.PathLike) -> Path:
     text = str(src)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(f"{src}: no such folder")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError(f"{src}: no such folder") from None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
         return Path(snapshot_download(text, local_files_only=True))
     except LocalEntryNotFoundError:

@@ -32,12 +32,9 @@ SAVE_S = 0.5     # how often the growing reply is written to the database
 
 def describe_error(e: BaseException) -> str:
     """One readable line for any failure to load or run a model (the UI never shows a traceback)."""
-    try:
-        from edgeq.errors import user_message
+    from edgeq.errors import user_message
 
-        msg = user_message(e)
-    except ImportError:
-        msg = None
+    msg = user_message(e)
     if msg:
         return msg
     if isinstance(e, (ValueError, OSError)) or type(e).__name__ in ("AssetError", "FormatError"):
