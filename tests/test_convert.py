@@ -590,3 +590,23 @@ def test_hub_repo_id_from_local_cache(tiny, tmp_path, monkeypatch):
     out = tmp_path / "m.gguf"
     assert convert("edgeq-test/tiny-qwen2", out, "F16") == 0
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "qwen2"
+
+
+# ------------------------------------------------------------------------------------------------
+# the library API (no argparse): the same file as the verb
+# ------------------------------------------------------------------------------------------------
+
+@needs_quants
+def test_library_convert_and_quantize_write_the_verbs_bytes(tiny, tmp_path):
+    from edgeq.convert import QuantOptions, convert as lib_convert, quantize_file
+
+    via_cli, via_lib = tmp_path / "cli.gguf", tmp_path / "lib.gguf"
+    assert convert(tiny["llama"], via_cli, "Q8_0") == 0
+    stats = lib_convert(tiny["llama"], via_lib, "Q8_0")
+    assert via_lib.read_bytes() == via_cli.read_bytes()
+    assert stats["types"] and stats["file_bytes"] == via_lib.stat().st_size
+
+    q_cli, q_lib = tmp_path / "q-cli.gguf", tmp_path / "q-lib.gguf"
+    assert cli(["quantize", str(via_cli), str(q_cli), "--type", "Q4_0", "--pure", "-q"]) == 0
+    quantize_file(via_cli, q_lib, options=QuantOptions(qtype="Q4_0", pure=True))
+    assert q_lib.read_bytes() == q_cli.read_bytes()

@@ -69,6 +69,14 @@ def test_the_scan_sees_the_package():
     assert ("edgeq.runtime.engine", "edgeq.runtime.sampling") in set(edges())
 
 
+def test_the_library_never_sees_argparse():
+    # a developer tool run as `python -m` (gpu_kernels/ptx_check.py) is a front end of its own
+    users = sorted({mod for mod, path in modules() for target in imports(mod, path)
+                    if target == "argparse" and not mod.startswith("edgeq.cli")
+                    and 'if __name__ == "__main__"' not in path.read_text(encoding="utf-8")})
+    assert not users, f"argparse imported outside edgeq/cli: {users}"
+
+
 @pytest.mark.parametrize("rule", ["layers", "verbs"])
 def test_dependencies_point_one_way(rule):
     bad = []
