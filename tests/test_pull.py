@@ -16,7 +16,7 @@ def home(tmp_path, monkeypatch):
 
 
 def tiny_gguf(arch="llama") -> bytes:
-    """A GGUF header with general.architecture and one 2-D Q4_1 tensor info (no data needed for the summary)."""
+    """A GGUF file with general.architecture and one 2-D Q4_1 tensor (4 rows of one 20-byte block)."""
     import struct
 
     def s(x: str) -> bytes:
@@ -27,7 +27,8 @@ def tiny_gguf(arch="llama") -> bytes:
     kv += s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + s("a") + s("b")
     kv += s("general.alignment") + struct.pack("<II", 4, 32)
     ti = s("blk.0.w") + struct.pack("<I", 2) + struct.pack("<QQ", 32, 4) + struct.pack("<I", 3) + struct.pack("<Q", 0)
-    return b"GGUF" + struct.pack("<IQQ", 3, 1, 3) + kv + ti + b"\0" * 64
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 3) + kv + ti
+    return head + b"\0" * (-len(head) % 32) + b"\0" * 80
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_pull_list_rm(home, fake_asset, capsys):
 def test_pull_failures_one_line_nothing_left(home, fake_asset, capsys, name, words):
     assert main(["pull", name]) == 1
     err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the one error line
-    assert err[-1].startswith("edgeq: ") and words in err[-1]
+    assert err[-1].startswith("edgeq pull: ") and words in err[-1]
     assert not any("Traceback" in line or line.startswith("edgeq") for line in err[:-1])
     assert leftovers(home) == []
     assert not list((home / "downloads").glob("*")) if (home / "downloads").exists() else True
