@@ -9,7 +9,7 @@ import pytest
 
 from edgeq import assets
 from edgeq.cli import main
-from edgeq.formats.gguf_write import remove_stale_temps, write_gguf
+from edgeq.formats.gguf_write import write_gguf
 from edgeq.text import safe_line, safe_terminal_text
 
 CONTROLS = {chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} - {"\n", "\t"}
@@ -132,6 +132,8 @@ def test_error_line_is_escaped_and_cut(tmp_path, capsys):
 
 # ---------------------------------------------------------------- a killed writer's temp files
 def test_stale_writer_temps_removed_on_the_next_write(tmp_path):
+    from edgeq.formats.gguf_write import remove_stale_temps
+
     dead = subprocess.Popen(["true"])
     dead.wait()
     alive = os.getppid()
