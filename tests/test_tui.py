@@ -262,6 +262,75 @@ async def test_model_picker_bad_file_notifies(home):
         assert app.model.info["name"] == "fake-model"
 
 
+# ---------------------------------------------------------------- hostile names and text
+CONTROLS = {chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} - {"\n", "\t"}
+
+
+def screen_text(app) -> str:
+    """Every character the current screen's widgets render (what would reach the terminal)."""
+    from textual.geometry import Region
+
+    out = []
+    for w in app.screen.query("*"):
+        if w.size.area:
+            out += [seg.text for strip in w.render_lines(Region(0, 0, *w.size)) for seg in strip]
+    return "".join(out)
+
+
+@pytest.mark.parametrize("name", ["[/nope] x [", "[@click=app.quit]click me[/]"])
+async def test_model_name_is_plain_text_not_markup(home, name):
+    model = FakeModel()
+    model.info["name"] = name
+    app = make_app(home, model)
+    async with app.run_test(size=(100, 24)) as pilot:
+        await pilot.pause()
+        assert name in str(app.query_one("#status").render())
+        assert name in screen_text(app)
+
+
+async def test_escape_sequences_in_replies_never_reach_the_terminal(home):
+    words = ["\x1b]0;PWNED\x07", "\x1b", "]52;c;ZXZpbA==\x07", "\x9b2J", "done"]  # one split in two pieces
+    model = FakeModel(words=words)
+    model.info["name"] = "evil\x1b]0;T\x07"
+    app = make_app(home, model)
+    async with app.run_test(size=(100, 24)) as pilot:
+        await ask(app, pilot, "hi")
+        await wait_idle(app, pilot)
+        shown = screen_text(app)
+        assert "done" in shown and "PWNED" in shown and not CONTROLS & set(shown)
+        assert "\x1b" in assistant_texts(app)[-1]  # the saved reply is the model's text, unchanged
+        assert "\x1b" in app.history.messages(app.conv_id)[-1].content
+
+
+async def test_model_picker_and_notes_with_hostile_files(home):
+    import struct
+
+    from edgeq.formats.gguf_write import write_gguf
+
+    models = home / "models"
+    models.mkdir()
+    write_gguf(models / "evil.gguf", "[/nope] x [\x1b]0;T\x07", {}, [("w", "F32", (2, 32), b"\0" * 256)])
+    deep = struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 0, 0)
+    (models / "deep.gguf").write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 4) + b"deep" + deep)
+    loaded = FakeModel()
+    loaded.info["name"] = "[/nope] loaded ["
+
+    app = ChatApp(model=FakeModel(), model_factory=lambda ref: loaded, history=History(home / "chats.sqlite3"))
+    async with app.run_test(size=(100, 24)) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        shown = screen_text(app)
+        assert "[/nope] x [" in shown and "deep.gguf" in shown and not CONTROLS & set(shown)
+        options = app.screen.query_one("#models")
+        options.highlighted = [str(p) for p in app.screen.choices].index(str(models / "evil.gguf"))
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.model is loaded
+        assert any("[/nope] loaded [" in str(n.message) for n in app._notifications)
+        assert "[/nope] loaded [" in str(app.query_one("#status").render())
+
+
 # ---------------------------------------------------------------- snapshots (fake model, 80x24)
 def _seeded_home(home):
     h = History(home / "chats.sqlite3")

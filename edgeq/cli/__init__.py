@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as e:  # one clear line for every known failure, never a traceback
         from edgeq.errors import user_message
+        from edgeq.text import safe_line
 
         msg = user_message(e)
         if msg is None:
             raise
-        print(f"edgeq {verb}: {msg}", file=sys.stderr)
+        print(f"edgeq {verb}: {safe_line(msg)}", file=sys.stderr)  # names and metadata in it are untrusted
         return 1
 
 

@@ -46,7 +46,9 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - missing/corrupt file, failed download: one line, no traceback
-        print(f"edgeq chat: cannot load {args.model}: {describe_error(e)}", file=sys.stderr)
+        from edgeq.text import safe_line
+
+        print(f"edgeq chat: {safe_line(f'cannot load {args.model}: {describe_error(e)}')}", file=sys.stderr)
         return 1
 
     given = {k: v for k, v in (("system", args.system), ("temperature", args.temp), ("top_p", args.top_p),

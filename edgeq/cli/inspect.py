@@ -7,6 +7,12 @@ import sys
 from collections import Counter
 from typing import Any
 
+from edgeq.text import safe_line
+
+# json.dumps escapes C0 controls itself; with ensure_ascii=False it leaves DEL, C1 controls and lone
+# surrogates raw, so those become \u escapes too (same JSON value, nothing a terminal would obey).
+_JSON_RAW = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0), *range(0xD800, 0xE000))}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a GGUF file")
@@ -87,7 +93,7 @@ def _table(s: dict[str, Any]) -> list[str]:
         ("chat template", "yes" if s["chat_template"] else "no"),
     ]
     width = max(len(k) for k, _ in rows)
-    return [f"{k:<{width}}  {v}" for k, v in rows]
+    return [f"{k:<{width}}  {safe_line(str(v), 1000)}" for k, v in rows]  # metadata and names are untrusted
 
 
 def main(args: argparse.Namespace) -> int:
@@ -100,14 +106,14 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         if args.tensors:
             s["tensors"] = tensors
-        json.dump(s, out, ensure_ascii=False)
-        out.write("\n")
+        out.write(json.dumps(s, ensure_ascii=False).translate(_JSON_RAW) + "\n")
         return 0
     out.write("\n".join(_table(s)) + "\n")
     if args.tensors:
-        width = max((len(t["name"]) for t in tensors), default=0)
+        names = [safe_line(t["name"]) for t in tensors]
+        width = max(map(len, names), default=0)
         out.write("\n")
-        for t in tensors:
+        for name, t in zip(names, tensors):
             shape = " x ".join(str(d) for d in t["shape"])
-            out.write(f"{t['name']:<{width}}  {t['type']:<7} {shape}\n")
+            out.write(f"{name:<{width}}  {t['type']:<7} {shape}\n")
     return 0

@@ -1,10 +1,15 @@
-"""`edgeq pull NAME`, `edgeq list`, `edgeq rm NAME`: the models in the data folder."""
+"""`edgeq pull NAME`, `edgeq list`, `edgeq rm NAME`: the models in the data folder.
+
+Failures (bad name, a path given to rm, failed download, sha256 mismatch) are AssetErrors: the dispatcher
+prints them as one line. File names and header fields are shown through safe_terminal_text.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from edgeq import assets
+from edgeq.text import safe_line, safe_terminal_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,32 +17,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
-def _one_line(fn):
-    """Known failures (bad name, failed download, sha256 mismatch) → one line on stderr, exit 1."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except assets.AssetError as e:
-            print(f"edgeq: {e}", file=sys.stderr)
-            return 1
-    run.__doc__ = fn.__doc__
-    return run
-
-
-@_one_line
 def main(args: argparse.Namespace) -> int:
     name = args.name
     if name not in assets.MODELS:
         raise assets.AssetError(f"unknown model {name!r}; known: {', '.join(assets.MODELS)}")
-    if assets.is_local(name):
-        print(f"{name} is already here: {assets.find_local(name)}")
-        return 0
     a = assets.MODELS[name]
-    report = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    report = None if args.quiet else (lambda line: print(safe_line(line, 1000), file=sys.stderr, flush=True))
+    here = assets.models_dir() / a.filename
+    if here.is_file() and assets.check_file(a, here) is None:  # a damaged file is pulled again
+        print(f"{name} is already here: {safe_terminal_text(str(here))}")
+        return 0
     if report:
         report(f"pulling {name} ({a.size / 1e6:.0f} MB) into {assets.models_dir()}")
     path = assets.model_path(name, quiet=args.quiet, report=report)
-    print(f"{name}: {path}")
+    print(f"{name}: {safe_terminal_text(str(path))}")
     return 0
 
 
@@ -46,13 +39,16 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def list_main(args: argparse.Namespace) -> int:
-    rows = [(m.name, f"{m.size / 1e6:.0f} MB", m.qtype, m.arch, str(m.path)) for m in assets.list_local()]
+    local = assets.list_local()
+    rows = [(safe_line(m.name, 80), f"{m.size / 1e6:.0f} MB", safe_line(m.qtype, 16), safe_line(m.arch, 32),
+             safe_line(str(m.path), 1000) + (f"  (unreadable: {safe_line(m.problem, 200)})" if m.problem else ""))
+            for m in local]
     if args.all:
-        here = {r[0] for r in rows}
+        here = {m.name for m in local}
         rows += [(a.name, f"{a.size / 1e6:.0f} MB", "-", "-", "(not pulled) " + a.description)
                  for a in assets.MODELS.values() if a.name not in here]
     if not rows:
-        print(f"no local models in {assets.models_dir()} (try: edgeq pull {assets.DEFAULT_MODEL})")
+        print(f"no local models in {safe_line(str(assets.models_dir()), 1000)} (try: edgeq pull {assets.DEFAULT_MODEL})")
         return 0
     head = ("NAME", "SIZE", "TYPE", "ARCH", "PATH")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
@@ -62,11 +58,10 @@ def list_main(args: argparse.Namespace) -> int:
 
 
 def add_rm_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="catalog name or file name of a local model (see `edgeq list`)")
+    p.add_argument("name", help="catalog name or file name of a local model (see `edgeq list`); never a path")
 
 
-@_one_line
 def rm_main(args: argparse.Namespace) -> int:
     path = assets.remove(args.name)
-    print(f"removed {path}")
+    print(f"removed {safe_terminal_text(str(path))}")
     return 0

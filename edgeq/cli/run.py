@@ -5,6 +5,7 @@ import sys
 import time
 
 from edgeq.cli.common import add_model_args, add_sampling_args, load_model, sampling_kwargs
+from edgeq.text import safe_terminal_text
 
 
 def add_arguments(p):
@@ -13,6 +14,9 @@ def add_arguments(p):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--verbose", action="store_true", help="print load time and speeds at the end")
+    p.add_argument("--raw", action="store_true",
+                   help="write the model's text as is, control characters included (only when stdout is not a "
+                        "terminal; on a terminal they are always shown escaped)")
     add_sampling_args(p)
 
 
@@ -20,18 +24,21 @@ def main(a) -> int:
     t_start = time.perf_counter()
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     model = load_model(a)
+    # The model's text (and a piped-in prompt) may hold escape sequences; a terminal must not obey them.
+    # Escaping is per character, so a sequence split across pieces is caught too.
+    show = (lambda text: text) if a.raw and not sys.stdout.isatty() else safe_terminal_text
     if a.chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
         pieces = model.chat(messages, **sampling_kwargs(a))
     else:
         pieces = model.generate(prompt, **sampling_kwargs(a))
-        sys.stdout.write(prompt)
+        sys.stdout.write(show(prompt))
     first = None
     try:
         for piece in pieces:
             if first is None:
                 first = time.perf_counter() - t_start
-            sys.stdout.write(piece)
+            sys.stdout.write(show(piece))
             sys.stdout.flush()
     except KeyboardInterrupt:
         pieces.close()

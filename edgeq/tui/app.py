@@ -3,6 +3,10 @@
 The app takes a loaded model and a `model_factory(path_or_name) -> Model` (for the model picker), so
 tests inject a fake model. Generation runs in a thread worker; pieces reach the UI in batches through
 `call_from_thread`, the reply is rendered with a `MarkdownStream` and saved to SQLite as it grows.
+
+Model names, file names, header fields and the model's text are untrusted: they are shown as plain text
+(`markup=False`, `rich.text.Text`), never parsed as Textual markup, and through `safe_terminal_text`, since
+Textual passes ESC and C1 control characters on to the terminal. Saved history and copies keep the raw text.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -24,6 +29,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, ListItem, ListView, Markdown, OptionList, Static, TextArea
 
 from edgeq.runtime.context import fit_messages
+from edgeq.text import safe_line, safe_terminal_text
 from edgeq.tui.history import ChatSettings, History
 
 BATCH_S = 0.05   # how often streamed pieces are pushed to the UI
@@ -121,9 +127,9 @@ class ChatMessage(Vertical):
     def compose(self) -> ComposeResult:
         yield Label("You" if self.role == "user" else "Assistant", classes="role")
         if self.role == "user":  # exactly as typed: newlines kept, no markdown surprises
-            yield Static(self.content, classes="body", markup=False)
+            yield Static(safe_terminal_text(self.content), classes="body", markup=False)
         else:
-            yield Markdown(self.content, classes="body")
+            yield Markdown(safe_terminal_text(self.content), classes="body")
 
     @property
     def body(self) -> Markdown:
@@ -132,7 +138,7 @@ class ChatMessage(Vertical):
 
 class ConvItem(ListItem):
     def __init__(self, conv_id: int, title: str):
-        super().__init__(Label(title, markup=False))
+        super().__init__(Label(safe_line(title), markup=False))
         self.conv_id = conv_id
 
 
@@ -216,12 +222,13 @@ class ModelPicker(ModalScreen[str | None]):
         opts = []
         for m in assets.list_local():
             self.choices.append(str(m.path))
-            opts.append(f"{m.name}  {m.size / 1e6:.0f} MB {m.qtype} {m.arch}")
+            row = f"{m.name}  {m.size / 1e6:.0f} MB {m.qtype} {m.arch}" + ("  (unreadable)" if m.problem else "")
+            opts.append(Text(safe_line(row)))  # file names and header fields: plain text, never markup
         here = {m.name for m in assets.list_local()}
         for a in assets.MODELS.values():
             if a.name not in here:
                 self.choices.append(a.name)
-                opts.append(f"{a.name}  (pull {a.size / 1e6:.0f} MB)")
+                opts.append(Text(f"{a.name}  (pull {a.size / 1e6:.0f} MB)"))
         with Vertical(id="dialog"):
             yield Label("Pick a model", classes="title")
             yield OptionList(*opts, id="models")
@@ -310,7 +317,7 @@ class ChatApp(App):
             with Vertical(id="chat"):
                 yield VerticalScroll(id="messages")
                 yield PromptInput(id="prompt", placeholder="Enter: send · Ctrl+J or \\⏎: newline · Esc: stop")
-                yield Static("", id="status")
+                yield Static("", id="status", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -347,7 +354,7 @@ class ChatApp(App):
         box.remove_children()
         box.mount_all([ChatMessage(m.role, m.content) for m in self.history.messages(conv.id)])
         box.scroll_end(animate=False)
-        self.sub_title = conv.title
+        self.sub_title = safe_line(conv.title)
         self.refresh_sidebar()
         self.update_status()
 
@@ -388,7 +395,7 @@ class ChatApp(App):
         def done(title: str | None) -> None:
             if title:
                 self.history.rename(conv.id, title)
-                self.sub_title = title
+                self.sub_title = safe_line(title)
                 self.refresh_sidebar()
         self.push_screen(RenameScreen(conv.title), done)
 
@@ -414,7 +421,7 @@ class ChatApp(App):
         path = self.export_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.history.export_markdown(self.conv_id), encoding="utf-8")
-        self.notify(f"exported to {path}", timeout=8)
+        self.notify(safe_line(f"exported to {path}"), timeout=8, markup=False)
 
     def last_reply(self) -> str | None:
         replies = [m for m in self.query(ChatMessage) if m.role == "assistant"]
@@ -445,18 +452,18 @@ class ChatApp(App):
 
     @work(thread=True, exclusive=True, group="load")
     def load_model(self, ref: str) -> None:
-        self.call_from_thread(self.notify, f"loading {Path(ref).name}…")
+        self.call_from_thread(self.notify, safe_line(f"loading {Path(ref).name}…"), markup=False)
         try:
             model = self.model_factory(ref)
         except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback
-            self.call_from_thread(self.notify, f"cannot load {ref}: {describe_error(e)}", severity="error",
-                                  timeout=10)
+            self.call_from_thread(self.notify, safe_line(f"cannot load {ref}: {describe_error(e)}"),
+                                  severity="error", timeout=10, markup=False)
             return
         self.cancel.set()
         self.model = model
         self.ctx_used = 0
         self.call_from_thread(self.update_status)
-        self.call_from_thread(self.notify, f"model: {model.info.get('name')}")
+        self.call_from_thread(self.notify, safe_line(f"model: {model.info.get('name')}"), markup=False)
 
     def update_status(self) -> None:
         if self.model is None:
@@ -468,7 +475,7 @@ class ChatApp(App):
                     f"ctx {self.ctx_used}/{self.model.n_ctx}")
             if self.generating:
                 text += " │ generating… Esc stops"
-        self.query_one("#status", Static).update(text)
+        self.query_one("#status", Static).update(Text(safe_line(text, 1000)))  # the name comes from the file
 
     def on_unmount(self) -> None:
         self.cancel.set()  # quitting mid-reply: the worker stops; what it streamed is already saved
@@ -493,7 +500,7 @@ class ChatApp(App):
         self.history.add_message(self.conv_id, "user", text)
         if conv.title == "New chat":
             self.history.rename(self.conv_id, text.splitlines()[0][:40])
-            self.sub_title = text.splitlines()[0][:40]
+            self.sub_title = safe_line(text.splitlines()[0][:40])
         self.refresh_sidebar()
         box = self.query_one("#messages", VerticalScroll)
         box.mount(ChatMessage("user", text))
@@ -567,7 +574,7 @@ class ChatApp(App):
         reply.content += piece
         if "stream" not in stream_box:
             stream_box["stream"] = Markdown.get_stream(reply.body)
-        await stream_box["stream"].write(piece)
+        await stream_box["stream"].write(safe_terminal_text(piece))  # per character: split sequences too
         box = self.query_one("#messages", VerticalScroll)
         if box.max_scroll_y - box.scroll_y < 8:
             box.scroll_end(animate=False)
@@ -576,7 +583,7 @@ class ChatApp(App):
         if "stream" in stream_box:
             await stream_box["stream"].stop()
         reply.content = text
-        await reply.body.update(text)
+        await reply.body.update(safe_terminal_text(text))
         if stopped:
             self.add_note(reply, "(stopped)")
         if not text and not stopped and reply.is_attached and not reply.query(".note"):
@@ -590,7 +597,7 @@ class ChatApp(App):
         self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
 
     def add_note(self, reply: ChatMessage, text: str) -> None:
-        note = Static(text, classes="note", markup=False)
+        note = Static(safe_terminal_text(text), classes="note", markup=False)
         if reply.is_attached:
             reply.mount(note, before=reply.body if text != "(stopped)" else None)
         else:
