@@ -43,6 +43,23 @@ class Asset:
     hf_repo: str | None = None
     hf_file: str | None = None
     pypi_parts: tuple[PypiPart, ...] = field(default_factory=tuple)
+    hf_quant: str | None = None  # hub-only entries: the quant pulled from hf_repo (sha256 as the hub declares)
+    arch: str = ""               # general.architecture, for entries edgeq cannot run yet
+    listed_size: int = 0         # hub-only entries: the size the hub lists (shown, never checked)
+
+    @property
+    def shown_size(self) -> int:
+        return self.size or self.listed_size
+
+    @property
+    def runnable(self) -> bool:
+        from edgeq.models import ARCHITECTURES
+
+        return not self.arch or self.arch in ARCHITECTURES
+
+    @property
+    def hub_only(self) -> bool:
+        return bool(self.hf_repo) and not self.pypi_parts
 
 
 MODELS: dict[str, Asset] = {
@@ -66,6 +83,35 @@ MODELS: dict[str, Asset] = {
         ),
     ),
 }
+
+
+def _hub(name: str, repo: str, filename: str, size_mb: int, arch: str, description: str, quant: str = "Q4_K_M"):
+    # Hub-only entries: sizes as the hub lists them (approximate); the hub declares the sha256 at pull time.
+    return Asset(name, filename, "", 0, description, hf_repo=repo, hf_quant=quant, arch=arch,
+                 listed_size=size_mb * 1_000_000)
+
+
+# Recommended small instruct models on the hub (repo and file names checked against the hub's listings,
+# except where the README says otherwise). `size` stays 0: the sha256 the hub declares at pull time is the check.
+HUB_MODELS: dict[str, Asset] = {a.name: a for a in (
+    _hub("smollm2-360m-instruct", "bartowski/SmolLM2-360M-Instruct-GGUF", "SmolLM2-360M-Instruct-Q4_K_M.gguf",
+         271, "llama", "SmolLM2 360M Instruct, Q4_K_M"),
+    _hub("smollm2-1.7b-instruct", "bartowski/SmolLM2-1.7B-Instruct-GGUF", "SmolLM2-1.7B-Instruct-Q4_K_M.gguf",
+         1060, "llama", "SmolLM2 1.7B Instruct, Q4_K_M"),
+    _hub("qwen2.5-0.5b-instruct", "bartowski/Qwen2.5-0.5B-Instruct-GGUF", "Qwen2.5-0.5B-Instruct-Q4_K_M.gguf",
+         398, "qwen2", "Qwen2.5 0.5B Instruct, Q4_K_M"),
+    _hub("qwen2.5-1.5b-instruct", "bartowski/Qwen2.5-1.5B-Instruct-GGUF", "Qwen2.5-1.5B-Instruct-Q4_K_M.gguf",
+         986, "qwen2", "Qwen2.5 1.5B Instruct, Q4_K_M"),
+    _hub("llama-3.2-1b-instruct", "bartowski/Llama-3.2-1B-Instruct-GGUF", "Llama-3.2-1B-Instruct-Q4_K_M.gguf",
+         808, "llama", "Llama 3.2 1B Instruct, Q4_K_M"),
+    _hub("gemma-3-1b-it", "unsloth/gemma-3-1b-it-GGUF", "gemma-3-1b-it-Q4_K_M.gguf",
+         806, "gemma3", "Gemma 3 1B IT, Q4_K_M"),
+    _hub("qwen3-0.6b", "unsloth/Qwen3-0.6B-GGUF", "Qwen3-0.6B-Q4_K_M.gguf", 397, "qwen3", "Qwen3 0.6B, Q4_K_M"),
+    _hub("qwen3-1.7b", "unsloth/Qwen3-1.7B-GGUF", "Qwen3-1.7B-Q4_K_M.gguf", 1110, "qwen3", "Qwen3 1.7B, Q4_K_M"),
+    _hub("phi-4-mini-instruct", "bartowski/microsoft_Phi-4-mini-instruct-GGUF",
+         "microsoft_Phi-4-mini-instruct-Q4_K_M.gguf", 2490, "phi3", "Phi-4 mini instruct, Q4_K_M"),
+)}
+MODELS.update(HUB_MODELS)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 TEXTS: dict[str, Asset] = {
@@ -310,10 +356,17 @@ def fetch(asset: Asset, directory: Path, quiet: bool = True, report=None) -> Pat
     return final
 
 
-def model_path(name: str = DEFAULT_MODEL, quiet: bool = True, report=None) -> Path:
+def model_path(name: str = DEFAULT_MODEL, quiet: bool = True, report=None, progress=None) -> Path:
+    """A catalog model's local path, downloaded first if needed; `progress(done, total, file)` gets the
+    bytes of a hub download."""
     if name not in MODELS:
         raise AssetError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return fetch(MODELS[name], models_dir(), quiet, report)
+    a = MODELS[name]
+    if a.hub_only:
+        from edgeq import hub
+
+        return hub.pull(hub.HubRef(a.hf_repo, a.hf_quant), name=a.filename, progress=progress, report=report)
+    return fetch(a, models_dir(), quiet, report)
 
 
 def text_path(name: str = "hamlet", quiet: bool = True) -> Path:
@@ -324,7 +377,13 @@ def text_path(name: str = "hamlet", quiet: bool = True) -> Path:
 
 # ---------------------------------------------------------------- local models (pull / list / rm)
 def is_local(name: str) -> bool:
-    return name in MODELS and (models_dir() / MODELS[name].filename).is_file()
+    """A catalog name or hub reference whose file is here (no download needed)."""
+    if name in MODELS:
+        return (models_dir() / MODELS[name].filename).is_file()
+    from edgeq import hub
+
+    ref = hub.parse_ref(name)
+    return ref is not None and hub.local_copy(ref) is not None
 
 
 def catalog_name(filename: str) -> str | None:
@@ -398,11 +457,15 @@ def remove(name: str) -> Path:
         raise AssetError(f"no local model {name!r} (see `edgeq list`)")
     p.unlink()
     _stamp(p).unlink(missing_ok=True)
+    from edgeq import hub
+
+    hub.forget(p.name)
     return p
 
 
-def resolve_model(name_or_path: str, quiet: bool = True, report=None) -> Path:
-    """A path to an existing file, a local model's name, or a catalog name (downloaded on first use)."""
+def resolve_model(name_or_path: str, quiet: bool = True, report=None, progress=None) -> Path:
+    """A path to an existing file, a local model's name, a catalog name or a hub reference
+    `[hf.co/]OWNER/REPO[:QUANT]` (both downloaded on first use; the local copy afterwards)."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
@@ -410,8 +473,16 @@ def resolve_model(name_or_path: str, quiet: bool = True, report=None) -> Path:
     if local is not None:
         return local
     if name_or_path in MODELS:
-        return model_path(name_or_path, quiet, report)
-    raise AssetError(f"no such model file or known model name: {name_or_path!r} (known: {', '.join(MODELS)})")
+        return model_path(name_or_path, quiet, report, progress)
+    if p.is_dir():
+        raise AssetError(f"{p} is a directory, not a GGUF file")
+    from edgeq import hub
+
+    ref = hub.parse_ref(name_or_path)
+    if ref is not None:  # recognised by its shape only: never read as a path
+        return hub.pull(ref, progress=progress, report=report)
+    raise AssetError(f"no such model file, known model name or hub repo: {name_or_path!r} "
+                     f"(known: {', '.join(MODELS)}; hub: OWNER/REPO[:QUANT])")
 
 
 def gguf_summary(path: Path) -> tuple[str, str]:

@@ -13,7 +13,7 @@ VERBS = {
     "perplexity": ("edgeq.cli.perplexity", "perplexity of a model on a text (llama-perplexity's method)"),
     "bench": ("edgeq.cli.bench", "prefill/decode speed, load time and peak memory"),
     "inspect": ("edgeq.cli.inspect", "show what a GGUF file holds"),
-    "pull": ("edgeq.cli.pull", "download a known model into the data folder"),
+    "pull": ("edgeq.cli.pull", "download a catalog model or a hub GGUF repo (OWNER/REPO[:QUANT])"),
     "list": ("edgeq.cli.pull:list", "list local models"),
     "rm": ("edgeq.cli.pull:rm", "remove a local model"),
 }

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from edgeq import assets
+from edgeq.text import safe_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=assets.DEFAULT_MODEL,
-                   help=f"GGUF file, local model or catalog name (default: {assets.DEFAULT_MODEL})")
+                   help=f"GGUF file, local model, catalog name or hub repo OWNER/REPO[:QUANT] "
+                        f"(default: {assets.DEFAULT_MODEL})")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(trained, 4096))")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     from edgeq.cli.common import add_device_arg
@@ -25,12 +28,19 @@ def main(args: argparse.Namespace) -> int:
     from edgeq.tui.history import ChatSettings, History
     from edgeq.tui.app import ChatApp, describe_error
 
-    def factory(ref: str, verbose: bool = False):
-        """Load a model; the model picker calls it inside the UI, where nothing may print (verbose=False)."""
+    def factory(ref: str, verbose: bool = False, progress=None):
+        """Load a model; the model picker calls it inside the UI, where nothing may print (verbose=False):
+        there `progress(done, total, file)` shows a download's bytes."""
+        from edgeq.cli.common import download_progress
         from edgeq.runtime.engine import load
 
-        report = (lambda line: print(line, file=sys.stderr)) if verbose else None
-        path = assets.resolve_model(ref, quiet=not verbose, report=report)
+        report = (lambda line: print(safe_line(line, 1000), file=sys.stderr)) if verbose else None
+        bar = download_progress(True) if verbose else None
+        try:
+            path = assets.resolve_model(ref, quiet=not verbose, report=report, progress=progress or bar)
+        finally:
+            if bar:
+                bar.finish()
         model = load(path, n_ctx=args.ctx, threads=args.threads, device=args.device)
         if verbose:
             from edgeq.cli.common import note_device
@@ -40,14 +50,15 @@ def main(args: argparse.Namespace) -> int:
 
     # everything that can fail before the UI starts fails here, as one line
     try:
-        if args.model in assets.MODELS and not assets.is_local(args.model):
+        from edgeq import hub
+
+        if (args.model in assets.MODELS or hub.parse_ref(args.model)) and not Path(args.model).expanduser().exists() \
+                and not assets.is_local(args.model):
             print(f"first use: pulling {args.model} into {assets.models_dir()}", file=sys.stderr)
         model = factory(args.model, verbose=True)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - missing/corrupt file, failed download: one line, no traceback
-        from edgeq.text import safe_line
-
         print(f"edgeq chat: {safe_line(f'cannot load {args.model}: {describe_error(e)}')}", file=sys.stderr)
         return 1
 

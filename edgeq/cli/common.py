@@ -9,7 +9,8 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> 
     if model_optional:
         p.add_argument("model", nargs="?", default=None, help="GGUF file or catalog name (default: smollm2-135m-instruct)")
     else:
-        p.add_argument("model", help="GGUF file or catalog name (e.g. smollm2-135m-instruct)")
+        p.add_argument("model", help="GGUF file, catalog name (e.g. smollm2-135m-instruct) or hub repo "
+                                     "OWNER/REPO[:QUANT]")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(trained, 4096))")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     add_device_arg(p)
@@ -63,10 +64,23 @@ def load_model(a: argparse.Namespace):
         from edgeq.errors import EdgeqError
 
         raise EdgeqError("--threads must be >= 1")
-    model = load(a.model, n_ctx=a.ctx, threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+    model = load(resolve_with_progress(a.model) if isinstance(a.model, str) else a.model, n_ctx=a.ctx, threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                  device=a.device)
     note_device(model, a.device)
     return model
+
+
+def resolve_with_progress(ref: str):
+    """A model reference → local path, a download (catalog or hub) drawing its progress on stderr."""
+    from edgeq import assets
+    from edgeq.text import safe_line
+
+    bar = download_progress(True)
+    try:
+        return assets.resolve_model(ref, quiet=False, progress=bar,
+                                    report=lambda line: print(safe_line(line, 1000), file=sys.stderr, flush=True))
+    finally:
+        bar.finish()
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser, default_type: str | None) -> None:
@@ -90,3 +104,21 @@ def add_recipe_arguments(p: argparse.ArgumentParser, default_type: str | None) -
     p.add_argument("--calib-ctx", type=int, default=512, help="calibration window in tokens (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads for calibration")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def download_progress(enabled: bool):
+    """A byte progress callback drawing edgeq's one progress bar (one bar per file)."""
+    from edgeq.progress import Progress
+    from edgeq.text import safe_line
+
+    state: dict = {}
+
+    def update(done: int, total: int, label: str) -> None:
+        bar = state.get(label)
+        if bar is None:
+            if state:
+                next(reversed(state.values())).clear()
+            bar = state[label] = Progress(total, label=safe_line(label, 40) + " ", enabled=enabled)
+        bar.update(done, detail=f"{done / 1e6:.0f}/{total / 1e6:.0f} MB")
+    update.finish = lambda: [b.clear() for b in state.values()]
+    return update

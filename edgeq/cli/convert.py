@@ -14,7 +14,8 @@ from edgeq.cli.common import add_recipe_arguments
 
 
 def add_arguments(p) -> None:
-    p.add_argument("src", help="Hugging Face checkpoint folder, or a hub repo id in the local HF cache")
+    p.add_argument("src", help="Hugging Face checkpoint folder, or a hub repo id OWNER/REPO (downloads config, tokenizer and "
+                                     "safetensors into the HF cache; HF_HUB_OFFLINE=1: the cache only)")
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
     add_recipe_arguments(p, default_type="F16")
 

@@ -65,7 +65,7 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16
 
     opts = options or QuantOptions(qtype=qtype, **option_kw)
     out = opts.check_paths(output)
-    ckpt = HFCheckpoint(str(src))
+    ckpt = HFCheckpoint(str(src), quiet=opts.quiet)
     try:
         conv = hf_to_gguf.plan(ckpt)
         hp = conv.hparams

@@ -87,33 +87,27 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def resolve_source(src: str | os.PathLike) -> Path:
-    """A local checkpoint folder, or a hub repo id found in the local Hugging Face cache (never downloads)."""
+def resolve_source(src: str | os.PathLike, quiet: bool = True) -> Path:
+    """A local checkpoint folder, or a hub repo id: its snapshot in the Hugging Face cache, downloading only
+    the files conversion needs (HF_HUB_OFFLINE=1: the cached snapshot only)."""
     p = Path(src).expanduser()
     if p.is_dir():
         return p
     if p.exists():
         raise CheckpointError(f"{src}: expected a checkpoint folder (config.json, *.safetensors, tokenizer files)")
-    text = str(src)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise CheckpointError(f"{src}: no such folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from edgeq import hub
 
-    try:
-        return Path(snapshot_download(text, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(f"{src}: not a folder, and not in the local Hugging Face cache "
-                              f"(download it first, e.g. `hf download {text}`)") from None
-    except Exception as e:  # bad repo id syntax and the like
-        raise CheckpointError(f"{src}: not a folder, and not a usable hub repo id ({e})") from None
+    text = str(src)
+    if not hub.is_repo_id(text):  # recognised by its shape: a path that is not there is never sent to the hub
+        raise CheckpointError(f"{src}: no such folder")
+    return hub.checkpoint(text, quiet=quiet)
 
 
 class HFCheckpoint:
     """One checkpoint folder. `tensors` maps HF names to where their bytes are; `load(name)` reads one."""
 
-    def __init__(self, src: str | os.PathLike):
-        self.path = resolve_source(src)
+    def __init__(self, src: str | os.PathLike, quiet: bool = True):
+        self.path = resolve_source(src, quiet)
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
             raise CheckpointError(f"{self.path}: config.json is missing")

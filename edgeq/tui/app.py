@@ -226,9 +226,11 @@ class ModelPicker(ModalScreen[str | None]):
             opts.append(Text(safe_line(row)))  # file names and header fields: plain text, never markup
         here = {m.name for m in assets.list_local()}
         for a in assets.MODELS.values():
-            if a.name not in here:
+            if a.name not in here:  # pulled on pick (hub or PyPI), the bytes shown in the status bar
                 self.choices.append(a.name)
-                opts.append(Text(f"{a.name}  (pull {a.size / 1e6:.0f} MB)"))
+                size = f"{a.shown_size / 1e6:.0f} MB" if a.shown_size else "size unknown"
+                note = "" if a.runnable else f", {a.arch}: not supported yet"
+                opts.append(Text(f"{a.name}  (pull {size}{note})"))
         with Vertical(id="dialog"):
             yield Label("Pick a model", classes="title")
             yield OptionList(*opts, id="models")
@@ -454,7 +456,8 @@ class ChatApp(App):
     def load_model(self, ref: str) -> None:
         self.call_from_thread(self.notify, safe_line(f"loading {Path(ref).name}…"), markup=False)
         try:
-            model = self.model_factory(ref)
+            model = self.model_factory(ref, progress=self._pull_progress) if self._factory_takes_progress() \
+                else self.model_factory(ref)
         except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback
             self.call_from_thread(self.notify, safe_line(f"cannot load {ref}: {describe_error(e)}"),
                                   severity="error", timeout=10, markup=False)
@@ -464,6 +467,20 @@ class ChatApp(App):
         self.ctx_used = 0
         self.call_from_thread(self.update_status)
         self.call_from_thread(self.notify, safe_line(f"model: {model.info.get('name')}"), markup=False)
+
+    def _factory_takes_progress(self) -> bool:
+        import inspect
+
+        try:
+            return "progress" in inspect.signature(self.model_factory).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def _pull_progress(self, done: int, total: int, label: str) -> None:
+        """Called from the loading thread while a model is downloaded: the bytes so far in the status bar."""
+        pct = 100 * done / total if total else 0.0
+        line = safe_line(f"pulling {label}: {pct:5.1f}% ({done / 1e6:.0f}/{total / 1e6:.0f} MB)", 1000)
+        self.call_from_thread(self.query_one("#status", Static).update, Text(line))
 
     def update_status(self) -> None:
         if self.model is None:
