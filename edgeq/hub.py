@@ -348,6 +348,17 @@ def _lock(f) -> None:
         raise AssetError(f"another pull is writing {Path(f.name).name}") from None
 
 
+def _hidden_tqdm():
+    """A tqdm class that draws nothing but keeps its counters (snapshot_download reads them)."""
+    from tqdm.auto import tqdm
+
+    class Hidden(tqdm):
+        def __init__(self, *a, **k):
+            k["disable"] = True
+            super().__init__(*a, **k)
+    return Hidden
+
+
 @contextlib.contextmanager
 def _quiet_hf_logger():
     log = logging.getLogger("huggingface_hub.file_download")
@@ -495,12 +506,12 @@ def checkpoint(repo: str, quiet: bool = True) -> Path:
     """A checkpoint repo's snapshot folder in the Hugging Face cache, downloading only what conversion
     needs (config, tokenizer files, safetensors); HF_HUB_OFFLINE=1: the cached snapshot only."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils.tqdm import silent_tqdm
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=CHECKPOINT_PATTERNS, endpoint=endpoint(),
-                                      token=token(), local_files_only=offline(),
-                                      tqdm_class=silent_tqdm if quiet else None))
+        with _quiet_hf_logger():
+            return Path(snapshot_download(repo, allow_patterns=CHECKPOINT_PATTERNS, endpoint=endpoint(),
+                                          token=token(), local_files_only=offline(),
+                                          tqdm_class=_hidden_tqdm() if quiet else None))
     except Exception as e:  # noqa: BLE001 - one line for hub, network and cache misses
         from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -357,7 +357,7 @@ def test_convert_from_repo_id_downloads_only_what_it_needs(fake_hub, tmp_path, m
 
     with GGUFFile(out) as gf:
         assert gf.arch == "gemma3"
-    got = {r[1].split("/resolve/main/")[-1] for r in fake_hub.log if r[0] == "GET" and "/resolve/" in r[1]}
+    got = {r[1].split("/resolve/", 1)[1].split("/", 1)[1] for r in fake_hub.log if r[0] == "GET" and "/resolve/" in r[1]}
     assert "model.safetensors" in got and "config.json" in got
     assert not {"original/consolidated.pth", "model-Q4_K_M.gguf"} & got
     # offline: the cached snapshot, no request
