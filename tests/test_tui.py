@@ -417,3 +417,33 @@ def test_chat_cli_missing_or_corrupt_model_is_one_line(home, tmp_path, capsys):
         assert main(["chat", arg]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("edgeq chat: cannot load") and "Traceback" not in err[0]
+
+
+async def test_picking_a_hub_catalog_model_shows_the_pull(home):
+    gate = threading.Event()
+    loaded = FakeModel()
+    picked = []
+
+    def factory(ref, progress=None):  # the chat verb's factory downloads through assets.resolve_model
+        picked.append(ref)
+        progress(50_000_000, 100_000_000, "SmolLM2-360M-Instruct-Q4_K_M.gguf")
+        gate.wait(10)
+        return loaded
+
+    app = ChatApp(model=FakeModel(), model_factory=factory, history=History(home / "chats.sqlite3"))
+    async with app.run_test(size=(120, 24)) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        shown = screen_text(app)
+        assert "smollm2-360m-instruct  (pull 271 MB)" in shown and "qwen3: not supported yet" in shown
+        app.screen.query_one("#models").highlighted = app.screen.choices.index("smollm2-360m-instruct")
+        await pilot.press("enter")
+        for _ in range(200):
+            await pilot.pause(0.05)
+            if "pulling" in str(app.query_one("#status").render()):
+                break
+        assert "pulling SmolLM2-360M-Instruct-Q4_K_M.gguf:  50.0% (50/100 MB)" in str(app.query_one("#status").render())
+        gate.set()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.model is loaded and picked == ["smollm2-360m-instruct"]
