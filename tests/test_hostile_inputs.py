@@ -29,6 +29,20 @@ def no_hang():
     signal.signal(signal.SIGALRM, old)
 
 
+@pytest.fixture
+def memory_cap():
+    """Address space capped at what the process has now + 1 GiB: code that reads /dev/zero whole gets a
+    MemoryError here instead of taking the machine's memory."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def one_line_error(capsys, rc) -> str:
     err = capsys.readouterr().err.strip()
     assert rc == 1, err
@@ -147,7 +161,7 @@ class CountingStream(io.RawIOBase):
         return n
 
 
-def test_run_stdin_is_capped_before_tokenizing(fake_model, monkeypatch, capsys):
+def test_run_stdin_is_capped_before_tokenizing(fake_model, monkeypatch, capsys, memory_cap):
     stream = CountingStream(8_000_000)
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(stream)))
     err = one_line_error(capsys, cli(["run", "m"]))
@@ -180,7 +194,7 @@ def _not_regular(kind, tmp_path, fifo):
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory"])
 @pytest.mark.parametrize("verb", ["inspect", "perplexity -f", "run -f", "quantize input", "--imatrix", "--kl-base"])
-def test_not_a_regular_file_is_refused_at_once(verb, kind, tmp_path, fifo, capsys, no_hang):
+def test_not_a_regular_file_is_refused_at_once(verb, kind, tmp_path, fifo, capsys, no_hang, memory_cap):
     bad = str(_not_regular(kind, tmp_path, fifo))
     text = tmp_path / "t.txt"
     text.write_text("some text\n")
@@ -226,11 +240,11 @@ def tiny(tmp_path):
     return tiny_gguf(tmp_path / "tiny.gguf")
 
 
-def test_quantize_refuses_devices_and_pipes_as_output(tiny, fifo, capsys):
-    for target in (fifo, Path("/dev/null")):
-        err = one_line_error(capsys, cli(["quantize", str(tiny), str(target), "--type", "F16", "-q", "-f"]))
-        assert "refusing to replace" in err
-    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+def test_quantize_refuses_a_pipe_as_output(tiny, fifo, capsys):
+    # a FIFO in tmp_path, not /dev/null: code without the check would replace the node it is given
+    err = one_line_error(capsys, cli(["quantize", str(tiny), str(fifo), "--type", "F16", "-q", "-f"]))
+    assert "refusing to replace" in err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
 def test_quantize_asks_for_force_before_overwriting(tiny, tmp_path, capsys):
