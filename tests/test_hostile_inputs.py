@@ -212,6 +212,19 @@ def test_not_a_regular_file_is_refused_at_once(verb, kind, tmp_path, fifo, capsy
     assert bad in err and ("not a" in err or "directory" in err), err
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory"])
+def test_convert_refuses_a_checkpoint_file_that_is_not_regular(kind, tmp_path, capsys, no_hang, memory_cap):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (src / "tokenizer.json").write_text("{}")
+    weights = src / "model.safetensors"
+    {"fifo": lambda: os.mkfifo(weights), "dev_zero": lambda: weights.symlink_to("/dev/zero"),
+     "directory": weights.mkdir}[kind]()
+    err = one_line_error(capsys, cli(["convert", str(src), "-o", str(tmp_path / "o.gguf"), "--type", "F16", "-q"]))
+    assert "model.safetensors" in err and ("not a" in err or "directory" in err), err
+
+
 # ------------------------------------------------------------ item 7: outputs
 def test_check_output_path(tmp_path, fifo):
     from edgeq.convert.writer import check_output_path
