@@ -35,7 +35,7 @@ def read_prompt(a, model) -> str:
     import stat
 
     from edgeq.errors import EdgeqError
-    from edgeq.file_checks import open_input, read_text
+    from edgeq.file_checks import open_input, read_text, shown
 
     limit = prompt_limit(model)
     why = f"it cannot fit in the {model.n_ctx}-token context"
@@ -45,7 +45,7 @@ def read_prompt(a, model) -> str:
         return a.prompt
     if a.file is not None:
         with open_input(a.file, "prompt file") as f:
-            return read_text(f, limit, f"prompt file {a.file}", why)
+            return read_text(f, limit, f"prompt file {shown(a.file)}", why)
     stdin = getattr(sys.stdin, "buffer", sys.stdin)
     try:
         mode = os.fstat(stdin.fileno()).st_mode
