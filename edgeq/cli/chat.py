@@ -65,6 +65,12 @@ def main(args: argparse.Namespace) -> int:
     given = {k: v for k, v in (("system", args.system), ("temperature", args.temp), ("top_p", args.top_p),
                                ("max_tokens", args.max_tokens)) if v is not None}
     defaults = ChatSettings(**given)
-    ChatApp(model=model, model_factory=factory, history=History.default(), defaults=defaults,
-            new_chat=bool(given)).run()
+    history = History.default()
+    if history.note:  # a damaged or unwritable history file: said once, before the UI takes the screen
+        print(f"note: {history.note}", file=sys.stderr)
+    try:
+        ChatApp(model=model, model_factory=factory, history=history, defaults=defaults,
+                new_chat=bool(given)).run()
+    finally:
+        history.close()
     return 0

@@ -104,6 +104,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser, default_type: str | None) -
     p.add_argument("--calib-ctx", type=int, default=512, help="calibration window in tokens (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads for calibration")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite the output (and --save-imatrix) if it exists")
 
 
 def download_progress(enabled: bool):

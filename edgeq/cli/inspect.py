@@ -97,8 +97,10 @@ def _table(s: dict[str, Any]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from edgeq.file_checks import check_input_file
     from edgeq.formats.gguf_file import GGUFFile
 
+    check_input_file(args.file, "GGUF file")  # a FIFO would hang the reader, /dev/zero fill memory
     with GGUFFile(args.file) as gf:
         s = summary(gf)
         tensors = [{"name": t.name, "type": t.qtype, "shape": list(t.shape)} for t in gf.tensors.values()]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from edgeq.progress import Progress
 
@@ -18,6 +17,7 @@ def add_arguments(p):
 
     add_device_arg(p)
     p.add_argument("--save-logits", default=None, help="store the top log-probs of this run (reference for --kl-base)")
+    p.add_argument("--force", action="store_true", help="overwrite the --save-logits file if it exists")
     p.add_argument("--kl-base", default=None, help="report KL-divergence and same-top-token %% against a saved run")
     from edgeq.cli.common import add_cache_args
 
@@ -26,16 +26,21 @@ def add_arguments(p):
 
 
 def main(a) -> int:
-    from edgeq.runtime.engine import load
     from edgeq.errors import EdgeqError
-    from edgeq.runtime.perplexity import perplexity
+    from edgeq.file_checks import check_input_file, check_output_path
+    from edgeq.runtime.engine import load
+    from edgeq.runtime.perplexity import perplexity_file
 
-    try:
-        text = Path(a.file).read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise EdgeqError(f"{a.file} is not UTF-8 text")
+    # refused before the model loads; the text itself is read only as far as --chunks needs
+    check_input_file(a.file, "text file")
+    if a.save_logits:
+        check_output_path(a.save_logits, a.force)
+    if a.kl_base:
+        check_input_file(a.kl_base, "reference logits file")
     if a.ctx < 8:
         raise EdgeqError("--ctx must be at least 8")
+    if a.chunks is not None and a.chunks < 1:
+        raise EdgeqError("--chunks must be at least 1")
     from edgeq.cli.common import note_device
 
     model = load(a.model, n_ctx=max(a.ctx, 16), threads=a.threads,
@@ -47,7 +52,7 @@ def main(a) -> int:
         bar.total = n
         bar.update(i, detail=f"{i}/{n} windows, ppl {ppl:8.3f}")
 
-    res = perplexity(model, text, a.ctx, a.chunks, a.save_logits, a.kl_base, on_chunk=on_chunk)
+    res = perplexity_file(model, a.file, a.ctx, a.chunks, a.save_logits, a.kl_base, on_chunk=on_chunk, force=a.force)
     bar.clear()
     if a.json:
         rec = {"ppl": res.ppl, "stderr": res.stderr, "tokens": res.tokens, "chunks": res.chunks,

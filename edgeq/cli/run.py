@@ -10,7 +10,9 @@ from edgeq.text import safe_terminal_text
 
 def add_arguments(p):
     add_model_args(p)
-    p.add_argument("-p", "--prompt", default=None, help="prompt text (default: read from stdin)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", default=None, help="prompt text (default: read from stdin)")
+    src.add_argument("-f", "--file", default=None, help="read the prompt from this UTF-8 text file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--verbose", action="store_true", help="print load time and speeds at the end")
@@ -20,10 +22,52 @@ def add_arguments(p):
     add_sampling_args(p)
 
 
+MAX_TOKEN_BYTES = 256  # bound on the vocabulary's longest token when sizing the prompt cap (the vocabulary is untrusted)
+
+
+def prompt_limit(model) -> int:
+    """Bytes beyond which a prompt cannot fit the context whatever its tokens: n_ctx × the longest token."""
+    tok = model.tokenizer
+    longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=1)
+    return model.n_ctx * max(1, min(longest, MAX_TOKEN_BYTES))
+
+
+def read_prompt(a, model) -> str:
+    """-p, -f FILE or stdin, refused past prompt_limit before anything is tokenized (`< 50MB.txt` or
+    `< /dev/zero` must not fill memory first)."""
+    import os
+    import stat
+
+    from edgeq.errors import EdgeqError
+    from edgeq.file_checks import open_input, read_text, shown
+
+    limit = prompt_limit(model)
+    why = f"it cannot fit in the {model.n_ctx}-token context"
+    if a.prompt is not None:
+        if len(a.prompt.encode("utf-8", "surrogateescape")) > limit:
+            raise EdgeqError(f"the prompt is over {limit:,} bytes: {why}")
+        return a.prompt
+    if a.file is not None:
+        with open_input(a.file, "prompt file") as f:
+            return read_text(f, limit, f"prompt file {shown(a.file)}", why)
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)
+    try:
+        mode = os.fstat(stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise EdgeqError("stdin is a directory, not a prompt")
+    return read_text(stdin, limit, "the prompt on stdin", why)
+
+
 def main(a) -> int:
     t_start = time.perf_counter()
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    if a.file is not None:
+        from edgeq.file_checks import check_input_file
+
+        check_input_file(a.file, "prompt file")  # before the model loads
     model = load_model(a)
+    prompt = read_prompt(a, model)
     # The model's text (and a piped-in prompt) may hold escape sequences; a terminal must not obey them.
     # Escaping is per character, so a sequence split across pieces is caught too.
     show = (lambda text: text) if a.raw and not sys.stdout.isatty() else safe_terminal_text

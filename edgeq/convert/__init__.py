@@ -29,6 +29,7 @@ class QuantOptions:
     calib_ctx: int = 512                # calibration window in tokens
     threads: int | None = None          # calibration threads
     quiet: bool = True                  # no progress output
+    force: bool = False                 # overwrite existing output files (output, save_imatrix)
 
     @classmethod
     def of(cls, obj: Any) -> "QuantOptions":
@@ -42,13 +43,15 @@ class QuantOptions:
                       output_type=self.output_type, embedding_type=self.embedding_type)
 
     def check_paths(self, output) -> Path:
+        """Before any work: outputs writable and not clobbered (see check_output_path), inputs regular files."""
         from edgeq.convert.writer import check_output_path
+        from edgeq.file_checks import check_input_file
 
-        out = check_output_path(Path(output).expanduser())
+        out = check_output_path(output, self.force)
         if self.save_imatrix:
-            check_output_path(Path(self.save_imatrix).expanduser())
-        if self.imatrix and not Path(self.imatrix).expanduser().is_file():
-            raise EdgeqError(f"{self.imatrix}: no such imatrix file")
+            check_output_path(self.save_imatrix, self.force)
+        if self.imatrix:
+            check_input_file(self.imatrix, "imatrix file")
         return out
 
 
@@ -61,11 +64,17 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16
     from edgeq.convert.calibrate import resolve_imatrix
     from edgeq.convert.hf_checkpoint import HFCheckpoint
     from edgeq.convert.mixes import Recipe
+    from edgeq.convert.hf_checkpoint import resolve_source
     from edgeq.convert.writer import OutTensor, write_model
+    from edgeq.file_checks import check_input_file
 
     opts = options or QuantOptions(qtype=qtype, **option_kw)
     out = opts.check_paths(output)
-    ckpt = HFCheckpoint(str(src), quiet=opts.quiet)
+    folder = resolve_source(src, quiet=opts.quiet)
+    for f in folder.iterdir():  # a FIFO or device posing as a weights/config file would hang the reader
+        if f.suffix in (".safetensors", ".json", ".model"):
+            check_input_file(f, "checkpoint file")
+    ckpt = HFCheckpoint(folder, quiet=opts.quiet)
     try:
         conv = hf_to_gguf.plan(ckpt)
         hp = conv.hparams
@@ -100,9 +109,9 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     from edgeq.models.base import hparam
 
     opts = options or QuantOptions(qtype=qtype or "F16", **option_kw)
-    src_path = Path(src_path).expanduser()
-    if not src_path.is_file():
-        raise EdgeqError(f"{src_path}: no such file")
+    from edgeq.file_checks import check_input_file
+
+    src_path = check_input_file(src_path, "GGUF file")
     out = opts.check_paths(out_path)
     with GGUFFile(src_path) as gf:
         n_layer = hparam(gf, gf.arch, "block_count", None)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from edgeq.convert.mixes import Recipe
 from edgeq.errors import EdgeqError
+from edgeq.file_checks import check_output_path as check_output_path  # outputs: no device, no silent overwrite
 from edgeq.progress import Progress
 
 
@@ -23,19 +23,6 @@ class OutTensor:
     name: str
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
-
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    out = Path(path)
-    if out.is_dir():
-        raise EdgeqError(f"{out}: is a directory (give a file name, e.g. {out / 'model.gguf'})")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise EdgeqError(f"{folder}: output folder does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise EdgeqError(f"{folder}: output folder is not writable")
-    return out
 
 
 def _default_mode(path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +41,61 @@ def text_tokens(model, text: str) -> list[int]:
     return model.tokenizer.encode(text.replace("\r\n", "\n"), add_special=True, parse_special=False)
 
 
+def file_tokens(model, path, max_tokens: int | None = None) -> np.ndarray:
+    """The tokens of a text file, read and tokenized a piece at a time (edgeq.file_checks.text_pieces) and
+    only until `max_tokens` are there: scoring 1,024 tokens of a 50 MB file reads one piece. Pieces end at
+    line (or word) boundaries, so the tokens are those of the whole text (a SentencePiece vocabulary that
+    prefixes a space may differ by a token at a seam, once a megabyte)."""
+    from edgeq.file_checks import text_pieces
+
+    tok = model.tokenizer
+    parts = [np.asarray([tok.bos_id] if tok.add_bos else [], dtype=np.int32)]
+    n, complete = len(parts[0]), True
+    for piece in text_pieces(path):
+        ids = np.asarray(tok.encode(piece.replace("\r\n", "\n"), add_special=False, parse_special=False),
+                         dtype=np.int32)  # int32, not a list of Python ints: 4 bytes a token
+        parts.append(ids)
+        n += len(ids)
+        if max_tokens is not None and n >= max_tokens:
+            complete = False
+            break
+    if complete and tok.add_eos:
+        parts.append(np.asarray([tok.eos_id], dtype=np.int32))
+    return np.concatenate(parts)
+
+
 def perplexity(model, text: str, n_ctx: int = 512, max_chunks: int | None = None, save_logits: str | None = None,
-               kl_base: str | None = None, on_chunk=None) -> PerplexityResult:
+               kl_base: str | None = None, on_chunk=None, force: bool = False) -> PerplexityResult:
+    """Perplexity over a text held in memory; perplexity_file reads a file only as far as it needs."""
+    _check_args(model, n_ctx, save_logits, kl_base, force)
+    return _perplexity(model, text_tokens(model, text), n_ctx, max_chunks, save_logits, kl_base, on_chunk)
+
+
+def perplexity_file(model, path, n_ctx: int = 512, max_chunks: int | None = None, save_logits: str | None = None,
+                    kl_base: str | None = None, on_chunk=None, force: bool = False) -> PerplexityResult:
+    """Perplexity over a UTF-8 text file (a regular file: a FIFO or /dev/zero is refused)."""
+    _check_args(model, n_ctx, save_logits, kl_base, force)
+    tokens = file_tokens(model, path, n_ctx * max_chunks if max_chunks else None)
+    return _perplexity(model, tokens, n_ctx, max_chunks, save_logits, kl_base, on_chunk)
+
+
+def _check_args(model, n_ctx: int, save_logits, kl_base, force: bool) -> None:
+    """Everything that can be refused before the long part: the context, the output and reference files."""
     from edgeq.errors import EdgeqError
+    from edgeq.file_checks import check_input_file, check_output_path
 
     if n_ctx > model.n_ctx:
         raise EdgeqError(f"--ctx {n_ctx} exceeds the model context {model.n_ctx}")
-    tokens = text_tokens(model, text)
+    if save_logits:
+        check_output_path(save_logits, force)
+    if kl_base:
+        check_input_file(kl_base, "reference logits file")
+
+
+def _perplexity(model, tokens, n_ctx: int, max_chunks: int | None, save_logits: str | None, kl_base: str | None,
+                on_chunk) -> PerplexityResult:
+    from edgeq.errors import EdgeqError
+
     n_chunk = len(tokens) // n_ctx
     if max_chunks:
         n_chunk = min(n_chunk, max_chunks)
@@ -58,7 +107,7 @@ def perplexity(model, text: str, n_ctx: int = 512, max_chunks: int | None = None
     nll, kls, same, saved = [], [], [], {"ids": [], "logp": [], "rest": [], "argmax": []}
     t0 = time.perf_counter()
     for c in range(n_chunk):
-        win = list(tokens[c * n_ctx:(c + 1) * n_ctx])
+        win = [int(t) for t in tokens[c * n_ctx:(c + 1) * n_ctx]]
         if bos is not None:
             win[0] = bos
         logits = model.logits(win)[first:n_ctx - 1]
@@ -98,9 +147,20 @@ def _tokens_digest(tokens, n_ctx, n_chunk) -> str:
 
 def _save_base(path: str, n_ctx: int, tokens, n_chunk: int, saved: dict) -> None:
     arrays = {k: np.concatenate(v) for k, v in saved.items()}
-    tmp = Path(str(path) + ".tmp.npz")
-    np.savez_compressed(tmp, n_ctx=n_ctx, n_chunk=n_chunk, digest=_tokens_digest(tokens, n_ctx, n_chunk), **arrays)
-    os.replace(tmp, path)
+    path = Path(path).expanduser()
+    # a fresh temp name (not a fixed "path.tmp.npz" someone could have planted a link at), renamed into place
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, n_ctx=n_ctx, n_chunk=n_chunk, digest=_tokens_digest(tokens, n_ctx, n_chunk),
+                                **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _load_base(path: str, n_ctx: int, tokens, n_chunk: int) -> dict:

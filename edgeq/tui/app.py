@@ -324,11 +324,15 @@ class ChatApp(App):
 
     def on_mount(self) -> None:
         self.query_one(PromptInput).recall = self.history.user_prompts()
-        convs = self.history.conversations()
-        if convs and not self.start_new:
-            self.open_conversation(convs[0].id)
+        # the most recent chat no other `edgeq chat` has open (two processes never share a conversation)
+        convs = [] if self.start_new else self.history.conversations()
+        mine = next((c for c in convs if self.history.claim(c.id)), None)
+        if mine is not None:
+            self.open_conversation(mine.id)
         else:
             self.action_new_chat()
+        if convs and (mine is None or mine.id != convs[0].id):
+            self.notify("your latest chat is open in another edgeq chat", severity="warning")
         if self.size.width < 60:
             self.query_one("#sidebar").display = False
         self.query_one(PromptInput).focus()
@@ -350,6 +354,14 @@ class ChatApp(App):
         conv = self.history.get(conv_id)
         if conv is None:
             return
+        if not self.history.claim(conv.id):
+            pid = self.history.owner(conv.id)
+            self.notify(f"this chat is open in another edgeq chat{f' (pid {pid})' if pid else ''}",
+                        severity="warning")
+            self.refresh_sidebar()
+            return
+        if self.conv_id is not None and self.conv_id != conv.id:
+            self.history.release(self.conv_id)
         self.conv_id = conv.id
         self.settings = conv.settings
         box = self.query_one("#messages", VerticalScroll)
@@ -496,6 +508,8 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         self.cancel.set()  # quitting mid-reply: the worker stops; what it streamed is already saved
+        if self.conv_id is not None:
+            self.history.release(self.conv_id)  # another `edgeq chat` may open it now
 
     # ------------------------------------------------------------ sending and streaming
     def action_stop(self) -> None:

@@ -2,15 +2,25 @@
 
 Every write commits at once, so a crash or kill loses nothing already saved. The TUI saves each user
 message when it is sent and the assistant's reply incrementally while it streams (`update_message`).
+
+Several `edgeq chat` processes may share the file; each owns the conversations it has open (`claim`: a
+flock'd lock file per conversation, released by the kernel when the process dies), so two processes never
+write into one conversation. A damaged file is moved aside (`chats.sqlite3.broken-<time>`, never deleted)
+and a fresh one started; a folder that cannot be written gives an in-memory history. Either way `note`
+says what happened, in one line.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from edgeq.errors import EdgeqError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -68,18 +78,98 @@ class Message:
     content: str
 
 
+class HistoryError(EdgeqError):
+    """The chat history file failed while in use (it was fine when opened)."""
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """PRAGMA quick_check found damage that queries would only hit later."""
+
+
+def _is_damaged(e: sqlite3.Error) -> bool:
+    return isinstance(e, _Damaged) or getattr(e, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT") \
+        or "malformed" in str(e) or "not a database" in str(e)
+
+
+def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
+    db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, uri=uri)
+    try:
+        if not uri:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(SCHEMA)
+        check = db.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise _Damaged(f"damaged ({check[0] if check else 'no answer'})")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 class History:
-    """One SQLite file; safe to use from the UI thread and a worker thread (one lock, one connection)."""
+    """One SQLite file; safe to use from the UI thread and a worker thread (one lock, one connection).
+
+    Opening never fails: see `note` and `persistent` for what was done when the file could not be used."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.note: str | None = None      # one line: what went wrong with the file and what was done
+        self.persistent = True            # False: an in-memory history, nothing is saved
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._claims: dict[int, int] = {}  # conversation id → fd of its held lock file
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return _connect(str(self.path))
+        except sqlite3.Error as e:
+            if _is_damaged(e) and self.path.is_file():
+                return self._start_fresh(e)
+            return self._in_memory(e)
+        except OSError as e:
+            return self._in_memory(e)
+
+    def _start_fresh(self, damage: sqlite3.Error) -> sqlite3.Connection:
+        """Move the damaged file (and its -wal/-shm, which a new file would replay) aside; open a new one."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.broken-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.broken-{stamp}-{n}")
+        try:
+            os.rename(self.path, aside)
+            for ext in ("-wal", "-shm"):
+                side = Path(str(self.path) + ext)
+                if side.exists():
+                    os.rename(side, Path(str(aside) + ext))
+            db = _connect(str(self.path))
+        except (OSError, sqlite3.Error) as e:
+            return self._in_memory(e, f"chat history {self.path} is damaged ({damage}) and cannot be moved aside")
+        self.note = f"chat history {self.path} was damaged ({damage}): kept as {aside.name}, started a fresh one"
+        return db
+
+    def _in_memory(self, e: BaseException, why: str | None = None) -> sqlite3.Connection:
+        """The file cannot be written: earlier chats copied in when the file can still be read."""
+        self.persistent = False
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        db = _connect(":memory:")
+        try:
+            ro = _connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                ro.backup(db)
+            finally:
+                ro.close()
+            db.execute("PRAGMA foreign_keys=ON")
+            kept = "earlier chats shown, "
+        except (OSError, ValueError, sqlite3.Error):
+            kept = ""
+        self.note = (why or f"chat history {self.path} cannot be written ({reason})") + \
+            f": {kept}this session's chats are not saved"
+        return db
 
     @classmethod
     def default(cls) -> "History":
@@ -88,12 +178,53 @@ class History:
         return cls(data_home() / "chats.sqlite3")
 
     def close(self) -> None:
+        for conv_id in list(self._claims):
+            self.release(conv_id)
         with self._lock:
             self._db.close()
 
     def _exec(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
-            return self._db.execute(sql, params)
+            try:
+                return self._db.execute(sql, params)
+            except sqlite3.Error as e:  # one line, never a traceback showing chat content
+                raise HistoryError(f"chat history {self.path}: {e}") from None
+
+    # ------------------------------------------------------------ ownership (one process per conversation)
+    def _lock_path(self, conv_id: int) -> Path:
+        return self.path.with_name(self.path.name + ".locks") / f"{int(conv_id)}.lock"
+
+    def claim(self, conv_id: int) -> bool:
+        """Own a conversation until release/close/exit; False if another process (or History) owns it."""
+        if conv_id in self._claims or not self.persistent:
+            return True
+        path = self._lock_path(conv_id)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return True  # no lock files here (read-only folder...): nothing to coordinate with
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._claims[conv_id] = fd
+        return True
+
+    def owner(self, conv_id: int) -> int | None:
+        """The pid that holds a conversation, as its lock file says (None if unknown)."""
+        try:
+            return int(self._lock_path(conv_id).read_text()[:20])
+        except (OSError, ValueError):
+            return None
+
+    def release(self, conv_id: int) -> None:
+        fd = self._claims.pop(conv_id, None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
     # ------------------------------------------------------------ conversations
     def new_conversation(self, title: str = "New chat", settings: ChatSettings | None = None) -> Conversation:
@@ -121,6 +252,9 @@ class History:
 
     def delete(self, conv_id: int) -> None:
         self._exec("DELETE FROM conversations WHERE id=?", (conv_id,))
+        if conv_id in self._claims:
+            self._lock_path(conv_id).unlink(missing_ok=True)
+            self.release(conv_id)
 
     # ------------------------------------------------------------ messages
     def add_message(self, conv_id: int, role: str, content: str) -> int:
