@@ -476,6 +476,10 @@ def resolve_model(name_or_path: str, quiet: bool = True, report=None, progress=N
         return model_path(name_or_path, quiet, report, progress)
     if p.is_dir():
         raise AssetError(f"{p} is a directory, not a GGUF file")
+    if p.exists():  # a FIFO would block the reader's open, a device maps nothing sensible: one line instead
+        from edgeq.file_checks import check_input_file
+
+        check_input_file(p, "GGUF file")
     from edgeq import hub
 
     ref = hub.parse_ref(name_or_path)

@@ -308,3 +308,23 @@ def test_save_logits_written_atomically_and_overwritten_with_force(fake_model, t
                 "--kl-base", str(saved)]) == 0
     assert "KL-divergence" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz", "t.txt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_a_model_that_is_not_a_regular_file_is_refused_at_once(kind, tmp_path, fifo, capsys, no_hang, memory_cap):
+    bad = str(_not_regular(kind, tmp_path, fifo))
+    err = one_line_error(capsys, cli(["run", bad, "-p", "hi", "-n", "1"]))
+    assert bad in err and "not a GGUF file" in err, err
+
+
+def test_calibration_reads_only_what_its_windows_need(tmp_path, fifo, no_hang, memory_cap):
+    from edgeq.convert.calibrate import read_text
+
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"to be or not to be\n" * 200_000)  # 3.8 MB
+    text, label = read_text(str(big), max_bytes=10_000)
+    assert label == "big.txt" and 9_000 < len(text) <= 10_000 and text.endswith("\n")
+    assert len(read_text(str(big))[0]) == big.stat().st_size
+    for bad in (fifo, "/dev/zero"):
+        with pytest.raises(EdgeqError, match="not a text file"):
+            read_text(str(bad), max_bytes=10_000)

@@ -447,3 +447,27 @@ async def test_picking_a_hub_catalog_model_shows_the_pull(home):
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert app.model is loaded and picked == ["smollm2-360m-instruct"]
+
+
+async def test_history_failing_mid_session_ends_the_app_with_one_line(home):
+    """The database failing after a clean open (disk gone, file damaged under us) is a HistoryError: the app
+    exits with code 1 and keeps the one line for `edgeq chat` to print, never a traceback with chat text."""
+    from edgeq.tui.history import HistoryError
+
+    app = make_app(home)
+    async with app.run_test() as pilot:
+        await pilot.pause()
+
+        def broken(*a, **k):
+            raise HistoryError("chat history chats.sqlite3: disk I/O error")
+
+        app.history.add_message = broken
+        prompt = app.query_one(PromptInput)
+        prompt.post_message(PromptInput.Submitted("secret words that must not be printed"))
+        for _ in range(100):
+            if app._exit_renderables or app.return_code is not None:
+                break
+            await pilot.pause(0.05)
+    assert app.return_code == 1
+    assert app.fatal_message == "chat history chats.sqlite3: disk I/O error"
+    assert not app._exit_renderables  # no traceback queued for the terminal

@@ -68,9 +68,12 @@ def main(args: argparse.Namespace) -> int:
     history = History.default()
     if history.note:  # a damaged or unwritable history file: said once, before the UI takes the screen
         print(f"note: {history.note}", file=sys.stderr)
+    app = ChatApp(model=model, model_factory=factory, history=history, defaults=defaults, new_chat=bool(given))
     try:
-        ChatApp(model=model, model_factory=factory, history=history, defaults=defaults,
-                new_chat=bool(given)).run()
+        app.run()
     finally:
         history.close()
+    if app.fatal_message:
+        print(f"edgeq chat: {safe_line(app.fatal_message)}", file=sys.stderr)
+        return 1
     return 0

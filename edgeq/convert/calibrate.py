@@ -11,17 +11,27 @@ from edgeq.errors import EdgeqError
 from edgeq.progress import Progress
 
 
-def read_text(name_or_path: str) -> tuple[str, str]:
-    """(text, dataset label) from a file path or a known text name (edgeq.assets)."""
+MAX_BYTES_PER_TOKEN = 32  # calibration reads at most this many bytes per token it needs (whole text if smaller)
+
+
+def read_text(name_or_path: str, max_bytes: int | None = None) -> tuple[str, str]:
+    """(text, dataset label) from a file path or a known text name (edgeq.assets); at most `max_bytes` bytes
+    are read (cut at the last whole line), so a huge or endless file costs only what calibration uses."""
+    from edgeq.file_checks import open_input, shown
+
     p = Path(name_or_path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         from edgeq import assets
 
         try:
             p = Path(assets.text_path(name_or_path))
         except Exception:
-            raise EdgeqError(f"{name_or_path}: no such text file (and not a known text name)") from None
-    return p.read_text(encoding="utf-8", errors="replace"), p.name
+            raise EdgeqError(f"{shown(name_or_path)}: no such text file (and not a known text name)") from None
+    with open_input(p, "text file") as f:
+        data = f.read(max_bytes) if max_bytes else f.read()
+        if max_bytes and len(data) == max_bytes and b"\n" in data:
+            data = data[:data.rindex(b"\n") + 1]
+    return data.decode("utf-8", errors="replace"), p.name
 
 
 def calibrate_gguf(model_path: str | os.PathLike, text: str, dataset: str, n_chunks: int, n_ctx: int,
@@ -57,7 +67,7 @@ def resolve_imatrix(opts, output: str | os.PathLike, matrix_names: Sequence[str]
     elif opts.calibrate:
         if opts.chunks < 1 or opts.calib_ctx < 16:
             raise EdgeqError("--chunks must be >= 1 and --calib-ctx >= 16")
-        text, dataset = read_text(opts.calibrate)
+        text, dataset = read_text(opts.calibrate, max_bytes=opts.chunks * opts.calib_ctx * MAX_BYTES_PER_TOKEN)
         folder = Path(output).expanduser().resolve().parent
         with tempfile.TemporaryDirectory(prefix=".edgeq-calib-", dir=folder) as tmp:
             model_path = make_calibration_model(Path(tmp))

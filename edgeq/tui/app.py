@@ -293,6 +293,27 @@ class ChatApp(App):
         Binding("ctrl+delete", "delete_chat", "Delete", show=False),
     ]
 
+    def _handle_exception(self, error: Exception) -> None:
+        """A failure the user can act on (EdgeqError: e.g. the history database failing mid-session) ends the
+        app with one line, printed by `edgeq chat` after the screen is restored; anything else is a bug and
+        keeps Textual's traceback, without local variables (they hold chat text)."""
+        from edgeq.errors import EdgeqError, user_message
+
+        if isinstance(error, EdgeqError):
+            self.fatal_message = user_message(error) or str(error)
+            self.exit(return_code=1)
+            return
+        super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        from rich.segment import Segments
+        from rich.traceback import Traceback
+
+        self.bell()
+        self._exit_renderables.append(Segments(self.console.render(Traceback(show_locals=False, width=None),
+                                                                   self.console.options)))
+        self._close_messages_no_wait()
+
     def __init__(self, model=None, model_factory: Callable[[str], object] | None = None,
                  history: History | None = None, defaults: ChatSettings | None = None,
                  new_chat: bool = False, export_dir: Path | None = None):
@@ -308,6 +329,7 @@ class ChatApp(App):
         self.generating = False
         self.cancel = threading.Event()
         self.last_tps: float | None = None
+        self.fatal_message: str | None = None  # a user-facing failure that ended the app, as one line
         self.ctx_used = 0
 
     # ------------------------------------------------------------ layout
