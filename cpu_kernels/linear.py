@@ -46,6 +46,7 @@ SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K
 # qtype -> (weights per block, bytes per block), from the registry (formats/quants.py)
 BLOCKS: dict[str, tuple[int, int]] = {q: (QTYPES[q].block_size, QTYPES[q].block_bytes) for q in SUPPORTED}
 QK = 32                      # activation quantization block
+_Q4_K_BYTES, _Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"].block_bytes
 _TILE_BYTES = 1 << 20        # float32 weight tile for the prefill path
 _PREFETCH = 1024             # bytes ahead of the current weight row to software-prefetch (2x on big matrices)
 _GEMM_MIN_T = 6              # matmul rows from which dequantize + float GEMM beats the integer kernel
@@ -269,10 +270,12 @@ def _dq_q3_k(row, n, y):
                 y[sb * 256 + k * 32 + j] = d * np.float32(_q3_scale(sc, 2 * k + (j >> 4))) * np.float32(q - 4)
 
 
-@njit(**_JIT)
-def _dq_q4_k(row, n, y):
+@njit(inline="always", **_JIT)
+def _dq_k45(row, n, y, block_bytes, qs_off, fifth_bits):
+    """Q4_K / Q5_K (fifth_bits: qh[32] at byte 16, bit k of byte j = fifth bit of sub-block k; the nibbles
+    at qs_off): d, dmin (f16), 12 bytes of 6-bit scales/mins, w = d * sc * q - dmin * mn."""
     for sb in range(n // 256):
-        o = sb * 144
+        o = sb * block_bytes
         d = _h2f(row[o], row[o + 1])
         dmin = _h2f(row[o + 2], row[o + 3])
         sc = row[o + 4:o + 16]
@@ -282,26 +285,20 @@ def _dq_q4_k(row, n, y):
             dm = dmin * np.float32(m)
             sh = 4 * (k & 1)
             for j in range(32):
-                q = (np.int32(row[o + 16 + (k >> 1) * 32 + j]) >> sh) & 15
+                q = (np.int32(row[o + qs_off + (k >> 1) * 32 + j]) >> sh) & 15
+                if fifth_bits:
+                    q |= ((np.int32(row[o + 16 + j]) >> k) & 1) << 4
                 y[sb * 256 + k * 32 + j] = da * np.float32(q) - dm
+
+
+@njit(**_JIT)
+def _dq_q4_k(row, n, y):
+    _dq_k45(row, n, y, _Q4_K_BYTES, 16, False)
 
 
 @njit(**_JIT)
 def _dq_q5_k(row, n, y):
-    for sb in range(n // 256):
-        o = sb * 176
-        d = _h2f(row[o], row[o + 1])
-        dmin = _h2f(row[o + 2], row[o + 3])
-        sc = row[o + 4:o + 16]
-        for k in range(8):
-            a, m = _k_scale_min(sc, k)
-            da = d * np.float32(a)
-            dm = dmin * np.float32(m)
-            sh = 4 * (k & 1)
-            for j in range(32):
-                q = (((np.int32(row[o + 48 + (k >> 1) * 32 + j]) >> sh) & 15)
-                     | (((np.int32(row[o + 16 + j]) >> k) & 1) << 4))
-                y[sb * 256 + k * 32 + j] = da * np.float32(q) - dm
+    _dq_k45(row, n, y, _Q5_K_BYTES, 48, True)
 
 
 @njit(**_JIT)

@@ -298,6 +298,17 @@ def _q4k_values(qs: np.ndarray) -> np.ndarray:
     return (q & 0x0F).reshape(n, 8, 32)
 
 
+def _k45_dequantize(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K blocks (n, block_bytes) with their levels q (n, 8, 32) -> float32 (n, 256):
+    d * scale * q - dmin * min per 32-value sub-block (d, dmin and the 12 packed scale bytes lead the block)."""
+    n = blocks.shape[0]
+    d, dmin = _h(blocks[:, 0:2]), _h(blocks[:, 2:4])
+    sc, m = _k4_scale_min(blocks[:, 4:16])
+    dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
+    ml = (dmin * m.astype(np.float32)).reshape(n, 8, 1)
+    return (dl * q.astype(np.float32) - ml).reshape(n, QK_K)
+
+
 class Q2_K(_Searched, name="Q2_K"):
     _kernel = "quantize_q2_k"
 
@@ -340,13 +351,7 @@ class Q4_K(_Searched, name="Q4_K"):
 
     @classmethod
     def dequantize_blocks(cls, blocks):
-        n = blocks.shape[0]
-        d, dmin = _h(blocks[:, 0:2]), _h(blocks[:, 2:4])
-        sc, m = _k4_scale_min(blocks[:, 4:16])
-        dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
-        ml = (dmin * m.astype(np.float32)).reshape(n, 8, 1)
-        q = _q4k_values(blocks[:, 16:144]).astype(np.float32)
-        return (dl * q - ml).reshape(n, QK_K)
+        return _k45_dequantize(blocks, _q4k_values(blocks[:, 16:144]))
 
 
 class Q5_K(_Searched, name="Q5_K"):
@@ -354,14 +359,8 @@ class Q5_K(_Searched, name="Q5_K"):
 
     @classmethod
     def dequantize_blocks(cls, blocks):
-        n = blocks.shape[0]
-        d, dmin = _h(blocks[:, 0:2]), _h(blocks[:, 2:4])
-        sc, m = _k4_scale_min(blocks[:, 4:16])
-        dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
-        ml = (dmin * m.astype(np.float32)).reshape(n, 8, 1)
-        qh = (blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-        q = (_q4k_values(blocks[:, 48:176]) | (qh << 4)).astype(np.float32)
-        return (dl * q - ml).reshape(n, QK_K)
+        qh = (blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        return _k45_dequantize(blocks, _q4k_values(blocks[:, 48:176]) | (qh << 4))
 
 
 class Q6_K(_Searched, name="Q6_K"):
