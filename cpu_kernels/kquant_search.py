@@ -26,9 +26,14 @@ import edgeq  # noqa: F401  (numba settings, edgeq/_numba_env.py, before numba i
 import numpy as np
 from numba import njit, prange
 
+from edgeq.formats.quants import QK_K, QTYPES
+
 _JIT = dict(cache=True, nogil=True, error_model="numpy")  # IEEE division, as in C
 
-QK_K = 256
+# bytes per block, from the registry
+_Q2_K_BYTES, _Q3_K_BYTES, _Q4_K_BYTES, _Q5_K_BYTES, _Q6_K_BYTES = (
+    QTYPES[q].block_bytes for q in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+_Q4_0_BYTES, _Q4_1_BYTES, _Q5_0_BYTES, _Q5_1_BYTES = (QTYPES[q].block_bytes for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"))
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _EPS = np.float32(1e-15)       # GROUP_MAX_EPS
@@ -148,19 +153,26 @@ def _make_qkx(x, w, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
     return scale, -mn
 
 
+@njit(inline="always", **_JIT)
+def _signed_absmax(x):
+    """The value of largest magnitude (the first one on ties), 0 for an empty or all-zero x."""
+    mx = _F0
+    amax = _F0
+    for i in range(x.size):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    return mx
+
+
 @njit(**_JIT)
 def _make_qx(x, L, nmax, qw, has_qw):
     """make_qx_quants with rmse_type 1: levels L in 0..2*nmax-1 (offset nmax) of x ~ scale * (L - nmax),
     weights qw (or x^2). Returns scale."""
     n = x.size
-    mx = _F0
-    amax = _F0
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < _EPS:
+    mx = _signed_absmax(x)
+    if abs(mx) < _EPS:
         for i in range(n):
             L[i] = 0
         return _F0
@@ -201,14 +213,8 @@ def _make_qx(x, L, nmax, qw, has_qw):
 def _make_q3(x, L, nmax):
     """make_q3_quants with do_rmse: levels L in 0..2*nmax-1 (offset nmax), weights x^2. Returns scale."""
     n = x.size
-    mx = _F0
-    amax = _F0
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < _EPS:
+    mx = _signed_absmax(x)
+    if abs(mx) < _EPS:
         for i in range(n):
             L[i] = 0
         return _F0
@@ -405,9 +411,12 @@ def _pack_k4_scales(ls, lm, o):
 
 
 @njit(parallel=True, **_JIT)
-def quantize_q4_k(x, qw, has_qw, out):
+def _quantize_k45(x, qw, has_qw, out, nmax, block_bytes):
+    """Q4_K (nmax 15) / Q5_K (nmax 31) rows: d, dmin, 12 bytes of scales/mins, then for Q5_K qh[32] (the
+    fifth bits: bit 2j / 2j+1 of byte l for values 64j+l / 64j+32+l), then the low nibbles."""
     rows, cols = x.shape
     nb = cols // QK_K
+    qs = 16 if nmax == 15 else 48
     for r in prange(rows):
         L = np.empty(QK_K, np.uint8)
         ls = np.empty(8, np.uint8)
@@ -415,47 +424,34 @@ def quantize_q4_k(x, qw, has_qw, out):
         for i in range(nb):
             xb = x[r, i * QK_K:(i + 1) * QK_K]
             qb = qw[i * QK_K:(i + 1) * QK_K] if has_qw else qw
-            y = out[r, i * 144:(i + 1) * 144]
-            db, mb = _k45_block(xb, qb, has_qw, 15, L, ls, lm)
+            y = out[r, i * block_bytes:(i + 1) * block_bytes]
+            db, mb = _k45_block(xb, qb, has_qw, nmax, L, ls, lm)
             _put16(y, 0, db)
             _put16(y, 2, mb)
             _pack_k4_scales(ls, lm, y[4:16])
-            for j in range(4):
-                for l in range(32):
-                    y[16 + 32 * j + l] = L[64 * j + l] | (L[64 * j + 32 + l] << 4)
-
-
-@njit(parallel=True, **_JIT)
-def quantize_q5_k(x, qw, has_qw, out):
-    rows, cols = x.shape
-    nb = cols // QK_K
-    for r in prange(rows):
-        L = np.empty(QK_K, np.uint8)
-        ls = np.empty(8, np.uint8)
-        lm = np.empty(8, np.uint8)
-        for i in range(nb):
-            xb = x[r, i * QK_K:(i + 1) * QK_K]
-            qb = qw[i * QK_K:(i + 1) * QK_K] if has_qw else qw
-            y = out[r, i * 176:(i + 1) * 176]
-            db, mb = _k45_block(xb, qb, has_qw, 31, L, ls, lm)
-            _put16(y, 0, db)
-            _put16(y, 2, mb)
-            _pack_k4_scales(ls, lm, y[4:16])
-            for l in range(32):
-                y[16 + l] = 0
+            for l in range(16, qs):
+                y[l] = 0
             for j in range(4):
                 m1 = np.uint8(1 << (2 * j))
                 m2 = np.uint8(2 << (2 * j))
                 for l in range(32):
                     l1 = L[64 * j + l]
                     l2 = L[64 * j + 32 + l]
-                    if l1 > 15:
+                    if l1 > 15:     # Q5_K only: levels stay <= nmax
                         l1 -= 16
                         y[16 + l] |= m1
                     if l2 > 15:
                         l2 -= 16
                         y[16 + l] |= m2
-                    y[48 + 32 * j + l] = l1 | (l2 << 4)
+                    y[qs + 32 * j + l] = l1 | (l2 << 4)
+
+
+def quantize_q4_k(x, qw, has_qw, out):
+    _quantize_k45(x, qw, has_qw, out, 15, _Q4_K_BYTES)
+
+
+def quantize_q5_k(x, qw, has_qw, out):
+    _quantize_k45(x, qw, has_qw, out, 31, _Q5_K_BYTES)
 
 
 # ---------------------------------------------------------------- Q6_K
@@ -470,7 +466,7 @@ def quantize_q6_k(x, qw, has_qw, out):
         sc = np.empty(16, np.int8)
         for i in range(nb):
             xb = x[r, i * QK_K:(i + 1) * QK_K]
-            y = out[r, i * 210:(i + 1) * 210]
+            y = out[r, i * _Q6_K_BYTES:(i + 1) * _Q6_K_BYTES]
             max_scale = _F0
             max_abs = _F0
             for ib in range(16):
@@ -481,7 +477,7 @@ def quantize_q6_k(x, qw, has_qw, out):
                     max_abs = abs(s)
                     max_scale = s
             if max_abs < _EPS:
-                for k in range(210):
+                for k in range(_Q6_K_BYTES):
                     y[k] = 0
                 continue
             iscale = np.float32(-128) / max_scale
@@ -522,7 +518,7 @@ def quantize_q3_k(x, qw, has_qw, out):
         Ls = np.empty(16, np.int8)
         for i in range(nb):
             xb = x[r, i * QK_K:(i + 1) * QK_K]
-            y = out[r, i * 110:(i + 1) * 110]
+            y = out[r, i * _Q3_K_BYTES:(i + 1) * _Q3_K_BYTES]
             if has_qw:
                 sigma2 = np.float32(2.0) * _sum_sq(xb) / np.float32(QK_K)
                 for j in range(16):
@@ -600,7 +596,7 @@ def quantize_q2_k(x, qw, has_qw, out):
         Lm = np.empty(16, np.uint8)
         for i in range(nb):
             xb = x[r, i * QK_K:(i + 1) * QK_K]
-            y = out[r, i * 84:(i + 1) * 84]
+            y = out[r, i * _Q2_K_BYTES:(i + 1) * _Q2_K_BYTES]
             if has_qw:
                 sigma2 = _sum_sq(xb) / np.float32(QK_K)
                 for j in range(16):
@@ -668,7 +664,7 @@ def quantize_q2_k(x, qw, has_qw, out):
 def _sym_w_row(xr, qw, yr, nmax):
     """quantize_row_q4_0_impl (nmax 8) / quantize_row_q5_0_impl (nmax 16): make_qx_quants per block."""
     nb = xr.size // 32
-    bb = 18 if nmax == 8 else 22
+    block_bytes = _Q4_0_BYTES if nmax == 8 else _Q5_0_BYTES
     qo = 2 if nmax == 8 else 6
     L = np.empty(32, np.int8)
     w = np.empty(32, np.float32)
@@ -677,7 +673,7 @@ def _sym_w_row(xr, qw, yr, nmax):
         xs = xr[32 * ib:32 * ib + 32]
         _weights_sigma(xs, qw[32 * ib:32 * ib + 32], sigma2, w)
         d = _make_qx(xs, L, nmax, w, True)
-        y = yr[ib * bb:(ib + 1) * bb]
+        y = yr[ib * block_bytes:(ib + 1) * block_bytes]
         _put16(y, 0, _fp16(d)[0])
         for j in range(16):
             y[qo + j] = (L[j] & 0xF) | ((L[j + 16] & 0xF) << 4)
@@ -693,7 +689,7 @@ def _sym_w_row(xr, qw, yr, nmax):
 def _asym_w_row(xr, qw, yr, nmax):
     """quantize_row_q4_1_impl (nmax 15) / quantize_row_q5_1_impl (nmax 31): make_qkx3_quants per block."""
     nb = xr.size // 32
-    bb = 20 if nmax == 15 else 24
+    block_bytes = _Q4_1_BYTES if nmax == 15 else _Q5_1_BYTES
     qo = 4 if nmax == 15 else 8
     L = np.empty(32, np.uint8)
     Laux = np.empty(32, np.uint8)
@@ -703,7 +699,7 @@ def _asym_w_row(xr, qw, yr, nmax):
         xs = xr[32 * ib:32 * ib + 32]
         _weights_sigma(xs, qw[32 * ib:32 * ib + 32], sigma2, w)
         d, the_min = _make_qkx(xs, w, L, Laux, nmax, np.float32(-0.9), np.float32(0.05), 36, False)
-        y = yr[ib * bb:(ib + 1) * bb]
+        y = yr[ib * block_bytes:(ib + 1) * block_bytes]
         _put16(y, 0, _fp16(d)[0])
         _put16(y, 2, _fp16(-the_min)[0])
         for j in range(16):

@@ -6,7 +6,7 @@ vcvtph2ps instruction). Block layouts follow ggml-common.h; the numpy twins are 
 `gguf.quants.dequantize` (tests/test_linear.py). Process memory stays file pages + activations.
 
 Decode (`matvec`, and `matmul` for a few rows): the activation row is quantized to int8 per 32 values
-(llama.cpp's Q8_0/Q8_K idea: one float scale `dx` per 32, plus the integer sums `bs` of every 16 for the
+(llama.cpp's Q8_0/Q8_K idea: one float scale `dx` per 32, plus the integer sums `bsums` of every 16 for the
 min / offset terms), then each weight row is dotted block by block by the explicit-SIMD row dots of
 cpu_kernels/simd.py (vpdpbusd / vpmaddubsw byte dots, one float vector accumulator per row). The plain
 loops of this module vectorise only to ~4 GB/s per thread for 4-bit types (LLVM reduces every block to a
@@ -24,6 +24,8 @@ Every kernel is compiled on first use of its type only (lazy), with cache=True.
 """
 from __future__ import annotations
 
+import types as pytypes
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -33,17 +35,18 @@ from numba.extending import intrinsic
 from . import simd
 from .simd import _HW_HALF  # f16 -> f32 in hardware (x86 F16C, ARM64) or integer arithmetic
 
+from edgeq.formats.quants import QTYPES
+
 # fastmath without 'reassoc' (see the module docstring): contract still gives FMAs.
 _FAST = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
 
-# qtype -> (weights per block, bytes per block)
-BLOCKS: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-}
+# the weight types these kernels read
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# qtype -> (weights per block, bytes per block), from the registry (formats/quants.py)
+BLOCKS: dict[str, tuple[int, int]] = {q: (QTYPES[q].block_size, QTYPES[q].block_bytes) for q in SUPPORTED}
 QK = 32                      # activation quantization block
+_Q4_K_BYTES, _Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"].block_bytes
 _TILE_BYTES = 1 << 20        # float32 weight tile for the prefill path
 _PREFETCH = 1024             # bytes ahead of the current weight row to software-prefetch (2x on big matrices)
 _GEMM_MIN_T = 6              # matmul rows from which dequantize + float GEMM beats the integer kernel
@@ -140,8 +143,8 @@ def _q3_scale(sc, i):
 
 # ---------------------------------------------------------------- activation quantization
 @njit(**_JIT)
-def _quantize_act(X, qx, dx, bs):
-    """X (T, n) float32 -> qx int8 (T, n), dx (T, n/32) scales, bs (T, n/16) int32 sums of each 16 codes.
+def _quantize_act(X, qx, dx, bsums):
+    """X (T, n) float32 -> qx int8 (T, n), dx (T, n/32) scales, bsums (T, n/16) int32 sums of each 16 codes.
 
     Serial: only used for T < _GEMM_MIN_T rows, where starting the thread pool costs more than the work."""
     T, n = X.shape
@@ -164,8 +167,8 @@ def _quantize_act(X, qx, dx, bs):
                 qx[t, b * QK + j] = q
                 s1 += q
             dx[t, b] = d
-            bs[t, 2 * b] = s0
-            bs[t, 2 * b + 1] = s1
+            bsums[t, 2 * b] = s0
+            bsums[t, 2 * b + 1] = s1
 
 
 @njit(inline="always", **_JIT)
@@ -267,10 +270,12 @@ def _dq_q3_k(row, n, y):
                 y[sb * 256 + k * 32 + j] = d * np.float32(_q3_scale(sc, 2 * k + (j >> 4))) * np.float32(q - 4)
 
 
-@njit(**_JIT)
-def _dq_q4_k(row, n, y):
+@njit(inline="always", **_JIT)
+def _dq_k45(row, n, y, block_bytes, qs_off, fifth_bits):
+    """Q4_K / Q5_K (fifth_bits: qh[32] at byte 16, bit k of byte j = fifth bit of sub-block k; the nibbles
+    at qs_off): d, dmin (f16), 12 bytes of 6-bit scales/mins, w = d * sc * q - dmin * mn."""
     for sb in range(n // 256):
-        o = sb * 144
+        o = sb * block_bytes
         d = _h2f(row[o], row[o + 1])
         dmin = _h2f(row[o + 2], row[o + 3])
         sc = row[o + 4:o + 16]
@@ -280,26 +285,20 @@ def _dq_q4_k(row, n, y):
             dm = dmin * np.float32(m)
             sh = 4 * (k & 1)
             for j in range(32):
-                q = (np.int32(row[o + 16 + (k >> 1) * 32 + j]) >> sh) & 15
+                q = (np.int32(row[o + qs_off + (k >> 1) * 32 + j]) >> sh) & 15
+                if fifth_bits:
+                    q |= ((np.int32(row[o + 16 + j]) >> k) & 1) << 4
                 y[sb * 256 + k * 32 + j] = da * np.float32(q) - dm
+
+
+@njit(**_JIT)
+def _dq_q4_k(row, n, y):
+    _dq_k45(row, n, y, _Q4_K_BYTES, 16, False)
 
 
 @njit(**_JIT)
 def _dq_q5_k(row, n, y):
-    for sb in range(n // 256):
-        o = sb * 176
-        d = _h2f(row[o], row[o + 1])
-        dmin = _h2f(row[o + 2], row[o + 3])
-        sc = row[o + 4:o + 16]
-        for k in range(8):
-            a, m = _k_scale_min(sc, k)
-            da = d * np.float32(a)
-            dm = dmin * np.float32(m)
-            sh = 4 * (k & 1)
-            for j in range(32):
-                q = (((np.int32(row[o + 48 + (k >> 1) * 32 + j]) >> sh) & 15)
-                     | (((np.int32(row[o + 16 + j]) >> k) & 1) << 4))
-                y[sb * 256 + k * 32 + j] = da * np.float32(q) - dm
+    _dq_k45(row, n, y, _Q5_K_BYTES, 48, True)
 
 
 @njit(**_JIT)
@@ -339,241 +338,61 @@ def _locate(outs, i):
     return 2, i - n1
 
 
-# _mm_*: outs[m][t, r] = W_m[r] . X[t] over quantized activations, for 3 matrices sharing the input
+# The drivers, one pair per type, are specializations of two templates (_specialize): the templates read the
+# per-type globals below, which Numba freezes at compile time, so each type's driver is compiled with its own
+# constants and row function, as a hand-written copy per type would be.
+# _mm_<type>: outs[m][t, r] = W_m[r] . X[t] over quantized activations, for 3 matrices sharing the input
 #        (raws[m] their bytes: Q/K/V or gate/up run as one parallel loop over all their rows, after one
 #        activation quantization); prange over weight rows, so each row is read once from memory and reused
 #        for all T activation rows from L1.
-# _rows_*: dequantize the listed rows to float32 (embedding lookup, prefill tiles).
-@njit(parallel=True, **_JIT)
-def _mm_q8_0(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 32
-    rb = nb * 34
+# _rows_<type>: dequantize the listed rows to float32 (embedding lookup, prefill tiles).
+_row_fn = _block_elems = _block_bytes = None  # placeholders, bound per type by _specialize
+
+
+def _mm_template(raws, n_in, qx, dx, bsums, outs):
+    nb = n_in // _block_elems
+    row_bytes = nb * _block_bytes
     for i in prange(_n_rows(outs)):
         m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
+        _prefetch_row(raw, r * row_bytes + _PREFETCH, row_bytes)
         for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q8_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
+            out[t, r] = _row_fn(raw, r * row_bytes, nb, qx[t], dx[t], bsums[t])
 
 
-@njit(parallel=True, **_JIT)
-def _mm_q4_0(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 32
-    rb = nb * 18
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q4_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _mm_q4_1(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 32
-    rb = nb * 20
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q4_1(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _mm_q5_0(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 32
-    rb = nb * 22
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q5_0(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _mm_q5_1(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 32
-    rb = nb * 24
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q5_1(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _mm_q2_k(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 256
-    rb = nb * 84
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q2_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _mm_q3_k(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 256
-    rb = nb * 110
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q3_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _mm_q4_k(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 256
-    rb = nb * 144
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q4_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _mm_q5_k(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 256
-    rb = nb * 176
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q5_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _mm_q6_k(raws, n_in, qx, dx, bs, outs):
-    nb = n_in // 256
-    rb = nb * 210
-    for i in prange(_n_rows(outs)):
-        m, r = _locate(outs, i)
-        raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * rb + _PREFETCH, rb)
-        for t in range(qx.shape[0]):
-            out[t, r] = simd.dot_q6_k(raw, r * rb, nb, qx[t], dx[t], bs[t])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_q8_0(raw, ids, n_in, out):
-    rb = (n_in // 32) * 34
+def _rows_template(raw, ids, n_in, out):
+    row_bytes = (n_in // _block_elems) * _block_bytes
     for i in prange(ids.shape[0]):
         r = ids[i]
-        _dq_q8_0(raw[r * rb:(r + 1) * rb], n_in, out[i])
+        _row_fn(raw[r * row_bytes:(r + 1) * row_bytes], n_in, out[i])
 
 
-@njit(parallel=True, **_JIT)
-def _rows_q4_0(raw, ids, n_in, out):
-    rb = (n_in // 32) * 18
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q4_0(raw[r * rb:(r + 1) * rb], n_in, out[i])
+def _specialize(template, qtype: str, row_fn):
+    """The parallel njit driver `template` for `qtype`: `_row_fn` = row_fn and the registry's block sizes.
+
+    A new function over the template's code with its own globals, not a closure: Numba keys a cached closure
+    by its pickled cell contents, and a pickled dispatcher or intrinsic carries a per-process uuid, so a
+    closure would never be loaded from the on-disk cache. Its own qualname names its cache index file."""
+    q = QTYPES[qtype]
+    bound = dict(template.__globals__, _row_fn=row_fn, _block_elems=q.block_size, _block_bytes=q.block_bytes)
+    name = template.__name__.replace("_template", "_" + qtype.lower())
+    fn = pytypes.FunctionType(template.__code__, bound, name)
+    fn.__qualname__ = name
+    fn.__doc__ = f"{template.__name__} for {qtype}"
+    return njit(parallel=True, **_JIT)(fn)
 
 
-@njit(parallel=True, **_JIT)
-def _rows_q4_1(raw, ids, n_in, out):
-    rb = (n_in // 32) * 20
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q4_1(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_q5_0(raw, ids, n_in, out):
-    rb = (n_in // 32) * 22
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q5_0(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_q5_1(raw, ids, n_in, out):
-    rb = (n_in // 32) * 24
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q5_1(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_q2_k(raw, ids, n_in, out):
-    rb = (n_in // 256) * 84
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q2_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_q3_k(raw, ids, n_in, out):
-    rb = (n_in // 256) * 110
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q3_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_q4_k(raw, ids, n_in, out):
-    rb = (n_in // 256) * 144
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q4_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_q5_k(raw, ids, n_in, out):
-    rb = (n_in // 256) * 176
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q5_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_q6_k(raw, ids, n_in, out):
-    rb = (n_in // 256) * 210
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_q6_k(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_f16(raw, ids, n_in, out):
-    rb = (n_in // 1) * 2
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_f16(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-@njit(parallel=True, **_JIT)
-def _rows_bf16(raw, ids, n_in, out):
-    rb = (n_in // 1) * 2
-    for i in prange(ids.shape[0]):
-        r = ids[i]
-        _dq_bf16(raw[r * rb:(r + 1) * rb], n_in, out[i])
-
-
-# qtype -> (integer matvec/matmul kernel or None, row dequantizer)
+# qtype -> row dequantizer; the integer row dots are simd.ROW_DOTS
+_ROW_DEQUANT = {
+    "Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q5_0": _dq_q5_0, "Q5_1": _dq_q5_1,
+    "Q2_K": _dq_q2_k, "Q3_K": _dq_q3_k, "Q4_K": _dq_q4_k, "Q5_K": _dq_q5_k, "Q6_K": _dq_q6_k,
+    "F16": _dq_f16, "BF16": _dq_bf16,
+}
+# qtype -> (integer matvec/matmul kernel or None, row dequantizer); compiled on first call
 _KERNELS = {
-    "Q8_0": (_mm_q8_0, _rows_q8_0),
-    "Q4_0": (_mm_q4_0, _rows_q4_0),
-    "Q4_1": (_mm_q4_1, _rows_q4_1),
-    "Q5_0": (_mm_q5_0, _rows_q5_0),
-    "Q5_1": (_mm_q5_1, _rows_q5_1),
-    "Q2_K": (_mm_q2_k, _rows_q2_k),
-    "Q3_K": (_mm_q3_k, _rows_q3_k),
-    "Q4_K": (_mm_q4_k, _rows_q4_k),
-    "Q5_K": (_mm_q5_k, _rows_q5_k),
-    "Q6_K": (_mm_q6_k, _rows_q6_k),
-    "F16": (None, _rows_f16),
-    "BF16": (None, _rows_bf16),
+    qtype: (_specialize(_mm_template, qtype, simd.ROW_DOTS[qtype]) if qtype in simd.ROW_DOTS else None,
+            _specialize(_rows_template, qtype, dq))
+    for qtype, dq in _ROW_DEQUANT.items()
 }
 
 
@@ -624,8 +443,8 @@ def _gemm_f32(W, X, out, r0):
 
 # ---------------------------------------------------------------- Python API (all validation happens here)
 def _row_bytes(qtype: str, n_in: int) -> int:
-    bw, bb = BLOCKS[qtype]
-    return (n_in // bw) * bb
+    block_elems, block_bytes = BLOCKS[qtype]
+    return (n_in // block_elems) * block_bytes
 
 
 def _check(raw: np.ndarray, qtype: str, shape) -> tuple[int, int]:
@@ -634,9 +453,9 @@ def _check(raw: np.ndarray, qtype: str, shape) -> tuple[int, int]:
     if len(shape) != 2 or int(shape[0]) <= 0 or int(shape[1]) <= 0:
         raise ValueError(f"{qtype}: shape must be (n_out, n_in) with positive sizes, got {tuple(shape)}")
     n_out, n_in = int(shape[0]), int(shape[1])
-    bw = BLOCKS[qtype][0]
-    if n_in % bw:
-        raise ValueError(f"{qtype}: row length {n_in} is not a multiple of the block size {bw}")
+    block_elems = BLOCKS[qtype][0]
+    if n_in % block_elems:
+        raise ValueError(f"{qtype}: row length {n_in} is not a multiple of the block size {block_elems}")
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError(f"{qtype}: weights must be a 1-D uint8 array of raw bytes")
     if not raw.flags.c_contiguous:
@@ -651,9 +470,9 @@ def _quantized(X: np.ndarray):
     T, n = X.shape
     qx = np.empty((T, n), np.int8)
     dx = np.empty((T, n // QK), np.float32)
-    bs = np.empty((T, n // 16), np.int32)
-    _quantize_act(X, qx, dx, bs)
-    return qx, dx, bs
+    bsums = np.empty((T, n // 16), np.int32)
+    _quantize_act(X, qx, dx, bsums)
+    return qx, dx, bsums
 
 
 _FUSED = 3                              # matrices per kernel call: Q/K/V
@@ -675,7 +494,7 @@ def _no_out(T: int) -> np.ndarray:
     return o
 
 
-def _run_fused(mm, raws: list, n_in: int, qx, dx, bs, outs: list) -> None:
+def _run_fused(mm, raws: list, n_in: int, qx, dx, bsums, outs: list) -> None:
     """mm over up to _FUSED matrices at once, always as 3-tuples (padded with zero-row matrices): one compiled
     specialization per weight type instead of one per tuple length (each costs cold-start time and ~5 MB of
     resident compiled code)."""
@@ -688,7 +507,7 @@ def _run_fused(mm, raws: list, n_in: int, qx, dx, bs, outs: list) -> None:
         while len(r) < _FUSED:
             r.append(_pad(r[0]))
             o.append(_no_out(qx.shape[0]))
-        mm(tuple(r), n_in, qx, dx, bs, tuple(o))
+        mm(tuple(r), n_in, qx, dx, bsums, tuple(o))
 
 
 def _out(out, shape) -> np.ndarray:
@@ -741,9 +560,9 @@ class QuantLinear:
         if self._f32 is not None:
             _gemm_f32(self._f32, X, Y, 0)
         elif self._mm is not None and T < _GEMM_MIN_T:
-            qx, dx, bs = _quantized(X)
+            qx, dx, bsums = _quantized(X)
             e = _no_out(X.shape[0])
-            self._mm(self._raws3, self.n_in, qx, dx, bs, (Y, e, e))
+            self._mm(self._raws3, self.n_in, qx, dx, bsums, (Y, e, e))
         else:
             # dequantize a tile of weight rows to float32, then the float32 GEMM
             tile = np.empty((min(self._tile, self.n_out), self.n_in), np.float32)
@@ -770,10 +589,10 @@ def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:
         else:
             groups.setdefault(q.qtype, []).append(i)
     if groups:
-        qx, dx, bs = _quantized(np.ascontiguousarray(x, dtype=np.float32)[None, :])
+        qx, dx, bsums = _quantized(np.ascontiguousarray(x, dtype=np.float32)[None, :])
         for idx in groups.values():
             outs = [np.empty((1, qs[i].n_out), np.float32) for i in idx]
-            _run_fused(qs[idx[0]]._mm, [qs[i].raw for i in idx], n_in, qx, dx, bs, outs)
+            _run_fused(qs[idx[0]]._mm, [qs[i].raw for i in idx], n_in, qx, dx, bsums, outs)
             for i, y in zip(idx, outs):
                 ys[i] = y[0]
     return ys

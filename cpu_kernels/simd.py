@@ -6,12 +6,12 @@ weights). Here each block's integer dot stays in a vector of 8 int32 lanes, is c
 scaled by the block scale and accumulated into a vector of 8 floats; one horizontal sum per row.
 This is llama.cpp's ggml_vec_dot_* design, written as IR instead of C intrinsics.
 
-One function per weight type builds the IR of one block (`_block_<type>`); `_row_dot(block)` wraps it
-in the loop over the blocks of a row and returns a Numba intrinsic with the signature
+One function per weight type builds the IR of one block (`_block_<type>`); `_row_dot(qtype, block)` wraps
+it in the loop over the blocks of a row and returns a Numba intrinsic (`ROW_DOTS[qtype]`) with the signature
 
-    dot(raw uint8[:], off intp, nb intp, qx int8[:], dx float32[:], bs int32[:]) -> float32
+    dot(raw uint8[:], off intp, nb intp, qx int8[:], dx float32[:], bsums int32[:]) -> float32
 
-(`raw[off:]` = the row's bytes, nb = blocks per row; qx/dx/bs as produced by linear._quantize_act).
+(`raw[off:]` = the row's bytes, nb = blocks per row; qx/dx/bsums as produced by linear._quantize_act).
 The caller validates every size (linear._check): the IR does no bounds checks.
 
 The byte dot product `udot(u, s)` (32 unsigned x 32 signed bytes -> 8 int32 sums of 4) is chosen once by
@@ -29,6 +29,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from edgeq.formats.quants import QTYPES
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -207,47 +209,50 @@ def data_ptrs(context, builder, signature, args, which) -> list:
             for i in which]
 
 
-def _row_dot(block, block_bytes: int, doc: str):
-    """Numba intrinsic dot(raw, off, nb, qx, dx, bs) -> float32 looping `block` over the row's nb blocks.
+def _row_dot(qtype: str, block):
+    """Numba intrinsic dot(raw, off, nb, qx, dx, bsums) -> float32 looping `block` over the row's nb blocks.
 
-    block(x, acc, row, o, b, qx, dx, bs): emit the IR of one block at byte offset `o` (i64) of the i8*
-    `row`, block index `b` (i64); qx/dx/bs are i8* to the quantized activation row."""
-    def impl(typingctx, raw, off, nb, qx, dx, bs):
-        sig = types.float32(raw, types.intp, types.intp, qx, dx, bs)
+    block(x, acc, row, o, b, qx, dx, bsums): emit the IR of one block at byte offset `o` (i64) of the i8*
+    `row`, block index `b` (i64); qx/dx/bsums are i8* to the quantized activation row. The block stride is
+    the registry's (formats/quants.py)."""
+    block_bytes = QTYPES[qtype].block_bytes
+
+    def impl(typingctx, raw, off, nb, qx, dx, bsums):
+        sig = types.float32(raw, types.intp, types.intp, qx, dx, bsums)
 
         def codegen(context, builder, signature, args):
             x = _IR(builder)
-            row0, pqx, pdx, pbs = data_ptrs(context, builder, signature, args, (0, 3, 4, 5))
+            row0, pqx, pdx, pbsums = data_ptrs(context, builder, signature, args, (0, 3, 4, 5))
             row = builder.gep(row0, [args[1]])
             acc = _Acc(x)
             with cgutils.for_range(builder, args[2]) as loop:
                 b = loop.index
-                block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbs)
+                block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
             return acc.total()
         return sig, codegen
-    impl.__doc__ = doc
-    impl.__name__ = impl.__qualname__ = block.__name__.replace("_block_", "dot_")
+    impl.__doc__ = f"{qtype} row . quantized activations"
+    impl.__name__ = impl.__qualname__ = "dot_" + qtype.lower()
     return intrinsic(impl)
 
 
-def _bs_pair(x, bs, b):
+def _bsum_pair(x, bsums, b):
     """Integer sum of the 32 activation codes of block b (two 16-sums), as float."""
     i = x.b.mul(b, ir.Constant(I64, 2))
-    s = x.b.add(x.elem(bs, i, I32), x.elem(bs, x.b.add(i, ir.Constant(I64, 1)), I32))
+    s = x.b.add(x.elem(bsums, i, I32), x.elem(bsums, x.b.add(i, ir.Constant(I64, 1)), I32))
     return x.b.sitofp(s, F32)
 
 
-def _block_q4_0(x, acc, row, o, b, qx, dx, bs):
+def _block_q4_0(x, acc, row, o, b, qx, dx, bsums):
     # 18 bytes: d (f16), 16 bytes of nibbles (low = weights 0..15, high = 16..31); w = d * (q - 8)
     d = x.half(row, o)
     q = x.nibbles(x.at(row, x.b.add(o, ir.Constant(I64, 2)), _vec(I8, 16)))
     s = x.act(qx, b)
     dd = x.b.fmul(d, x.elem(dx, b, F32))
     acc.add_dot(x.udot(q, s), dd)
-    acc.add(x.b.fmul(x.b.fmul(dd, ir.Constant(F32, -8.0)), _bs_pair(x, bs, b)))
+    acc.add(x.b.fmul(x.b.fmul(dd, ir.Constant(F32, -8.0)), _bsum_pair(x, bsums, b)))
 
 
-def _block_q4_1(x, acc, row, o, b, qx, dx, bs):
+def _block_q4_1(x, acc, row, o, b, qx, dx, bsums):
     # 20 bytes: d, m (f16), 16 bytes of nibbles; w = d * q + m
     d = x.half(row, o)
     m = x.half(row, x.b.add(o, ir.Constant(I64, 2)))
@@ -255,10 +260,10 @@ def _block_q4_1(x, acc, row, o, b, qx, dx, bs):
     s = x.act(qx, b)
     xd = x.elem(dx, b, F32)
     acc.add_dot(x.udot(q, s), x.b.fmul(d, xd))
-    acc.add(x.b.fmul(x.b.fmul(m, xd), _bs_pair(x, bs, b)))
+    acc.add(x.b.fmul(x.b.fmul(m, xd), _bsum_pair(x, bsums, b)))
 
 
-def _block_q8_0(x, acc, row, o, b, qx, dx, bs):
+def _block_q8_0(x, acc, row, o, b, qx, dx, bsums):
     # 34 bytes: d (f16), 32 signed bytes; w = d * q.  udot needs an unsigned operand: |w| . (x * sign(w))
     d = x.half(row, o)
     w = x.at(row, x.b.add(o, ir.Constant(I64, 2)), _vec(I8, 32))
@@ -272,23 +277,23 @@ def _high_bits(x, qh32, shift: int) -> ir.Value:
     return x.b.shl(bits, x.const(I8, 32, shift))
 
 
-def _block_q5_0(x, acc, row, o, b, qx, dx, bs):
+def _block_q5_0(x, acc, row, o, b, qx, dx, bsums):
     # 22 bytes: d (f16), qh (32 fifth bits), 16 bytes of nibbles; w = d * (q - 16)
     d = x.half(row, o)
     q = x.b.or_(x.nibbles(x.at(row, x.off(o, 6), _vec(I8, 16))), _high_bits(x, x.at(row, x.off(o, 2), I32), 4))
     dd = x.b.fmul(d, x.elem(dx, b, F32))
     acc.add_dot(x.udot(q, x.act(qx, b)), dd)
-    acc.add(x.b.fmul(x.b.fmul(dd, ir.Constant(F32, -16.0)), _bs_pair(x, bs, b)))
+    acc.add(x.b.fmul(x.b.fmul(dd, ir.Constant(F32, -16.0)), _bsum_pair(x, bsums, b)))
 
 
-def _block_q5_1(x, acc, row, o, b, qx, dx, bs):
+def _block_q5_1(x, acc, row, o, b, qx, dx, bsums):
     # 24 bytes: d, m (f16), qh, 16 bytes of nibbles; w = d * q + m
     d = x.half(row, o)
     m = x.half(row, x.off(o, 2))
     q = x.b.or_(x.nibbles(x.at(row, x.off(o, 8), _vec(I8, 16))), _high_bits(x, x.at(row, x.off(o, 4), I32), 4))
     xd = x.elem(dx, b, F32)
     acc.add_dot(x.udot(q, x.act(qx, b)), x.b.fmul(d, xd))
-    acc.add(x.b.fmul(x.b.fmul(m, xd), _bs_pair(x, bs, b)))
+    acc.add(x.b.fmul(x.b.fmul(m, xd), _bsum_pair(x, bsums, b)))
 
 
 def _k_scale_min(x, row, o, k: int):
@@ -302,16 +307,16 @@ def _k_scale_min(x, row, o, k: int):
     return s, m
 
 
-def _kquant_sub(x, acc, q, b, k, d, dmin, sc, mn, qx, dx, bs):
+def _kquant_sub(x, acc, q, b, k, d, dmin, sc, mn, qx, dx, bsums):
     """Sub-block k (32 weights) of super-block b: w = d * sc * q - dmin * mn."""
     kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
     xd = x.elem(dx, kb, F32)
     acc.add_dot(x.udot(q, x.act(qx, kb)), x.b.fmul(x.b.fmul(d, x.b.sitofp(sc, F32)), xd))
     acc.add(x.b.fmul(x.b.fmul(x.b.fmul(dmin, x.b.sitofp(mn, F32)), xd),
-                     x.b.fsub(ir.Constant(F32, 0.0), _bs_pair(x, bs, kb))))
+                     x.b.fsub(ir.Constant(F32, 0.0), _bsum_pair(x, bsums, kb))))
 
 
-def _block_q4_k(x, acc, row, o, b, qx, dx, bs):
+def _block_q4_k(x, acc, row, o, b, qx, dx, bsums):
     # 144 bytes: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of nibbles: each 32 bytes hold
     # sub-block 2c in the low nibbles and 2c+1 in the high ones
     d, dmin = x.half(row, o), x.half(row, x.off(o, 2))
@@ -319,10 +324,10 @@ def _block_q4_k(x, acc, row, o, b, qx, dx, bs):
         w = x.at(row, x.off(o, 16 + 32 * c), _vec(I8, 32))
         for h, q in enumerate((x.b.and_(w, x.const(I8, 32, 15)), x.b.lshr(w, x.const(I8, 32, 4)))):
             sc, mn = _k_scale_min(x, row, x.off(o, 4), 2 * c + h)
-            _kquant_sub(x, acc, q, b, 2 * c + h, d, dmin, sc, mn, qx, dx, bs)
+            _kquant_sub(x, acc, q, b, 2 * c + h, d, dmin, sc, mn, qx, dx, bsums)
 
 
-def _block_q5_k(x, acc, row, o, b, qx, dx, bs):
+def _block_q5_k(x, acc, row, o, b, qx, dx, bsums):
     # 176 bytes: d, dmin, 12 bytes of scales/mins, qh[32] (bit k of byte j = fifth bit of sub-block k), qs[128]
     d, dmin = x.half(row, o), x.half(row, x.off(o, 2))
     qh = x.at(row, x.off(o, 16), _vec(I8, 32))
@@ -332,21 +337,21 @@ def _block_q5_k(x, acc, row, o, b, qx, dx, bs):
             k = 2 * c + h
             hi = x.b.shl(x.b.and_(x.b.lshr(qh, x.const(I8, 32, k)), x.const(I8, 32, 1)), x.const(I8, 32, 4))
             sc, mn = _k_scale_min(x, row, x.off(o, 4), k)
-            _kquant_sub(x, acc, x.b.or_(q, hi), b, k, d, dmin, sc, mn, qx, dx, bs)
+            _kquant_sub(x, acc, x.b.or_(q, hi), b, k, d, dmin, sc, mn, qx, dx, bsums)
 
 
-def _sub16(x, acc, q, b, k, s0, s1, d, offset: int, qx, dx, bs):
+def _sub16(x, acc, q, b, k, s0, s1, d, offset: int, qx, dx, bsums):
     """Sub-block k (32 weights, two scales s0, s1 of 16) of super-block b: w = d * s * (q - offset)."""
     kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
     xd = x.b.fmul(d, x.elem(dx, kb, F32))
     scv = x.concat(x.splat(s0, 4), x.splat(s1, 4))
     acc.add_dot(x.b.mul(x.udot(q, x.act(qx, kb)), scv), xd)
     i = x.b.mul(kb, ir.Constant(I64, 2))
-    corr = x.b.add(x.b.mul(s0, x.elem(bs, i, I32)), x.b.mul(s1, x.elem(bs, x.b.add(i, ir.Constant(I64, 1)), I32)))
+    corr = x.b.add(x.b.mul(s0, x.elem(bsums, i, I32)), x.b.mul(s1, x.elem(bsums, x.b.add(i, ir.Constant(I64, 1)), I32)))
     acc.add(x.b.fmul(x.b.fmul(xd, ir.Constant(F32, float(-offset))), x.b.sitofp(corr, F32)))
 
 
-def _block_q6_k(x, acc, row, o, b, qx, dx, bs):
+def _block_q6_k(x, acc, row, o, b, qx, dx, bsums):
     # 210 bytes: ql[128] low nibbles, qh[64] 2-bit high parts, 16 int8 scales (one per 16), d (f16);
     # w = d * sc * (q - 32). Half h covers sub-blocks 4h..4h+3 from ql[64h:64h+64] and qh[32h:32h+32].
     d = x.half(row, x.off(o, 208))
@@ -362,10 +367,10 @@ def _block_q6_k(x, acc, row, o, b, qx, dx, bs):
             k = 4 * h + kk
             s0 = x.b.sext(x.at(row, x.off(o, 192 + 2 * k), I8), I32)
             s1 = x.b.sext(x.at(row, x.off(o, 193 + 2 * k), I8), I32)
-            _sub16(x, acc, x.b.or_(lo, hi), b, k, s0, s1, d, 32, qx, dx, bs)
+            _sub16(x, acc, x.b.or_(lo, hi), b, k, s0, s1, d, 32, qx, dx, bsums)
 
 
-def _block_q2_k(x, acc, row, o, b, qx, dx, bs):
+def _block_q2_k(x, acc, row, o, b, qx, dx, bsums):
     # 84 bytes: 16 scale bytes (low nibble scale, high nibble min, per 16 weights), qs[64] 2-bit codes,
     # d, dmin (f16); w = d * sc * q - dmin * mn.  Sub-block k uses qs[32(k>>2):+32] >> 2(k&3).
     d, dmin = x.half(row, x.off(o, 80)), x.half(row, x.off(o, 82))
@@ -376,11 +381,11 @@ def _block_q2_k(x, acc, row, o, b, qx, dx, bs):
             q = x.b.and_(x.b.lshr(w, x.const(I8, 32, 2 * j)), x.const(I8, 32, 3))
             c0, c1 = x.byte(row, x.off(o, 2 * k)), x.byte(row, x.off(o, 2 * k + 1))
             lo = lambda v: x.b.and_(v, ir.Constant(I32, 15))  # noqa: E731
-            _sub16(x, acc, q, b, k, lo(c0), lo(c1), d, 0, qx, dx, bs)
+            _sub16(x, acc, q, b, k, lo(c0), lo(c1), d, 0, qx, dx, bsums)
             kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
             i = x.b.mul(kb, ir.Constant(I64, 2))
-            mins = x.b.add(x.b.mul(x.b.lshr(c0, ir.Constant(I32, 4)), x.elem(bs, i, I32)),
-                           x.b.mul(x.b.lshr(c1, ir.Constant(I32, 4)), x.elem(bs, x.b.add(i, ir.Constant(I64, 1)), I32)))
+            mins = x.b.add(x.b.mul(x.b.lshr(c0, ir.Constant(I32, 4)), x.elem(bsums, i, I32)),
+                           x.b.mul(x.b.lshr(c1, ir.Constant(I32, 4)), x.elem(bsums, x.b.add(i, ir.Constant(I64, 1)), I32)))
             acc.add(x.b.fmul(x.b.fmul(dmin, x.elem(dx, kb, F32)), x.b.fsub(ir.Constant(F32, 0.0),
                                                                              x.b.sitofp(mins, F32))))
 
@@ -393,7 +398,7 @@ def _q3_scale(x, row, o, i: int):
     return x.b.sub(x.b.or_(lo, x.b.shl(hi, c(4))), c(32))
 
 
-def _block_q3_k(x, acc, row, o, b, qx, dx, bs):
+def _block_q3_k(x, acc, row, o, b, qx, dx, bsums):
     # 110 bytes: hmask[32] (bit k of byte j = third bit of sub-block k), qs[64] 2-bit codes, 12 bytes of
     # 6-bit scales (one per 16), d (f16); w = d * sc * (q - 4)
     d = x.half(row, x.off(o, 108))
@@ -405,16 +410,11 @@ def _block_q3_k(x, acc, row, o, b, qx, dx, bs):
             q = x.b.and_(x.b.lshr(w, x.const(I8, 32, 2 * j)), x.const(I8, 32, 3))
             hi = x.b.shl(x.b.and_(x.b.lshr(hm, x.const(I8, 32, k)), x.const(I8, 32, 1)), x.const(I8, 32, 2))
             _sub16(x, acc, x.b.or_(q, hi), b, k, _q3_scale(x, row, x.off(o, 96), 2 * k),
-                   _q3_scale(x, row, x.off(o, 96), 2 * k + 1), d, 4, qx, dx, bs)
+                   _q3_scale(x, row, x.off(o, 96), 2 * k + 1), d, 4, qx, dx, bsums)
 
 
-dot_q8_0 = _row_dot(_block_q8_0, 34, "Q8_0 row . quantized activations")
-dot_q4_0 = _row_dot(_block_q4_0, 18, "Q4_0 row . quantized activations")
-dot_q4_1 = _row_dot(_block_q4_1, 20, "Q4_1 row . quantized activations")
-dot_q5_0 = _row_dot(_block_q5_0, 22, "Q5_0 row . quantized activations")
-dot_q5_1 = _row_dot(_block_q5_1, 24, "Q5_1 row . quantized activations")
-dot_q2_k = _row_dot(_block_q2_k, 84, "Q2_K row . quantized activations")
-dot_q3_k = _row_dot(_block_q3_k, 110, "Q3_K row . quantized activations")
-dot_q4_k = _row_dot(_block_q4_k, 144, "Q4_K row . quantized activations")
-dot_q5_k = _row_dot(_block_q5_k, 176, "Q5_K row . quantized activations")
-dot_q6_k = _row_dot(_block_q6_k, 210, "Q6_K row . quantized activations")
+# qtype -> its row dot intrinsic
+ROW_DOTS = {qtype: _row_dot(qtype, block) for qtype, block in (
+    ("Q8_0", _block_q8_0), ("Q4_0", _block_q4_0), ("Q4_1", _block_q4_1), ("Q5_0", _block_q5_0),
+    ("Q5_1", _block_q5_1), ("Q2_K", _block_q2_k), ("Q3_K", _block_q3_k), ("Q4_K", _block_q4_k),
+    ("Q5_K", _block_q5_k), ("Q6_K", _block_q6_k))}

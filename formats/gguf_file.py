@@ -237,15 +237,15 @@ class GGUFFile:
                 raise p.fail(f"duplicate tensor name {name!r}")
             if type_id not in _TYPES:
                 raise p.fail(f"{what}: unknown ggml type id {type_id}")
-            qtype, bs, ts = _TYPES[type_id]
+            qtype, block_elems, block_bytes = _TYPES[type_id]
             if any(d <= 0 for d in ne):
                 raise p.fail(f"{what}: dimensions {ne} must be positive")
-            if ne[0] % bs:
-                raise p.fail(f"{what}: row length {ne[0]} is not a multiple of the {qtype} block size {bs}")
+            if ne[0] % block_elems:
+                raise p.fail(f"{what}: row length {ne[0]} is not a multiple of the {qtype} block size {block_elems}")
             n_elements = 1
             for d in ne:
                 n_elements *= d
-            nbytes = n_elements // bs * ts
+            nbytes = n_elements // block_elems * block_bytes
             if offset % alignment:
                 raise p.fail(f"{what}: data offset {offset} is not a multiple of the alignment {alignment}")
             start = data_start + offset

@@ -216,11 +216,11 @@ class GGUFOutput:
         shape = tuple(int(d) for d in shape)
         if not 1 <= len(shape) <= 4 or any(d <= 0 for d in shape):
             raise ValueError(f"tensor {name!r}: shape {shape} must have 1..4 positive dimensions")
-        bs, ts = GGML_QUANT_SIZES[t]
-        if shape[-1] % bs:
+        block_elems, block_bytes = GGML_QUANT_SIZES[t]
+        if shape[-1] % block_elems:
             raise ValueError(f"tensor {name!r}: row length {shape[-1]} is not a multiple of the {t.name} "
-                             f"block size {bs}")
-        nbytes = int(np.prod(shape, dtype=object)) // bs * ts
+                             f"block size {block_elems}")
+        nbytes = int(np.prod(shape, dtype=object)) // block_elems * block_bytes
         # With raw_dtype given and a non-uint8 dtype, GGUFWriter takes `shape` as the element shape as is.
         self._w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=t)
         self._infos.append((name, nbytes))

@@ -152,6 +152,18 @@ def _trunc_u8(v: np.ndarray, hi: int) -> np.ndarray:
     return np.minimum(np.trunc(v), hi).astype(np.uint8)
 
 
+class _ImportanceSearched(QType, name=None):
+    """A type quantized by its formula, or with an importance vector by a search in cpu_kernels/kquant_search.py
+    (`_kernel_w`)."""
+    _kernel_w: str
+
+    @classmethod
+    def quantize_rows(cls, x, importance):
+        if importance is None:
+            return super().quantize_rows(x, None)
+        return _search(cls._kernel_w, x, importance, cls, with_flag=False)
+
+
 class Q8_0(QType, name="Q8_0"):
     @classmethod
     def quantize_blocks(cls, blocks):
@@ -173,12 +185,8 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     return (np.sign(v) * r).astype(np.int8)
 
 
-class Q4_0(QType, name="Q4_0"):
-    @classmethod
-    def quantize_rows(cls, x, importance):
-        if importance is None:
-            return super().quantize_rows(x, None)
-        return _search("quantize_q4_0_w", x, importance, cls.block_bytes, cls.block_size, with_flag=False)
+class Q4_0(_ImportanceSearched, name="Q4_0"):
+    _kernel_w = "quantize_q4_0_w"
 
     @classmethod
     def quantize_blocks(cls, blocks):
@@ -193,12 +201,8 @@ class Q4_0(QType, name="Q4_0"):
         return d * q.astype(np.float32)
 
 
-class Q4_1(QType, name="Q4_1"):
-    @classmethod
-    def quantize_rows(cls, x, importance):
-        if importance is None:
-            return super().quantize_rows(x, None)
-        return _search("quantize_q4_1_w", x, importance, cls.block_bytes, cls.block_size, with_flag=False)
+class Q4_1(_ImportanceSearched, name="Q4_1"):
+    _kernel_w = "quantize_q4_1_w"
 
     @classmethod
     def quantize_blocks(cls, blocks):
@@ -213,12 +217,8 @@ class Q4_1(QType, name="Q4_1"):
         return d * _nibbles(blocks[:, 4:]).astype(np.float32) + m
 
 
-class Q5_0(QType, name="Q5_0"):
-    @classmethod
-    def quantize_rows(cls, x, importance):
-        if importance is None:
-            return super().quantize_rows(x, None)
-        return _search("quantize_q5_0_w", x, importance, cls.block_bytes, cls.block_size, with_flag=False)
+class Q5_0(_ImportanceSearched, name="Q5_0"):
+    _kernel_w = "quantize_q5_0_w"
 
     @classmethod
     def quantize_blocks(cls, blocks):
@@ -233,12 +233,8 @@ class Q5_0(QType, name="Q5_0"):
         return d * (q.astype(np.int8) - np.int8(16)).astype(np.float32)
 
 
-class Q5_1(QType, name="Q5_1"):
-    @classmethod
-    def quantize_rows(cls, x, importance):
-        if importance is None:
-            return super().quantize_rows(x, None)
-        return _search("quantize_q5_1_w", x, importance, cls.block_bytes, cls.block_size, with_flag=False)
+class Q5_1(_ImportanceSearched, name="Q5_1"):
+    _kernel_w = "quantize_q5_1_w"
 
     @classmethod
     def quantize_blocks(cls, blocks):
@@ -256,13 +252,13 @@ class Q5_1(QType, name="Q5_1"):
 
 # ---------------------------------------------------------------- searched quantizers (Numba)
 
-def _search(kernel: str, x: np.ndarray, importance: np.ndarray | None, block_bytes_: int, block_size_: int,
+def _search(kernel: str, x: np.ndarray, importance: np.ndarray | None, qtype: type[QType],
             with_flag: bool = True) -> np.ndarray:
     """Run a row kernel of cpu_kernels/kquant_search.py (imported on first use: it compiles with Numba)."""
     from edgeq.cpu_kernels import kquant_search
 
     rows, cols = x.shape
-    out = np.zeros((rows, cols // block_size_ * block_bytes_), dtype=np.uint8)
+    out = np.zeros((rows, cols // qtype.block_size * qtype.block_bytes), dtype=np.uint8)
     fn = getattr(kquant_search, kernel)
     if with_flag:
         qw = importance if importance is not None else np.zeros(0, dtype=np.float32)
@@ -282,7 +278,7 @@ class _Searched(QType, name=None):
 
     @classmethod
     def quantize_rows(cls, x, importance):
-        return _search(cls._kernel, x, importance, cls.block_bytes, cls.block_size)
+        return _search(cls._kernel, x, importance, cls)
 
 
 # ---------------------------------------------------------------- k-quants (256-value super-blocks)
@@ -300,6 +296,17 @@ def _q4k_values(qs: np.ndarray) -> np.ndarray:
     n = qs.shape[0]
     q = qs.reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     return (q & 0x0F).reshape(n, 8, 32)
+
+
+def _k45_dequantize(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K blocks (n, block_bytes) with their levels q (n, 8, 32) -> float32 (n, 256):
+    d * scale * q - dmin * min per 32-value sub-block (d, dmin and the 12 packed scale bytes lead the block)."""
+    n = blocks.shape[0]
+    d, dmin = _h(blocks[:, 0:2]), _h(blocks[:, 2:4])
+    sc, m = _k4_scale_min(blocks[:, 4:16])
+    dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
+    ml = (dmin * m.astype(np.float32)).reshape(n, 8, 1)
+    return (dl * q.astype(np.float32) - ml).reshape(n, QK_K)
 
 
 class Q2_K(_Searched, name="Q2_K"):
@@ -344,13 +351,7 @@ class Q4_K(_Searched, name="Q4_K"):
 
     @classmethod
     def dequantize_blocks(cls, blocks):
-        n = blocks.shape[0]
-        d, dmin = _h(blocks[:, 0:2]), _h(blocks[:, 2:4])
-        sc, m = _k4_scale_min(blocks[:, 4:16])
-        dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
-        ml = (dmin * m.astype(np.float32)).reshape(n, 8, 1)
-        q = _q4k_values(blocks[:, 16:144]).astype(np.float32)
-        return (dl * q - ml).reshape(n, QK_K)
+        return _k45_dequantize(blocks, _q4k_values(blocks[:, 16:144]))
 
 
 class Q5_K(_Searched, name="Q5_K"):
@@ -358,14 +359,8 @@ class Q5_K(_Searched, name="Q5_K"):
 
     @classmethod
     def dequantize_blocks(cls, blocks):
-        n = blocks.shape[0]
-        d, dmin = _h(blocks[:, 0:2]), _h(blocks[:, 2:4])
-        sc, m = _k4_scale_min(blocks[:, 4:16])
-        dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
-        ml = (dmin * m.astype(np.float32)).reshape(n, 8, 1)
-        qh = (blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-        q = (_q4k_values(blocks[:, 48:176]) | (qh << 4)).astype(np.float32)
-        return (dl * q - ml).reshape(n, QK_K)
+        qh = (blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        return _k45_dequantize(blocks, _q4k_values(blocks[:, 48:176]) | (qh << 4))
 
 
 class Q6_K(_Searched, name="Q6_K"):

@@ -16,13 +16,11 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, float32, int32
 
+from edgeq.formats.quants import QTYPES
+
 from .device import to_device
 
 UNIT = 32  # weights per unit of work
-QTYPE_BLOCKS = {  # qtype: (weights per block, bytes per block)
-    "F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
-    "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-}
 DEFAULT_THREADS = 128  # per block; a power of two (the reduction halves it)
 
 
@@ -234,6 +232,8 @@ _UNIT_DOTS = {
     "F32": _dot_f32, "F16": _dot_f16, "Q8_0": _dot_q8_0, "Q4_0": _dot_q4_0, "Q4_1": _dot_q4_1,
     "Q5_0": _dot_q5_0, "Q5_1": _dot_q5_1, "Q4_K": _dot_q4_k, "Q5_K": _dot_q5_k, "Q6_K": _dot_q6_k,
 }
+# qtype -> (weights per block, bytes per block) of the types with a kernel, from the registry (formats/quants.py)
+QTYPE_BLOCKS = {q: (QTYPES[q].block_size, QTYPES[q].block_bytes) for q in _UNIT_DOTS}
 
 
 # ---------------------------------------------------------------- the kernel
@@ -290,11 +290,11 @@ class CudaLinear:
         if qtype not in QTYPE_BLOCKS:
             raise ValueError(f"CudaLinear: no CUDA kernel for {qtype} (have {', '.join(QTYPE_BLOCKS)})")
         n_out, n_in = (int(shape[0]), int(shape[1]))
-        bs, bb = QTYPE_BLOCKS[qtype]
-        if n_in % bs:
-            raise ValueError(f"CudaLinear: row length {n_in} is not a multiple of the {qtype} block size {bs}")
+        block_elems, block_bytes = QTYPE_BLOCKS[qtype]
+        if n_in % block_elems:
+            raise ValueError(f"CudaLinear: row length {n_in} is not a multiple of the {qtype} block size {block_elems}")
         self.qtype, self.shape, self.threads = qtype, (n_out, n_in), threads
-        self.row_bytes = n_in // bs * bb
+        self.row_bytes = n_in // block_elems * block_bytes
         raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
         if raw.size != n_out * self.row_bytes:
             raise ValueError(f"CudaLinear: {raw.size} bytes for {qtype} {shape}, expected {n_out * self.row_bytes}")

@@ -45,8 +45,8 @@ def random_raw(rng, qtype, n_out, n_in):
     if qtype in ("F16", "F32"):
         dtype = np.float16 if qtype == "F16" else np.float32
         return rng.standard_normal((n_out, n_in)).astype(dtype).view(np.uint8)
-    bs, bb = QTYPE_BLOCKS[qtype]
-    raw = rng.integers(0, 256, (n_out, n_in // bs, bb), dtype=np.uint8)
+    block_elems, block_bytes = QTYPE_BLOCKS[qtype]
+    raw = rng.integers(0, 256, (n_out, n_in // block_elems, block_bytes), dtype=np.uint8)
     for off in F16_FIELDS[qtype]:
         d = (rng.standard_normal(raw.shape[:2]) * 0.05).astype(np.float16)
         raw[..., off:off + 2] = d.view(np.uint8).reshape(raw.shape[:2] + (2,))

@@ -190,3 +190,44 @@ def test_matvec_many_equals_separate_products(qtypes):
         np.testing.assert_allclose(y, q.matvec(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError):
         matvec_many(qs, x[:-1])
+
+
+_CACHE_PROBE = """
+import json
+import numpy as np
+from edgeq.cpu_kernels import linear
+stats = {}
+for qtype in ("Q4_0", "Q6_K", "F16"):
+    n_in = 256
+    raw = np.zeros(8 * linear._row_bytes(qtype, n_in), np.uint8)
+    q = linear.QuantLinear(raw, qtype, (8, n_in))
+    q.matvec(np.ones(n_in, np.float32))
+    linear.embed_rows(raw, qtype, (8, n_in), [1, 2])
+    for driver in linear._KERNELS[qtype]:
+        if driver is not None:
+            s = driver.stats
+            stats[driver.py_func.__qualname__] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
+print(json.dumps(stats))
+"""
+
+
+def test_generated_drivers_load_from_a_warm_cache(tmp_path):
+    """The per-type drivers made by one template (linear._specialize) each have their own entry in Numba's
+    on-disk cache: a fresh process with a warm cache folder compiles none of them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+
+    def run() -> dict:
+        r = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    cold, warm = run(), run()
+    names = {"_mm_q4_0", "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", "_rows_f16"}
+    assert set(cold) == set(warm) == names
+    assert all(misses >= 1 for _, misses in cold.values()), cold
+    assert all(hits >= 1 and misses == 0 for hits, misses in warm.values()), warm

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from gguf.constants import LlamaFileType
 
 from edgeq.errors import EdgeqError
+from edgeq.formats.quants import block_size
 
 # --type → (general.file_type, base tensor type)
 FILE_TYPES: dict[str, tuple[LlamaFileType, str]] = {
@@ -37,8 +38,6 @@ FILE_TYPES: dict[str, tuple[LlamaFileType, str]] = {
 # tensor types a user may name with --output-type / --embedding-type
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 
-_BLOCK = {"F32": 1, "F16": 1, "BF16": 1, "Q8_0": 32, "Q5_0": 32, "Q5_1": 32, "Q4_0": 32, "Q4_1": 32,
-          "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 # a k-quant that does not fit a row → llama.cpp's tensor_type_fallback (IQ4_NL is not available: Q4_0)
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _FLOAT = ("F32", "F16", "BF16")
@@ -75,10 +74,10 @@ def _layer(name: str) -> int:
 
 def fallback(qtype: str, n_cols: int) -> str:
     """A type whose blocks fit a row of n_cols values (F16 when nothing quantized does)."""
-    if n_cols % _BLOCK[qtype] == 0:
+    if n_cols % block_size(qtype) == 0:
         return qtype
     q = _FALLBACK.get(qtype, "F16")
-    return q if n_cols % _BLOCK[q] == 0 else "F16"
+    return q if n_cols % block_size(q) == 0 else "F16"
 
 
 @dataclass
@@ -123,7 +122,7 @@ class Recipe:
         if is_output or (self.tied and is_embd):
             if self.output_type:
                 return self.output_type
-            if n_cols % _BLOCK[q] != 0:
+            if n_cols % block_size(q) != 0:
                 return "Q8_0"
             return q if q == "Q8_0" else "Q6_K"
         if is_embd:
