@@ -14,16 +14,18 @@ import os
 
 
 def _kernel_sources_hash() -> str:
-    """8 hex digits of the kernel modules' source. Numba stamps a cached function with its own file only, so
-    an edit of a module it calls into (cpu_kernels/simd.py's intrinsics, an inlined helper) would otherwise
-    load stale machine code: a folder per source version makes every edit or upgrade recompile."""
+    """8 hex digits of the kernel modules' source (cpu_kernels/, and formats/ whose registry they read and
+    whose codec searches are Numba too). Numba stamps a cached function with its own file only, so an edit
+    of a module it calls into (cpu_kernels/simd.py's intrinsics, an inlined helper) would otherwise load
+    stale machine code: a folder per source version makes every edit or upgrade recompile."""
     h = hashlib.sha256()
-    spec = importlib.util.find_spec("edgeq.cpu_kernels")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    h.update(name.encode() + b"\0" + f.read())
+    for package in ("edgeq.cpu_kernels", "edgeq.formats"):  # the kernels, the codec searches and the registry
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        h.update(package.encode() + name.encode() + b"\0" + f.read())
     return h.hexdigest()[:8]
 
 

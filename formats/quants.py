@@ -5,7 +5,7 @@ Byte layouts are llama.cpp's (ggml-common.h). `dequantize` is bit-exact with `gg
 `quantize` produces the bytes of llama.cpp's `ggml_quantize_chunk` (tests/test_codecs.py checks both):
 - without importance, the reference quantizers (`quantize_row_*_ref`): numpy formulas here for
   F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q8_K (identical to gguf-py's), the k-quant scale searches
-  (make_qkx2_quants, make_q3_quants, make_qx_quants) in cpu_kernels/kquant_search.py (Numba);
+  (make_qkx2_quants, make_q3_quants, make_qx_quants) in formats/kquant_search.py (Numba);
 - with an importance vector (one non-negative weight per column, llama.cpp's imatrix), the importance-aware
   quantizers (`quantize_row_*_impl`, make_qkx3_quants / make_qp_quants / make_qx_quants with weights
   importance[j] * sqrt(sigma2 + x[j]^2)) for Q4_0/Q4_1/Q5_0/Q5_1 and the k-quants; F16/BF16/Q8_0/Q8_K
@@ -153,7 +153,7 @@ def _trunc_u8(v: np.ndarray, hi: int) -> np.ndarray:
 
 
 class _ImportanceSearched(QType, name=None):
-    """A type quantized by its formula, or with an importance vector by a search in cpu_kernels/kquant_search.py
+    """A type quantized by its formula, or with an importance vector by a search in formats/kquant_search.py
     (`_kernel_w`)."""
     _kernel_w: str
 
@@ -254,8 +254,8 @@ class Q5_1(_ImportanceSearched, name="Q5_1"):
 
 def _search(kernel: str, x: np.ndarray, importance: np.ndarray | None, qtype: type[QType],
             with_flag: bool = True) -> np.ndarray:
-    """Run a row kernel of cpu_kernels/kquant_search.py (imported on first use: it compiles with Numba)."""
-    from edgeq.cpu_kernels import kquant_search
+    """Run a row kernel of formats/kquant_search.py (imported on first use: it compiles with Numba)."""
+    from edgeq.formats import kquant_search
 
     rows, cols = x.shape
     out = np.zeros((rows, cols // qtype.block_size * qtype.block_bytes), dtype=np.uint8)
@@ -269,7 +269,7 @@ def _search(kernel: str, x: np.ndarray, importance: np.ndarray | None, qtype: ty
 
 
 class _Searched(QType, name=None):
-    """A type whose quantizer is a search in cpu_kernels/kquant_search.py (`_kernel`, with importance or not)."""
+    """A type whose quantizer is a search in formats/kquant_search.py (`_kernel`, with importance or not)."""
     _kernel: str
 
     @classmethod

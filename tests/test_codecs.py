@@ -1,4 +1,4 @@
-"""formats/quants.py (and the searches in cpu_kernels/kquant_search.py) against independent oracles:
+"""formats/quants.py (and the searches in formats/kquant_search.py) against independent oracles:
 gguf-py's numpy codecs (bit-exact dequantization, byte-exact reference quantizers), llama.cpp's
 ggml_quantize_chunk when its library is installed, and round-trip error bounds on gaussian data."""
 from __future__ import annotations
@@ -221,7 +221,7 @@ def test_quantize_edge_values_round_trip():
 
 
 def test_fp16_rounding_helper_matches_numpy():
-    from edgeq.cpu_kernels.kquant_search import _fp16
+    from edgeq.formats.kquant_search import _fp16
 
     rng = np.random.default_rng(8)
     vals = np.concatenate([
