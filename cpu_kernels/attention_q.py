@@ -110,6 +110,24 @@ def quantize_int8_per_token(x, slots, codes, scales):
                     codes[h, s, o + i] = np.int8(min(127.0, max(-127.0, c)))
 
 
+@njit(inline="always", **_JIT)
+def _uint4_scale_min(lo, hi):
+    """A 4-bit asymmetric block over [lo, hi] -> (scale bits, min bits, min, 1/scale (0 for a flat block))."""
+    mh = f32_to_f16(lo)
+    m = f16_to_f32(mh)
+    dh = f32_to_f16((hi - m) / np.float32(15.0))
+    d = f16_to_f32(dh)
+    return dh, mh, m, np.float32(1.0) / d if d > 0 else np.float32(0.0)
+
+
+@njit(inline="always", **_JIT)
+def _uint4_pair(x0, x1, m, inv):
+    """Two values -> one byte of 4-bit codes (x0 in the low nibble)."""
+    c0 = min(15.0, max(0.0, round((x0 - m) * inv)))
+    c1 = min(15.0, max(0.0, round((x1 - m) * inv)))
+    return np.uint8(int(c0) | (int(c1) << 4))
+
+
 @njit(**_JIT)
 def quantize_uint4_per_token(x, slots, codes, scales, mins):
     # x (T, Hkv, D) float32 -> 4-bit asymmetric codes (Hkv, S, D/32, 16) per block of 32 along D;
@@ -126,17 +144,11 @@ def quantize_uint4_per_token(x, slots, codes, scales, mins):
                     v = x[t, h, o + i]
                     lo = min(lo, v)
                     hi = max(hi, v)
-                mh = f32_to_f16(lo)
-                m = f16_to_f32(mh)
-                dh = f32_to_f16((hi - m) / np.float32(15.0))
-                d = f16_to_f32(dh)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                dh, mh, m, inv = _uint4_scale_min(lo, hi)
                 scales[h, s, b] = dh
                 mins[h, s, b] = mh
                 for i in range(QBLOCK // 2):
-                    c0 = min(15.0, max(0.0, round((x[t, h, o + i] - m) * inv)))
-                    c1 = min(15.0, max(0.0, round((x[t, h, o + i + 16] - m) * inv)))
-                    codes[h, s, b, i] = np.uint8(int(c0) | (int(c1) << 4))
+                    codes[h, s, b, i] = _uint4_pair(x[t, h, o + i], x[t, h, o + i + 16], m, inv)
 
 
 @njit(**_JIT)
@@ -153,17 +165,11 @@ def quantize_uint4_per_channel(xg, grps, codes, scales, mins):
                     v = xg[j, i, h, d]
                     lo = min(lo, v)
                     hi = max(hi, v)
-                mh = f32_to_f16(lo)
-                m = f16_to_f32(mh)
-                dh = f32_to_f16((hi - m) / np.float32(15.0))
-                sc = f16_to_f32(dh)
-                inv = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+                dh, mh, m, inv = _uint4_scale_min(lo, hi)
                 scales[h, gs, d] = dh
                 mins[h, gs, d] = mh
                 for i in range(0, QBLOCK, 2):
-                    c0 = min(15.0, max(0.0, round((xg[j, i, h, d] - m) * inv)))
-                    c1 = min(15.0, max(0.0, round((xg[j, i + 1, h, d] - m) * inv)))
-                    codes[h, gs * 16 + i // 2, d] = np.uint8(int(c0) | (int(c1) << 4))
+                    codes[h, gs * 16 + i // 2, d] = _uint4_pair(xg[j, i, h, d], xg[j, i + 1, h, d], m, inv)
 
 
 @njit(**_JIT)
