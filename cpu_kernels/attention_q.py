@@ -1,7 +1,7 @@
 """Attention over a quantized KV cache, and the codecs that fill it (Numba).
 
-Storage layouts, per layer and per K/V side (S = cache slots, Hkv = kv heads, D = head_dim); the user's cache
-types (f16, q8, q4, ...) map onto these in edgeq/runtime/kv_cache.py:
+Storage layouts, per layer and per K/V side (S = cache slots, Hkv = kv heads, D = head_dim), with the KVSide
+fields each one uses; the user's cache types (f16, q8, q4, ...) map onto these in edgeq/runtime/kv_cache.py:
   float32            float32 (Hkv, S, D)                        (debugging)
   float16            float16 (Hkv, S, D) uint16 half bits       (Numba has no float16 on the CPU)
   int8_per_token     int8_codes (Hkv, S, D), scales (Hkv, S, D/32) half bits: x = d * code   (blocks along D)
@@ -47,7 +47,7 @@ class KVSide(NamedTuple):
     """Keys or values of one layer, as the attention kernels read them (layouts: the module docstring).
 
     The kernels take it as a plain tuple, `tuple(side)`, unpacked in this field order: Numba's dispatcher
-    types a plain tuple of arrays in C, a namedtuple in Python (about twice the cost of a kernel call)."""
+    types a plain tuple of arrays in C but a namedtuple in Python (measured: twice the cost of a call)."""
     layout: int                       # FLOAT32 .. UINT4_PER_CHANNEL
     float32: np.ndarray
     float16: np.ndarray

@@ -57,7 +57,7 @@ class _Store:
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.side[1:])
+        return sum(a.nbytes for a in self.side if isinstance(a, np.ndarray))
 
     def write(self, x: np.ndarray, pos0: int, n_before: int) -> None:
         """x (T, Hkv, D) float32 contiguous at positions pos0..; n_before = positions held before this call."""
