@@ -1,14 +1,18 @@
 """Attention over a quantized KV cache, and the codecs that fill it (Numba).
 
-Cache layouts, per layer and per K/V side (S = cache slots, Hkv = kv heads, D = head_dim):
-  f32  data (Hkv, S, D) float32                         (debugging)
-  f16  data (Hkv, S, D) uint16 holding IEEE half bits   (Numba has no float16 on the CPU)
-  q8   codes (Hkv, S, D) int8, scales (Hkv, S, D/32) f16 bits: x = d * code            (per token, blocks along D)
-  q4   codes (Hkv, S, D/32, 16) uint8, scales/mins (Hkv, S, D/32) f16: x = d * code + m (per token, 4-bit asymmetric;
-       byte i of a block holds elements i (low nibble) and i + 16 (high nibble), like ggml's q4_0)
-  q4c  keys only, KIVI's per-channel layout: groups of 32 consecutive positions; codes (Hkv, S/2, D) uint8 where
-       row grp*16 + i//2 holds token i of the group (even i low nibble, odd i high), scales/mins (Hkv, S/32, D) f16;
-       the not-yet-full group lives in `pend` (Hkv, 32, D) f16 bits, indexed by position % 32.
+Storage layouts, per layer and per K/V side (S = cache slots, Hkv = kv heads, D = head_dim), with the KVSide
+fields each one uses; the user's cache types (f16, q8, q4, ...) map onto these in edgeq/runtime/kv_cache.py:
+  float32            float32 (Hkv, S, D)                        (debugging)
+  float16            float16 (Hkv, S, D) uint16 half bits       (Numba has no float16 on the CPU)
+  int8_per_token     int8_codes (Hkv, S, D), scales (Hkv, S, D/32) half bits: x = d * code   (blocks along D)
+  uint4_per_token    uint4_codes (Hkv, S, D/32, 16), scales/mins (Hkv, S, D/32) half bits: x = d * code + m
+                     (4-bit asymmetric; byte i of a block holds elements i (low nibble) and i + 16 (high
+                     nibble), like ggml's q4_0)
+  uint4_per_channel  keys only, KIVI's layout: groups of 32 consecutive positions per channel;
+                     uint4_channel_codes (Hkv, S/2, D) where row grp*16 + i//2 holds token i of the group (even i
+                     low nibble, odd i high), scales/mins (Hkv, S/32, D) half bits; the not-yet-full group lives
+                     in `pending` (Hkv, 32, D) half bits, indexed by position % 32.
+One side is a `KVSide`: its layout code and every array above (those its layout does not use are empty).
 
 Position p lives in slot p % S (S = n_ctx, or a ring of window + batch slots on sliding-window layers).
 
@@ -20,66 +24,71 @@ numpy twins of every codec and of attention live in tests/test_kv_cache.py.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 from . import simd_attention
+from .half import f16_row_to_f32, f16_to_f32, f32_to_f16
 from .ops import fast_exp
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
-F32, F16, Q8, Q4, Q4C = 0, 1, 2, 3, 4
-KINDS = {"f32": F32, "f16": F16, "q8": Q8, "q4": Q4, "q4c": Q4C}
-QBLOCK = 32          # elements per scale (along D for q8/q4, along positions for q4c)
+FLOAT32, FLOAT16, INT8_PER_TOKEN, UINT4_PER_TOKEN, UINT4_PER_CHANNEL = 0, 1, 2, 3, 4
+LAYOUTS = {"float32": FLOAT32, "float16": FLOAT16, "int8_per_token": INT8_PER_TOKEN,
+           "uint4_per_token": UINT4_PER_TOKEN, "uint4_per_channel": UINT4_PER_CHANNEL}
+QBLOCK = 32          # elements per scale (along D per token, along positions per channel)
 TILE_Q = 16          # query positions per job (times the GQA group's heads)
 _NEG = np.float32(-1e30)  # finite "minus infinity": fastmath assumes no infs
 
 
-# ---------------------------------------------------------------- half <-> float, scalars (scales)
-@njit(**_JIT)
-def h2f(h):
-    """IEEE half bits (uint16) -> float32: zero, subnormal and normal numbers (no inf/nan in the cache)."""
-    h = np.int64(h)
-    e = (h >> 10) & 31
-    m = h & 1023
-    if e == 0:
-        v = np.float32(m) * np.float32(5.960464477539063e-08)                       # m * 2^-24
-    else:
-        v = np.float32(m + 1024) * np.float32(1 << e) * np.float32(2.9802322387695312e-08)  # * 2^(e-25)
-    if h & 0x8000:
-        v = -v
-    return v
+class KVSide(NamedTuple):
+    """Keys or values of one layer, as the attention kernels read them (layouts: the module docstring).
+
+    The kernels take it as a plain tuple, `tuple(side)`, unpacked in this field order: Numba's dispatcher
+    types a plain tuple of arrays in C but a namedtuple in Python (measured: twice the cost of a call)."""
+    layout: int                       # FLOAT32 .. UINT4_PER_CHANNEL
+    float32: np.ndarray
+    float16: np.ndarray
+    int8_codes: np.ndarray            # viewed as uint8: the kernels sign-extend in int32 arithmetic (vectorizes)
+    uint4_codes: np.ndarray           # per token
+    uint4_channel_codes: np.ndarray   # per channel
+    scales: np.ndarray
+    mins: np.ndarray
+    pending: np.ndarray
 
 
-@njit(**_JIT)
-def f2h(x):
-    """float -> IEEE half bits, rounded to nearest; saturates at +-65504 instead of inf."""
-    s = 0
-    x = np.float64(x)
-    if x < 0.0:
-        s = 0x8000
-        x = -x
-    if x == 0.0:
-        return np.uint16(s)
-    if x >= 65504.0:
-        return np.uint16(s | 0x7BFF)
-    if x < 6.103515625e-05:                      # subnormal half: multiples of 2^-24 (1024 -> smallest normal)
-        return np.uint16(s | int(round(x * 16777216.0)))
-    mant, e = math.frexp(x)                      # x = mant * 2^e, mant in [0.5, 1)
-    M = int(round(mant * 2048.0))                # 11 significant bits
-    if M == 2048:
-        M = 1024
-        e += 1
-    e16 = e + 14
-    if e16 > 30:
-        return np.uint16(s | 0x7BFF)
-    return np.uint16(s | (e16 << 10) | (M - 1024))
+# positions of fields in tuple(KVSide) that the decode kernel reads directly (Numba freezes globals as constants)
+_LAYOUT, _INT8_CODES, _SCALES = (KVSide._fields.index(f) for f in ("layout", "int8_codes", "scales"))
+
+# array field -> (dtype, ndim); a layout's unused fields are empty arrays of the same type, so every side has
+# one Numba type and the kernels compile once for all layouts
+_ARRAY_TYPES = {"float32": (np.float32, 3), "float16": (np.uint16, 3), "int8_codes": (np.uint8, 3),
+                "uint4_codes": (np.uint8, 4), "uint4_channel_codes": (np.uint8, 3), "scales": (np.uint16, 3),
+                "mins": (np.uint16, 3), "pending": (np.uint16, 3)}
+
+
+def new_side(layout: str, n_kv: int, nslots: int, D: int) -> KVSide:
+    """Zeroed arrays of one side in `layout` (a key of LAYOUTS); uint4_per_channel needs nslots % 32 == 0."""
+    per_token = (n_kv, nslots, D // QBLOCK)
+    per_channel = (n_kv, nslots // QBLOCK, D)
+    shapes = {
+        "float32": {"float32": (n_kv, nslots, D)},
+        "float16": {"float16": (n_kv, nslots, D)},
+        "int8_per_token": {"int8_codes": (n_kv, nslots, D), "scales": per_token},
+        "uint4_per_token": {"uint4_codes": (n_kv, nslots, D // QBLOCK, QBLOCK // 2), "scales": per_token,
+                            "mins": per_token},
+        "uint4_per_channel": {"uint4_channel_codes": (n_kv, nslots // 2, D), "scales": per_channel,
+                              "mins": per_channel, "pending": (n_kv, QBLOCK, D)},
+    }[layout]
+    return KVSide(LAYOUTS[layout], **{f: np.zeros(shapes.get(f, (0,) * ndim), dtype)
+                                      for f, (dtype, ndim) in _ARRAY_TYPES.items()})
 
 
 # ---------------------------------------------------------------- store: quantize new rows
 @njit(**_JIT)
-def quant_q8_rows(x, slots, codes, scales):
+def quantize_int8_per_token(x, slots, codes, scales):
     # x (T, Hkv, D) float32 -> codes[h, slots[t], :] int8, scales[h, slots[t], :] (one per 32)
     T, Hkv, D = x.shape
     for t in range(T):
@@ -92,8 +101,8 @@ def quant_q8_rows(x, slots, codes, scales):
                     a = abs(x[t, h, o + i])
                     if a > amax:
                         amax = a
-                dh = f2h(amax / np.float32(127.0))
-                d = h2f(dh)
+                dh = f32_to_f16(amax / np.float32(127.0))
+                d = f16_to_f32(dh)
                 inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
                 scales[h, s, b] = dh
                 for i in range(QBLOCK):
@@ -101,8 +110,26 @@ def quant_q8_rows(x, slots, codes, scales):
                     codes[h, s, o + i] = np.int8(min(127.0, max(-127.0, c)))
 
 
+@njit(inline="always", **_JIT)
+def _uint4_scale_min(lo, hi):
+    """A 4-bit asymmetric block over [lo, hi] -> (scale bits, min bits, min, 1/scale (0 for a flat block))."""
+    mh = f32_to_f16(lo)
+    m = f16_to_f32(mh)
+    dh = f32_to_f16((hi - m) / np.float32(15.0))
+    d = f16_to_f32(dh)
+    return dh, mh, m, np.float32(1.0) / d if d > 0 else np.float32(0.0)
+
+
+@njit(inline="always", **_JIT)
+def _uint4_pair(x0, x1, m, inv):
+    """Two values -> one byte of 4-bit codes (x0 in the low nibble)."""
+    c0 = min(15.0, max(0.0, round((x0 - m) * inv)))
+    c1 = min(15.0, max(0.0, round((x1 - m) * inv)))
+    return np.uint8(int(c0) | (int(c1) << 4))
+
+
 @njit(**_JIT)
-def quant_q4_rows(x, slots, codes, scales, mins):
+def quantize_uint4_per_token(x, slots, codes, scales, mins):
     # x (T, Hkv, D) float32 -> 4-bit asymmetric codes (Hkv, S, D/32, 16) per block of 32 along D;
     # byte i of a block holds element i (low nibble) and element i + 16 (high nibble), like ggml's q4_0
     T, Hkv, D = x.shape
@@ -117,21 +144,15 @@ def quant_q4_rows(x, slots, codes, scales, mins):
                     v = x[t, h, o + i]
                     lo = min(lo, v)
                     hi = max(hi, v)
-                mh = f2h(lo)
-                m = h2f(mh)
-                dh = f2h((hi - m) / np.float32(15.0))
-                d = h2f(dh)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                dh, mh, m, inv = _uint4_scale_min(lo, hi)
                 scales[h, s, b] = dh
                 mins[h, s, b] = mh
                 for i in range(QBLOCK // 2):
-                    c0 = min(15.0, max(0.0, round((x[t, h, o + i] - m) * inv)))
-                    c1 = min(15.0, max(0.0, round((x[t, h, o + i + 16] - m) * inv)))
-                    codes[h, s, b, i] = np.uint8(int(c0) | (int(c1) << 4))
+                    codes[h, s, b, i] = _uint4_pair(x[t, h, o + i], x[t, h, o + i + 16], m, inv)
 
 
 @njit(**_JIT)
-def quant_q4c_groups(xg, grps, codes, scales, mins):
+def quantize_uint4_per_channel(xg, grps, codes, scales, mins):
     # xg (G, 32, Hkv, D) float32: whole groups of 32 positions; group j goes to group slot grps[j].
     G, _, Hkv, D = xg.shape
     for j in range(G):
@@ -144,27 +165,21 @@ def quant_q4c_groups(xg, grps, codes, scales, mins):
                     v = xg[j, i, h, d]
                     lo = min(lo, v)
                     hi = max(hi, v)
-                mh = f2h(lo)
-                m = h2f(mh)
-                dh = f2h((hi - m) / np.float32(15.0))
-                sc = h2f(dh)
-                inv = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+                dh, mh, m, inv = _uint4_scale_min(lo, hi)
                 scales[h, gs, d] = dh
                 mins[h, gs, d] = mh
                 for i in range(0, QBLOCK, 2):
-                    c0 = min(15.0, max(0.0, round((xg[j, i, h, d] - m) * inv)))
-                    c1 = min(15.0, max(0.0, round((xg[j, i + 1, h, d] - m) * inv)))
-                    codes[h, gs * 16 + i // 2, d] = np.uint8(int(c0) | (int(c1) << 4))
+                    codes[h, gs * 16 + i // 2, d] = _uint4_pair(xg[j, i, h, d], xg[j, i + 1, h, d], m, inv)
 
 
 @njit(**_JIT)
-def dequant_q4c_group(codes, scales, mins, gs, n, out):
+def dequantize_uint4_per_channel_group(codes, scales, mins, gs, n, out):
     # the first n positions of group slot gs -> out (Hkv, n, D) float32 (reopening a group after a rewind)
     Hkv, _, D = codes.shape
     for h in range(Hkv):
         for d in range(D):
-            sc = h2f(scales[h, gs, d])
-            m = h2f(mins[h, gs, d])
+            sc = f16_to_f32(scales[h, gs, d])
+            m = f16_to_f32(mins[h, gs, d])
             for i in range(n):
                 c = (codes[h, gs * 16 + i // 2, d] >> (4 * (i & 1))) & 15
                 out[h, i, d] = sc * np.float32(c) + m
@@ -172,78 +187,69 @@ def dequant_q4c_group(codes, scales, mins, gs, n, out):
 
 # ---------------------------------------------------------------- attention
 @njit(**_JIT)
-def _half_row(src, dst):
-    # src: D half bits -> dst float32 with int32 arithmetic only (vectorizes; Numba has no float16)
-    for d in range(src.shape[0]):
-        h = np.int32(src[d])
-        e = (h >> np.int32(10)) & np.int32(31)
-        mant = (h & np.int32(1023)) + (np.int32(1024) if e > 0 else np.int32(0))
-        v = np.float32(mant) * np.float32(np.int32(1) << max(e, np.int32(1))) * np.float32(2.9802322387695312e-08)
-        dst[d] = -v if h & np.int32(0x8000) else v
-
-
-@njit(**_JIT)
-def _load_rows(kind, af, ah, ai8, au4, au8, asc, amn, pend, g, b0, j0, j1, nslots, full, buf, cs, cm):
-    """Positions b0+j0 .. b0+j1-1 (inside one aligned block of 32) of kv head g -> buf[j0:j1] (float32).
+def _load_rows(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
+    """Positions b0+j0 .. b0+j1-1 (inside one aligned block of 32) of kv head g of one KVSide -> buf[j0:j1]
+    (float32); cs, cm: (D,) scratch for per-channel scales and mins.
 
     Inner loops index with plain range variables only: computed indices get wraparound checks that stop
     LLVM from vectorizing."""
+    layout, f32, f16, i8, u4, u4c, scales, mins, pending = side  # KVSide's fields
     D = buf.shape[1]
-    if kind == Q4C and b0 + j1 > full:
+    if layout == UINT4_PER_CHANNEL and b0 + j1 > full:
         # positions at or past `full` are still in the full-precision pending group
         for j in range(j0, j1):
             pos = b0 + j
             if pos >= full:
-                _half_row(pend[g, pos % QBLOCK], buf[j])
+                f16_row_to_f32(pending[g, pos % QBLOCK], buf[j])
             else:
                 gs = (pos % nslots) // QBLOCK
                 i = (pos % nslots) % QBLOCK
-                _half_row(asc[g, gs], cs)
-                _half_row(amn[g, gs], cm)
+                f16_row_to_f32(scales[g, gs], cs)
+                f16_row_to_f32(mins[g, gs], cm)
                 for d in range(D):
-                    c = np.int32(au8[g, gs * 16 + i // 2, d] >> (4 * (i & 1))) & np.int32(15)
+                    c = np.int32(u4c[g, gs * 16 + i // 2, d] >> (4 * (i & 1))) & np.int32(15)
                     buf[j, d] = cs[d] * np.float32(c) + cm[d]
         return
-    if kind == Q4C:
+    if layout == UINT4_PER_CHANNEL:
         gs = (b0 % nslots) // QBLOCK
-        _half_row(asc[g, gs], cs)
-        _half_row(amn[g, gs], cm)
+        f16_row_to_f32(scales[g, gs], cs)
+        f16_row_to_f32(mins[g, gs], cm)
         for j in range(j0, j1):
             i = (b0 + j) % nslots % QBLOCK
             r = gs * 16 + i // 2
             sh = np.int32(4 * (i & 1))
             for d in range(D):
-                buf[j, d] = cs[d] * np.float32((np.int32(au8[g, r, d]) >> sh) & np.int32(15)) + cm[d]
+                buf[j, d] = cs[d] * np.float32((np.int32(u4c[g, r, d]) >> sh) & np.int32(15)) + cm[d]
         return
     nbd = D // QBLOCK
     if D % QBLOCK == 0:
         buf4 = buf.reshape(QBLOCK, nbd, 2, QBLOCK // 2)  # [j, block, low/high half, i]
         cs3 = cs.reshape(nbd, QBLOCK)
-    else:  # only f32/f16 caches allow head_dim % 32 != 0, and they never use these views
+    else:  # only float layouts allow head_dim % 32 != 0, and they never use these views
         buf4 = np.empty((0, 0, 2, 0), dtype=buf.dtype)
         cs3 = np.empty((0, 0), dtype=cs.dtype)
     for j in range(j0, j1):
         s = (b0 + j) % nslots
-        if kind == F32:
+        if layout == FLOAT32:
             for d in range(D):
-                buf[j, d] = af[g, s, d]
-        elif kind == F16:
-            _half_row(ah[g, s], buf[j])
-        elif kind == Q8:  # ai8 (Hkv, S, D): int8 codes viewed as uint8
+                buf[j, d] = f32[g, s, d]
+        elif layout == FLOAT16:
+            f16_row_to_f32(f16[g, s], buf[j])
+        elif layout == INT8_PER_TOKEN:
             for b in range(nbd):
-                sc = h2f(asc[g, s, b])
+                sc = f16_to_f32(scales[g, s, b])
                 for i in range(QBLOCK):
                     cs3[b, i] = sc
             # sign-extend with int32 ops over a runtime-length loop: this form vectorizes (Numba's
             # int8 -> float goes through int64, and fixed 32-long loops get unrolled instead)
             for d in range(D):
-                buf[j, d] = cs[d] * np.float32((np.int32(ai8[g, s, d]) ^ np.int32(128)) - np.int32(128))
-        else:  # Q4, au4 (Hkv, S, D/32, 16): byte i of a block holds elements i and i + 16
+                buf[j, d] = cs[d] * np.float32((np.int32(i8[g, s, d]) ^ np.int32(128)) - np.int32(128))
+        else:  # UINT4_PER_TOKEN: byte i of a block holds elements i and i + 16
             for b in range(nbd):
-                sc = h2f(asc[g, s, b])
-                m = h2f(amn[g, s, b])
+                sc = f16_to_f32(scales[g, s, b])
+                m = f16_to_f32(mins[g, s, b])
                 for i in range(QBLOCK // 2):
-                    byte = np.int32(au4[g, s, b, i])
+                    byte = np.int32(u4[g, s, b, i])
                     buf4[j, b, 0, i] = sc * np.float32(byte & np.int32(15)) + m
                     buf4[j, b, 1, i] = sc * np.float32(byte >> np.int32(4)) + m
 
@@ -260,18 +266,42 @@ def _exp_block(x, a, z, mx):
     return tot
 
 
+@njit(**_JIT)
+def _merge_splits(pm, pl, pacc, r, out):
+    """Row r's partial softmax results of the key splits -> out (D,): split sp holds max score pm[sp, r], sum of
+    exponentials pl[sp, r] (0: the split saw no key) and weighted value sum pacc[sp, r]; rescaled to the
+    overall max and normalized."""
+    n_split, _, D = pacc.shape
+    mx = pm[0, r]
+    for sp in range(1, n_split):
+        mx = max(mx, pm[sp, r])
+    tot = np.float32(0.0)
+    for d in range(D):
+        out[d] = 0.0
+    for sp in range(n_split):
+        if pl[sp, r] == 0.0:
+            continue
+        c = np.float32(math.exp(pm[sp, r] - mx))
+        tot += c * pl[sp, r]
+        for d in range(D):
+            out[d] += c * pacc[sp, r, d]
+    inv = np.float32(1.0) / tot
+    for d in range(D):
+        out[d] *= inv
+
+
 @njit(parallel=True, **_JIT)
-def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
-                  kkind, kf, kh, ki8, ku4, ku8, ks, km, kpend,
-                  vkind, vf, vh, vi8, vu4, vu8, vs, vm, vpend, out):
-    # q (T, H, D) at positions pos0..; out (T, H, D). Head h reads kv head h // (H // Hkv).
+def attend_kernel(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, full, out):
+    """Causal attention of q (T, H, D) at positions pos0.. over the cache -> out (T, H, D); keys, values:
+    tuple(KVSide). Head h reads kv head h // (H // n_kv); `full` = positions already in whole per-channel groups."""
     T, H, D = q.shape
     Hkv = n_kv
     n_rep = H // Hkv
     n_qt = (T + TILE_Q - 1) // TILE_Q
-    pm = np.empty((n_split, T, H), np.float32)
-    pl = np.empty((n_split, T, H), np.float32)
-    pacc = np.empty((n_split, T, H, D), np.float32)
+    # per split, per row t * H + h: max score, sum of exponentials, weighted value sum (_merge_splits)
+    pm = np.empty((n_split, T * H), np.float32)
+    pl = np.empty((n_split, T * H), np.float32)
+    pacc = np.empty((n_split, T * H, D), np.float32)
     n_jobs = Hkv * n_qt * n_split
     for job in prange(n_jobs):
         sp = job % n_split
@@ -326,7 +356,7 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
                     uhi = max(uhi, z)
             if ulo >= uhi:
                 continue
-            _load_rows(kkind, kf, kh, ki8, ku4, ku8, ks, km, kpend, g, b0, ulo, uhi, nslots, full, kb, cs, cm)
+            _load_rows(keys, g, b0, ulo, uhi, nslots, full, kb, cs, cm)
             for j in range(ulo, uhi):
                 for d in range(D):
                     kt[d, j] = kb[j, d]
@@ -346,13 +376,13 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
                         acc[r, d] *= corr
                     m[r] = mx
                 l[r] += _exp_block(sc[r], a, z, mx)
-            _load_rows(vkind, vf, vh, vi8, vu4, vu8, vs, vm, vpend, g, b0, ulo, uhi, nslots, full, vb, cs, cm)
+            _load_rows(values, g, b0, ulo, uhi, nslots, full, vb, cs, cm)
             for r in range(rows):
                 if jlo[r] >= jhi[r]:
                     continue
                 if D % QBLOCK == 0:
                     simd_attention.block_wsum(sc[r], jlo[r], jhi[r], vb, acc[r])
-                else:  # f16/f32 caches with head_dim not a multiple of 32
+                else:  # float layouts with head_dim not a multiple of 32
                     for j in range(jlo[r], jhi[r]):
                         w = sc[r, j]
                         for d in range(D):
@@ -360,35 +390,17 @@ def attend_kernel(q, n_kv, pos0, scale, window, nslots, n_split, full,
         for r in range(rows):
             t = t0 + r // n_rep
             h = g * n_rep + r % n_rep
-            pm[sp, t, h] = m[r]
-            pl[sp, t, h] = l[r]
+            pm[sp, t * H + h] = m[r]
+            pl[sp, t * H + h] = l[r]
             for d in range(D):
-                pacc[sp, t, h, d] = acc[r, d]
+                pacc[sp, t * H + h, d] = acc[r, d]
     for job in prange(T * H):
         t = job // H
-        h = job - t * H
-        mx = pm[0, t, h]
-        for sp in range(1, n_split):
-            mx = max(mx, pm[sp, t, h])
-        tot = np.float32(0.0)
-        for d in range(D):
-            out[t, h, d] = 0.0
-        for sp in range(n_split):
-            c = np.float32(math.exp(pm[sp, t, h] - mx))
-            if pl[sp, t, h] == 0.0:
-                continue
-            tot += c * pl[sp, t, h]
-            for d in range(D):
-                out[t, h, d] += c * pacc[sp, t, h, d]
-        inv = np.float32(1.0) / tot
-        for d in range(D):
-            out[t, h, d] *= inv
+        _merge_splits(pm, pl, pacc, job, out[t, job - t * H])
 
 
 @njit(parallel=True, **_JIT)
-def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
-                         kkind, kf, kh, ki8, ku4, ku8, ks, km, kpend,
-                         vkind, vf, vh, vi8, vu4, vu8, vs, vm, vpend, out):
+def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_split, full, out):
     """One query token (q (H, D) at position `pos`) -> out (H, D): the decode step's attention.
 
     Same cache reads as attend_kernel, organised for a single token: jobs = (kv head, split of the key
@@ -396,6 +408,8 @@ def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
     two-pass softmax instead of online rescaling), then sums the values; the splits merge at the end."""
     H, D = q.shape
     n_rep = H // n_kv
+    k_layout, k_codes, k_scales = keys[_LAYOUT], keys[_INT8_CODES], keys[_SCALES]
+    v_layout, v_codes, v_scales = values[_LAYOUT], values[_INT8_CODES], values[_SCALES]
     lo = max(0, pos - window + 1) if window > 0 else 0
     blo = lo // QBLOCK
     nb = pos // QBLOCK + 1 - blo
@@ -423,17 +437,17 @@ def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
         cm = np.empty(D, np.float32)
         p_lo = max(lo, p0)
         p_hi = min(pos + 1, b_last * QBLOCK)
-        if kkind == Q8:
-            # q8 keys: float dots straight from the int8 codes (simd_attention.scores_q8)
+        if k_layout == INT8_PER_TOKEN:
+            # int8 keys: float dots straight from the codes (simd_attention.scores_q8)
             for r in range(n_rep):
-                simd_attention.scores_q8(ki8, ks, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r],
+                simd_attention.scores_q8(k_codes, k_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r],
                                          sc[r, p_lo - p0:])
         else:
             for blk in range(b_first, b_last):
                 b0 = blk * QBLOCK
                 j0 = max(lo - b0, 0)
                 j1 = min(QBLOCK, pos + 1 - b0)
-                _load_rows(kkind, kf, kh, ki8, ku4, ku8, ks, km, kpend, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                _load_rows(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
                 for j in range(j0, j1):
                     kr = buf[j]
                     for r in range(n_rep):
@@ -449,16 +463,16 @@ def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
             pm[sp, g * n_rep + r] = mx
             pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx)
         acc = np.zeros((n_rep, D), np.float32)
-        if vkind == Q8:
+        if v_layout == INT8_PER_TOKEN:
             for r in range(n_rep):
-                simd_attention.wsum_q8(vi8, vs, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, sc[r, p_lo - p0:],
-                                       acc[r])
+                simd_attention.wsum_q8(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo,
+                                       sc[r, p_lo - p0:], acc[r])
         else:
             for blk in range(b_first, b_last):
                 b0 = blk * QBLOCK
                 j0 = max(lo - b0, 0)
                 j1 = min(QBLOCK, pos + 1 - b0)
-                _load_rows(vkind, vf, vh, vi8, vu4, vu8, vs, vm, vpend, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                _load_rows(values, g, b0, j0, j1, nslots, full, buf, cs, cm)
                 for j in range(j0, j1):
                     vr = buf[j]
                     for r in range(n_rep):
@@ -469,19 +483,4 @@ def attend_decode_kernel(q, n_kv, pos, scale, window, nslots, n_split, full,
             for d in range(D):
                 pacc[sp, g * n_rep + r, d] = acc[r, d]
     for h in range(H):
-        mx = pm[0, h]
-        for sp in range(1, n_split):
-            mx = max(mx, pm[sp, h])
-        tot = np.float32(0.0)
-        for d in range(D):
-            out[h, d] = 0.0
-        for sp in range(n_split):
-            if pl[sp, h] == 0.0:
-                continue
-            c = np.float32(math.exp(pm[sp, h] - mx))
-            tot += c * pl[sp, h]
-            for d in range(D):
-                out[h, d] += c * pacc[sp, h, d]
-        inv = np.float32(1.0) / tot
-        for d in range(D):
-            out[h, d] *= inv
+        _merge_splits(pm, pl, pacc, h, out[h])

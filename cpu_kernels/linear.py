@@ -33,6 +33,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
+from .half import f16_to_f32
 from .simd import _HW_HALF  # f16 -> f32 in hardware (x86 F16C, ARM64) or integer arithmetic
 
 from edgeq.formats.quants import QTYPES
@@ -95,16 +96,7 @@ def _prefetch_row(raw, start, nbytes):
 @njit(inline="always", **_JIT)
 def _h2f_soft(b0, b1):
     """Two little-endian bytes of an IEEE half -> float32 in integer arithmetic (x86 without F16C)."""
-    h = (np.int32(b0) & 255) | ((np.int32(b1) & 255) << 8)
-    e = (h >> 10) & 31
-    m = h & 1023
-    if e == 0:
-        v = np.float32(m) * np.float32(5.960464477539063e-08)  # m * 2^-24
-    else:
-        v = np.float32(m + 1024) * np.float32(np.int32(1) << e) * np.float32(2.9802322387695312e-08)  # * 2^(e-25)
-    if h & 0x8000:
-        v = -v
-    return v
+    return f16_to_f32((np.int32(b0) & 255) | ((np.int32(b1) & 255) << 8))
 
 
 @njit(inline="always", **_JIT)

@@ -103,8 +103,9 @@ class _IR:
         h = self.at(base, off, I16)
         if _HW_HALF:
             return self.b.fpext(self.b.bitcast(h, ir.HalfType()), F32)
-        # x86 without F16C: magnitude bits moved into float position, times 2^112 re-biases the exponent
-        # (subnormal halves come out right too), then the sign
+        # x86 without F16C. Not a copy of half.f16_to_f32 (the intrinsics build IR, with no Numba function
+        # to call): the float-register method, magnitude bits moved into float position, times 2^112
+        # re-biases the exponent (subnormal halves come out right too), then the sign
         h32 = self.b.zext(h, I32)
         mag = self.b.bitcast(self.b.shl(self.b.and_(h32, ir.Constant(I32, 0x7FFF)), ir.Constant(I32, 13)), F32)
         mag = self.b.bitcast(self.b.fmul(mag, ir.Constant(F32, 2.0 ** 112)), I32)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgeq.cpu_kernels import attention_q as aq
+from edgeq.cpu_kernels import half
 from edgeq.errors import EdgeqError
 from edgeq.runtime.kv_cache import CACHE_TYPES, make_kv_cache
 
@@ -94,15 +95,62 @@ def test_half_conversions_match_numpy():
                          [0.0, -0.0, 1.0, -2.5, 65504.0, 6.1e-5, 5.96e-8, 1e-9, 3e-5, 65519.0]])
     for x in xs:
         want = np.float16(np.clip(x, -65504, 65504)).view(np.uint16)
-        got = aq.f2h(x)
+        got = half.f32_to_f16(x)
         assert abs(int(got) - int(want)) <= 1 or (x == 0), (x, got, want)  # ties may round either way
     bits = np.arange(0, 65536, dtype=np.uint32).astype(np.uint16)
     finite = bits[np.isfinite(bits.view(np.float16))]
     for h in finite[::7]:
-        assert aq.h2f(h) == np.float32(h.view(np.float16)), h
+        assert half.f16_to_f32(h) == np.float32(h.view(np.float16)), h
     row = np.empty(len(finite), np.float32)  # the vectorized row conversion the f16 cache uses: every half
-    aq._half_row(finite, row)
+    half.f16_row_to_f32(finite, row)
     np.testing.assert_array_equal(row, finite.view(np.float16).astype(np.float32))
+
+
+def test_linear_soft_half_decoder_matches_numpy():
+    """linear.py's byte-pair decoder (x86 without F16C) agrees with numpy on every finite half."""
+    from edgeq.cpu_kernels import linear
+
+    bits = np.arange(0, 65536, dtype=np.uint32).astype(np.uint16)
+    finite = bits[np.isfinite(bits.view(np.float16))][::5]
+    lo, hi = (finite & 255).astype(np.uint8), (finite >> 8).astype(np.uint8)
+    got = np.array([linear._h2f_soft(a, b) for a, b in zip(lo, hi)], np.float32)
+    np.testing.assert_array_equal(got, finite.view(np.float16).astype(np.float32))
+
+
+# ---------------------------------------------------------------- storage layouts and the split merge
+def test_every_layout_is_one_kernel_type():
+    """Each side's tuple has the same Numba type whatever its layout (unused arrays are empty), so the
+    attention kernels compile once for every combination of cache types."""
+    import numba
+
+    types = {numba.typeof(tuple(aq.new_side(name, 2, 64, 64))) for name in aq.LAYOUTS}
+    assert len(types) == 1, types
+    side = aq.new_side("uint4_per_channel", 2, 64, 64)
+    assert side.layout == aq.UINT4_PER_CHANNEL and side.pending.shape == (2, QB, 64)
+    assert side.int8_codes.size == 0 and side.uint4_codes.size == 0 and side.scales.shape == (2, 2, 64)
+
+
+def test_merge_splits_against_numpy():
+    """Partial softmax results of key splits, rescaled to the overall max: equals the softmax over all keys;
+    an empty split (l = 0, max = -1e30) contributes nothing."""
+    rng = np.random.default_rng(5)
+    D, n_keys, bounds = 8, 20, [0, 6, 6, 20]  # the second split saw no key
+    s = rng.standard_normal(n_keys).astype(np.float32) * 3
+    v = rng.standard_normal((n_keys, D)).astype(np.float32)
+    n_split = len(bounds) - 1
+    pm = np.full((n_split, 1), -1e30, np.float32)
+    pl = np.zeros((n_split, 1), np.float32)
+    pacc = np.zeros((n_split, 1, D), np.float32)
+    for sp in range(n_split):
+        a, z = bounds[sp], bounds[sp + 1]
+        if a < z:
+            pm[sp, 0] = s[a:z].max()
+            e = np.exp(s[a:z] - pm[sp, 0])
+            pl[sp, 0], pacc[sp, 0] = e.sum(), e @ v[a:z]
+    out = np.empty(D, np.float32)
+    aq._merge_splits(pm, pl, pacc, 0, out)
+    w = np.exp(s.astype(np.float64) - s.max())
+    np.testing.assert_allclose(out, (w / w.sum()) @ v, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- attention vs twins
@@ -236,7 +284,7 @@ def test_validation_and_types():
         make_kv_cache([KVLayout(2, 40)], 32, "q8", "f16")
     assert set(CACHE_TYPES) >= {"f16", "q8", "q4", "q4c", "q4t", "f32"}
     c = make_kv_cache([KVLayout(2, 64)], 32, "q4", "q4")
-    assert (c.layers[0].k.kind, c.layers[0].v.kind) == ("q4c", "q4")  # per channel keys, per token values
+    assert (c.layers[0].k.layout, c.layers[0].v.layout) == ("uint4_per_channel", "uint4_per_token")  # KIVI
     assert make_kv_cache([KVLayout(2, 64)], 32, "F16", "Q8").type_v == "q8"
 
 

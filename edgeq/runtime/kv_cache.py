@@ -1,6 +1,8 @@
-"""The key/value cache: per layer, keys and values in their own storage type, allocated once.
+"""The key/value cache: per layer, keys and values in their own cache type, allocated once.
 
-Types (keys and values chosen independently):
+Cache types, the user's vocabulary (keys and values chosen independently); each side stores its type in one of
+the storage layouts of cpu_kernels/attention_q.py (float32, float16, int8_per_token, uint4_per_token,
+uint4_per_channel; _LAYOUT_K / _LAYOUT_V):
   "f16"  half precision (2 bytes/element)
   "q8"   int8 per token with a half scale per 32 elements along head_dim (1.0625 bytes/element)
   "q4"   4-bit with a half scale + min per 32 elements (0.625 bytes/element), in the layout that suits each side
@@ -28,20 +30,16 @@ from edgeq.cpu_kernels import attention_q as aq
 
 CACHE_TYPES = ("f16", "q8", "q4", "q4c", "q4t", "f32")
 KEY_ONLY = ("q4c",)
-# user-facing name -> storage layout in cpu_kernels/attention_q.py ("q4" = per token, "q4c" = per channel)
-_LAYOUT_K = {"f16": "f16", "q8": "q8", "q4": "q4c", "q4c": "q4c", "q4t": "q4", "f32": "f32"}
-_LAYOUT_V = {"f16": "f16", "q8": "q8", "q4": "q4", "q4t": "q4", "f32": "f32"}
+# user-facing cache type -> storage layout of cpu_kernels/attention_q.py, per side
+_LAYOUT_K = {"f16": "float16", "q8": "int8_per_token", "q4": "uint4_per_channel", "q4c": "uint4_per_channel",
+             "q4t": "uint4_per_token", "f32": "float32"}
+_LAYOUT_V = {"f16": "float16", "q8": "int8_per_token", "q4": "uint4_per_token", "q4t": "uint4_per_token",
+             "f32": "float32"}
 DEFAULT_K = "q8"
 DEFAULT_V = "q8"
 MAX_BATCH = 512  # positions stored at once (the engine's prefill batch): the ring's slack
 
 _QB = aq.QBLOCK
-_NONE = {  # placeholders for the arrays a storage type does not use (the kernel never reads them)
-    "f": np.zeros((0, 0, 0), np.float32), "h": np.zeros((0, 0, 0), np.uint16),
-    "u8": np.zeros((0, 0, 0), np.uint8), "s": np.zeros((0, 0, 0), np.uint16), "m": np.zeros((0, 0, 0), np.uint16),
-    "i8": np.zeros((0, 0, 0), np.int8), "u4": np.zeros((0, 0, 0, 0), np.uint8),
-    "pend": np.zeros((0, 0, 0), np.uint16),
-}
 
 
 def _round_up(n: int, m: int) -> int:
@@ -49,91 +47,70 @@ def _round_up(n: int, m: int) -> int:
 
 
 class _Store:
-    """One side (keys or values) of one layer: arrays in the layout of cpu_kernels/attention_q.py."""
+    """One side (keys or values) of one layer: an attention_q.KVSide in storage layout `layout`."""
 
-    def __init__(self, kind: str, n_kv: int, nslots: int, D: int):
-        self.kind = kind
-        self.code = aq.KINDS[kind]
-        a = dict(_NONE)
-        if kind == "f32":
-            a["f"] = np.zeros((n_kv, nslots, D), np.float32)
-        elif kind == "f16":
-            a["h"] = np.zeros((n_kv, nslots, D), np.uint16)
-        elif kind == "q8":
-            a["i8"] = np.zeros((n_kv, nslots, D), np.int8)
-            a["s"] = np.zeros((n_kv, nslots, D // _QB), np.uint16)
-        elif kind == "q4":
-            a["u4"] = np.zeros((n_kv, nslots, D // _QB, _QB // 2), np.uint8)
-            a["s"] = np.zeros((n_kv, nslots, D // _QB), np.uint16)
-            a["m"] = np.zeros((n_kv, nslots, D // _QB), np.uint16)
-        else:  # q4c
-            a["u8"] = np.zeros((n_kv, nslots // 2, D), np.uint8)
-            a["s"] = np.zeros((n_kv, nslots // _QB, D), np.uint16)
-            a["m"] = np.zeros((n_kv, nslots // _QB, D), np.uint16)
-            a["pend"] = np.zeros((n_kv, _QB, D), np.uint16)
-        self.a = a
+    def __init__(self, layout: str, n_kv: int, nslots: int, D: int):
+        self.layout = layout
+        self.side = aq.new_side(layout, n_kv, nslots, D)
+        self.kernel_arg = tuple(self.side)  # what the attention kernels take (see attention_q.KVSide)
         self.nslots = nslots
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.a.values())
-
-    def kernel_args(self) -> tuple:
-        a = self.a
-        # int8 codes go to the kernel viewed as uint8 (it sign-extends with int32 arithmetic, which vectorizes)
-        return (self.code, a["f"], a["h"], a["i8"].view(np.uint8), a["u4"], a["u8"], a["s"], a["m"], a["pend"])
+        return sum(a.nbytes for a in self.side if isinstance(a, np.ndarray))
 
     def write(self, x: np.ndarray, pos0: int, n_before: int) -> None:
         """x (T, Hkv, D) float32 contiguous at positions pos0..; n_before = positions held before this call."""
         T = x.shape[0]
         slots = np.arange(pos0, pos0 + T, dtype=np.int64) % self.nslots
-        a = self.a
-        if self.kind == "f32":
-            a["f"][:, slots] = x.transpose(1, 0, 2)
-        elif self.kind == "f16":
-            a["h"][:, slots] = x.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
-        elif self.kind == "q8":
-            aq.quant_q8_rows(x, slots, a["i8"], a["s"])
-        elif self.kind == "q4":
-            aq.quant_q4_rows(x, slots, a["u4"], a["s"], a["m"])
+        a = self.side
+        if self.layout == "float32":
+            a.float32[:, slots] = x.transpose(1, 0, 2)
+        elif self.layout == "float16":
+            a.float16[:, slots] = x.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
+        elif self.layout == "int8_per_token":
+            aq.quantize_int8_per_token(x, slots, a.int8_codes.view(np.int8), a.scales)
+        elif self.layout == "uint4_per_token":
+            aq.quantize_uint4_per_token(x, slots, a.uint4_codes, a.scales, a.mins)
         else:
-            self._write_q4c(x, pos0, n_before)
+            self._write_per_channel(x, pos0, n_before)
 
-    def _write_q4c(self, x: np.ndarray, pos0: int, n_before: int) -> None:
-        a, n_kv, D = self.a, x.shape[1], x.shape[2]
+    def _write_per_channel(self, x: np.ndarray, pos0: int, n_before: int) -> None:
+        a, n_kv, D = self.side, x.shape[1], x.shape[2]
         g0 = pos0 // _QB
         head = pos0 - g0 * _QB              # positions of group g0 already held, before pos0
         gs0 = (g0 * _QB % self.nslots) // _QB
         if head and n_before >= (g0 + 1) * _QB:
             # rewound into a group that was already quantized: reopen it (its first `head` positions)
             tmp = np.empty((n_kv, head, D), np.float32)
-            aq.dequant_q4c_group(a["u8"], a["s"], a["m"], gs0, head, tmp)
-            a["pend"][:, :head] = tmp.astype(np.float16).view(np.uint16)
+            aq.dequantize_uint4_per_channel_group(a.uint4_channel_codes, a.scales, a.mins, gs0, head, tmp)
+            a.pending[:, :head] = tmp.astype(np.float16).view(np.uint16)
         x16 = x.astype(np.float16)
         if head:
-            old = a["pend"][:, :head].view(np.float16).transpose(1, 0, 2)
+            old = a.pending[:, :head].view(np.float16).transpose(1, 0, 2)
             seq = np.concatenate([old, x16]).astype(np.float32)
         else:
             seq = x16.astype(np.float32)
         n_full = seq.shape[0] // _QB
         if n_full:
             grps = ((g0 + np.arange(n_full, dtype=np.int64)) * _QB % self.nslots) // _QB
-            aq.quant_q4c_groups(seq[:n_full * _QB].reshape(n_full, _QB, n_kv, D), grps, a["u8"], a["s"], a["m"])
+            aq.quantize_uint4_per_channel(seq[:n_full * _QB].reshape(n_full, _QB, n_kv, D), grps,
+                                          a.uint4_channel_codes, a.scales, a.mins)
         rest = seq[n_full * _QB:]
         if rest.shape[0]:
-            a["pend"][:, :rest.shape[0]] = rest.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
+            a.pending[:, :rest.shape[0]] = rest.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
 
 
 class _Layer:
-    def __init__(self, layout, n_ctx: int, type_k: str, type_v: str, max_batch: int):
+    def __init__(self, layout, n_ctx: int, layout_k: str, layout_v: str, max_batch: int):
         self.n_kv, self.D, self.window = layout.n_kv_heads, layout.head_dim, max(0, int(layout.window))
         if self.window and self.window + max_batch < n_ctx:
             self.nslots = _round_up(self.window + max_batch, _QB)  # ring: a window plus one batch
         else:
-            self.nslots = _round_up(n_ctx, _QB) if "q4c" in (type_k, type_v) else n_ctx
+            self.nslots = _round_up(n_ctx, _QB) if "uint4_per_channel" in (layout_k, layout_v) else n_ctx
         self.ring = self.nslots < n_ctx
-        self.k = _Store(type_k, self.n_kv, self.nslots, self.D)
-        self.v = _Store(type_v, self.n_kv, self.nslots, self.D)
+        self.k = _Store(layout_k, self.n_kv, self.nslots, self.D)
+        self.v = _Store(layout_v, self.n_kv, self.nslots, self.D)
         self.n = 0  # positions held: 0..n-1 (the oldest nslots of them on a ring)
 
     def keeps(self, lo: int, hi: int) -> bool:
@@ -205,13 +182,13 @@ class KVCache:
         threads = numba.get_num_threads()
         if T == 1:  # jobs = kv heads x key splits, a few per thread
             n_split = max(1, min(n_blocks - 1, 2 * threads // L.n_kv + 1))
-            aq.attend_decode_kernel(q[0], L.n_kv, pos0, np.float32(scale), L.window, L.nslots, n_split, full,
-                                    *L.k.kernel_args(), *L.v.kernel_args(), out[0])
+            aq.attend_decode_kernel(q[0], L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window,
+                                    L.nslots, n_split, full, out[0])
             return out
         jobs = L.n_kv * -(-T // aq.TILE_Q)  # kv heads x tiles of queries, times the key splits
         n_split = max(1, min(n_blocks, -(-4 * threads // jobs)))
-        aq.attend_kernel(q, L.n_kv, pos0, np.float32(scale), L.window, L.nslots, n_split, full,
-                         *L.k.kernel_args(), *L.v.kernel_args(), out)
+        aq.attend_kernel(q, L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window, L.nslots,
+                         n_split, full, out)
         return out
 
 
