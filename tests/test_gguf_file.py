@@ -81,6 +81,10 @@ def tiny(tmp_path_factory):
     return path, write_tiny(path)
 
 
+def plain(v):
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
 # --------------------------------------------------------------------------- round trips
 
 def test_roundtrip_metadata_and_types(tiny):
@@ -90,10 +94,10 @@ def test_roundtrip_metadata_and_types(tiny):
         assert gf.get("general.architecture") == "tiny"
         assert gf.get("no.such.key", 42) == 42
         for k, v in METADATA.items():
-            assert gf.metadata[k] == v, k
+            assert plain(gf.metadata[k]) == v, k
             assert gf.metadata_types[k] == infer_type(k, v)
         for k, (v, t, sub) in EXPLICIT.items():
-            assert gf.metadata[k] == pytest.approx(v) if t == VT.FLOAT64 else gf.metadata[k] == v, k
+            assert gf.metadata[k] == pytest.approx(v) if t == VT.FLOAT64 else plain(gf.metadata[k]) == v, k
             assert gf.metadata_types[k] == (t, sub)
         assert gf.metadata_types["tiny.block_count"] == (VT.UINT32, None)
         assert gf.metadata_types["tiny.negative"] == (VT.INT32, None)
@@ -127,7 +131,7 @@ def test_gguf_py_reads_our_files(tiny):
     with GGUFFile(path) as gf:
         assert set(fields) == set(gf.metadata)
         for k, f in fields.items():
-            assert f.contents() == gf.metadata[k], k
+            assert f.contents() == plain(gf.metadata[k]), k
             assert f.types[0] == gf.metadata_types[k][0]
     assert [t.name for t in r.tensors] == [name for name, _, _ in TENSORS]
     for t, (name, q, shape) in zip(r.tensors, TENSORS):
@@ -142,8 +146,8 @@ def test_copy_metadata_keeps_types(tiny, tmp_path):
         with GGUFOutput(tmp_path / "copy.gguf", src.arch) as out:
             copy_metadata(src, out, skip={"general.name"})
         with GGUFFile(tmp_path / "copy.gguf") as dst:
-            expected = {k: v for k, v in src.metadata.items() if k != "general.name"}
-            assert dst.metadata == expected
+            expected = {k: plain(v) for k, v in src.metadata.items() if k != "general.name"}
+            assert {k: plain(v) for k, v in dst.metadata.items()} == expected
             assert dst.metadata_types == {k: src.metadata_types[k] for k in expected}
             assert dst.tensors == {}
 
@@ -238,7 +242,7 @@ def test_real_files_match_gguf_py(which, request):
         fields = {k: f for k, f in r.fields.items() if not k.startswith("GGUF.")}
         assert set(fields) == set(gf.metadata)
         for k, f in fields.items():
-            assert f.contents() == gf.metadata[k], k
+            assert f.contents() == plain(gf.metadata[k]), k
             assert (f.types[0], f.types[1] if f.types[0] == VT.ARRAY else None) == gf.metadata_types[k], k
         assert [t.name for t in r.tensors] == list(gf.tensors)
         for t in r.tensors:
@@ -263,7 +267,8 @@ def test_real_file_roundtrip(smollm2_path, tmp_path):
             for t in src.tensors.values():
                 out.write_tensor(t.name, t.data)
         with GGUFFile(dest) as dst:
-            assert dst.metadata == src.metadata and dst.metadata_types == src.metadata_types
+            assert {k: plain(v) for k, v in dst.metadata.items()} == {k: plain(v) for k, v in src.metadata.items()}
+            assert dst.metadata_types == src.metadata_types
             for name, t in src.tensors.items():
                 u = dst.tensors[name]
                 assert (u.qtype, u.shape) == (t.qtype, t.shape)

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def summary(gf) -> dict[str, Any]:
     """The facts `inspect` shows, as a JSON-ready dict."""
     arch = gf.get("general.architecture")
-    hp = (lambda key: gf.get(f"{arch}.{key}")) if arch else (lambda key: None)
+    hp = (lambda key: _plain(gf.get(f"{arch}.{key}"))) if arch else (lambda key: None)
     n_params = sum(t.n_elements for t in gf.tensors.values())
     data_bytes = sum(t.nbytes for t in gf.tensors.values())
     tokens = gf.get("tokenizer.ggml.tokens")
@@ -47,6 +47,13 @@ def summary(gf) -> dict[str, Any]:
         "chat_template": gf.get("tokenizer.chat_template") is not None,
         "metadata_keys": len(gf.metadata),
     }
+
+
+def _plain(v: Any) -> Any:
+    """Numeric metadata arrays are numpy views: short ones as lists (per-layer head counts), long ones summed up."""
+    if hasattr(v, "dtype") and getattr(v, "ndim", 0) == 1:
+        return v.tolist() if v.size <= 64 else f"<{v.size} values>"
+    return v
 
 
 def _size(n: int) -> str:
