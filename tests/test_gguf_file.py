@@ -362,6 +362,39 @@ def test_malformed(case, tmp_path):
     assert "bad file.gguf" in msg and "\n" not in msg
 
 
+def test_long_keys_and_names(tmp_path):
+    # a 70,000-byte key is over the GGUF limit (65,535): one flipped length byte once made a 67 MB key
+    with pytest.raises(FormatError, match="over the limit"):
+        open_bytes(tmp_path, gguf_bytes([kv("k" * 70_000, VT.UINT8, b"\1")]))
+    # a long key or tensor name that is an error's subject is cut in the message
+    for data in (gguf_bytes([kv("k" * 60_000, VT.UINT8, b"\1"), kv("k" * 60_000, VT.UINT8, b"\1")]),
+                 gguf_bytes(tensors=[ti("t" * 1000, [64], 4, 0)], data=bytes(256))):
+        with pytest.raises(FormatError) as e:
+            open_bytes(tmp_path, data)
+        assert len(str(e.value)) < 300, len(str(e.value))
+    with pytest.raises(FormatError, match="over the limit"):
+        open_bytes(tmp_path, gguf_bytes(tensors=[ti("t" * 5000, [64], 0, 0)], data=bytes(256)))
+
+
+def test_numeric_arrays_are_views_not_lists(tmp_path):
+    # a BOOL array as a Python list took 8x its bytes (600 MB -> 6.3 GB for `inspect`); now a view of the file
+    n = 20_000_000
+    data = gguf_bytes([kv("bools", VT.ARRAY, struct.pack("<IQ", VT.BOOL, n) + b"\1" * n),
+                       kv("ints", VT.ARRAY, struct.pack("<IQ", VT.INT32, 4) + struct.pack("<4i", 1, -2, 3, 4))])
+    path = tmp_path / "big.gguf"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        with GGUFFile(path) as gf:
+            bools, ints = gf.metadata["bools"], gf.metadata["ints"]
+            assert isinstance(bools, np.ndarray) and bools.dtype == np.bool_ and len(bools) == n and bools.all()
+            assert ints.tolist() == [1, -2, 3, 4] and not ints.flags.writeable
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20, f"peak allocation {peak / 2**20:.0f} MiB"
+
+
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         GGUFFile(tmp_path / "nope.gguf")
