@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 
-import gguf
 import numpy as np
 
 ARCH = "llama"

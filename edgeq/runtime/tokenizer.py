@@ -194,8 +194,10 @@ class Tokenizer:
         from tokenizers.models import BPE
 
         self.model = meta.get("tokenizer.ggml.model")
+        if not isinstance(self.model, str):
+            raise ModelError(f"tokenizer.ggml.model must be a string, not {_kind(self.model)}")
         if self.model not in ("gpt2", "llama"):
-            raise ModelError(f"unsupported tokenizer model {self.model!r} (edgeq supports 'gpt2' BPE and 'llama' SentencePiece)")
+            raise ModelError(f"unsupported tokenizer model {self.model[:40]!r} (edgeq supports 'gpt2' BPE and 'llama' SentencePiece)")
         tokens = token_list(meta)
         if not tokens:
             raise ModelError("the file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
@@ -204,9 +206,10 @@ class Tokenizer:
         self.tokens = tokens
         self.token_types = types
         self.vocab_size = n
-        self.pre = meta.get("tokenizer.ggml.pre") or "default"
+        self.pre = meta.get("tokenizer.ggml.pre", "default")
         if not isinstance(self.pre, str):
             raise ModelError(f"tokenizer.ggml.pre must be a string, not {_kind(self.pre)}")
+        self.pre = self.pre or "default"
 
         spm = self.model == "llama"
 
