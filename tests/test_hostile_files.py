@@ -117,3 +117,17 @@ def test_sampling_params_refuse_nan_and_negative(kw, needle):
 
     with pytest.raises(EdgeqError, match=needle):
         SamplingParams(**kw).validate()
+
+
+def test_inspect_shows_numeric_arrays(tmp_path):
+    # numeric metadata arrays are numpy views now: inspect's JSON must still serialize them
+    import json
+
+    from edgeq.cli.inspect import summary
+    from edgeq.formats.gguf_file import GGUFFile
+
+    path = write_tiny(tmp_path / "arrays.gguf", set={A + "attention.head_count_kv": [2, 2, 2], "general.name": [1, 2],
+                                                      "tokenizer.ggml.tokens": list(range(5))})
+    with GGUFFile(path) as gf:
+        s = json.loads(json.dumps(summary(gf)))
+    assert s["heads_kv"] == [2, 2, 2] and s["name"] == [1, 2] and s["vocab_size"] == N_TOKENS

@@ -22,7 +22,7 @@ def summary(gf) -> dict[str, Any]:
     data_bytes = sum(t.nbytes for t in gf.tensors.values())
     tokens = gf.get("tokenizer.ggml.tokens")
     emb = gf.tensors.get("token_embd.weight")
-    vocab = len(tokens) if tokens else (emb.shape[0] if emb is not None else hp("vocab_size"))
+    vocab = len(tokens) if isinstance(tokens, list) and tokens else (emb.shape[0] if emb is not None else hp("vocab_size"))
     heads = hp("attention.head_count")
     heads_kv = hp("attention.head_count_kv")
     by_type = Counter(t.qtype for t in gf.tensors.values())
@@ -31,7 +31,7 @@ def summary(gf) -> dict[str, Any]:
         "file_size": gf.file_size,
         "gguf_version": gf.version,
         "architecture": arch,
-        "name": gf.get("general.name"),
+        "name": _plain(gf.get("general.name")),
         "parameters": n_params,
         "bits_per_weight": round(8 * data_bytes / n_params, 3) if n_params else None,
         "tensor_count": len(gf.tensors),
@@ -42,8 +42,8 @@ def summary(gf) -> dict[str, Any]:
         "heads": heads,
         "heads_kv": heads_kv,
         "vocab_size": vocab,
-        "tokenizer": gf.get("tokenizer.ggml.model"),
-        "tokenizer_pre": gf.get("tokenizer.ggml.pre"),
+        "tokenizer": _plain(gf.get("tokenizer.ggml.model")),
+        "tokenizer_pre": _plain(gf.get("tokenizer.ggml.pre")),
         "chat_template": gf.get("tokenizer.chat_template") is not None,
         "metadata_keys": len(gf.metadata),
     }
