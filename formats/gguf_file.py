@@ -27,6 +27,11 @@ from edgeq.formats.errors import FormatError
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# Caps on what one field may claim, far above any real file, so a flipped byte cannot make a huge string:
+MAX_KEY_BYTES = 65535           # the GGUF spec's limit for a key
+MAX_NAME_BYTES = 1024           # tensor names (llama.cpp allows 63)
+MAX_STRING_BYTES = 64 << 20     # one string value or array item (chat templates are a few KB)
+MAX_STRING_ITEMS = 1 << 24      # items of a string array (vocabularies have at most a few 100k tokens)
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -72,6 +77,14 @@ class TensorInfo:
     type_id: int  # the ggml type id stored in the file
 
 
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, for error messages about values a file chose."""
+    if isinstance(value, np.ndarray):
+        return f"<array of {value.size} {value.dtype}>"
+    text = repr(value[:limit + 1] if isinstance(value, (str, bytes, list)) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class _Parser:
     """Reads the header fields in order, every read checked against the end of the file."""
 
@@ -97,8 +110,10 @@ class _Parser:
         self.pos += 8
         return v
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int = MAX_STRING_BYTES) -> str:
         n = self.u64(f"{what} length")
+        if n > limit:
+            raise self.fail(f"{what}: length {n} is over the limit of {limit} bytes")
         self.need(n, what)
         s = str(self.buf[self.pos:self.pos + n], "utf-8", "replace")
         self.pos += n
@@ -120,7 +135,9 @@ class _Parser:
         self.pos += st.size
         return bool(v) if vtype == GGUFValueType.BOOL else v
 
-    def array(self, what: str) -> tuple[GGUFValueType, list]:
+    def array(self, what: str) -> tuple[GGUFValueType, list | np.ndarray]:
+        """A string array as a list of str; a numeric one as a read-only numpy view of the mapping (a Python
+        list would take 8-30 times the file's bytes)."""
         sub = self.value_type(f"{what} item type")
         if sub == GGUFValueType.ARRAY:
             raise self.fail(f"{what}: arrays of arrays are not supported")
@@ -128,12 +145,17 @@ class _Parser:
         if sub == GGUFValueType.STRING:
             if count > (self.size - self.pos) // 8:
                 raise self.fail(f"{what}: {count} strings cannot fit in the {self.size - self.pos} bytes left")
+            if count > MAX_STRING_ITEMS:
+                raise self.fail(f"{what}: {count} strings is over the limit of {MAX_STRING_ITEMS}")
             return sub, self._strings(count, what)
         dtype = _SCALAR_DTYPES[sub]
         self.need(count * dtype.itemsize, f"{what} ({count} items)")
-        raw = np.frombuffer(self.buf[self.pos:self.pos + count * dtype.itemsize], dtype=dtype)
+        raw = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
         self.pos += count * dtype.itemsize
-        return sub, (raw != 0).tolist() if sub == GGUFValueType.BOOL else raw.tolist()
+        if sub == GGUFValueType.BOOL:
+            # a view as bool only where every byte is 0 or 1; otherwise a 1-byte-per-item copy
+            raw = raw.view(np.bool_) if raw.max(initial=0) <= 1 else raw != 0
+        return sub, raw
 
     def _strings(self, count: int, what: str) -> list[str]:
         # The hot loop of opening a file (262144 tokens for gemma3): kept to locals and one check per item.
@@ -146,6 +168,9 @@ class _Parser:
                 self.need(8, f"{what}[{i}] length")
             n = unpack(buf, pos)[0]
             pos += 8
+            if n > MAX_STRING_BYTES:
+                self.pos = pos
+                raise self.fail(f"{what}[{i}]: length {n} is over the limit of {MAX_STRING_BYTES} bytes")
             if n > end - pos:
                 self.pos = pos
                 self.need(n, f"{what}[{i}]")
@@ -158,7 +183,8 @@ class _Parser:
 class GGUFFile:
     """A GGUF file, memory-mapped and validated on open.
 
-    `metadata` holds plain Python values (str, int, float, bool, lists of those); `metadata_types` the GGUF
+    `metadata` holds plain Python values (str, int, float, bool), lists of str for string arrays and read-only
+    numpy arrays (views of the mapping) for numeric ones; `metadata_types` the GGUF
     value type of each key as `(type, item_type)` (item_type is None unless type is ARRAY), so a writer can
     copy keys unchanged. `tensors` maps names to `TensorInfo`s (zero-copy views) in file order.
     """
@@ -200,26 +226,26 @@ class GGUFFile:
             raise p.fail(f"{n_tensors} tensors and {n_kv} metadata keys cannot fit in a {self.file_size}-byte file")
 
         for i in range(n_kv):
-            key = p.string(f"metadata key #{i}")
+            key = p.string(f"metadata key #{i}", MAX_KEY_BYTES)
             if key in self.metadata:
-                raise p.fail(f"duplicate metadata key {key!r}")
-            vtype = p.value_type(f"type of metadata {key!r}")
+                raise p.fail(f"duplicate metadata key {short(key)}")
+            vtype = p.value_type(f"type of metadata {short(key)}")
             if vtype == GGUFValueType.ARRAY:
-                sub, value = p.array(f"metadata {key!r}")
+                sub, value = p.array(f"metadata {short(key)}")
             else:
-                sub, value = None, p.scalar(vtype, f"metadata {key!r}")
+                sub, value = None, p.scalar(vtype, f"metadata {short(key)}")
             self.metadata[key] = value
             self.metadata_types[key] = (vtype, sub)
 
         alignment = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
         if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
-            raise p.fail(f"general.alignment must be a power of two, got {alignment!r}")
+            raise p.fail(f"general.alignment must be a power of two, got {short(alignment)}")
         self.alignment = alignment
 
         infos = []
         for i in range(n_tensors):
-            name = p.string(f"name of tensor #{i}")
-            what = f"tensor {name!r}"
+            name = p.string(f"name of tensor #{i}", MAX_NAME_BYTES)
+            what = f"tensor {short(name)}"
             n_dims = p.u32(f"{what} n_dims")
             if not 1 <= n_dims <= MAX_DIMS:
                 raise p.fail(f"{what}: n_dims {n_dims} not in 1..{MAX_DIMS}")
@@ -232,9 +258,9 @@ class GGUFFile:
         self.data_offset = data_start
         checked, seen = [], set()
         for name, ne, type_id, offset in infos:
-            what = f"tensor {name!r}"
+            what = f"tensor {short(name)}"
             if name in seen:
-                raise p.fail(f"duplicate tensor name {name!r}")
+                raise p.fail(f"duplicate tensor name {short(name)}")
             if type_id not in _TYPES:
                 raise p.fail(f"{what}: unknown ggml type id {type_id}")
             qtype, block_elems, block_bytes = _TYPES[type_id]
@@ -257,7 +283,7 @@ class GGUFFile:
         spans = sorted((start, nbytes, name) for name, _, _, start, _, nbytes, _ in checked)
         for (o1, n1, a), (o2, _, b) in zip(spans, spans[1:]):
             if o1 + n1 > o2:
-                raise p.fail(f"tensors {a!r} and {b!r} overlap")
+                raise p.fail(f"tensors {short(a)} and {short(b)} overlap")
 
         # Only now, with everything checked, hand out views of the mapping.
         u8 = np.frombuffer(self._mm, dtype=np.uint8) if checked else None

@@ -12,5 +12,5 @@ ARCHITECTURES = ("llama", "qwen2", "gemma3")
 def architecture(name: str):
     """The module implementing architecture `name` (as spelled in general.architecture)."""
     if name not in ARCHITECTURES:
-        raise ModelError(f"unsupported architecture {name!r} (supported: {', '.join(ARCHITECTURES)})")
+        raise ModelError(f"unsupported architecture {name[:40]!r} (supported: {', '.join(ARCHITECTURES)})")
     return importlib.import_module(f"edgeq.models.{name}")

@@ -18,17 +18,78 @@ from edgeq.formats.quants import dequantize
 Observer = Callable[[str, np.ndarray], None]
 
 
-def hparam(gf, arch: str, key: str, default: Any = ..., cast=None) -> Any:
-    """`<arch>.<key>` from the metadata; a missing required key is a ModelError."""
+# Bounds on hyperparameters: far above any real model, low enough that nothing sized from them can be huge.
+MAX_EMBD = 1 << 16
+MAX_LAYERS = 1024
+MAX_FF = 1 << 20
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 2048
+MAX_CTX = 1 << 24
+MAX_VOCAB = 1 << 24
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.size} {value.dtype}"
+    text = repr(value[:limit + 1] if isinstance(value, (str, list)) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def hparam(gf, arch: str, key: str, default: Any = ..., cast=None, lo: float | None = None,
+           hi: float | None = None, above: float | None = None) -> Any:
+    """`<arch>.<key>` from the metadata; a missing required key is a ModelError, and so is a value that is not a
+    number (cast int or float; NaN and infinities refused) or lies outside [lo, hi] or not above `above`."""
     full = f"{arch}.{key}"
     value = gf.get(full, None)
     if value is None:
         if default is ...:
             raise ModelError(f"{gf.path}: metadata key {full} is missing")
         return default
-    if isinstance(value, list):  # per-layer arrays (e.g. head_count_kv) are not supported: take the first
+    if isinstance(value, (list, np.ndarray)):  # per-layer arrays (e.g. head_count_kv) are not supported: take the first
+        if len(value) == 0:
+            raise ModelError(f"{gf.path}: metadata key {full} is an empty array")
         value = value[0]
-    return cast(value) if cast else value
+    if cast in (int, float):
+        value = _number(gf.path, full, value, cast)
+    elif cast:
+        value = cast(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi) or (above is not None and value <= above):
+        bounds = f"> {above}" if above is not None else f"at least {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ModelError(f"{gf.path}: {full} = {value} is out of range (must be {bounds})")
+    return value
+
+
+def _number(path, key: str, value: Any, cast) -> int | float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ModelError(f"{path}: {key} must be a number, not {_short(value)}")
+    if not np.isfinite(value):
+        raise ModelError(f"{path}: {key} must be a finite number, not {value}")
+    if cast is int:
+        if value != int(value):
+            raise ModelError(f"{path}: {key} must be a whole number, not {value}")
+        return int(value)
+    return float(value)
+
+
+def check_attention(gf, arch: str, n_embd: int, n_head: int, n_head_kv: int, head_dim: int, n_rot: int) -> None:
+    """Head counts and sizes consistent with each other (before anything is sized from them)."""
+    if n_head % n_head_kv:
+        raise ModelError(f"{gf.path}: {n_head} attention heads are not a multiple of {n_head_kv} KV heads")
+    if gf.get(f"{arch}.attention.key_length") is None and n_embd % n_head:
+        raise ModelError(f"{gf.path}: embedding length {n_embd} is not a multiple of {n_head} heads")
+    if head_dim % 2 or head_dim > MAX_HEAD_DIM or n_rot % 2 or n_rot > head_dim:
+        raise ModelError(f"{gf.path}: head size {head_dim} and rotary dims {n_rot} must be even, head size at most "
+                         f"{MAX_HEAD_DIM}, "
+                         f"rotary dims at most the head size")
+
+
+def check_vocab_and_layers(gf, n_vocab: int, n_layer: int) -> None:
+    """The vocabulary matches the embedding rows (as llama.cpp requires), and no layer is left out."""
+    tokens = gf.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != n_vocab:
+        raise ModelError(f"{gf.path}: the vocabulary has {len(tokens)} tokens, the embedding {n_vocab} rows")
+    if any(name.startswith(f"blk.{n_layer}.") for name in gf.tensors):
+        raise ModelError(f"{gf.path}: the file has more layers than its block_count ({n_layer})")
 
 
 class Linear:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.cpu_kernels.ops import gelu_mul, rmsnorm, rope, rope_inv_freq
-from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam, linears
+from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, KVLayout,
+                               Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers, hparam,
+                               linears)
 
 
 @dataclass
@@ -34,28 +36,32 @@ class Config:
 
     @classmethod
     def from_gguf(cls, gf, arch: str = "gemma3", **overrides) -> "Config":
-        n_embd = hparam(gf, arch, "embedding_length", cast=int)
-        n_head = hparam(gf, arch, "attention.head_count", cast=int)
+        n_embd = hparam(gf, arch, "embedding_length", cast=int, lo=1, hi=MAX_EMBD)
+        n_head = hparam(gf, arch, "attention.head_count", cast=int, lo=1, hi=MAX_HEADS)
         scaling = gf.get(f"{arch}.rope.scaling.type", None)
+        positive = dict(cast=float, above=0.0)
         cfg = dict(
             arch=arch,
             n_vocab=int(gf.tensors["token_embd.weight"].shape[0]) if "token_embd.weight" in gf.tensors
-            else hparam(gf, arch, "vocab_size", cast=int),
+            else hparam(gf, arch, "vocab_size", cast=int, lo=1, hi=MAX_VOCAB),
             n_embd=n_embd,
-            n_layer=hparam(gf, arch, "block_count", cast=int),
-            n_ff=hparam(gf, arch, "feed_forward_length", cast=int),
+            n_layer=hparam(gf, arch, "block_count", cast=int, lo=1, hi=MAX_LAYERS),
+            n_ff=hparam(gf, arch, "feed_forward_length", cast=int, lo=1, hi=MAX_FF),
             n_head=n_head,
-            n_head_kv=hparam(gf, arch, "attention.head_count_kv", n_head, cast=int),
-            head_dim=hparam(gf, arch, "attention.key_length", n_embd // n_head, cast=int),
-            n_ctx_train=hparam(gf, arch, "context_length", 32768, cast=int),
-            rms_eps=hparam(gf, arch, "attention.layer_norm_rms_epsilon", 1e-6, cast=float),
-            rope_base=hparam(gf, arch, "rope.freq_base", 1e6, cast=float),
-            rope_base_local=hparam(gf, arch, "rope.freq_base_swa", 10000.0, cast=float),
-            rope_scale_global=hparam(gf, arch, "rope.scaling.factor", 1.0, cast=float) if scaling == "linear" else 1.0,
-            sliding_window=hparam(gf, arch, "attention.sliding_window", 512, cast=int),
-            swa_pattern=hparam(gf, arch, "attention.sliding_window_pattern", 6, cast=int),
+            n_head_kv=hparam(gf, arch, "attention.head_count_kv", n_head, cast=int, lo=1, hi=n_head),
+            head_dim=hparam(gf, arch, "attention.key_length", n_embd // n_head, cast=int, lo=1, hi=MAX_HEAD_DIM),
+            n_ctx_train=hparam(gf, arch, "context_length", 32768, cast=int, lo=1, hi=MAX_CTX),
+            rms_eps=hparam(gf, arch, "attention.layer_norm_rms_epsilon", 1e-6, cast=float, above=0.0, hi=1.0),
+            rope_base=hparam(gf, arch, "rope.freq_base", 1e6, **positive),
+            rope_base_local=hparam(gf, arch, "rope.freq_base_swa", 10000.0, **positive),
+            rope_scale_global=hparam(gf, arch, "rope.scaling.factor", 1.0, **positive) if scaling == "linear" else 1.0,
+            sliding_window=hparam(gf, arch, "attention.sliding_window", 512, cast=int, lo=1, hi=MAX_CTX),
+            swa_pattern=hparam(gf, arch, "attention.sliding_window_pattern", 6, cast=int, lo=0, hi=MAX_LAYERS),
         )
         cfg.update(overrides)
+        # gemma3 rotates the whole head (no rope.dimension_count)
+        check_attention(gf, arch, cfg["n_embd"], cfg["n_head"], cfg["n_head_kv"], cfg["head_dim"], cfg["head_dim"])
+        check_vocab_and_layers(gf, cfg["n_vocab"], cfg["n_layer"])
         return cls(**cfg)
 
     def is_local(self, il: int) -> bool:

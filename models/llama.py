@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq.cpu_kernels.ops import rmsnorm, rope, rope_inv_freq, silu_mul
-from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam, linears
+from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, KVLayout,
+                               Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers, hparam,
+                               linears)
 
 
 @dataclass
@@ -34,26 +36,29 @@ class Config:
 
     @classmethod
     def from_gguf(cls, gf, arch: str = "llama", **overrides) -> "Config":
-        n_embd = hparam(gf, arch, "embedding_length", cast=int)
-        n_head = hparam(gf, arch, "attention.head_count", cast=int)
-        head_dim = hparam(gf, arch, "attention.key_length", n_embd // n_head, cast=int)
+        n_embd = hparam(gf, arch, "embedding_length", cast=int, lo=1, hi=MAX_EMBD)
+        n_head = hparam(gf, arch, "attention.head_count", cast=int, lo=1, hi=MAX_HEADS)
+        head_dim = hparam(gf, arch, "attention.key_length", n_embd // n_head, cast=int, lo=1, hi=MAX_HEAD_DIM)
         emb = gf.tensors.get("token_embd.weight")
         cfg = dict(
             arch=arch,
-            n_vocab=int(emb.shape[0]) if emb is not None else hparam(gf, arch, "vocab_size", cast=int),
+            n_vocab=int(emb.shape[0]) if emb is not None else hparam(gf, arch, "vocab_size", cast=int, lo=1,
+                                                                      hi=MAX_VOCAB),
             n_embd=n_embd,
-            n_layer=hparam(gf, arch, "block_count", cast=int),
-            n_ff=hparam(gf, arch, "feed_forward_length", cast=int),
+            n_layer=hparam(gf, arch, "block_count", cast=int, lo=1, hi=MAX_LAYERS),
+            n_ff=hparam(gf, arch, "feed_forward_length", cast=int, lo=1, hi=MAX_FF),
             n_head=n_head,
-            n_head_kv=hparam(gf, arch, "attention.head_count_kv", n_head, cast=int),
+            n_head_kv=hparam(gf, arch, "attention.head_count_kv", n_head, cast=int, lo=1, hi=n_head),
             head_dim=head_dim,
-            n_ctx_train=hparam(gf, arch, "context_length", 2048, cast=int),
-            rms_eps=hparam(gf, arch, "attention.layer_norm_rms_epsilon", 1e-5, cast=float),
-            rope_base=hparam(gf, arch, "rope.freq_base", 10000.0, cast=float),
-            n_rot=hparam(gf, arch, "rope.dimension_count", head_dim, cast=int),
+            n_ctx_train=hparam(gf, arch, "context_length", 2048, cast=int, lo=1, hi=MAX_CTX),
+            rms_eps=hparam(gf, arch, "attention.layer_norm_rms_epsilon", 1e-5, cast=float, above=0.0, hi=1.0),
+            rope_base=hparam(gf, arch, "rope.freq_base", 10000.0, cast=float, above=0.0),
+            n_rot=hparam(gf, arch, "rope.dimension_count", head_dim, cast=int, lo=2, hi=MAX_HEAD_DIM),
             tied_output="output.weight" not in gf.tensors,
         )
         cfg.update(overrides)
+        check_attention(gf, arch, cfg["n_embd"], cfg["n_head"], cfg["n_head_kv"], cfg["head_dim"], cfg["n_rot"])
+        check_vocab_and_layers(gf, cfg["n_vocab"], cfg["n_layer"])
         return cls(**cfg)
 
     def kv_layouts(self) -> list[KVLayout]:

@@ -81,6 +81,10 @@ def tiny(tmp_path_factory):
     return path, write_tiny(path)
 
 
+def plain(v):
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
 # --------------------------------------------------------------------------- round trips
 
 def test_roundtrip_metadata_and_types(tiny):
@@ -90,10 +94,10 @@ def test_roundtrip_metadata_and_types(tiny):
         assert gf.get("general.architecture") == "tiny"
         assert gf.get("no.such.key", 42) == 42
         for k, v in METADATA.items():
-            assert gf.metadata[k] == v, k
+            assert plain(gf.metadata[k]) == v, k
             assert gf.metadata_types[k] == infer_type(k, v)
         for k, (v, t, sub) in EXPLICIT.items():
-            assert gf.metadata[k] == pytest.approx(v) if t == VT.FLOAT64 else gf.metadata[k] == v, k
+            assert gf.metadata[k] == pytest.approx(v) if t == VT.FLOAT64 else plain(gf.metadata[k]) == v, k
             assert gf.metadata_types[k] == (t, sub)
         assert gf.metadata_types["tiny.block_count"] == (VT.UINT32, None)
         assert gf.metadata_types["tiny.negative"] == (VT.INT32, None)
@@ -127,7 +131,7 @@ def test_gguf_py_reads_our_files(tiny):
     with GGUFFile(path) as gf:
         assert set(fields) == set(gf.metadata)
         for k, f in fields.items():
-            assert f.contents() == gf.metadata[k], k
+            assert f.contents() == plain(gf.metadata[k]), k
             assert f.types[0] == gf.metadata_types[k][0]
     assert [t.name for t in r.tensors] == [name for name, _, _ in TENSORS]
     for t, (name, q, shape) in zip(r.tensors, TENSORS):
@@ -142,8 +146,8 @@ def test_copy_metadata_keeps_types(tiny, tmp_path):
         with GGUFOutput(tmp_path / "copy.gguf", src.arch) as out:
             copy_metadata(src, out, skip={"general.name"})
         with GGUFFile(tmp_path / "copy.gguf") as dst:
-            expected = {k: v for k, v in src.metadata.items() if k != "general.name"}
-            assert dst.metadata == expected
+            expected = {k: plain(v) for k, v in src.metadata.items() if k != "general.name"}
+            assert {k: plain(v) for k, v in dst.metadata.items()} == expected
             assert dst.metadata_types == {k: src.metadata_types[k] for k in expected}
             assert dst.tensors == {}
 
@@ -238,7 +242,7 @@ def test_real_files_match_gguf_py(which, request):
         fields = {k: f for k, f in r.fields.items() if not k.startswith("GGUF.")}
         assert set(fields) == set(gf.metadata)
         for k, f in fields.items():
-            assert f.contents() == gf.metadata[k], k
+            assert f.contents() == plain(gf.metadata[k]), k
             assert (f.types[0], f.types[1] if f.types[0] == VT.ARRAY else None) == gf.metadata_types[k], k
         assert [t.name for t in r.tensors] == list(gf.tensors)
         for t in r.tensors:
@@ -263,7 +267,8 @@ def test_real_file_roundtrip(smollm2_path, tmp_path):
             for t in src.tensors.values():
                 out.write_tensor(t.name, t.data)
         with GGUFFile(dest) as dst:
-            assert dst.metadata == src.metadata and dst.metadata_types == src.metadata_types
+            assert {k: plain(v) for k, v in dst.metadata.items()} == {k: plain(v) for k, v in src.metadata.items()}
+            assert dst.metadata_types == src.metadata_types
             for name, t in src.tensors.items():
                 u = dst.tensors[name]
                 assert (u.qtype, u.shape) == (t.qtype, t.shape)
@@ -355,6 +360,39 @@ def test_malformed(case, tmp_path):
         open_bytes(tmp_path, BAD[case], "bad file.gguf")
     msg = str(e.value)
     assert "bad file.gguf" in msg and "\n" not in msg
+
+
+def test_long_keys_and_names(tmp_path):
+    # a 70,000-byte key is over the GGUF limit (65,535): one flipped length byte once made a 67 MB key
+    with pytest.raises(FormatError, match="over the limit"):
+        open_bytes(tmp_path, gguf_bytes([kv("k" * 70_000, VT.UINT8, b"\1")]))
+    # a long key or tensor name that is an error's subject is cut in the message
+    for data in (gguf_bytes([kv("k" * 60_000, VT.UINT8, b"\1"), kv("k" * 60_000, VT.UINT8, b"\1")]),
+                 gguf_bytes(tensors=[ti("t" * 1000, [64], 4, 0)], data=bytes(256))):
+        with pytest.raises(FormatError) as e:
+            open_bytes(tmp_path, data)
+        assert len(str(e.value)) < 300, len(str(e.value))
+    with pytest.raises(FormatError, match="over the limit"):
+        open_bytes(tmp_path, gguf_bytes(tensors=[ti("t" * 5000, [64], 0, 0)], data=bytes(256)))
+
+
+def test_numeric_arrays_are_views_not_lists(tmp_path):
+    # a BOOL array as a Python list took 8x its bytes (600 MB -> 6.3 GB for `inspect`); now a view of the file
+    n = 20_000_000
+    data = gguf_bytes([kv("bools", VT.ARRAY, struct.pack("<IQ", VT.BOOL, n) + b"\1" * n),
+                       kv("ints", VT.ARRAY, struct.pack("<IQ", VT.INT32, 4) + struct.pack("<4i", 1, -2, 3, 4))])
+    path = tmp_path / "big.gguf"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        with GGUFFile(path) as gf:
+            bools, ints = gf.metadata["bools"], gf.metadata["ints"]
+            assert isinstance(bools, np.ndarray) and bools.dtype == np.bool_ and len(bools) == n and bools.all()
+            assert ints.tolist() == [1, -2, 3, 4] and not ints.flags.writeable
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20, f"peak allocation {peak / 2**20:.0f} MiB"
 
 
 def test_missing_file_is_file_not_found(tmp_path):

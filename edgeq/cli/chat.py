@@ -48,6 +48,14 @@ def main(args: argparse.Namespace) -> int:
             note_device(model, args.device)
         return model
 
+    # the chat's own sampling options, refused before the slow load (NaN, out of range, -n 0)
+    from edgeq.errors import EdgeqError
+    from edgeq.runtime.sampling import SamplingParams
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise EdgeqError("--max-tokens must be >= 1")
+    SamplingParams(**{k: v for k, v in (("temperature", args.temp), ("top_p", args.top_p)) if v is not None}).validate()
+
     # everything that can fail before the UI starts fails here, as one line
     try:
         from edgeq import hub

@@ -52,7 +52,18 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def check_sampling_args(a: argparse.Namespace) -> None:
+    """The sampling options, checked before any slow work (NaN temperatures, negative seeds, -n -1...)."""
+    from edgeq.errors import EdgeqError
+    from edgeq.runtime.sampling import SamplingParams
+
+    if a.max_tokens < 1:
+        raise EdgeqError("-n/--max-tokens must be >= 1")
+    SamplingParams(a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, seed=a.seed).validate()
+
+
 def sampling_kwargs(a: argparse.Namespace) -> dict:
+    check_sampling_args(a)
     return dict(max_tokens=a.max_tokens, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                 repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
 
@@ -64,7 +75,10 @@ def load_model(a: argparse.Namespace):
         from edgeq.errors import EdgeqError
 
         raise EdgeqError("--threads must be >= 1")
-    model = load(resolve_with_progress(a.model) if isinstance(a.model, str) else a.model, n_ctx=a.ctx, threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+    if hasattr(a, "max_tokens"):  # a verb with sampling options: refuse bad ones before the slow load
+        check_sampling_args(a)
+    model = load(resolve_with_progress(a.model) if isinstance(a.model, str) else a.model, n_ctx=a.ctx,
+                 threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                  device=a.device)
     note_device(model, a.device)
     return model

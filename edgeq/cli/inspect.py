@@ -23,12 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def summary(gf) -> dict[str, Any]:
     """The facts `inspect` shows, as a JSON-ready dict."""
     arch = gf.get("general.architecture")
-    hp = (lambda key: gf.get(f"{arch}.{key}")) if arch else (lambda key: None)
+    hp = (lambda key: _plain(gf.get(f"{arch}.{key}"))) if arch else (lambda key: None)
     n_params = sum(t.n_elements for t in gf.tensors.values())
     data_bytes = sum(t.nbytes for t in gf.tensors.values())
     tokens = gf.get("tokenizer.ggml.tokens")
     emb = gf.tensors.get("token_embd.weight")
-    vocab = len(tokens) if tokens else (emb.shape[0] if emb is not None else hp("vocab_size"))
+    vocab = len(tokens) if isinstance(tokens, list) and tokens else (emb.shape[0] if emb is not None else hp("vocab_size"))
     heads = hp("attention.head_count")
     heads_kv = hp("attention.head_count_kv")
     by_type = Counter(t.qtype for t in gf.tensors.values())
@@ -37,7 +37,7 @@ def summary(gf) -> dict[str, Any]:
         "file_size": gf.file_size,
         "gguf_version": gf.version,
         "architecture": arch,
-        "name": gf.get("general.name"),
+        "name": _plain(gf.get("general.name")),
         "parameters": n_params,
         "bits_per_weight": round(8 * data_bytes / n_params, 3) if n_params else None,
         "tensor_count": len(gf.tensors),
@@ -48,11 +48,18 @@ def summary(gf) -> dict[str, Any]:
         "heads": heads,
         "heads_kv": heads_kv,
         "vocab_size": vocab,
-        "tokenizer": gf.get("tokenizer.ggml.model"),
-        "tokenizer_pre": gf.get("tokenizer.ggml.pre"),
+        "tokenizer": _plain(gf.get("tokenizer.ggml.model")),
+        "tokenizer_pre": _plain(gf.get("tokenizer.ggml.pre")),
         "chat_template": gf.get("tokenizer.chat_template") is not None,
         "metadata_keys": len(gf.metadata),
     }
+
+
+def _plain(v: Any) -> Any:
+    """Numeric metadata arrays are numpy views: short ones as lists (per-layer head counts), long ones summed up."""
+    if hasattr(v, "dtype") and getattr(v, "ndim", 0) == 1:
+        return v.tolist() if v.size <= 64 else f"<{v.size} values>"
+    return v
 
 
 def _size(n: int) -> str:

@@ -22,6 +22,18 @@ class SamplingParams:
     def validate(self) -> None:
         from edgeq.errors import EdgeqError
 
+        def number(name, v, integer=False):
+            # NaN passes every comparison below, so it is refused first, with strings and the like
+            ok = isinstance(v, (int, np.integer)) if integer else isinstance(v, (int, float, np.integer, np.floating))
+            if isinstance(v, bool) or not ok or not np.isfinite(v):
+                raise EdgeqError(f"{name} must be a finite {'integer' if integer else 'number'}, not {v!r:.40}")
+
+        number("temperature", self.temperature)
+        number("top-k", self.top_k, integer=True)
+        number("top-p", self.top_p)
+        number("min-p", self.min_p)
+        number("repeat penalty", self.repeat_penalty)
+        number("repeat-last-n", self.repeat_last_n, integer=True)
         if self.temperature < 0:
             raise EdgeqError("temperature must be >= 0")
         if self.top_k < 0:
@@ -32,6 +44,12 @@ class SamplingParams:
             raise EdgeqError("min-p must be in [0, 1)")
         if self.repeat_penalty <= 0:
             raise EdgeqError("repeat penalty must be > 0")
+        if self.repeat_last_n < 0:
+            raise EdgeqError("repeat-last-n must be >= 0")
+        if self.seed is not None:
+            number("seed", self.seed, integer=True)
+            if self.seed < 0:
+                raise EdgeqError("seed must be >= 0")
 
 
 class Sampler:

@@ -113,6 +113,78 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]
     return merges
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list of " + (type(value[0]).__name__ if value else "nothing")
+    if hasattr(value, "dtype"):
+        return f"an array of {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def _strings(meta: dict[str, Any], key: str) -> list[str]:
+    """A string-array key (tokens, merges) as a list of str; anything else is a ModelError."""
+    v = meta.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(type(x) is str for x in v):
+        raise ModelError(f"{key} must be an array of strings, not {_kind(v)}")
+    return v
+
+
+def _short(e: Any, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def token_list(meta: dict[str, Any]) -> list[str]:
+    """`tokenizer.ggml.tokens`, checked to be an array of strings."""
+    return _strings(meta, "tokenizer.ggml.tokens")
+
+
+def _numbers(meta: dict[str, Any], key: str, n: int, integer: bool) -> list | None:
+    """A numeric per-token array (token types, scores) of exactly n items, as a list; None when absent."""
+    import numpy as np
+
+    v = meta.get(key)
+    if v is None:
+        return None
+    kinds = "iu" if integer else "iuf"
+    if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        v = np.asarray(v)
+    if not isinstance(v, np.ndarray) or v.ndim != 1 or (v.size and v.dtype.kind not in kinds):
+        raise ModelError(f"{key} must be an array of {'integers' if integer else 'numbers'}, not {_kind(v)}")
+    if len(v) != n:
+        raise ModelError(f"{key} has {len(v)} entries for {n} tokens")
+    if not integer and v.size and not np.isfinite(v).all():
+        raise ModelError(f"{key} holds NaN or infinite scores")
+    return v.tolist()
+
+
+def _flag(meta: dict[str, Any], key: str, default: bool) -> bool:
+    import numpy as np
+
+    v = meta.get(key, default)
+    if not isinstance(v, (bool, int, np.integer)):
+        raise ModelError(f"{key} must be a boolean, not {_kind(v)}")
+    return bool(v)
+
+
+def special_token_id(meta: dict[str, Any], key: str, n: int) -> int | None:
+    """A special token id (BOS, EOS...): None when absent; out of range → a warning and None, as llama.cpp
+    does; not an integer → a ModelError."""
+    import numpy as np
+
+    v = meta.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ModelError(f"{key} must be an integer token id, not {_kind(v)}")
+    if not 0 <= v < n:
+        log.warning("%s = %d is not a token id (the vocabulary has %d tokens): ignored", key, v, n)
+        return None
+    return int(v)
+
+
 class Tokenizer:
     """Text ↔ token ids for one GGUF vocabulary. Build with `from_gguf(gf)` or `from_metadata(meta)`."""
 
@@ -122,75 +194,82 @@ class Tokenizer:
         from tokenizers.models import BPE
 
         self.model = meta.get("tokenizer.ggml.model")
+        if not isinstance(self.model, str):
+            raise ModelError(f"tokenizer.ggml.model must be a string, not {_kind(self.model)}")
         if self.model not in ("gpt2", "llama"):
-            raise ModelError(f"unsupported tokenizer model {self.model!r} (edgeq supports 'gpt2' BPE and 'llama' SentencePiece)")
-        tokens = list(meta.get("tokenizer.ggml.tokens") or ())
+            raise ModelError(f"unsupported tokenizer model {self.model[:40]!r} (edgeq supports 'gpt2' BPE and 'llama' SentencePiece)")
+        tokens = token_list(meta)
         if not tokens:
             raise ModelError("the file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
         n = len(tokens)
-        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * n)
-        if len(types) != n:
-            raise ModelError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+        types = _numbers(meta, "tokenizer.ggml.token_type", n, integer=True) or [NORMAL] * n
         self.tokens = tokens
         self.token_types = types
         self.vocab_size = n
-        self.pre = meta.get("tokenizer.ggml.pre") or "default"
+        self.pre = meta.get("tokenizer.ggml.pre", "default")
+        if not isinstance(self.pre, str):
+            raise ModelError(f"tokenizer.ggml.pre must be a string, not {_kind(self.pre)}")
+        self.pre = self.pre or "default"
 
         spm = self.model == "llama"
 
         def token_id(key):
-            v = meta.get(key)
-            return int(v) if v is not None and 0 <= int(v) < n else None
+            return special_token_id(meta, key, n)
 
         self.bos_id = token_id("tokenizer.ggml.bos_token_id")
         self.eos_id = token_id("tokenizer.ggml.eos_token_id")
         self.unk_id = token_id("tokenizer.ggml.unknown_token_id")
         self.pad_id = token_id("tokenizer.ggml.padding_token_id")
         # llama.cpp's defaults: SentencePiece adds BOS unless told otherwise, BPE files say so explicitly
-        self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", spm)) and self.bos_id is not None
-        self.add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and self.eos_id is not None
-        self.add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", spm)) and spm
+        self.add_bos = _flag(meta, "tokenizer.ggml.add_bos_token", spm) and self.bos_id is not None
+        self.add_eos = _flag(meta, "tokenizer.ggml.add_eos_token", False) and self.eos_id is not None
+        self.add_space_prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", spm) and spm
 
         special = [i for i, t in enumerate(types) if t == CONTROL]
         user_defined = [i for i, t in enumerate(types) if t == USER_DEFINED]
         self.special_ids = frozenset(special)
 
-        if spm:
-            scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
-            vocab = {t: i for i, t in enumerate(tokens)}
-            merges = _spm_merges(tokens, scores)
-            unk = tokens[self.unk_id] if self.unk_id is not None else None
-            bpe = BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
-            tok = HFTokenizer(bpe)
-            steps = [normalizers.Replace(" ", SPACE_MARK)]
-            if self.add_space_prefix:  # llama.cpp prefixes every text run that follows a token or the start
-                steps.insert(0, normalizers.Prepend(" "))
-            tok.normalizer = normalizers.Sequence(steps)
-        else:
-            # Tokens in the byte alphabet stay as spelled; others (added tokens like "<|im_start|>") are kept
-            # raw for the added-token match, or respelled byte by byte if they are ordinary tokens.
-            alphabet = CHAR_TO_BYTE
-            vocab = {}
-            for i, t in enumerate(tokens):
-                if types[i] in (NORMAL, UNUSED, BYTE, UNKNOWN) and not all(c in alphabet for c in t):
-                    t = "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8"))
-                vocab[t] = i
-            merges = []
-            for m in meta.get("tokenizer.ggml.merges") or ():
-                k = m.find(" ", 1)
-                if k > 0:
-                    merges.append((m[:k], m[k + 1:]))
-            bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
-            tok = HFTokenizer(bpe)
-            regexes = PRE_TOKENIZER_REGEXES.get(self.pre)
-            if regexes is None:
-                log.warning("unknown pre-tokenizer %r in tokenizer.ggml.pre: using gpt2's regex", self.pre)
-                regexes = [_GPT2]
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
-        tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_defined])
+        try:  # `tokenizers` reports a vocabulary it cannot use (a merge of unknown tokens...) as a bare Exception
+            if spm:
+                scores = _numbers(meta, "tokenizer.ggml.scores", n, integer=False) or [0.0] * n
+                vocab = {t: i for i, t in enumerate(tokens)}
+                merges = _spm_merges(tokens, scores)
+                unk = tokens[self.unk_id] if self.unk_id is not None else None
+                bpe = BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+                tok = HFTokenizer(bpe)
+                steps = [normalizers.Replace(" ", SPACE_MARK)]
+                if self.add_space_prefix:  # llama.cpp prefixes every text run that follows a token or the start
+                    steps.insert(0, normalizers.Prepend(" "))
+                tok.normalizer = normalizers.Sequence(steps)
+            else:
+                # Tokens in the byte alphabet stay as spelled; others (added tokens like "<|im_start|>") are kept
+                # raw for the added-token match, or respelled byte by byte if they are ordinary tokens.
+                alphabet = CHAR_TO_BYTE
+                vocab = {}
+                for i, t in enumerate(tokens):
+                    if types[i] in (NORMAL, UNUSED, BYTE, UNKNOWN) and not all(c in alphabet for c in t):
+                        t = "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8"))
+                    vocab[t] = i
+                merges = []
+                for m in _strings(meta, "tokenizer.ggml.merges"):
+                    k = m.find(" ", 1)
+                    if k > 0:
+                        merges.append((m[:k], m[k + 1:]))
+                bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
+                tok = HFTokenizer(bpe)
+                regexes = PRE_TOKENIZER_REGEXES.get(self.pre)
+                if regexes is None:
+                    log.warning("unknown pre-tokenizer %r in tokenizer.ggml.pre: using gpt2's regex", self.pre[:64])
+                    regexes = [_GPT2]
+                tok.pre_tokenizer = pre_tokenizers.Sequence(
+                    [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+                    + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+            tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_defined])
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"the tokenizer vocabulary is corrupt: {_short(e)}") from None
         self._tok = tok
         self._lock = threading.Lock()
         self._piece_cache: dict[int, bytes] = {}
