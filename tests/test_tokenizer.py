@@ -77,16 +77,6 @@ def real(request):
 TEXTS = [MIXED, "", " ", "a", "  two", "x\n\n\ny", "1234567890", "don't DON'T", "<|im_start|>", "<end_of_turn>"]
 
 
-def test_build_is_fast(real):
-    name, _, meta, tok, build_s = real
-    limit = {"smollm2": 0.3, "gemma3": 1.5}[name]
-    if build_s > limit:  # a busy machine can make one build slow: measure once more before failing
-        t0 = time.perf_counter()
-        Tokenizer.from_metadata(meta)
-        build_s = time.perf_counter() - t0
-    assert build_s < limit * 2, f"{name} tokenizer took {build_s:.2f}s to build (aim < {limit}s)"
-
-
 def test_ids_match_huggingface(real):
     _, path, _, tok, _ = real
     hf = hf_tokenizer(path)
