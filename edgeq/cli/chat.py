@@ -29,9 +29,11 @@ def main(args: argparse.Namespace) -> int:
         """Load a model; the model picker calls it inside the UI, where nothing may print (verbose=False)."""
         from edgeq.runtime.engine import load
 
-        report = (lambda line: print(line, file=sys.stderr)) if verbose else None
+        from edgeq.cli.common import say
+
+        report = say if verbose else None
         path = assets.resolve_model(ref, quiet=not verbose, report=report)
-        model = load(path, n_ctx=args.ctx, threads=args.threads, device=args.device)
+        model = load(path, n_ctx=args.ctx, threads=args.threads, device=args.device, report=report)
         if verbose:
             from edgeq.cli.common import note_device
 
@@ -54,4 +56,8 @@ def main(args: argparse.Namespace) -> int:
     defaults = ChatSettings(**given)
     ChatApp(model=model, model_factory=factory, history=History.default(), defaults=defaults,
             new_chat=bool(given)).run()
+    from edgeq.cli.common import exit_now_if_threads_linger
+
+    # quit while the model picker's load was compiling kernels: that thread cannot be stopped, do not wait for it
+    exit_now_if_threads_linger(0)
     return 0
