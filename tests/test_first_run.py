@@ -104,3 +104,13 @@ def test_ctrl_c_while_kernels_compile_exits_at_once(smollm2_path, tmp_path):
     assert proc.returncode == 130
     assert b"Traceback" not in err + rest, (err + rest).decode(errors="replace")
     assert out == b""  # no token was generated
+
+
+def test_no_first_run_message_when_kernels_are_cached(smollm2_path):
+    import edgeq
+    from edgeq.runtime.warmup import warm_up
+
+    model = edgeq.load(str(smollm2_path), n_ctx=64, threads=2)  # compiles (or loads) whatever is missing
+    lines = []
+    warm_up(model, report=lines.append)
+    assert lines == []

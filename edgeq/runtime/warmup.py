@@ -38,13 +38,15 @@ def scratch_passes(model) -> None:
     def ids(n: int) -> np.ndarray:
         return np.arange(1, n + 1, dtype=np.int64) % cfg.n_vocab
 
+    def run(n: int, pos: int, **kw) -> None:
+        model.arch.forward(model.weights, cfg, ids(n), pos, cache, **kw)
+
     model._set_threads()  # Numba's thread count is per calling thread
-    forward = model.arch.forward
-    forward(model.weights, cfg, ids(40), 0, cache, all_logits=True)  # a prompt: GEMM path, full + partial groups
-    forward(model.weights, cfg, ids(3), 40, cache)                   # a short prompt: integer kernel, batched attention
-    forward(model.weights, cfg, ids(1), 43, cache)                   # decode: one token
-    forward(model.weights, cfg, ids(2), 20, cache)                   # a rewind into stored (quantized) positions
-    forward(model.weights, cfg, ids(1), 22, cache)
+    run(40, 0, all_logits=True)  # a prompt: GEMM path; 32-position groups (q4 keys) full and partial
+    run(3, 40)                   # a short prompt: integer kernel, batched attention
+    run(1, 43)                   # decode
+    run(1, 31)                   # a rewind into a stored group, completed by one token (an array layout of its own)
+    run(2, 20)                   # a rewind by a few tokens, as a chat's next turn does
 
 
 @contextlib.contextmanager
