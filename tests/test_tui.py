@@ -331,6 +331,50 @@ async def test_model_picker_and_notes_with_hostile_files(home):
         assert "[/nope] loaded [" in str(app.query_one("#status").render())
 
 
+# A real process (App.run, asyncio.run): quitting while the model picker's load is still busy (a first run
+# compiles kernels for a minute; nothing can stop that thread) must not wait for the load to end.
+QUIT_DURING_LOAD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from test_tui import FakeModel
+from edgeq.tui.app import ChatApp
+from edgeq.tui.history import History
+
+def slow_factory(ref):
+    time.sleep(120)
+
+async def auto(pilot):
+    await pilot.press("ctrl+o")
+    await pilot.pause(0.5)
+    await pilot.press("enter")
+    await pilot.pause(0.5)
+    print("quitting", flush=True)
+    pilot.app.exit()
+
+ChatApp(model=FakeModel(), model_factory=slow_factory, history=History(sys.argv[2])).run(headless=True, auto_pilot=auto)
+"""
+
+
+def test_quit_while_a_model_loads_does_not_wait_for_it(home):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (home / "models").mkdir()
+    (home / "models" / "other.gguf").write_bytes(b"never read: the factory is a fake")
+    proc = subprocess.Popen([sys.executable, "-c", QUIT_DURING_LOAD, str(Path(__file__).parent),
+                             str(home / "chats.sqlite3")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "quitting", proc.stderr.read()
+        t = time.monotonic()  # the behaviour under test starts here
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - t
+    finally:
+        proc.kill()
+    assert elapsed < 3, elapsed
+    assert "Traceback" not in proc.stderr.read()
+
+
 # ---------------------------------------------------------------- snapshots (fake model, 80x24)
 def _seeded_home(home):
     h = History(home / "chats.sqlite3")

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(run(args) or 0)
     except KeyboardInterrupt:
         print("", file=sys.stderr)
+        from edgeq.cli.common import exit_now_if_threads_linger
+
+        exit_now_if_threads_linger(130)  # e.g. a kernel compile that Ctrl-C interrupted
         return 130
     except BrokenPipeError:
         return 0

@@ -34,14 +34,16 @@ def main(args: argparse.Namespace) -> int:
         from edgeq.cli.common import download_progress
         from edgeq.runtime.engine import load
 
-        report = (lambda line: print(safe_line(line, 1000), file=sys.stderr)) if verbose else None
+        from edgeq.cli.common import say
+
+        report = (lambda line: say(safe_line(line, 1000))) if verbose else None
         bar = download_progress(True) if verbose else None
         try:
             path = assets.resolve_model(ref, quiet=not verbose, report=report, progress=progress or bar)
         finally:
             if bar:
                 bar.finish()
-        model = load(path, n_ctx=args.ctx, threads=args.threads, device=args.device)
+        model = load(path, n_ctx=args.ctx, threads=args.threads, device=args.device, report=report)
         if verbose:
             from edgeq.cli.common import note_device
 
@@ -81,7 +83,12 @@ def main(args: argparse.Namespace) -> int:
         app.run()
     finally:
         history.close()
+    from edgeq.cli.common import exit_now_if_threads_linger
+
     if app.fatal_message:
         print(f"edgeq chat: {safe_line(app.fatal_message)}", file=sys.stderr)
+        exit_now_if_threads_linger(1)
         return 1
+    # quit while the model picker's load was compiling kernels: that thread cannot be stopped, do not wait for it
+    exit_now_if_threads_linger(0)
     return 0

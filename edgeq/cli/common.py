@@ -68,6 +68,31 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
                 repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
 
 
+def say(line: str) -> None:
+    """A progress line from the library (first-run kernel preparation...) on stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def exit_now_if_threads_linger(code: int, grace_s: float = 0.0) -> None:
+    """Exit with `code` at once when a thread that cannot be stopped (a kernel compile, a model load in the chat's
+    worker) is still running after `grace_s`: the interpreter would otherwise wait for it at exit."""
+    import os
+    import threading
+    import time
+
+    deadline = time.monotonic() + grace_s
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    for t in others:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in others):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 def load_model(a: argparse.Namespace):
     from edgeq.runtime.engine import load
 
@@ -79,7 +104,7 @@ def load_model(a: argparse.Namespace):
         check_sampling_args(a)
     model = load(resolve_with_progress(a.model) if isinstance(a.model, str) else a.model, n_ctx=a.ctx,
                  threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                 device=a.device)
+                 device=a.device, report=say)
     note_device(model, a.device)
     return model
 

@@ -76,7 +76,8 @@ class Model:
     """A model loaded from one GGUF file: weights stay memory-mapped in their quantized blocks."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
-                 cache_type_k: str | None = None, cache_type_v: str | None = None, device: str = "cpu"):
+                 cache_type_k: str | None = None, cache_type_v: str | None = None, device: str = "cpu",
+                 warm_up: bool = True, report=None):
         from edgeq.runtime.chat_template import ChatTemplate
         from edgeq.formats.gguf_file import GGUFFile
         from edgeq.runtime.kv_cache import make_kv_cache
@@ -112,8 +113,13 @@ class Model:
             self.cache = self._gpu.cache
             self.device_name = gpu.describe()
         else:
+            self.cache_types = (cache_type_k, cache_type_v)  # as asked (None: the default type)
             self.cache = make_kv_cache(self.cfg.kv_layouts(), n_ctx, cache_type_k, cache_type_v, max_batch=N_BATCH)
             self.device_name = cpu_name()
+            if warm_up:  # every kernel ready now, so that nothing compiles mid-reply (runtime/warmup.py)
+                from edgeq.runtime.warmup import warm_up as prepare_kernels
+
+                prepare_kernels(self, report)
         self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
         self._prompt_logits: tuple[list[int], np.ndarray] | None = None  # last prefilled prompt, its logits
         self._lock = threading.Lock()
@@ -329,12 +335,17 @@ def _split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
 
 
 def load(path_or_name, n_ctx: int | None = None, threads: int | None = None, cache_type_k: str | None = None,
-         cache_type_v: str | None = None, device: str = "cpu", **kwargs) -> Model:
+         cache_type_v: str | None = None, device: str = "cpu", warm_up: bool = True, report=None,
+         **kwargs) -> Model:
     """Load a model from a GGUF path or a catalog name. Cache types: None (the default), "f16", "q8", "q4".
+
+    On the CPU, every kernel the model can need is compiled (first run) or loaded from the disk cache before
+    this returns (warm_up=False skips that: kernels then compile at first use); `report(line)` hears about a
+    first run's compile (edgeq/runtime/warmup.py). Ctrl-C interrupts it at once.
 
     device: "cpu" (the default), "cuda" (numba-cuda and a GPU; an EdgeqError otherwise) or "auto" (a GPU
     when there is one, else the CPU). `model.device` says which was taken, `model.device_name` names it."""
     if kwargs:
         raise EdgeqError(f"unknown option(s): {', '.join(kwargs)}")
-    return Model(resolve_model(path_or_name), n_ctx=n_ctx, threads=threads,
-                 cache_type_k=cache_type_k, cache_type_v=cache_type_v, device=device)
+    return Model(resolve_model(path_or_name), n_ctx=n_ctx, threads=threads, cache_type_k=cache_type_k,
+                 cache_type_v=cache_type_v, device=device, warm_up=warm_up, report=report)

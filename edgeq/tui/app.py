@@ -27,6 +27,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message as TMessage
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, ListItem, ListView, Markdown, OptionList, Static, TextArea
+from textual.worker import get_current_worker
 
 from edgeq.runtime.context import fit_messages
 from edgeq.text import safe_line, safe_terminal_text
@@ -489,13 +490,29 @@ class ChatApp(App):
     @work(thread=True, exclusive=True, group="load")
     def load_model(self, ref: str) -> None:
         self.call_from_thread(self.notify, safe_line(f"loading {Path(ref).name}…"), markup=False)
-        try:
-            model = self.model_factory(ref, progress=self._pull_progress) if self._factory_takes_progress() \
-                else self.model_factory(ref)
-        except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback
-            self.call_from_thread(self.notify, safe_line(f"cannot load {ref}: {describe_error(e)}"),
+        done: dict = {}
+
+        def load() -> None:
+            try:
+                done["model"] = self.model_factory(ref, progress=self._pull_progress) \
+                    if self._factory_takes_progress() else self.model_factory(ref)
+            except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback
+                done["error"] = e
+
+        # a first load compiles kernels for a minute, which nothing can stop: it runs in a daemon thread that
+        # this worker abandons when cancelled (quitting, another pick), so Ctrl+Q never waits for it
+        loader = threading.Thread(target=load, name="edgeq-load", daemon=True)
+        loader.start()
+        me = get_current_worker()
+        while loader.is_alive():
+            loader.join(0.1)
+            if me.is_cancelled:
+                return
+        if "error" in done:
+            self.call_from_thread(self.notify, safe_line(f"cannot load {ref}: {describe_error(done['error'])}"),
                                   severity="error", timeout=10, markup=False)
             return
+        model = done["model"]
         self.cancel.set()
         self.model = model
         self.ctx_used = 0
