@@ -189,3 +189,17 @@ def test_iq4_registry_and_kernels_agree():
     assert not set(UNSUPPORTED) & (set(QTYPES) | set(SUPPORTED))
     assert sys.modules["edgeq.formats.quants"].KVALUES_IQ4NL.tolist() == [
         -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+def test_iq4_recipe_rules():
+    from edgeq.convert.mixes import Recipe
+
+    r = Recipe("IQ4_XS", 32, n_gqa=4)
+    assert r.choose("blk.5.ffn_up.weight", (1536, 576)) == "IQ4_NL"      # rows of 576: llama.cpp's fallback
+    assert r.choose("blk.5.attn_v.weight", (256, 2048)) == "Q5_K"
+    assert r.choose("blk.3.ffn_down.weight", (2048, 5632)) == "Q5_K"      # first eighth, no imatrix
+    assert r.choose("blk.4.ffn_down.weight", (2048, 5632)) == "IQ4_XS"
+    r = Recipe("IQ4_NL", 32, n_gqa=2, has_imatrix=True)
+    assert r.choose("blk.5.attn_v.weight", (256, 2048)) == "IQ4_NL"
+    assert r.choose("blk.0.ffn_down.weight", (2048, 5632)) == "IQ4_NL"
+    assert r.choose("output.weight", (32000, 2048)) == "Q6_K"
