@@ -5,7 +5,7 @@
 
 matvec: GB/s of weight bytes read per call (the decode cost model: every weight byte is read once per token).
 matmul: GFLOP/s (2 * T * n_out * n_in per call) for T activation rows (prefill).
-k-quants need rows of a multiple of 256 weights: shapes with n_in = 576 or 640 are skipped for them
+k-quants and IQ4_XS need rows of a multiple of 256 weights: shapes with n_in = 576 or 640 are skipped for them
 (llama.cpp falls back to Q5_0/Q8_0 for those tensors). Weights are random codes with finite scales (speed
 does not depend on the values). Each number is the median
 of --repeat runs, each run the mean over >= --min-time seconds: the machines are shared and noisy.
@@ -24,10 +24,10 @@ SHAPES = {
     "smollm2": [(576, 576), (1536, 576), (576, 1536), (49152, 576)],
     "gemma3": [(640, 640), (2048, 640), (640, 1024), (640, 2048), (262144, 640)],
 }
-QUANT = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+QUANT = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 # byte offsets of the f16 scales per block, so that random bytes stay finite
 SCALES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82),
-          "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+          "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 
 
 def random_weights(qtype: str, n_out: int, n_in: int, rng) -> np.ndarray:

@@ -36,18 +36,21 @@ from . import simd
 from .half import f16_to_f32
 from .simd import _HW_HALF  # f16 -> f32 in hardware (x86 F16C, ARM64) or integer arithmetic
 
-from edgeq.formats.quants import QTYPES
+from edgeq.formats.quants import KVALUES_IQ4NL, QTYPES
 
 # fastmath without 'reassoc' (see the module docstring): contract still gives FMAs.
 _FAST = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
 
 # the weight types these kernels read
-SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+             "IQ4_NL", "IQ4_XS")
 # qtype -> (weights per block, bytes per block), from the registry (formats/quants.py)
 BLOCKS: dict[str, tuple[int, int]] = {q: (QTYPES[q].block_size, QTYPES[q].block_bytes) for q in SUPPORTED}
 QK = 32                      # activation quantization block
 _Q4_K_BYTES, _Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"].block_bytes
+_IQ4_NL_BYTES, _IQ4_XS_BYTES = QTYPES["IQ4_NL"].block_bytes, QTYPES["IQ4_XS"].block_bytes
+_IQ4 = KVALUES_IQ4NL.astype(np.float32)  # the IQ4 level table (a global: Numba freezes it as a constant)
 _TILE_BYTES = 1 << 20        # float32 weight tile for the prefill path
 _PREFETCH = 1024             # bytes ahead of the current weight row to software-prefetch (2x on big matrices)
 _GEMM_MIN_T = 6              # matmul rows from which dequantize + float GEMM beats the integer kernel
@@ -310,6 +313,32 @@ def _dq_q6_k(row, n, y):
                 y[sb * 256 + k * 32 + j] = d * np.float32(sc) * np.float32((ql | (qh << 4)) - 32)
 
 
+@njit(**_JIT)
+def _dq_iq4_nl(row, n, y):
+    for b in range(n // 32):
+        o = b * _IQ4_NL_BYTES
+        d = _h2f(row[o], row[o + 1])
+        for j in range(16):
+            v = np.int32(row[o + 2 + j])
+            y[b * 32 + j] = d * _IQ4[v & 15]
+            y[b * 32 + 16 + j] = d * _IQ4[v >> 4]
+
+
+@njit(**_JIT)
+def _dq_iq4_xs(row, n, y):
+    for sb in range(n // 256):
+        o = sb * _IQ4_XS_BYTES
+        d = _h2f(row[o], row[o + 1])
+        sh = np.int32(row[o + 2]) | (np.int32(row[o + 3]) << 8)
+        for k in range(8):
+            ls = (((np.int32(row[o + 4 + k // 2]) >> (4 * (k % 2))) & 15) | (((sh >> (2 * k)) & 3) << 4)) - 32
+            dl = d * np.float32(ls)
+            for j in range(16):
+                v = np.int32(row[o + 8 + 16 * k + j])
+                y[sb * 256 + k * 32 + j] = dl * _IQ4[v & 15]
+                y[sb * 256 + k * 32 + 16 + j] = dl * _IQ4[v >> 4]
+
+
 # ---------------------------------------------------------------- parallel drivers, one pair per type
 @njit(inline="always", **_JIT)
 def _n_rows(outs):
@@ -378,7 +407,7 @@ def _specialize(template, qtype: str, row_fn):
 _ROW_DEQUANT = {
     "Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q5_0": _dq_q5_0, "Q5_1": _dq_q5_1,
     "Q2_K": _dq_q2_k, "Q3_K": _dq_q3_k, "Q4_K": _dq_q4_k, "Q5_K": _dq_q5_k, "Q6_K": _dq_q6_k,
-    "F16": _dq_f16, "BF16": _dq_bf16,
+    "F16": _dq_f16, "BF16": _dq_bf16, "IQ4_NL": _dq_iq4_nl, "IQ4_XS": _dq_iq4_xs,
 }
 # qtype -> (integer matvec/matmul kernel or None, row dequantizer); compiled on first call
 _KERNELS = {

@@ -30,7 +30,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from edgeq.formats.quants import QTYPES
+from edgeq.formats.quants import KVALUES_IQ4NL, QTYPES
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -174,6 +174,18 @@ class _IR:
         s2 = self.b.fadd(self.half_of(s4, 0), self.half_of(s4, 1))
         return self.b.fadd(self.b.extract_element(s2, ir.Constant(I32, 0)),
                            self.b.extract_element(s2, ir.Constant(I32, 1)))
+
+    def lut16(self, idx, table) -> ir.Value:
+        """<32 x i8> indices 0..15 -> <32 x i8> table[idx] for a constant 16-entry int8 table: one vpshufb
+        (per 128-bit lane, so the table is given twice) on the x86 levels; elsewhere a tree of 15 vector
+        selects on the index bits (portable IR: LLVM has no variable byte shuffle)."""
+        if LEVEL in ("vnni", "avx2"):
+            return self.intr("llvm.x86.avx2.pshuf.b", _vec(I8, 32), [ir.Constant(_vec(I8, 32), list(table) * 2), idx])
+        level = [self.const(I8, 32, int(v)) for v in table]
+        for bit in range(4):
+            on = self.b.icmp_unsigned("!=", self.b.and_(idx, self.const(I8, 32, 1 << bit)), self.const(I8, 32, 0))
+            level = [self.b.select(on, level[2 * k + 1], level[2 * k]) for k in range(len(level) // 2)]
+        return level[0]
 
     def nibbles(self, w) -> ir.Value:
         """<16 x i8> packed 4-bit codes -> <32 x i8>: the 16 low nibbles, then the 16 high nibbles."""
@@ -414,8 +426,38 @@ def _block_q3_k(x, acc, row, o, b, qx, dx, bsums):
                    _q3_scale(x, row, x.off(o, 96), 2 * k + 1), d, 4, qx, dx, bsums)
 
 
+_IQ4_TABLE = [int(v) for v in KVALUES_IQ4NL]
+
+
+def _iq4_codes(x, row, o) -> ir.Value:
+    """The 32 signed table levels of the 16 index bytes at row + o (low nibbles, then high nibbles)."""
+    return x.lut16(x.nibbles(x.at(row, o, _vec(I8, 16))), _IQ4_TABLE)
+
+
+def _block_iq4_nl(x, acc, row, o, b, qx, dx, bsums):
+    # 18 bytes: d (f16), 16 bytes of 4-bit indices into the non-linear table; w = d * table[q].
+    # The levels are signed (-127..113): sdot moves their signs onto the activations (as llama.cpp's psignb)
+    d = x.half(row, o)
+    acc.add_dot(x.sdot(_iq4_codes(x, row, x.off(o, 2)), x.act(qx, b)), x.b.fmul(d, x.elem(dx, b, F32)))
+
+
+def _block_iq4_xs(x, acc, row, o, b, qx, dx, bsums):
+    # 136 bytes: d (f16), scales_h (u16: 2 high bits per sub-block), scales_l[4] (4 low bits per sub-block),
+    # qs[128] (16 bytes per 32 weights); w = d * (scale - 32) * table[q]
+    d = x.half(row, o)
+    sh = x.b.zext(x.at(row, x.off(o, 2), I16), I32)
+    c = lambda v: ir.Constant(I32, v)  # noqa: E731
+    for k in range(8):
+        lo = x.b.and_(x.b.lshr(x.byte(row, x.off(o, 4 + k // 2)), c(4 * (k % 2))), c(15))
+        hi = x.b.and_(x.b.lshr(sh, c(2 * k)), c(3))
+        ls = x.b.sub(x.b.or_(lo, x.b.shl(hi, c(4))), c(32))
+        kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
+        scale = x.b.fmul(x.b.fmul(d, x.b.sitofp(ls, F32)), x.elem(dx, kb, F32))
+        acc.add_dot(x.sdot(_iq4_codes(x, row, x.off(o, 8 + 16 * k)), x.act(qx, kb)), scale)
+
+
 # qtype -> its row dot intrinsic
 ROW_DOTS = {qtype: _row_dot(qtype, block) for qtype, block in (
     ("Q8_0", _block_q8_0), ("Q4_0", _block_q4_0), ("Q4_1", _block_q4_1), ("Q5_0", _block_q5_0),
     ("Q5_1", _block_q5_1), ("Q2_K", _block_q2_k), ("Q3_K", _block_q3_k), ("Q4_K", _block_q4_k),
-    ("Q5_K", _block_q5_k), ("Q6_K", _block_q6_k))}
+    ("Q5_K", _block_q5_k), ("Q6_K", _block_q6_k), ("IQ4_NL", _block_iq4_nl), ("IQ4_XS", _block_iq4_xs))}

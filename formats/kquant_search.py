@@ -26,7 +26,7 @@ import edgeq  # noqa: F401  (numba settings, edgeq/_numba_env.py, before numba i
 import numpy as np
 from numba import njit, prange
 
-from edgeq.formats.quants import QK_K, QTYPES
+from edgeq.formats.quants import KVALUES_IQ4NL, QK_K, QTYPES
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")  # IEEE division, as in C
 
@@ -734,3 +734,140 @@ def quantize_q4_1_w(x, qw, out):
 def quantize_q5_1_w(x, qw, out):
     for r in prange(x.shape[0]):
         _asym_w_row(x[r], qw, out[r], 31)
+
+
+# ---------------------------------------------------------------- IQ4_NL / IQ4_XS
+
+_IQ4_NL_BYTES, _IQ4_XS_BYTES = QTYPES["IQ4_NL"].block_bytes, QTYPES["IQ4_XS"].block_bytes
+_IQ4 = KVALUES_IQ4NL.astype(np.float32)     # a global array: Numba freezes it as a constant
+_IQ4_NTRY = 7                               # scale candidates -ntry..ntry (ggml_quantize_chunk's value)
+
+
+@njit(inline="always", **_JIT)
+def _iq4_index(x):
+    """best_index_int8 over the 16 table levels: the nearest level, the upper one on a tie (level i once
+    2x reaches level[i-1] + level[i]; the sums are exact in float32)."""
+    x2 = x + x
+    idx = 0
+    step = 8
+    while step > 0:
+        j = idx + step
+        if x2 >= _IQ4[j - 1] + _IQ4[j]:
+            idx = j
+        step >>= 1
+    return idx
+
+
+@njit(**_JIT)
+def _iq4_search(x, qw, qoff, has_qw, scales, w, L):
+    """quantize_row_iq4_nl_impl's per-32 search over one super-block x (32 or 256 values): fills
+    scales[ib] (a float scale per 32, 0 for a near-zero group) and L (levels). Returns the signed scale of
+    largest magnitude (first on ties). The importance of x[j] is qw[qoff + j]."""
+    sigma2 = _sum_sq(x) * (np.float32(2.0) / np.float32(x.size))
+    max_scale = _F0
+    amax_scale = _F0
+    for ib in range(x.size // 32):
+        xb = x[32 * ib:32 * ib + 32]
+        if has_qw:
+            _weights_sigma(xb, qw[qoff + 32 * ib:qoff + 32 * ib + 32], sigma2, w)
+        else:
+            for j in range(32):
+                w[j] = xb[j] * xb[j]
+        amax = _F0
+        mx = _F0
+        for j in range(32):
+            if abs(xb[j]) > amax:
+                amax = abs(xb[j])
+                mx = xb[j]
+        if amax < _EPS:
+            scales[ib] = _F0
+            for j in range(32):
+                L[32 * ib + j] = 0
+            continue
+        d = -mx / _IQ4[0]
+        inv = _F1 / d
+        sumqx = _F0
+        sumq2 = _F0
+        for j in range(32):
+            l = _iq4_index(inv * xb[j])
+            L[32 * ib + j] = l
+            q = _IQ4[l]
+            sumqx += w[j] * q * xb[j]
+            sumq2 += w[j] * q * q
+        d = sumqx / sumq2 if sumq2 > _F0 else _F0
+        best = d * sumqx
+        for itry in range(-_IQ4_NTRY, _IQ4_NTRY + 1):
+            inv = (np.float32(itry) + _IQ4[0]) / mx
+            sumqx = _F0
+            sumq2 = _F0
+            for j in range(32):
+                q = _IQ4[_iq4_index(inv * xb[j])]
+                sumqx += w[j] * q * xb[j]
+                sumq2 += w[j] * q * q
+            if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
+                d = sumqx / sumq2
+                best = d * sumqx
+        scales[ib] = d
+        if abs(d) > amax_scale:
+            amax_scale = abs(d)
+            max_scale = d
+    return max_scale
+
+
+@njit(inline="always", **_JIT)
+def _pack_iq4(L, y, o, n):
+    """n levels -> n/2 bytes at y[o:]: per 32 values, 16 low nibbles then 16 high ones."""
+    for i in range(n // 32):
+        for j in range(16):
+            y[o + 16 * i + j] = L[32 * i + j] | (L[32 * i + 16 + j] << 4)
+
+
+@njit(parallel=True, **_JIT)
+def quantize_iq4_nl(x, qw, has_qw, out):
+    """IQ4_NL (quantize_iq4_nl): d = the group's searched scale, levels re-picked with 1/d."""
+    for r in prange(x.shape[0]):
+        xr, yr = x[r], out[r]
+        scales = np.empty(1, np.float32)
+        w = np.empty(32, np.float32)
+        L = np.empty(32, np.uint8)
+        for ib in range(xr.size // 32):
+            xb = xr[32 * ib:32 * ib + 32]
+            _iq4_search(xb, qw, 32 * ib, has_qw, scales, w, L)
+            y = yr[ib * _IQ4_NL_BYTES:(ib + 1) * _IQ4_NL_BYTES]
+            _put16(y, 0, _fp16(scales[0])[0])
+            inv = _F1 / scales[0] if scales[0] != _F0 else _F0
+            for j in range(32):
+                L[j] = _iq4_index(inv * xb[j])
+            _pack_iq4(L, y, 2, 32)
+
+
+@njit(parallel=True, **_JIT)
+def quantize_iq4_xs(x, qw, has_qw, out):
+    """IQ4_XS (quantize_iq4_xs): d = -max_scale/32, 6-bit scales l in -32..31 per 32 (nearest_int), levels
+    re-picked with 1/(d*l)."""
+    for r in prange(x.shape[0]):
+        xr, yr = x[r], out[r]
+        scales = np.empty(8, np.float32)
+        w = np.empty(32, np.float32)
+        L = np.empty(QK_K, np.uint8)
+        for ibl in range(xr.size // QK_K):
+            xs = xr[QK_K * ibl:QK_K * (ibl + 1)]
+            max_scale = _iq4_search(xs, qw, QK_K * ibl, has_qw, scales, w, L)
+            y = yr[ibl * _IQ4_XS_BYTES:(ibl + 1) * _IQ4_XS_BYTES]
+            d = -max_scale / np.float32(32)
+            _put16(y, 0, _fp16(d)[0])
+            inv = _F1 / d if d != _F0 else _F0
+            scales_h = 0
+            for k in range(4):
+                y[4 + k] = 0
+            for ib in range(8):
+                l = max(-32, min(31, _nint(inv * scales[ib])))
+                dl = d * np.float32(l)
+                idl = _F1 / dl if dl != _F0 else _F0
+                for j in range(32):
+                    L[32 * ib + j] = _iq4_index(idl * xs[32 * ib + j])
+                l += 32
+                y[4 + ib // 2] |= np.uint8((l & 0xF) << (4 * (ib % 2)))
+                scales_h |= (l >> 4) << (2 * ib)
+            _put16(y, 2, scales_h)
+            _pack_iq4(L, y, 8, QK_K)

@@ -9,7 +9,10 @@ Byte layouts are llama.cpp's (ggml-common.h). `dequantize` is bit-exact with `gg
 - with an importance vector (one non-negative weight per column, llama.cpp's imatrix), the importance-aware
   quantizers (`quantize_row_*_impl`, make_qkx3_quants / make_qp_quants / make_qx_quants with weights
   importance[j] * sqrt(sigma2 + x[j]^2)) for Q4_0/Q4_1/Q5_0/Q5_1 and the k-quants; F16/BF16/Q8_0/Q8_K
-  ignore it, as llama.cpp does.
+  ignore it, as llama.cpp does;
+- IQ4_NL / IQ4_XS (4-bit indices into a fixed non-linear table): llama.cpp's one quantizer for both
+  (`quantize_row_iq4_nl_impl`, a weighted search over 15 scale candidates, weights x^2 or the importance
+  form), in formats/kquant_search.py.
 """
 from __future__ import annotations
 
@@ -395,6 +398,49 @@ class Q8_K(QType, name="Q8_K"):
     def dequantize_blocks(cls, blocks):
         d = np.ascontiguousarray(blocks[:, :4]).view(np.float32)
         return blocks[:, 4:260].view(np.int8).astype(np.float32) * d
+
+
+# ---------------------------------------------------------------- i-quants with a non-linear table
+
+# the 16 levels of IQ4_NL / IQ4_XS (ggml-common.h kvalues_iq4nl): 4-bit codes index this table
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _iq4_values(qs: np.ndarray) -> np.ndarray:
+    """(n, 16k) bytes -> (n, k, 32) float32 table levels; per 16 bytes, low nibbles first then high ones."""
+    n = qs.shape[0]
+    q = qs.reshape(n, -1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return KVALUES_IQ4NL[(q & 0x0F).reshape(n, -1, 32)].astype(np.float32)
+
+
+def iq4_xs_scales(blocks: np.ndarray) -> np.ndarray:
+    """IQ4_XS blocks (n, 136) -> the 8 signed 6-bit sub-block scales (n, 8) in -32..31: the low 4 bits in
+    scales_l (bytes 4..7, sub-block 2i low nibble, 2i+1 high nibble), the high 2 bits in scales_h (bytes 2..3)."""
+    n = blocks.shape[0]
+    lo = (blocks[:, 4:8].reshape(n, 4, 1) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2)).reshape(n, 8) & 0x0F
+    sh = np.ascontiguousarray(blocks[:, 2:4]).view(np.uint16)
+    hi = ((sh >> np.arange(0, 16, 2, dtype=np.uint16)) & 3).astype(np.uint8)
+    return (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+
+
+class IQ4_NL(_Searched, name="IQ4_NL"):
+    """32 values: d (f16), 16 bytes of 4-bit indices into KVALUES_IQ4NL; w = d * table[q]."""
+    _kernel = "quantize_iq4_nl"
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return _h(blocks[:, :2]) * _iq4_values(blocks[:, 2:]).reshape(-1, 32)
+
+
+class IQ4_XS(_Searched, name="IQ4_XS"):
+    """256 values: d (f16), scales_h (u16), scales_l[4], 128 bytes of indices; w = d * (scale - 32) * table[q]."""
+    _kernel = "quantize_iq4_xs"
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        dl = (_h(blocks[:, :2]) * iq4_xs_scales(blocks).astype(np.float32)).reshape(n, 8, 1)
+        return (dl * _iq4_values(blocks[:, 8:])).reshape(n, QK_K)
 
 
 # ---------------------------------------------------------------- public API

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.cpu_kernels.linear import QuantLinear, embed_rows, matvec_many
+from edgeq.cpu_kernels.linear import SUPPORTED, QuantLinear, embed_rows, matvec_many
 from edgeq.errors import ModelError
 from edgeq.formats.quants import dequantize
 
@@ -147,6 +147,9 @@ class TensorBinder:
             raise ModelError(f"{self.gf.path}: tensor {name} is missing")
         if tuple(t.shape) != tuple(shape):
             raise ModelError(f"{self.gf.path}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.qtype not in SUPPORTED:
+            raise ModelError(f"{self.gf.path}: tensor {name} is {t.qtype}, a type edgeq cannot compute "
+                             f"(it runs {', '.join(SUPPORTED)}): use a file quantized to one of those")
         return t
 
     def has(self, name: str) -> bool:

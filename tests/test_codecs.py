@@ -18,16 +18,17 @@ from edgeq.formats.quants import QTYPES, block_bytes, block_size, dequantize, qu
 ALL = list(QTYPES)
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # types llama.cpp quantizes with an importance-aware search when given an imatrix
-WITH_IMPORTANCE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"] + KQUANTS
+WITH_IMPORTANCE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"] + KQUANTS + ["IQ4_NL", "IQ4_XS"]
 # gguf-py implements these quantizers, as llama.cpp's reference (no importance) formulas
 GGUF_QUANTIZERS = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 # byte offsets of the fp16 scales inside a block (random bytes there could be inf/nan)
 FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82),
-               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 # relative RMSE of quantize -> dequantize on standard gaussian data, as measured (byte-identical to
 # llama.cpp's ggml_quantize_chunk) with ~5% headroom
 REL_RMSE = {"F32": 0.0, "F16": 3e-4, "BF16": 2e-3, "Q8_0": 0.006, "Q8_K": 0.0075, "Q4_0": 0.091, "Q4_1": 0.082,
-            "Q5_0": 0.045, "Q5_1": 0.040, "Q2_K": 0.31, "Q3_K": 0.159, "Q4_K": 0.075, "Q5_K": 0.038, "Q6_K": 0.0187}
+            "Q5_0": 0.045, "Q5_1": 0.040, "Q2_K": 0.31, "Q3_K": 0.159, "Q4_K": 0.075, "Q5_K": 0.038, "Q6_K": 0.0187,
+            "IQ4_NL": 0.080, "IQ4_XS": 0.081}
 
 
 def gaussian(rows=64, cols=1024, seed=0) -> np.ndarray:
@@ -56,7 +57,7 @@ def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
 
 def test_registry_matches_gguf_constants():
     assert set(ALL) == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
+                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS"}
     for name, q in QTYPES.items():
         t = GGMLQuantizationType[name]
         assert q.name == name and q.type_id == int(t)
@@ -167,6 +168,20 @@ def test_kquants_beat_naive_minmax(qtype, group, levels, symmetric):
     assert err < 0.985 * naive
 
 
+def test_iq4_search_beats_plain_table_scale():
+    """IQ4_NL with the scale searched (llama.cpp's 15 candidates, refined) beats the one-shot scale
+    d = absmax / 127 with every value snapped to its nearest table level."""
+    from edgeq.formats.quants import KVALUES_IQ4NL
+
+    x = gaussian(seed=2)
+    b = x.reshape(-1, 32)
+    d = np.abs(b).max(1, keepdims=True) / 127
+    table = KVALUES_IQ4NL.astype(np.float32)
+    naive = table[np.abs(b[:, :, None] / d[:, :, None] - table).argmin(2)] * d
+    err = np.mean((dequantize(quantize(x, "IQ4_NL"), "IQ4_NL", x.shape) - x) ** 2)
+    assert err < 0.95 * np.mean((naive.reshape(x.shape) - x) ** 2)
+
+
 @pytest.mark.parametrize("qtype", WITH_IMPORTANCE)
 def test_importance_lowers_weighted_error(qtype):
     rng = np.random.default_rng(3)
@@ -239,8 +254,9 @@ def test_fp16_rounding_helper_matches_numpy():
 # ---------------------------------------------------------------- llama.cpp itself, when installed
 
 def _llamacpp_quantize_chunk():
-    libs = glob.glob(os.path.expanduser("~/.cache/edgeq-llamacpp-noamx/lib/python3*/site-packages/llama_cpp/lib/"
-                                        "libggml-base.so"))
+    libs = [lib for venv in ("edgeq-llamacpp-noamx", "edgeq-llamacpp")   # quantizing needs no AMX kernel
+            for lib in glob.glob(os.path.expanduser(f"~/.cache/{venv}/lib/python3*/site-packages/llama_cpp/lib/"
+                                                    "libggml-base.so"))]
     if not libs:
         return None
     lib = ctypes.CDLL(libs[0])
@@ -264,7 +280,7 @@ def _llamacpp_quantize_chunk():
 def test_bytes_equal_llamacpp(qtype):
     llama = _llamacpp_quantize_chunk()
     if llama is None:
-        pytest.skip("llama-cpp-python (~/.cache/edgeq-llamacpp-noamx) not installed")
+        pytest.skip("llama-cpp-python (~/.cache/edgeq-llamacpp[-noamx]) not installed")
     rng = np.random.default_rng(9)
     x = (rng.standard_normal((24, 512)) * 0.02).astype(np.float32)
     x[:, :5] *= 40.0                                     # outlier columns, as in real weights

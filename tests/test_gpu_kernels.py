@@ -92,6 +92,24 @@ def test_matvec_on_device_arrays():
     assert lin.nbytes == raw.size  # kept as raw block bytes
 
 
+@needs_device
+@pytest.mark.parametrize("qtype,n_in", [("IQ4_NL", 64), ("IQ4_XS", 256)])
+def test_types_without_a_kernel_are_dequantized_at_upload(qtype, n_in):
+    from edgeq.formats.quants import QTYPES
+    from edgeq.gpu_kernels.forward import upload_matrix
+
+    rng = np.random.default_rng(2)
+    q = QTYPES[qtype]
+    raw = rng.integers(0, 256, (3, n_in // q.block_size, q.block_bytes), dtype=np.uint8)
+    raw[..., 0:2] = (rng.standard_normal((3, n_in // q.block_size, 1)) * 0.05).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(-1)
+    lin = upload_matrix(raw, qtype, (3, n_in), threads=T)
+    assert lin.qtype == "F16"
+    W = dequant_ref(raw.reshape(3, -1), qtype, (3, n_in)).astype(np.float16).astype(np.float64)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    np.testing.assert_allclose(lin.matvec_host(x), W @ x, rtol=1e-4, atol=1e-3)
+
+
 def test_linear_rejects_bad_shapes():
     from edgeq.gpu_kernels.linear import CudaLinear
 

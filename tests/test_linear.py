@@ -12,15 +12,16 @@ from edgeq.cpu_kernels.linear import BLOCKS, QuantLinear, embed_rows
 
 ALL = list(BLOCKS)
 FLOAT = {"F32", "F16", "BF16"}
-# byte offsets of the f16 super-block scales, which random bytes must not turn into inf/nan
-K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# byte offsets of the f16 (super-)block scales, which random bytes must not turn into inf/nan
+K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+            "IQ4_NL": (0,), "IQ4_XS": (0,)}
 
 
 def make_weights(qtype: str, n_out: int, n_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(raw uint8 1-D, dequantized float64 (n_out, n_in)) for a random matrix of the given type."""
     rng = np.random.default_rng(seed)
     bw, bb = BLOCKS[qtype]
-    if qtype in K_SCALES:  # gguf-py has no k-quant quantizer: random codes with sane scales
+    if qtype in K_SCALES:  # gguf-py has no k-quant / i-quant quantizer: random codes with sane scales
         raw = rng.integers(0, 256, size=(n_out, n_in // bw, bb), dtype=np.uint8)
         scales = (rng.random((n_out, n_in // bw, 1)) * 0.02 + 1e-4).astype(np.float16).view(np.uint8)
         for p in K_SCALES[qtype]:

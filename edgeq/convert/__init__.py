@@ -105,7 +105,7 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     from edgeq.convert.writer import OutTensor, write_model
     from edgeq.formats.gguf_file import GGUFFile
     from edgeq.formats.gguf_write import INTERNAL_KEYS
-    from edgeq.formats.quants import dequantize
+    from edgeq.formats.quants import QTYPES, dequantize
     from edgeq.models.base import hparam
 
     opts = options or QuantOptions(qtype=qtype or "F16", **option_kw)
@@ -127,6 +127,10 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
                 print(f"note: {src_path} is already quantized ({', '.join(already)}): requantizing adds error",
                       file=sys.stderr)
 
+        unreadable = sorted({t.qtype for t in gf.tensors.values() if t.qtype not in QTYPES})
+        if unreadable:   # before any output is written
+            raise EdgeqError(f"{src_path}: holds {', '.join(unreadable)} tensors, a type edgeq cannot decode "
+                             f"(it reads {', '.join(QTYPES)}): quantize from the F16/BF16/F32 original")
         tensors = [OutTensor(t.name, tuple(t.shape), lambda t=t: dequantize(t.data, t.qtype, tuple(t.shape)))
                    for t in gf.tensors.values()]
         matrices = [t.name for t in tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]

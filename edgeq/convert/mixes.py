@@ -34,12 +34,15 @@ FILE_TYPES: dict[str, tuple[LlamaFileType, str]] = {
     "Q5_1": (LlamaFileType.MOSTLY_Q5_1, "Q5_1"),
     "Q4_0": (LlamaFileType.MOSTLY_Q4_0, "Q4_0"),
     "Q4_1": (LlamaFileType.MOSTLY_Q4_1, "Q4_1"),
+    "IQ4_NL": (LlamaFileType.MOSTLY_IQ4_NL, "IQ4_NL"),
+    "IQ4_XS": (LlamaFileType.MOSTLY_IQ4_XS, "IQ4_XS"),
 }
 # tensor types a user may name with --output-type / --embedding-type
-TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
+                "IQ4_NL", "IQ4_XS")
 
-# a k-quant that does not fit a row → llama.cpp's tensor_type_fallback (IQ4_NL is not available: Q4_0)
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# a 256-block type that does not fit a row → llama.cpp's tensor_type_fallback
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 _FLOAT = ("F32", "F16", "BF16")
 
 
@@ -134,6 +137,8 @@ class Recipe:
                 return "Q5_K" if i < 2 else "Q4_K"
             if ft == "Q3_K_L":
                 return "Q5_K"
+            if ft in ("IQ4_NL", "IQ4_XS") and self.n_gqa >= 4:
+                return "Q5_K"
             if ft in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
                 return "Q6_K"
             if ft == "Q4_K_S" and i < 4:
@@ -148,6 +153,8 @@ class Recipe:
                 return "Q5_K"
             if ft == "Q4_K_M":
                 return "Q6_K" if use_more_bits(i, n) else q
+            if ft in ("IQ4_NL", "IQ4_XS") and not self.has_imatrix and i < n // 8:
+                return "Q5_K"
             if ft == "Q5_K_M" and use_more_bits(i, n):
                 return "Q6_K"
             if ft == "Q4_K_S" and i < n // 8:
