@@ -177,3 +177,23 @@ def test_run_escapes_a_hostile_vocabulary(tmp_path, capsys):
     assert "\\x1b" in out and not CONTROLS & set(out)
     assert main([*args, "--raw"]) == 0  # opted out, and stdout is no terminal here: the model's bytes as they are
     assert "\x1b" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_process_returns_130_while_a_host_thread_runs(monkeypatch):
+    """main() called in-process (a test runner, an embedding program) with a thread of the host alive: Ctrl-C
+    returns 130; only edgeq's own unstoppable threads (a kernel compile) make it leave at once."""
+    import threading
+
+    import edgeq.cli as cli_mod
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod, "_load", lambda verb: (lambda p: None, interrupted))
+    stop = threading.Event()
+    host = threading.Thread(target=stop.wait, name="host-thread", daemon=True)
+    host.start()
+    try:
+        assert cli_mod.main(["inspect"]) == 130
+    finally:
+        stop.set()

@@ -81,7 +81,9 @@ def exit_now_if_threads_linger(code: int, grace_s: float = 0.0) -> None:
     import time
 
     deadline = time.monotonic() + grace_s
-    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    # only edgeq's own unstoppable threads (edgeq/runtime/warmup.py's compile, the chat's model load) count:
+    # a host program's threads (a test runner calling main() in-process) are none of ours to cut short
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and t.name.startswith("edgeq-")]
     for t in others:
         t.join(max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() for t in others):
