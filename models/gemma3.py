@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.cpu_kernels.ops import gelu_mul, rmsnorm, rope, rope_inv_freq
-from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam, linears
+from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, batch_linears, hparam, linears
 
 
 @dataclass
@@ -167,7 +167,7 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     for il, L in enumerate(w.layers):
         inv_freq = w.inv_freq_local if cfg.is_local(il) else w.inv_freq_global
         h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
-        q, k, v = linears([L.wq, L.wk, L.wv], h)
+        q, k, v = batch_linears([L.wq, L.wk, L.wv], h)
         q = np.ascontiguousarray(rmsnorm(q.reshape(N, cfg.n_head, hd), L.q_norm, cfg.rms_eps))
         k = np.ascontiguousarray(rmsnorm(k.reshape(N, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps))
         v = v.reshape(N, cfg.n_head_kv, hd)
@@ -177,9 +177,9 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
             p = int(positions[i])
             cache.store(il, p, k[i:i + 1], v[i:i + 1])
             a[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
-        x += rmsnorm(L.wo(a.reshape(N, cfg.n_head * hd)), L.post_attn_norm, cfg.rms_eps)
+        x += rmsnorm(batch_linears([L.wo], a.reshape(N, cfg.n_head * hd))[0], L.post_attn_norm, cfg.rms_eps)
         h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = gelu_mul(*linears([L.w_gate, L.w_up], h))
-        x += rmsnorm(L.w_down(g), L.post_ffn_norm, cfg.rms_eps)
+        g = gelu_mul(*batch_linears([L.w_gate, L.w_up], h))
+        x += rmsnorm(batch_linears([L.w_down], g)[0], L.post_ffn_norm, cfg.rms_eps)
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    return w.output(x)
+    return batch_linears([w.output], x)[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq.cpu_kernels.ops import rmsnorm, rope, rope_inv_freq, silu_mul
-from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, hparam, linears
+from edgeq.models.base import KVLayout, Linear, Observer, TensorBinder, batch_linears, hparam, linears
 
 
 @dataclass
@@ -152,7 +152,7 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     a = np.empty((N, cfg.n_head, hd), np.float32)
     for il, L in enumerate(w.layers):
         h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
-        q, k, v = linears([L.wq, L.wk, L.wv], h)
+        q, k, v = batch_linears([L.wq, L.wk, L.wv], h)
         q = np.ascontiguousarray(q.reshape(N, cfg.n_head, hd))
         k = np.ascontiguousarray(k.reshape(N, cfg.n_head_kv, hd))
         v = v.reshape(N, cfg.n_head_kv, hd)
@@ -162,9 +162,9 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
             p = int(positions[i])
             cache.store(il, p, k[i:i + 1], v[i:i + 1])
             a[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
-        x += L.wo(a.reshape(N, cfg.n_head * hd))
+        x += batch_linears([L.wo], a.reshape(N, cfg.n_head * hd))[0]
         h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = silu_mul(*linears([L.w_gate, L.w_up], h))
-        x += L.w_down(g)
+        g = silu_mul(*batch_linears([L.w_gate, L.w_up], h))
+        x += batch_linears([L.w_down], g)[0]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    return w.output(x)
+    return batch_linears([w.output], x)[0]

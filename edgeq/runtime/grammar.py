@@ -59,16 +59,26 @@ def json_schema_grammar(schema: dict | None) -> str:
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
-                                                             defaults={"whitespace_flexible": False})
+        g = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
     except (ValueError, TypeError, RuntimeError) as e:
         raise GrammarError(f"invalid JSON schema: {e}") from None
+    return _validated(g, "JSON schema")
 
 
 def lark_grammar(source: str) -> str:
+    """A Lark grammar (llguidance's dialect: `%json {schema}` embeds a JSON schema)."""
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_lark(source)
+    return _validated(llguidance.LLMatcher.grammar_from_lark(source), "grammar")
+
+
+def _validated(grammar: str, what: str) -> str:
+    import llguidance
+
+    err = llguidance.LLMatcher.validate_grammar(grammar)
+    if err and not err.startswith("WARNING"):
+        raise GrammarError(f"invalid {what}: {err.splitlines()[0]}")
+    return grammar
 
 
 class Constraint:
