@@ -216,16 +216,16 @@ class Scheduler:
             job.on_event(Done("cancelled", len(job.req.ids), 0, 0, 0.0, 0.0))
 
     def _warm_up(self) -> None:
-        """Compile every kernel the steps use (prefill chunk, batched decode of 1 and of several rows)."""
+        """Compile every kernel the steps use: a prefill chunk of a few and of many rows (serial and parallel
+        small ops), batched decode of one and of several sequences."""
         m, arch = self.model, self.model.arch
         a, b = self.slots[0], self.slots[-1]
-        ids = np.asarray(self.model.tokenizer.encode("Hello, world", add_special=True)[:4] or [0, 0], np.int64)
-        arch.forward(m.weights, m.cfg, ids, 0, a.cache)
-        arch.forward(m.weights, m.cfg, ids, 0, b.cache)
-        n = len(ids)
+        n = min(self.prefill_chunk, 32)
+        arch.forward(m.weights, m.cfg, np.ones(n, np.int64), 0, a.cache)
+        arch.forward(m.weights, m.cfg, np.ones(4, np.int64), 0, b.cache)
         arch.forward_batch(m.weights, m.cfg, np.array([1]), np.array([n]), [a.cache])
         if a is not b:
-            arch.forward_batch(m.weights, m.cfg, np.array([1, 1]), np.array([n + 1, n]), [a.cache, b.cache])
+            arch.forward_batch(m.weights, m.cfg, np.array([1, 1]), np.array([n + 1, 4]), [a.cache, b.cache])
         # the caches now hold junk at positions 0..: slot.tokens stays empty, so nothing is ever reused
 
     def _admit(self) -> None:

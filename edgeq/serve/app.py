@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+from fastapi import Request  # noqa: F401  (module level: FastAPI resolves the handlers' annotations here)
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -247,7 +248,7 @@ class Service:
         max_tokens = room if max_tokens is None else min(max_tokens, room)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, seed=None if seed is None else seed % (1 << 64))
-        return GenRequest(ids, max_tokens, params, list(stop), presence, frequency, logprobs, constraint,
+        return GenRequest(ids, max_tokens, params, list(stop or []), presence, frequency, logprobs, constraint,
                           self.opts.request_timeout)
 
     def submit(self, req: GenRequest):
@@ -339,7 +340,7 @@ def _ns(seconds: float) -> int:
 
 # ---------------------------------------------------------------- the app
 def create_app(model, sched, opts: ServerOptions):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from sse_starlette.sse import EventSourceResponse
 
     from edgeq import __version__
