@@ -78,9 +78,9 @@ class ServerProc:
             self.proc.kill()
 
 
-def start_edgeq(a, port: int) -> ServerProc:
+def start_edgeq(a, port: int, reuse: bool = True) -> ServerProc:
     argv = [sys.executable, "-m", "edgeq", "serve", a.model, "--port", str(port), "--parallel", str(a.parallel),
-            "--ctx", str(a.ctx), "-t", str(a.threads), "--name", "bench"]
+            "--ctx", str(a.ctx), "-t", str(a.threads), "--name", "bench"] + ([] if reuse else ["--no-prompt-reuse"])
     return ServerProc("edgeq", argv, port, "bench")
 
 
@@ -196,6 +196,23 @@ async def soak(srv: ServerProc, a) -> int:
     return 0 if ok else 1
 
 
+def multi_turn(srv: ServerProc, a) -> list[float]:
+    """Time to first token of each turn of one conversation (the whole history is resent every turn)."""
+    rng = random.Random(1)
+    msgs, ttfts = [], []
+    with httpx.Client(timeout=a.request_timeout) as http:
+        for _ in range(a.turns):
+            msgs.append({"role": "user", "content": prompt_text(60, rng)})
+            t0 = time.perf_counter()
+            http.post(srv.url + "/v1/chat/completions", json={"model": srv.model_name, "messages": msgs,
+                                                              "max_tokens": 1, "temperature": 0})
+            ttfts.append(time.perf_counter() - t0)  # one token: the time to first token
+            r = http.post(srv.url + "/v1/chat/completions", json={"model": srv.model_name, "messages": msgs,
+                                                                  "max_tokens": 32, "temperature": 0})
+            msgs.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
+    return ttfts
+
+
 def find_llamacpp(a) -> str | None:
     cands = [a.llamacpp] if a.llamacpp else [str(Path.home() / ".cache/edgeq-llamacpp/bin/python")]
     for py in cands:
@@ -220,6 +237,8 @@ def main() -> int:
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--soak", type=float, default=0.0, help="run the soak test for this many seconds instead")
     p.add_argument("--soak-clients", type=int, default=8)
+    p.add_argument("--turns", type=int, default=0,
+                   help="instead: time to first token per turn of a multi-turn chat, with and without prompt reuse")
     p.add_argument("--ready-timeout", type=float, default=900.0)
     a = p.parse_args()
     a.duration = min(a.duration, 600.0)
@@ -229,6 +248,20 @@ def main() -> int:
     from edgeq.runtime.engine import resolve_model
 
     path = str(resolve_model(a.model))
+    if a.turns:
+        a.turns = min(a.turns, 32)
+        res = {}
+        for reuse in (True, False):
+            srv = start_edgeq(a, free_port(), reuse)
+            try:
+                srv.wait_ready(a.ready_timeout)
+                res[reuse] = multi_turn(srv, a)
+            finally:
+                srv.stop()
+        print("| turn | TTFT with reuse s | without s |\n|---:|---:|---:|")
+        for i, (x, y) in enumerate(zip(res[True], res[False])):
+            print(f"| {i + 1} | {x:.2f} | {y:.2f} |")
+        return 0
     srv = start_edgeq(a, free_port())
     try:
         srv.wait_ready(a.ready_timeout)

@@ -69,6 +69,8 @@ def test_scheduler_batched_equals_sequential_and_reuses_prompts(model):
         assert all(d.finish in ("stop", "length") for d in done)
         again = _run(sched, reqs()[:1])[1][0]   # the same prompt: its slot still holds it
         assert again.cached_tokens == len(prompts[0])
+        sched.prompt_reuse = False  # the measurement switch: every prompt from position 0
+        assert _run(sched, reqs()[:1])[1][0].cached_tokens == 0
         assert sched.active_slots == 0 and sched.queue_depth == 0
     finally:
         sched.stop()

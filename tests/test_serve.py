@@ -468,3 +468,56 @@ def test_ollama_tool_call(tool_server):
         assert r.message.tool_calls[0].function.name == "get_weather"
     else:
         assert r.message.content
+
+
+# ---------------------------------------------------------------- the verb
+def _edgeq(*args, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--port", "70000"], "--port must be in 0..65535"),
+    (["--parallel", "0"], "--parallel must be in 1..64"),
+    (["/nonexistent/model.gguf"], "model.gguf"),
+])
+def test_serve_verb_bad_options_are_one_line(args, needle):
+    p = _edgeq("serve", *args)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgeq serve: ") and needle in lines[0], p.stderr
+
+
+def test_exposure_warning():
+    from edgeq.serve import exposure_warning, is_loopback
+
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
+    assert exposure_warning("localhost", None) is None
+    assert "without an API key" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("0.0.0.0", "key") is None
+    assert is_loopback("127.0.0.2") and not is_loopback("192.168.1.2")
+
+
+def test_serve_verb_starts_answers_and_stops_on_ctrl_c(smollm2_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "serve", str(smollm2_path), "--port", "0", "--ctx", "256",
+                          "--parallel", "1", "-t", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        assert m, line
+        _wait_healthy(m.group(1), timeout=600)
+        assert httpx.get(m.group(1) + "/v1/models").json()["data"][0]["id"] == str(smollm2_path)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) in (0, 130)
+        assert "Traceback" not in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()

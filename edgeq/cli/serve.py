@@ -20,6 +20,8 @@ def add_arguments(p):
     p.add_argument("--cors-origin", default=None, help="allow browser requests from this origin (default: none)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may run (default 600)")
     p.add_argument("--name", default=None, help="model name clients use (default: MODEL as given)")
+    p.add_argument("--no-prompt-reuse", action="store_true",
+                   help="evaluate every prompt from the start (to measure what reuse saves)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     add_cache_args(p)
 
@@ -29,7 +31,7 @@ def main(a) -> int:
     from edgeq.runtime.engine import load
 
     try:
-        from edgeq.serve import is_loopback, make_server
+        from edgeq.serve import exposure_warning, make_server
     except ImportError as e:
         raise EdgeqError(f"the server needs its extra: pip install 'edgeq[serve]' ({e.name} is missing)") from None
     if a.threads is not None and a.threads < 1:
@@ -47,13 +49,17 @@ def main(a) -> int:
     try:
         server = make_server(model, a.host, a.port, n_slots=a.parallel, n_ctx=a.ctx, max_queue=a.max_queue,
                              api_key=key, cors_origin=a.cors_origin, model_name=a.name or name,
-                             request_timeout=a.timeout, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
+                             request_timeout=a.timeout, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+                             prompt_reuse=not a.no_prompt_reuse)
     except OSError as e:
         raise EdgeqError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
-    if not is_loopback(a.host) and not key:
-        print(f"warning: listening on {a.host} without an API key: anyone who can reach this address can use "
-              "the model (set --api-key or EDGEQ_API_KEY)", file=sys.stderr)
+    warning = exposure_warning(a.host, key)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"edgeq serve: {name} on {server.url} ({a.parallel} slots, context {server.sched.n_ctx}); "
           f"OpenAI API at {server.url}/v1, ollama API at {server.url}/api", file=sys.stderr)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
     return 0

@@ -109,7 +109,8 @@ class _Slot:
 
 class Scheduler:
     def __init__(self, model, n_slots: int = 4, n_ctx: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = 128, cache_type_k: str | None = None, cache_type_v: str | None = None):
+                 prefill_chunk: int = 128, cache_type_k: str | None = None, cache_type_v: str | None = None,
+                 prompt_reuse: bool = True):
         from edgeq.runtime.kv_cache import make_kv_cache
 
         if n_slots < 1:
@@ -124,6 +125,7 @@ class Scheduler:
             raise ContextError(f"context {self.n_ctx} must be between 16 and the model's trained context "
                                f"{model.cfg.n_ctx_train}")
         self.max_queue = max_queue
+        self.prompt_reuse = prompt_reuse  # False: every prompt is evaluated from position 0 (for measurements)
         self.prefill_chunk = max(1, prefill_chunk)
         self.slots = [_Slot(i, make_kv_cache(model.cfg.kv_layouts(), self.n_ctx, cache_type_k, cache_type_v,
                                              max_batch=self.prefill_chunk)) for i in range(n_slots)]
@@ -241,7 +243,7 @@ class Scheduler:
             ids = job.req.ids
             best, keep = free[0], -1
             for s in free:
-                k = _common_prefix(s.tokens, ids)
+                k = _common_prefix(s.tokens, ids) if self.prompt_reuse else 0
                 if k > keep:
                     best, keep = s, k
             self._begin(best, job, keep)

@@ -14,7 +14,7 @@ import threading
 
 from edgeq.serve.app import ServerOptions, create_app  # noqa: F401
 
-__all__ = ["ServerOptions", "create_app", "is_loopback", "start_server", "Server"]
+__all__ = ["ServerOptions", "create_app", "exposure_warning", "is_loopback", "make_server", "start_server", "Server"]
 
 
 def is_loopback(host: str) -> bool:
@@ -24,6 +24,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a server others can reach without a key (None when bound to loopback or keyed)."""
+    if is_loopback(host) or api_key:
+        return None
+    return (f"warning: listening on {host} without an API key: anyone who can reach this address can use the model "
+            "(set --api-key or EDGEQ_API_KEY)")
 
 
 class Server:
@@ -72,24 +80,21 @@ class Server:
         self.sock.close()
 
 
-def start_server(model, host: str = "127.0.0.1", port: int = 0, n_slots: int = 4, n_ctx: int | None = None,
-                 max_queue: int = 64, api_key: str | None = None, cors_origin: str | None = None,
-                 model_name: str | None = None, request_timeout: float = 600.0, max_body: int = 8 << 20,
-                 prefill_chunk: int = 128, cache_type_k: str | None = None, cache_type_v: str | None = None) -> Server:
-    """Start a server in background threads (tests, benchmarks, embedding); `Server.stop()` ends it."""
-    return make_server(model, host, port, n_slots, n_ctx, max_queue, api_key, cors_origin, model_name,
-                       request_timeout, max_body, prefill_chunk, cache_type_k, cache_type_v).start()
+def start_server(model, host: str = "127.0.0.1", port: int = 0, **kw) -> Server:
+    """Start a server in background threads (tests, benchmarks, embedding); `Server.stop()` ends it. Options as
+    make_server's."""
+    return make_server(model, host, port, **kw).start()
 
 
 def make_server(model, host: str = "127.0.0.1", port: int = 8080, n_slots: int = 4, n_ctx: int | None = None,
                 max_queue: int = 64, api_key: str | None = None, cors_origin: str | None = None,
                 model_name: str | None = None, request_timeout: float = 600.0, max_body: int = 8 << 20,
                 prefill_chunk: int = 128, cache_type_k: str | None = None,
-                cache_type_v: str | None = None) -> Server:
+                cache_type_v: str | None = None, prompt_reuse: bool = True) -> Server:
     from edgeq.runtime.scheduler import Scheduler
 
     sched = Scheduler(model, n_slots=n_slots, n_ctx=n_ctx, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                      cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+                      cache_type_k=cache_type_k, cache_type_v=cache_type_v, prompt_reuse=prompt_reuse)
     opts = ServerOptions(model_name=model_name or model.path.stem, api_key=api_key or None, cors_origin=cors_origin,
                          loopback_only=is_loopback(host), max_body=max_body, request_timeout=request_timeout)
     server = Server(model, sched, opts, host, port)
