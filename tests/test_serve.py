@@ -27,8 +27,11 @@ def _wait_healthy(url: str, timeout: float = 600.0) -> None:
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
+            r = httpx.get(url + "/health", timeout=5)
+            if r.status_code == 200:
                 return
+            if r.json().get("status") == "error":
+                raise RuntimeError(r.json()["message"])
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -268,6 +271,8 @@ def _chat_body(**kw):
     (_chat_body(n=2), "n"),
     (_chat_body(messages="hi"), "messages"),
     (_chat_body(messages=[{"role": "wizard", "content": "hi"}]), "messages.0.role"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "messages"),
     (_chat_body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}),
      "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "model"),

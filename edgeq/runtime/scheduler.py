@@ -224,10 +224,12 @@ class Scheduler:
         a, b = self.slots[0], self.slots[-1]
         n = min(self.prefill_chunk, 32)
         arch.forward(m.weights, m.cfg, np.ones(n, np.int64), 0, a.cache)
-        arch.forward(m.weights, m.cfg, np.ones(4, np.int64), 0, b.cache)
         arch.forward_batch(m.weights, m.cfg, np.array([1]), np.array([n]), [a.cache])
         if a is not b:
+            arch.forward(m.weights, m.cfg, np.ones(4, np.int64), 0, b.cache)
             arch.forward_batch(m.weights, m.cfg, np.array([1, 1]), np.array([n + 1, 4]), [a.cache, b.cache])
+        else:
+            arch.forward(m.weights, m.cfg, np.ones(4, np.int64), 0, a.cache)
         # the caches now hold junk at positions 0..: slot.tokens stays empty, so nothing is ever reused
 
     def _admit(self) -> None:

@@ -415,6 +415,9 @@ def create_app(model, sched, opts: ServerOptions):
     def openai_messages(msgs: list[P.ChatMessage]) -> list[dict]:
         out = []
         for m in msgs:
+            if isinstance(m.content, list) and any(p.type not in ("text", "input_text") for p in m.content):
+                raise ApiError(400, "only text content is supported (this is a text model)", param="messages",
+                               code="unsupported_value")
             d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             if m.tool_calls:
                 calls = []
@@ -671,6 +674,8 @@ def create_app(model, sched, opts: ServerOptions):
         tools, _ = tool_setup(r.tools, "auto")
         msgs = []
         for m in r.messages:
+            if m.images:
+                raise ApiError(400, "images are not supported (this is a text model)")
             d: dict[str, Any] = {"role": m.role, "content": m.content}
             if m.tool_calls:
                 d["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
@@ -722,6 +727,8 @@ def create_app(model, sched, opts: ServerOptions):
         r = parse(P.OllamaGenerateRequest, await request.body())
         svc.check_model(r.model)
         ready()
+        if r.images:
+            raise ApiError(400, "images are not supported (this is a text model)")
         if not r.prompt:
             return {"model": r.model, "created_at": _now_iso(), "response": "", "done": True, "done_reason": "load"}
         if r.raw or model.template is None:
