@@ -87,3 +87,18 @@ def test_scheduler_rejects_what_cannot_run_and_bounds_the_queue(model):
     with pytest.raises(QueueFull):
         sched.submit(GenRequest([1, 2], 4), lambda ev: None)
     assert isinstance(Done("stop", 1, 1, 0, 0.0, 0.0), Done)
+
+
+def test_decode_batch_products_equal_one_row_products(model):
+    """matmul_rows_many over 8 rows gives each row exactly what matvec gives it alone (the same integer kernel),
+    so a sequence's logits do not depend on what else is in the batch through the matrix products."""
+    from edgeq.cpu_kernels.linear import matmul_rows_many
+
+    L = model.weights.layers[0]
+    X = np.random.default_rng(0).standard_normal((8, L.wq.n_in)).astype(np.float32)
+    qs = [L.wq.q, L.wk.q, L.wv.q, L.w_gate.q]
+    ys = matmul_rows_many(qs, X)
+    for q, y in zip(qs, ys):
+        assert y.shape == (8, q.n_out)
+        for t in range(8):
+            np.testing.assert_array_equal(y[t], q.matvec(X[t]))
