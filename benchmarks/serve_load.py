@@ -21,6 +21,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,14 +55,17 @@ class ServerProc:
     def __init__(self, kind: str, argv: list[str], port: int, model_name: str):
         self.kind, self.port, self.model_name = kind, port, model_name
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # stderr to a file: a server's load log (llama.cpp's is long) would fill a pipe nobody reads and block it
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
 
     def wait_ready(self, timeout: float) -> None:
         t_end = time.monotonic() + timeout
         path = "/health" if self.kind == "edgeq" else "/v1/models"
         while time.monotonic() < t_end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} server exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"{self.kind} server exited: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(self.url + path, timeout=5).status_code == 200:
                     return
@@ -143,6 +147,12 @@ async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
     return {"server": srv.kind, "clients": clients, "requests": len(ok), "errors": len(results) - len(ok),
             "tok_s": sum(r[2] for r in ok) / wall, "ttft_p50": q(ttfts, 0.5), "ttft_p95": q(ttfts, 0.95),
             "tpot_p50": q(tpots, 0.5)}
+
+
+def report(row: dict) -> dict:
+    print(f"{row['server']} {row['clients']} clients: {row['tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.2f} s "
+          f"p95 {row['ttft_p95']:.2f} s, {row['errors']} errors", file=sys.stderr, flush=True)
+    return row
 
 
 def metrics(url: str) -> dict:
@@ -267,7 +277,7 @@ def main() -> int:
         srv.wait_ready(a.ready_timeout)
         if a.soak:
             return asyncio.run(soak(srv, a))
-        rows = [asyncio.run(load_level(srv, a, c, a.duration)) for c in levels]
+        rows = [report(asyncio.run(load_level(srv, a, c, a.duration))) for c in levels]
     finally:
         srv.stop()
     py = None if a.no_llamacpp else find_llamacpp(a)
@@ -275,7 +285,7 @@ def main() -> int:
         srv = start_llamacpp(a, py, path, free_port())
         try:
             srv.wait_ready(a.ready_timeout)
-            rows += [asyncio.run(load_level(srv, a, c, a.duration)) for c in levels]
+            rows += [report(asyncio.run(load_level(srv, a, c, a.duration))) for c in levels]
         finally:
             srv.stop()
     else:
