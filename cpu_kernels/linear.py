@@ -599,23 +599,33 @@ def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:
     parallel kernel call after one activation quantization (a mix's odd one out, e.g. a Q8_0 attn_v beside
     Q5_0 q/k, gets its own call); float matrices use matvec."""
     x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"matvec: expected x of shape ({qs[0].n_in},) for every matrix, got {x.shape}")
+    return [y[0] for y in matmul_rows_many(qs, x[None, :])]
+
+
+def matmul_rows_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]:
+    """[X W^T for W in qs] (X: (T, n_in), a few rows: a decode batch) with the integer row kernels whatever T, so
+    each weight row is read once for all T rows; matrices of one quantized type share one call (as matvec_many).
+    Prefill's many rows go to QuantLinear.matmul instead (dequantized tiles + float GEMM)."""
+    X = np.asarray(X)
     n_in = qs[0].n_in
-    if x.ndim != 1 or x.shape[0] != n_in or any(q.n_in != n_in for q in qs):
-        raise ValueError(f"matvec: expected x of shape ({n_in},) for every matrix, got {x.shape}")
+    if X.ndim != 2 or X.shape[1] != n_in or any(q.n_in != n_in for q in qs):
+        raise ValueError(f"matvec: expected x of shape (T, {n_in}) for every matrix, got {X.shape}")
     ys: list[np.ndarray | None] = [None] * len(qs)
     groups: dict[str, list[int]] = {}
     for i, q in enumerate(qs):
         if q._mm is None:
-            ys[i] = q.matvec(x)
+            ys[i] = q.matmul(X)
         else:
             groups.setdefault(q.qtype, []).append(i)
     if groups:
-        qx, dx, bsums = _quantized(np.ascontiguousarray(x, dtype=np.float32)[None, :])
+        qx, dx, bsums = _quantized(np.ascontiguousarray(X, dtype=np.float32))
         for idx in groups.values():
-            outs = [np.empty((1, qs[i].n_out), np.float32) for i in idx]
+            outs = [np.empty((X.shape[0], qs[i].n_out), np.float32) for i in idx]
             _run_fused(qs[idx[0]]._mm, [qs[i].raw for i in idx], n_in, qx, dx, bsums, outs)
             for i, y in zip(idx, outs):
-                ys[i] = y[0]
+                ys[i] = y
     return ys
 
 

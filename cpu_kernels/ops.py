@@ -44,7 +44,9 @@ def fast_exp(x):
 
 
 # Each op: a row function and a parallel driver over rows; RMSNorm and RoPE also have a serial driver for a
-# single row (decode), where starting a parallel region (~3 us) costs more than the row's work.
+# few rows (decode, a decode batch), where starting a parallel region (~3 us, far more when the cores are
+# shared) costs more than the rows' work. Both drivers compute each row the same way.
+SERIAL_ROWS = 16
 # ---------------------------------------------------------------- RMSNorm
 @njit(**_JIT)
 def _rmsnorm_row(x, w, eps, out, r):
@@ -75,7 +77,7 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = N
         raise ValueError(f"rmsnorm: x last dim {x.shape[-1]} != weight {w.shape[0]}")
     x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     o2 = np.empty_like(x2) if out is None else out.reshape(x2.shape)
-    kernel = _rmsnorm if x2.shape[0] > 1 else _rmsnorm_serial
+    kernel = _rmsnorm if x2.shape[0] > SERIAL_ROWS else _rmsnorm_serial
     kernel(x2, np.ascontiguousarray(w, dtype=np.float32), np.float32(eps), o2)
     return o2.reshape(x.shape)
 
@@ -131,7 +133,7 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, neox: bool)
         raise ValueError("rope: x must be a contiguous float32 (T, H, D) array")
     if 2 * inv_freq.shape[0] > x.shape[2] or positions.shape[0] != x.shape[0]:
         raise ValueError("rope: rotation width or positions do not match x")
-    (_rope if x.shape[0] > 1 else _rope_serial)(x, positions.astype(np.int64), inv_freq, neox)
+    (_rope if x.shape[0] > SERIAL_ROWS else _rope_serial)(x, positions.astype(np.int64), inv_freq, neox)
     return x
 
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.cpu_kernels.linear import SUPPORTED, QuantLinear, embed_rows, matvec_many
+from edgeq.cpu_kernels.linear import SUPPORTED, QuantLinear, embed_rows, matmul_rows_many, matvec_many
 from edgeq.errors import ModelError
 from edgeq.formats.quants import dequantize
 
@@ -119,6 +119,16 @@ def linears(layers: list[Linear], x: np.ndarray, observer: Observer | None = Non
         for lin in layers:
             observer(lin.name, x)
     ys = [y[None, :] for y in matvec_many([lin.q for lin in layers], x[0])]
+    for lin, y in zip(layers, ys):
+        if lin.bias is not None:
+            y += lin.bias
+    return ys
+
+
+def batch_linears(layers: list[Linear], x: np.ndarray) -> list[np.ndarray]:
+    """[layer(x) for layer in layers] for a decode batch (x: a few rows, one per sequence): the integer row
+    kernels, one call per weight type, each weight row read once for every sequence."""
+    ys = matmul_rows_many([lin.q for lin in layers], x)
     for lin, y in zip(layers, ys):
         if lin.bias is not None:
             y += lin.bias

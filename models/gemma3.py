@@ -13,7 +13,7 @@ import numpy as np
 from edgeq.cpu_kernels.ops import gelu_mul, rmsnorm, rope, rope_inv_freq
 from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, KVLayout,
                                Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers, hparam,
-                               linears)
+                               linears, batch_linears)
 
 
 @dataclass
@@ -159,3 +159,33 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
     x = x if all_logits else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
     return w.output(x, observer)
+
+
+def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
+    """One decode step for N sequences at once (see llama.forward_batch): matrix products over the batch,
+    attention per sequence on its own cache. Returns logits (N, n_vocab)."""
+    N = len(tokens)
+    positions = np.asarray(positions, dtype=np.int64)
+    hd = cfg.head_dim
+    scale = 1.0 / math.sqrt(hd)
+    x = w.tok_embd(np.asarray(tokens, dtype=np.int64)) * np.float32(math.sqrt(cfg.n_embd))
+    a = np.empty((N, cfg.n_head, hd), np.float32)
+    for il, L in enumerate(w.layers):
+        inv_freq = w.inv_freq_local if cfg.is_local(il) else w.inv_freq_global
+        h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
+        q, k, v = batch_linears([L.wq, L.wk, L.wv], h)
+        q = np.ascontiguousarray(rmsnorm(q.reshape(N, cfg.n_head, hd), L.q_norm, cfg.rms_eps))
+        k = np.ascontiguousarray(rmsnorm(k.reshape(N, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps))
+        v = v.reshape(N, cfg.n_head_kv, hd)
+        rope(q, positions, inv_freq, True)
+        rope(k, positions, inv_freq, True)
+        for i, cache in enumerate(caches):
+            p = int(positions[i])
+            cache.store(il, p, k[i:i + 1], v[i:i + 1])
+            a[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
+        x += rmsnorm(batch_linears([L.wo], a.reshape(N, cfg.n_head * hd))[0], L.post_attn_norm, cfg.rms_eps)
+        h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
+        g = gelu_mul(*batch_linears([L.w_gate, L.w_up], h))
+        x += rmsnorm(batch_linears([L.w_down], g)[0], L.post_ffn_norm, cfg.rms_eps)
+    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
+    return batch_linears([w.output], x)[0]

@@ -12,7 +12,7 @@ import numpy as np
 from edgeq.cpu_kernels.ops import rmsnorm, rope, rope_inv_freq, silu_mul
 from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, KVLayout,
                                Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers, hparam,
-                               linears)
+                               linears, batch_linears)
 
 
 @dataclass
@@ -143,3 +143,33 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
     x = x if all_logits else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
     return w.output(x, observer)
+
+
+def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
+    """One decode step for N sequences at once: token i sits at positions[i] of caches[i].
+
+    The matrix products run over all N rows together (each weight read once per step); attention runs per
+    sequence on its own cache. Returns logits (N, n_vocab)."""
+    N = len(tokens)
+    positions = np.asarray(positions, dtype=np.int64)
+    hd, scale = cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim)
+    x = w.tok_embd(np.asarray(tokens, dtype=np.int64))              # (N, d)
+    a = np.empty((N, cfg.n_head, hd), np.float32)
+    for il, L in enumerate(w.layers):
+        h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
+        q, k, v = batch_linears([L.wq, L.wk, L.wv], h)
+        q = np.ascontiguousarray(q.reshape(N, cfg.n_head, hd))
+        k = np.ascontiguousarray(k.reshape(N, cfg.n_head_kv, hd))
+        v = v.reshape(N, cfg.n_head_kv, hd)
+        rope(q, positions, w.inv_freq, cfg.rope_neox)
+        rope(k, positions, w.inv_freq, cfg.rope_neox)
+        for i, cache in enumerate(caches):
+            p = int(positions[i])
+            cache.store(il, p, k[i:i + 1], v[i:i + 1])
+            a[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
+        x += batch_linears([L.wo], a.reshape(N, cfg.n_head * hd))[0]
+        h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
+        g = silu_mul(*batch_linears([L.w_gate, L.w_up], h))
+        x += batch_linears([L.w_down], g)[0]
+    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
+    return batch_linears([w.output], x)[0]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from edgeq.models import llama
-from edgeq.models.llama import Weights, forward, load_weights  # noqa: F401  (same network)
+from edgeq.models.llama import Weights, forward, forward_batch, load_weights  # noqa: F401  (same network)
 
 
 class Config(llama.Config):

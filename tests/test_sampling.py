@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgeq.runtime.engine import _split_stop
+from edgeq.runtime.engine import split_stop
 from edgeq.errors import EdgeqError
 from edgeq.runtime.sampling import Sampler, SamplingParams
 
@@ -48,9 +48,9 @@ def test_bad_params_rejected():
 
 
 def test_split_stop_holds_back_partial_matches():
-    assert _split_stop("hello wor", ["world"]) == ("hello ", "wor", False)
-    assert _split_stop("hello world!", ["world"]) == ("hello ", "", True)
-    assert _split_stop("abc", []) == ("abc", "", False)
+    assert split_stop("hello wor", ["world"]) == ("hello ", "wor", False)
+    assert split_stop("hello world!", ["world"]) == ("hello ", "", True)
+    assert split_stop("abc", []) == ("abc", "", False)
 
 
 def test_top_k_prefilter_equals_full_sort():

@@ -11,6 +11,7 @@ VERBS = {
     "convert": ("edgeq.cli.convert", "convert a Hugging Face checkpoint to one quantized GGUF file"),
     "quantize": ("edgeq.cli.quantize", "requantize a GGUF file to another type"),
     "perplexity": ("edgeq.cli.perplexity", "perplexity of a model on a text (llama-perplexity's method)"),
+    "serve": ("edgeq.cli.serve", "an OpenAI- and ollama-compatible HTTP server (batches concurrent requests)"),
     "bench": ("edgeq.cli.bench", "prefill/decode speed, load time and peak memory"),
     "inspect": ("edgeq.cli.inspect", "show what a GGUF file holds"),
     "pull": ("edgeq.cli.pull", "download a catalog model or a hub GGUF repo (OWNER/REPO[:QUANT])"),

@@ -233,14 +233,15 @@ class Model:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special=True, parse_special=True)
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt text of a conversation; `tools` (JSON schemas) go to templates that render them."""
         if self.template is not None:
-            return self.template.render(messages, add_generation_prompt=True)
+            return self.template.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
         # a base model has no template: plain completion of the conversation's text
         return "\n\n".join(m["content"] for m in messages if m.get("content"))
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.encode_prompt(self.render_chat(messages))
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        ids = self.encode_prompt(self.render_chat(messages, tools))
         bos = self.tokenizer.bos_id
         if len(ids) >= 2 and ids[0] == bos and ids[1] == bos:  # template wrote BOS and the tokenizer added one
             ids = ids[1:]
@@ -295,7 +296,7 @@ class Model:
                     n += 1
                     history.append(tok)
                     pending += decoder.feed(tok)
-                    out, pending, hit = _split_stop(pending, stops)
+                    out, pending, hit = split_stop(pending, stops)
                     if out:
                         yield out
                     if hit:
@@ -317,7 +318,7 @@ class Model:
                 stats["gen_s"] = time.perf_counter() - t1
 
 
-def _split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
+def split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
     """(text safe to emit, text to hold back, whether a stop string was hit)."""
     if not stops:
         return text, "", False

@@ -1,0 +1,398 @@
+"""Continuous batching: one thread owns the model and advances every active request together.
+
+    sched = Scheduler(model, n_slots=4)
+    sched.start()
+    job = sched.submit(GenRequest(ids, max_tokens=64), on_event)   # on_event(Piece | Done), from the thread
+
+Each slot has its own KV cache. A step is: at most one prefill chunk (one slot's prompt, `prefill_chunk`
+tokens, so a long prompt never stalls the others for long), then one decode forward over every decoding slot
+(`arch.forward_batch`: each weight matrix read once for all of them). New requests join between steps. A free
+slot whose cache starts with the new prompt's tokens is preferred, and only the rest is prefilled.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from edgeq.errors import ContextError, EdgeqError
+from edgeq.runtime.engine import split_stop
+from edgeq.runtime.sampling import Sampler, SamplingParams
+
+
+class QueueFull(EdgeqError):
+    """Every slot is busy and the waiting queue is at its bound: try again later."""
+
+
+@dataclass
+class GenRequest:
+    ids: list[int]                        # the prompt's tokens
+    max_tokens: int = 256
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0         # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0        # ... and once per occurrence
+    logprobs: int | None = None           # None: none; k: the chosen token's logprob and the k best
+    constraint: object | None = None      # a runtime.grammar.Constraint, fresh for this request
+    timeout_s: float | None = None
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]          # (token id, logprob), best first
+
+
+@dataclass
+class Piece:
+    """Text that is final (stop strings already held back), and the tokens that produced it."""
+    text: str
+    tokens: list[TokenInfo]
+
+
+@dataclass
+class Done:
+    finish: str               # "stop" (end of turn, stop string, grammar complete), "length", "cancelled", "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int        # prompt tokens reused from the slot's cache
+    ttft_s: float             # submit → first token
+    gen_s: float              # first token → last token
+    error: str | None = None  # finish == "error": what went wrong (one line)
+
+
+class Job:
+    """A submitted request; `cancel()` frees its slot at the next step."""
+
+    def __init__(self, req: GenRequest, on_event: Callable, wake: Callable):
+        self.req = req
+        self.on_event = on_event
+        self._wake = wake
+        self.cancelled = False
+        self.t_submit = time.perf_counter()
+        self.deadline = self.t_submit + req.timeout_s if req.timeout_s else math.inf
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake()
+
+
+class _Slot:
+    def __init__(self, index: int, cache):
+        self.index = index
+        self.cache = cache
+        self.tokens: list[int] = []       # what the cache holds: position i has tokens[i]
+        self.saved: tuple[list[int], np.ndarray] | None = None  # last prompt and its next-token logits
+        self.job: Job | None = None
+
+    def begin(self, job: Job, tokenizer) -> None:
+        self.job = job
+        self.decoder = tokenizer.stream_decoder()
+        r = job.req
+        self.todo: list[int] = []         # prompt tokens still to prefill
+        self.logits: np.ndarray | None = None
+        self.sampler = Sampler(r.params)
+        self.history = list(r.ids)
+        self.counts: dict[int, int] = {}  # generated token → occurrences (penalties)
+        self.pending = ""                 # text held back: it may be the start of a stop string
+        self.n_gen = 0
+        self.next_token: int | None = None  # sampled, not yet evaluated
+        self.t_first: float | None = None
+        self.cached = 0
+
+
+class Scheduler:
+    def __init__(self, model, n_slots: int = 4, n_ctx: int | None = None, max_queue: int = 64,
+                 prefill_chunk: int = 128, cache_type_k: str | None = None, cache_type_v: str | None = None,
+                 prompt_reuse: bool = True):
+        from edgeq.runtime.kv_cache import make_kv_cache
+
+        if n_slots < 1:
+            raise EdgeqError("--parallel must be >= 1")
+        if max_queue < 0:
+            raise EdgeqError("--max-queue must be >= 0")
+        if getattr(model, "device", "cpu") != "cpu":
+            raise EdgeqError("the server runs on the CPU (batched decode has no CUDA path yet)")
+        self.model = model
+        self.n_ctx = n_ctx or model.n_ctx
+        if self.n_ctx < 16 or self.n_ctx > model.cfg.n_ctx_train:
+            raise ContextError(f"context {self.n_ctx} must be between 16 and the model's trained context "
+                               f"{model.cfg.n_ctx_train}")
+        self.max_queue = max_queue
+        self.prompt_reuse = prompt_reuse  # False: every prompt is evaluated from position 0 (for measurements)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.slots = [_Slot(i, make_kv_cache(model.cfg.kv_layouts(), self.n_ctx, cache_type_k, cache_type_v,
+                                             max_batch=self.prefill_chunk)) for i in range(n_slots)]
+        self.vocab = model.cfg.n_vocab
+        self.eog = model.tokenizer.eog_ids
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()     # set once the kernels are compiled and warm
+        self.failed: str | None = None     # set when warm-up failed
+
+    # ------------------------------------------------------------ public
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(s.job is not None for s in self.slots)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Positions held in all slot caches (kept for reuse after a request ends, so not all in use)."""
+        return sum(len(s.tokens) for s in self.slots)
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in self.slots)
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._run, name="edgeq-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def check(self, ids: list[int], max_tokens: int) -> None:
+        """Raise ContextError/EdgeqError for a request that can never run (before it is queued)."""
+        if not ids:
+            raise EdgeqError("empty prompt")
+        if min(ids) < 0 or max(ids) >= self.vocab:
+            raise EdgeqError(f"token id out of range 0..{self.vocab - 1}")
+        if len(ids) >= self.n_ctx:
+            raise ContextError(f"the prompt is {len(ids)} tokens; the context is {self.n_ctx} "
+                               f"(prompts are never truncated: shorten it or start the server with a larger --ctx)")
+        if max_tokens < 1:
+            raise EdgeqError("max_tokens must be >= 1")
+
+    def submit(self, req: GenRequest, on_event: Callable) -> Job:
+        self.check(req.ids, req.max_tokens)
+        job = Job(req, on_event, self._wake)
+        with self._cv:
+            if len(self._queue) >= self.max_queue + sum(s.job is None for s in self.slots):
+                raise QueueFull(f"server busy: {len(self._queue)} requests waiting")
+            self._queue.append(job)
+            self._cv.notify_all()
+        return job
+
+    # ------------------------------------------------------------ the thread
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        try:
+            self.model._set_threads()
+            self._warm_up()
+        except Exception as e:  # the server reports it on /health; nothing else can run
+            self.failed = f"{type(e).__name__}: {e}"
+            return
+        self.ready.set()
+        while True:
+            with self._cv:
+                while not self._stop and not self._queue and not any(s.job for s in self.slots):
+                    self._cv.wait()
+                if self._stop:
+                    break
+                self._admit()
+            self._step()
+        for s in self.slots:
+            if s.job is not None:
+                self._finish(s, "cancelled")
+        for job in self._queue:
+            job.on_event(Done("cancelled", len(job.req.ids), 0, 0, 0.0, 0.0))
+
+    def _warm_up(self) -> None:
+        """Compile every kernel the steps use: a prefill chunk of a few and of many rows (serial and parallel
+        small ops), batched decode of one and of several sequences."""
+        m, arch = self.model, self.model.arch
+        a, b = self.slots[0], self.slots[-1]
+        n = min(self.prefill_chunk, 32)
+        arch.forward(m.weights, m.cfg, np.ones(n, np.int64), 0, a.cache)
+        arch.forward_batch(m.weights, m.cfg, np.array([1]), np.array([n]), [a.cache])
+        if a is not b:
+            arch.forward(m.weights, m.cfg, np.ones(4, np.int64), 0, b.cache)
+            arch.forward_batch(m.weights, m.cfg, np.array([1, 1]), np.array([n + 1, 4]), [a.cache, b.cache])
+        else:
+            arch.forward(m.weights, m.cfg, np.ones(4, np.int64), 0, a.cache)
+        # the caches now hold junk at positions 0..: slot.tokens stays empty, so nothing is ever reused
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots, preferring the slot whose cache shares the longest prefix."""
+        while self._queue:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self._queue.popleft()
+            if job.cancelled:
+                job.on_event(Done("cancelled", len(job.req.ids), 0, 0, 0.0, 0.0))
+                continue
+            ids = job.req.ids
+            best, keep = free[0], -1
+            for s in free:
+                k = _common_prefix(s.tokens, ids) if self.prompt_reuse else 0
+                if k > keep:
+                    best, keep = s, k
+            self._begin(best, job, keep)
+
+    def _begin(self, s: _Slot, job: Job, keep: int) -> None:
+        s.begin(job, self.model.tokenizer)
+        ids = job.req.ids
+        if s.saved is not None and keep == len(ids) and s.saved[0] == ids and s.cache.can_rewind_to(keep):
+            # the same prompt again: its logits were kept, so temperature 0 answers the same (re-evaluating its
+            # last token alone would take other kernels, whose rounding can flip a near-tie)
+            s.tokens = s.tokens[:keep]
+            s.logits = s.saved[1].copy()
+            s.cached = keep
+            return
+        keep = min(keep, len(ids) - 1)  # at least one token is evaluated, for its logits
+        if not s.cache.can_rewind_to(keep):
+            keep = 0  # a sliding-window ring has overwritten positions that `keep` still needs
+        s.tokens = s.tokens[:keep]
+        s.saved = None
+        s.cached = keep
+        s.todo = ids[keep:]
+
+    def _step(self) -> None:
+        now = time.perf_counter()
+        for s in self.slots:
+            if s.job is not None and s.job.cancelled:
+                self._finish(s, "cancelled")
+            elif s.job is not None and now > s.job.deadline:
+                self._finish(s, "length")
+        m = self.model
+        # one prefill chunk: the slot that has waited longest
+        waiting = [s for s in self.slots if s.job is not None and s.todo]
+        if waiting:
+            s = min(waiting, key=lambda s: s.job.t_submit)
+            chunk, s.todo = s.todo[:self.prefill_chunk], s.todo[self.prefill_chunk:]
+            try:
+                logits = m.arch.forward(m.weights, m.cfg, np.asarray(chunk, np.int64), len(s.tokens), s.cache)
+                s.tokens.extend(chunk)
+                if not s.todo:
+                    s.logits = logits[-1]
+                    s.saved = (list(s.job.req.ids), s.logits.copy())
+            except Exception as e:
+                self._fail(s, e)
+        # slots whose prompt is evaluated choose their next token
+        for s in self.slots:
+            if s.job is not None and s.logits is not None:
+                logits, s.logits = s.logits, None
+                self._guarded(s, logits)
+        # one forward over every decoding slot
+        batch = [s for s in self.slots if s.job is not None and s.next_token is not None]
+        if not batch:
+            return
+        tokens = np.array([s.next_token for s in batch], np.int64)
+        positions = np.array([len(s.tokens) for s in batch], np.int64)
+        try:
+            logits = m.arch.forward_batch(m.weights, m.cfg, tokens, positions, [s.cache for s in batch])
+        except Exception as e:
+            for s in batch:
+                self._fail(s, e)
+            return
+        for i, s in enumerate(batch):
+            s.tokens.append(s.next_token)
+            s.next_token = None
+            self._guarded(s, logits[i])
+
+    def _guarded(self, s: _Slot, logits: np.ndarray) -> None:
+        try:
+            self._choose(s, logits)
+        except Exception as e:  # one request's failure (a grammar error...) ends that request only
+            self._fail(s, e)
+
+    def _choose(self, s: _Slot, logits: np.ndarray) -> None:
+        """Sample the next token from `logits`, emit its text, and finish or queue it for the next step."""
+        r = s.job.req
+        raw = logits
+        logits = np.array(logits, dtype=np.float32)
+        if s.counts and (r.presence_penalty or r.frequency_penalty):
+            ids = np.fromiter(s.counts.keys(), np.int64)
+            n = np.fromiter(s.counts.values(), np.float32)
+            logits[ids] -= n * np.float32(r.frequency_penalty) + np.float32(r.presence_penalty)
+        if r.constraint is not None:
+            logits[~r.constraint.allowed()] = -np.inf
+        tok = s.sampler(logits, s.history)
+        if s.t_first is None:
+            s.t_first = time.perf_counter()
+        info = None
+        if r.logprobs is not None:
+            info = _token_info(raw, tok, r.logprobs)
+        if r.constraint is not None:
+            r.constraint.consume(tok)
+        if tok in self.eog:
+            self._finish(s, "stop")
+            return
+        s.n_gen += 1
+        s.history.append(tok)
+        s.counts[tok] = s.counts.get(tok, 0) + 1
+        s.pending += s.decoder.feed(tok)
+        out, s.pending, hit = split_stop(s.pending, r.stop)
+        s.job.on_event(Piece(out, [info] if info else []))
+        if hit:
+            s.pending = ""
+            self._finish(s, "stop")
+        elif r.constraint is not None and r.constraint.done:
+            self._finish(s, "stop")
+        elif s.n_gen >= r.max_tokens or len(s.tokens) + 1 >= self.n_ctx:
+            self._finish(s, "length")
+        else:
+            s.next_token = tok
+
+    def _finish(self, s: _Slot, finish: str, error: str | None = None) -> None:
+        job = s.job
+        if finish in ("stop", "length") and error is None:
+            tail = s.pending + s.decoder.flush()
+            if tail:
+                job.on_event(Piece(tail, []))
+        now = time.perf_counter()
+        t_first = s.t_first or now
+        s.job = None
+        s.todo = []
+        s.next_token = None
+        s.logits = None
+        job.on_event(Done(finish, len(job.req.ids), s.n_gen, s.cached, t_first - job.t_submit, now - t_first, error))
+
+    def _fail(self, s: _Slot, e: Exception) -> None:
+        # the cache may hold a partial write: forget it rather than reuse it
+        s.tokens = []
+        s.saved = None
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        self._finish(s, "error", msg if isinstance(e, EdgeqError) else f"internal error: {type(e).__name__}: {msg}")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _token_info(logits: np.ndarray, tok: int, k: int) -> TokenInfo:
+    x = np.asarray(logits, dtype=np.float64)
+    mx = x.max()
+    lse = mx + math.log(np.exp(x - mx).sum())
+    top = []
+    if k > 0:
+        idx = np.argpartition(-x, k - 1)[:k]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return TokenInfo(int(tok), float(x[tok] - lse), top)

@@ -1,0 +1,104 @@
+"""Batched decode (models' forward_batch) and the continuous-batching scheduler, without HTTP."""
+import threading
+
+import numpy as np
+import pytest
+
+from edgeq.runtime.sampling import SamplingParams
+from edgeq.runtime.scheduler import Done, GenRequest, Piece, QueueFull, Scheduler
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def model(request):
+    import edgeq
+
+    return edgeq.load(str(request.getfixturevalue(f"{request.param}_path")), n_ctx=256, threads=2)
+
+
+def test_forward_batch_matches_each_sequence_alone(model):
+    """Three sequences at different positions in one step give each one's own single-sequence logits."""
+    from edgeq.runtime.kv_cache import make_kv_cache
+
+    m = model
+    m._set_threads()
+    prompts = [m.tokenizer.encode(t) for t in ("Hello there", "One two three four five six", "A")]
+    caches = [make_kv_cache(m.cfg.kv_layouts(), 64, max_batch=32) for _ in range(6)]
+    for c, ids in zip(caches, prompts + prompts):
+        m.arch.forward(m.weights, m.cfg, np.asarray(ids, np.int64), 0, c)
+    nxt = np.array([5, 6, 7])
+    batch = m.arch.forward_batch(m.weights, m.cfg, nxt, np.array([len(p) for p in prompts]), caches[:3])
+    assert batch.shape == (3, m.cfg.n_vocab)
+    for i, ids in enumerate(prompts):
+        one = m.arch.forward(m.weights, m.cfg, nxt[i:i + 1], len(ids), caches[3 + i])[0]
+        assert np.abs(batch[i] - one).max() < 0.02 * np.abs(one).max()
+        assert batch[i].argmax() == one.argmax()
+
+
+def _run(sched, reqs, timeout=600):
+    texts, done = [[] for _ in reqs], [None] * len(reqs)
+    finished = threading.Event()
+
+    def cb(i):
+        def on_event(ev):
+            if isinstance(ev, Piece):
+                texts[i].append(ev.text)
+            else:
+                done[i] = ev
+                if all(done):
+                    finished.set()
+        return on_event
+
+    for i, r in enumerate(reqs):
+        sched.submit(r, cb(i))
+    assert finished.wait(timeout)
+    return ["".join(t) for t in texts], done
+
+
+def test_scheduler_batched_equals_sequential_and_reuses_prompts(model):
+    m = model
+    sched = Scheduler(m, n_slots=3, n_ctx=128, prefill_chunk=8).start()  # chunks of 8: prompts take several steps
+    try:
+        assert sched.ready.wait(600)
+        prompts = [m.chat_ids([{"role": "user", "content": t}]) for t in ("Hi", "Name a color.", "What is 1+1?")]
+        reqs = lambda: [GenRequest(ids, 6, SamplingParams(temperature=0)) for ids in prompts]
+        together, done = _run(sched, reqs())
+        alone = [_run(sched, [r])[0][0] for r in reqs()]
+        assert together == alone
+        assert all(d.finish in ("stop", "length") for d in done)
+        again = _run(sched, reqs()[:1])[1][0]   # the same prompt: its slot still holds it
+        assert again.cached_tokens == len(prompts[0])
+        sched.prompt_reuse = False  # the measurement switch: every prompt from position 0
+        assert _run(sched, reqs()[:1])[1][0].cached_tokens == 0
+        assert sched.active_slots == 0 and sched.queue_depth == 0
+    finally:
+        sched.stop()
+
+
+def test_scheduler_rejects_what_cannot_run_and_bounds_the_queue(model):
+    from edgeq.errors import ContextError
+
+    sched = Scheduler(model, n_slots=1, n_ctx=32, max_queue=1)  # not started: nothing leaves the queue
+    with pytest.raises(ContextError):
+        sched.submit(GenRequest(list(range(1, 40)), 4), lambda ev: None)
+    sched.submit(GenRequest([1, 2], 4), lambda ev: None)
+    sched.submit(GenRequest([1, 2], 4), lambda ev: None)
+    with pytest.raises(QueueFull):
+        sched.submit(GenRequest([1, 2], 4), lambda ev: None)
+    assert isinstance(Done("stop", 1, 1, 0, 0.0, 0.0), Done)
+
+
+def test_decode_batch_products_equal_one_row_products(model):
+    """matmul_rows_many over 8 rows gives each row exactly what matvec gives it alone (the same integer kernel),
+    so a sequence's logits do not depend on what else is in the batch through the matrix products."""
+    from edgeq.cpu_kernels.linear import matmul_rows_many
+
+    L = model.weights.layers[0]
+    X = np.random.default_rng(0).standard_normal((8, L.wq.n_in)).astype(np.float32)
+    qs = [L.wq.q, L.wk.q, L.wv.q, L.w_gate.q]
+    ys = matmul_rows_many(qs, X)
+    for q, y in zip(qs, ys):
+        assert y.shape == (8, q.n_out)
+        for t in range(8):
+            np.testing.assert_array_equal(y[t], q.matvec(X[t]))
