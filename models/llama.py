@@ -1,6 +1,8 @@
 """Llama (SmolLM2, TinyLlama, Llama 3): pre-norm decoder, RoPE, GQA attention, SwiGLU FFN.
 
-Qwen2 is the same network with q/k/v biases and NeoX-order RoPE: models/qwen2.py reuses this forward.
+The Llama family shares this file: its variants are Config options, each a small file of its own that sets
+them (qwen2: q/k/v biases and NeoX RoPE; qwen3: q/k norms; smollm3: no RoPE on every 4th layer; granite:
+embedding, attention, residual and logit multipliers).
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq.cpu_kernels.ops import rmsnorm, rope, rope_inv_freq, silu_mul
-from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, KVLayout,
-                               Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers, hparam,
-                               linears)
+from edgeq.models import base
+from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, ForwardPlan,
+                               KVLayout, Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers,
+                               hparam, linears)
 
 
 @dataclass
@@ -31,6 +34,12 @@ class Config:
     n_rot: int                # rotated dims per head
     rope_neox: bool = False   # False: pairs (2i, 2i+1), llama.cpp's normal mode for permuted Q/K
     qkv_bias: bool = False    # Qwen2
+    qk_norm: bool = False     # Qwen3: RMSNorm of each q and k head before RoPE
+    no_rope_every: int = 0    # > 0: layers il with (il + 1) % no_rope_every == 0 skip RoPE (SmolLM3)
+    embed_scale: float = 1.0  # Granite's multipliers (1 elsewhere)
+    attn_scale: float = 0.0   # softmax scale; 0: 1/sqrt(head_dim)
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0  # logits are divided by it
     tied_output: bool = False  # no output.weight: the classifier is token_embd
     rope_freq_factors: np.ndarray | None = field(default=None, repr=False)  # Llama 3 rope scaling
 
@@ -64,6 +73,16 @@ class Config:
     def kv_layouts(self) -> list[KVLayout]:
         return [KVLayout(self.n_head_kv, self.head_dim) for _ in range(self.n_layer)]
 
+    def uses_rope(self, il: int) -> bool:
+        return not (self.no_rope_every and (il + 1) % self.no_rope_every == 0)
+
+    def plan(self) -> ForwardPlan:
+        return ForwardPlan(
+            rope_tables=tuple("inv_freq" if self.uses_rope(il) else None for il in range(self.n_layer)),
+            attn_scale=self.attn_scale or 1.0 / math.sqrt(self.head_dim), rope_neox=self.rope_neox,
+            qk_norm=self.qk_norm, embed_scale=self.embed_scale, residual_scale=self.residual_scale,
+            logit_scale=self.logit_scale)
+
 
 @dataclass
 class Layer:
@@ -76,6 +95,8 @@ class Layer:
     w_gate: Linear
     w_up: Linear
     w_down: Linear
+    q_norm: np.ndarray | None = None  # cfg.qk_norm
+    k_norm: np.ndarray | None = None
 
 
 @dataclass
@@ -103,6 +124,8 @@ def load_weights(gf, cfg: Config) -> Weights:
             w_gate=t.linear(p + "ffn_gate", ff, d),
             w_up=t.linear(p + "ffn_up", ff, d),
             w_down=t.linear(p + "ffn_down", d, ff),
+            q_norm=t.vector(p + "attn_q_norm.weight", hd) if cfg.qk_norm else None,
+            k_norm=t.vector(p + "attn_k_norm.weight", hd) if cfg.qk_norm else None,
         ))
     if t.has("rope_freqs.weight"):
         cfg.rope_freq_factors = t.vector("rope_freqs.weight", cfg.n_rot // 2)
@@ -122,8 +145,11 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
     Returns logits (T, n_vocab) if all_logits, else (1, n_vocab) for the last token."""
     T = len(tokens)
     positions = np.arange(pos0, pos0 + T)
-    hd, scale = cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim)
+    hd, scale = cfg.head_dim, cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
+    res = np.float32(cfg.residual_scale)
     x = w.tok_embd(tokens)                                           # (T, d)
+    if cfg.embed_scale != 1.0:
+        x *= np.float32(cfg.embed_scale)
     for il, L in enumerate(w.layers):
         # attention
         h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
@@ -131,15 +157,79 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
         q = q.reshape(T, cfg.n_head, hd)
         k = k.reshape(T, cfg.n_head_kv, hd)
         v = v.reshape(T, cfg.n_head_kv, hd)
-        rope(q, positions, w.inv_freq, cfg.rope_neox)
-        rope(k, positions, w.inv_freq, cfg.rope_neox)
+        if cfg.qk_norm:
+            q, k = rmsnorm(q, L.q_norm, cfg.rms_eps), rmsnorm(k, L.k_norm, cfg.rms_eps)
+        if cfg.uses_rope(il):
+            rope(q, positions, w.inv_freq, cfg.rope_neox)
+            rope(k, positions, w.inv_freq, cfg.rope_neox)
         cache.store(il, pos0, k, v)
         a = cache.attend(il, q, pos0, scale)                          # (T, n_head, hd)
-        x += L.wo(a.reshape(T, cfg.n_head * hd), observer)
+        o = L.wo(a.reshape(T, cfg.n_head * hd), observer)
+        x += o if res == 1.0 else o * res
         # feed-forward (SwiGLU)
         h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
         g = silu_mul(*linears([L.w_gate, L.w_up], h, observer))
-        x += L.w_down(g, observer)
+        o = L.w_down(g, observer)
+        x += o if res == 1.0 else o * res
     x = x if all_logits else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    return w.output(x, observer)
+    logits = w.output(x, observer)
+    return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints (read by edgeq.convert)
+# ------------------------------------------------------------------------------------------------
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: HF's rotate-half Q/K rows → interleaved pairs (GGUF "normal" RoPE)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+def llama3_rope_factors(rope_scaling: dict, rope_theta: float, head_dim: int) -> np.ndarray:
+    """rope_freqs.weight for Llama 3.x "llama3" rope scaling (convert_hf_to_gguf.py's formula)."""
+    rs = rope_scaling
+    factor = float(rs.get("factor", 8.0))
+    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+class HFSpec(base.HFSpec):
+    """llama.cpp's LlamaModel: Q/K rows permuted for interleaved RoPE, vocab_size and rope.dimension_count
+    written, "llama3" rope scaling as a rope_freqs tensor."""
+
+    arch = "llama"
+    hf_architectures = ("LlamaForCausalLM",)
+    hf_model_types = ("llama",)
+    permute = True
+
+    def metadata(self, hp):
+        return [("vocab_size", hp.n_vocab, "u32"), ("rope.dimension_count", hp.head_dim, "u32")]
+
+    def extra_tensors(self, hp):
+        if hp.rope_scaling.get("rope_type", hp.rope_scaling.get("type")) == "llama3":
+            return {"rope_freqs.weight": llama3_rope_factors(hp.rope_scaling, hp.rope_theta, hp.head_dim)}
+        return {}
+
+    def transform(self, name, x, hp):
+        if self.permute and ".attn_q." in name:
+            return permute_qk(x, hp.n_head)
+        if self.permute and ".attn_k." in name:
+            return permute_qk(x, hp.n_head_kv)
+        return x
+
+
+HF = HFSpec()
