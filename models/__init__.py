@@ -1,13 +1,15 @@
 """edgeq.models: one module per architecture, looked up by the file's `general.architecture`.
 
-Adding an architecture = adding `models/<arch>.py` with Config, load_weights, forward and its Hugging Face
-spec `HF` (models/base.HFSpec), and naming it here.
+Adding an architecture = adding `models/<arch>.py` (named as llama.cpp's general.architecture) with Config,
+load_weights, forward and its Hugging Face spec `HF` (models/base.HFSpec): the folder is the list.
 """
 import importlib
+import pkgutil
 
 from edgeq.errors import ModelError
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "smollm3", "granite")
+ARCHITECTURES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"
+                             and not m.name.startswith("_")))
 
 
 def architecture(name: str):

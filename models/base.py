@@ -157,6 +157,18 @@ class TensorBinder:
         b = self.vector(name + ".bias", n_out) if bias else None
         return Linear(name + ".weight", QuantLinear(t.data, t.qtype, (n_out, n_in)), b)
 
+    def fused_linears(self, name: str, parts: list[int], n_in: int) -> list[Linear]:
+        """A matrix stored as row blocks of several (Phi-3's attn_qkv, its gate+up ffn_up): one Linear per
+        block, each a view of its rows (quantized rows are independent)."""
+        t = self.info(name + ".weight", (sum(parts), n_in))
+        row_bytes = t.data.nbytes // sum(parts)
+        out, start = [], 0
+        for n in parts:
+            raw = t.data[start * row_bytes:(start + n) * row_bytes]
+            out.append(Linear(name + ".weight", QuantLinear(raw, t.qtype, (n, n_in))))
+            start += n
+        return out
+
     def vector(self, name: str, n: int) -> np.ndarray:
         """A 1-D tensor (norm weight, bias) as a float32 copy (small)."""
         t = self.info(name, (n,))
@@ -209,6 +221,7 @@ class HFSpec:
     }
     reads_head_dim = True             # False: config.json's head_dim is ignored (llama.cpp's Granite)
     write_head_dim = False            # attention.key_length/value_length even when head_dim is implicit
+    rope_types: tuple[str, ...] = ()  # rope scaling types beyond "linear" that the spec writes (llama3, longrope)
     trim_embedding_to_vocab = False   # llama.cpp drops embedding rows beyond the tokenizer's (Gemma 3)
     spm_add_space_prefix: bool | None = None  # forced tokenizer.ggml.add_space_prefix of SentencePiece vocabularies
 

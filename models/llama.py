@@ -2,7 +2,7 @@
 
 The Llama family shares this file: its variants are Config options, each a small file of its own that sets
 them (qwen2: q/k/v biases and NeoX RoPE; qwen3: q/k norms; smollm3: no RoPE on every 4th layer; granite:
-embedding, attention, residual and logit multipliers).
+embedding, attention, residual and logit multipliers; phi3: fused matrices, partial rotary, LongRoPE).
 """
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ class Config:
     attn_scale: float = 0.0   # softmax scale; 0: 1/sqrt(head_dim)
     residual_scale: float = 1.0
     logit_scale: float = 1.0  # logits are divided by it
+    fused_qkv: bool = False   # Phi-3: q, k, v rows in one matrix attn_qkv
+    fused_gate_up: bool = False  # Phi-3: gate then up rows in one ffn_up of 2 * n_ff rows
+    n_ctx_orig: int = 0       # LongRoPE: contexts above this use the long factors (llama.cpp's rule)
+    rope_attn_factor: float = 1.0  # LongRoPE: rotated dims of q and k times this
+    sliding_window: int = 0   # > 0: every layer attends to the last sliding_window positions (Phi-3)
     tied_output: bool = False  # no output.weight: the classifier is token_embd
     rope_freq_factors: np.ndarray | None = field(default=None, repr=False)  # Llama 3 rope scaling
 
@@ -71,7 +76,7 @@ class Config:
         return cls(**cfg)
 
     def kv_layouts(self) -> list[KVLayout]:
-        return [KVLayout(self.n_head_kv, self.head_dim) for _ in range(self.n_layer)]
+        return [KVLayout(self.n_head_kv, self.head_dim, self.sliding_window) for _ in range(self.n_layer)]
 
     def uses_rope(self, il: int) -> bool:
         return not (self.no_rope_every and (il + 1) % self.no_rope_every == 0)
@@ -106,36 +111,55 @@ class Weights:
     output_norm: np.ndarray
     output: Linear
     inv_freq: np.ndarray
+    inv_freq_long: np.ndarray | None = None  # LongRoPE: for contexts above cfg.n_ctx_orig
 
 
 def load_weights(gf, cfg: Config) -> Weights:
     t = TensorBinder(gf)
     d, hd, ff = cfg.n_embd, cfg.head_dim, cfg.n_ff
+    q, kv = cfg.n_head * hd, cfg.n_head_kv * hd
     layers = []
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
+        if cfg.fused_qkv:
+            wq, wk, wv = t.fused_linears(p + "attn_qkv", [q, kv, kv], d)
+        else:
+            wq, wk, wv = (t.linear(p + name, n, d, bias=cfg.qkv_bias)
+                          for name, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)))
+        if cfg.fused_gate_up:
+            w_gate, w_up = t.fused_linears(p + "ffn_up", [ff, ff], d)
+        else:
+            w_gate, w_up = t.linear(p + "ffn_gate", ff, d), t.linear(p + "ffn_up", ff, d)
         layers.append(Layer(
             attn_norm=t.vector(p + "attn_norm.weight", d),
-            wq=t.linear(p + "attn_q", cfg.n_head * hd, d, bias=cfg.qkv_bias),
-            wk=t.linear(p + "attn_k", cfg.n_head_kv * hd, d, bias=cfg.qkv_bias),
-            wv=t.linear(p + "attn_v", cfg.n_head_kv * hd, d, bias=cfg.qkv_bias),
-            wo=t.linear(p + "attn_output", d, cfg.n_head * hd),
+            wq=wq, wk=wk, wv=wv,
+            wo=t.linear(p + "attn_output", d, q),
             ffn_norm=t.vector(p + "ffn_norm.weight", d),
-            w_gate=t.linear(p + "ffn_gate", ff, d),
-            w_up=t.linear(p + "ffn_up", ff, d),
+            w_gate=w_gate, w_up=w_up,
             w_down=t.linear(p + "ffn_down", d, ff),
             q_norm=t.vector(p + "attn_q_norm.weight", hd) if cfg.qk_norm else None,
             k_norm=t.vector(p + "attn_k_norm.weight", hd) if cfg.qk_norm else None,
         ))
     if t.has("rope_freqs.weight"):
         cfg.rope_freq_factors = t.vector("rope_freqs.weight", cfg.n_rot // 2)
+    inv_freq_long = None
+    if t.has("rope_factors_long.weight"):  # LongRoPE: short factors for short contexts, long ones above
+        cfg.rope_freq_factors = t.vector("rope_factors_short.weight", cfg.n_rot // 2)
+        inv_freq_long = rope_inv_freq(cfg.n_rot, cfg.rope_base, t.vector("rope_factors_long.weight", cfg.n_rot // 2))
     return Weights(
         tok_embd=t.embedding("token_embd.weight", cfg.n_vocab, d),
         layers=layers,
         output_norm=t.vector("output_norm.weight", d),
         output=t.linear("token_embd" if cfg.tied_output else "output", cfg.n_vocab, d),
         inv_freq=rope_inv_freq(cfg.n_rot, cfg.rope_base, cfg.rope_freq_factors),
+        inv_freq_long=inv_freq_long,
     )
+
+
+def rope_table(w: Weights, cfg: Config, n_ctx: int) -> np.ndarray:
+    """The RoPE frequencies for a context of n_ctx positions: LongRoPE's long factors above the original
+    context, as llama.cpp chooses them (by context size, so that cached keys never mix the two)."""
+    return w.inv_freq_long if w.inv_freq_long is not None and n_ctx > cfg.n_ctx_orig else w.inv_freq
 
 
 def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
@@ -147,6 +171,7 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
     positions = np.arange(pos0, pos0 + T)
     hd, scale = cfg.head_dim, cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
     res = np.float32(cfg.residual_scale)
+    inv_freq = rope_table(w, cfg, cache.n_ctx)
     x = w.tok_embd(tokens)                                           # (T, d)
     if cfg.embed_scale != 1.0:
         x *= np.float32(cfg.embed_scale)
@@ -160,8 +185,11 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
         if cfg.qk_norm:
             q, k = rmsnorm(q, L.q_norm, cfg.rms_eps), rmsnorm(k, L.k_norm, cfg.rms_eps)
         if cfg.uses_rope(il):
-            rope(q, positions, w.inv_freq, cfg.rope_neox)
-            rope(k, positions, w.inv_freq, cfg.rope_neox)
+            rope(q, positions, inv_freq, cfg.rope_neox)
+            rope(k, positions, inv_freq, cfg.rope_neox)
+            if cfg.rope_attn_factor != 1.0:
+                q[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
+                k[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
         cache.store(il, pos0, k, v)
         a = cache.attend(il, q, pos0, scale)                          # (T, n_head, hd)
         o = L.wo(a.reshape(T, cfg.n_head * hd), observer)
@@ -214,6 +242,7 @@ class HFSpec(base.HFSpec):
     arch = "llama"
     hf_architectures = ("LlamaForCausalLM",)
     hf_model_types = ("llama",)
+    rope_types = ("llama3",)
     permute = True
 
     def metadata(self, hp):

@@ -77,6 +77,12 @@ def _tiny_config(arch: str, vocab: int):
     if arch == "smollm3":  # 4 layers: the 4th has no RoPE
         return transformers.SmolLM3Config(**{**common, "num_hidden_layers": 4}, **ids, tie_word_embeddings=True,
                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "phi3":  # LongRoPE over half of each head; original context 64 < LONG_IDS
+        return transformers.Phi3Config(**common, **ids, tie_word_embeddings=True, original_max_position_embeddings=64,
+                                       partial_rotary_factor=0.5, rope_parameters=dict(
+                                           rope_type="longrope", rope_theta=10000.0,
+                                           short_factor=[1.0 + 0.1 * i for i in range(8)],
+                                           long_factor=[1.0 + 0.7 * i for i in range(8)]))
     if arch == "granite":
         return transformers.GraniteConfig(**common, **ids, tie_word_embeddings=False, embedding_multiplier=12.0,
                                           attention_multiplier=0.1, residual_multiplier=0.3, logits_scaling=4.0,
@@ -132,7 +138,7 @@ def make_tiny(arch: str, folder: Path, smollm2_dir: Path | None, seed: int = 0, 
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
            "gemma3": transformers.Gemma3ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
            "llama3": transformers.LlamaForCausalLM, "smollm3": transformers.SmolLM3ForCausalLM,
-           "granite": transformers.GraniteForCausalLM}[arch]
+           "granite": transformers.GraniteForCausalLM, "phi3": transformers.Phi3ForCausalLM}[arch]
     model = cls(cfg).eval()
     with torch.no_grad():  # random norms, so that Gemma's +1 and every weight matter
         for name, p in model.named_parameters():
@@ -150,7 +156,10 @@ class _Tiny(dict):
         self.root, self.smollm2_dir = root, smollm2_dir
 
     def __missing__(self, arch: str) -> Path:
-        self[arch] = make_tiny(arch, self.root / arch, self.smollm2_dir)
+        # llama.cpp gives a model whose general.name (the folder's name) says phi3 Phi-3's SentencePiece token
+        # attributes, and fails on a vocabulary without <s>, </s>, <unk>: this one is SmolLM2's BPE
+        folder = self.root / ("tiny-longrope" if arch == "phi3" else arch)
+        self[arch] = make_tiny(arch, folder, self.smollm2_dir)
         return self[arch]
 
 
@@ -172,7 +181,7 @@ def convert(src, out, qtype="F32", *extra) -> int:
 IDS = [1, 17, 250, 33, 9, 101, 47, 2, 300, 5, 64, 128]
 LONG_IDS = [(i * 37 + 11) % 400 + 3 for i in range(96)]  # beyond the llama3 tiny model's original context (64)
 # the architectures added after llama/qwen2/gemma3 (models/<arch>.py each): GGUF architecture of each tiny model
-NEW_ARCHS = {"qwen3": "qwen3", "llama3": "llama", "smollm3": "smollm3", "granite": "granite"}
+NEW_ARCHS = {"qwen3": "qwen3", "llama3": "llama", "smollm3": "smollm3", "granite": "granite", "phi3": "phi3"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -673,6 +682,11 @@ def test_new_arch_file_is_llama_cpp_s(tiny, tmp_path, name):
         assert factors.shape == (16,) and factors.min() == 1.0 and factors.max() == 8.0
     if name == "smollm3":
         assert f["smollm3.block_count"] == 4
+    if name == "phi3":
+        assert names["blk.0.attn_qkv.weight"] == (128, 64) and names["blk.0.ffn_up.weight"] == (256, 64)
+        assert "blk.0.ffn_gate.weight" not in names and names["rope_factors_long.weight"] == (8,)
+        assert f["phi3.rope.dimension_count"] == 16 and f["phi3.rope.scaling.original_context_length"] == 64
+        assert f["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(4) / np.log(64)) ** 0.5)
     if name == "granite":
         scales = [f[f"granite.{k}"] for k in ("embedding_scale", "attention.scale", "residual_scale", "logit_scale")]
         assert scales == pytest.approx([12.0, 0.1, 0.3, 4.0])
@@ -717,3 +731,12 @@ def test_smollm3_other_no_rope_pattern_is_refused(tiny, tmp_path, capsys):
     rc, err = _run_cli(["convert", str(src), "-o", str(tmp_path / "x.gguf"), "-q"], capsys)
     assert rc != 0 and "no_rope_layers" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.gguf").exists()
+
+
+@needs_quants
+def test_phi3_short_context_uses_the_short_factors(tiny, tmp_path):
+    """A context within the original 64 positions: transformers and edgeq both rotate with short_factor."""
+    out = tmp_path / "phi3.gguf"
+    assert convert(tiny["phi3"], out) == 0
+    ref, got = hf_logits(tiny["phi3"], IDS), _edgeq_logits(out, IDS, n_ctx=64)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4

@@ -172,7 +172,7 @@ def metadata(hp: Hparams) -> list[tuple[str, Any, GGUFValueType]]:
     if kind == "linear":
         m += [(Keys.Rope.SCALING_TYPE.format(arch=a), "linear", V.STRING),
               (Keys.Rope.SCALING_FACTOR.format(arch=a), float(rs["factor"]), V.FLOAT32)]
-    elif kind not in (None, "default", "llama3"):
+    elif kind not in (None, "default") and kind not in hp.spec.rope_types:
         raise ConversionError(f"rope scaling {kind!r} is not supported")
     return m
 
