@@ -71,13 +71,19 @@ def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n
     for i in range(n_layer):
         p = f"blk.{i}."
         vector(p + "attn_norm.weight", n_embd)
-        matrix(p + "attn_q.weight", n_head * hd, n_embd)
-        matrix(p + "attn_k.weight", n_kv * hd, n_embd)
-        matrix(p + "attn_v.weight", n_kv * hd, n_embd)
+        if arch == "phi3":  # fused q/k/v and gate/up
+            matrix(p + "attn_qkv.weight", (n_head + 2 * n_kv) * hd, n_embd)
+        else:
+            matrix(p + "attn_q.weight", n_head * hd, n_embd)
+            matrix(p + "attn_k.weight", n_kv * hd, n_embd)
+            matrix(p + "attn_v.weight", n_kv * hd, n_embd)
         matrix(p + "attn_output.weight", n_embd, n_head * hd)
         vector(p + "ffn_norm.weight", n_embd)
-        matrix(p + "ffn_gate.weight", n_ff, n_embd)
-        matrix(p + "ffn_up.weight", n_ff, n_embd)
+        if arch == "phi3":
+            matrix(p + "ffn_up.weight", 2 * n_ff, n_embd)
+        else:
+            matrix(p + "ffn_gate.weight", n_ff, n_embd)
+            matrix(p + "ffn_up.weight", n_ff, n_embd)
         matrix(p + "ffn_down.weight", n_embd, n_ff)
         if arch == "qwen2":
             for t, n in (("attn_q", n_head * hd), ("attn_k", n_kv * hd), ("attn_v", n_kv * hd)):
@@ -195,6 +201,19 @@ def test_generation_on_the_device(models):
     assert "".join(gpu.generate("1+1=", **kw)) == "".join(cpu.generate("1+1=", **kw))
     assert gpu.cache.can_rewind_to(1)
     assert gpu.cache.nbytes == 2 * 2 * (1 * 16 * 32 * 4)  # layers x (k, v) x (kv heads, n_ctx, head dim) f32
+
+
+@needs_device
+def test_phi3_is_refused_on_cuda_in_one_line(tmp_path, fast_simulator):
+    """phi3 runs on the CPU; the CUDA path has no LongRoPE attention factor yet and says so."""
+    from edgeq.errors import EdgeqError
+    from edgeq.runtime.engine import Model
+
+    path = tiny_gguf(tmp_path / "phi3.gguf", "phi3", n_layer=1)
+    with pytest.raises(EdgeqError, match="phi3 has no CUDA forward yet"):
+        Model(path, n_ctx=16, device="cuda")
+    cpu = Model(path, n_ctx=16, threads=1, device="cpu", warm_up=False)
+    assert np.isfinite(cpu.logits(IDS)).all()
 
 
 @needs_device
