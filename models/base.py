@@ -169,6 +169,13 @@ class TensorBinder:
             start += n
         return out
 
+    def stacked_linears(self, name: str, n: int, n_out: int, n_in: int) -> list[Linear]:
+        """A stacked (n, n_out, n_in) tensor (MoE experts) as n Linears, each a view of its slab."""
+        t = self.info(name + ".weight", (n, n_out, n_in))
+        size = t.data.nbytes // n
+        return [Linear(name + ".weight", QuantLinear(t.data[i * size:(i + 1) * size], t.qtype, (n_out, n_in)))
+                for i in range(n)]
+
     def vector(self, name: str, n: int) -> np.ndarray:
         """A 1-D tensor (norm weight, bias) as a float32 copy (small)."""
         t = self.info(name, (n,))
@@ -227,6 +234,11 @@ class HFSpec:
 
     def check(self, hp, where: str) -> None:
         """Refuse (ModelError) a configuration the runtime cannot run."""
+
+    def stacked_tensor(self, hf_key: str) -> tuple[str, int] | None:
+        """(GGUF name after blk.N., index) when the HF per-layer name is one slice of a stacked GGUF tensor
+        (an MoE expert's matrix in ffn_*_exps); None otherwise."""
+        return None
 
     def qkv_bias(self, hp) -> bool:
         return bool(hp.raw.get("attention_bias", False))

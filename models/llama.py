@@ -45,6 +45,9 @@ class Config:
     n_ctx_orig: int = 0       # LongRoPE: contexts above this use the long factors (llama.cpp's rule)
     rope_attn_factor: float = 1.0  # LongRoPE: rotated dims of q and k times this
     sliding_window: int = 0   # > 0: every layer attends to the last sliding_window positions (Phi-3)
+    n_expert: int = 0         # > 0: the FFN is a mixture of experts (Qwen3-MoE), n_expert_used chosen per token
+    n_expert_used: int = 0
+    n_ff_expert: int = 0      # an expert's FFN inner size
     tied_output: bool = False  # no output.weight: the classifier is token_embd
     rope_freq_factors: np.ndarray | None = field(default=None, repr=False)  # Llama 3 rope scaling
 
@@ -102,6 +105,17 @@ class Layer:
     w_down: Linear
     q_norm: np.ndarray | None = None  # cfg.qk_norm
     k_norm: np.ndarray | None = None
+    moe: "Experts | None" = None       # cfg.n_expert: replaces w_gate/w_up/w_down
+
+
+@dataclass
+class Experts:
+    """A mixture-of-experts FFN: a router and, per expert, SwiGLU matrices (views of the stacked tensors)."""
+
+    router: Linear
+    gate: list[Linear]
+    up: list[Linear]
+    down: list[Linear]
 
 
 @dataclass
@@ -126,7 +140,13 @@ def load_weights(gf, cfg: Config) -> Weights:
         else:
             wq, wk, wv = (t.linear(p + name, n, d, bias=cfg.qkv_bias)
                           for name, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)))
-        if cfg.fused_gate_up:
+        moe = None
+        if cfg.n_expert:
+            w_gate = w_up = None
+            ne, fe = cfg.n_expert, cfg.n_ff_expert
+            moe = Experts(t.linear(p + "ffn_gate_inp", ne, d), t.stacked_linears(p + "ffn_gate_exps", ne, fe, d),
+                          t.stacked_linears(p + "ffn_up_exps", ne, fe, d), t.stacked_linears(p + "ffn_down_exps", ne, d, fe))
+        elif cfg.fused_gate_up:
             w_gate, w_up = t.fused_linears(p + "ffn_up", [ff, ff], d)
         else:
             w_gate, w_up = t.linear(p + "ffn_gate", ff, d), t.linear(p + "ffn_up", ff, d)
@@ -136,7 +156,8 @@ def load_weights(gf, cfg: Config) -> Weights:
             wo=t.linear(p + "attn_output", d, q),
             ffn_norm=t.vector(p + "ffn_norm.weight", d),
             w_gate=w_gate, w_up=w_up,
-            w_down=t.linear(p + "ffn_down", d, ff),
+            w_down=t.linear(p + "ffn_down", d, ff) if moe is None else None,
+            moe=moe,
             q_norm=t.vector(p + "attn_q_norm.weight", hd) if cfg.qk_norm else None,
             k_norm=t.vector(p + "attn_k_norm.weight", hd) if cfg.qk_norm else None,
         ))
@@ -194,15 +215,33 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
         a = cache.attend(il, q, pos0, scale)                          # (T, n_head, hd)
         o = L.wo(a.reshape(T, cfg.n_head * hd), observer)
         x += o if res == 1.0 else o * res
-        # feed-forward (SwiGLU)
+        # feed-forward (SwiGLU, or a mixture of SwiGLU experts)
         h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = silu_mul(*linears([L.w_gate, L.w_up], h, observer))
-        o = L.w_down(g, observer)
+        if L.moe is not None:
+            o = experts(L.moe, h, cfg.n_expert_used, observer)
+        else:
+            o = L.w_down(silu_mul(*linears([L.w_gate, L.w_up], h, observer)), observer)
         x += o if res == 1.0 else o * res
     x = x if all_logits else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
     logits = w.output(x, observer)
     return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
+
+
+def experts(m: Experts, h: np.ndarray, k: int, observer: Observer | None = None) -> np.ndarray:
+    """Each row of h through its k best experts (softmax over the router, the k weights renormalized, as
+    llama.cpp's qwen3moe); only the chosen experts' matrices are read."""
+    logits = m.router(h, observer)                                     # (T, n_expert)
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    w = np.take_along_axis(p, top, axis=1)
+    w /= w.sum(axis=1, keepdims=True)                                  # softmax, then renormalized over the k
+    out = np.zeros_like(h)
+    for e in np.unique(top):
+        rows, slot = np.nonzero(top == e)
+        g = silu_mul(*linears([m.gate[e], m.up[e]], np.ascontiguousarray(h[rows]), observer))
+        out[rows] += w[rows, slot][:, None].astype(np.float32) * m.down[e](g, observer)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -70,6 +70,10 @@ def _tiny_config(arch: str, vocab: int):
     if arch == "qwen3":
         return transformers.Qwen3Config(**common, **ids, head_dim=32, tie_word_embeddings=True,
                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "qwen3moe":  # 4 experts of 32, 2 per token
+        return transformers.Qwen3MoeConfig(**common, **ids, head_dim=32, tie_word_embeddings=True, num_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if arch == "llama3":  # Llama 3.x rope scaling, its original context (64) shorter than LONG_IDS
         return transformers.LlamaConfig(**common, **ids, tie_word_embeddings=True, rope_parameters=dict(
             rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -138,7 +142,8 @@ def make_tiny(arch: str, folder: Path, smollm2_dir: Path | None, seed: int = 0, 
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
            "gemma3": transformers.Gemma3ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
            "llama3": transformers.LlamaForCausalLM, "smollm3": transformers.SmolLM3ForCausalLM,
-           "granite": transformers.GraniteForCausalLM, "phi3": transformers.Phi3ForCausalLM}[arch]
+           "granite": transformers.GraniteForCausalLM, "phi3": transformers.Phi3ForCausalLM,
+           "qwen3moe": transformers.Qwen3MoeForCausalLM}[arch]
     model = cls(cfg).eval()
     with torch.no_grad():  # random norms, so that Gemma's +1 and every weight matter
         for name, p in model.named_parameters():
@@ -181,7 +186,8 @@ def convert(src, out, qtype="F32", *extra) -> int:
 IDS = [1, 17, 250, 33, 9, 101, 47, 2, 300, 5, 64, 128]
 LONG_IDS = [(i * 37 + 11) % 400 + 3 for i in range(96)]  # beyond the llama3 tiny model's original context (64)
 # the architectures added after llama/qwen2/gemma3 (models/<arch>.py each): GGUF architecture of each tiny model
-NEW_ARCHS = {"qwen3": "qwen3", "llama3": "llama", "smollm3": "smollm3", "granite": "granite", "phi3": "phi3"}
+NEW_ARCHS = {"qwen3": "qwen3", "llama3": "llama", "smollm3": "smollm3", "granite": "granite", "phi3": "phi3",
+             "qwen3moe": "qwen3moe"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -687,6 +693,11 @@ def test_new_arch_file_is_llama_cpp_s(tiny, tmp_path, name):
         assert "blk.0.ffn_gate.weight" not in names and names["rope_factors_long.weight"] == (8,)
         assert f["phi3.rope.dimension_count"] == 16 and f["phi3.rope.scaling.original_context_length"] == 64
         assert f["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(4) / np.log(64)) ** 0.5)
+    if name == "qwen3moe":
+        assert names["blk.1.ffn_gate_exps.weight"] == (4, 32, 64) and names["blk.1.ffn_down_exps.weight"] == (4, 64, 32)
+        assert names["blk.0.ffn_gate_inp.weight"] == (4, 64) and f["qwen3moe.expert_used_count"] == 2
+        np.testing.assert_array_equal(np.asarray(r.get_tensor(list(names).index("blk.1.ffn_up_exps.weight")).data)[2],
+                                      ck.load("model.layers.1.mlp.experts.2.up_proj.weight"))
     if name == "granite":
         scales = [f[f"granite.{k}"] for k in ("embedding_scale", "attention.scale", "residual_scale", "logit_scale")]
         assert scales == pytest.approx([12.0, 0.1, 0.3, 4.0])
@@ -740,3 +751,23 @@ def test_phi3_short_context_uses_the_short_factors(tiny, tmp_path):
     assert convert(tiny["phi3"], out) == 0
     ref, got = hf_logits(tiny["phi3"], IDS), _edgeq_logits(out, IDS, n_ctx=64)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+@needs_quants
+def test_qwen3moe_decode_reads_only_the_chosen_experts(tiny, tmp_path, monkeypatch):
+    from edgeq.models import llama
+
+    out = tmp_path / "moe.gguf"
+    assert convert(tiny["qwen3moe"], out, "Q8_0") == 0
+    engine = pytest.importorskip("edgeq.runtime.engine")
+    model = engine.load(str(out), n_ctx=64, threads=1, cache_type_k="f32", cache_type_v="f32")
+    gates = {id(g): (il, e) for il, L in enumerate(model.weights.layers) for e, g in enumerate(L.moe.gate)}
+    used, real = [], llama.linears
+
+    def recording(layers, x, observer=None):
+        used.extend(gates[id(lin)] for lin in layers if id(lin) in gates)
+        return real(layers, x, observer)
+
+    monkeypatch.setattr(llama, "linears", recording)
+    model.logits(IDS[:1])
+    assert sorted(il for il, _ in used) == [0, 0, 1, 1]  # 2 of 4 experts in each of the 2 layers

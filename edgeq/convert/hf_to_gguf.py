@@ -222,6 +222,9 @@ def _map_name(hf_name: str, spec: HFSpec) -> str | None:
         short = spec.layer_tensors.get(key)
         if short is not None:
             return f"blk.{bid}.{short}{suffix}"
+        stacked = spec.stacked_tensor(key)
+        if stacked is not None:  # one slice of a stacked tensor (MoE experts): "name#index"
+            return f"blk.{bid}.{stacked[0]}{suffix}#{stacked[1]}"
     raise KeyError(hf_name)
 
 
@@ -256,6 +259,7 @@ def plan_tensors(ckpt: HFCheckpoint, hp: Hparams, n_tokens: int) -> list[TensorP
         if name is None or (hp.tied and name == _tn(MODEL_TENSOR.OUTPUT)):
             continue  # tied classifier: llama.cpp reads token_embd
         mapped[name] = hf_name
+    stacks = _stacks(mapped)
 
     emb = _tn(MODEL_TENSOR.TOKEN_EMBD)
     if emb not in mapped:
@@ -269,14 +273,18 @@ def plan_tensors(ckpt: HFCheckpoint, hp: Hparams, n_tokens: int) -> list[TensorP
                               f"but the embedding only {emb_rows} rows")
 
     want = expected_shapes(hp, n_rows)
-    missing = [n for n in want if n not in mapped]
+    missing = [n for n in want if n not in mapped and n not in stacks]
     if missing:
         raise ConversionError(f"{ckpt.path}: missing tensors: {', '.join(missing[:4])}"
                               + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
-    extra = [n for n in mapped if n not in want]
+    extra = [mapped[n] for n in mapped if n not in want] + [p[min(p)] for n, p in stacks.items() if n not in want]
     if extra:
-        names = ", ".join(mapped[n] for n in extra[:4])
+        names = ", ".join(extra[:4])
         raise ConversionError(f"{ckpt.path}: unexpected tensors for {hp.hf_arch}: {names}")
+    for name, parts in stacks.items():
+        if len(parts) != want[name][0] or set(parts) != set(range(len(parts))):
+            raise ConversionError(f"{ckpt.path}: {name} needs slices 0..{want[name][0] - 1}, "
+                                  f"the checkpoint has {len(parts)}")
     for name, hf_name in mapped.items():
         got = ckpt.tensors[hf_name].shape
         expect = want[name]
@@ -284,14 +292,38 @@ def plan_tensors(ckpt: HFCheckpoint, hp: Hparams, n_tokens: int) -> list[TensorP
             expect = (emb_rows, hp.n_embd)
         if tuple(got) != tuple(expect):
             raise ConversionError(f"{ckpt.path}: tensor {hf_name} has shape {tuple(got)}, expected {tuple(expect)}")
+    for name, parts in stacks.items():
+        for hf_name in parts.values():
+            if tuple(ckpt.tensors[hf_name].shape) != tuple(want[name][1:]):
+                raise ConversionError(f"{ckpt.path}: tensor {hf_name} has shape "
+                                      f"{tuple(ckpt.tensors[hf_name].shape)}, expected {tuple(want[name][1:])}")
 
     plans = []
     for name, hf_name in mapped.items():
         plans.append(TensorPlan(name, want[name], _loader(ckpt, hf_name, name, hp, n_rows), hf_name))
+    for name, parts in stacks.items():
+        names = [parts[i] for i in range(len(parts))]
+        plans.append(TensorPlan(name, want[name], _stack_loader(ckpt, names, name, hp), names[0]))
     for name, values in hp.spec.extra_tensors(hp).items():
         plans.append(TensorPlan(name, values.shape, lambda v=values: v, "config.json"))
     plans.sort(key=lambda p: _block_order(p.name))
     return plans
+
+
+def _stacks(mapped: dict[str, str]) -> dict[str, dict[int, str]]:
+    """Take the slices ("name#index") out of `mapped`: name → {index: HF name}."""
+    stacks: dict[str, dict[int, str]] = {}
+    for key in [k for k in mapped if "#" in k]:
+        name, index = key.rsplit("#", 1)
+        stacks.setdefault(name, {})[int(index)] = mapped.pop(key)
+    return stacks
+
+
+def _stack_loader(ckpt: HFCheckpoint, hf_names: list[str], name: str, hp: Hparams) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        return np.ascontiguousarray(np.stack([hp.spec.transform(name, ckpt.load(n), hp) for n in hf_names]),
+                                    dtype=np.float32)
+    return load
 
 
 def _loader(ckpt: HFCheckpoint, hf_name: str, name: str, hp: Hparams, n_rows: int) -> Callable[[], np.ndarray]:
