@@ -1,4 +1,4 @@
-"""The forward pass on a CUDA device, for every architecture in models/ (Llama, Qwen2, Gemma 3).
+"""The forward pass on a CUDA device, for every architecture in models/ (the Llama family, Gemma 3).
 
 Built from the CPU-loaded `Weights`/`Config` of a model:
 
@@ -14,11 +14,11 @@ device. Activations stay on the device for the whole pass; the token embedding i
 The KV cache (`CudaKVCache`) is float32, positional and holds all n_ctx positions of every layer, sliding
 window layers included (attention reads only the window): any prefix can be rewound to, so the engine
 truncates its token list and nothing else. The layer sequence mirrors models/llama.py and
-models/gemma3.py step for step; `_Plan` names what differs between them.
+models/gemma3.py step for step; what differs between architectures comes from `cfg.plan()` (a
+models.base.ForwardPlan: RoPE table per layer, q/k norms, post-norms, activation, multipliers).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,20 +94,11 @@ class _Layer:
     w_gate: DeviceLinear
     w_up: DeviceLinear
     w_down: DeviceLinear
-    inv_freq: object             # RoPE frequencies of this layer (device)
-    q_norm: object = None        # Gemma 3: RMSNorm of each head of q and k
+    inv_freq: object             # RoPE frequencies of this layer (device); None: no RoPE (SmolLM3)
+    q_norm: object = None        # plan.qk_norm: RMSNorm of each head of q and k
     k_norm: object = None
-    post_attn_norm: object = None  # Gemma 3: RMSNorm of the attention / FFN output before the residual
+    post_attn_norm: object = None  # plan.post_norms: RMSNorm of the attention / FFN output before the residual
     post_ffn_norm: object = None
-
-
-@dataclass
-class _Plan:
-    """What differs between the architectures' layer sequences."""
-
-    embed_scale: float  # Gemma 3: sqrt(n_embd)
-    neox: bool          # RoPE pairing
-    gelu: bool          # GeGLU (Gemma 3) instead of SwiGLU
 
 
 class CudaForward:
@@ -118,22 +109,17 @@ class CudaForward:
         self.embed = weights.tok_embd          # host lookup (quantized rows, decoded on the CPU)
         up = self._upload
         vec = self._vector
-        # Gemma 3's layer sequence (local/global RoPE, q/k norms, post-norms) is told by its weights' fields:
-        # kernels never import models
-        gemma = hasattr(weights, "inv_freq_local")
-        if gemma:
-            self.plan = _Plan(math.sqrt(cfg.n_embd), True, True)
-            freqs = {True: vec(weights.inv_freq_local), False: vec(weights.inv_freq_global)}
-        else:
-            self.plan = _Plan(1.0, bool(cfg.rope_neox), False)
-            inv_freq = vec(weights.inv_freq)
+        # the layer sequence is data the model's Config gives (kernels never import models)
+        self.plan = plan = cfg.plan()
+        freqs = {name: vec(getattr(weights, name)) for name in set(plan.rope_tables) if name is not None}
         self.layers = []
         for il, L in enumerate(weights.layers):
+            table = plan.rope_tables[il]
             layer = _Layer(vec(L.attn_norm), up(L.wq), up(L.wk), up(L.wv), up(L.wo), vec(L.ffn_norm),
-                           up(L.w_gate), up(L.w_up), up(L.w_down),
-                           freqs[cfg.is_local(il)] if gemma else inv_freq)
-            if gemma:
+                           up(L.w_gate), up(L.w_up), up(L.w_down), freqs[table] if table else None)
+            if plan.qk_norm:
                 layer.q_norm, layer.k_norm = vec(L.q_norm), vec(L.k_norm)
+            if plan.post_norms:
                 layer.post_attn_norm, layer.post_ffn_norm = vec(L.post_attn_norm), vec(L.post_ffn_norm)
             self.layers.append(layer)
         self.output_norm = vec(weights.output_norm)
@@ -174,7 +160,7 @@ class CudaForward:
         if T == 0 or pos0 < 0 or pos0 + T > self.n_ctx:
             raise ValueError(f"CudaForward: positions {pos0}..{pos0 + T} outside 0..{self.n_ctx}")
         H, H_kv, hd, d, eps = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_embd, cfg.rms_eps
-        scale = 1.0 / math.sqrt(hd)
+        scale = plan.attn_scale
         x = self.embed(np.asarray(tokens))
         if plan.embed_scale != 1.0:
             x = x * np.float32(plan.embed_scale)
@@ -195,8 +181,9 @@ class CudaForward:
             if L.q_norm is not None:
                 ops.rmsnorm(q2.reshape(T * H, hd), L.q_norm, eps, q2.reshape(T * H, hd), threads=nt)
                 ops.rmsnorm(k2.reshape(T * H_kv, hd), L.k_norm, eps, k2.reshape(T * H_kv, hd), threads=nt)
-            ops.rope(q, d_pos, L.inv_freq, plan.neox, threads=nt)
-            ops.rope(k, d_pos, L.inv_freq, plan.neox, threads=nt)
+            if L.inv_freq is not None:
+                ops.rope(q, d_pos, L.inv_freq, plan.rope_neox, threads=nt)
+                ops.rope(k, d_pos, L.inv_freq, plan.rope_neox, threads=nt)
             ops.store_kv(k, self.cache.k[il], pos0, threads=nt)
             ops.store_kv(v, self.cache.v[il], pos0, threads=nt)
             ops.attention(q, self.cache.k[il], self.cache.v[il], pos0, scale, a, window=self.cache.windows[il],
@@ -204,7 +191,7 @@ class CudaForward:
             L.wo(a.reshape(T, H * hd), o)
             if L.post_attn_norm is not None:
                 ops.rmsnorm(o, L.post_attn_norm, eps, o, threads=nt)
-            ops.add(d_x, o, threads=nt)
+            self._residual(d_x, o)
             # feed-forward
             ops.rmsnorm(d_x, L.ffn_norm, eps, h, threads=nt)
             L.w_gate(h, g)
@@ -213,11 +200,15 @@ class CudaForward:
             L.w_down(g, o)
             if L.post_ffn_norm is not None:
                 ops.rmsnorm(o, L.post_ffn_norm, eps, o, threads=nt)
-            ops.add(d_x, o, threads=nt)
+            self._residual(d_x, o)
         rows = T if all_logits else 1
         xs = d_x if all_logits else d_x[T - 1:]
         hn = h[:rows]
         ops.rmsnorm(xs, self.output_norm, eps, hn, threads=nt)
         logits = self._buf("logits", rows, cfg.n_vocab)
         self.output(hn, logits)
-        return logits.copy_to_host()
+        out = logits.copy_to_host()
+        return out if plan.logit_scale == 1.0 else out / np.float32(plan.logit_scale)
+
+    def _residual(self, d_x, d_o):
+        ops.add(d_x, d_o, threads=self.threads, alpha=self.plan.residual_scale)

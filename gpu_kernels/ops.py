@@ -256,12 +256,12 @@ def gelu_mul(d_g, d_u, d_out, threads: int = DEFAULT_THREADS, stream=0):
 
 # ---------------------------------------------------------------- elementwise helpers of the forward pass
 @cuda.jit
-def _add_kernel(x, y):
+def _add_kernel(x, y, alpha):
     rows, n = x.shape
     for k in range(cuda.grid(1), rows * n, cuda.gridsize(1)):
         r = k // n
         i = k - r * n
-        x[r, i] += y[r, i]
+        x[r, i] += alpha * y[r, i]
 
 
 @cuda.jit
@@ -273,12 +273,13 @@ def _add_bias_kernel(x, b):
         x[r, i] += b[i]
 
 
-def add(d_x, d_y, threads: int = DEFAULT_THREADS, stream=0):
-    """Residual add in place: d_x += d_y, both (rows, n). Returns d_x."""
+def add(d_x, d_y, threads: int = DEFAULT_THREADS, stream=0, alpha: float = 1.0):
+    """Residual add in place: d_x += alpha * d_y, both (rows, n) (alpha: Granite's residual multiplier).
+    Returns d_x."""
     if d_x.ndim != 2 or tuple(d_x.shape) != tuple(d_y.shape):
         raise ValueError(f"add: x {tuple(d_x.shape)} and y {tuple(d_y.shape)} must be equal (rows, n) shapes")
     _check_threads(threads)
-    _add_kernel[_blocks(d_x.shape[0] * d_x.shape[1], threads), threads, stream](d_x, d_y)
+    _add_kernel[_blocks(d_x.shape[0] * d_x.shape[1], threads), threads, stream](d_x, d_y, np.float32(alpha))
     return d_x
 
 

@@ -170,6 +170,25 @@ class TensorBinder:
         b = self.vector(name + ".bias", n_out) if bias else None
         return Linear(name + ".weight", QuantLinear(t.data, t.qtype, (n_out, n_in)), b)
 
+    def fused_linears(self, name: str, parts: list[int], n_in: int) -> list[Linear]:
+        """A matrix stored as row blocks of several (Phi-3's attn_qkv, its gate+up ffn_up): one Linear per
+        block, each a view of its rows (quantized rows are independent)."""
+        t = self.info(name + ".weight", (sum(parts), n_in))
+        row_bytes = t.data.nbytes // sum(parts)
+        out, start = [], 0
+        for n in parts:
+            raw = t.data[start * row_bytes:(start + n) * row_bytes]
+            out.append(Linear(name + ".weight", QuantLinear(raw, t.qtype, (n, n_in))))
+            start += n
+        return out
+
+    def stacked_linears(self, name: str, n: int, n_out: int, n_in: int) -> list[Linear]:
+        """A stacked (n, n_out, n_in) tensor (MoE experts) as n Linears, each a view of its slab."""
+        t = self.info(name + ".weight", (n, n_out, n_in))
+        size = t.data.nbytes // n
+        return [Linear(name + ".weight", QuantLinear(t.data[i * size:(i + 1) * size], t.qtype, (n_out, n_in)))
+                for i in range(n)]
+
     def vector(self, name: str, n: int) -> np.ndarray:
         """A 1-D tensor (norm weight, bias) as a float32 copy (small)."""
         t = self.info(name, (n,))
@@ -186,3 +205,76 @@ class KVLayout:
     n_kv_heads: int
     head_dim: int
     window: int = 0  # > 0: sliding-window layer, only the last `window` positions are ever read
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """A model's layer sequence as data, for forward passes written outside its module (gpu_kernels, which
+    never import models). `Config.plan()` gives it; fields default to the plain Llama network."""
+
+    rope_tables: tuple[str | None, ...]  # per layer: the Weights attribute holding its RoPE frequencies, None: no RoPE
+    attn_scale: float                    # softmax scale of q·k
+    rope_neox: bool = False              # RoPE pairing (i, i + n/2) instead of (2i, 2i+1)
+    qk_norm: bool = False                # RMSNorm of each q and k head before RoPE (Qwen3, Gemma 3)
+    post_norms: bool = False             # RMSNorm of the attention / FFN output before the residual (Gemma 3)
+    gelu: bool = False                   # GeGLU instead of SwiGLU
+    embed_scale: float = 1.0             # token embeddings times this (Gemma 3, Granite)
+    residual_scale: float = 1.0          # attention / FFN outputs times this before the residual (Granite)
+    logit_scale: float = 1.0             # logits divided by this (Granite)
+
+
+class HFSpec:
+    """How a Hugging Face checkpoint of one architecture becomes GGUF, as llama.cpp's convert_hf_to_gguf.py
+    writes it (names from gguf-py's TENSOR_NAMES). edgeq.convert holds what all share (hyperparameters,
+    vocabulary, file order) and asks the model module's spec for the rest; `hp` is its Hparams, `hp.raw` the
+    (text) config.json."""
+
+    arch = ""
+    hf_architectures: tuple[str, ...] = ()   # config.json `architectures[0]`
+    hf_model_types: tuple[str, ...] = ()     # config.json `model_type`, for checkpoints without `architectures`
+    defaults: dict[str, Any] = dict(n_ctx=2048, rms_eps=1e-5, rope_theta=10000.0, tied=False)
+    # HF name after `layers.N.` (without .weight/.bias) → GGUF name after `blk.N.`
+    layer_tensors: dict[str, str] = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    }
+    reads_head_dim = True             # False: config.json's head_dim is ignored (llama.cpp's Granite)
+    write_head_dim = False            # attention.key_length/value_length even when head_dim is implicit
+    rope_types: tuple[str, ...] = ()  # rope scaling types beyond "linear" that the spec writes (llama3, longrope)
+    trim_embedding_to_vocab = False   # llama.cpp drops embedding rows beyond the tokenizer's (Gemma 3)
+    spm_add_space_prefix: bool | None = None  # forced tokenizer.ggml.add_space_prefix of SentencePiece vocabularies
+
+    def check(self, hp, where: str) -> None:
+        """Refuse (ModelError) a configuration the runtime cannot run."""
+
+    def stacked_tensor(self, hf_key: str) -> tuple[str, int] | None:
+        """(GGUF name after blk.N., index) when the HF per-layer name is one slice of a stacked GGUF tensor
+        (an MoE expert's matrix in ffn_*_exps); None otherwise."""
+        return None
+
+    def qkv_bias(self, hp) -> bool:
+        return bool(hp.raw.get("attention_bias", False))
+
+    def metadata(self, hp) -> list[tuple[str, Any, str]]:
+        """`<arch>.<key>` entries beyond the common ones, as (key, value, kind in u32/f32/str/bool)."""
+        return []
+
+    def layer_shapes(self, hp) -> dict[str, tuple[int, ...]]:
+        """Every per-layer GGUF tensor (name after blk.N.) with its numpy-order shape."""
+        d, hd, ff = hp.n_embd, hp.head_dim, hp.n_ff
+        q, kv = hp.n_head * hd, hp.n_head_kv * hd
+        out = {"attn_norm.weight": (d,), "attn_q.weight": (q, d), "attn_k.weight": (kv, d), "attn_v.weight": (kv, d),
+               "attn_output.weight": (d, q), "ffn_norm.weight": (d,), "ffn_gate.weight": (ff, d),
+               "ffn_up.weight": (ff, d), "ffn_down.weight": (d, ff)}
+        if self.qkv_bias(hp):
+            out.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
+        return out
+
+    def extra_tensors(self, hp) -> dict[str, np.ndarray]:
+        """Tensors computed from the config rather than read (llama3 rope_freqs)."""
+        return {}
+
+    def transform(self, name: str, x: np.ndarray, hp) -> np.ndarray:
+        """The checkpoint's tensor as llama.cpp stores it under GGUF `name` (mlx-lm's `sanitize`)."""
+        return x

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.cpu_kernels.ops import gelu_mul, rmsnorm, rope, rope_inv_freq
-from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, KVLayout,
-                               Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers, hparam,
-                               linears, batch_linears)
+from edgeq.errors import ModelError
+from edgeq.models import base
+from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, ForwardPlan,
+                               KVLayout, Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers,
+                               hparam, linears, batch_linears)
 
 
 @dataclass
@@ -70,6 +72,12 @@ class Config:
     def kv_layouts(self) -> list[KVLayout]:
         return [KVLayout(self.n_head_kv, self.head_dim, self.sliding_window if self.is_local(i) else 0)
                 for i in range(self.n_layer)]
+
+    def plan(self) -> ForwardPlan:
+        return ForwardPlan(
+            rope_tables=tuple("inv_freq_local" if self.is_local(il) else "inv_freq_global" for il in range(self.n_layer)),
+            attn_scale=1.0 / math.sqrt(self.head_dim), rope_neox=True, qk_norm=True, post_norms=True, gelu=True,
+            embed_scale=math.sqrt(self.n_embd))
 
 
 @dataclass
@@ -189,3 +197,50 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
         x += rmsnorm(batch_linears([L.w_down], g)[0], L.post_ffn_norm, cfg.rms_eps)
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
     return batch_linears([w.output], x)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints (read by edgeq.convert)
+# ------------------------------------------------------------------------------------------------
+
+class HFSpec(base.HFSpec):
+    """llama.cpp's Gemma3Model: norms stored with Gemma's +1, the classifier tied, out-of-vocabulary
+    embedding rows dropped, head size and sliding window always written."""
+
+    arch = "gemma3"
+    hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")  # (the text part only)
+    hf_model_types = ("gemma3_text", "gemma3")
+    defaults = dict(n_head=8, n_head_kv=4, head_dim=256, n_ctx=131072, rms_eps=1e-6, rope_theta=1e6, tied=True)
+    layer_tensors = {**base.HFSpec.layer_tensors,
+                     "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                     "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
+                     "self_attn.k_norm": "attn_k_norm"}
+    trim_embedding_to_vocab = True
+    spm_add_space_prefix = False
+    write_head_dim = True
+
+    def check(self, hp, where):
+        hp.tied = True
+        if hp.raw.get("attn_logit_softcapping") is not None:
+            raise ModelError(f"{where}: gemma3 with attn_logit_softcapping is not supported")
+
+    def metadata(self, hp):
+        m = []
+        if hp.raw.get("sliding_window"):
+            m.append(("attention.sliding_window", int(hp.raw["sliding_window"]), "u32"))
+        if hp.rope_theta_local not in (None, 10000.0):  # llama.cpp's built-in default for local layers
+            m.append(("rope.freq_base_swa", hp.rope_theta_local, "f32"))
+        return m
+
+    def layer_shapes(self, hp):
+        d, hd = hp.n_embd, hp.head_dim
+        return {**super().layer_shapes(hp), "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),
+                "post_attention_norm.weight": (d,), "post_ffw_norm.weight": (d,)}
+
+    def transform(self, name, x, hp):
+        if name.endswith("norm.weight"):
+            return x + np.float32(1.0)  # Gemma3RMSNorm multiplies by (1 + w)
+        return x
+
+
+HF = HFSpec()

@@ -1,6 +1,8 @@
 """Llama (SmolLM2, TinyLlama, Llama 3): pre-norm decoder, RoPE, GQA attention, SwiGLU FFN.
 
-Qwen2 is the same network with q/k/v biases and NeoX-order RoPE: models/qwen2.py reuses this forward.
+The Llama family shares this file: its variants are Config options, each a small file of its own that sets
+them (qwen2: q/k/v biases and NeoX RoPE; qwen3: q/k norms; smollm3: no RoPE on every 4th layer; granite:
+embedding, attention, residual and logit multipliers; phi3: fused matrices, partial rotary, LongRoPE).
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq.cpu_kernels.ops import rmsnorm, rope, rope_inv_freq, silu_mul
-from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, KVLayout,
-                               Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers, hparam,
-                               linears, batch_linears)
+from edgeq.models import base
+from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, ForwardPlan,
+                               KVLayout, Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers,
+                               hparam, linears, batch_linears)
 
 
 @dataclass
@@ -31,6 +34,20 @@ class Config:
     n_rot: int                # rotated dims per head
     rope_neox: bool = False   # False: pairs (2i, 2i+1), llama.cpp's normal mode for permuted Q/K
     qkv_bias: bool = False    # Qwen2
+    qk_norm: bool = False     # Qwen3: RMSNorm of each q and k head before RoPE
+    no_rope_every: int = 0    # > 0: layers il with (il + 1) % no_rope_every == 0 skip RoPE (SmolLM3)
+    embed_scale: float = 1.0  # Granite's multipliers (1 elsewhere)
+    attn_scale: float = 0.0   # softmax scale; 0: 1/sqrt(head_dim)
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0  # logits are divided by it
+    fused_qkv: bool = False   # Phi-3: q, k, v rows in one matrix attn_qkv
+    fused_gate_up: bool = False  # Phi-3: gate then up rows in one ffn_up of 2 * n_ff rows
+    n_ctx_orig: int = 0       # LongRoPE: contexts above this use the long factors (llama.cpp's rule)
+    rope_attn_factor: float = 1.0  # LongRoPE: rotated dims of q and k times this
+    sliding_window: int = 0   # > 0: every layer attends to the last sliding_window positions (Phi-3)
+    n_expert: int = 0         # > 0: the FFN is a mixture of experts (Qwen3-MoE), n_expert_used chosen per token
+    n_expert_used: int = 0
+    n_ff_expert: int = 0      # an expert's FFN inner size
     tied_output: bool = False  # no output.weight: the classifier is token_embd
     rope_freq_factors: np.ndarray | None = field(default=None, repr=False)  # Llama 3 rope scaling
 
@@ -62,7 +79,17 @@ class Config:
         return cls(**cfg)
 
     def kv_layouts(self) -> list[KVLayout]:
-        return [KVLayout(self.n_head_kv, self.head_dim) for _ in range(self.n_layer)]
+        return [KVLayout(self.n_head_kv, self.head_dim, self.sliding_window) for _ in range(self.n_layer)]
+
+    def uses_rope(self, il: int) -> bool:
+        return not (self.no_rope_every and (il + 1) % self.no_rope_every == 0)
+
+    def plan(self) -> ForwardPlan:
+        return ForwardPlan(
+            rope_tables=tuple("inv_freq" if self.uses_rope(il) else None for il in range(self.n_layer)),
+            attn_scale=self.attn_scale or 1.0 / math.sqrt(self.head_dim), rope_neox=self.rope_neox,
+            qk_norm=self.qk_norm, embed_scale=self.embed_scale, residual_scale=self.residual_scale,
+            logit_scale=self.logit_scale)
 
 
 @dataclass
@@ -76,6 +103,19 @@ class Layer:
     w_gate: Linear
     w_up: Linear
     w_down: Linear
+    q_norm: np.ndarray | None = None  # cfg.qk_norm
+    k_norm: np.ndarray | None = None
+    moe: "Experts | None" = None       # cfg.n_expert: replaces w_gate/w_up/w_down
+
+
+@dataclass
+class Experts:
+    """A mixture-of-experts FFN: a router and, per expert, SwiGLU matrices (views of the stacked tensors)."""
+
+    router: Linear
+    gate: list[Linear]
+    up: list[Linear]
+    down: list[Linear]
 
 
 @dataclass
@@ -85,34 +125,62 @@ class Weights:
     output_norm: np.ndarray
     output: Linear
     inv_freq: np.ndarray
+    inv_freq_long: np.ndarray | None = None  # LongRoPE: for contexts above cfg.n_ctx_orig
 
 
 def load_weights(gf, cfg: Config) -> Weights:
     t = TensorBinder(gf)
     d, hd, ff = cfg.n_embd, cfg.head_dim, cfg.n_ff
+    q, kv = cfg.n_head * hd, cfg.n_head_kv * hd
     layers = []
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
+        if cfg.fused_qkv:
+            wq, wk, wv = t.fused_linears(p + "attn_qkv", [q, kv, kv], d)
+        else:
+            wq, wk, wv = (t.linear(p + name, n, d, bias=cfg.qkv_bias)
+                          for name, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)))
+        moe = None
+        if cfg.n_expert:
+            w_gate = w_up = None
+            ne, fe = cfg.n_expert, cfg.n_ff_expert
+            moe = Experts(t.linear(p + "ffn_gate_inp", ne, d), t.stacked_linears(p + "ffn_gate_exps", ne, fe, d),
+                          t.stacked_linears(p + "ffn_up_exps", ne, fe, d), t.stacked_linears(p + "ffn_down_exps", ne, d, fe))
+        elif cfg.fused_gate_up:
+            w_gate, w_up = t.fused_linears(p + "ffn_up", [ff, ff], d)
+        else:
+            w_gate, w_up = t.linear(p + "ffn_gate", ff, d), t.linear(p + "ffn_up", ff, d)
         layers.append(Layer(
             attn_norm=t.vector(p + "attn_norm.weight", d),
-            wq=t.linear(p + "attn_q", cfg.n_head * hd, d, bias=cfg.qkv_bias),
-            wk=t.linear(p + "attn_k", cfg.n_head_kv * hd, d, bias=cfg.qkv_bias),
-            wv=t.linear(p + "attn_v", cfg.n_head_kv * hd, d, bias=cfg.qkv_bias),
-            wo=t.linear(p + "attn_output", d, cfg.n_head * hd),
+            wq=wq, wk=wk, wv=wv,
+            wo=t.linear(p + "attn_output", d, q),
             ffn_norm=t.vector(p + "ffn_norm.weight", d),
-            w_gate=t.linear(p + "ffn_gate", ff, d),
-            w_up=t.linear(p + "ffn_up", ff, d),
-            w_down=t.linear(p + "ffn_down", d, ff),
+            w_gate=w_gate, w_up=w_up,
+            w_down=t.linear(p + "ffn_down", d, ff) if moe is None else None,
+            moe=moe,
+            q_norm=t.vector(p + "attn_q_norm.weight", hd) if cfg.qk_norm else None,
+            k_norm=t.vector(p + "attn_k_norm.weight", hd) if cfg.qk_norm else None,
         ))
     if t.has("rope_freqs.weight"):
         cfg.rope_freq_factors = t.vector("rope_freqs.weight", cfg.n_rot // 2)
+    inv_freq_long = None
+    if t.has("rope_factors_long.weight"):  # LongRoPE: short factors for short contexts, long ones above
+        cfg.rope_freq_factors = t.vector("rope_factors_short.weight", cfg.n_rot // 2)
+        inv_freq_long = rope_inv_freq(cfg.n_rot, cfg.rope_base, t.vector("rope_factors_long.weight", cfg.n_rot // 2))
     return Weights(
         tok_embd=t.embedding("token_embd.weight", cfg.n_vocab, d),
         layers=layers,
         output_norm=t.vector("output_norm.weight", d),
         output=t.linear("token_embd" if cfg.tied_output else "output", cfg.n_vocab, d),
         inv_freq=rope_inv_freq(cfg.n_rot, cfg.rope_base, cfg.rope_freq_factors),
+        inv_freq_long=inv_freq_long,
     )
+
+
+def rope_table(w: Weights, cfg: Config, n_ctx: int) -> np.ndarray:
+    """The RoPE frequencies for a context of n_ctx positions: LongRoPE's long factors above the original
+    context, as llama.cpp chooses them (by context size, so that cached keys never mix the two)."""
+    return w.inv_freq_long if w.inv_freq_long is not None and n_ctx > cfg.n_ctx_orig else w.inv_freq
 
 
 def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
@@ -122,8 +190,12 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
     Returns logits (T, n_vocab) if all_logits, else (1, n_vocab) for the last token."""
     T = len(tokens)
     positions = np.arange(pos0, pos0 + T)
-    hd, scale = cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim)
+    hd, scale = cfg.head_dim, cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
+    res = np.float32(cfg.residual_scale)
+    inv_freq = rope_table(w, cfg, cache.n_ctx)
     x = w.tok_embd(tokens)                                           # (T, d)
+    if cfg.embed_scale != 1.0:
+        x *= np.float32(cfg.embed_scale)
     for il, L in enumerate(w.layers):
         # attention
         h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
@@ -131,29 +203,44 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
         q = q.reshape(T, cfg.n_head, hd)
         k = k.reshape(T, cfg.n_head_kv, hd)
         v = v.reshape(T, cfg.n_head_kv, hd)
-        rope(q, positions, w.inv_freq, cfg.rope_neox)
-        rope(k, positions, w.inv_freq, cfg.rope_neox)
+        if cfg.qk_norm:
+            q, k = rmsnorm(q, L.q_norm, cfg.rms_eps), rmsnorm(k, L.k_norm, cfg.rms_eps)
+        if cfg.uses_rope(il):
+            rope(q, positions, inv_freq, cfg.rope_neox)
+            rope(k, positions, inv_freq, cfg.rope_neox)
+            if cfg.rope_attn_factor != 1.0:
+                q[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
+                k[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
         cache.store(il, pos0, k, v)
         a = cache.attend(il, q, pos0, scale)                          # (T, n_head, hd)
-        x += L.wo(a.reshape(T, cfg.n_head * hd), observer)
-        # feed-forward (SwiGLU)
+        o = L.wo(a.reshape(T, cfg.n_head * hd), observer)
+        x += o if res == 1.0 else o * res
+        # feed-forward (SwiGLU, or a mixture of SwiGLU experts)
         h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = silu_mul(*linears([L.w_gate, L.w_up], h, observer))
-        x += L.w_down(g, observer)
+        if L.moe is not None:
+            o = experts(L.moe, h, cfg.n_expert_used, observer)
+        else:
+            o = L.w_down(silu_mul(*linears([L.w_gate, L.w_up], h, observer)), observer)
+        x += o if res == 1.0 else o * res
     x = x if all_logits else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    return w.output(x, observer)
+    logits = w.output(x, observer)
+    return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
 
 
 def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
     """One decode step for N sequences at once: token i sits at positions[i] of caches[i].
 
-    The matrix products run over all N rows together (each weight read once per step); attention runs per
-    sequence on its own cache. Returns logits (N, n_vocab)."""
+    The same layer sequence as `forward`; the matrix products run over all N rows together (each weight read
+    once per step), attention runs per sequence on its own cache. Returns logits (N, n_vocab)."""
     N = len(tokens)
     positions = np.asarray(positions, dtype=np.int64)
-    hd, scale = cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim)
+    hd, scale = cfg.head_dim, cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
+    res = np.float32(cfg.residual_scale)
+    inv_freq = rope_table(w, cfg, caches[0].n_ctx)
     x = w.tok_embd(np.asarray(tokens, dtype=np.int64))              # (N, d)
+    if cfg.embed_scale != 1.0:
+        x *= np.float32(cfg.embed_scale)
     a = np.empty((N, cfg.n_head, hd), np.float32)
     for il, L in enumerate(w.layers):
         h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
@@ -161,15 +248,101 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
         q = np.ascontiguousarray(q.reshape(N, cfg.n_head, hd))
         k = np.ascontiguousarray(k.reshape(N, cfg.n_head_kv, hd))
         v = v.reshape(N, cfg.n_head_kv, hd)
-        rope(q, positions, w.inv_freq, cfg.rope_neox)
-        rope(k, positions, w.inv_freq, cfg.rope_neox)
+        if cfg.qk_norm:
+            q, k = rmsnorm(q, L.q_norm, cfg.rms_eps), rmsnorm(k, L.k_norm, cfg.rms_eps)
+        if cfg.uses_rope(il):
+            rope(q, positions, inv_freq, cfg.rope_neox)
+            rope(k, positions, inv_freq, cfg.rope_neox)
+            if cfg.rope_attn_factor != 1.0:
+                q[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
+                k[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
         for i, cache in enumerate(caches):
             p = int(positions[i])
             cache.store(il, p, k[i:i + 1], v[i:i + 1])
             a[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
-        x += batch_linears([L.wo], a.reshape(N, cfg.n_head * hd))[0]
+        o = batch_linears([L.wo], a.reshape(N, cfg.n_head * hd))[0]
+        x += o if res == 1.0 else o * res
         h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = silu_mul(*batch_linears([L.w_gate, L.w_up], h))
-        x += batch_linears([L.w_down], g)[0]
+        if L.moe is not None:
+            o = experts(L.moe, h, cfg.n_expert_used)
+        else:
+            o = batch_linears([L.w_down], silu_mul(*batch_linears([L.w_gate, L.w_up], h)))[0]
+        x += o if res == 1.0 else o * res
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    return batch_linears([w.output], x)[0]
+    logits = batch_linears([w.output], x)[0]
+    return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
+
+
+def experts(m: Experts, h: np.ndarray, k: int, observer: Observer | None = None) -> np.ndarray:
+    """Each row of h through its k best experts (softmax over the router, the k weights renormalized, as
+    llama.cpp's qwen3moe); only the chosen experts' matrices are read."""
+    logits = m.router(h, observer)                                     # (T, n_expert)
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    w = np.take_along_axis(p, top, axis=1)
+    w /= w.sum(axis=1, keepdims=True)                                  # softmax, then renormalized over the k
+    out = np.zeros_like(h)
+    for e in np.unique(top):
+        rows, slot = np.nonzero(top == e)
+        g = silu_mul(*linears([m.gate[e], m.up[e]], np.ascontiguousarray(h[rows]), observer))
+        out[rows] += w[rows, slot][:, None].astype(np.float32) * m.down[e](g, observer)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints (read by edgeq.convert)
+# ------------------------------------------------------------------------------------------------
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: HF's rotate-half Q/K rows → interleaved pairs (GGUF "normal" RoPE)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+def llama3_rope_factors(rope_scaling: dict, rope_theta: float, head_dim: int) -> np.ndarray:
+    """rope_freqs.weight for Llama 3.x "llama3" rope scaling (convert_hf_to_gguf.py's formula)."""
+    rs = rope_scaling
+    factor = float(rs.get("factor", 8.0))
+    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+class HFSpec(base.HFSpec):
+    """llama.cpp's LlamaModel: Q/K rows permuted for interleaved RoPE, vocab_size and rope.dimension_count
+    written, "llama3" rope scaling as a rope_freqs tensor."""
+
+    arch = "llama"
+    hf_architectures = ("LlamaForCausalLM",)
+    hf_model_types = ("llama",)
+    rope_types = ("llama3",)
+    permute = True
+
+    def metadata(self, hp):
+        return [("vocab_size", hp.n_vocab, "u32"), ("rope.dimension_count", hp.head_dim, "u32")]
+
+    def extra_tensors(self, hp):
+        if hp.rope_scaling.get("rope_type", hp.rope_scaling.get("type")) == "llama3":
+            return {"rope_freqs.weight": llama3_rope_factors(hp.rope_scaling, hp.rope_theta, hp.head_dim)}
+        return {}
+
+    def transform(self, name, x, hp):
+        if self.permute and ".attn_q." in name:
+            return permute_qk(x, hp.n_head)
+        if self.permute and ".attn_k." in name:
+            return permute_qk(x, hp.n_head_kv)
+        return x
+
+
+HF = HFSpec()

@@ -1,7 +1,7 @@
 """Qwen2: the Llama network with biases on q/k/v and NeoX-order RoPE (no Q/K permutation in the file)."""
 from __future__ import annotations
 
-from edgeq.models import llama
+from edgeq.models import base, llama
 from edgeq.models.llama import Weights, forward, forward_batch, load_weights  # noqa: F401  (same network)
 
 
@@ -10,3 +10,17 @@ class Config(llama.Config):
     def from_gguf(cls, gf, arch: str = "qwen2", **overrides) -> "Config":
         overrides = {"rope_neox": True, "qkv_bias": True, **overrides}
         return super().from_gguf(gf, arch, **overrides)
+
+
+class HFSpec(base.HFSpec):
+    """llama.cpp's Qwen2Model: tensors as stored, q/k/v biases always."""
+
+    arch = "qwen2"
+    hf_architectures = ("Qwen2ForCausalLM",)
+    hf_model_types = ("qwen2",)
+
+    def qkv_bias(self, hp) -> bool:
+        return True
+
+
+HF = HFSpec()

@@ -66,6 +66,31 @@ def _tiny_config(arch: str, vocab: int):
     if arch == "qwen2":
         return transformers.Qwen2Config(**common, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                                         rope_theta=10000.0)
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common, **ids, head_dim=32, tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "qwen3moe":  # 4 experts of 32, 2 per token
+        return transformers.Qwen3MoeConfig(**common, **ids, head_dim=32, tie_word_embeddings=True, num_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "llama3":  # Llama 3.x rope scaling, its original context (64) shorter than LONG_IDS
+        return transformers.LlamaConfig(**common, **ids, tie_word_embeddings=True, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64))
+    if arch == "smollm3":  # 4 layers: the 4th has no RoPE
+        return transformers.SmolLM3Config(**{**common, "num_hidden_layers": 4}, **ids, tie_word_embeddings=True,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "phi3":  # LongRoPE over half of each head; original context 64 < LONG_IDS
+        return transformers.Phi3Config(**common, **ids, tie_word_embeddings=True, original_max_position_embeddings=64,
+                                       partial_rotary_factor=0.5, rope_parameters=dict(
+                                           rope_type="longrope", rope_theta=10000.0,
+                                           short_factor=[1.0 + 0.1 * i for i in range(8)],
+                                           long_factor=[1.0 + 0.7 * i for i in range(8)]))
+    if arch == "granite":
+        return transformers.GraniteConfig(**common, **ids, tie_word_embeddings=False, embedding_multiplier=12.0,
+                                          attention_multiplier=0.1, residual_multiplier=0.3, logits_scaling=4.0,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     # head_dim 32: edgeq's attention kernels work on 32-wide blocks.
     # llama.cpp fixes Gemma 3's pattern (5 sliding-window layers, then a global one): 6 layers cover it,
     # and a 4-token window is narrower than the test prompts
@@ -115,7 +140,10 @@ def make_tiny(arch: str, folder: Path, smollm2_dir: Path | None, seed: int = 0, 
     cfg = _tiny_config(arch, vocab)
     torch.manual_seed(seed)
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-           "gemma3": transformers.Gemma3ForCausalLM}[arch]
+           "gemma3": transformers.Gemma3ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "llama3": transformers.LlamaForCausalLM, "smollm3": transformers.SmolLM3ForCausalLM,
+           "granite": transformers.GraniteForCausalLM, "phi3": transformers.Phi3ForCausalLM,
+           "qwen3moe": transformers.Qwen3MoeForCausalLM}[arch]
     model = cls(cfg).eval()
     with torch.no_grad():  # random norms, so that Gemma's +1 and every weight matter
         for name, p in model.named_parameters():
@@ -125,10 +153,24 @@ def make_tiny(arch: str, folder: Path, smollm2_dir: Path | None, seed: int = 0, 
     return folder
 
 
+class _Tiny(dict):
+    """arch → checkpoint folder, made on first use."""
+
+    def __init__(self, root: Path, smollm2_dir: Path):
+        super().__init__()
+        self.root, self.smollm2_dir = root, smollm2_dir
+
+    def __missing__(self, arch: str) -> Path:
+        # llama.cpp gives a model whose general.name (the folder's name) says phi3 Phi-3's SentencePiece token
+        # attributes, and fails on a vocabulary without <s>, </s>, <unk>: this one is SmolLM2's BPE
+        folder = self.root / ("tiny-longrope" if arch == "phi3" else arch)
+        self[arch] = make_tiny(arch, folder, self.smollm2_dir)
+        return self[arch]
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, hf_smollm2):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny(arch, root / arch, hf_smollm2) for arch in ("llama", "qwen2", "gemma3")}
+    return _Tiny(tmp_path_factory.mktemp("tiny"), hf_smollm2)
 
 
 def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
@@ -142,6 +184,10 @@ def convert(src, out, qtype="F32", *extra) -> int:
 
 
 IDS = [1, 17, 250, 33, 9, 101, 47, 2, 300, 5, 64, 128]
+LONG_IDS = [(i * 37 + 11) % 400 + 3 for i in range(96)]  # beyond the llama3 tiny model's original context (64)
+# the architectures added after llama/qwen2/gemma3 (models/<arch>.py each): GGUF architecture of each tiny model
+NEW_ARCHS = {"qwen3": "qwen3", "llama3": "llama", "smollm3": "smollm3", "granite": "granite", "phi3": "phi3",
+             "qwen3moe": "qwen3moe"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,9 +302,9 @@ def test_bf16_and_f16_sources_read(tmp_path, hf_smollm2):
 # numerics: edgeq's runtime and llama.cpp against transformers
 # ------------------------------------------------------------------------------------------------
 
-def _edgeq_logits(path: Path, ids: list[int]) -> np.ndarray:
+def _edgeq_logits(path: Path, ids: list[int], n_ctx: int = 64) -> np.ndarray:
     engine = pytest.importorskip("edgeq.runtime.engine")
-    return engine.load(str(path), n_ctx=64, threads=1, cache_type_k="f32", cache_type_v="f32").logits(ids)
+    return engine.load(str(path), n_ctx=n_ctx, threads=1, cache_type_k="f32", cache_type_v="f32").logits(ids)
 
 
 @needs_quants
@@ -277,7 +323,7 @@ def test_edgeq_logits_match_transformers(tiny, tmp_path, arch, qtype, tol):
 
 _LLAMACPP_LOGITS = r"""
 import sys, json, numpy as np, llama_cpp
-m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[4]) if len(sys.argv) > 4 else 64, logits_all=True, verbose=False, n_threads=1,
                     type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # f32 KV: exact comparison
 ids = json.loads(sys.argv[2]); m.eval(ids)
 np.save(sys.argv[3], np.array(m.scores[:len(ids)], dtype=np.float32))
@@ -610,3 +656,118 @@ def test_library_convert_and_quantize_write_the_verbs_bytes(tiny, tmp_path):
     assert cli(["quantize", str(via_cli), str(q_cli), "--type", "Q4_0", "--pure", "-q"]) == 0
     quantize_file(via_cli, q_lib, options=QuantOptions(qtype="Q4_0", pure=True))
     assert q_lib.read_bytes() == q_cli.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# architectures added as one file each (models/<arch>.py): convert, run, compare, let llama.cpp run them
+# ------------------------------------------------------------------------------------------------
+
+@needs_quants
+@pytest.mark.parametrize("name", list(NEW_ARCHS))
+def test_new_arch_file_is_llama_cpp_s(tiny, tmp_path, name):
+    """Tensor names, shapes and the arch's own keys as llama.cpp's converter writes them."""
+    out = tmp_path / f"{name}.gguf"
+    assert convert(tiny[name], out) == 0
+    r = gguf.GGUFReader(out)
+    f = {k: v.contents() for k, v in r.fields.items()}
+    arch = NEW_ARCHS[name]
+    assert f["general.architecture"] == arch
+    names = {t.name: tuple(int(d) for d in t.shape[::-1]) for t in r.tensors}
+    ours = set(names) - {"rope_freqs.weight"}
+    kinds = gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]
+    known = {gguf.TENSOR_NAMES[k].format(bid=i) + sfx for k in kinds for i in range(8) for sfx in (".weight", ".bias")}
+    assert ours <= known, ours - known
+    ck = HFCheckpoint(tiny[name])
+    if name == "qwen3":
+        assert names["blk.1.attn_k_norm.weight"] == (32,) and "blk.0.attn_q.bias" not in names
+        assert f["qwen3.attention.key_length"] == 32
+        np.testing.assert_array_equal(np.asarray(r.get_tensor(list(names).index("blk.1.attn_q_norm.weight")).data),
+                                      ck.load("model.layers.1.self_attn.q_norm.weight"))
+    if name == "llama3":
+        factors = np.asarray(r.get_tensor(list(names).index("rope_freqs.weight")).data)
+        assert factors.shape == (16,) and factors.min() == 1.0 and factors.max() == 8.0
+    if name == "smollm3":
+        assert f["smollm3.block_count"] == 4
+    if name == "phi3":
+        assert names["blk.0.attn_qkv.weight"] == (128, 64) and names["blk.0.ffn_up.weight"] == (256, 64)
+        assert "blk.0.ffn_gate.weight" not in names and names["rope_factors_long.weight"] == (8,)
+        assert f["phi3.rope.dimension_count"] == 16 and f["phi3.rope.scaling.original_context_length"] == 64
+        assert f["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(4) / np.log(64)) ** 0.5)
+    if name == "qwen3moe":
+        assert names["blk.1.ffn_gate_exps.weight"] == (4, 32, 64) and names["blk.1.ffn_down_exps.weight"] == (4, 64, 32)
+        assert names["blk.0.ffn_gate_inp.weight"] == (4, 64) and f["qwen3moe.expert_used_count"] == 2
+        np.testing.assert_array_equal(np.asarray(r.get_tensor(list(names).index("blk.1.ffn_up_exps.weight")).data)[2],
+                                      ck.load("model.layers.1.mlp.experts.2.up_proj.weight"))
+    if name == "granite":
+        scales = [f[f"granite.{k}"] for k in ("embedding_scale", "attention.scale", "residual_scale", "logit_scale")]
+        assert scales == pytest.approx([12.0, 0.1, 0.3, 4.0])
+
+
+@needs_quants
+@pytest.mark.parametrize("name", list(NEW_ARCHS))
+@pytest.mark.parametrize("qtype,tol", [("F32", 1e-4), ("Q8_0", 6e-2)])
+def test_new_arch_logits_match_transformers(tiny, tmp_path, name, qtype, tol):
+    """96 tokens: past the llama3 model's original context, and through every layer kind."""
+    out = tmp_path / f"{name}.gguf"
+    assert convert(tiny[name], out, qtype) == 0
+    ref = hf_logits(tiny[name], LONG_IDS)
+    got = _edgeq_logits(out, LONG_IDS, n_ctx=128)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel < tol, f"{name} {qtype}: max relative error {rel:.2e}"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if qtype == "F32" else 0.9)
+
+
+@pytest.mark.skipif(not LLAMACPP_PY.is_file(), reason="llama-cpp-python venv not built (~/.cache/edgeq-llamacpp)")
+@needs_quants
+@pytest.mark.parametrize("name", list(NEW_ARCHS))
+def test_llamacpp_runs_new_arch_files(tiny, tmp_path, name):
+    out = tmp_path / f"{name}.gguf"
+    assert convert(tiny[name], out) == 0
+    npy = tmp_path / "logits.npy"
+    subprocess.run([str(LLAMACPP_PY), "-c", _LLAMACPP_LOGITS, str(out), json.dumps(LONG_IDS), str(npy), "128"],
+                   check=True, timeout=300)
+    got, ref = np.load(npy), hf_logits(tiny[name], LONG_IDS)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rel < 1e-3, f"llama.cpp on {name}: max relative error {rel:.2e}"
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert (got.argmax(-1) == _edgeq_logits(out, LONG_IDS, n_ctx=128).argmax(-1)).all()
+
+
+def test_smollm3_other_no_rope_pattern_is_refused(tiny, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tiny["smollm3"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["no_rope_layers"] = [1, 0, 1, 1]
+    (src / "config.json").write_text(json.dumps(cfg))
+    rc, err = _run_cli(["convert", str(src), "-o", str(tmp_path / "x.gguf"), "-q"], capsys)
+    assert rc != 0 and "no_rope_layers" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@needs_quants
+def test_phi3_short_context_uses_the_short_factors(tiny, tmp_path):
+    """A context within the original 64 positions: transformers and edgeq both rotate with short_factor."""
+    out = tmp_path / "phi3.gguf"
+    assert convert(tiny["phi3"], out) == 0
+    ref, got = hf_logits(tiny["phi3"], IDS), _edgeq_logits(out, IDS, n_ctx=64)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+@needs_quants
+def test_qwen3moe_decode_reads_only_the_chosen_experts(tiny, tmp_path, monkeypatch):
+    from edgeq.models import llama
+
+    out = tmp_path / "moe.gguf"
+    assert convert(tiny["qwen3moe"], out, "Q8_0") == 0
+    engine = pytest.importorskip("edgeq.runtime.engine")
+    model = engine.load(str(out), n_ctx=64, threads=1, cache_type_k="f32", cache_type_v="f32")
+    gates = {id(g): (il, e) for il, L in enumerate(model.weights.layers) for e, g in enumerate(L.moe.gate)}
+    used, real = [], llama.linears
+
+    def recording(layers, x, observer=None):
+        used.extend(gates[id(lin)] for lin in layers if id(lin) in gates)
+        return real(layers, x, observer)
+
+    monkeypatch.setattr(llama, "linears", recording)
+    model.logits(IDS[:1])
+    assert sorted(il for il, _ in used) == [0, 0, 1, 1]  # 2 of 4 experts in each of the 2 layers

@@ -29,9 +29,9 @@ IDS = [ord(c) for c in "1+2=3; 4"][:7]  # 5 prefilled, then 2 decoded
 
 def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n_embd=32, n_ff=32, n_layer=2,
               n_head=2, seed=0):
-    """A random `arch` model (llama, qwen2 or gemma3) written with gguf-py: matrices in `qtype`, or in
-    types[short name] (e.g. {"attn_q": "Q4_0"}), a byte-level BPE vocabulary of 64 tokens, `n_head` query
-    heads sharing 1 KV head of 32 dims. Gemma 3: layer 0 has a 3-token sliding window, layer 1 is global."""
+    """A random `arch` model (llama, qwen2, qwen3, smollm3, granite or gemma3) written with gguf-py: matrices
+    in `qtype`, or in types[short name] (e.g. {"attn_q": "Q4_0"}), a byte-level BPE vocabulary of 64 tokens,
+    `n_head` query heads sharing 1 KV head of 32 dims. Gemma 3: layer 0 has a 3-token sliding window, layer 1 is global."""
     from edgeq.formats.quants import quantize
     from edgeq.runtime.tokenizer import BYTE_TO_CHAR
 
@@ -50,6 +50,9 @@ def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n
         w.add_uint32(f"{arch}.attention.sliding_window", 3)
         w.add_uint32(f"{arch}.attention.sliding_window_pattern", 2)
         w.add_float32(f"{arch}.rope.freq_base_swa", 100.0)
+    if arch == "granite":
+        for k, v in [("embedding_scale", 6.0), ("attention.scale", 0.1), ("residual_scale", 0.4), ("logit_scale", 3.0)]:
+            w.add_float32(f"{arch}.{k}", v)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list([BYTE_TO_CHAR[b] for b in range(VOCAB)])
@@ -68,17 +71,26 @@ def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n
     for i in range(n_layer):
         p = f"blk.{i}."
         vector(p + "attn_norm.weight", n_embd)
-        matrix(p + "attn_q.weight", n_head * hd, n_embd)
-        matrix(p + "attn_k.weight", n_kv * hd, n_embd)
-        matrix(p + "attn_v.weight", n_kv * hd, n_embd)
+        if arch == "phi3":  # fused q/k/v and gate/up
+            matrix(p + "attn_qkv.weight", (n_head + 2 * n_kv) * hd, n_embd)
+        else:
+            matrix(p + "attn_q.weight", n_head * hd, n_embd)
+            matrix(p + "attn_k.weight", n_kv * hd, n_embd)
+            matrix(p + "attn_v.weight", n_kv * hd, n_embd)
         matrix(p + "attn_output.weight", n_embd, n_head * hd)
         vector(p + "ffn_norm.weight", n_embd)
-        matrix(p + "ffn_gate.weight", n_ff, n_embd)
-        matrix(p + "ffn_up.weight", n_ff, n_embd)
+        if arch == "phi3":
+            matrix(p + "ffn_up.weight", 2 * n_ff, n_embd)
+        else:
+            matrix(p + "ffn_gate.weight", n_ff, n_embd)
+            matrix(p + "ffn_up.weight", n_ff, n_embd)
         matrix(p + "ffn_down.weight", n_embd, n_ff)
         if arch == "qwen2":
             for t, n in (("attn_q", n_head * hd), ("attn_k", n_kv * hd), ("attn_v", n_kv * hd)):
                 vector(p + t + ".bias", n, base=0.0)
+        if arch == "qwen3":
+            vector(p + "attn_q_norm.weight", hd)
+            vector(p + "attn_k_norm.weight", hd)
         if gemma:
             vector(p + "attn_q_norm.weight", hd)
             vector(p + "attn_k_norm.weight", hd)
@@ -102,6 +114,10 @@ MODELS = {  # name: (arch, default type, per-tensor types, other shape arguments
     # gemma3 (2 layers: window 3 < 7 tokens, then global): Q4_0, a Q5_0 matrix and a BF16 one (no kernel:
     # F16 at upload)
     "gemma3": ("gemma3", "Q4_0", {"attn_k": "BF16", "ffn_gate": "Q5_0"}, {}),
+    # the Llama family's options, as cfg.plan() describes them: q/k norms; no RoPE on the 4th layer; multipliers
+    "qwen3": ("qwen3", "Q8_0", {}, {}),
+    "smollm3": ("smollm3", "Q8_0", {}, {"n_layer": 4}),
+    "granite": ("granite", "Q8_0", {}, {"n_layer": 1}),
 }
 
 
@@ -185,6 +201,19 @@ def test_generation_on_the_device(models):
     assert "".join(gpu.generate("1+1=", **kw)) == "".join(cpu.generate("1+1=", **kw))
     assert gpu.cache.can_rewind_to(1)
     assert gpu.cache.nbytes == 2 * 2 * (1 * 16 * 32 * 4)  # layers x (k, v) x (kv heads, n_ctx, head dim) f32
+
+
+@needs_device
+def test_phi3_is_refused_on_cuda_in_one_line(tmp_path, fast_simulator):
+    """phi3 runs on the CPU; the CUDA path has no LongRoPE attention factor yet and says so."""
+    from edgeq.errors import EdgeqError
+    from edgeq.runtime.engine import Model
+
+    path = tiny_gguf(tmp_path / "phi3.gguf", "phi3", n_layer=1)
+    with pytest.raises(EdgeqError, match="phi3 has no CUDA forward yet"):
+        Model(path, n_ctx=16, device="cuda")
+    cpu = Model(path, n_ctx=16, threads=1, device="cpu", warm_up=False)
+    assert np.isfinite(cpu.logits(IDS)).all()
 
 
 @needs_device

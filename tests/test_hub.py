@@ -324,12 +324,15 @@ def test_a_path_shaped_like_a_repo_is_never_sent(fake_hub, tmp_path, monkeypatch
     assert fake_hub.log == []
 
 
-def test_list_all_shows_hub_catalog_with_sizes_and_unsupported_archs(fake_hub, capsys):
+def test_list_all_shows_hub_catalog_with_sizes_and_unsupported_archs(fake_hub, capsys, monkeypatch):
+    monkeypatch.setitem(assets.MODELS, "mamba-tiny", assets.Asset("mamba-tiny", "mamba-tiny.gguf", "", 0, "tiny",
+                                                                  hf_repo=REPO, hf_quant="Q8_0", arch="mamba"))
     assert main(["list", "-a"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "hub bartowski/SmolLM2-360M-Instruct-GGUF:Q4_K_M" in rows["smollm2-360m-instruct"]
     assert "271 MB" in rows["smollm2-360m-instruct"] and "not supported" not in rows["smollm2-360m-instruct"]
-    assert "qwen3: not supported" in rows["qwen3-0.6b"]
+    assert "mamba: not supported" in rows["mamba-tiny"]
+    assert "not supported" not in rows["qwen3-0.6b"] + rows["phi-4-mini-instruct"]
     assert fake_hub.log == []
 
 

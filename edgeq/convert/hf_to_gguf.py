@@ -1,8 +1,9 @@
 """What a Hugging Face checkpoint becomes in GGUF: tensor names and layouts, hyperparameters, vocabulary.
 
-The facts (names, the Q/K row permutation, Gemma's +1 on norms, metadata keys, token types, the
-pre-tokenizer hashes) are llama.cpp's, from convert_hf_to_gguf.py; key names and enums come from
-`gguf.constants`. `plan(ckpt)` checks everything it can before a byte is written and returns a
+The facts (names, metadata keys, token types, the pre-tokenizer hashes) are llama.cpp's, from
+convert_hf_to_gguf.py; key names and enums come from `gguf.constants`. What differs between architectures
+(defaults, tensor names and shapes, weight transforms such as the Q/K row permutation or Gemma's +1 on
+norms) is each model module's `HF` spec (models/base.HFSpec). `plan(ckpt)` checks everything it can before a byte is written and returns a
 `Conversion`: metadata as (key, value, type) and one `TensorPlan` per output tensor, each loaded lazily.
 """
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,18 +20,20 @@ from gguf.constants import GGML_QUANT_VERSION, MODEL_TENSOR, TENSOR_NAMES, GGUFV
 
 from edgeq.errors import ModelError
 from edgeq.convert.hf_checkpoint import HFCheckpoint
+from edgeq.models import hf_specs
+from edgeq.models.base import HFSpec
+from edgeq.models.llama import permute_qk  # noqa: F401  (re-exported: tests check it against the formula)
 
 log = logging.getLogger(__name__)
 
 V = GGUFValueType
 
-# HF `architectures[0]` → GGUF architecture
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Gemma3ForCausalLM": "gemma3",
-    "Gemma3ForConditionalGeneration": "gemma3",  # the text part only
-}
+# HF `architectures[0]` → the model module's spec
+SPECS: dict[str, HFSpec] = {hf: spec for spec in hf_specs() for hf in spec.hf_architectures}
+ARCHITECTURES = {hf: spec.arch for hf, spec in SPECS.items()}  # → GGUF architecture
+_BY_MODEL_TYPE = {t: spec.hf_architectures[0] for spec in hf_specs() for t in spec.hf_model_types}
+_KINDS = {"u32": GGUFValueType.UINT32, "f32": GGUFValueType.FLOAT32, "str": GGUFValueType.STRING,
+          "bool": GGUFValueType.BOOL}
 
 
 class ConversionError(ModelError):
@@ -57,10 +59,10 @@ class Hparams:
     rms_eps: float
     rope_theta: float
     tied: bool                # the classifier is the token embedding
+    spec: HFSpec = field(repr=False)
     qkv_bias: bool = False
     rope_scaling: dict = field(default_factory=dict)
-    rope_theta_local: float | None = None   # gemma3 sliding-window layers
-    sliding_window: int | None = None
+    rope_theta_local: float | None = None   # sliding-window layers (gemma3)
     head_dim_explicit: bool = False
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -97,44 +99,52 @@ def read_hparams(ckpt: HFCheckpoint) -> Hparams:
     archs = cfg.get("architectures") or []
     hf_arch = archs[0] if archs else None
     if hf_arch is None:  # older checkpoints: infer from model_type
-        hf_arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                   "gemma3": "Gemma3ForConditionalGeneration"}.get(cfg.get("model_type"))
-    if hf_arch not in ARCHITECTURES:
+        hf_arch = _BY_MODEL_TYPE.get(cfg.get("model_type"))
+    if hf_arch not in SPECS:
         raise ConversionError(f"{ckpt.path}: unsupported architecture {hf_arch or cfg.get('model_type')!r} "
                               f"(supported: {', '.join(ARCHITECTURES)})")
-    arch = ARCHITECTURES[hf_arch]
+    spec = SPECS[hf_arch]
     tc = _text_config(cfg)
+    dflt = spec.defaults
+
+    def get(key: str, default_key: str, default: Any = None):
+        value = tc.get(key)
+        if value is None:
+            value = dflt.get(default_key, default)
+        if value is None:
+            raise KeyError(key)
+        return value
+
     try:
         n_embd = int(tc["hidden_size"])
-        n_head = int(tc["num_attention_heads"] if arch != "gemma3" else tc.get("num_attention_heads", 8))
+        n_head = int(get("num_attention_heads", "n_head"))
         hp = Hparams(
-            arch=arch, hf_arch=hf_arch,
+            arch=spec.arch, hf_arch=hf_arch, spec=spec,
             n_vocab=int(tc.get("vocab_size", 0)),
             n_embd=n_embd,
             n_layer=int(tc["num_hidden_layers"]),
             n_ff=int(tc["intermediate_size"]),
             n_head=n_head,
-            n_head_kv=int(tc.get("num_key_value_heads") or (4 if arch == "gemma3" else n_head)),
-            head_dim=int(tc.get("head_dim") or (256 if arch == "gemma3" else n_embd // n_head)),
-            head_dim_explicit=tc.get("head_dim") is not None,
-            n_ctx=int(tc.get("max_position_embeddings") or (131072 if arch == "gemma3" else 2048)),
-            rms_eps=float(tc.get("rms_norm_eps") or (1e-6 if arch == "gemma3" else 1e-5)),
-            rope_theta=float(_rope(tc).get("rope_theta") or (1e6 if arch == "gemma3" else 10000.0)),
-            tied=bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", arch == "gemma3"))),
-            qkv_bias=arch == "qwen2" or bool(tc.get("attention_bias", False)),
+            n_head_kv=int(get("num_key_value_heads", "n_head_kv", n_head)),
+            head_dim=int(get("head_dim" if spec.reads_head_dim else "", "head_dim", n_embd // n_head)),
+            head_dim_explicit=spec.reads_head_dim and tc.get("head_dim") is not None,
+            n_ctx=int(get("max_position_embeddings", "n_ctx")),
+            rms_eps=float(get("rms_norm_eps", "rms_eps")),
+            rope_theta=float(_rope(tc).get("rope_theta") or dflt["rope_theta"]),
+            tied=bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", dflt["tied"]))),
+            rope_theta_local=_rope(tc, "sliding_attention").get("rope_theta"),
             raw=tc,
         )
+        hp.qkv_bias = spec.qkv_bias(hp)
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{ckpt.path}/config.json: missing or bad hyperparameter {e}") from None
     scaling = _rope(tc)
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
         hp.rope_scaling = scaling
-    if arch == "gemma3":
-        hp.tied = True
-        hp.rope_theta_local = float(_rope(tc, "sliding_attention").get("rope_theta") or 10000.0)
-        hp.sliding_window = tc.get("sliding_window")
-        if tc.get("attn_logit_softcapping") is not None:
-            raise ConversionError(f"{ckpt.path}: gemma3 with attn_logit_softcapping is not supported")
+    try:
+        spec.check(hp, str(ckpt.path))
+    except ModelError as e:
+        raise ConversionError(str(e)) from None
     if n_head % hp.n_head_kv:
         raise ConversionError(f"{ckpt.path}: {n_head} heads not divisible by {hp.n_head_kv} KV heads")
     return hp
@@ -153,55 +163,18 @@ def metadata(hp: Hparams) -> list[tuple[str, Any, GGUFValueType]]:
         (Keys.Rope.FREQ_BASE.format(arch=a), hp.rope_theta, V.FLOAT32),
         (Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a), hp.rms_eps, V.FLOAT32),
     ]
-    if hp.head_dim_explicit or a == "gemma3":
+    if hp.head_dim_explicit or hp.spec.write_head_dim:
         m += [(Keys.Attention.KEY_LENGTH.format(arch=a), hp.head_dim, V.UINT32),
               (Keys.Attention.VALUE_LENGTH.format(arch=a), hp.head_dim, V.UINT32)]
-    if a == "llama":
-        m += [(Keys.LLM.VOCAB_SIZE.format(arch=a), hp.n_vocab, V.UINT32),
-              (Keys.Rope.DIMENSION_COUNT.format(arch=a), hp.head_dim, V.UINT32)]
-    if a == "gemma3":
-        if hp.sliding_window:
-            m.append((Keys.Attention.SLIDING_WINDOW.format(arch=a), int(hp.sliding_window), V.UINT32))
-        if hp.rope_theta_local not in (None, 10000.0):  # llama.cpp's built-in default for local layers
-            m.append((Keys.Rope.FREQ_BASE_SWA.format(arch=a), hp.rope_theta_local, V.FLOAT32))
+    m += [(f"{a}.{key}", value, _KINDS[kind]) for key, value, kind in hp.spec.metadata(hp)]
     rs = hp.rope_scaling
     kind = rs.get("rope_type", rs.get("type"))
     if kind == "linear":
         m += [(Keys.Rope.SCALING_TYPE.format(arch=a), "linear", V.STRING),
               (Keys.Rope.SCALING_FACTOR.format(arch=a), float(rs["factor"]), V.FLOAT32)]
-    elif kind not in (None, "default", "llama3"):
+    elif kind not in (None, "default") and kind not in hp.spec.rope_types:
         raise ConversionError(f"rope scaling {kind!r} is not supported")
     return m
-
-
-def llama3_rope_factors(hp: Hparams) -> np.ndarray:
-    """rope_freqs.weight for Llama 3.x "llama3" rope scaling (convert_hf_to_gguf.py's formula)."""
-    rs = hp.rope_scaling
-    factor = float(rs.get("factor", 8.0))
-    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
-    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
-    freqs = 1.0 / (hp.rope_theta ** (np.arange(0, hp.head_dim, 2, dtype=np.float64) / hp.head_dim))
-    out = []
-    for f in freqs:
-        wavelen = 2 * math.pi / f
-        if wavelen < old_ctx / high:
-            out.append(1.0)
-        elif wavelen > old_ctx / low:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
-
-
-# ------------------------------------------------------------------------------------------------
-# Tensors
-# ------------------------------------------------------------------------------------------------
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's LlamaModel.permute: HF's rotate-half Q/K rows → interleaved pairs (GGUF "normal" RoPE)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-             .swapaxes(1, 2).reshape(w.shape))
 
 
 def _tn(kind: MODEL_TENSOR, bid: int | None = None, suffix: str = ".weight") -> str:
@@ -209,28 +182,6 @@ def _tn(kind: MODEL_TENSOR, bid: int | None = None, suffix: str = ".weight") -> 
     return (name.format(bid=bid) if bid is not None else name) + suffix
 
 
-# HF per-layer suffix → GGUF tensor kind (architecture-specific entries below)
-_LAYER_COMMON = {
-    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
-    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
-    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
-    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
-    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
-    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
-    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
-    "input_layernorm": MODEL_TENSOR.ATTN_NORM,
-}
-_LAYER_ARCH = {
-    "llama": {"post_attention_layernorm": MODEL_TENSOR.FFN_NORM},
-    "qwen2": {"post_attention_layernorm": MODEL_TENSOR.FFN_NORM},
-    "gemma3": {
-        "post_attention_layernorm": MODEL_TENSOR.ATTN_POST_NORM,
-        "pre_feedforward_layernorm": MODEL_TENSOR.FFN_NORM,
-        "post_feedforward_layernorm": MODEL_TENSOR.FFN_POST_NORM,
-        "self_attn.q_norm": MODEL_TENSOR.ATTN_Q_NORM,
-        "self_attn.k_norm": MODEL_TENSOR.ATTN_K_NORM,
-    },
-}
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq$|^(model\.)?(vision_tower|multi_modal_projector|vision_model)\.)")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
@@ -250,7 +201,7 @@ class TensorPlan:
         return int(np.prod(self.shape))
 
 
-def _map_name(hf_name: str, arch: str) -> str | None:
+def _map_name(hf_name: str, spec: HFSpec) -> str | None:
     """GGUF name for an HF tensor name; None for tensors llama.cpp drops; KeyError for unknown ones."""
     if _IGNORED.search(hf_name):
         return None
@@ -268,34 +219,24 @@ def _map_name(hf_name: str, arch: str) -> str | None:
     m = _LAYER_RE.match(name)
     if m:
         bid, key, suffix = int(m.group(1)), m.group(2), "." + m.group(3)
-        kind = _LAYER_COMMON.get(key) or _LAYER_ARCH[arch].get(key)
-        if kind is not None:
-            return _tn(kind, bid, suffix)
+        short = spec.layer_tensors.get(key)
+        if short is not None:
+            return f"blk.{bid}.{short}{suffix}"
+        stacked = spec.stacked_tensor(key)
+        if stacked is not None:  # one slice of a stacked tensor (MoE experts): "name#index"
+            return f"blk.{bid}.{stacked[0]}{suffix}#{stacked[1]}"
     raise KeyError(hf_name)
 
 
 def expected_shapes(hp: Hparams, n_vocab_rows: int) -> dict[str, tuple[int, ...]]:
     """Every tensor the runtime needs, with its numpy-order shape (n_out, n_in)."""
-    d, hd, ff = hp.n_embd, hp.head_dim, hp.n_ff
-    q, kv = hp.n_head * hd, hp.n_head_kv * hd
+    d = hp.n_embd
     out = {_tn(MODEL_TENSOR.TOKEN_EMBD): (n_vocab_rows, d), _tn(MODEL_TENSOR.OUTPUT_NORM): (d,)}
     if not hp.tied:
         out[_tn(MODEL_TENSOR.OUTPUT)] = (n_vocab_rows, d)
+    layer = hp.spec.layer_shapes(hp)
     for i in range(hp.n_layer):
-        layer = {
-            MODEL_TENSOR.ATTN_NORM: (d,), MODEL_TENSOR.ATTN_Q: (q, d), MODEL_TENSOR.ATTN_K: (kv, d),
-            MODEL_TENSOR.ATTN_V: (kv, d), MODEL_TENSOR.ATTN_OUT: (d, q), MODEL_TENSOR.FFN_NORM: (d,),
-            MODEL_TENSOR.FFN_GATE: (ff, d), MODEL_TENSOR.FFN_UP: (ff, d), MODEL_TENSOR.FFN_DOWN: (d, ff),
-        }
-        if hp.arch == "gemma3":
-            layer.update({MODEL_TENSOR.ATTN_Q_NORM: (hd,), MODEL_TENSOR.ATTN_K_NORM: (hd,),
-                          MODEL_TENSOR.ATTN_POST_NORM: (d,), MODEL_TENSOR.FFN_POST_NORM: (d,)})
-        for kind, shape in layer.items():
-            out[_tn(kind, i)] = shape
-        if hp.qkv_bias:
-            out[_tn(MODEL_TENSOR.ATTN_Q, i, ".bias")] = (q,)
-            out[_tn(MODEL_TENSOR.ATTN_K, i, ".bias")] = (kv,)
-            out[_tn(MODEL_TENSOR.ATTN_V, i, ".bias")] = (kv,)
+        out.update({f"blk.{i}.{name}": shape for name, shape in layer.items()})
     return out
 
 
@@ -312,33 +253,38 @@ def plan_tensors(ckpt: HFCheckpoint, hp: Hparams, n_tokens: int) -> list[TensorP
     mapped: dict[str, str] = {}
     for hf_name in ckpt.tensors:
         try:
-            name = _map_name(hf_name, hp.arch)
+            name = _map_name(hf_name, hp.spec)
         except KeyError:
             raise ConversionError(f"{ckpt.path}: unexpected tensor {hf_name} for {hp.hf_arch}") from None
         if name is None or (hp.tied and name == _tn(MODEL_TENSOR.OUTPUT)):
             continue  # tied classifier: llama.cpp reads token_embd
         mapped[name] = hf_name
+    stacks = _stacks(mapped)
 
     emb = _tn(MODEL_TENSOR.TOKEN_EMBD)
     if emb not in mapped:
         raise ConversionError(f"{ckpt.path}: tensor model.embed_tokens.weight is missing")
     emb_rows = ckpt.tensors[mapped[emb]].shape[0]
     n_rows = emb_rows
-    if emb_rows > n_tokens and hp.arch == "gemma3":
+    if emb_rows > n_tokens and hp.spec.trim_embedding_to_vocab:
         n_rows = n_tokens  # llama.cpp drops Gemma 3's out-of-vocabulary embedding rows
     elif emb_rows < n_tokens:
         raise ConversionError(f"{ckpt.path}: the tokenizer has {n_tokens} tokens "
                               f"but the embedding only {emb_rows} rows")
 
     want = expected_shapes(hp, n_rows)
-    missing = [n for n in want if n not in mapped]
+    missing = [n for n in want if n not in mapped and n not in stacks]
     if missing:
         raise ConversionError(f"{ckpt.path}: missing tensors: {', '.join(missing[:4])}"
                               + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
-    extra = [n for n in mapped if n not in want]
+    extra = [mapped[n] for n in mapped if n not in want] + [p[min(p)] for n, p in stacks.items() if n not in want]
     if extra:
-        names = ", ".join(mapped[n] for n in extra[:4])
+        names = ", ".join(extra[:4])
         raise ConversionError(f"{ckpt.path}: unexpected tensors for {hp.hf_arch}: {names}")
+    for name, parts in stacks.items():
+        if len(parts) != want[name][0] or set(parts) != set(range(len(parts))):
+            raise ConversionError(f"{ckpt.path}: {name} needs slices 0..{want[name][0] - 1}, "
+                                  f"the checkpoint has {len(parts)}")
     for name, hf_name in mapped.items():
         got = ckpt.tensors[hf_name].shape
         expect = want[name]
@@ -346,29 +292,45 @@ def plan_tensors(ckpt: HFCheckpoint, hp: Hparams, n_tokens: int) -> list[TensorP
             expect = (emb_rows, hp.n_embd)
         if tuple(got) != tuple(expect):
             raise ConversionError(f"{ckpt.path}: tensor {hf_name} has shape {tuple(got)}, expected {tuple(expect)}")
+    for name, parts in stacks.items():
+        for hf_name in parts.values():
+            if tuple(ckpt.tensors[hf_name].shape) != tuple(want[name][1:]):
+                raise ConversionError(f"{ckpt.path}: tensor {hf_name} has shape "
+                                      f"{tuple(ckpt.tensors[hf_name].shape)}, expected {tuple(want[name][1:])}")
 
     plans = []
     for name, hf_name in mapped.items():
         plans.append(TensorPlan(name, want[name], _loader(ckpt, hf_name, name, hp, n_rows), hf_name))
-    if hp.rope_scaling.get("rope_type", hp.rope_scaling.get("type")) == "llama3":
-        factors = llama3_rope_factors(hp)
-        plans.append(TensorPlan(_tn(MODEL_TENSOR.ROPE_FREQS), factors.shape, lambda f=factors: f, "rope_scaling"))
+    for name, parts in stacks.items():
+        names = [parts[i] for i in range(len(parts))]
+        plans.append(TensorPlan(name, want[name], _stack_loader(ckpt, names, name, hp), names[0]))
+    for name, values in hp.spec.extra_tensors(hp).items():
+        plans.append(TensorPlan(name, values.shape, lambda v=values: v, "config.json"))
     plans.sort(key=lambda p: _block_order(p.name))
     return plans
 
 
+def _stacks(mapped: dict[str, str]) -> dict[str, dict[int, str]]:
+    """Take the slices ("name#index") out of `mapped`: name → {index: HF name}."""
+    stacks: dict[str, dict[int, str]] = {}
+    for key in [k for k in mapped if "#" in k]:
+        name, index = key.rsplit("#", 1)
+        stacks.setdefault(name, {})[int(index)] = mapped.pop(key)
+    return stacks
+
+
+def _stack_loader(ckpt: HFCheckpoint, hf_names: list[str], name: str, hp: Hparams) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        return np.ascontiguousarray(np.stack([hp.spec.transform(name, ckpt.load(n), hp) for n in hf_names]),
+                                    dtype=np.float32)
+    return load
+
+
 def _loader(ckpt: HFCheckpoint, hf_name: str, name: str, hp: Hparams, n_rows: int) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        x = ckpt.load(hf_name)
-        if hp.arch == "llama" and ".attn_q." in name:
-            x = permute_qk(x, hp.n_head)
-        elif hp.arch == "llama" and ".attn_k." in name:
-            x = permute_qk(x, hp.n_head_kv)
-        elif hp.arch == "gemma3":
-            if name.endswith("norm.weight"):
-                x = x + np.float32(1.0)  # Gemma3RMSNorm multiplies by (1 + w)
-            elif name == "token_embd.weight" and x.shape[0] != n_rows:
-                x = x[:n_rows]
+        x = hp.spec.transform(name, ckpt.load(hf_name), hp)
+        if name == "token_embd.weight" and x.shape[0] != n_rows:
+            x = x[:n_rows]
         return np.ascontiguousarray(x, dtype=np.float32)
     return load
 
@@ -576,7 +538,7 @@ def _spm_vocab_from_json(ckpt: HFCheckpoint, hp: Hparams, emb_rows: int) -> Voca
             pieces[i] = (p, -float(i))
     added = _added_tokens(ckpt)
     n = max(len(pieces), max(added, default=-1) + 1)
-    if hp.arch != "gemma3":
+    if not hp.spec.trim_embedding_to_vocab:
         n = max(n, emb_rows)
     unk = model.get("unk_token") if model["type"] == "BPE" else None
     unk_id = vocab.get(unk) if unk else model.get("unk_id")
@@ -604,7 +566,7 @@ def _spm_vocab_from_json(ckpt: HFCheckpoint, hp: Hparams, emb_rows: int) -> Voca
         vocab.setdefault(t["content"], i)
     v = Vocab("llama", "default", tokens, types, scores=scores)
     normalizer = json.dumps(tj.get("normalizer") or {})
-    v.add_space_prefix = '"Prepend"' in normalizer and hp.arch != "gemma3"
+    v.add_space_prefix = '"Prepend"' in normalizer and hp.spec.spm_add_space_prefix is not False
     _special_and_flags(ckpt, vocab, n, v)
     return v
 
@@ -618,7 +580,7 @@ def _spm_vocab_from_model(ckpt: HFCheckpoint, hp: Hparams, emb_rows: int) -> Voc
         sp.LoadFromFile(str(ckpt.sentencepiece_model))
     except Exception as e:
         raise ConversionError(f"{ckpt.sentencepiece_model}: not a SentencePiece model ({e})") from None
-    n = max(sp.vocab_size(), emb_rows if hp.arch != "gemma3" else 0)
+    n = max(sp.vocab_size(), 0 if hp.spec.trim_embedding_to_vocab else emb_rows)
     tokens = [f"[PAD{i}]" for i in range(n)]
     scores = [-1000.0] * n
     types = [int(TokenType.UNUSED)] * n
@@ -644,7 +606,7 @@ def _spm_vocab_from_model(ckpt: HFCheckpoint, hp: Hparams, emb_rows: int) -> Voc
             scores[i] = -1000.0
     vocab = {t: i for i, t in enumerate(tokens)}
     v = Vocab("llama", "default", tokens, types, scores=scores)
-    v.add_space_prefix = False if hp.arch == "gemma3" else None
+    v.add_space_prefix = hp.spec.spm_add_space_prefix
     _special_and_flags(ckpt, vocab, n, v)
     return v
 
@@ -688,7 +650,7 @@ def _general(ckpt: HFCheckpoint, n_params: int) -> list[tuple[str, Any, GGUFValu
 def plan(ckpt: HFCheckpoint) -> Conversion:
     """Read and check everything about the conversion; raises ConversionError before anything is written."""
     hp = read_hparams(ckpt)
-    emb_name = next((k for k in ckpt.tensors if _map_name_safe(k, hp.arch) == "token_embd.weight"), None)
+    emb_name = next((k for k in ckpt.tensors if _map_name_safe(k, hp.spec) == "token_embd.weight"), None)
     if emb_name is None:
         raise ConversionError(f"{ckpt.path}: tensor model.embed_tokens.weight is missing")
     emb_rows = ckpt.tensors[emb_name].shape[0]
@@ -702,8 +664,8 @@ def plan(ckpt: HFCheckpoint) -> Conversion:
     return Conversion(hp, vocab, tensors, _general(ckpt, n_params))
 
 
-def _map_name_safe(hf_name: str, arch: str) -> str | None:
+def _map_name_safe(hf_name: str, spec: HFSpec) -> str | None:
     try:
-        return _map_name(hf_name, arch)
+        return _map_name(hf_name, spec)
     except KeyError:
         return None
