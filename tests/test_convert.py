@@ -771,3 +771,25 @@ def test_qwen3moe_decode_reads_only_the_chosen_experts(tiny, tmp_path, monkeypat
     monkeypatch.setattr(llama, "linears", recording)
     model.logits(IDS[:1])
     assert sorted(il for il, _ in used) == [0, 0, 1, 1]  # 2 of 4 experts in each of the 2 layers
+
+
+@needs_quants
+@pytest.mark.parametrize("name", list(NEW_ARCHS))
+def test_new_arch_batched_decode_matches_one_sequence(tiny, tmp_path, name):
+    """The server's batched decode step (forward_batch) follows every option of the family (q/k norms, layers
+    without RoPE, LongRoPE tables, multipliers, experts): each row equals that sequence decoded alone."""
+    import edgeq
+    from edgeq.runtime.kv_cache import make_kv_cache
+
+    out = tmp_path / f"{name}.gguf"
+    assert convert(tiny[name], out, "F32") == 0
+    m = edgeq.load(str(out), n_ctx=128, threads=1)
+    prompts = [LONG_IDS[:70], IDS[:5], IDS[:9]]  # 70: past the llama3 model's original context
+    caches = [make_kv_cache(m.cfg.kv_layouts(), 128, max_batch=96) for _ in range(6)]
+    for c, ids in zip(caches, prompts + prompts):
+        m.arch.forward(m.weights, m.cfg, np.asarray(ids, np.int64), 0, c)
+    nxt = np.array([7, 8, 9])
+    batch = m.arch.forward_batch(m.weights, m.cfg, nxt, np.array([len(p) for p in prompts]), caches[:3])
+    for i, ids in enumerate(prompts):
+        one = m.arch.forward(m.weights, m.cfg, nxt[i:i + 1], len(ids), caches[3 + i])[0]
+        assert np.abs(batch[i] - one).max() < 1e-3 * np.abs(one).max(), name
