@@ -26,3 +26,4 @@ def hamlet_path():
     from edgeq.assets import text_path
 
     return text_path("hamlet")
+

@@ -8,6 +8,8 @@ import time
 import gguf
 import numpy as np
 import pytest
+from _signals import default_sigint  # noqa: E402
+
 
 
 def edgeq(*args, timeout=300):
@@ -89,7 +91,8 @@ def test_run_streams_and_verbose_reports_speeds(smollm2_path):
 def test_ctrl_c_stops_generation_at_once(smollm2_path):
     prompt = b"Once upon a time"
     proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "run", str(smollm2_path), "-p", prompt.decode(),
-                             "-n", "2000", "--ctx", "4096"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "-n", "2000", "--ctx", "4096"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
     try:
         # however long loading (or a first run's kernel compile) takes: wait for generated text after the echo
         seen = b""

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from edgeq.runtime.warmup import FIRST_RUN_MESSAGE
+from _signals import default_sigint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +23,7 @@ PROBE = r"""
 import json, sys
 import edgeq
 from numba.core.dispatcher import Dispatcher
+
 
 def signatures():
     out = set()
@@ -88,7 +90,8 @@ def _read_until(stream, needle: bytes, timeout: float) -> bytes:
 def test_ctrl_c_while_kernels_compile_exits_at_once(smollm2_path, tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))  # an empty kernel cache: a first run
     proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "run", str(smollm2_path), "-p", "Once upon a time",
-                             "-n", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                             "-n", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=default_sigint)
     try:
         err = _read_until(proc.stderr, FIRST_RUN_MESSAGE.encode(), timeout=600)
         assert FIRST_RUN_MESSAGE.encode() in err, err.decode(errors="replace")

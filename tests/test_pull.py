@@ -8,6 +8,8 @@ import pytest
 from edgeq import assets
 from edgeq.cli import pull as pull_cmd
 from edgeq.cli import main
+from _signals import default_sigint  # noqa: E402
+
 
 
 @pytest.fixture
@@ -177,7 +179,8 @@ def test_killed_pull_leaves_no_download_running_and_next_pull_cleans_up(home, tm
 
     def start_and_wait_for_pip():
         pid_file.unlink(missing_ok=True)
-        pull = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        pull = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=default_sigint)
         t0 = time.monotonic()
         while not pid_file.exists() or not pid_file.read_text():
             assert pull.poll() is None and time.monotonic() - t0 < 120, pull.communicate()

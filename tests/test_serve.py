@@ -6,6 +6,8 @@ import threading
 import time
 
 import pytest
+from _signals import default_sigint  # noqa: E402
+
 
 pytestmark = pytest.mark.slow
 
@@ -513,7 +515,8 @@ def test_serve_verb_starts_answers_and_stops_on_ctrl_c(smollm2_path):
     import sys
 
     p = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "serve", str(smollm2_path), "--port", "0", "--ctx", "256",
-                          "--parallel", "1", "-t", "2"], stderr=subprocess.PIPE, text=True)
+                          "--parallel", "1", "-t", "2"], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=default_sigint)
     try:
         line = p.stderr.readline()
         m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
