@@ -463,7 +463,11 @@ def test_chat_cli_missing_or_corrupt_model_is_one_line(home, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("edgeq chat: cannot load") and "Traceback" not in err[0]
 
 
-async def test_picking_a_hub_catalog_model_shows_the_pull(home):
+async def test_picking_a_hub_catalog_model_shows_the_pull(home, monkeypatch):
+    from edgeq import assets
+
+    monkeypatch.setitem(assets.MODELS, "mamba-tiny", assets.Asset("mamba-tiny", "mamba-tiny.gguf", "", 0, "tiny",
+                                                                  hf_repo="o/r", hf_quant="Q8_0", arch="mamba"))
     gate = threading.Event()
     loaded = FakeModel()
     picked = []
@@ -479,7 +483,11 @@ async def test_picking_a_hub_catalog_model_shows_the_pull(home):
         await pilot.press("ctrl+o")
         await pilot.pause()
         shown = screen_text(app)
-        assert "smollm2-360m-instruct  (pull 271 MB)" in shown and "qwen3: not supported yet" in shown
+        assert "smollm2-360m-instruct  (pull 271 MB)" in shown and "qwen3-0.6b  (pull 397 MB)" in shown
+        models = app.screen.query_one("#models")
+        labels = [str(models.get_option_at_index(i).prompt) for i in range(models.option_count)]
+        assert any("mamba-tiny" in lb and "mamba: not supported yet" in lb for lb in labels), labels
+        assert not any("qwen3" in lb and "not supported" in lb for lb in labels), labels
         app.screen.query_one("#models").highlighted = app.screen.choices.index("smollm2-360m-instruct")
         await pilot.press("enter")
         for _ in range(200):
