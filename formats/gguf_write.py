@@ -10,12 +10,13 @@ bytes one at a time (never the whole model in memory), written to a temp file re
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import re
 import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -89,6 +90,38 @@ def remove_stale_temps(path: str | os.PathLike) -> list[str]:
             except FileNotFoundError:
                 pass
     return removed
+
+
+def new_temp(path: str | os.PathLike) -> str:
+    """A fresh empty temp file beside `path`, named so `remove_stale_temps` recognises it if its writer dies
+    (a new random name: never a fixed one someone could have planted a link at). Stale ones go first."""
+    remove_stale_temps(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return tmp
+
+
+def publish(tmp: str, path: str | os.PathLike) -> None:
+    """Move a finished temp file over `path`, with the permissions a plain open() would have given it
+    (mkstemp makes files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """`with atomic_output(path) as tmp:` write the file at `tmp`; it replaces `path` only when the block ends
+    without an exception (nothing is left behind when it raises or is interrupted)."""
+    tmp = new_temp(path)
+    try:
+        yield tmp
+        publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _int_type(lo: int, hi: int) -> GGUFValueType:
@@ -232,11 +265,7 @@ class GGUFOutput:
     # ------------------------------------------------------------------ writing
 
     def _start(self) -> None:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        remove_stale_temps(self.path)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.{os.getpid()}.", suffix=".tmp",
-                                         dir=folder)
-        os.close(fd)
+        self._tmp = new_temp(self.path)
         self._w.write_header_to_file(Path(self._tmp))
         self._w.write_kv_data_to_file()
         self._w.write_ti_data_to_file()
@@ -268,7 +297,7 @@ class GGUFOutput:
         if self._tmp is None:
             self._start()
         self._w.close()
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
         self._tmp, self._done = None, True
 
     def abort(self) -> None:

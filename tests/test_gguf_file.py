@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from edgeq.formats.errors import FormatError
 from edgeq.formats.gguf_file import GGUFFile
-from edgeq.formats.gguf_write import GGUFOutput, copy_metadata, infer_type, write_gguf
+from edgeq.formats.gguf_write import GGUFOutput, atomic_output, copy_metadata, infer_type, write_gguf
 
 
 # --------------------------------------------------------------------------- a small, varied file
@@ -193,6 +193,35 @@ def test_writer_exception_leaves_nothing(tmp_path):
                 out.write_tensor("a", np.zeros(64, np.float32))
                 raise exc("stop")
         assert os.listdir(tmp_path) == []
+
+
+def test_outputs_get_the_umask_permissions_not_mkstemps_private_ones(tmp_path):
+    # a converted model or a saved imatrix is a file like any other: 0600 from mkstemp would surprise a user
+    umask = os.umask(0o022)
+    try:
+        with GGUFOutput(tmp_path / "out.gguf", "tiny") as out:
+            out.add_tensor_info("a", "F32", (64,))
+            out.write_tensor("a", np.zeros(64, np.float32))
+        with atomic_output(tmp_path / "other.bin") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"x")
+    finally:
+        os.umask(umask)
+    for name in ("out.gguf", "other.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert sorted(os.listdir(tmp_path)) == ["other.bin", "out.gguf"]
+
+
+def test_atomic_output_leaves_nothing_when_interrupted(tmp_path):
+    dest = tmp_path / "out.bin"
+    dest.write_bytes(b"old")
+    for exc in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(exc):
+            with atomic_output(dest) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(b"half")
+                raise exc("stop")
+    assert os.listdir(tmp_path) == ["out.bin"] and dest.read_bytes() == b"old"
 
 
 def test_writer_failure_keeps_existing_destination(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -86,10 +85,9 @@ def save(im: Imatrix, path: str | os.PathLike) -> None:
     from gguf import GGUFWriter
     from gguf.constants import GGUFValueType as V
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
+    from edgeq.formats.gguf_write import atomic_output
+
+    with atomic_output(path) as tmp:
         w = GGUFWriter(tmp, arch="")
         w.add_key_value("general.type", "imatrix", V.STRING)
         w.add_key_value("imatrix.chunk_count", int(im.chunk_count), V.UINT32)
@@ -102,13 +100,6 @@ def save(im: Imatrix, path: str | os.PathLike) -> None:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load(path: str | os.PathLike) -> Imatrix:

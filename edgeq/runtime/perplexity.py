@@ -7,8 +7,6 @@ predicting the next token). PPL = exp(mean NLL); stderr = PPL * std(NLL) / sqrt(
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,19 +146,11 @@ def _tokens_digest(tokens, n_ctx, n_chunk) -> str:
 def _save_base(path: str, n_ctx: int, tokens, n_chunk: int, saved: dict) -> None:
     arrays = {k: np.concatenate(v) for k, v in saved.items()}
     path = Path(path).expanduser()
-    # a fresh temp name (not a fixed "path.tmp.npz" someone could have planted a link at), renamed into place
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, n_ctx=n_ctx, n_chunk=n_chunk, digest=_tokens_digest(tokens, n_ctx, n_chunk),
-                                **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from edgeq.formats.gguf_write import atomic_output
+
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, n_ctx=n_ctx, n_chunk=n_chunk, digest=_tokens_digest(tokens, n_ctx, n_chunk),
+                            **arrays)
 
 
 def _load_base(path: str, n_ctx: int, tokens, n_chunk: int) -> dict:
