@@ -138,7 +138,7 @@ class CudaForward:
         self.layers = []
         for il, L in enumerate(weights.layers):
             table = plan.rope_tables[il]
-            dense = L.moe is None
+            dense = getattr(L, "moe", None) is None  # (Gemma 3's layers have no experts field)
             layer = _Layer(vec(L.attn_norm), up(L.wq), up(L.wk), up(L.wv), up(L.wo), vec(L.ffn_norm),
                            up(L.w_gate) if dense else None, up(L.w_up) if dense else None,
                            up(L.w_down) if dense else None, freqs[table] if table else None)

@@ -29,7 +29,7 @@ def _signatures():
     yield "attention", ops._attention(ops.DEFAULT_THREADS), (f3, f3, f3, i64, f32, i64, f3)
     yield "silu_mul", ops._silu_mul_kernel, (f2, f2, f2)
     yield "gelu_mul", ops._gelu_mul_kernel, (f2, f2, f2)
-    yield "add", ops._add_kernel, (f2, f2)
+    yield "add", ops._add_kernel, (f2, f2, f32)
     yield "add_bias", ops._add_bias_kernel, (f2, f1)
     yield "store_kv", ops._store_kv_kernel, (f3, f3, i64)
     i32 = numba.int32[::1]
