@@ -15,7 +15,13 @@ The KV cache (`CudaKVCache`) is float32, positional and holds all n_ctx position
 window layers included (attention reads only the window): any prefix can be rewound to, so the engine
 truncates its token list and nothing else. The layer sequence mirrors models/llama.py and
 models/gemma3.py step for step; what differs between architectures comes from `cfg.plan()` (a
-models.base.ForwardPlan: RoPE table per layer, q/k norms, post-norms, activation, multipliers).
+models.base.ForwardPlan: RoPE table per layer, LongRoPE's long table and attention factor, q/k norms,
+post-norms, activation, multipliers, experts).
+
+Fused matrices (Phi-3's attn_qkv, gate/up in ffn_up) arrive as the CPU's row-slice views and are uploaded
+as separate matrices. A mixture-of-experts layer (Qwen3-MoE) uploads every expert's matrices; per call, the
+router's logits come back to the host (n_expert floats per token), the top-k choice and weights are made
+there exactly as on the CPU, and only the chosen experts' matrices are launched, on the rows routed to them.
 """
 from __future__ import annotations
 
@@ -91,14 +97,27 @@ class _Layer:
     wv: DeviceLinear
     wo: DeviceLinear
     ffn_norm: object
-    w_gate: DeviceLinear
-    w_up: DeviceLinear
-    w_down: DeviceLinear
+    w_gate: DeviceLinear | None  # None in a mixture-of-experts layer
+    w_up: DeviceLinear | None
+    w_down: DeviceLinear | None
     inv_freq: object             # RoPE frequencies of this layer (device); None: no RoPE (SmolLM3)
     q_norm: object = None        # plan.qk_norm: RMSNorm of each head of q and k
     k_norm: object = None
     post_attn_norm: object = None  # plan.post_norms: RMSNorm of the attention / FFN output before the residual
     post_ffn_norm: object = None
+    moe: "_Experts | None" = None  # plan.n_expert_used: the router and each expert's matrices
+
+
+@dataclass
+class _Experts:
+    router: DeviceLinear
+    gate: list[DeviceLinear]
+    up: list[DeviceLinear]
+    down: list[DeviceLinear]
+
+    @property
+    def mats(self) -> list[DeviceLinear]:
+        return [self.router, *self.gate, *self.up, *self.down]
 
 
 class CudaForward:
@@ -111,12 +130,22 @@ class CudaForward:
         vec = self._vector
         # the layer sequence is data the model's Config gives (kernels never import models)
         self.plan = plan = cfg.plan()
-        freqs = {name: vec(getattr(weights, name)) for name in set(plan.rope_tables) if name is not None}
+        tables = set(plan.rope_tables) - {None}
+        freqs = {name: vec(getattr(weights, name)) for name in tables}
+        long = getattr(weights, plan.rope_long_table, None) if plan.rope_long_table else None
+        if long is not None and n_ctx > plan.rope_long_above:  # LongRoPE: chosen once, by the context size
+            freqs = {name: vec(long) for name in tables}
         self.layers = []
         for il, L in enumerate(weights.layers):
             table = plan.rope_tables[il]
+            dense = getattr(L, "moe", None) is None  # (Gemma 3's layers have no experts field)
             layer = _Layer(vec(L.attn_norm), up(L.wq), up(L.wk), up(L.wv), up(L.wo), vec(L.ffn_norm),
-                           up(L.w_gate), up(L.w_up), up(L.w_down), freqs[table] if table else None)
+                           up(L.w_gate) if dense else None, up(L.w_up) if dense else None,
+                           up(L.w_down) if dense else None, freqs[table] if table else None)
+            if not dense:
+                m = L.moe
+                layer.moe = _Experts(up(m.router), [up(x) for x in m.gate], [up(x) for x in m.up],
+                                     [up(x) for x in m.down])
             if plan.qk_norm:
                 layer.q_norm, layer.k_norm = vec(L.q_norm), vec(L.k_norm)
             if plan.post_norms:
@@ -134,16 +163,21 @@ class CudaForward:
     def _vector(a):
         return to_device(np.asarray(a, dtype=np.float32))
 
+    def _mats(self) -> list[DeviceLinear]:
+        out = []
+        for L in self.layers:
+            out += [m for m in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down) if m is not None]
+            out += L.moe.mats if L.moe is not None else []
+        return out
+
     @property
     def weight_nbytes(self) -> int:
-        mats = [m for L in self.layers for m in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
-        return sum(m.nbytes for m in mats) + self.output.nbytes
+        return sum(m.nbytes for m in self._mats()) + self.output.nbytes
 
     @property
     def fallback_types(self) -> set[str]:
         """Source types of the matrices that were dequantized at upload (no kernel for them)."""
-        mats = [m for L in self.layers for m in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
-        return {m.source_qtype for m in mats + [self.output] if m.source_qtype not in QTYPE_BLOCKS}
+        return {m.source_qtype for m in self._mats() + [self.output] if m.source_qtype not in QTYPE_BLOCKS}
 
     def _buf(self, name: str, rows: int, *shape):
         """Scratch (rows, *shape) float32, reused across calls; grown when more rows are needed."""
@@ -184,6 +218,10 @@ class CudaForward:
             if L.inv_freq is not None:
                 ops.rope(q, d_pos, L.inv_freq, plan.rope_neox, threads=nt)
                 ops.rope(k, d_pos, L.inv_freq, plan.rope_neox, threads=nt)
+                if plan.rope_attn_factor != 1.0:
+                    n_rot = 2 * L.inv_freq.shape[0]
+                    ops.scale_prefix(q, n_rot, plan.rope_attn_factor, threads=nt)
+                    ops.scale_prefix(k, n_rot, plan.rope_attn_factor, threads=nt)
             ops.store_kv(k, self.cache.k[il], pos0, threads=nt)
             ops.store_kv(v, self.cache.v[il], pos0, threads=nt)
             ops.attention(q, self.cache.k[il], self.cache.v[il], pos0, scale, a, window=self.cache.windows[il],
@@ -194,10 +232,13 @@ class CudaForward:
             self._residual(d_x, o)
             # feed-forward
             ops.rmsnorm(d_x, L.ffn_norm, eps, h, threads=nt)
-            L.w_gate(h, g)
-            L.w_up(h, u)
-            (ops.gelu_mul if plan.gelu else ops.silu_mul)(g, u, g, threads=nt)
-            L.w_down(g, o)
+            if L.moe is not None:
+                self._experts(L.moe, h, o)
+            else:
+                L.w_gate(h, g)
+                L.w_up(h, u)
+                (ops.gelu_mul if plan.gelu else ops.silu_mul)(g, u, g, threads=nt)
+                L.w_down(g, o)
             if L.post_ffn_norm is not None:
                 ops.rmsnorm(o, L.post_ffn_norm, eps, o, threads=nt)
             self._residual(d_x, o)
@@ -209,6 +250,30 @@ class CudaForward:
         self.output(hn, logits)
         out = logits.copy_to_host()
         return out if plan.logit_scale == 1.0 else out / np.float32(plan.logit_scale)
+
+    def _experts(self, m: _Experts, h, out) -> None:
+        """out = each row of h through its k best experts (models.llama.experts on the device): softmax over
+        the router, the k weights renormalized; only the chosen experts' matrices are read."""
+        nt, T, d = self.threads, h.shape[0], h.shape[1]
+        logits_d = self._buf("router", T, m.router.n_out)
+        m.router(h, logits_d)
+        logits = logits_d.copy_to_host()                               # (T, n_expert)
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :self.plan.n_expert_used]
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        w = np.take_along_axis(p, top, axis=1)
+        w /= w.sum(axis=1, keepdims=True)
+        ops.fill(out, 0.0, threads=nt)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            n, n_ff = len(rows), m.gate[e].n_out
+            d_rows = to_device(rows.astype(np.int32))
+            x = ops.gather_rows(h, d_rows, self._buf("x_e", n, d), threads=nt)
+            g, u = self._buf("g_e", n, n_ff), self._buf("u_e", n, n_ff)
+            m.gate[e](x, g)
+            m.up[e](x, u)
+            ops.silu_mul(g, u, g, threads=nt)
+            y = m.down[e](g, self._buf("y_e", n, d))
+            ops.scatter_add_rows(out, d_rows, to_device(w[rows, slot].astype(np.float32)), y, threads=nt)
 
     def _residual(self, d_x, d_o):
         ops.add(d_x, d_o, threads=self.threads, alpha=self.plan.residual_scale)

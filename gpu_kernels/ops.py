@@ -312,3 +312,75 @@ def store_kv(d_x, d_cache, pos0: int, threads: int = DEFAULT_THREADS, stream=0):
     _check_threads(threads)
     _store_kv_kernel[(T, H), threads, stream](d_x, d_cache, int(pos0))
     return d_cache
+
+
+# ---------------------------------------------------------------- LongRoPE and mixtures of experts
+@cuda.jit
+def _scale_prefix_kernel(x, n, factor):
+    # grid (T, H); threads over the first n dims of each head
+    t = cuda.blockIdx.x
+    h = cuda.blockIdx.y
+    for d in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+        x[t, h, d] *= factor
+
+
+def scale_prefix(d_x, n: int, factor: float, threads: int = DEFAULT_THREADS, stream=0):
+    """d_x (T, H, D) float32: its first n dims of every head times factor, in place (LongRoPE's attention
+    factor on the rotated dims of q and k). Returns d_x."""
+    T, H, D = d_x.shape
+    if not 0 <= n <= D:
+        raise ValueError(f"scale_prefix: {n} dims of heads of {D}")
+    _check_threads(threads)
+    _scale_prefix_kernel[(T, H), threads, stream](d_x, int(n), np.float32(factor))
+    return d_x
+
+
+@cuda.jit
+def _gather_rows_kernel(src, rows, out):
+    r = cuda.blockIdx.x
+    for i in range(cuda.threadIdx.x, src.shape[1], cuda.blockDim.x):
+        out[r, i] = src[rows[r], i]
+
+
+def gather_rows(d_src, d_rows, d_out, threads: int = DEFAULT_THREADS, stream=0):
+    """d_out[r] = d_src[d_rows[r]]: (n, d) rows picked from (T, d) (the tokens routed to one expert)."""
+    n = d_rows.shape[0]
+    if d_out.shape[0] != n or d_out.shape[1] != d_src.shape[1]:
+        raise ValueError(f"gather_rows: out {tuple(d_out.shape)} for {n} rows of {tuple(d_src.shape)}")
+    _check_threads(threads)
+    _gather_rows_kernel[n, threads, stream](d_src, d_rows, d_out)
+    return d_out
+
+
+@cuda.jit
+def _scatter_add_rows_kernel(out, rows, weights, src):
+    r = cuda.blockIdx.x
+    w = weights[r]
+    for i in range(cuda.threadIdx.x, src.shape[1], cuda.blockDim.x):
+        out[rows[r], i] += w * src[r, i]
+
+
+def scatter_add_rows(d_out, d_rows, d_weights, d_src, threads: int = DEFAULT_THREADS, stream=0):
+    """d_out[d_rows[r]] += d_weights[r] * d_src[r] (an expert's output, weighted by its router probability,
+    added to its tokens' rows; the rows of one call are distinct). Returns d_out."""
+    n = d_rows.shape[0]
+    if d_src.shape[0] != n or d_weights.shape[0] != n or d_src.shape[1] != d_out.shape[1]:
+        raise ValueError(f"scatter_add_rows: {n} rows, src {tuple(d_src.shape)}, out {tuple(d_out.shape)}")
+    _check_threads(threads)
+    _scatter_add_rows_kernel[n, threads, stream](d_out, d_rows, d_weights, d_src)
+    return d_out
+
+
+@cuda.jit
+def _fill_kernel(x, value):
+    rows, n = x.shape
+    for k in range(cuda.grid(1), rows * n, cuda.gridsize(1)):
+        r = k // n
+        x[r, k - r * n] = value
+
+
+def fill(d_x, value: float = 0.0, threads: int = DEFAULT_THREADS, stream=0):
+    """d_x (rows, n) = value, in place. Returns d_x."""
+    _check_threads(threads)
+    _fill_kernel[_blocks(d_x.shape[0] * d_x.shape[1], threads), threads, stream](d_x, np.float32(value))
+    return d_x

@@ -29,9 +29,14 @@ def _signatures():
     yield "attention", ops._attention(ops.DEFAULT_THREADS), (f3, f3, f3, i64, f32, i64, f3)
     yield "silu_mul", ops._silu_mul_kernel, (f2, f2, f2)
     yield "gelu_mul", ops._gelu_mul_kernel, (f2, f2, f2)
-    yield "add", ops._add_kernel, (f2, f2)
+    yield "add", ops._add_kernel, (f2, f2, f32)
     yield "add_bias", ops._add_bias_kernel, (f2, f1)
     yield "store_kv", ops._store_kv_kernel, (f3, f3, i64)
+    i32 = numba.int32[::1]
+    yield "scale_prefix", ops._scale_prefix_kernel, (f3, i64, f32)
+    yield "gather_rows", ops._gather_rows_kernel, (f2, i32, f2)
+    yield "scatter_add_rows", ops._scatter_add_rows_kernel, (f2, i32, f1, f2)
+    yield "fill", ops._fill_kernel, (f2, f32)
 
 
 def main(argv=None) -> int:

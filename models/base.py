@@ -221,6 +221,10 @@ class ForwardPlan:
     embed_scale: float = 1.0             # token embeddings times this (Gemma 3, Granite)
     residual_scale: float = 1.0          # attention / FFN outputs times this before the residual (Granite)
     logit_scale: float = 1.0             # logits divided by this (Granite)
+    rope_attn_factor: float = 1.0        # rotated dims of q and k times this after RoPE (LongRoPE, Phi-3)
+    rope_long_table: str | None = None   # LongRoPE: the Weights attribute whose table replaces the layers' own
+    rope_long_above: int = 0             # when the context holds more positions than this (llama.cpp's rule)
+    n_expert_used: int = 0               # > 0: the FFN is a mixture of experts (Layer.moe), this many per token
 
 
 class HFSpec:

@@ -89,7 +89,8 @@ class Config:
             rope_tables=tuple("inv_freq" if self.uses_rope(il) else None for il in range(self.n_layer)),
             attn_scale=self.attn_scale or 1.0 / math.sqrt(self.head_dim), rope_neox=self.rope_neox,
             qk_norm=self.qk_norm, embed_scale=self.embed_scale, residual_scale=self.residual_scale,
-            logit_scale=self.logit_scale)
+            logit_scale=self.logit_scale, rope_attn_factor=self.rope_attn_factor, rope_long_table="inv_freq_long",
+            rope_long_above=self.n_ctx_orig, n_expert_used=self.n_expert_used if self.n_expert else 0)
 
 
 @dataclass

@@ -25,9 +25,6 @@ class Config(llama.Config):
                     sliding_window=hparam(gf, arch, "attention.sliding_window", 0, cast=int, lo=0, hi=MAX_CTX))
         return super().from_gguf(gf, arch, **{**opts, **overrides})
 
-    def plan(self):
-        raise ModelError("phi3 has no CUDA forward yet (LongRoPE's attention factor): use the CPU")
-
 
 class HFSpec(base.HFSpec):
     """llama.cpp's Phi3MiniModel: fused matrices kept, rope.dimension_count from partial_rotary_factor,

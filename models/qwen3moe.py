@@ -28,9 +28,6 @@ class Config(llama.Config):
                     n_ff_expert=hparam(gf, arch, "expert_feed_forward_length", cast=int, lo=1, hi=MAX_FF))
         return super().from_gguf(gf, arch, **{**opts, **overrides})
 
-    def plan(self):
-        raise ModelError("qwen3moe has no CUDA forward yet (mixture of experts): use the CPU")
-
 
 class HFSpec(qwen3.HFSpec):
     """llama.cpp's Qwen3MoeModel: each expert's matrices stacked into ffn_{gate,up,down}_exps, the router as

@@ -28,10 +28,13 @@ IDS = [ord(c) for c in "1+2=3; 4"][:7]  # 5 prefilled, then 2 decoded
 
 
 def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n_embd=32, n_ff=32, n_layer=2,
-              n_head=2, seed=0):
-    """A random `arch` model (llama, qwen2, qwen3, smollm3, granite or gemma3) written with gguf-py: matrices
-    in `qtype`, or in types[short name] (e.g. {"attn_q": "Q4_0"}), a byte-level BPE vocabulary of 64 tokens,
-    `n_head` query heads sharing 1 KV head of 32 dims. Gemma 3: layer 0 has a 3-token sliding window, layer 1 is global."""
+              n_head=2, seed=0, n_ctx_orig=32, window=0):
+    """A random `arch` model (llama, qwen2, qwen3, smollm3, granite, gemma3, phi3 or qwen3moe) written with
+    gguf-py: matrices in `qtype`, or in types[short name] (e.g. {"attn_q": "Q4_0"}), a byte-level BPE vocabulary
+    of 64 tokens, `n_head` query heads sharing 1 KV head of 32 dims. Gemma 3: layer 0 has a 3-token sliding
+    window, layer 1 is global. Phi-3: fused matrices, RoPE over 16 of the 32 dims, LongRoPE factors (the long
+    ones for contexts above n_ctx_orig) with an attention factor, an optional sliding `window`. Qwen3-MoE:
+    4 experts of n_ff, 2 chosen per token."""
     from edgeq.formats.quants import quantize
     from edgeq.runtime.tokenizer import BYTE_TO_CHAR
 
@@ -53,6 +56,16 @@ def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n
     if arch == "granite":
         for k, v in [("embedding_scale", 6.0), ("attention.scale", 0.1), ("residual_scale", 0.4), ("logit_scale", 3.0)]:
             w.add_float32(f"{arch}.{k}", v)
+    if arch == "phi3":
+        w.add_uint32(f"{arch}.rope.dimension_count", hd // 2)
+        w.add_uint32(f"{arch}.rope.scaling.original_context_length", n_ctx_orig)
+        w.add_float32(f"{arch}.rope.scaling.attn_factor", 1.19)
+        w.add_uint32(f"{arch}.attention.sliding_window", window)
+    n_expert = 4 if arch == "qwen3moe" else 0
+    if n_expert:
+        w.add_uint32(f"{arch}.expert_count", n_expert)
+        w.add_uint32(f"{arch}.expert_used_count", 2)
+        w.add_uint32(f"{arch}.expert_feed_forward_length", n_ff)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list([BYTE_TO_CHAR[b] for b in range(VOCAB)])
@@ -66,6 +79,11 @@ def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n
 
     def vector(name, n, base=1.0):
         w.add_tensor(name, (base + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    def experts(name, n_out, n_in):  # stacked (n_expert, n_out, n_in)
+        x = (rng.standard_normal((n_expert * n_out, n_in)) * n_in ** -0.5).astype(np.float32)
+        t = types.get(name.split(".")[-2], qtype)
+        w.add_tensor(name, quantize(x, t).reshape(n_expert, n_out, -1), raw_dtype=gguf.GGMLQuantizationType[t])
 
     matrix("token_embd.weight", VOCAB, n_embd, std=1.0)
     for i in range(n_layer):
@@ -81,14 +99,20 @@ def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n
         vector(p + "ffn_norm.weight", n_embd)
         if arch == "phi3":
             matrix(p + "ffn_up.weight", 2 * n_ff, n_embd)
+        elif n_expert:
+            matrix(p + "ffn_gate_inp.weight", n_expert, n_embd)
+            experts(p + "ffn_gate_exps.weight", n_ff, n_embd)
+            experts(p + "ffn_up_exps.weight", n_ff, n_embd)
+            experts(p + "ffn_down_exps.weight", n_embd, n_ff)
         else:
             matrix(p + "ffn_gate.weight", n_ff, n_embd)
             matrix(p + "ffn_up.weight", n_ff, n_embd)
-        matrix(p + "ffn_down.weight", n_embd, n_ff)
+        if not n_expert:
+            matrix(p + "ffn_down.weight", n_embd, n_ff)
         if arch == "qwen2":
             for t, n in (("attn_q", n_head * hd), ("attn_k", n_kv * hd), ("attn_v", n_kv * hd)):
                 vector(p + t + ".bias", n, base=0.0)
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             vector(p + "attn_q_norm.weight", hd)
             vector(p + "attn_k_norm.weight", hd)
         if gemma:
@@ -96,6 +120,9 @@ def tiny_gguf(path, arch: str, qtype: str = "Q8_0", types: dict | None = None, n
             vector(p + "attn_k_norm.weight", hd)
             vector(p + "post_attention_norm.weight", n_embd)
             vector(p + "post_ffw_norm.weight", n_embd)
+    if arch == "phi3":
+        vector("rope_factors_short.weight", hd // 4)
+        vector("rope_factors_long.weight", hd // 4, base=4.0)
     vector("output_norm.weight", n_embd)
     if not gemma:  # Gemma 3 ties the classifier to token_embd
         matrix("output.weight", VOCAB, n_embd)
@@ -118,6 +145,14 @@ MODELS = {  # name: (arch, default type, per-tensor types, other shape arguments
     "qwen3": ("qwen3", "Q8_0", {}, {}),
     "smollm3": ("smollm3", "Q8_0", {}, {"n_layer": 4}),
     "granite": ("granite", "Q8_0", {}, {"n_layer": 1}),
+    # phi3: fused q/k/v and gate/up, partial rotary, LongRoPE short factors (context 16 <= 32) and attention
+    # factor; phi3_long: the long factors (context 16 > 8) and a 5-token sliding window
+    "phi3": ("phi3", "Q8_0", {}, {}),
+    "phi3_long": ("phi3", "Q8_0", {}, {"n_ctx_orig": 8, "window": 5}),
+    # qwen3moe: the router and experts in F32, so that the CPU's products over the few rows routed to an expert
+    # are float32 too (below 6 rows it quantizes activations to 8 bits)
+    "qwen3moe": ("qwen3moe", "Q8_0", {"ffn_gate_inp": "F32", "ffn_gate_exps": "F32", "ffn_up_exps": "F32",
+                                      "ffn_down_exps": "F32"}, {}),
 }
 
 
@@ -204,16 +239,42 @@ def test_generation_on_the_device(models):
 
 
 @needs_device
-def test_phi3_is_refused_on_cuda_in_one_line(tmp_path, fast_simulator):
-    """phi3 runs on the CPU; the CUDA path has no LongRoPE attention factor yet and says so."""
-    from edgeq.errors import EdgeqError
-    from edgeq.runtime.engine import Model
+def test_longrope_table_follows_the_context(models):
+    """LongRoPE: the long factors above the original context, the short ones within it (as the CPU picks)."""
+    for name, table in (("phi3", "inv_freq"), ("phi3_long", "inv_freq_long")):
+        cpu, gpu = models(name)
+        want = getattr(cpu.weights, table)
+        assert np.allclose(gpu._gpu.layers[0].inv_freq.copy_to_host(), want), name
+    assert not np.allclose(models("phi3")[0].weights.inv_freq, models("phi3")[0].weights.inv_freq_long)
 
-    path = tiny_gguf(tmp_path / "phi3.gguf", "phi3", n_layer=1)
-    with pytest.raises(EdgeqError, match="phi3 has no CUDA forward yet"):
-        Model(path, n_ctx=16, device="cuda")
-    cpu = Model(path, n_ctx=16, threads=1, device="cpu", warm_up=False)
-    assert np.isfinite(cpu.logits(IDS)).all()
+
+class _Recorder:
+    """Stands in for one expert's DeviceLinear and notes each launch."""
+
+    def __init__(self, lin, tag, log):
+        self.lin, self.tag, self.log, self.n_out = lin, tag, log, lin.n_out
+
+    def __call__(self, d_x, d_out):
+        self.log.append((self.tag, d_x.shape[0]))
+        return self.lin(d_x, d_out)
+
+
+@needs_device
+def test_moe_decode_launches_only_the_chosen_experts(models):
+    cpu, gpu = models("qwen3moe")
+    log = []
+    for il, L in enumerate(gpu._gpu.layers):
+        for kind in ("gate", "up", "down"):
+            mats = getattr(L.moe, kind)
+            mats[:] = [_Recorder(m.lin if isinstance(m, _Recorder) else m, (il, kind, e), log)
+                       for e, m in enumerate(mats)]
+    gpu.reset()
+    gpu._forward(IDS[:5])
+    log.clear()
+    gpu._forward([IDS[5]])  # one decoded token: 2 of 4 experts per layer, each on one row
+    for il in range(len(gpu._gpu.layers)):
+        launched = [(kind, rows) for (layer, kind, e), rows in log if layer == il]
+        assert sorted(launched) == sorted([("down", 1), ("gate", 1), ("up", 1)] * 2), launched
 
 
 @needs_device

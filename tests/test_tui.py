@@ -262,6 +262,76 @@ async def test_model_picker_bad_file_notifies(home):
         assert app.model.info["name"] == "fake-model"
 
 
+# ---------------------------------------------------------------- thinking models
+class ThinkingModel(FakeModel):
+    """Replies with a <think> block, its tags split across pieces; records the template kwargs of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.pieces = ["<th", "ink>\nfirst", " I", " add.\n</", "think>\n\nThe", " answer", " is", " 4."]
+        self.kwargs: list = []
+
+    def count_chat_tokens(self, messages, template_kwargs=None):
+        return super().count_chat_tokens(messages)
+
+    def chat(self, messages, template_kwargs=None, **kw):
+        self.kwargs.append(template_kwargs)
+        self.last_stats = {"prompt_tokens": self.count_chat_tokens(messages), "gen_tokens": len(self.pieces),
+                           "gen_s": 0.01}
+        for piece in self.pieces:
+            time.sleep(self.delay)
+            yield piece
+
+
+def think_text(app) -> str:
+    return str(app.query(ChatMessage).last().query_one(".think").render())
+
+
+async def test_thinking_blocks_collapsed_toggled_and_kept_in_history(home):
+    model = ThinkingModel()
+    app = make_app(home, model)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ask(app, pilot, "2+2?")
+        await wait_idle(app, pilot)
+        reply = app.query(ChatMessage).last()
+        assert reply.answer == "The answer is 4." and reply.reasoning == "first I add."
+        assert "thought (3 words)" in think_text(app) and "first I add" not in think_text(app)
+        assert "answer is 4" in screen_text(app) and "think>" not in screen_text(app)
+        await pilot.press("ctrl+t")  # shown, dimmed
+        await pilot.pause()
+        assert "first I add." in think_text(app) and app.query(ChatMessage).last().query_one(".think").display
+        await ask(app, pilot, "/think")  # a command, not a message: collapsed again
+        assert not app.show_thinking and "thought (3 words)" in think_text(app)
+        assert [m.role for m in app.history.messages(app.conv_id)] == ["user", "assistant"]
+        saved = app.history.messages(app.conv_id)[-1].content
+        assert saved.startswith("<think>\nfirst I add.\n</think>") and saved.endswith("The answer is 4.")
+        copied = []
+        app.copy_to_clipboard = copied.append
+        app.action_copy_last()
+        assert copied == ["The answer is 4."]
+        await ask(app, pilot, "/think off")
+        assert app.enable_thinking is False
+        await ask(app, pilot, "again")
+        await wait_idle(app, pilot)
+        assert model.kwargs == [None, {"enable_thinking": False}]
+        await ask(app, pilot, "/think default")
+        assert app.enable_thinking is None
+        conv = app.conv_id
+    app = make_app(home)  # reopened from the history: the block is split again, collapsed
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        assert app.conv_id == conv
+        assert "thought (3 words)" in think_text(app) and "think>" not in screen_text(app)
+
+
+async def test_chat_without_thinking_shows_no_block(home):
+    app = make_app(home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ask(app, pilot, "hi")
+        await wait_idle(app, pilot)
+        assert not app.query(ChatMessage).last().query_one(".think").display
+
+
 # ---------------------------------------------------------------- hostile names and text
 CONTROLS = {chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} - {"\n", "\t"}
 

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="top-p for new chats (default 0.95)")
     p.add_argument("--max-tokens", type=int, default=None, help="reply length limit for new chats (default 512)")
     p.add_argument("--system", default=None, help="system prompt for new chats")
+    from edgeq.cli.common import add_think_arg
+
+    add_think_arg(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -78,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
     history = History.default()
     if history.note:  # a damaged or unwritable history file: said once, before the UI takes the screen
         print(f"note: {history.note}", file=sys.stderr)
-    app = ChatApp(model=model, model_factory=factory, history=history, defaults=defaults, new_chat=bool(given))
+    app = ChatApp(model=model, model_factory=factory, history=history, defaults=defaults, new_chat=bool(given),
+                  enable_thinking=args.think)
     try:
         app.run()
     finally:

@@ -22,6 +22,18 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
                    help="where the model runs: auto (a CUDA GPU if numba-cuda finds one, else the CPU), cpu, cuda")
 
 
+def add_think_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="thinking models (Qwen3): --think lets the model reason in a <think> block first, --no-think "
+                        "answers at once (the template's enable_thinking; default: the template's default)")
+
+
+def template_kwargs(a) -> dict | None:
+    """The chat template variables that --think/--no-think set (None: leave the template's default)."""
+    think = getattr(a, "think", None)
+    return None if think is None else {"enable_thinking": think}
+
+
 def note_device(model, requested: str) -> None:
     """One line on stderr when --device auto fell back to the CPU (the library itself prints nothing)."""
     if requested == "auto" and model.device == "cpu":

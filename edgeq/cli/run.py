@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
-from edgeq.cli.common import add_model_args, add_sampling_args, load_model, sampling_kwargs
+from edgeq.cli.common import (add_model_args, add_sampling_args, add_think_arg, load_model, sampling_kwargs,
+                              template_kwargs)
 from edgeq.text import safe_terminal_text
 
 
@@ -15,6 +16,7 @@ def add_arguments(p):
     src.add_argument("-f", "--file", default=None, help="read the prompt from this UTF-8 text file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    add_think_arg(p)
     p.add_argument("--verbose", action="store_true", help="print load time and speeds at the end")
     p.add_argument("--raw", action="store_true",
                    help="write the model's text as is, control characters included (only when stdout is not a "
@@ -73,7 +75,7 @@ def main(a) -> int:
     show = (lambda text: text) if a.raw and not sys.stdout.isatty() else safe_terminal_text
     if a.chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
-        pieces = model.chat(messages, **sampling_kwargs(a))
+        pieces = model.chat(messages, template_kwargs=template_kwargs(a), **sampling_kwargs(a))
     else:
         pieces = model.generate(prompt, **sampling_kwargs(a))
         sys.stdout.write(show(prompt))

@@ -19,6 +19,8 @@ from edgeq.runtime.sampling import Sampler, SamplingParams
 
 N_BATCH = 512  # tokens per forward call during prefill
 DEVICES = ("auto", "cpu", "cuda")
+# template variables that the conversation itself sets: template_kwargs may not replace them
+RESERVED_TEMPLATE_VARS = frozenset({"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"})
 
 
 def resolve_model(path_or_name: str | os.PathLike) -> Path:
@@ -233,30 +235,48 @@ class Model:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special=True, parse_special=True)
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        """The prompt text of a conversation; `tools` (JSON schemas) go to templates that render them."""
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> str:
+        """The prompt text of a conversation; `tools` (JSON schemas) go to templates that render them, and
+        `template_kwargs` are more template variables (Qwen3's `enable_thinking`: False writes an empty
+        thinking block, so the model answers at once)."""
         if self.template is not None:
-            return self.template.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
+            extra = dict(template_kwargs or {})
+            reserved = sorted(RESERVED_TEMPLATE_VARS & set(extra))
+            if reserved:
+                raise EdgeqError(f"template variable {reserved[0]!r} cannot be set (the conversation sets it)")
+            if tools:
+                extra["tools"] = tools
+            return self.template.render(messages, add_generation_prompt=True, **extra)
         # a base model has no template: plain completion of the conversation's text
         return "\n\n".join(m["content"] for m in messages if m.get("content"))
 
-    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        ids = self.encode_prompt(self.render_chat(messages, tools))
+    @property
+    def thinks(self) -> bool:
+        """Whether the chat template knows `<think>` blocks (replies are then split: runtime/reasoning.py)."""
+        from edgeq.runtime.reasoning import template_thinks
+
+        return self.template is not None and template_thinks(self.template.source)
+
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                 template_kwargs: dict | None = None) -> list[int]:
+        ids = self.encode_prompt(self.render_chat(messages, tools, template_kwargs))
         bos = self.tokenizer.bos_id
         if len(ids) >= 2 and ids[0] == bos and ids[1] == bos:  # template wrote BOS and the tokenizer added one
             ids = ids[1:]
         return ids
 
-    def count_chat_tokens(self, messages: list[dict]) -> int:
-        return len(self.chat_ids(messages))
+    def count_chat_tokens(self, messages: list[dict], template_kwargs: dict | None = None) -> int:
+        return len(self.chat_ids(messages, template_kwargs=template_kwargs))
 
     def generate(self, prompt: str, **kw) -> Iterator[str]:
         """Stream the continuation of `prompt` as text pieces."""
         return self._generate(self.encode_prompt(prompt), **kw)
 
-    def chat(self, messages: list[dict], **kw) -> Iterator[str]:
-        """Stream the assistant's reply to `messages`; earlier turns already in the cache are not recomputed."""
-        return self._generate(self.chat_ids(messages), **kw)
+    def chat(self, messages: list[dict], template_kwargs: dict | None = None, **kw) -> Iterator[str]:
+        """Stream the assistant's reply to `messages`; earlier turns already in the cache are not recomputed.
+        `template_kwargs`: chat template variables, e.g. {"enable_thinking": False}."""
+        return self._generate(self.chat_ids(messages, template_kwargs=template_kwargs), **kw)
 
     def _generate(self, ids: list[int], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
                   top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,

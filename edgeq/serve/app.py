@@ -226,11 +226,20 @@ class Service:
             self._digest = h.hexdigest()
         return self._digest
 
-    def chat_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None, template_kwargs: dict | None = None
+                 ) -> list[int]:
         try:
-            return self.model.chat_ids(messages, tools)
+            return self.model.chat_ids(messages, tools, template_kwargs)
         except EdgeqError as e:  # the template refused the conversation
             raise ApiError(400, str(e), param="messages") from None
+
+    def think_splitter(self, ids: list[int]):
+        """A ThinkSplitter for the reply to prompt `ids` when the model's template thinks, else None."""
+        from edgeq.runtime.reasoning import ThinkSplitter, prompt_opens_thinking
+
+        if not self.model.thinks:
+            return None
+        return ThinkSplitter(in_reasoning=prompt_opens_thinking(self.model.tokenizer.decode(ids[-16:])))
 
     def gen_request(self, ids: list[int], max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
                     min_p: float, repeat_penalty: float, seed: int | None, stop: list[str],
@@ -324,6 +333,13 @@ class Stream:
         finally:
             if self.done is None:
                 self.job.cancel()
+
+
+def _split_all(think, text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a whole reply through a fresh ThinkSplitter's state."""
+    reasoning, content = think.feed_pair(text)
+    r2, c2 = think.flush_pair()
+    return reasoning + r2, content + c2
 
 
 def _failed(done: Done) -> ApiError:
@@ -435,6 +451,8 @@ def create_app(model, sched, opts: ServerOptions):
                 d["tool_call_id"] = m.tool_call_id
             if m.name:
                 d["name"] = m.name
+            if m.reasoning_content is not None:
+                d["reasoning_content"] = m.reasoning_content
             out.append(d)
         return out
 
@@ -492,7 +510,8 @@ def create_app(model, sched, opts: ServerOptions):
         ready()
         tools, forced = tool_setup(r.tools, r.tool_choice)
         constraint = forced or response_constraint(r.response_format)
-        ids = svc.chat_ids(openai_messages(r.messages), tools)
+        ids = svc.chat_ids(openai_messages(r.messages), tools, r.chat_template_kwargs)
+        think = svc.think_splitter(ids)
         k = (r.top_logprobs or 0) if r.logprobs else None
         req = svc.gen_request(ids, r.max_completion_tokens or r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, min_p=r.min_p, repeat_penalty=r.repeat_penalty, seed=r.seed, stop=r.stop,
@@ -505,8 +524,13 @@ def create_app(model, sched, opts: ServerOptions):
             text, infos, done = await stream.collect(request)
             if done.finish == "error":
                 raise _failed(done)
+            reasoning = ""
+            if think is not None:
+                reasoning, text = _split_all(think, text)
             content, calls, fin = tool_result(text, finish_reason(done), tools_on)
             message: dict[str, Any] = {"role": "assistant", "content": content}
+            if reasoning:
+                message["reasoning_content"] = reasoning
             if calls:
                 message["tool_calls"] = calls
             return {"id": cid, "object": "chat.completion", "created": created, "model": opts.model_name,
@@ -526,10 +550,13 @@ def create_app(model, sched, opts: ServerOptions):
             held = []  # with tools, the text is held until it is known to be a call or not
             async for ev in stream.events():
                 if isinstance(ev, Piece):
+                    reasoning, text = think.feed_pair(ev.text) if think is not None else ("", ev.text)
+                    if reasoning:
+                        yield {"data": chunk({"reasoning_content": reasoning})}
                     if tools_on:
-                        held.append(ev.text)
-                    elif ev.text or ev.tokens:
-                        yield {"data": chunk({"content": ev.text},
+                        held.append(text)
+                    elif text or (ev.tokens and not reasoning):
+                        yield {"data": chunk({"content": text},
                                              logprobs=chat_logprobs(ev.tokens) if k is not None else None)}
                     continue
                 if ev.finish == "error":
@@ -537,6 +564,14 @@ def create_app(model, sched, opts: ServerOptions):
                     yield {"data": json.dumps({"error": {"message": e.message, "type": e.type, "code": e.code}})}
                     return
                 fin = finish_reason(ev)
+                if think is not None:  # what the splitter held back, in case it was the start of a tag
+                    reasoning, text = think.flush_pair()
+                    if reasoning:
+                        yield {"data": chunk({"reasoning_content": reasoning})}
+                    if tools_on:
+                        held.append(text)
+                    elif text:
+                        yield {"data": chunk({"content": text})}
                 if tools_on:
                     content, calls, fin = tool_result("".join(held), fin, True)
                     if calls:
@@ -677,18 +712,24 @@ def create_app(model, sched, opts: ServerOptions):
             if m.images:
                 raise ApiError(400, "images are not supported (this is a text model)")
             d: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.thinking is not None:
+                d["reasoning_content"] = m.thinking
             if m.tool_calls:
                 d["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
                                                                      "arguments": c.function.arguments}}
                                    for c in m.tool_calls]
             msgs.append(d)
-        ids = svc.chat_ids(msgs, tools)
+        # think: true/false sets the template's enable_thinking; ("high", "low"...: gpt-oss levels, taken as on)
+        ids = svc.chat_ids(msgs, tools, None if r.think is None else {"enable_thinking": r.think is not False})
+        think = svc.think_splitter(ids)
         stream = svc.submit(ollama_sampling(r.options, r.format, ids))
         tools_on = tools is not None
 
-        def message(text: str, finish: str) -> tuple[dict, str]:
+        def message(text: str, finish: str, thinking: str = "") -> tuple[dict, str]:
             content, calls, fin = tool_result(text, finish, tools_on)
             msg: dict[str, Any] = {"role": "assistant", "content": content or ""}
+            if thinking:
+                msg["thinking"] = thinking
             if calls:
                 msg["tool_calls"] = [{"function": {"name": c["function"]["name"],
                                                    "arguments": json.loads(c["function"]["arguments"])}}
@@ -699,19 +740,33 @@ def create_app(model, sched, opts: ServerOptions):
             text, _, done = await stream.collect(request)
             if done.finish == "error":
                 raise _failed(done)
-            msg, _ = message(text, finish_reason(done))
+            thinking = ""
+            if think is not None:
+                thinking, text = _split_all(think, text)
+            msg, _ = message(text, finish_reason(done), thinking)
             return {"model": r.model, "created_at": _now_iso(), "message": msg, **ollama_final(done, t0)}
+
+        def part(text: str, thinking: str) -> dict:
+            msg = {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}
+            return {"model": r.model, "created_at": _now_iso(), "message": msg, "done": False}
 
         async def gen():
             held = []
             async for ev in stream.events():
                 if isinstance(ev, Piece):
-                    if tools_on:
-                        held.append(ev.text)
-                    elif ev.text:
-                        yield {"model": r.model, "created_at": _now_iso(),
-                               "message": {"role": "assistant", "content": ev.text}, "done": False}
-                elif ev.finish == "error":
+                    thinking, text = think.feed_pair(ev.text) if think is not None else ("", ev.text)
+                elif think is not None and ev.finish != "error":  # the end: what the splitter held back
+                    thinking, text = think.flush_pair()
+                else:
+                    thinking, text = "", ""
+                if tools_on:
+                    held.append(text)
+                    text = ""
+                if text or thinking:
+                    yield part(text, thinking)
+                if isinstance(ev, Piece):
+                    continue
+                if ev.finish == "error":
                     yield {"error": _failed(ev).message}
                 else:
                     msg = {"role": "assistant", "content": ""}

@@ -40,6 +40,7 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's thinking (templates decide whether to show it)
 
     def text(self) -> str:
         if self.content is None:
@@ -116,6 +117,8 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
+    # more chat template variables, as vLLM and llama-server take them: {"enable_thinking": false}
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -163,6 +166,7 @@ class OllamaMessage(_Body):
     content: str = ""
     images: list[str] | None = None
     tool_calls: list[OllamaToolCall] | None = None
+    thinking: str | None = None
 
 
 class _OllamaBody(_Body):

@@ -30,6 +30,7 @@ from textual.widgets import Button, Footer, Input, Label, ListItem, ListView, Ma
 from textual.worker import get_current_worker
 
 from edgeq.runtime.context import fit_messages
+from edgeq.runtime.reasoning import ThinkSplitter, split_reasoning
 from edgeq.text import safe_line, safe_terminal_text
 from edgeq.tui.history import ChatSettings, History
 
@@ -118,19 +119,42 @@ class PromptInput(TextArea):
 
 
 class ChatMessage(Vertical):
-    """One message: a role label and its markdown body."""
+    """One message: a role label and its markdown body; a thinking model's `<think>` block above the body,
+    dimmed, collapsed to one line unless the app shows thinking (Ctrl+T, /think). `content` is the raw text,
+    tags included, as the history keeps it."""
 
-    def __init__(self, role: str, content: str):
+    def __init__(self, role: str, content: str, show_thinking: bool = False):
         super().__init__(classes=f"msg {role}")
         self.role = role
         self.content = content
+        self.show_thinking = show_thinking
+        self.reasoning, self.answer = split_reasoning(content) if role == "assistant" else ("", content)
 
     def compose(self) -> ComposeResult:
         yield Label("You" if self.role == "user" else "Assistant", classes="role")
         if self.role == "user":  # exactly as typed: newlines kept, no markdown surprises
             yield Static(safe_terminal_text(self.content), classes="body", markup=False)
         else:
-            yield Markdown(safe_terminal_text(self.content), classes="body")
+            think = Static(self.thinking_text(), classes="think", markup=False)
+            think.display = bool(self.reasoning)
+            yield think
+            yield Markdown(safe_terminal_text(self.answer), classes="body")
+
+    def thinking_text(self) -> Text:
+        if self.show_thinking:
+            return Text(safe_terminal_text(self.reasoning), style="dim italic")
+        words = len(self.reasoning.split())
+        return Text(f"▸ thought ({words} words): Ctrl+T or /think shows it", style="dim italic")
+
+    def set_thinking(self, reasoning: str | None = None, show: bool | None = None) -> None:
+        if reasoning is not None:
+            self.reasoning = reasoning
+        if show is not None:
+            self.show_thinking = show
+        if self.role == "assistant" and self.is_mounted:
+            think = self.query_one(".think", Static)
+            think.update(self.thinking_text())
+            think.display = bool(self.reasoning)
 
     @property
     def body(self) -> Markdown:
@@ -257,6 +281,9 @@ class ChatCommands(Provider):
         ("Copy last reply", "copy_last", "copy the assistant's last reply to the clipboard"),
         ("Pick model", "pick_model", "switch to another local model"),
         ("Toggle sidebar", "toggle_sidebar", "show or hide the list of conversations"),
+        ("Show or hide thinking", "toggle_thinking", "expand or collapse the <think> blocks of replies (Ctrl+T)"),
+        ("Thinking mode on", "thinking_on", "thinking models reason before answering (/think on)"),
+        ("Thinking mode off", "thinking_off", "thinking models answer at once (/think off)"),
         ("Stop reply", "stop", "stop the reply being generated"),
     ]
 
@@ -292,6 +319,7 @@ class ChatApp(App):
         Binding("ctrl+e", "export", "Export", show=False),
         Binding("f3", "rename", "Rename", show=False),
         Binding("ctrl+delete", "delete_chat", "Delete", show=False),
+        Binding("ctrl+t", "toggle_thinking", "Thinking", show=False),
     ]
 
     def _handle_exception(self, error: Exception) -> None:
@@ -317,7 +345,7 @@ class ChatApp(App):
 
     def __init__(self, model=None, model_factory: Callable[[str], object] | None = None,
                  history: History | None = None, defaults: ChatSettings | None = None,
-                 new_chat: bool = False, export_dir: Path | None = None):
+                 new_chat: bool = False, export_dir: Path | None = None, enable_thinking: bool | None = None):
         super().__init__()
         self.model = model
         self.model_factory = model_factory
@@ -332,6 +360,8 @@ class ChatApp(App):
         self.last_tps: float | None = None
         self.fatal_message: str | None = None  # a user-facing failure that ended the app, as one line
         self.ctx_used = 0
+        self.enable_thinking = enable_thinking  # the template's enable_thinking; None: its default
+        self.show_thinking = False              # <think> blocks collapsed to one line
 
     # ------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -389,7 +419,7 @@ class ChatApp(App):
         self.settings = conv.settings
         box = self.query_one("#messages", VerticalScroll)
         box.remove_children()
-        box.mount_all([ChatMessage(m.role, m.content) for m in self.history.messages(conv.id)])
+        box.mount_all([ChatMessage(m.role, m.content, self.show_thinking) for m in self.history.messages(conv.id)])
         box.scroll_end(animate=False)
         self.sub_title = safe_line(conv.title)
         self.refresh_sidebar()
@@ -462,7 +492,7 @@ class ChatApp(App):
 
     def last_reply(self) -> str | None:
         replies = [m for m in self.query(ChatMessage) if m.role == "assistant"]
-        return replies[-1].content if replies else None
+        return replies[-1].answer if replies else None
 
     def action_copy_last(self) -> None:
         text = self.last_reply()
@@ -471,6 +501,46 @@ class ChatApp(App):
             return
         self.copy_to_clipboard(text)
         self.notify("last reply copied")
+
+    # ------------------------------------------------------------ thinking
+    def action_toggle_thinking(self) -> None:
+        self.show_thinking = not self.show_thinking
+        for m in self.query(ChatMessage):
+            m.set_thinking(show=self.show_thinking)
+        self.notify("thinking shown" if self.show_thinking else "thinking collapsed")
+
+    def action_thinking_on(self) -> None:
+        self.set_thinking_mode(True)
+
+    def action_thinking_off(self) -> None:
+        self.set_thinking_mode(False)
+
+    def set_thinking_mode(self, on: bool | None) -> None:
+        self.enable_thinking = on
+        said = {True: "on: thinking models reason first", False: "off: thinking models answer at once",
+                None: "the model's default"}[on]
+        self.notify(f"thinking mode {said}")
+
+    def think_command(self, text: str) -> bool:
+        """`/think` (show or hide thinking), `/think on|off|default` (the thinking mode): True if it was one."""
+        words = text.split()
+        if not words or words[0] != "/think" or len(words) > 2:
+            return False
+        if len(words) == 1:
+            self.action_toggle_thinking()
+            return True
+        mode = {"on": True, "off": False, "default": None}.get(words[1].lower(), "?")
+        if mode == "?":
+            self.notify("use /think, /think on, /think off or /think default", severity="warning")
+        else:
+            self.set_thinking_mode(mode)
+        return True
+
+    def template_kwargs(self) -> dict:
+        """Keyword arguments for the model's chat calls (none when the template's default stands)."""
+        if self.enable_thinking is None:
+            return {}
+        return {"template_kwargs": {"enable_thinking": self.enable_thinking}}
 
     def action_toggle_sidebar(self) -> None:
         sb = self.query_one("#sidebar")
@@ -560,6 +630,9 @@ class ChatApp(App):
         text = event.text.strip()
         if not text or self.generating:
             return
+        if self.think_command(text):
+            self.query_one(PromptInput).text = ""
+            return
         if self.model is None:
             self.notify("no model loaded (Ctrl+O to pick one)", severity="error")
             return
@@ -574,7 +647,7 @@ class ChatApp(App):
         self.refresh_sidebar()
         box = self.query_one("#messages", VerticalScroll)
         box.mount(ChatMessage("user", text))
-        reply = ChatMessage("assistant", "")
+        reply = ChatMessage("assistant", "", self.show_thinking)
         box.mount(reply)
         box.scroll_end(animate=False)
         self.cancel = threading.Event()
@@ -601,7 +674,7 @@ class ChatApp(App):
                                       f"Dropped the {dropped} oldest message(s) so the prompt and "
                                       f"{s.max_tokens} new tokens fit in the context ({model.n_ctx}).")
             max_tokens = s.max_tokens
-            n_prompt = model.count_chat_tokens(messages)
+            n_prompt = model.count_chat_tokens(messages, **self.template_kwargs())
             if n_prompt + max_tokens > model.n_ctx:
                 max_tokens = model.n_ctx - n_prompt - 1
                 if max_tokens < 1:
@@ -612,7 +685,7 @@ class ChatApp(App):
             pending = ""
             last_push = last_save = time.monotonic()
             pieces = model.chat(messages, max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                cancel=cancel)
+                                cancel=cancel, **self.template_kwargs())
             with contextlib.closing(pieces):  # closing releases the model's lock at once on Esc
                 for piece in pieces:
                     text += piece
@@ -642,6 +715,13 @@ class ChatApp(App):
 
     async def push_piece(self, reply: ChatMessage, piece: str, stream_box: dict) -> None:
         reply.content += piece
+        splitter = stream_box.setdefault("think", ThinkSplitter())
+        reasoning, piece = splitter.feed_pair(piece)
+        if reasoning:
+            reply.set_thinking(splitter.reasoning)
+        if not piece:
+            return
+        reply.answer = splitter.content
         if "stream" not in stream_box:
             stream_box["stream"] = Markdown.get_stream(reply.body)
         await stream_box["stream"].write(safe_terminal_text(piece))  # per character: split sequences too
@@ -653,7 +733,9 @@ class ChatApp(App):
         if "stream" in stream_box:
             await stream_box["stream"].stop()
         reply.content = text
-        await reply.body.update(safe_terminal_text(text))
+        reasoning, reply.answer = split_reasoning(text)
+        reply.set_thinking(reasoning)
+        await reply.body.update(safe_terminal_text(reply.answer))
         if stopped:
             self.add_note(reply, "(stopped)")
         if not text and not stopped and reply.is_attached and not reply.query(".note"):
