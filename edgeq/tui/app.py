@@ -35,7 +35,6 @@ from edgeq.text import safe_line, safe_terminal_text
 from edgeq.tui.history import ChatSettings, History
 
 BATCH_S = 0.05   # how often streamed pieces are pushed to the UI
-SAVE_S = 0.5     # how often the growing reply is written to the database
 
 
 def describe_error(e: BaseException) -> str:
@@ -683,7 +682,7 @@ class ChatApp(App):
                 self.call_from_thread(self.add_note, reply, f"Reply limited to {max_tokens} tokens by the context size.")
             msg_id = self.history.add_message(conv_id, "assistant", "")
             pending = ""
-            last_push = last_save = time.monotonic()
+            last_push = time.monotonic()
             pieces = model.chat(messages, max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
                                 cancel=cancel, **self.template_kwargs())
             with contextlib.closing(pieces):  # closing releases the model's lock at once on Esc
@@ -692,14 +691,14 @@ class ChatApp(App):
                     pending += piece
                     now = time.monotonic()
                     if now - last_push >= BATCH_S:
+                        # saved before it is shown: a kill at any moment leaves all that was on screen on disk
+                        self.history.update_message(msg_id, text)
                         self.call_from_thread(self.push_piece, reply, pending, stream_box)
                         pending, last_push = "", now
-                    if now - last_save >= SAVE_S:
-                        self.history.update_message(msg_id, text)
-                        last_save = now
                     if cancel.is_set():
                         break
             if pending:
+                self.history.update_message(msg_id, text)
                 self.call_from_thread(self.push_piece, reply, pending, stream_box)
         except Exception as e:  # noqa: BLE001 - a readable note in the chat, never a traceback
             with contextlib.suppress(RuntimeError):  # RuntimeError: the app is gone
