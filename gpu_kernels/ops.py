@@ -167,7 +167,8 @@ def _make_attention(threads):
                     s += sq[d] * kc[g, j, d]
             red[tid] = s
             _block_max(red, tid, threads)
-            m_new = max(m, red[0])
+            # not max(): numba-cuda's float max overload fails to compile for the real target (ptx_check)
+            m_new = red[0] if red[0] > m else m
             cuda.syncthreads()  # everyone has read red[0] before it is reused
             e = float32(0.0)
             if j < end:
@@ -177,7 +178,7 @@ def _make_attention(threads):
             _block_sum(red, tid, threads)
             alpha = math.exp(m - m_new)
             total = total * alpha + red[0]
-            n = min(threads, end - c0)
+            n = end - c0 if end - c0 < threads else threads  # not min(): see max() above
             for d in range(tid, D, threads):
                 a = acc[d] * alpha
                 for jj in range(n):
