@@ -226,6 +226,14 @@ def test_tiny_spm_merges_by_score():
     assert tok.decode(tok.encode("ab ab"), skip_special=True) == "ab ab"
 
 
+def test_max_token_bytes_is_the_longest_spelling():
+    tok = Tokenizer.from_metadata(tiny_spm_metadata())
+    assert tok.max_token_bytes == 6  # "<0xNN>"
+    meta = tiny_spm_metadata()
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"][:-1] + ["▁日本語"]  # 3 + 9 bytes
+    assert Tokenizer.from_metadata(meta).max_token_bytes == 12
+
+
 def test_gpt2_unknown_pre_falls_back_with_warning(smollm2_path, caplog):
     meta = dict(gguf_metadata(str(smollm2_path)), **{"tokenizer.ggml.pre": "no-such-pre"})
     with caplog.at_level(logging.WARNING, logger="edgeq.runtime.tokenizer"):

@@ -15,6 +15,7 @@ Decoding is done here from each token's bytes, which also serves the streaming d
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
@@ -414,6 +415,12 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """The token as the vocabulary spells it (e.g. "Ġthe", "▁the", "<0x0A>", "<|im_end|>")."""
         return self.tokens[token_id]
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes in the longest token's UTF-8 spelling, once: a bound on any token's decoded bytes (a prompt cap
+        sized from it must not walk the whole vocabulary's decoding on every run)."""
+        return max(map(len, map(str.encode, self.tokens)), default=1)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes this token stands for in decoded text (control tokens: their text)."""
