@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 from typing import Any
 
@@ -97,6 +98,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 BYTE_TO_CHAR = _bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+_OUTSIDE_BYTE_ALPHABET = re.compile("[^" + "".join(re.escape(c) for c in CHAR_TO_BYTE) + "]")
 
 
 class SpmEncoder:
@@ -168,8 +170,6 @@ class AddedTokenSplitter:
     the longest one (Hugging Face's added-token matching). Yields (text run, None) and (None, token id)."""
 
     def __init__(self, tokens: list[str], ids: list[int], special: frozenset[int]):
-        import re
-
         by_first: dict[str, list[tuple[str, int]]] = {}
         for i in ids:
             t = tokens[i]
@@ -342,10 +342,10 @@ class Tokenizer:
         try:  # `tokenizers` reports a vocabulary it cannot use (a merge of unknown tokens...) as a bare Exception
             # Tokens in the byte alphabet stay as spelled; others (added tokens like "<|im_start|>") are kept
             # raw for the added-token match, or respelled byte by byte if they are ordinary tokens.
-            alphabet = CHAR_TO_BYTE
+            outside_alphabet = _OUTSIDE_BYTE_ALPHABET.search  # one regex call a token, not a loop per character
             vocab = {}
             for i, t in enumerate(tokens):
-                if types[i] in (NORMAL, UNUSED, BYTE, UNKNOWN) and not all(c in alphabet for c in t):
+                if types[i] in (NORMAL, UNUSED, BYTE, UNKNOWN) and outside_alphabet(t):
                     t = "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8"))
                 vocab[t] = i
             merges = []
