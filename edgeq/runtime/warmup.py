@@ -49,8 +49,8 @@ def scratch_passes(model) -> None:
         model.arch.forward(model.weights, cfg, ids(n), pos, cache, **kw)
 
     model._set_threads()  # Numba's thread count is per calling thread
+    run(8, 0, all_logits=True)   # every row's logits (perplexity): the classifier's GEMM, on 8 rows (memory)
     run(40, 0)                   # a prompt: GEMM path; 32-position groups (q4 keys) full and partial
-    run(8, 0, all_logits=True)   # every row's logits (perplexity): the classifier's GEMM, 8 rows, not 40 (memory)
     run(3, 40)                   # a short prompt: integer kernel, batched attention
     run(1, 43)                   # decode
     run(1, 31)                   # a rewind into a stored group, completed by one token (an array layout of its own)
