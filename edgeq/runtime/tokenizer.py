@@ -110,8 +110,11 @@ class SpmEncoder:
     def __init__(self, tokens: list[str], scores, unk_id: int | None):
         from array import array
 
+        import numpy as np
+
         self.ids = {t: i for i, t in enumerate(tokens)}  # a repeated text keeps its last id, as llama.cpp's map
-        self.neg_scores = array("d", (-float(x) for x in scores))  # 8 bytes a token, read as Python floats
+        # 8 bytes a token, read as Python floats one at a time (no float object per token held)
+        self.neg_scores = array("d", np.negative(np.asarray(scores, dtype=np.float64)).tobytes())
         byte_ids = [self.ids.get(f"<0x{b:02X}>", unk_id) for b in range(256)]
         self.byte_ids = byte_ids
 
@@ -233,8 +236,9 @@ def token_list(meta: dict[str, Any]) -> list[str]:
     return _strings(meta, "tokenizer.ggml.tokens")
 
 
-def _numbers(meta: dict[str, Any], key: str, n: int, integer: bool) -> list | None:
-    """A numeric per-token array (token types, scores) of exactly n items, as a list; None when absent."""
+def _numbers(meta: dict[str, Any], key: str, n: int, integer: bool, as_list: bool = True):
+    """A numeric per-token array (token types, scores) of exactly n items, as a list (as_list=False: a numpy
+    array, no Python object per item); None when absent."""
     import numpy as np
 
     v = meta.get(key)
@@ -249,7 +253,7 @@ def _numbers(meta: dict[str, Any], key: str, n: int, integer: bool) -> list | No
         raise ModelError(f"{key} has {len(v)} entries for {n} tokens")
     if not integer and v.size and not np.isfinite(v).all():
         raise ModelError(f"{key} holds NaN or infinite scores")
-    return v.tolist()
+    return v.tolist() if as_list else v
 
 
 def _flag(meta: dict[str, Any], key: str, default: bool) -> bool:
@@ -300,6 +304,7 @@ class Tokenizer:
         self.pre = self.pre or "default"
 
         spm = self.model == "llama"
+        import numpy as np
 
         def token_id(key):
             return special_token_id(meta, key, n)
@@ -320,8 +325,8 @@ class Tokenizer:
         self._tok = None
         self._spm = None
         if spm:
-            scores = _numbers(meta, "tokenizer.ggml.scores", n, integer=False)
-            self._spm = SpmEncoder(tokens, scores if scores is not None else [0.0] * n, self.unk_id)
+            scores = _numbers(meta, "tokenizer.ggml.scores", n, integer=False, as_list=False)
+            self._spm = SpmEncoder(tokens, scores if scores is not None else np.zeros(n), self.unk_id)
             self._added = AddedTokenSplitter(tokens, special + user_defined, self.special_ids)
         else:
             self._tok = self._hf_bpe(meta, tokens, types, special, user_defined)
