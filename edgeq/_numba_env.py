@@ -14,18 +14,30 @@ import os
 
 
 def _kernel_sources_hash() -> str:
-    """8 hex digits of the kernel modules' source (cpu_kernels/, and formats/ whose registry they read and
-    whose codec searches are Numba too). Numba stamps a cached function with its own file only, so an edit
-    of a module it calls into (cpu_kernels/simd.py's intrinsics, an inlined helper) would otherwise load
-    stale machine code: a folder per source version makes every edit or upgrade recompile."""
-    h = hashlib.sha256()
-    for package in ("edgeq.cpu_kernels", "edgeq.formats"):  # the kernels, the codec searches and the registry
+    """8 hex digits of the kernel sources: every module of cpu_kernels/, and the modules of formats/ that are
+    Numba code themselves (the codec searches) or that a kernel module imports (the registry it reads at compile
+    time). Numba checks a cached function against its own file only, so an edit of a module it calls into
+    (cpu_kernels/simd.py's intrinsics, an inlined helper) would otherwise load stale machine code: a folder per
+    source version makes every kernel edit recompile, while an upgrade that changes no kernel source (the GGUF
+    reader, the writer) keeps the cache."""
+    def sources(package: str) -> dict[str, bytes]:
         spec = importlib.util.find_spec(package)
+        out = {}
         for folder in (spec.submodule_search_locations or []) if spec else []:
             for name in sorted(os.listdir(folder)):
                 if name.endswith(".py"):
                     with open(os.path.join(folder, name), "rb") as f:
-                        h.update(package.encode() + name.encode() + b"\0" + f.read())
+                        out[name] = f.read()
+        return out
+
+    kernels = sources("edgeq.cpu_kernels")
+    imported = b"".join(kernels.values())
+    formats = {name: text for name, text in sources("edgeq.formats").items()
+               if b"numba" in text or b"edgeq.formats." + name[:-3].encode() in imported}
+    h = hashlib.sha256()
+    for package, files in (("edgeq.cpu_kernels", kernels), ("edgeq.formats", formats)):
+        for name, text in files.items():
+            h.update(package.encode() + name.encode() + b"\0" + text)
     return h.hexdigest()[:8]
 
 

@@ -317,6 +317,11 @@ def test_cli_device_cuda_without_a_gpu_is_one_line(tmp_path):
     p = _cli("run", path, "-p", "1+1", "-n", "2", "--temp", "0", "--device", "auto", env=env)
     assert p.returncode == 0, p.stderr
     assert "running on the CPU" in p.stderr
+    # not asked for: a machine without a GPU is the common case, not news on every run; -v says it
+    p = _cli("run", path, "-p", "1+1", "-n", "2", "--temp", "0", env=env)
+    assert p.returncode == 0 and "running on the CPU" not in p.stderr, p.stderr
+    p = _cli("run", path, "-p", "1+1", "-n", "2", "--temp", "0", "-v", env=env)
+    assert p.returncode == 0 and "running on the CPU" in p.stderr, p.stderr
 
 
 # ---------------------------------------------------------------- when this process cannot simulate

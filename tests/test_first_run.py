@@ -19,10 +19,21 @@ pytestmark = pytest.mark.slow
 # generation to the end of the context every way the engine can (prompt batches, a short prompt, single-token
 # decode, a chat's next turn that rewinds the cache) and prints the kernel specializations that appeared after
 # load() returned: the signatures of every Numba dispatcher in edgeq's modules.
+# mode "passes": the scratch passes run whatever the stamp says (what they cover is under test); "stamp": a load
+# as users get it, after one that left the ready stamp (the passes skipped): also counts real compiles after load.
 PROBE = r"""
-import json, sys
+import json, os, sys
 import edgeq
+import edgeq.runtime.warmup as warmup
+from numba.core import event
 from numba.core.dispatcher import Dispatcher
+
+compiles = []
+class Compiles(event.Listener):
+    def on_start(self, ev):
+        compiles.append(str(ev.data.get("dispatcher")))
+    def on_end(self, ev):
+        pass
 
 
 def signatures():
@@ -34,9 +45,13 @@ def signatures():
                     out.update(f"{name}.{attr}{sig}" for sig in obj.signatures)
     return out
 
-path, n_ctx, ctk, ctv = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[4] or None
+path, n_ctx, ctk, ctv, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[4] or None, sys.argv[5]
+if mode == "passes":
+    warmup.ready_stamp = lambda model: None
 m = edgeq.load(path, n_ctx=n_ctx, cache_type_k=ctk, cache_type_v=ctv, threads=2)
 before = signatures()
+stamped = mode == "stamp" and os.path.exists(warmup.ready_stamp(m))
+event.register("numba:compile", Compiles())
 first = "".join(m.generate("Hi", max_tokens=1, temperature=0))
 words = " ".join(f"word{i}" for i in range(n_ctx))
 ids = m.encode_prompt(words)[: n_ctx - 40]                  # several prompt batches
@@ -48,12 +63,13 @@ reply = "".join(m.chat(msgs, max_tokens=4, temperature=0))
 msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And 3+3?"}]
 "".join(m.chat(msgs, max_tokens=4, temperature=0))         # the next turn: a rewind into the cache
 "".join(m.generate("The sky", max_tokens=3, temperature=0))  # a short prompt
-print(json.dumps({"first": first, "before": len(before), "new": sorted(signatures() - before)}))
+print(json.dumps({"first": first, "before": len(before), "new": sorted(signatures() - before), "stamped": stamped,
+                  "compiles": compiles}))
 """
 
 
-def probe(path, n_ctx, ctk="", ctv=""):
-    p = subprocess.run([sys.executable, "-c", PROBE, str(path), str(n_ctx), ctk, ctv], capture_output=True,
+def probe(path, n_ctx, ctk="", ctv="", mode="passes"):
+    p = subprocess.run([sys.executable, "-c", PROBE, str(path), str(n_ctx), ctk, ctv, mode], capture_output=True,
                        text=True, timeout=1800)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -64,6 +80,18 @@ def test_no_kernel_compiles_after_load_smollm2(smollm2_path, ctk, ctv):
     r = probe(smollm2_path, 600, ctk, ctv)
     assert r["first"] and r["before"] > 0
     assert r["new"] == []
+
+
+def test_a_stamped_load_skips_the_passes_and_compiles_nothing(smollm2_path):
+    """After one load has run the passes (and left the stamp), the next fresh process skips them: its kernels load
+    from the disk cache at their first call, and nothing compiles however generation goes."""
+    import edgeq
+
+    edgeq.load(str(smollm2_path), n_ctx=600, threads=2)  # runs the passes here unless a stamp exists already
+    r = probe(smollm2_path, 600, mode="stamp")
+    assert r["first"] and r["stamped"]
+    assert r["before"] == 0  # nothing loaded by load() itself: no scratch passes
+    assert r["compiles"] == []
 
 
 def test_no_kernel_compiles_after_load_gemma3(gemma3_path):

@@ -55,6 +55,7 @@ class ByteTokenizer:
     """One token per UTF-8 byte; counts what it was asked to encode."""
 
     vocab_size = 256
+    max_token_bytes = 1
     bos_id, eos_id = 1, 2
     add_bos, add_eos = True, False
 
@@ -178,6 +179,14 @@ def test_run_prompt_that_fits_still_runs(fake_model, monkeypatch, tmp_path, caps
     p.write_text("from a file")
     assert cli(["run", "m", "-f", str(p)]) == 0
     assert fake_model.generated == ["hello", "from a file"]
+
+
+def test_prompt_limit_reads_the_tokenizers_longest_token(fake_model, monkeypatch, tmp_path, capsys):
+    """The cap is n_ctx × the tokenizer's max_token_bytes (known once), not a walk over the vocabulary."""
+    monkeypatch.setattr(fake_model.tokenizer, "max_token_bytes", 3, raising=False)
+    p = tmp_path / "prompt.txt"
+    p.write_bytes(b"x" * 193)
+    assert "over 192 bytes" in one_line_error(capsys, cli(["run", "m", "-f", str(p)]))
 
 
 def test_run_file_too_long_or_not_utf8(fake_model, tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,59 @@ def test_ids_match_llamacpp(real):
         assert tok.encode(text, add_special=False, parse_special=False) == want, text
 
 
+def long_mixed_text() -> str:
+    """Some 20 kB mixing prose, code, digits, runs of spaces/tabs/newlines, characters that only byte fallback
+    spells (old scripts, rare emoji) and control-token texts, to compare whole tokenizations."""
+    parts = []
+    for k in range(60):
+        parts.append(MIXED)
+        parts.append(f"{k * 7919} {k ** 5}.{k:03d} {'x' * (k % 7)}{' ' * (k % 11)}\t" + "\n" * (k % 4))
+        parts.append("𓀀𓀁𓁐 🫨🪿 ꙮ ᚠᛇᚻ 𝕏 \u00a0\u2009\u200b  ▁▁ ")
+        parts.append("The quick brown fox jumps over the lazy dog; naïve coöperation, Œuvre, straße. ")
+    return "".join(parts)
+
+
+def test_long_mixed_text_matches_llamacpp(real):
+    """Token for token on a long text, with and without specials: SentencePiece vocabularies are encoded by our
+    own merge loop, so every corner (ties, byte fallback, space runs, added tokens) is checked on the real files."""
+    _, path, _, tok, _ = real
+    text = long_mixed_text()
+    assert tok.encode(text) == llamacpp_tokenize(path, [text], add_special=True, special=True)[0]
+    plain = llamacpp_tokenize(path, [text], add_special=False, special=False)[0]
+    assert tok.encode(text, add_special=False, parse_special=False) == plain
+
+
+def test_long_mixed_text_matches_huggingface(real):
+    _, path, _, tok, _ = real
+    text = long_mixed_text().replace("▁", "")  # HF's Gemma tokenizer reads a literal "▁" as a space; llama.cpp does not
+    assert tok.encode(text) == hf_tokenizer(path).encode(text)
+
+
+def test_sentencepiece_vocabulary_needs_no_hf_tokenizers():
+    """A SentencePiece file is encoded without building a Hugging Face BPE (515k derived merges on Gemma 3)."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_tokenizer import tiny_spm_metadata\n"
+            "from edgeq.runtime.tokenizer import Tokenizer\n"
+            "tok = Tokenizer.from_metadata(tiny_spm_metadata()); assert tok.encode('ab') == [1, 264]\n"
+            "print('tokenizers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_spm_control_text_without_parse_special_stays_in_its_run():
+    """parse_special=False: a control token's text is plain text of the run around it (no space prefix after
+    it, as in llama.cpp), while user-defined tokens still match."""
+    tok = Tokenizer.from_metadata(tiny_spm_metadata())
+    assert [tok.token_text(i) for i in tok.encode("a<ctl>b", add_special=False, parse_special=False)][-2:] == \
+        ["<0x3E>", "b"]
+    user = tiny_spm_metadata()
+    user["tokenizer.ggml.token_type"] = user["tokenizer.ggml.token_type"][:-1] + [4]
+    tok = Tokenizer.from_metadata(user)
+    assert [tok.token_text(i) for i in tok.encode("a<ctl>b", add_special=False, parse_special=False)] == \
+        ["▁a", "<ctl>", "▁", "b"]
+
+
 def test_special_tokens(real):
     name, _, _, tok, _ = real
     if name == "smollm2":
@@ -170,6 +224,14 @@ def test_tiny_spm_merges_by_score():
     assert [tok.token_text(i) for i in tok.encode("a<ctl>b", add_special=False)] == ["▁a", "<ctl>", "▁", "b"]
     assert tok.decode(tok.encode("ab ab")) == "<s>ab ab"
     assert tok.decode(tok.encode("ab ab"), skip_special=True) == "ab ab"
+
+
+def test_max_token_bytes_is_the_longest_spelling():
+    tok = Tokenizer.from_metadata(tiny_spm_metadata())
+    assert tok.max_token_bytes == 6  # "<0xNN>"
+    meta = tiny_spm_metadata()
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"][:-1] + ["▁日本語"]  # 3 + 9 bytes
+    assert Tokenizer.from_metadata(meta).max_token_bytes == 12
 
 
 def test_gpt2_unknown_pre_falls_back_with_warning(smollm2_path, caplog):

@@ -39,7 +39,7 @@ def _rss_mb() -> float:
 
 
 def main(a) -> int:
-    from edgeq.cli.common import note_device
+    from edgeq.cli.common import device_choice, note_device
     from edgeq.runtime.bench import bench_one
     from edgeq.runtime.engine import load
     from edgeq.errors import EdgeqError
@@ -62,10 +62,10 @@ def main(a) -> int:
     for n_threads in threads:
         t = time.perf_counter()
         model = load(a.model, n_ctx=a.ctx, threads=n_threads, cache_type_k=a.cache_type_k,
-                     cache_type_v=a.cache_type_v, device=a.device)
+                     cache_type_v=a.cache_type_v, device=device_choice(a))
         load_s = time.perf_counter() - t
         if not rows:
-            note_device(model, a.device)
+            note_device(model, a)
         prompt = model.tokenizer.encode(text[:20000], add_special=True, parse_special=False)[: a.prompt_tokens]
         if len(prompt) < a.prompt_tokens:
             raise EdgeqError(f"text too short for a {a.prompt_tokens}-token prompt")

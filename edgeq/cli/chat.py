@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     def factory(ref: str, verbose: bool = False, progress=None):
         """Load a model; the model picker calls it inside the UI, where nothing may print (verbose=False):
         there `progress(done, total, file)` shows a download's bytes."""
-        from edgeq.cli.common import download_progress
+        from edgeq.cli.common import device_choice, download_progress
         from edgeq.runtime.engine import load
 
         from edgeq.cli.common import say
@@ -46,11 +46,11 @@ def main(args: argparse.Namespace) -> int:
         finally:
             if bar:
                 bar.finish()
-        model = load(path, n_ctx=args.ctx, threads=args.threads, device=args.device, report=report)
+        model = load(path, n_ctx=args.ctx, threads=args.threads, device=device_choice(args), report=report)
         if verbose:
             from edgeq.cli.common import note_device
 
-            note_device(model, args.device)
+            note_device(model, args)
         return model
 
     # the chat's own sampling options, refused before the slow load (NaN, out of range, -n 0)

@@ -18,8 +18,9 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> 
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the model runs: auto (a CUDA GPU if numba-cuda finds one, else the CPU), cpu, cuda")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="where the model runs: auto (the default: a CUDA GPU if numba-cuda finds one, else the CPU), "
+                        "cpu, cuda")
 
 
 def add_think_arg(p: argparse.ArgumentParser) -> None:
@@ -34,9 +35,15 @@ def template_kwargs(a) -> dict | None:
     return None if think is None else {"enable_thinking": think}
 
 
-def note_device(model, requested: str) -> None:
-    """One line on stderr when --device auto fell back to the CPU (the library itself prints nothing)."""
-    if requested == "auto" and model.device == "cpu":
+def device_choice(a: argparse.Namespace) -> str:
+    """The device asked for; "auto" when --device was not given."""
+    return a.device or "auto"
+
+
+def note_device(model, a: argparse.Namespace) -> None:
+    """One line on stderr when auto fell back to the CPU, only if the user asked for `--device auto` or -v:
+    a machine without a GPU is the common case, not news on every run (the library itself prints nothing)."""
+    if device_choice(a) == "auto" and model.device == "cpu" and (a.device == "auto" or getattr(a, "verbose", False)):
         from edgeq.gpu_kernels import device as gpu
 
         if not gpu.installed():
@@ -118,8 +125,8 @@ def load_model(a: argparse.Namespace):
         check_sampling_args(a)
     model = load(resolve_with_progress(a.model) if isinstance(a.model, str) else a.model, n_ctx=a.ctx,
                  threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                 device=a.device, report=say)
-    note_device(model, a.device)
+                 device=device_choice(a), report=say)
+    note_device(model, a)
     return model
 
 

@@ -41,11 +41,11 @@ def main(a) -> int:
         raise EdgeqError("--ctx must be at least 8")
     if a.chunks is not None and a.chunks < 1:
         raise EdgeqError("--chunks must be at least 1")
-    from edgeq.cli.common import note_device
+    from edgeq.cli.common import device_choice, note_device
 
     model = load(a.model, n_ctx=max(a.ctx, 16), threads=a.threads,
-                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, device=a.device)
-    note_device(model, a.device)
+                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, device=device_choice(a))
+    note_device(model, a)
     bar = Progress(1, label="perplexity ")
 
     def on_chunk(i: int, n: int, ppl: float) -> None:

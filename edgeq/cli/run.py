@@ -17,7 +17,8 @@ def add_arguments(p):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     add_think_arg(p)
-    p.add_argument("--verbose", action="store_true", help="print load time and speeds at the end")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print load time and speeds at the end, and where the model runs")
     p.add_argument("--raw", action="store_true",
                    help="write the model's text as is, control characters included (only when stdout is not a "
                         "terminal; on a terminal they are always shown escaped)")
@@ -29,9 +30,7 @@ MAX_TOKEN_BYTES = 256  # bound on the vocabulary's longest token when sizing the
 
 def prompt_limit(model) -> int:
     """Bytes beyond which a prompt cannot fit the context whatever its tokens: n_ctx × the longest token."""
-    tok = model.tokenizer
-    longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=1)
-    return model.n_ctx * max(1, min(longest, MAX_TOKEN_BYTES))
+    return model.n_ctx * max(1, min(model.tokenizer.max_token_bytes, MAX_TOKEN_BYTES))
 
 
 def read_prompt(a, model) -> str:

@@ -3,17 +3,21 @@
 Two vocabulary kinds (`tokenizer.ggml.model`):
 - "gpt2": byte-level BPE with the file's merges; text is first cut by the regexes that llama.cpp keys by
   `tokenizer.ggml.pre` (src/llama-vocab.cpp, `llm_tokenizer_bpe`), each one splitting the pieces of the last.
-- "llama": SentencePiece BPE (llama.cpp's `llm_tokenizer_spm`): spaces become "▁", adjacent symbols merge
-  when their concatenation is a token, best score first; characters that are no token fall back to <0xNN> bytes.
-  The file holds no merges, so they are derived from the vocabulary, ranked by the merged token's score.
+  The merging runs in Hugging Face `tokenizers` (Rust); control and user-defined tokens are added tokens there,
+  matched whole in the raw text before anything else, as llama.cpp does.
+- "llama": SentencePiece (llama.cpp's `llm_tokenizer_spm`), done here (`SpmEncoder`): spaces become "▁",
+  adjacent symbols merge when their concatenation is a token, best score first; characters that are no token
+  fall back to <0xNN> bytes. It needs only a text → id dict next to the file's own token list and scores, where
+  an HF BPE needs every split of every token as a merge (515k on Gemma 3's 262k vocabulary: +263 MiB at its
+  peak, 1.4 s to build).
 
-The merging itself runs in Hugging Face `tokenizers` (Rust). Control and user-defined tokens are added
-tokens there, so they are matched whole in the raw text before any normalization, as llama.cpp does.
 Decoding is done here from each token's bytes, which also serves the streaming decoder.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import threading
 from typing import Any
 
@@ -94,23 +98,114 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 BYTE_TO_CHAR = _bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+_OUTSIDE_BYTE_ALPHABET = re.compile("[^" + "".join(re.escape(c) for c in CHAR_TO_BYTE) + "]")
 
 
-def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Every split of a token into two tokens, the merged token's best score first: the order in which
-    llama.cpp's SPM tokenizer merges (ties: lower id first)."""
-    vocab = set(tokens)
-    merges = []
-    add = merges.append
-    for i in sorted(range(len(tokens)), key=scores.__getitem__, reverse=True):  # stable: ties keep id order
-        t = tokens[i]
-        for k in range(1, len(t)):
-            left = t[:k]
-            if left in vocab:
-                right = t[k:]
-                if right in vocab:
-                    add((left, right))
-    return merges
+class SpmEncoder:
+    """llama.cpp's `llm_tokenizer_spm` over one text run (already normalized: spaces as "▁"). Symbols start as
+    single characters; the adjacent pair whose concatenation is the best-scoring token merges first (ties: the
+    leftmost), until no pair forms a token. A symbol that is no token (only an unmerged character can be one)
+    becomes its UTF-8 bytes as <0xNN> tokens, or the unknown token where the vocabulary lacks a byte token."""
+
+    def __init__(self, tokens: list[str], scores, unk_id: int | None):
+        from array import array
+
+        import numpy as np
+
+        self.ids = {t: i for i, t in enumerate(tokens)}  # a repeated text keeps its last id, as llama.cpp's map
+        # 8 bytes a token, read as Python floats one at a time (no float object per token held)
+        self.neg_scores = array("d", np.negative(np.asarray(scores, dtype=np.float64)).tobytes())
+        byte_ids = [self.ids.get(f"<0x{b:02X}>", unk_id) for b in range(256)]
+        self.byte_ids = byte_ids
+
+    def encode(self, text: str, out: list[int]) -> None:
+        n = len(text)
+        if n == 0:
+            return
+        import heapq
+
+        ids, neg_scores = self.ids, self.neg_scores
+        length = [1] * n
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prev = list(range(-1, n - 1))
+        heap = []
+        for i in range(n - 1):
+            t = ids.get(text[i:i + 2])
+            if t is not None:
+                heap.append((neg_scores[t], i, i + 1, 2))
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            _, left, right, size = pop(heap)
+            n_left, n_right = length[left], length[right]
+            if n_left == 0 or n_right == 0 or n_left + n_right != size:
+                continue  # one side merged since this pair was queued
+            length[left] = size
+            length[right] = 0
+            after = nxt[right]
+            nxt[left] = after
+            if after >= 0:
+                prev[after] = left
+            before = prev[left]
+            if before >= 0:
+                t = ids.get(text[before:left + size])
+                if t is not None:
+                    push(heap, (neg_scores[t], before, left, left + size - before))
+            if after >= 0:
+                t = ids.get(text[left:after + length[after]])
+                if t is not None:
+                    push(heap, (neg_scores[t], left, after, size + length[after]))
+        i = 0
+        byte_ids = self.byte_ids
+        while i >= 0:
+            piece = text[i:i + length[i]]
+            t = ids.get(piece)
+            if t is not None:
+                out.append(t)
+            else:
+                out.extend(b for b in (byte_ids[c] for c in piece.encode("utf-8", "surrogatepass")) if b is not None)
+            i = nxt[i]
+
+
+class AddedTokenSplitter:
+    """Cuts text at the vocabulary's control and user-defined tokens: at the leftmost place where any matches,
+    the longest one (Hugging Face's added-token matching). Yields (text run, None) and (None, token id)."""
+
+    def __init__(self, tokens: list[str], ids: list[int], special: frozenset[int]):
+        by_first: dict[str, list[tuple[str, int]]] = {}
+        for i in ids:
+            t = tokens[i]
+            if t:
+                by_first.setdefault(t[0], []).append((t, i))
+        for group in by_first.values():
+            group.sort(key=lambda e: -len(e[0]))  # longest first; equal lengths keep id order
+        self.by_first = by_first
+        self.special = special
+        self.starts = re.compile("[" + "".join(re.escape(c) for c in by_first) + "]") if by_first else None
+
+    def split(self, text: str, parse_special: bool):
+        start = pos = 0
+        starts = self.starts
+        while starts is not None:
+            m = starts.search(text, pos)
+            if m is None:
+                break
+            i = m.start()
+            for t, tid in self.by_first[text[i]]:
+                if text.startswith(t, i):
+                    pos = i + len(t)
+                    if parse_special or tid not in self.special:
+                        if i > start:
+                            yield text[start:i], None
+                        yield None, tid
+                        start = pos
+                    # else a control token written in the text stays text of its run, its span consumed whole
+                    break
+            else:
+                pos = i + 1
+        if start < len(text):
+            yield text[start:], None
 
 
 def _kind(value: Any) -> str:
@@ -141,8 +236,9 @@ def token_list(meta: dict[str, Any]) -> list[str]:
     return _strings(meta, "tokenizer.ggml.tokens")
 
 
-def _numbers(meta: dict[str, Any], key: str, n: int, integer: bool) -> list | None:
-    """A numeric per-token array (token types, scores) of exactly n items, as a list; None when absent."""
+def _numbers(meta: dict[str, Any], key: str, n: int, integer: bool, as_list: bool = True):
+    """A numeric per-token array (token types, scores) of exactly n items, as a list (as_list=False: a numpy
+    array, no Python object per item); None when absent."""
     import numpy as np
 
     v = meta.get(key)
@@ -157,7 +253,7 @@ def _numbers(meta: dict[str, Any], key: str, n: int, integer: bool) -> list | No
         raise ModelError(f"{key} has {len(v)} entries for {n} tokens")
     if not integer and v.size and not np.isfinite(v).all():
         raise ModelError(f"{key} holds NaN or infinite scores")
-    return v.tolist()
+    return v.tolist() if as_list else v
 
 
 def _flag(meta: dict[str, Any], key: str, default: bool) -> bool:
@@ -189,10 +285,6 @@ class Tokenizer:
     """Text ↔ token ids for one GGUF vocabulary. Build with `from_gguf(gf)` or `from_metadata(meta)`."""
 
     def __init__(self, meta: dict[str, Any]):
-        from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers.models import BPE
-
         self.model = meta.get("tokenizer.ggml.model")
         if not isinstance(self.model, str):
             raise ModelError(f"tokenizer.ggml.model must be a string, not {_kind(self.model)}")
@@ -212,6 +304,7 @@ class Tokenizer:
         self.pre = self.pre or "default"
 
         spm = self.model == "llama"
+        import numpy as np
 
         def token_id(key):
             return special_token_id(meta, key, n)
@@ -229,48 +322,14 @@ class Tokenizer:
         user_defined = [i for i, t in enumerate(types) if t == USER_DEFINED]
         self.special_ids = frozenset(special)
 
-        try:  # `tokenizers` reports a vocabulary it cannot use (a merge of unknown tokens...) as a bare Exception
-            if spm:
-                scores = _numbers(meta, "tokenizer.ggml.scores", n, integer=False) or [0.0] * n
-                vocab = {t: i for i, t in enumerate(tokens)}
-                merges = _spm_merges(tokens, scores)
-                unk = tokens[self.unk_id] if self.unk_id is not None else None
-                bpe = BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
-                tok = HFTokenizer(bpe)
-                steps = [normalizers.Replace(" ", SPACE_MARK)]
-                if self.add_space_prefix:  # llama.cpp prefixes every text run that follows a token or the start
-                    steps.insert(0, normalizers.Prepend(" "))
-                tok.normalizer = normalizers.Sequence(steps)
-            else:
-                # Tokens in the byte alphabet stay as spelled; others (added tokens like "<|im_start|>") are kept
-                # raw for the added-token match, or respelled byte by byte if they are ordinary tokens.
-                alphabet = CHAR_TO_BYTE
-                vocab = {}
-                for i, t in enumerate(tokens):
-                    if types[i] in (NORMAL, UNUSED, BYTE, UNKNOWN) and not all(c in alphabet for c in t):
-                        t = "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8"))
-                    vocab[t] = i
-                merges = []
-                for m in _strings(meta, "tokenizer.ggml.merges"):
-                    k = m.find(" ", 1)
-                    if k > 0:
-                        merges.append((m[:k], m[k + 1:]))
-                bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
-                tok = HFTokenizer(bpe)
-                regexes = PRE_TOKENIZER_REGEXES.get(self.pre)
-                if regexes is None:
-                    log.warning("unknown pre-tokenizer %r in tokenizer.ggml.pre: using gpt2's regex", self.pre[:64])
-                    regexes = [_GPT2]
-                tok.pre_tokenizer = pre_tokenizers.Sequence(
-                    [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-                    + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-            tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
-            tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_defined])
-        except ModelError:
-            raise
-        except Exception as e:
-            raise ModelError(f"the tokenizer vocabulary is corrupt: {_short(e)}") from None
-        self._tok = tok
+        self._tok = None
+        self._spm = None
+        if spm:
+            scores = _numbers(meta, "tokenizer.ggml.scores", n, integer=False, as_list=False)
+            self._spm = SpmEncoder(tokens, scores if scores is not None else np.zeros(n), self.unk_id)
+            self._added = AddedTokenSplitter(tokens, special + user_defined, self.special_ids)
+        else:
+            self._tok = self._hf_bpe(meta, tokens, types, special, user_defined)
         self._lock = threading.Lock()
         self._piece_cache: dict[int, bytes] = {}
 
@@ -278,6 +337,42 @@ class Tokenizer:
                if i is not None}
         eog.update(i for i in special if tokens[i] in EOG_TEXTS)
         self.eog_ids: set[int] = eog
+
+    def _hf_bpe(self, meta, tokens, types, special, user_defined):
+        """The byte-level BPE in Hugging Face `tokenizers`, with the file's merges and pre-tokenizer regexes."""
+        from tokenizers import AddedToken, Regex, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+
+        try:  # `tokenizers` reports a vocabulary it cannot use (a merge of unknown tokens...) as a bare Exception
+            # Tokens in the byte alphabet stay as spelled; others (added tokens like "<|im_start|>") are kept
+            # raw for the added-token match, or respelled byte by byte if they are ordinary tokens.
+            outside_alphabet = _OUTSIDE_BYTE_ALPHABET.search  # one regex call a token, not a loop per character
+            vocab = {}
+            for i, t in enumerate(tokens):
+                if types[i] in (NORMAL, UNUSED, BYTE, UNKNOWN) and outside_alphabet(t):
+                    t = "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8"))
+                vocab[t] = i
+            merges = []
+            for m in _strings(meta, "tokenizer.ggml.merges"):
+                k = m.find(" ", 1)
+                if k > 0:
+                    merges.append((m[:k], m[k + 1:]))
+            tok = HFTokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES))
+            regexes = PRE_TOKENIZER_REGEXES.get(self.pre)
+            if regexes is None:
+                log.warning("unknown pre-tokenizer %r in tokenizer.ggml.pre: using gpt2's regex", self.pre[:64])
+                regexes = [_GPT2]
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+            tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_defined])
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"the tokenizer vocabulary is corrupt: {_short(e)}") from None
+        return tok
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -294,12 +389,15 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`. add_special: BOS/EOS as the file asks; parse_special: control tokens written
         in the text (like "<|im_start|>") become their ids, otherwise they are tokenized as plain text."""
-        with self._lock:  # encode_special_tokens is a setting of the shared Rust tokenizer
-            self._tok.encode_special_tokens = not parse_special
-            try:
-                ids = self._tok.encode(text, add_special_tokens=False).ids if text else []
-            finally:
-                self._tok.encode_special_tokens = False
+        if self._spm is not None:
+            ids = self._spm_encode(text, parse_special)
+        else:
+            with self._lock:  # encode_special_tokens is a setting of the shared Rust tokenizer
+                self._tok.encode_special_tokens = not parse_special
+                try:
+                    ids = self._tok.encode(text, add_special_tokens=False).ids if text else []
+                finally:
+                    self._tok.encode_special_tokens = False
         if add_special:
             if self.add_bos:
                 ids.insert(0, self.bos_id)
@@ -307,10 +405,27 @@ class Tokenizer:
                 ids.append(self.eos_id)
         return ids
 
+    def _spm_encode(self, text: str, parse_special: bool) -> list[int]:
+        ids: list[int] = []
+        for run, tid in self._added.split(text, parse_special):
+            if tid is not None:
+                ids.append(tid)
+                continue
+            if self.add_space_prefix:  # llama.cpp prefixes every text run that follows a token or the start
+                run = " " + run
+            self._spm.encode(run.replace(" ", SPACE_MARK), ids)
+        return ids
+
     # ------------------------------------------------------------ decode
     def token_text(self, token_id: int) -> str:
         """The token as the vocabulary spells it (e.g. "Ġthe", "▁the", "<0x0A>", "<|im_end|>")."""
         return self.tokens[token_id]
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes in the longest token's UTF-8 spelling, once: a bound on any token's decoded bytes (a prompt cap
+        sized from it must not walk the whole vocabulary's decoding on every run)."""
+        return max(map(len, map(str.encode, self.tokens)), default=1)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes this token stands for in decoded text (control tokens: their text)."""
