@@ -326,6 +326,15 @@ class Stream:
                 self.job.cancel()
 
 
+@dataclass
+class Final:
+    """The end of a streamed reply, as every API ends it."""
+    done: Done
+    finish: str                # finish_reason: stop, length, or tool_calls when calls were parsed
+    content: str | None        # with tools: the held text less its calls (None or "": nothing)
+    calls: list | None         # with tools: the parsed calls, OpenAI-shaped
+
+
 def _failed(done: Done) -> ApiError:
     return ApiError(500, done.error or "generation failed", type="server_error", code="internal_error")
 
@@ -482,6 +491,22 @@ def create_app(model, sched, opts: ServerOptions):
     def finish_reason(done: Done) -> str:
         return "length" if done.finish == "length" else "stop"
 
+    async def reply_events(stream: Stream, tools_on: bool):
+        """The one streaming loop all four streaming routes wrap: each Piece as it comes (held back while tools
+        are on: the text may be a call), then an ApiError (the request failed) or the Final."""
+        held = []
+        async for ev in stream.events():
+            if isinstance(ev, Piece):
+                if tools_on:
+                    held.append(ev.text)
+                else:
+                    yield ev
+            elif ev.finish == "error":
+                yield _failed(ev)
+            else:
+                content, calls, fin = tool_result("".join(held), finish_reason(ev), tools_on)
+                yield Final(ev, fin, content, calls)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await request.body()
@@ -523,30 +548,24 @@ def create_app(model, sched, opts: ServerOptions):
 
         async def sse():
             yield {"data": chunk({"role": "assistant", "content": ""})}
-            held = []  # with tools, the text is held until it is known to be a call or not
-            async for ev in stream.events():
+            async for ev in reply_events(stream, tools_on):
                 if isinstance(ev, Piece):
-                    if tools_on:
-                        held.append(ev.text)
-                    elif ev.text or ev.tokens:
+                    if ev.text or ev.tokens:
                         yield {"data": chunk({"content": ev.text},
                                              logprobs=chat_logprobs(ev.tokens) if k is not None else None)}
-                    continue
-                if ev.finish == "error":
-                    e = _failed(ev)
-                    yield {"data": json.dumps({"error": {"message": e.message, "type": e.type, "code": e.code}})}
+                elif isinstance(ev, ApiError):
+                    yield {"data": json.dumps({"error": {"message": ev.message, "type": ev.type, "code": ev.code}})}
                     return
-                fin = finish_reason(ev)
-                if tools_on:
-                    content, calls, fin = tool_result("".join(held), fin, True)
-                    if calls:
-                        yield {"data": chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})}
-                    elif content:
-                        yield {"data": chunk({"content": content})}
-                yield {"data": chunk({}, fin)}
-                if r.stream_options and r.stream_options.include_usage:
-                    yield {"data": json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                               "model": opts.model_name, "choices": [], "usage": usage(ev)})}
+                else:
+                    if ev.calls:
+                        yield {"data": chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(ev.calls)]})}
+                    elif ev.content:
+                        yield {"data": chunk({"content": ev.content})}
+                    yield {"data": chunk({}, ev.finish)}
+                    if r.stream_options and r.stream_options.include_usage:
+                        yield {"data": json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                                   "model": opts.model_name, "choices": [],
+                                                   "usage": usage(ev.done)})}
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(sse(), ping=15)
@@ -607,20 +626,19 @@ def create_app(model, sched, opts: ServerOptions):
                               ensure_ascii=False)
 
         async def sse():
-            async for ev in stream.events():
+            async for ev in reply_events(stream, False):
                 if isinstance(ev, Piece):
                     if ev.text or ev.tokens:
                         yield {"data": chunk(ev.text, logprobs=logprobs_block(ev.tokens) if r.logprobs is not None
                                              else None)}
-                    continue
-                if ev.finish == "error":
-                    e = _failed(ev)
-                    yield {"data": json.dumps({"error": {"message": e.message, "type": e.type, "code": e.code}})}
+                elif isinstance(ev, ApiError):
+                    yield {"data": json.dumps({"error": {"message": ev.message, "type": ev.type, "code": ev.code}})}
                     return
-                yield {"data": chunk("", finish_reason(ev))}
-                if r.stream_options and r.stream_options.include_usage:
-                    yield {"data": json.dumps({"id": cid, "object": "text_completion", "created": created,
-                                               "model": opts.model_name, "choices": [], "usage": usage(ev)})}
+                else:
+                    yield {"data": chunk("", ev.finish)}
+                    if r.stream_options and r.stream_options.include_usage:
+                        yield {"data": json.dumps({"id": cid, "object": "text_completion", "created": created,
+                                                   "model": opts.model_name, "choices": [], "usage": usage(ev.done)})}
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(sse(), ping=15)
@@ -686,38 +704,33 @@ def create_app(model, sched, opts: ServerOptions):
         stream = svc.submit(ollama_sampling(r.options, r.format, ids))
         tools_on = tools is not None
 
-        def message(text: str, finish: str) -> tuple[dict, str]:
-            content, calls, fin = tool_result(text, finish, tools_on)
+        def message(content: str | None, calls: list | None) -> dict:
             msg: dict[str, Any] = {"role": "assistant", "content": content or ""}
             if calls:
                 msg["tool_calls"] = [{"function": {"name": c["function"]["name"],
                                                    "arguments": json.loads(c["function"]["arguments"])}}
                                      for c in calls]
-            return msg, fin
+            return msg
 
         if not r.stream:
             text, _, done = await stream.collect(request)
             if done.finish == "error":
                 raise _failed(done)
-            msg, _ = message(text, finish_reason(done))
-            return {"model": r.model, "created_at": _now_iso(), "message": msg, **ollama_final(done, t0)}
+            content, calls, _ = tool_result(text, finish_reason(done), tools_on)
+            return {"model": r.model, "created_at": _now_iso(), "message": message(content, calls),
+                    **ollama_final(done, t0)}
 
         async def gen():
-            held = []
-            async for ev in stream.events():
+            async for ev in reply_events(stream, tools_on):
                 if isinstance(ev, Piece):
-                    if tools_on:
-                        held.append(ev.text)
-                    elif ev.text:
+                    if ev.text:
                         yield {"model": r.model, "created_at": _now_iso(),
                                "message": {"role": "assistant", "content": ev.text}, "done": False}
-                elif ev.finish == "error":
-                    yield {"error": _failed(ev).message}
+                elif isinstance(ev, ApiError):
+                    yield {"error": ev.message}
                 else:
-                    msg = {"role": "assistant", "content": ""}
-                    if tools_on:
-                        msg, _ = message("".join(held), finish_reason(ev))
-                    yield {"model": r.model, "created_at": _now_iso(), "message": msg, **ollama_final(ev, t0)}
+                    yield {"model": r.model, "created_at": _now_iso(), "message": message(ev.content, ev.calls),
+                           **ollama_final(ev.done, t0)}
 
         return ndjson(gen())
 
@@ -745,14 +758,14 @@ def create_app(model, sched, opts: ServerOptions):
             return {"model": r.model, "created_at": _now_iso(), "response": text, **ollama_final(done, t0)}
 
         async def gen():
-            async for ev in stream.events():
+            async for ev in reply_events(stream, False):
                 if isinstance(ev, Piece):
                     if ev.text:
                         yield {"model": r.model, "created_at": _now_iso(), "response": ev.text, "done": False}
-                elif ev.finish == "error":
-                    yield {"error": _failed(ev).message}
+                elif isinstance(ev, ApiError):
+                    yield {"error": ev.message}
                 else:
-                    yield {"model": r.model, "created_at": _now_iso(), "response": "", **ollama_final(ev, t0)}
+                    yield {"model": r.model, "created_at": _now_iso(), "response": "", **ollama_final(ev.done, t0)}
 
         return ndjson(gen())
 
