@@ -1,14 +1,21 @@
 """Load test of `edgeq serve` (and, side by side, llama-cpp-python's server) on loopback: bounded in time.
 
     python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--clients 1,2,4,8] [--duration 60]
+    python benchmarks/serve_load.py --turns 8           # time to first token per chat turn, with / without reuse
     python benchmarks/serve_load.py --soak 600          # random connect / stream / disconnect, then checks
 
 Each client sends streaming chat requests of ~--prompt-tokens prompt tokens for --gen-tokens generated tokens,
 back to back, for --duration seconds (requests in flight at the end are finished and counted). Reported per
-level: aggregate generated tokens/s, p50/p95 time to first token, p50 per-token latency, errors.
+level: aggregate generated tokens/s, p50/p95 time to first token, p50 per-token latency, errors (any status but
+200, a stream that ends in an error, a timeout). The levels alternate between the two servers (both are up for
+the whole run; the idle one costs nothing), so a change in the machine's load hits both. edgeq's own decode
+speed (`edgeq run`'s path, same file and threads, no server) is measured before and after: the targets are
+ratios to it. The output ends with a markdown table and one verdict line per target.
 
 llama-cpp-python's server runs when --llamacpp PY is given (or ~/.cache/edgeq-llamacpp/bin/python has
-llama_cpp.server); it gets the same file, threads, context and parallel slots (it serves one request at a time).
+llama_cpp.server); it gets the same file, threads and context. It serves one request at a time; its default
+`interrupt_requests` cuts the running stream off when another request arrives, so it is started with
+`--interrupt_requests False` and serialises them (waiting clients count toward their time to first token).
 Servers bind 127.0.0.1 and are stopped at the end.
 """
 from __future__ import annotations
@@ -90,17 +97,22 @@ def start_edgeq(a, port: int, reuse: bool = True) -> ServerProc:
 
 def start_llamacpp(a, py: str, path: str, port: int) -> ServerProc:
     argv = [py, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
-            "--n_threads", str(a.threads), "--n_ctx", str(a.ctx), "--model_alias", "bench"]
+            "--n_threads", str(a.threads), "--n_ctx", str(a.ctx), "--model_alias", "bench",
+            "--interrupt_requests", "False"]
     return ServerProc("llama-cpp-python", argv, port, "bench")
 
 
 async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.Random, disconnect_after=None):
-    """(ttft s, per-token s, tokens, status) of one streaming chat request."""
+    """(ttft s, per-token s, tokens, status) of one streaming chat request. Tokens are counted as content chunks
+    (one per token on both servers), or from the usage chunk where the server sends one (edgeq)."""
     body = {"model": srv.model_name, "messages": [{"role": "user", "content": prompt_text(a.prompt_tokens, rng)}],
             "max_tokens": a.gen_tokens, "temperature": 0.7, "stream": True}
+    if srv.kind == "edgeq":
+        body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
     t_first = t_last = None
     n = 0
+    usage = None
     async with http.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
@@ -111,6 +123,8 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 return None, None, n, 500
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
             choices = chunk.get("choices") or []
             if choices and (choices[0].get("delta") or {}).get("content"):
                 now = time.perf_counter()
@@ -121,7 +135,7 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
                     return t_first - t0, None, n, 299  # left on purpose
     ttft = (t_first - t0) if t_first else None
     tpot = (t_last - t_first) / (n - 1) if n > 1 else None
-    return ttft, tpot, n, 200
+    return ttft, tpot, usage if usage is not None else n, 200
 
 
 async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
@@ -149,6 +163,57 @@ async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
             "tpot_p50": q(tpots, 0.5)}
 
 
+def own_decode(a, path: str) -> float:
+    """Seconds per token of edgeq's own decode (the path of `edgeq run`): same file, threads, a prompt of the
+    benchmark's size, --gen-tokens greedy tokens. In a child process, so the benchmark stays light."""
+    code = f"""
+import random, sys, time
+import numpy
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from serve_load import prompt_text
+from edgeq.runtime.engine import load
+m = load({path!r}, n_ctx={a.ctx}, threads={a.threads})
+ids = m.tokenizer.encode(prompt_text({a.prompt_tokens}, random.Random(7)))
+logits = m.append(ids)
+logits = m.append([int(numpy.argmax(logits))])
+t = time.perf_counter()
+for _ in range({a.gen_tokens}):
+    logits = m.append([int(numpy.argmax(logits))])
+print((time.perf_counter() - t) / {a.gen_tokens})
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=a.ready_timeout)
+    if out.returncode:
+        raise RuntimeError(f"decode baseline failed: {out.stderr[-2000:]}")
+    return float(out.stdout.split()[-1])
+
+
+def verdicts(rows: list[dict], decode_s: float) -> list[str]:
+    """One line per target of issue #14 that this run's levels cover."""
+    by = {(r["server"], r["clients"]): r for r in rows}
+    ok = lambda cond: "PASS" if cond else "FAIL"  # noqa: E731
+    out = []
+    one, four, eight = by.get(("edgeq", 1)), by.get(("edgeq", 4)), by.get(("edgeq", 8))
+    if one and one["tpot_p50"] == one["tpot_p50"]:
+        r = one["tpot_p50"] / decode_s
+        out.append(f"- single stream: {one['tpot_p50'] * 1e3:.1f} ms per token in the server, {decode_s * 1e3:.1f} ms "
+                   f"in edgeq's own decode = {r:.2f}x (target <= 1.3x): {ok(r <= 1.3)}")
+    if eight:
+        r = eight["tok_s"] * decode_s
+        out.append(f"- 8 clients: {eight['tok_s']:.1f} tok/s = {r:.2f}x edgeq's single-stream decode "
+                   f"({1 / decode_s:.1f} tok/s) (target >= 2.5x): {ok(r >= 2.5)}")
+        lc = by.get(("llama-cpp-python", 8))
+        if lc and lc["tok_s"] > 0:
+            r = eight["tok_s"] / lc["tok_s"]
+            out.append(f"- 8 clients: {r:.2f}x llama-cpp-python's server ({lc['tok_s']:.1f} tok/s) "
+                       f"(target >= 2x): {ok(r >= 2.0)}")
+    if four:
+        out.append(f"- 4 clients: p95 time to first token {four['ttft_p95']:.2f} s (target <= 1.5 s): "
+                   f"{ok(four['ttft_p95'] <= 1.5)}")
+    errors = sum(r["errors"] for r in rows if r["server"] == "edgeq")
+    out.append(f"- edgeq errors: {errors}: {ok(errors == 0)}")
+    return out
+
+
 def report(row: dict) -> dict:
     print(f"{row['server']} {row['clients']} clients: {row['tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.2f} s "
           f"p95 {row['ttft_p95']:.2f} s, {row['errors']} errors", file=sys.stderr, flush=True)
@@ -165,23 +230,34 @@ def metrics(url: str) -> dict:
 
 
 async def soak(srv: ServerProc, a) -> int:
-    """Clients that stream, disconnect mid-stream or wait for whole replies at random, for --soak seconds."""
+    """Clients that connect (a new connection for each request), then stream to the end, disconnect mid-stream or
+    wait for a whole reply, at random, for --soak seconds. Checks: no 5xx, RSS growth after warm-up <= 5%, every
+    slot free and nothing queued at the end (/metrics)."""
     rng = random.Random(0)
     deadline = time.perf_counter() + a.soak
     warm_at = time.perf_counter() + min(120.0, a.soak / 5)
     statuses: dict[int, int] = {}
     rss_warm = None
 
+    async def whole_reply(http) -> int:
+        body = {"model": srv.model_name, "max_tokens": rng.choice([1, 16, a.gen_tokens]), "temperature": 0.7,
+                "messages": [{"role": "user", "content": prompt_text(a.prompt_tokens, rng)}]}
+        r = await http.post(srv.url + "/v1/chat/completions", json=body)
+        return r.status_code
+
     async def client(i):
-        async with httpx.AsyncClient(timeout=a.request_timeout) as http:
-            while time.perf_counter() < deadline:
-                cut = rng.choice([None, None, 1, 5, 20])
-                try:
-                    *_, status = await one_request(http, srv, a, rng, disconnect_after=cut)
-                except httpx.HTTPError:
-                    status = 599
-                statuses[status] = statuses.get(status, 0) + 1
-                await asyncio.sleep(rng.random() * 0.5)
+        while time.perf_counter() < deadline:
+            cut = rng.choice([None, None, 1, 5, 20, "whole"])
+            try:
+                async with httpx.AsyncClient(timeout=a.request_timeout) as http:
+                    if cut == "whole":
+                        status = await whole_reply(http)
+                    else:
+                        *_, status = await one_request(http, srv, a, rng, disconnect_after=cut)
+            except httpx.HTTPError:
+                status = 599
+            statuses[status] = statuses.get(status, 0) + 1
+            await asyncio.sleep(rng.random() * 0.5)
 
     async def sampler():
         nonlocal rss_warm
@@ -242,7 +318,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=60.0, help="seconds per load level")
     p.add_argument("--prompt-tokens", type=int, default=200)
     p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--request-timeout", type=float, default=900.0,
+                   help="per request, generous: a serialising server keeps clients waiting")
     p.add_argument("--llamacpp", default=None, help="python of a venv with llama-cpp-python[server]")
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--soak", type=float, default=0.0, help="run the soak test for this many seconds instead")
@@ -272,37 +349,45 @@ def main() -> int:
         for i, (x, y) in enumerate(zip(res[True], res[False])):
             print(f"| {i + 1} | {x:.2f} | {y:.2f} |")
         return 0
-    srv = start_edgeq(a, free_port())
-    try:
-        srv.wait_ready(a.ready_timeout)
-        if a.soak:
-            return asyncio.run(soak(srv, a))
-        rows = [report(asyncio.run(load_level(srv, a, c, a.duration))) for c in levels]
-    finally:
-        srv.stop()
-    py = None if a.no_llamacpp else find_llamacpp(a)
-    if py:
-        srv = start_llamacpp(a, py, path, free_port())
+    if a.soak:
+        srv = start_edgeq(a, free_port())
         try:
             srv.wait_ready(a.ready_timeout)
-            rows += [report(asyncio.run(load_level(srv, a, c, a.duration))) for c in levels]
+            return asyncio.run(soak(srv, a))
         finally:
             srv.stop()
-    else:
+    load0 = os.getloadavg()[0]
+    decode = [own_decode(a, path)]
+    print(f"edgeq's own decode: {decode[0] * 1e3:.1f} ms per token", file=sys.stderr, flush=True)
+    py = None if a.no_llamacpp else find_llamacpp(a)
+    if not py and not a.no_llamacpp:
         print("llama-cpp-python's server: not available (no llama_cpp.server); its column is skipped",
               file=sys.stderr)
+    servers = []
+    try:
+        servers.append(start_edgeq(a, free_port()))
+        if py:
+            servers.append(start_llamacpp(a, py, path, free_port()))
+        for srv in servers:
+            srv.wait_ready(a.ready_timeout)
+        rows = [report(asyncio.run(load_level(srv, a, c, a.duration))) for c in levels for srv in servers]
+    finally:
+        for srv in servers:
+            srv.stop()
+    decode.append(own_decode(a, path))
+    decode_s = sum(decode) / len(decode)
+    rows.sort(key=lambda r: (r["server"] != "edgeq", r["clients"]))
     print(f"\nmodel {Path(path).name}, {a.threads} threads, {a.parallel} slots, ~{a.prompt_tokens} prompt + "
-          f"{a.gen_tokens} generated tokens per request, {a.duration:.0f} s per level, {os.cpu_count()} CPUs\n")
+          f"{a.gen_tokens} generated tokens per request, {a.duration:.0f} s per level, {os.cpu_count()} CPUs, "
+          f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; edgeq's own decode "
+          f"{decode[0] * 1e3:.1f} / {decode[1] * 1e3:.1f} ms per token before / after\n")
     print("| server | clients | requests | errors | gen tok/s | TTFT p50 s | TTFT p95 s | per-token p50 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | "
               f"{r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} |")
-    base = {r["server"]: r["tok_s"] for r in rows if r["clients"] == min(levels)}
-    for r in rows:
-        if r["clients"] == max(levels) and base.get(r["server"]):
-            print(f"\n{r['server']}: {max(levels)} clients = {r['tok_s'] / base[r['server']]:.2f}x its "
-                  f"{min(levels)}-client throughput")
+    print()
+    print("\n".join(verdicts(rows, decode_s)))
     return 0
 
 

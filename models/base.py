@@ -135,6 +135,33 @@ def batch_linears(layers: list[Linear], x: np.ndarray) -> list[np.ndarray]:
     return ys
 
 
+# products(layers, x) -> [layer(x) for layer in layers] (linears for a prompt, batch_linears for a decode batch)
+Products = Callable[[list[Linear], np.ndarray], list[np.ndarray]]
+# attention(il, q, k, v) -> (T, n_head, head_dim): stores k/v of layer il and attends with q
+Attention = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def prompt_attention(cache, pos0: int, scale: float) -> Attention:
+    """Attention for a forward pass over T new tokens of one sequence (positions pos0..) on `cache`."""
+    def attention(il, q, k, v):
+        cache.store(il, pos0, k, v)
+        return cache.attend(il, q, pos0, scale)
+    return attention
+
+
+def batch_attention(caches: list, positions: np.ndarray, scale: float, n_head: int, head_dim: int) -> Attention:
+    """Attention for a decode batch: row i is one token at positions[i] of caches[i], each on its own cache."""
+    out = np.empty((len(caches), n_head, head_dim), np.float32)
+
+    def attention(il, q, k, v):
+        for i, cache in enumerate(caches):
+            p = int(positions[i])
+            cache.store(il, p, k[i:i + 1], v[i:i + 1])
+            out[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
+        return out
+    return attention
+
+
 class Embedding:
     """Token embedding table, rows looked up (and dequantized) on demand."""
 

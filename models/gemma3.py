@@ -142,61 +142,47 @@ def load_weights(gf, cfg: Config) -> Weights:
 def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
             observer: Observer | None = None, all_logits: bool = False) -> np.ndarray:
     T = len(tokens)
-    positions = np.arange(pos0, pos0 + T)
-    hd = cfg.head_dim
-    scale = 1.0 / math.sqrt(hd)
+    attention = base.prompt_attention(cache, pos0, 1.0 / math.sqrt(cfg.head_dim))
+    products = lambda layers, h: linears(layers, h, observer)  # noqa: E731
     x = w.tok_embd(tokens) * np.float32(math.sqrt(cfg.n_embd))      # (T, d)
+    positions = np.arange(pos0, pos0 + T)
     for il, L in enumerate(w.layers):
-        local = cfg.is_local(il)
-        inv_freq = w.inv_freq_local if local else w.inv_freq_global
-        # attention with q/k norms, then a post-attention norm before the residual
-        h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
-        q, k, v = linears([L.wq, L.wk, L.wv], h, observer)
-        q = rmsnorm(q.reshape(T, cfg.n_head, hd), L.q_norm, cfg.rms_eps)
-        k = rmsnorm(k.reshape(T, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps)
-        v = v.reshape(T, cfg.n_head_kv, hd)
-        rope(q, positions, inv_freq, True)
-        rope(k, positions, inv_freq, True)
-        cache.store(il, pos0, k, v)
-        a = cache.attend(il, q, pos0, scale)
-        x += rmsnorm(L.wo(a.reshape(T, cfg.n_head * hd), observer), L.post_attn_norm, cfg.rms_eps)
-        # feed-forward (GeGLU), post-FFN norm before the residual
-        h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = gelu_mul(*linears([L.w_gate, L.w_up], h, observer))
-        x += rmsnorm(L.w_down(g, observer), L.post_ffn_norm, cfg.rms_eps)
+        layer(w, L, cfg, il, x, positions, attention, products)
     x = x if all_logits else x[-1:]
-    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    return w.output(x, observer)
+    return products([w.output], rmsnorm(x, w.output_norm, cfg.rms_eps))[0]
 
 
 def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
     """One decode step for N sequences at once (see llama.forward_batch): matrix products over the batch,
     attention per sequence on its own cache. Returns logits (N, n_vocab)."""
-    N = len(tokens)
     positions = np.asarray(positions, dtype=np.int64)
-    hd = cfg.head_dim
-    scale = 1.0 / math.sqrt(hd)
+    attention = base.batch_attention(caches, positions, 1.0 / math.sqrt(cfg.head_dim), cfg.n_head, cfg.head_dim)
     x = w.tok_embd(np.asarray(tokens, dtype=np.int64)) * np.float32(math.sqrt(cfg.n_embd))
-    a = np.empty((N, cfg.n_head, hd), np.float32)
     for il, L in enumerate(w.layers):
-        inv_freq = w.inv_freq_local if cfg.is_local(il) else w.inv_freq_global
-        h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
-        q, k, v = batch_linears([L.wq, L.wk, L.wv], h)
-        q = np.ascontiguousarray(rmsnorm(q.reshape(N, cfg.n_head, hd), L.q_norm, cfg.rms_eps))
-        k = np.ascontiguousarray(rmsnorm(k.reshape(N, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps))
-        v = v.reshape(N, cfg.n_head_kv, hd)
-        rope(q, positions, inv_freq, True)
-        rope(k, positions, inv_freq, True)
-        for i, cache in enumerate(caches):
-            p = int(positions[i])
-            cache.store(il, p, k[i:i + 1], v[i:i + 1])
-            a[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
-        x += rmsnorm(batch_linears([L.wo], a.reshape(N, cfg.n_head * hd))[0], L.post_attn_norm, cfg.rms_eps)
-        h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        g = gelu_mul(*batch_linears([L.w_gate, L.w_up], h))
-        x += rmsnorm(batch_linears([L.w_down], g)[0], L.post_ffn_norm, cfg.rms_eps)
-    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    return batch_linears([w.output], x)[0]
+        layer(w, L, cfg, il, x, positions, attention, batch_linears)
+    return batch_linears([w.output], rmsnorm(x, w.output_norm, cfg.rms_eps))[0]
+
+
+def layer(w: Weights, L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray,
+          attention: base.Attention, products: base.Products) -> None:
+    """Layer il on x (T, d) in place: the rows are a prompt's tokens (forward) or one token per sequence
+    (forward_batch); `attention` and `products` say which."""
+    T, hd = x.shape[0], cfg.head_dim
+    inv_freq = w.inv_freq_local if cfg.is_local(il) else w.inv_freq_global
+    # attention with q/k norms, then a post-attention norm before the residual
+    h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
+    q, k, v = products([L.wq, L.wk, L.wv], h)
+    q = np.ascontiguousarray(rmsnorm(q.reshape(T, cfg.n_head, hd), L.q_norm, cfg.rms_eps))
+    k = np.ascontiguousarray(rmsnorm(k.reshape(T, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps))
+    v = v.reshape(T, cfg.n_head_kv, hd)
+    rope(q, positions, inv_freq, True)
+    rope(k, positions, inv_freq, True)
+    a = attention(il, q, k, v)
+    x += rmsnorm(products([L.wo], a.reshape(T, cfg.n_head * hd))[0], L.post_attn_norm, cfg.rms_eps)
+    # feed-forward (GeGLU), post-FFN norm before the residual
+    h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
+    g = gelu_mul(*products([L.w_gate, L.w_up], h))
+    x += rmsnorm(products([L.w_down], g)[0], L.post_ffn_norm, cfg.rms_eps)
 
 
 # ------------------------------------------------------------------------------------------------

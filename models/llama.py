@@ -190,87 +190,74 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
 
     Returns logits (T, n_vocab) if all_logits, else (1, n_vocab) for the last token."""
     T = len(tokens)
-    positions = np.arange(pos0, pos0 + T)
-    hd, scale = cfg.head_dim, cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
-    res = np.float32(cfg.residual_scale)
-    inv_freq = rope_table(w, cfg, cache.n_ctx)
-    x = w.tok_embd(tokens)                                           # (T, d)
-    if cfg.embed_scale != 1.0:
-        x *= np.float32(cfg.embed_scale)
+    attention = base.prompt_attention(cache, pos0, _scale(cfg))
+    products = lambda layers, h: linears(layers, h, observer)  # noqa: E731
+    x = _embed(w, cfg, tokens)                                      # (T, d)
+    positions, inv_freq = np.arange(pos0, pos0 + T), rope_table(w, cfg, cache.n_ctx)
     for il, L in enumerate(w.layers):
-        # attention
-        h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
-        q, k, v = linears([L.wq, L.wk, L.wv], h, observer)
-        q = q.reshape(T, cfg.n_head, hd)
-        k = k.reshape(T, cfg.n_head_kv, hd)
-        v = v.reshape(T, cfg.n_head_kv, hd)
-        if cfg.qk_norm:
-            q, k = rmsnorm(q, L.q_norm, cfg.rms_eps), rmsnorm(k, L.k_norm, cfg.rms_eps)
-        if cfg.uses_rope(il):
-            rope(q, positions, inv_freq, cfg.rope_neox)
-            rope(k, positions, inv_freq, cfg.rope_neox)
-            if cfg.rope_attn_factor != 1.0:
-                q[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
-                k[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
-        cache.store(il, pos0, k, v)
-        a = cache.attend(il, q, pos0, scale)                          # (T, n_head, hd)
-        o = L.wo(a.reshape(T, cfg.n_head * hd), observer)
-        x += o if res == 1.0 else o * res
-        # feed-forward (SwiGLU, or a mixture of SwiGLU experts)
-        h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        if L.moe is not None:
-            o = experts(L.moe, h, cfg.n_expert_used, observer)
-        else:
-            o = L.w_down(silu_mul(*linears([L.w_gate, L.w_up], h, observer)), observer)
-        x += o if res == 1.0 else o * res
-    x = x if all_logits else x[-1:]
-    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    logits = w.output(x, observer)
-    return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
+        layer(L, cfg, il, x, positions, inv_freq, attention, products, observer)
+    return _logits(w, cfg, x if all_logits else x[-1:], products)
 
 
 def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
     """One decode step for N sequences at once: token i sits at positions[i] of caches[i].
 
-    The same layer sequence as `forward`; the matrix products run over all N rows together (each weight read
-    once per step), attention runs per sequence on its own cache. Returns logits (N, n_vocab)."""
-    N = len(tokens)
+    The same layers as `forward`; the matrix products run over all N rows together (each weight read once per
+    step), attention runs per sequence on its own cache. Returns logits (N, n_vocab)."""
     positions = np.asarray(positions, dtype=np.int64)
-    hd, scale = cfg.head_dim, cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
-    res = np.float32(cfg.residual_scale)
+    attention = base.batch_attention(caches, positions, _scale(cfg), cfg.n_head, cfg.head_dim)
+    x = _embed(w, cfg, np.asarray(tokens, dtype=np.int64))         # (N, d)
     inv_freq = rope_table(w, cfg, caches[0].n_ctx)
-    x = w.tok_embd(np.asarray(tokens, dtype=np.int64))              # (N, d)
+    for il, L in enumerate(w.layers):
+        layer(L, cfg, il, x, positions, inv_freq, attention, batch_linears)
+    return _logits(w, cfg, x, batch_linears)
+
+
+def layer(L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
+          attention: base.Attention, products: base.Products, observer: Observer | None = None) -> None:
+    """Decoder layer il on x (T, d) in place: the rows are a prompt's tokens (forward) or one token per sequence
+    (forward_batch); `attention` and `products` say which."""
+    T, hd = x.shape[0], cfg.head_dim
+    res = np.float32(cfg.residual_scale)
+    # attention
+    h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
+    q, k, v = products([L.wq, L.wk, L.wv], h)
+    q = np.ascontiguousarray(q.reshape(T, cfg.n_head, hd))
+    k = np.ascontiguousarray(k.reshape(T, cfg.n_head_kv, hd))
+    v = v.reshape(T, cfg.n_head_kv, hd)
+    if cfg.qk_norm:
+        q, k = rmsnorm(q, L.q_norm, cfg.rms_eps), rmsnorm(k, L.k_norm, cfg.rms_eps)
+    if cfg.uses_rope(il):
+        rope(q, positions, inv_freq, cfg.rope_neox)
+        rope(k, positions, inv_freq, cfg.rope_neox)
+        if cfg.rope_attn_factor != 1.0:
+            q[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
+            k[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
+    a = attention(il, q, k, v)                                       # (T, n_head, hd)
+    o = products([L.wo], a.reshape(T, cfg.n_head * hd))[0]
+    x += o if res == 1.0 else o * res
+    # feed-forward (SwiGLU, or a mixture of SwiGLU experts)
+    h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
+    if L.moe is not None:
+        o = experts(L.moe, h, cfg.n_expert_used, observer)
+    else:
+        o = products([L.w_down], silu_mul(*products([L.w_gate, L.w_up], h)))[0]
+    x += o if res == 1.0 else o * res
+
+
+def _scale(cfg: Config) -> float:
+    return cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
+
+
+def _embed(w: Weights, cfg: Config, tokens: np.ndarray) -> np.ndarray:
+    x = w.tok_embd(tokens)
     if cfg.embed_scale != 1.0:
         x *= np.float32(cfg.embed_scale)
-    a = np.empty((N, cfg.n_head, hd), np.float32)
-    for il, L in enumerate(w.layers):
-        h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
-        q, k, v = batch_linears([L.wq, L.wk, L.wv], h)
-        q = np.ascontiguousarray(q.reshape(N, cfg.n_head, hd))
-        k = np.ascontiguousarray(k.reshape(N, cfg.n_head_kv, hd))
-        v = v.reshape(N, cfg.n_head_kv, hd)
-        if cfg.qk_norm:
-            q, k = rmsnorm(q, L.q_norm, cfg.rms_eps), rmsnorm(k, L.k_norm, cfg.rms_eps)
-        if cfg.uses_rope(il):
-            rope(q, positions, inv_freq, cfg.rope_neox)
-            rope(k, positions, inv_freq, cfg.rope_neox)
-            if cfg.rope_attn_factor != 1.0:
-                q[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
-                k[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
-        for i, cache in enumerate(caches):
-            p = int(positions[i])
-            cache.store(il, p, k[i:i + 1], v[i:i + 1])
-            a[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
-        o = batch_linears([L.wo], a.reshape(N, cfg.n_head * hd))[0]
-        x += o if res == 1.0 else o * res
-        h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-        if L.moe is not None:
-            o = experts(L.moe, h, cfg.n_expert_used)
-        else:
-            o = batch_linears([L.w_down], silu_mul(*batch_linears([L.w_gate, L.w_up], h)))[0]
-        x += o if res == 1.0 else o * res
-    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
-    logits = batch_linears([w.output], x)[0]
+    return x
+
+
+def _logits(w: Weights, cfg: Config, x: np.ndarray, products: base.Products) -> np.ndarray:
+    logits = products([w.output], rmsnorm(x, w.output_norm, cfg.rms_eps))[0]
     return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
 
 

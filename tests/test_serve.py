@@ -477,6 +477,34 @@ def test_ollama_tool_call(tool_server):
         assert r.message.content
 
 
+def test_streamed_forced_tool_call_is_one_tool_calls_delta(tool_server):
+    c = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="x", timeout=300, max_retries=0)
+    chunks = list(c.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=80,
+        stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    # the call's text is held back and sent once, parsed: no raw <tool_call> markup reaches the client
+    assert not any("<tool_call>" in (d.content or "") for d in deltas)
+    (call,) = calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_ollama_streamed_tool_chat_equals_the_whole_reply(tool_server):
+    c = ollama.Client(host=tool_server.url, timeout=300)
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+              options={"temperature": 0, "num_predict": 40})
+    whole = c.chat(**kw)
+    parts = list(c.chat(stream=True, **kw))
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+    assert "".join(p.message.content or "" for p in parts) == whole.message.content
+    assert [t.function.name for t in parts[-1].message.tool_calls or []] == \
+        [t.function.name for t in whole.message.tool_calls or []]
+
+
 # ---------------------------------------------------------------- the verb
 def _edgeq(*args, timeout=120):
     import subprocess

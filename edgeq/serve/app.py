@@ -342,6 +342,24 @@ def _split_all(think, text: str) -> tuple[str, str]:
     return reasoning + r2, content + c2
 
 
+@dataclass
+class Delta:
+    """A streamed piece as the APIs show it: the answer's text and, for thinking models, the reasoning text
+    (a <think> block split off by the reply's ThinkSplitter); tokens carry the logprobs."""
+    text: str
+    reasoning: str
+    tokens: list
+
+
+@dataclass
+class Final:
+    """The end of a streamed reply, as every API ends it."""
+    done: Done
+    finish: str                # finish_reason: stop, length, or tool_calls when calls were parsed
+    content: str | None        # with tools: the held text less its calls (None or "": nothing)
+    calls: list | None         # with tools: the parsed calls, OpenAI-shaped
+
+
 def _failed(done: Done) -> ApiError:
     return ApiError(500, done.error or "generation failed", type="server_error", code="internal_error")
 
@@ -500,6 +518,32 @@ def create_app(model, sched, opts: ServerOptions):
     def finish_reason(done: Done) -> str:
         return "length" if done.finish == "length" else "stop"
 
+    async def reply_events(stream: Stream, tools_on: bool, think=None):
+        """The one streaming loop all four streaming routes wrap: a Delta per piece (the answer held back while
+        tools are on: the text may be a call; a thinking model's <think> block split off by `think`, a
+        ThinkSplitter), then an ApiError (the request failed) or the Final."""
+        held = []
+        async for ev in stream.events():
+            if isinstance(ev, Piece):
+                reasoning, text = think.feed_pair(ev.text) if think is not None else ("", ev.text)
+                tokens = ev.tokens
+            elif ev.finish != "error" and think is not None:  # the end: what the splitter held back
+                (reasoning, text), tokens = think.flush_pair(), []
+            else:
+                reasoning, text, tokens = "", "", []
+            if tools_on:
+                held.append(text)
+                text, tokens = "", []
+            if text or reasoning or tokens:
+                yield Delta(text, reasoning, tokens)
+            if isinstance(ev, Piece):
+                continue
+            if ev.finish == "error":
+                yield _failed(ev)
+            else:
+                content, calls, fin = tool_result("".join(held), finish_reason(ev), tools_on)
+                yield Final(ev, fin, content, calls)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await request.body()
@@ -547,41 +591,26 @@ def create_app(model, sched, opts: ServerOptions):
 
         async def sse():
             yield {"data": chunk({"role": "assistant", "content": ""})}
-            held = []  # with tools, the text is held until it is known to be a call or not
-            async for ev in stream.events():
-                if isinstance(ev, Piece):
-                    reasoning, text = think.feed_pair(ev.text) if think is not None else ("", ev.text)
-                    if reasoning:
-                        yield {"data": chunk({"reasoning_content": reasoning})}
-                    if tools_on:
-                        held.append(text)
-                    elif text or (ev.tokens and not reasoning):
-                        yield {"data": chunk({"content": text},
+            async for ev in reply_events(stream, tools_on, think):
+                if isinstance(ev, Delta):
+                    if ev.reasoning:
+                        yield {"data": chunk({"reasoning_content": ev.reasoning})}
+                    if ev.text or (ev.tokens and not ev.reasoning):
+                        yield {"data": chunk({"content": ev.text},
                                              logprobs=chat_logprobs(ev.tokens) if k is not None else None)}
-                    continue
-                if ev.finish == "error":
-                    e = _failed(ev)
-                    yield {"data": json.dumps({"error": {"message": e.message, "type": e.type, "code": e.code}})}
+                elif isinstance(ev, ApiError):
+                    yield {"data": json.dumps({"error": {"message": ev.message, "type": ev.type, "code": ev.code}})}
                     return
-                fin = finish_reason(ev)
-                if think is not None:  # what the splitter held back, in case it was the start of a tag
-                    reasoning, text = think.flush_pair()
-                    if reasoning:
-                        yield {"data": chunk({"reasoning_content": reasoning})}
-                    if tools_on:
-                        held.append(text)
-                    elif text:
-                        yield {"data": chunk({"content": text})}
-                if tools_on:
-                    content, calls, fin = tool_result("".join(held), fin, True)
-                    if calls:
-                        yield {"data": chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})}
-                    elif content:
-                        yield {"data": chunk({"content": content})}
-                yield {"data": chunk({}, fin)}
-                if r.stream_options and r.stream_options.include_usage:
-                    yield {"data": json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                               "model": opts.model_name, "choices": [], "usage": usage(ev)})}
+                else:
+                    if ev.calls:
+                        yield {"data": chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(ev.calls)]})}
+                    elif ev.content:
+                        yield {"data": chunk({"content": ev.content})}
+                    yield {"data": chunk({}, ev.finish)}
+                    if r.stream_options and r.stream_options.include_usage:
+                        yield {"data": json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                                   "model": opts.model_name, "choices": [],
+                                                   "usage": usage(ev.done)})}
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(sse(), ping=15)
@@ -642,20 +671,19 @@ def create_app(model, sched, opts: ServerOptions):
                               ensure_ascii=False)
 
         async def sse():
-            async for ev in stream.events():
-                if isinstance(ev, Piece):
+            async for ev in reply_events(stream, False):
+                if isinstance(ev, Delta):
                     if ev.text or ev.tokens:
                         yield {"data": chunk(ev.text, logprobs=logprobs_block(ev.tokens) if r.logprobs is not None
                                              else None)}
-                    continue
-                if ev.finish == "error":
-                    e = _failed(ev)
-                    yield {"data": json.dumps({"error": {"message": e.message, "type": e.type, "code": e.code}})}
+                elif isinstance(ev, ApiError):
+                    yield {"data": json.dumps({"error": {"message": ev.message, "type": ev.type, "code": ev.code}})}
                     return
-                yield {"data": chunk("", finish_reason(ev))}
-                if r.stream_options and r.stream_options.include_usage:
-                    yield {"data": json.dumps({"id": cid, "object": "text_completion", "created": created,
-                                               "model": opts.model_name, "choices": [], "usage": usage(ev)})}
+                else:
+                    yield {"data": chunk("", ev.finish)}
+                    if r.stream_options and r.stream_options.include_usage:
+                        yield {"data": json.dumps({"id": cid, "object": "text_completion", "created": created,
+                                                   "model": opts.model_name, "choices": [], "usage": usage(ev.done)})}
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(sse(), ping=15)
@@ -725,8 +753,7 @@ def create_app(model, sched, opts: ServerOptions):
         stream = svc.submit(ollama_sampling(r.options, r.format, ids))
         tools_on = tools is not None
 
-        def message(text: str, finish: str, thinking: str = "") -> tuple[dict, str]:
-            content, calls, fin = tool_result(text, finish, tools_on)
+        def message(content: str | None, calls: list | None, thinking: str = "") -> dict:
             msg: dict[str, Any] = {"role": "assistant", "content": content or ""}
             if thinking:
                 msg["thinking"] = thinking
@@ -734,7 +761,7 @@ def create_app(model, sched, opts: ServerOptions):
                 msg["tool_calls"] = [{"function": {"name": c["function"]["name"],
                                                    "arguments": json.loads(c["function"]["arguments"])}}
                                      for c in calls]
-            return msg, fin
+            return msg
 
         if not r.stream:
             text, _, done = await stream.collect(request)
@@ -743,36 +770,24 @@ def create_app(model, sched, opts: ServerOptions):
             thinking = ""
             if think is not None:
                 thinking, text = _split_all(think, text)
-            msg, _ = message(text, finish_reason(done), thinking)
-            return {"model": r.model, "created_at": _now_iso(), "message": msg, **ollama_final(done, t0)}
+            content, calls, _ = tool_result(text, finish_reason(done), tools_on)
+            return {"model": r.model, "created_at": _now_iso(), "message": message(content, calls, thinking),
+                    **ollama_final(done, t0)}
 
         def part(text: str, thinking: str) -> dict:
             msg = {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}
             return {"model": r.model, "created_at": _now_iso(), "message": msg, "done": False}
 
         async def gen():
-            held = []
-            async for ev in stream.events():
-                if isinstance(ev, Piece):
-                    thinking, text = think.feed_pair(ev.text) if think is not None else ("", ev.text)
-                elif think is not None and ev.finish != "error":  # the end: what the splitter held back
-                    thinking, text = think.flush_pair()
+            async for ev in reply_events(stream, tools_on, think):
+                if isinstance(ev, Delta):
+                    if ev.text or ev.reasoning:
+                        yield part(ev.text, ev.reasoning)
+                elif isinstance(ev, ApiError):
+                    yield {"error": ev.message}
                 else:
-                    thinking, text = "", ""
-                if tools_on:
-                    held.append(text)
-                    text = ""
-                if text or thinking:
-                    yield part(text, thinking)
-                if isinstance(ev, Piece):
-                    continue
-                if ev.finish == "error":
-                    yield {"error": _failed(ev).message}
-                else:
-                    msg = {"role": "assistant", "content": ""}
-                    if tools_on:
-                        msg, _ = message("".join(held), finish_reason(ev))
-                    yield {"model": r.model, "created_at": _now_iso(), "message": msg, **ollama_final(ev, t0)}
+                    yield {"model": r.model, "created_at": _now_iso(), "message": message(ev.content, ev.calls),
+                           **ollama_final(ev.done, t0)}
 
         return ndjson(gen())
 
@@ -800,14 +815,14 @@ def create_app(model, sched, opts: ServerOptions):
             return {"model": r.model, "created_at": _now_iso(), "response": text, **ollama_final(done, t0)}
 
         async def gen():
-            async for ev in stream.events():
-                if isinstance(ev, Piece):
+            async for ev in reply_events(stream, False):
+                if isinstance(ev, Delta):
                     if ev.text:
                         yield {"model": r.model, "created_at": _now_iso(), "response": ev.text, "done": False}
-                elif ev.finish == "error":
-                    yield {"error": _failed(ev).message}
+                elif isinstance(ev, ApiError):
+                    yield {"error": ev.message}
                 else:
-                    yield {"model": r.model, "created_at": _now_iso(), "response": "", **ollama_final(ev, t0)}
+                    yield {"model": r.model, "created_at": _now_iso(), "response": "", **ollama_final(ev.done, t0)}
 
         return ndjson(gen())
 

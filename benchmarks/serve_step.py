@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""What one step of the server's scheduler costs, without HTTP: the Scheduler driven directly in this thread.
+
+    python benchmarks/serve_step.py [--model smollm2-135m-instruct] [--threads 1] [--batches 1,2,4,8]
+
+For each batch size N: N chat prompts of ~--prompt-tokens tokens are prefilled (chunked, as the server does), then
+decoded together for --gen-tokens steps; a decode step is split into the batched forward (`forward_batch`), choosing
+the tokens (penalties, sampling, detokenizing, the events) and the rest (the step's own bookkeeping). Reported as
+CPU time of this thread (numba's other threads not counted: --threads 1 makes it the whole cost, and immune to other
+processes on a shared machine) and wall time. Then edgeq's own decode (`Model.append`, the path of `edgeq run`) for
+reference. Aggregate tokens/s at N = N / step time; the issue's targets compare it with N = 1.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_load import prompt_text  # noqa: E402
+
+
+class Clock:
+    """CPU (this thread) and wall seconds spent inside the wrapped functions."""
+
+    def __init__(self):
+        self.cpu = self.wall = 0.0
+
+    def wrap(self, f):
+        def timed(*args, **kw):
+            c, w = time.thread_time(), time.perf_counter()
+            try:
+                return f(*args, **kw)
+            finally:
+                self.cpu += time.thread_time() - c
+                self.wall += time.perf_counter() - w
+        return timed
+
+
+def measure(m, n: int, a) -> dict:
+    from edgeq.runtime.sampling import SamplingParams
+    from edgeq.runtime.scheduler import Done, GenRequest, Scheduler
+
+    s = Scheduler(m, n_slots=n, n_ctx=a.ctx)
+    s._warm_up()
+    fwd, batch, choose = Clock(), Clock(), Clock()
+    arch = m.arch
+    orig = arch.forward, arch.forward_batch
+    arch.forward, arch.forward_batch = fwd.wrap(orig[0]), batch.wrap(orig[1])
+    s._choose = choose.wrap(s._choose)
+    try:
+        rng = random.Random(n)
+        done = []
+        for i in range(n):
+            ids = m.chat_ids([{"role": "user", "content": prompt_text(a.prompt_tokens, rng)}], None)
+            s.submit(GenRequest(ids, max_tokens=a.gen_tokens, params=SamplingParams(temperature=0.7, seed=i)),
+                     lambda ev: done.append(ev) if isinstance(ev, Done) else None)
+        s._admit()
+        c, w = time.thread_time(), time.perf_counter()
+        while any(getattr(sl, "todo", None) for sl in s.slots):
+            s._step()
+        prefill = {"cpu": time.thread_time() - c, "wall": time.perf_counter() - w, "tokens": n * len(ids)}
+        for k in (batch, choose):
+            k.cpu = k.wall = 0.0
+        steps = 0
+        c, w = time.thread_time(), time.perf_counter()
+        while len(done) < n:
+            s._step()
+            steps += 1
+        cpu, wall = time.thread_time() - c, time.perf_counter() - w
+    finally:
+        arch.forward, arch.forward_batch = orig
+    gen = sum(d.completion_tokens for d in done)
+    return {"n": n, "steps": steps, "gen": gen, "cpu": cpu / steps, "wall": wall / steps,
+            "batch": batch.cpu / steps, "choose": choose.cpu / steps, "prefill": prefill}
+
+
+def own_decode(m, a) -> tuple[float, float]:
+    m.reset()
+    logits = m.append(m.tokenizer.encode(prompt_text(a.prompt_tokens, random.Random(7))))
+    c, w = time.thread_time(), time.perf_counter()
+    for _ in range(a.gen_tokens):
+        logits = m.append([int(np.argmax(logits))])
+    return (time.thread_time() - c) / a.gen_tokens, (time.perf_counter() - w) / a.gen_tokens
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--batches", default="1,2,4,8")
+    p.add_argument("--prompt-tokens", type=int, default=200)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    a = p.parse_args()
+    from edgeq.runtime.engine import load
+
+    m = load(a.model, n_ctx=a.ctx, threads=a.threads)
+    m._set_threads()
+    rows = []
+    for n in a.batches.split(","):  # own decode measured next to each level: a shared machine's load drifts
+        dec_cpu, dec_wall = own_decode(m, a)
+        rows.append({**measure(m, int(n), a), "own_cpu": dec_cpu, "own_wall": dec_wall})
+    print(f"\nmodel {m.path.name}, {a.threads} thread(s), ~{a.prompt_tokens} prompt tokens, {a.gen_tokens} generated\n")
+    print("| sequences | own decode CPU ms/token | step CPU ms | forward_batch | choose tokens | other | step wall ms "
+          "| agg tok/s (CPU) | vs own decode | prefill CPU ms/token |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        other = r["cpu"] - r["batch"] - r["choose"]
+        pf = r["prefill"]
+        print(f"| {r['n']} | {r['own_cpu'] * 1e3:.2f} | {r['cpu'] * 1e3:.2f} | {r['batch'] * 1e3:.2f} | "
+              f"{r['choose'] * 1e3:.2f} | {other * 1e3:.2f} | {r['wall'] * 1e3:.2f} | {r['n'] / r['cpu']:.0f} | "
+              f"{r['n'] / r['cpu'] * r['own_cpu']:.2f}x | {pf['cpu'] / pf['tokens'] * 1e3:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
