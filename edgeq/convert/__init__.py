@@ -24,6 +24,7 @@ class QuantOptions:
     embedding_type: str | None = None   # type of token_embd.weight
     imatrix: str | None = None          # importance matrix file (llama.cpp GGUF or legacy .dat)
     calibrate: str | None = None        # text (file or known name) to collect an importance matrix on
+    method: str = "best"                # with calibrate: imatrix | gptq | best (convert/gptq.py)
     save_imatrix: str | None = None     # write the collected importance matrix here
     chunks: int = 32                    # calibration windows
     calib_ctx: int = 512                # calibration window in tokens
@@ -91,7 +92,8 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16
 
         im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, calibration_model)
         recipe.has_imatrix = im is not None
-        return write_model(out, conv.arch, conv.metadata(recipe.file_type), tensors, recipe, im, quiet=opts.quiet)
+        return write_model(out, conv.arch, conv.metadata(recipe.file_type), tensors, recipe, im, quiet=opts.quiet,
+                           method=opts.method)
     finally:
         ckpt.close()
 
@@ -141,4 +143,4 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
         metadata = [(key, value, *gf.metadata_types[key]) for key, value in gf.metadata.items() if key not in skip]
         metadata.append((Keys.General.FILE_TYPE, int(recipe.file_type), GGUFValueType.UINT32, None))
         metadata.append((Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, GGUFValueType.UINT32, None))
-        return write_model(out, gf.arch, metadata, tensors, recipe, im, quiet=opts.quiet)
+        return write_model(out, gf.arch, metadata, tensors, recipe, im, quiet=opts.quiet, method=opts.method)

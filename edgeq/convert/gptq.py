@@ -21,7 +21,6 @@ import numpy as np
 from edgeq.formats import quant_grid
 from edgeq.formats.quants import quantize
 
-METHODS = ("imatrix", "gptq", "best")
 DAMP = 0.01             # λ = DAMP · mean(diag H), as in GPTQ: keeps H invertible and the updates bounded
 BLOCK = 128             # lazy-batch width: columns updated together before the trailing rank-B update
 MAX_HESSIAN_COLS = 4096  # wider inputs (a 1.7B's ffn_down) get no Hessian: n_in² floats each, per layer
@@ -68,6 +67,9 @@ class Hessians:
         if which == "held":
             return self.held[key].astype(np.float64)
         return self.fit[key].astype(np.float64) + self.held[key]
+
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self.fit.values()) + sum(h.nbytes for h in self.held.values())
 
     def has_held_out(self, name: str) -> bool:
         key = self.key_of.get(name)
