@@ -99,8 +99,10 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16
 
 
 def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str | None = None, *,
-                  options: QuantOptions | None = None, **option_kw) -> dict[str, Any]:
-    """Requantize a GGUF file: every tensor dequantized to float32 and quantized to the recipe's type."""
+                  imatrix=None, options: QuantOptions | None = None, **option_kw) -> dict[str, Any]:
+    """Requantize a GGUF file: every tensor dequantized to float32 and quantized to the recipe's type.
+
+    `imatrix`: an Imatrix object (with Hessians, from calibrate.calibrate_gguf) to use as it is."""
     from gguf.constants import GGML_QUANT_VERSION, GGUFValueType, Keys
 
     from edgeq.convert.calibrate import resolve_imatrix
@@ -136,7 +138,7 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
         tensors = [OutTensor(t.name, tuple(t.shape), lambda t=t: dequantize(t.data, t.qtype, tuple(t.shape)))
                    for t in gf.tensors.values()]
         matrices = [t.name for t in tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]
-        im = resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path))
+        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path))
         recipe.has_imatrix = im is not None
 
         skip = INTERNAL_KEYS | {Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}

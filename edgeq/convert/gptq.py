@@ -22,7 +22,8 @@ from edgeq.formats import quant_grid
 from edgeq.formats.quants import quantize
 
 DAMP = 0.01             # λ = DAMP · mean(diag H), as in GPTQ: keeps H invertible and the updates bounded
-BLOCK = 128             # lazy-batch width: columns updated together before the trailing rank-B update
+BLOCK = 32              # lazy-batch width: columns updated together before the trailing rank-B update (32-128
+                        # cost the same flops; 32 keeps the per-column update in cache)
 MAX_HESSIAN_COLS = 4096  # wider inputs (a 1.7B's ffn_down) get no Hessian: n_in² floats each, per layer
 
 
@@ -107,34 +108,36 @@ def gptq_reference(W: np.ndarray, H: np.ndarray, round_col, damp: float = DAMP) 
 
 
 def gptq_levels(W: np.ndarray, H: np.ndarray, a: np.ndarray, b: np.ndarray, levels: np.ndarray,
-                damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
+                damp: float = DAMP, block: int | None = None, act_order: bool = True) -> np.ndarray:
     """The fast path: level indices k (rows, n_in) on the grids a·levels[k] + b, lazy-batch GPTQ, columns
     in decreasing diag(H) (act order: the most used inputs are rounded first, while all others can still
     absorb their error)."""
     n = W.shape[1]
+    block = block or BLOCK
     perm = np.argsort(-np.diagonal(H), kind="stable") if act_order else np.arange(n)
-    W = np.array(W[:, perm], dtype=np.float64)
-    a, b = a[:, perm], b[:, perm]
+    # column-major work arrays (one input column = one contiguous row): the column loop touches whole rows
+    Wt = np.array(W.T[perm], dtype=np.float64)
+    at, bt = np.ascontiguousarray(a.T[perm]), np.ascontiguousarray(b.T[perm])
     Hp = _damped(H, damp)[np.ix_(perm, perm)]
     U = np.linalg.cholesky(np.linalg.inv(Hp)).T
     lev = levels.astype(np.float64)
-    K = np.empty(W.shape, dtype=np.int16)
+    K = np.empty(Wt.shape, dtype=np.int16)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2]                    # a view: updated in place
+        W1 = Wt[i1:i2]                      # a view: updated in place
         E1 = np.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            w = W1[:, j]
-            k = quant_grid.nearest(w, a[:, i1 + j], b[:, i1 + j], levels)
-            K[:, i1 + j] = k
-            err = (w - (a[:, i1 + j] * lev[k] + b[:, i1 + j])) / U1[j, j]
-            W1[:, j:] -= np.outer(err, U1[j, j:])
-            E1[:, j] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            w = W1[j]
+            k = quant_grid.nearest(w, at[i1 + j], bt[i1 + j], levels)
+            K[i1 + j] = k
+            err = (w - (at[i1 + j] * lev[k] + bt[i1 + j])) / U1[j, j]
+            W1[j:] -= U1[j, j:, None] * err
+            E1[j] = err
+        Wt[i2:] -= U[i1:i2, i2:].T @ E1
     out = np.empty_like(K)
-    out[:, perm] = K
-    return out
+    out[perm] = K
+    return np.ascontiguousarray(out.T)
 
 
 def quantize_gptq(W: np.ndarray, qtype: str, H: np.ndarray, importance: np.ndarray | None = None,
