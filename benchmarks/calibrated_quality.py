@@ -228,7 +228,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2"], choices=list(MODELS))
     ap.add_argument("--types", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_K_M"])
-    ap.add_argument("--chunks", type=int, default=16, help="llama-perplexity windows on hamlet")
+    ap.add_argument("--chunks", type=int, default=8, help="llama-perplexity windows on hamlet")
     ap.add_argument("--kl-chunks", type=int, default=0, help="edgeq perplexity/KL windows (0: skip)")
     ap.add_argument("--calib-chunks", type=int, default=32)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
