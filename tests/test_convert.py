@@ -563,7 +563,7 @@ def test_calibrate_save_and_reuse(tiny, tmp_path):
     text.write_text(TEXT * 20)
     im_path, a, b = tmp_path / "im.gguf", tmp_path / "a.gguf", tmp_path / "b.gguf"
     rc = cli(["convert", str(tiny["llama"]), "-o", str(a), "--type", "Q4_K_M", "-q", "--calibrate", str(text),
-              "--chunks", "2", "--calib-ctx", "32", "--save-imatrix", str(im_path)])
+              "--chunks", "2", "--calib-ctx", "32", "--save-imatrix", str(im_path), "--method", "imatrix"])
     assert rc == 0
     im = imatrix.load(im_path)
     assert im.chunk_count == 2 and "blk.1.ffn_down.weight" in im.sums and im.counts["blk.0.attn_q.weight"] == 64
@@ -572,6 +572,48 @@ def test_calibrate_save_and_reuse(tiny, tmp_path):
     ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
     for ta, tb in zip(ra.tensors, rb.tensors):
         np.testing.assert_array_equal(np.asarray(ta.data), np.asarray(tb.data))
+
+
+@needs_quants
+def test_calibrate_gptq_and_best(tiny, tmp_path):
+    """--method gptq changes levels, never the block scales or the layout; best (the default) picks per
+    matrix and llama.cpp's reader (gguf-py) reads every file; --calibrate alone names the built-in text."""
+    import argparse
+
+    from edgeq.cli import quantize as quantize_verb
+    from edgeq.convert.calibrate import DEFAULT_TEXT
+    from edgeq.formats.quant_grid import decode
+
+    pytest.importorskip("edgeq.runtime.engine")
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT * 40)
+    files = {}
+    for method in ("imatrix", "gptq", "best"):
+        files[method] = tmp_path / f"{method}.gguf"
+        assert cli(["convert", str(tiny["llama"]), "-o", str(files[method]), "--type", "Q2_K", "-q", "--calibrate",
+                    str(text), "--chunks", "4", "--calib-ctx", "32", "--method", method]) == 0
+    r = {m: {t.name: t for t in gguf.GGUFReader(p).tensors} for m, p in files.items()}
+    changed = 0
+    for name, ti in r["imatrix"].items():
+        tg = r["gptq"][name]
+        assert tg.tensor_type == ti.tensor_type and tg.shape.tolist() == ti.shape.tolist()
+        if ti.tensor_type.name in ("F32", "F16") or len(ti.shape) != 2:
+            continue
+        n_cols = int(ti.shape[0])
+        ki, ai, bi = decode(np.asarray(ti.data).reshape(int(ti.shape[1]), -1), ti.tensor_type.name, n_cols)
+        kg, ag, bg = decode(np.asarray(tg.data).reshape(int(tg.shape[1]), -1), tg.tensor_type.name, n_cols)
+        np.testing.assert_array_equal(ag, ai)
+        np.testing.assert_array_equal(bg, bi)
+        changed += not np.array_equal(kg, ki)
+    assert changed > 0
+    for name, tb in r["best"].items():   # each matrix of `best` is one of the two candidates
+        data = np.asarray(tb.data)
+        assert (np.array_equal(data, np.asarray(r["imatrix"][name].data))
+                or np.array_equal(data, np.asarray(r["gptq"][name].data))), name
+    p = argparse.ArgumentParser()
+    quantize_verb.add_arguments(p)
+    args = p.parse_args(["a.gguf", "b.gguf", "--type", "Q4_K_M", "--calibrate"])
+    assert args.calibrate == DEFAULT_TEXT and args.method == "best"
 
 
 # ------------------------------------------------------------------------------------------------

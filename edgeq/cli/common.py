@@ -145,6 +145,7 @@ def resolve_with_progress(ref: str):
 
 def add_recipe_arguments(p: argparse.ArgumentParser, default_type: str | None) -> None:
     """Options of `edgeq convert` and `edgeq quantize` (edgeq.convert.QuantOptions)."""
+    from edgeq.convert.calibrate import DEFAULT_TEXT, METHODS
     from edgeq.convert.mixes import FILE_TYPES, TENSOR_TYPES
 
     p.add_argument("--type", dest="qtype", default=default_type, required=default_type is None,
@@ -156,9 +157,14 @@ def add_recipe_arguments(p: argparse.ArgumentParser, default_type: str | None) -
     p.add_argument("--embedding-type", type=str.upper, choices=TENSOR_TYPES, metavar="T",
                    help="type of token_embd.weight")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--calibrate", metavar="TEXT",
-                   help="collect an importance matrix by running the model over TEXT (a file, or a known text name)")
+    g.add_argument("--calibrate", metavar="TEXT", nargs="?", const=DEFAULT_TEXT,
+                   help="calibrate by running the model over TEXT (a file, or a known text name; "
+                        f"default {DEFAULT_TEXT})")
     g.add_argument("--imatrix", metavar="FILE", help="use an importance matrix file (llama.cpp GGUF or legacy .dat)")
+    p.add_argument("--method", choices=METHODS, default="best",
+                   help="with --calibrate: imatrix (llama.cpp's importance search), gptq (error-compensating "
+                        "rounding on the same block scales), best (per matrix, the lower held-out output error; "
+                        "default)")
     p.add_argument("--save-imatrix", metavar="FILE", help="write the collected importance matrix (GGUF imatrix format)")
     p.add_argument("--chunks", type=int, default=32, help="calibration: windows of --calib-ctx tokens (default 32)")
     p.add_argument("--calib-ctx", type=int, default=512, help="calibration window in tokens (default 512)")

@@ -24,6 +24,7 @@ class QuantOptions:
     embedding_type: str | None = None   # type of token_embd.weight
     imatrix: str | None = None          # importance matrix file (llama.cpp GGUF or legacy .dat)
     calibrate: str | None = None        # text (file or known name) to collect an importance matrix on
+    method: str = "best"                # with calibrate: imatrix | gptq | best (convert/gptq.py)
     save_imatrix: str | None = None     # write the collected importance matrix here
     chunks: int = 32                    # calibration windows
     calib_ctx: int = 512                # calibration window in tokens
@@ -91,14 +92,17 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16
 
         im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, calibration_model)
         recipe.has_imatrix = im is not None
-        return write_model(out, conv.arch, conv.metadata(recipe.file_type), tensors, recipe, im, quiet=opts.quiet)
+        return write_model(out, conv.arch, conv.metadata(recipe.file_type), tensors, recipe, im, quiet=opts.quiet,
+                           method=opts.method)
     finally:
         ckpt.close()
 
 
 def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str | None = None, *,
-                  options: QuantOptions | None = None, **option_kw) -> dict[str, Any]:
-    """Requantize a GGUF file: every tensor dequantized to float32 and quantized to the recipe's type."""
+                  imatrix=None, options: QuantOptions | None = None, **option_kw) -> dict[str, Any]:
+    """Requantize a GGUF file: every tensor dequantized to float32 and quantized to the recipe's type.
+
+    `imatrix`: an Imatrix object (with Hessians, from calibrate.calibrate_gguf) to use as it is."""
     from gguf.constants import GGML_QUANT_VERSION, GGUFValueType, Keys
 
     from edgeq.convert.calibrate import resolve_imatrix
@@ -134,11 +138,11 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
         tensors = [OutTensor(t.name, tuple(t.shape), lambda t=t: dequantize(t.data, t.qtype, tuple(t.shape)))
                    for t in gf.tensors.values()]
         matrices = [t.name for t in tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]
-        im = resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path))
+        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path))
         recipe.has_imatrix = im is not None
 
         skip = INTERNAL_KEYS | {Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}
         metadata = [(key, value, *gf.metadata_types[key]) for key, value in gf.metadata.items() if key not in skip]
         metadata.append((Keys.General.FILE_TYPE, int(recipe.file_type), GGUFValueType.UINT32, None))
         metadata.append((Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, GGUFValueType.UINT32, None))
-        return write_model(out, gf.arch, metadata, tensors, recipe, im, quiet=opts.quiet)
+        return write_model(out, gf.arch, metadata, tensors, recipe, im, quiet=opts.quiet, method=opts.method)

@@ -11,6 +11,8 @@ from edgeq.errors import EdgeqError
 from edgeq.progress import Progress
 
 
+DEFAULT_TEXT = "macbeth"  # `--calibrate` alone: English prose and verse, disjoint from the hamlet evaluation text
+METHODS = ("imatrix", "gptq", "best")  # how a calibrated matrix is quantized (convert/gptq.py)
 MAX_BYTES_PER_TOKEN = 32  # calibration reads at most this many bytes per token it needs (whole text if smaller)
 
 
@@ -35,9 +37,10 @@ def read_text(name_or_path: str, max_bytes: int | None = None) -> tuple[str, str
 
 
 def calibrate_gguf(model_path: str | os.PathLike, text: str, dataset: str, n_chunks: int, n_ctx: int,
-                   threads: int | None, quiet: bool):
-    """Importance matrix from edgeq's forward pass over `text` on an existing GGUF file."""
-    from edgeq.convert import imatrix
+                   threads: int | None, quiet: bool, hessians: bool = False):
+    """Importance matrix from edgeq's forward pass over `text` on an existing GGUF file; with `hessians`,
+    also the inputs' XᵀX for GPTQ (im.hessians)."""
+    from edgeq.convert import gptq, imatrix
     from edgeq.runtime import engine
 
     model = engine.load(str(model_path), n_ctx=n_ctx, threads=threads)
@@ -46,9 +49,11 @@ def calibrate_gguf(model_path: str | os.PathLike, text: str, dataset: str, n_chu
     bar = Progress(n_chunks, label="calibrating ", enabled=not quiet)
     im = imatrix.collect(lambda chunk, obs: model.collect_activations(chunk, obs), ids, n_ctx=n_ctx,
                          n_chunks=n_chunks, bos_id=tok.bos_id if tok.add_bos else None, dataset=dataset,
-                         progress=lambda i, n: bar.update(i, detail=f"chunk {i}/{n}"))
+                         progress=lambda i, n: bar.update(i, detail=f"chunk {i}/{n}"),
+                         hessians=gptq.Hessians() if hessians else None)
     bar.finish(f"calibrated on {im.chunk_count} × {n_ctx} tokens of {dataset} in {bar.elapsed():.1f}s "
-               f"({len(im)} matrices)")
+               f"({len(im)} matrices" + (f", input Hessians {im.hessians.nbytes() / 1e6:.0f} MB" if im.hessians else "")
+               + ")")
     return im
 
 
@@ -58,8 +63,13 @@ def resolve_imatrix(opts, output: str | os.PathLike, matrix_names: Sequence[str]
     from edgeq.convert import imatrix
 
     im = None
+    if opts.method not in METHODS:
+        raise EdgeqError(f"unknown calibration method {opts.method!r} (known: {', '.join(METHODS)})")
     if opts.imatrix:
         im = imatrix.load(opts.imatrix)
+        if opts.method == "gptq" and not opts.quiet:
+            print(f"note: an imatrix file holds no input correlations: --method {opts.method} needs --calibrate; "
+                  "quantizing with the importance search", file=sys.stderr)
         missing = imatrix.check_names(im, matrix_names)
         if missing and not opts.quiet:
             print(f"note: the imatrix has no entry for {len(missing)} matrices (e.g. {missing[0]}); "
@@ -71,7 +81,8 @@ def resolve_imatrix(opts, output: str | os.PathLike, matrix_names: Sequence[str]
         folder = Path(output).expanduser().resolve().parent
         with tempfile.TemporaryDirectory(prefix=".edgeq-calib-", dir=folder) as tmp:
             model_path = make_calibration_model(Path(tmp))
-            im = calibrate_gguf(model_path, text, dataset, opts.chunks, opts.calib_ctx, opts.threads, opts.quiet)
+            im = calibrate_gguf(model_path, text, dataset, opts.chunks, opts.calib_ctx, opts.threads, opts.quiet,
+                                hessians=opts.method != "imatrix")
     if im is not None and opts.save_imatrix:
         imatrix.save(im, opts.save_imatrix)
         if not opts.quiet:

@@ -30,6 +30,7 @@ class Imatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     datasets: list[str] = field(default_factory=list)
+    hessians: object = None   # gptq.Hessians collected alongside (for GPTQ); never saved to the file
 
     def __call__(self, name: str, x: np.ndarray) -> None:
         """The model observer: x is the (T, n_in) input of matrix `name`."""
@@ -62,18 +63,27 @@ class Imatrix:
 
 def collect(run_chunk: Callable[[list[int], Imatrix], None], tokens: list[int], n_ctx: int = 512,
             n_chunks: int = 32, bos_id: int | None = None, dataset: str = "",
-            progress: Callable[[int, int], None] | None = None) -> Imatrix:
+            progress: Callable[[int, int], None] | None = None, hessians=None) -> Imatrix:
     """Run the model over up to n_chunks windows of n_ctx tokens (llama-imatrix's chunking: the
-    first token of each window replaced by BOS when the model adds one)."""
+    first token of each window replaced by BOS when the model adds one). `hessians` (gptq.Hessians), when
+    given, observes too: the last quarter of the windows (at least one, when there are two) as held-out."""
     n = min(n_chunks, len(tokens) // n_ctx)
     if n < 1:
         raise ImatrixError(f"calibration text too short: {len(tokens)} tokens, need at least {n_ctx}")
-    im = Imatrix(chunk_size=n_ctx, datasets=[dataset] if dataset else [])
+    im = Imatrix(chunk_size=n_ctx, datasets=[dataset] if dataset else [], hessians=hessians)
+    observer = im
+    if hessians is not None:
+        def observer(name, x):
+            im(name, x)
+            hessians(name, x)
+    n_fit = n - max(1, n // 4) if n >= 2 else n
     for c in range(n):
         chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
         if bos_id is not None:
             chunk[0] = bos_id
-        run_chunk(chunk, im)
+        if hessians is not None:
+            hessians.held_out = c >= n_fit
+        run_chunk(chunk, observer)
         im.chunk_count += 1
         if progress:
             progress(c + 1, n)

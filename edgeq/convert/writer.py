@@ -35,8 +35,13 @@ def _default_mode(path) -> None:
 def write_model(path: str | os.PathLike, arch: str,
                 metadata: Sequence[tuple[str, Any, Any, Any]],
                 tensors: Sequence[OutTensor], recipe: Recipe, imatrix=None,
-                quiet: bool = False, label: str = "") -> dict[str, Any]:
-    """Quantize and write tensors one at a time into a new GGUF; returns stats (types, bytes, seconds)."""
+                quiet: bool = False, label: str = "", method: str = "imatrix") -> dict[str, Any]:
+    """Quantize and write tensors one at a time into a new GGUF; returns stats (types, bytes, seconds).
+
+    With an imatrix that carries Hessians (calibration by edgeq), `method` 'gptq' or 'best' quantizes each
+    matrix by GPTQ, or by whichever of the importance search and GPTQ has the lower held-out output
+    error (convert/gptq.py); stats["methods"] counts the matrices per method."""
+    from edgeq.convert.gptq import calibrated_quantize
     from edgeq.formats.gguf_write import GGUFOutput
     from edgeq.formats.quants import quantize
 
@@ -47,6 +52,8 @@ def write_model(path: str | os.PathLike, arch: str,
         counts[q] = counts.get(q, 0) + 1
     progress = Progress(sum(int(np.prod(t.shape)) for t in tensors), label=label, enabled=not quiet)
     n_bytes = 0
+    hessians = getattr(imatrix, "hessians", None) if method != "imatrix" else None
+    methods: dict[str, int] = {}
     with GGUFOutput(path, arch) as out:
         for key, value, vtype, sub in metadata:
             out.add_metadata(key, value, vtype, sub)
@@ -61,7 +68,13 @@ def write_model(path: str | os.PathLike, arch: str,
             imp = None
             if imatrix is not None and q not in ("F32", "F16", "BF16") and x.ndim == 2:
                 imp = imatrix.importance(t.name, t.shape[-1])
-            raw = quantize(np.ascontiguousarray(x2, dtype=np.float32), q, imp)
+            x2 = np.ascontiguousarray(x2, dtype=np.float32)
+            if hessians is not None and imp is not None:
+                raw, choice = calibrated_quantize(t.name, x2, q, hessians, method, imp)
+                m = choice.method if choice else "imatrix"
+                methods[m] = methods.get(m, 0) + 1
+            else:
+                raw = quantize(x2, q, imp)
             out.write_tensor(t.name, raw)
             n_bytes += raw.nbytes
             del x, x2, raw
@@ -70,8 +83,9 @@ def write_model(path: str | os.PathLike, arch: str,
     seconds = time.perf_counter() - t0
     n_el = sum(int(np.prod(t.shape)) for t in tensors)
     stats = {"seconds": seconds, "tensor_bytes": n_bytes, "file_bytes": os.path.getsize(path),
-             "bits_per_weight": 8 * n_bytes / max(n_el, 1), "types": counts}
+             "bits_per_weight": 8 * n_bytes / max(n_el, 1), "types": counts, "methods": methods}
     mix = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
     progress.finish(f"wrote {path}: {stats['file_bytes'] / 1e6:.1f} MB, {stats['bits_per_weight']:.2f} bits/weight "
-                    f"({mix}) in {seconds:.1f}s")
+                    f"({mix}) in {seconds:.1f}s"
+                   + (f"; matrices by {', '.join(f'{k} ×{v}' for k, v in sorted(methods.items()))}" if methods else ""))
     return stats
