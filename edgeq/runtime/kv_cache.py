@@ -95,6 +95,9 @@ class _Store:
                 aq.dequantize_uint4_per_channel_group(a.uint4_channel_codes, a.scales, a.mins, gs0, head, tmp)
             a.pending[:, :head] = tmp.astype(np.float16).view(np.uint16)
         x16 = x.astype(np.float16)
+        if head + x.shape[0] < _QB:  # no group completes (most decode steps): the rows only join the pending group
+            a.pending[:, head:head + x.shape[0]] = x16.view(np.uint16).transpose(1, 0, 2)
+            return
         if head:
             old = a.pending[:, :head].view(np.float16).transpose(1, 0, 2)
             seq = np.concatenate([old, x16]).astype(np.float32)
