@@ -92,7 +92,7 @@ def main() -> int:
     for r in results:
         p = r["ppl"]
         cells = [f"{p[n]:.3f}" for n in names]
-        cells += [f"{100 * (p[n] / p[ref] - 1):+.3f}% | {r['kl'][n]:.5f}" for n in names[1:]]
+        cells += [f"{100 * (p[n] / p[ref] - 1):+.3f}% | {r['kl'][n]:.1e}" for n in names[1:]]
         lines.append(f"| {r['arch']} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
