@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from yardstick import ROOT, TOOLS, llamacpp_python, run_json
-EDGEQ_TYPES = ["f16", "q8", "q4"]
-LLAMA_TYPES = {"f16": "f16", "q8": "q8_0", "q4": "q4_0"}
+EDGEQ_TYPES = ["f16", "q8", "q8t", "q4"]  # q8t: per-token int8 keys, the default before per-channel keys
+LLAMA_TYPES = {"f16": "f16", "q8": "q8_0", "q8t": "q8_0", "q4": "q4_0"}
 
 
 def edgeq(*args) -> list[str]:
@@ -32,22 +32,27 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
     ap.add_argument("--chunks", type=int, default=4, help="windows of 2048 tokens for perplexity")
     ap.add_argument("--long", action="store_true", help="also decode to ctx 8192 (slow: minutes)")
+    ap.add_argument("--types", nargs="+", default=EDGEQ_TYPES, help="edgeq cache types (the first: f16)")
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp's perplexity runs")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     a = ap.parse_args()
     from edgeq.assets import model_path, text_path
 
     hamlet = text_path("hamlet")
-    py = llamacpp_python()
+    py = None if a.no_llamacpp else llamacpp_python()
     results = []
     for name in a.models:
         path = model_path(name)
         r = {"model": path.name, "mem_mb": {}, "ppl": {}, "ppl_llamacpp": {}}
-        for t in EDGEQ_TYPES:
+        for t in a.types:
             r["mem_mb"][t] = run_json(edgeq("bench", path, "--ctx", 8192, "-p", 16, "-n", 1, "-ctk", t, "-ctv", t,
                                              "--json"))["kv_cache_mb"]
             r["ppl"][t] = run_json(edgeq("perplexity", path, "-f", hamlet, "--ctx", 2048, "--chunks", a.chunks,
                                           "-ctk", t, "-ctv", t, "-t", 2, "--json"))["ppl"]
-            if py:
+            if py and LLAMA_TYPES[t] in [LLAMA_TYPES[u] for u in r["ppl_llamacpp"]]:  # the same llama.cpp run
+                r["ppl_llamacpp"][t] = next(r["ppl_llamacpp"][u] for u in r["ppl_llamacpp"]
+                                            if LLAMA_TYPES[u] == LLAMA_TYPES[t])
+            elif py:
                 r["ppl_llamacpp"][t] = run_json([py, TOOLS / "llamacpp_ppl.py", path, "--text", hamlet, "--n-ctx",
                                                   2048, "--max-chunks", a.chunks, "--threads", 2,
                                                   "--kv", LLAMA_TYPES[t]])["ppl"]
@@ -65,7 +70,7 @@ def main() -> int:
              "| model | cache | MiB at 8192 | vs f16 | PPL edgeq | Δ vs f16 | PPL llama.cpp (f16 / q8_0 / q4_0) | Δ vs f16 |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for t in EDGEQ_TYPES:
+        for t in a.types:
             m, p, lp = r["mem_mb"][t], r["ppl"][t], r["ppl_llamacpp"].get(t)
             d = 100 * (p / r["ppl"]["f16"] - 1)
             ld = f"{100 * (lp / r['ppl_llamacpp']['f16'] - 1):+.2f}%" if lp else "–"

@@ -12,6 +12,11 @@ fields each one uses; the user's cache types (f16, q8, q4, ...) map onto these i
                      uint4_channel_codes (Hkv, S/2, D) where row grp*16 + i//2 holds token i of the group (even i
                      low nibble, odd i high), scales/mins (Hkv, S/32, D) half bits; the not-yet-full group lives
                      in `pending` (Hkv, 32, D) half bits, indexed by position % 32.
+  uint8_per_channel  keys only, the same groups at 8 bits: uint8_channel_codes (Hkv, S/32, D, 32), [h, grp, d, i]
+                     = channel d of token i of the group (a group's keys transposed: decode scores 32 positions
+                     as one vector), x = d * code + m with scales/mins (Hkv, S/32, D) half bits; `pending` as
+                     above. Asymmetric per channel because keys have outlier channels (Qwen2.5's k biases reach
+                     +-145): a per-token scale is set by the outlier and crushes the token's other channels.
 One side is a `KVSide`: its layout code and every array above (those its layout does not use are empty).
 
 Position p lives in slot p % S (S = n_ctx, or a ring of window + batch slots on sliding-window layers).
@@ -35,9 +40,11 @@ from .ops import fast_exp
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
-FLOAT32, FLOAT16, INT8_PER_TOKEN, UINT4_PER_TOKEN, UINT4_PER_CHANNEL = 0, 1, 2, 3, 4
+FLOAT32, FLOAT16, INT8_PER_TOKEN, UINT4_PER_TOKEN, UINT4_PER_CHANNEL, UINT8_PER_CHANNEL = 0, 1, 2, 3, 4, 5
 LAYOUTS = {"float32": FLOAT32, "float16": FLOAT16, "int8_per_token": INT8_PER_TOKEN,
-           "uint4_per_token": UINT4_PER_TOKEN, "uint4_per_channel": UINT4_PER_CHANNEL}
+           "uint4_per_token": UINT4_PER_TOKEN, "uint4_per_channel": UINT4_PER_CHANNEL,
+           "uint8_per_channel": UINT8_PER_CHANNEL}
+PER_CHANNEL = ("uint4_per_channel", "uint8_per_channel")  # groups of 32 positions: S % 32 == 0, a pending group
 QBLOCK = 32          # elements per scale (along D per token, along positions per channel)
 TILE_Q = 16          # query positions per job (times the GQA group's heads)
 _NEG = np.float32(-1e30)  # finite "minus infinity": fastmath assumes no infs
@@ -48,29 +55,32 @@ class KVSide(NamedTuple):
 
     The kernels take it as a plain tuple, `tuple(side)`, unpacked in this field order: Numba's dispatcher
     types a plain tuple of arrays in C but a namedtuple in Python (measured: twice the cost of a call)."""
-    layout: int                       # FLOAT32 .. UINT4_PER_CHANNEL
+    layout: int                       # FLOAT32 .. UINT8_PER_CHANNEL
     float32: np.ndarray
     float16: np.ndarray
     int8_codes: np.ndarray            # viewed as uint8: the kernels sign-extend in int32 arithmetic (vectorizes)
     uint4_codes: np.ndarray           # per token
     uint4_channel_codes: np.ndarray   # per channel
+    uint8_channel_codes: np.ndarray   # per channel, groups transposed
     scales: np.ndarray
     mins: np.ndarray
     pending: np.ndarray
 
 
 # positions of fields in tuple(KVSide) that the decode kernel reads directly (Numba freezes globals as constants)
-_LAYOUT, _INT8_CODES, _SCALES = (KVSide._fields.index(f) for f in ("layout", "int8_codes", "scales"))
+_LAYOUT, _INT8_CODES, _U8C_CODES, _SCALES, _MINS = (KVSide._fields.index(f) for f in (
+    "layout", "int8_codes", "uint8_channel_codes", "scales", "mins"))
 
 # array field -> (dtype, ndim); a layout's unused fields are empty arrays of the same type, so every side has
 # one Numba type and the kernels compile once for all layouts
 _ARRAY_TYPES = {"float32": (np.float32, 3), "float16": (np.uint16, 3), "int8_codes": (np.uint8, 3),
-                "uint4_codes": (np.uint8, 4), "uint4_channel_codes": (np.uint8, 3), "scales": (np.uint16, 3),
+                "uint4_codes": (np.uint8, 4), "uint4_channel_codes": (np.uint8, 3),
+                "uint8_channel_codes": (np.uint8, 4), "scales": (np.uint16, 3),
                 "mins": (np.uint16, 3), "pending": (np.uint16, 3)}
 
 
 def new_side(layout: str, n_kv: int, nslots: int, D: int) -> KVSide:
-    """Zeroed arrays of one side in `layout` (a key of LAYOUTS); uint4_per_channel needs nslots % 32 == 0."""
+    """Zeroed arrays of one side in `layout` (a key of LAYOUTS); PER_CHANNEL layouts need nslots % 32 == 0."""
     per_token = (n_kv, nslots, D // QBLOCK)
     per_channel = (n_kv, nslots // QBLOCK, D)
     shapes = {
@@ -80,6 +90,8 @@ def new_side(layout: str, n_kv: int, nslots: int, D: int) -> KVSide:
         "uint4_per_token": {"uint4_codes": (n_kv, nslots, D // QBLOCK, QBLOCK // 2), "scales": per_token,
                             "mins": per_token},
         "uint4_per_channel": {"uint4_channel_codes": (n_kv, nslots // 2, D), "scales": per_channel,
+                              "mins": per_channel, "pending": (n_kv, QBLOCK, D)},
+        "uint8_per_channel": {"uint8_channel_codes": (n_kv, nslots // QBLOCK, D, QBLOCK), "scales": per_channel,
                               "mins": per_channel, "pending": (n_kv, QBLOCK, D)},
     }[layout]
     return KVSide(LAYOUTS[layout], **{f: np.zeros(shapes.get(f, (0,) * ndim), dtype)
@@ -185,6 +197,45 @@ def dequantize_uint4_per_channel_group(codes, scales, mins, gs, n, out):
                 out[h, i, d] = sc * np.float32(c) + m
 
 
+@njit(**_JIT)
+def quantize_uint8_per_channel(xg, grps, codes, scales, mins):
+    # xg (G, 32, Hkv, D) float32 holding half values (the pending group's precision): whole groups of 32
+    # positions; group j goes to group slot grps[j]; codes[h, gs, d, i] = round((x - m) / scale), m = the min
+    # (exact in half, so no code clips at 0)
+    G, _, Hkv, D = xg.shape
+    for j in range(G):
+        gs = grps[j]
+        for h in range(Hkv):
+            for d in range(D):
+                lo = xg[j, 0, h, d]
+                hi = lo
+                for i in range(1, QBLOCK):
+                    v = xg[j, i, h, d]
+                    lo = min(lo, v)
+                    hi = max(hi, v)
+                mh = f32_to_f16(lo)
+                m = f16_to_f32(mh)
+                dh = f32_to_f16((hi - m) / np.float32(255.0))
+                sc = f16_to_f32(dh)
+                inv = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+                scales[h, gs, d] = dh
+                mins[h, gs, d] = mh
+                for i in range(QBLOCK):
+                    codes[h, gs, d, i] = np.uint8(min(255.0, max(0.0, round((xg[j, i, h, d] - m) * inv))))
+
+
+@njit(**_JIT)
+def dequantize_uint8_per_channel_group(codes, scales, mins, gs, n, out):
+    # the first n positions of group slot gs -> out (Hkv, n, D) float32 (reopening a group after a rewind)
+    Hkv, _, D, _ = codes.shape
+    for h in range(Hkv):
+        for d in range(D):
+            sc = f16_to_f32(scales[h, gs, d])
+            m = f16_to_f32(mins[h, gs, d])
+            for i in range(n):
+                out[h, i, d] = sc * np.float32(codes[h, gs, d, i]) + m
+
+
 # ---------------------------------------------------------------- attention
 @njit(**_JIT)
 def _load_rows(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
@@ -193,8 +244,20 @@ def _load_rows(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
 
     Inner loops index with plain range variables only: computed indices get wraparound checks that stop
     LLVM from vectorizing."""
-    layout, f32, f16, i8, u4, u4c, scales, mins, pending = side  # KVSide's fields
+    layout, f32, f16, i8, u4, u4c, u8c, scales, mins, pending = side  # KVSide's fields
     D = buf.shape[1]
+    if layout == UINT8_PER_CHANNEL:
+        if b0 >= full:  # blocks are group-aligned: wholly quantized or wholly in the pending group
+            for j in range(j0, j1):
+                f16_row_to_f32(pending[g, j], buf[j])
+            return
+        gs = (b0 % nslots) // QBLOCK
+        f16_row_to_f32(scales[g, gs], cs)
+        f16_row_to_f32(mins[g, gs], cm)
+        for d in range(D):
+            for j in range(j0, j1):
+                buf[j, d] = cs[d] * np.float32(u8c[g, gs, d, j]) + cm[d]
+        return
     if layout == UINT4_PER_CHANNEL and b0 + j1 > full:
         # positions at or past `full` are still in the full-precision pending group
         for j in range(j0, j1):
@@ -297,6 +360,7 @@ def attend_kernel(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, f
     T, H, D = q.shape
     Hkv = n_kv
     n_rep = H // Hkv
+    k_layout, k_u8c, k_scales, k_mins = keys[_LAYOUT], keys[_U8C_CODES], keys[_SCALES], keys[_MINS]
     n_qt = (T + TILE_Q - 1) // TILE_Q
     # per split, per row t * H + h: max score, sum of exponentials, weighted value sum (_merge_splits)
     pm = np.empty((n_split, T * H), np.float32)
@@ -356,10 +420,18 @@ def attend_kernel(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, f
                     uhi = max(uhi, z)
             if ulo >= uhi:
                 continue
-            _load_rows(keys, g, b0, ulo, uhi, nslots, full, kb, cs, cm)
-            for j in range(ulo, uhi):
+            if k_layout == UINT8_PER_CHANNEL and b0 < full:  # the group is stored transposed already
+                gs = (b0 % nslots) // QBLOCK
+                f16_row_to_f32(k_scales[g, gs], cs)
+                f16_row_to_f32(k_mins[g, gs], cm)
                 for d in range(D):
-                    kt[d, j] = kb[j, d]
+                    for j in range(QBLOCK):
+                        kt[d, j] = cs[d] * np.float32(k_u8c[g, gs, d, j]) + cm[d]
+            else:
+                _load_rows(keys, g, b0, ulo, uhi, nslots, full, kb, cs, cm)
+                for j in range(ulo, uhi):
+                    for d in range(D):
+                        kt[d, j] = kb[j, d]
             for r in range(rows):
                 a = jlo[r]
                 z = jhi[r]
@@ -409,6 +481,7 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
     H, D = q.shape
     n_rep = H // n_kv
     k_layout, k_codes, k_scales = keys[_LAYOUT], keys[_INT8_CODES], keys[_SCALES]
+    k_u8c, k_mins = keys[_U8C_CODES], keys[_MINS]
     v_layout, v_codes, v_scales = values[_LAYOUT], values[_INT8_CODES], values[_SCALES]
     lo = max(0, pos - window + 1) if window > 0 else 0
     blo = lo // QBLOCK
@@ -442,6 +515,35 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
             for r in range(n_rep):
                 simd_attention.scores_q8(k_codes, k_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r],
                                          sc[r, p_lo - p0:])
+        elif k_layout == UINT8_PER_CHANNEL:
+            # per-channel 8-bit keys, group by group: q . (scale * code + min) = (q * scale) . code + q . min,
+            # the 32 positions of a group as one vector (simd_attention.block_scores on the transposed codes)
+            qs = np.empty(D, np.float32)
+            g32 = np.empty(QBLOCK, np.float32)
+            for blk in range(b_first, b_last):
+                b0 = blk * QBLOCK
+                j0 = max(lo - b0, 0)
+                j1 = min(QBLOCK, pos + 1 - b0)
+                if b0 >= full:  # the pending group, in half precision
+                    _load_rows(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                    for j in range(j0, j1):
+                        for r in range(n_rep):
+                            s = np.float32(0.0)
+                            for d in range(D):
+                                s += qb[r, d] * buf[j, d]
+                            sc[r, b0 - p0 + j] = s
+                    continue
+                gs = (b0 % nslots) // QBLOCK
+                f16_row_to_f32(k_scales[g, gs], cs)
+                f16_row_to_f32(k_mins[g, gs], cm)
+                for r in range(n_rep):
+                    bias = np.float32(0.0)
+                    for d in range(D):
+                        qs[d] = qb[r, d] * cs[d]
+                        bias += qb[r, d] * cm[d]
+                    simd_attention.block_scores(qs, k_u8c[g, gs], g32)
+                    for j in range(j0, j1):
+                        sc[r, b0 - p0 + j] = g32[j] + bias
         else:
             for blk in range(b_first, b_last):
                 b0 = blk * QBLOCK

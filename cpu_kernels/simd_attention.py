@@ -7,6 +7,7 @@ r * D and scale element r * D/32):
     wsum_q8(codes, scales, base, nslots, s_first, n_pos, w, out)    out[:] += sum_i w[i] * row(slot i)
 Prefill, one block of 32 positions already dequantized to float32:
     block_scores(q, kt, out)       out[j] = q . kt[:, j]   (kt = the block's keys transposed, (D, 32))
+  also decode on the per-channel 8-bit keys, kt = one group's uint8 codes (D, 32) (q already times the scales)
     block_wsum(p, a, z, v, acc)    acc[:] += sum_{a <= j < z} p[j] * v[j, :]
 D (the head size) must be a multiple of 32 except for block_scores; the caller checks shapes (attention_q).
 Sums run in 32-float vectors with four accumulators over the positions (one chain of FMAs would wait on
@@ -130,7 +131,13 @@ def block_scores(typingctx, q, kt, out):
         x = _IR(builder)
         pq, pk, po = data_ptrs(context, builder, signature, args, (0, 1, 2))
         D = _len(context, builder, signature, args, 0)
-        total = _fma_sum(x, D, _c(0), lambda d: (x.at(pk, builder.mul(d, _c(128)), V32), x.elem(pq, d, F32)))
+        if signature.args[1].dtype == types.uint8:  # codes of a uint8_per_channel group: 32 bytes a channel
+            def column(d):
+                return builder.uitofp(x.at(pk, builder.mul(d, _c(32)), _vec(I8, 32)), V32)
+        else:
+            def column(d):
+                return x.at(pk, builder.mul(d, _c(128)), V32)
+        total = _fma_sum(x, D, _c(0), lambda d: (column(d), x.elem(pq, d, F32)))
         builder.store(total, builder.bitcast(po, V32.as_pointer()), align=4)
         return context.get_dummy_value()
     return sig, codegen

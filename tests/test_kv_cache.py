@@ -62,8 +62,25 @@ def twin_q4c(x):
     return out
 
 
-TWIN_V = {"f32": lambda x: x, "f16": f16r, "q8": twin_q8, "q4": twin_q4, "q4t": twin_q4}
-TWIN_K = dict(TWIN_V, q4=twin_q4c, q4c=twin_q4c)  # keys: "q4" is the per-channel layout
+def twin_q8c(x):
+    """x (n, Hkv, D) by position: whole groups of 32 positions per channel at 8 bits (asymmetric), the tail in
+    half"""
+    x = f16r(x)
+    n = x.shape[0]
+    full = n // QB * QB
+    out = x.copy()
+    if full:
+        g = x[:full].reshape(-1, QB, *x.shape[1:])
+        m = f16r(g.min(1, keepdims=True))
+        d = f16r((g.max(1, keepdims=True) - m) / np.float32(255))
+        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
+        c = np.clip(np.round((g - m) * inv), 0, 255)
+        out[:full] = (c * d + m).reshape(full, *x.shape[1:])
+    return out
+
+
+TWIN_V = {"f32": lambda x: x, "f16": f16r, "q8": twin_q8, "q8t": twin_q8, "q4": twin_q4, "q4t": twin_q4}
+TWIN_K = dict(TWIN_V, q8=twin_q8c, q8c=twin_q8c, q4=twin_q4c, q4c=twin_q4c)  # keys: per channel
 
 
 def ref_attention(q, K, V, pos0, scale, window):
@@ -164,10 +181,10 @@ def assert_twin(got, want, tk, tv):
         assert bad.mean() < 1e-2 and np.abs(got - want).max() < 5e-2, (bad.mean(), np.abs(got - want).max())
 
 
-COMBOS = [("f32", "f32"), ("f16", "f16"), ("q8", "q8"), ("q4t", "q4"), ("q4", "q4"), ("q8", "f16"),
-          ("f16", "q4"), ("q4c", "q8")]
+COMBOS = [("f32", "f32"), ("f16", "f16"), ("q8", "q8"), ("q8t", "q8t"), ("q4t", "q4"), ("q4", "q4"), ("q8", "f16"),
+          ("f16", "q4"), ("q4c", "q8"), ("q8c", "q4")]
 # loose bounds vs the exact float reference (max abs error of outputs of unit-variance values)
-LOOSE = {"f32": 1e-5, "f16": 3e-3, "q8": 6e-2, "q4": 0.6, "q4c": 0.6, "q4t": 0.6}
+LOOSE = {"f32": 1e-5, "f16": 3e-3, "q8": 6e-2, "q8c": 6e-2, "q8t": 6e-2, "q4": 0.6, "q4c": 0.6, "q4t": 0.6}
 
 
 @pytest.mark.parametrize("tk,tv", COMBOS)
@@ -212,7 +229,7 @@ def test_f32_cache_matches_ops_attention():
 
 
 # ---------------------------------------------------------------- sliding-window ring and rewinds
-@pytest.mark.parametrize("tk,tv", [("f16", "f16"), ("q8", "q8"), ("q4", "q4"), ("q4t", "q4t")])
+@pytest.mark.parametrize("tk,tv", [("f16", "f16"), ("q8", "q8"), ("q8t", "q8t"), ("q4", "q4"), ("q4t", "q4t")])
 def test_ring_buffer_long_sequence(tk, tv):
     rng = np.random.default_rng(2)
     Hkv, H, D, window, n_ctx = 1, 4, 64, 40, 400
@@ -242,7 +259,7 @@ def test_ring_buffer_long_sequence(tk, tv):
     assert L.n == 3
 
 
-@pytest.mark.parametrize("tk,tv", [("f32", "f32"), ("q8", "q4"), ("q4", "q8"), ("q4t", "q4t")])
+@pytest.mark.parametrize("tk,tv", [("f32", "f32"), ("q8", "q4"), ("q4", "q8"), ("q4t", "q4t"), ("q8t", "q8t")])
 def test_rewind_overwrites(tk, tv):
     """The engine rewinds to a common prefix by storing later positions again (also mid q4c group)."""
     rng = np.random.default_rng(3)
@@ -269,6 +286,8 @@ def test_rewind_overwrites(tk, tv):
 def test_validation_and_types():
     cache = make_kv_cache([KVLayout(2, 64)], 32, None, None)
     assert (cache.type_k, cache.type_v) == ("q8", "q8")
+    # the default keys are per channel (outlier channels), values per token
+    assert (cache.layers[0].k.layout, cache.layers[0].v.layout) == ("uint8_per_channel", "int8_per_token")
     with pytest.raises(ValueError):
         cache.store(0, 0, np.zeros((4, 3, 64), np.float32), np.zeros((4, 3, 64), np.float32))
     with pytest.raises(ValueError):
@@ -277,12 +296,14 @@ def test_validation_and_types():
         cache.attend(0, np.zeros((1, 4, 64), np.float32), 0, 1.0)  # nothing stored yet
     with pytest.raises(ValueError):
         cache.attend(0, np.zeros((1, 3, 64), np.float32), 0, 1.0)
-    for bad in (("q4c", "q4c"), ("q5", None), (None, "int8")):
+    for bad in (("q4c", "q4c"), ("f16", "q8c"), ("q5", None), (None, "int8")):
         with pytest.raises(EdgeqError):
             make_kv_cache([KVLayout(2, 64)], 32, *bad)
     with pytest.raises(EdgeqError):
         make_kv_cache([KVLayout(2, 40)], 32, "q8", "f16")
-    assert set(CACHE_TYPES) >= {"f16", "q8", "q4", "q4c", "q4t", "f32"}
+    assert set(CACHE_TYPES) >= {"f16", "q8", "q8c", "q8t", "q4", "q4c", "q4t", "f32"}
+    c = make_kv_cache([KVLayout(2, 64)], 32, "q8t", "q8t")
+    assert (c.layers[0].k.layout, c.layers[0].v.layout) == ("int8_per_token", "int8_per_token")
     c = make_kv_cache([KVLayout(2, 64)], 32, "q4", "q4")
     assert (c.layers[0].k.layout, c.layers[0].v.layout) == ("uint4_per_channel", "uint4_per_token")  # KIVI
     assert make_kv_cache([KVLayout(2, 64)], 32, "F16", "Q8").type_v == "q8"
@@ -300,13 +321,14 @@ def test_memory_at_8192(model):
     f16 = make_kv_cache(L, 8192, "f16", "f16").nbytes
     if model == "smollm2":
         assert f16 == 30 * 2 * 3 * 8192 * 64 * 2
-    assert make_kv_cache(L, 8192, "q8", "q8").nbytes <= 0.55 * f16
+    assert make_kv_cache(L, 8192, "q8", "q8").nbytes <= 0.56 * f16  # per-channel keys: + a scale and min per 32
+    assert make_kv_cache(L, 8192, "q8t", "q8t").nbytes <= 0.535 * f16
     assert make_kv_cache(L, 8192, "q4", "q4").nbytes <= 0.32 * f16
     assert make_kv_cache(L, 8192, "q4t", "q4").nbytes <= 0.32 * f16
     assert make_kv_cache(L, 8192, "f32", "f32").nbytes == 2 * f16
 
 
-@pytest.mark.parametrize("t", ["f16", "q8", "q4", "q4t"])
+@pytest.mark.parametrize("t", ["f16", "q8", "q8t", "q4", "q4t"])
 def test_batching_does_not_change_the_cache(t):
     """Prefill in one call or decode one position at a time: same stored blocks, same attention."""
     rng = np.random.default_rng(4)
@@ -343,3 +365,50 @@ def test_float_cache_head_dim_not_multiple_of_32(head_dim, ctype):
             p = np.exp(s - s.max())
             ref[t, h] = (p / p.sum()) @ v[:t + 1, h // 2]
     np.testing.assert_allclose(out, ref, atol=2e-3 if ctype == "f16" else 1e-5)
+
+
+# ---------------------------------------------------------------- per-channel 8-bit keys and outlier channels
+def test_block_scores_on_uint8_codes_against_numpy():
+    """simd_attention.block_scores on a group's uint8 codes (D, 32): the decode path of the q8 keys."""
+    from edgeq.cpu_kernels import simd_attention
+    from numba import njit
+
+    @njit
+    def scores(q, codes, out):
+        simd_attention.block_scores(q, codes, out)
+
+    rng = np.random.default_rng(7)
+    for D in (32, 64, 256):
+        q = rng.standard_normal(D).astype(np.float32)
+        codes = rng.integers(0, 256, (D, QB)).astype(np.uint8)
+        out = np.empty(QB, np.float32)
+        scores(q, codes, out)
+        np.testing.assert_allclose(out, q.astype(np.float64) @ codes, rtol=1e-5, atol=1e-3)
+
+
+def outlier_keys(rng, T, Hkv, D):
+    """Keys like Qwen2.5's layer 0: a k_proj bias with median |b| ~6 and a few channels at +-100..150."""
+    k, v = rand_kv(rng, T, Hkv, D)
+    bias = rng.normal(0, 9, D).astype(np.float32)
+    bias[[5, 17, 40]] = [145.0, -120.0, 100.0]
+    return k + bias, v
+
+
+@pytest.mark.parametrize("T", [1, 9])  # the decode kernel and the prefill kernel
+def test_outlier_channels_per_channel_keys(T):
+    """With outlier channels, the default per-channel keys keep attention close to f16's; the old per-token
+    int8 keys (q8t) do not: their scale follows the outlier and rounds the other channels away."""
+    rng = np.random.default_rng(8)
+    Hkv, H, D, n = 2, 4, 64, 100
+    k, v = outlier_keys(rng, n, Hkv, D)
+    q = rng.standard_normal((T, H, D)).astype(np.float32) * 0.3
+    errs = {}
+    for tk in ("q8", "q8t", "f16"):
+        c = make_kv_cache([KVLayout(Hkv, D)], 128, tk, "f16")
+        c.store(0, 0, k[:n - T], v[:n - T])
+        c.store(0, n - T, k[n - T:], v[n - T:])
+        got = c.attend(0, q, n - T, 1 / np.sqrt(D))
+        errs[tk] = np.abs(got - ref_attention(q, k, v, n - T, 1 / np.sqrt(D), 0)).max()
+        assert_twin(got, ref_attention(q, TWIN_K[tk](k), f16r(v), n - T, 1 / np.sqrt(D), 0), tk, "f16")
+    assert errs["q8"] < 3 * errs["f16"] + 2e-3, errs
+    assert errs["q8t"] > 10 * errs["q8"], errs

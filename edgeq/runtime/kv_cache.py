@@ -2,17 +2,22 @@
 
 Cache types, the user's vocabulary (keys and values chosen independently); each side stores its type in one of
 the storage layouts of cpu_kernels/attention_q.py (float32, float16, int8_per_token, uint4_per_token,
-uint4_per_channel; _LAYOUT_K / _LAYOUT_V):
+uint4_per_channel, uint8_per_channel; _LAYOUT_K / _LAYOUT_V). "q8" and "q4" give each side the layout that
+suits it (KIVI): keys per channel (groups of 32 positions with a half scale + min per channel; the not-yet-full
+group kept in half precision), values per token (blocks of 32 along head_dim). Keys have outlier channels
+(Qwen2.5's k_proj biases reach +-145 on a few channels): a per-token scale is set by the outlier and crushes the
+token's other channels, which cost 4.2% perplexity on Qwen2.5-0.5B with per-token int8 keys.
   "f16"  half precision (2 bytes/element)
-  "q8"   int8 per token with a half scale per 32 elements along head_dim (1.0625 bytes/element)
-  "q4"   4-bit with a half scale + min per 32 elements (0.625 bytes/element), in the layout that suits each side
-         (KIVI): keys per channel (groups of 32 positions; the not-yet-full group kept in half precision),
-         values per token (blocks along head_dim). Keys have outlier channels: per-token 4-bit keys cost
-         ~6% perplexity on SmolLM2, per-channel ones ~1%.
+  "q8"   8-bit: keys per channel (1.125 bytes/element), values int8 per token with a half scale per 32
+         elements along head_dim (1.0625 bytes/element)
+  "q8c"  the per-channel 8-bit layout by name (keys only; what "q8" gives keys)
+  "q8t"  int8 per token by name (what "q8" gives values; for keys, the old default and a comparison point)
+  "q4"   4-bit with a half scale + min per 32 (0.625 bytes/element): keys per channel, values per token.
+         Per-token 4-bit keys cost ~6% perplexity on SmolLM2, per-channel ones ~1%.
   "q4c"  the per-channel 4-bit layout by name (keys only; what "q4" gives keys)
   "q4t"  the per-token 4-bit layout by name (what "q4" gives values; for keys, a comparison point)
   "f32"  float32, for debugging
-None means DEFAULT_K / DEFAULT_V.
+None means DEFAULT_K / DEFAULT_V (q8 / q8).
 
 `store(il, pos0, k, v)` writes positions pos0..pos0+T-1 (and forgets anything stored at or after pos0: this
 is how the engine rewinds to a common prefix); `attend(il, q, pos0, scale)` runs causal attention of the new
@@ -28,13 +33,13 @@ import numpy as np
 
 from edgeq.cpu_kernels import attention_q as aq
 
-CACHE_TYPES = ("f16", "q8", "q4", "q4c", "q4t", "f32")
-KEY_ONLY = ("q4c",)
+CACHE_TYPES = ("f16", "q8", "q8c", "q8t", "q4", "q4c", "q4t", "f32")
+KEY_ONLY = ("q8c", "q4c")
 # user-facing cache type -> storage layout of cpu_kernels/attention_q.py, per side
-_LAYOUT_K = {"f16": "float16", "q8": "int8_per_token", "q4": "uint4_per_channel", "q4c": "uint4_per_channel",
+_LAYOUT_K = {"f16": "float16", "q8": "uint8_per_channel", "q8c": "uint8_per_channel", "q8t": "int8_per_token",
+             "q4": "uint4_per_channel", "q4c": "uint4_per_channel", "q4t": "uint4_per_token", "f32": "float32"}
+_LAYOUT_V = {"f16": "float16", "q8": "int8_per_token", "q8t": "int8_per_token", "q4": "uint4_per_token",
              "q4t": "uint4_per_token", "f32": "float32"}
-_LAYOUT_V = {"f16": "float16", "q8": "int8_per_token", "q4": "uint4_per_token", "q4t": "uint4_per_token",
-             "f32": "float32"}
 DEFAULT_K = "q8"
 DEFAULT_V = "q8"
 MAX_BATCH = 512  # positions stored at once (the engine's prefill batch): the ring's slack
@@ -80,12 +85,19 @@ class _Store:
         g0 = pos0 // _QB
         head = pos0 - g0 * _QB              # positions of group g0 already held, before pos0
         gs0 = (g0 * _QB % self.nslots) // _QB
+        u8 = self.layout == "uint8_per_channel"
         if head and n_before >= (g0 + 1) * _QB:
             # rewound into a group that was already quantized: reopen it (its first `head` positions)
             tmp = np.empty((n_kv, head, D), np.float32)
-            aq.dequantize_uint4_per_channel_group(a.uint4_channel_codes, a.scales, a.mins, gs0, head, tmp)
+            if u8:
+                aq.dequantize_uint8_per_channel_group(a.uint8_channel_codes, a.scales, a.mins, gs0, head, tmp)
+            else:
+                aq.dequantize_uint4_per_channel_group(a.uint4_channel_codes, a.scales, a.mins, gs0, head, tmp)
             a.pending[:, :head] = tmp.astype(np.float16).view(np.uint16)
         x16 = x.astype(np.float16)
+        if head + x.shape[0] < _QB:  # no group completes (most decode steps): the rows only join the pending group
+            a.pending[:, head:head + x.shape[0]] = x16.view(np.uint16).transpose(1, 0, 2)
+            return
         if head:
             old = a.pending[:, :head].view(np.float16).transpose(1, 0, 2)
             seq = np.concatenate([old, x16]).astype(np.float32)
@@ -94,8 +106,11 @@ class _Store:
         n_full = seq.shape[0] // _QB
         if n_full:
             grps = ((g0 + np.arange(n_full, dtype=np.int64)) * _QB % self.nslots) // _QB
-            aq.quantize_uint4_per_channel(seq[:n_full * _QB].reshape(n_full, _QB, n_kv, D), grps,
-                                          a.uint4_channel_codes, a.scales, a.mins)
+            groups = seq[:n_full * _QB].reshape(n_full, _QB, n_kv, D)
+            if u8:
+                aq.quantize_uint8_per_channel(groups, grps, a.uint8_channel_codes, a.scales, a.mins)
+            else:
+                aq.quantize_uint4_per_channel(groups, grps, a.uint4_channel_codes, a.scales, a.mins)
         rest = seq[n_full * _QB:]
         if rest.shape[0]:
             a.pending[:, :rest.shape[0]] = rest.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
@@ -107,7 +122,8 @@ class _Layer:
         if self.window and self.window + max_batch < n_ctx:
             self.nslots = _round_up(self.window + max_batch, _QB)  # ring: a window plus one batch
         else:
-            self.nslots = _round_up(n_ctx, _QB) if "uint4_per_channel" in (layout_k, layout_v) else n_ctx
+            per_channel = layout_k in aq.PER_CHANNEL or layout_v in aq.PER_CHANNEL
+            self.nslots = _round_up(n_ctx, _QB) if per_channel else n_ctx
         self.ring = self.nslots < n_ctx
         self.k = _Store(layout_k, self.n_kv, self.nslots, self.D)
         self.v = _Store(layout_v, self.n_kv, self.nslots, self.D)
