@@ -9,13 +9,13 @@ and runs a float GEMM; this one keeps both sides in bytes, as llama.cpp's prefil
   two floats per 16 weights, w = scl * code - mins (every type below fits that form: Q8_0's signed bytes
   get +128 and an offset of 128 d, Q6_K's 6-bit codes an offset of 32 d sc, ...), in a buffer of the
   thread that uses it (~1.5 bytes per weight, _ROWS rows: L2 sized);
-* the micro-kernel `_dot2x2` (explicit SIMD, cpu_kernels/simd.py's byte dot: vpdpbusd on VNNI) multiplies
-  2 unpacked rows by 2 token rows: per 32 weights 4 byte dots, each converted to float once and scaled by
-  scl * dx; the offsets add a 2-wide dot of mins and xs.
+* the micro-kernel `_dot_tile` (explicit SIMD, cpu_kernels/simd.py's byte dot: vpdpbusd on VNNI) multiplies
+  _MR unpacked rows by _MT token rows: per 32 weights _MR x _MT byte dots, each converted to float once and
+  scaled by scl * dx; the offsets add a 2-wide dot of mins and xs.
 
 Row = sum over blocks of dx * (scl . codes x qx) - mins . xs, exactly W . dequant(quant(x)) up to float32
 rounding (the numpy twin in tests/test_gemm_i8.py). Which types take this path is decided by measurement
-(benchmarks/matvec_bench.py --prefill, docs/performance.md): INT8_GEMM.
+(benchmarks/prefill_gemm_bench.py, docs/performance.md): `use_int8`.
 """
 from __future__ import annotations
 
@@ -33,14 +33,14 @@ from .simd import F32, I8, I64, _IR, _vec, data_ptrs
 
 from edgeq.formats.quants import QTYPES
 
-_ROWS = 32   # weight rows unpacked at once per thread (even: the micro-kernel takes 2)
+_ROWS = 32   # weight rows unpacked at once per thread (a multiple of the micro-kernel's _MR)
 
 
 # ---------------------------------------------------------------- activations
 @njit(parallel=True, **_JIT)
 def quantize_act(X, qx, dx, xs):
     """X (T, n) float32 -> qx int8 (T', n) codes per 32 values, dx (T', n/32) their scales, xs (T', n/16) the
-    float sums dx * (sum of 16 codes). Rows T..T'-1 (padding to an even count) are left as they are (zeros)."""
+    float sums dx * (sum of 16 codes). Rows T..T'-1 (padding) are left as they are (zeros)."""
     T, n = X.shape
     for t in prange(T):
         for b in range(n // QK):
@@ -157,55 +157,62 @@ _UNPACK = {"Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0, "Q5_0": _unpack_q5_0, "Q4
 _MAX_CODE = {"Q8_0": 255, "Q4_0": 15, "Q5_0": 31, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63}
 
 
-# ---------------------------------------------------------------- the micro-kernel: 2 weight rows x 2 tokens
-@intrinsic
-def _dot2x2(typingctx, codes, scl, mins, r, qx, dx, xs, t, nb, res):
-    """res[2i + j] = row r+i of the unpacked tile . token row t+j (i, j in 0, 1), over nb blocks of 32.
-    codes (R, 32 nb) uint8, scl/mins (R, 2 nb) float32, qx (T, 32 nb) int8, dx (T, nb), xs (T, 2 nb) float32,
-    all C-contiguous; the caller keeps r + 1 < R and t + 1 < T (no bounds checks here)."""
-    sig = types.void(codes, scl, mins, types.intp, qx, dx, xs, types.intp, types.intp, res)
+# ---------------------------------------------------------------- the micro-kernel: _MR weight rows x _MT tokens
+_MR, _MT = 4, 2   # 8 byte dots per block from 4 + 2 loads of 32 bytes
 
-    def codegen(context, builder, signature, args):
-        x = _IR(builder)
-        pc, ps, pm, pq, pd, px, pr = data_ptrs(context, builder, signature, args, (0, 1, 2, 4, 5, 6, 9))
-        r, t, nb = args[3], args[7], args[8]
-        c = lambda v: ir.Constant(I64, v)  # noqa: E731
-        n = builder.mul(nb, c(32))
-        rows = [builder.add(r, c(i)) for i in range(2)]
-        toks = [builder.add(t, c(j)) for j in range(2)]
-        v8, v2 = _vec(F32, 8), _vec(F32, 2)
-        # in the entry block (alloca_once): the caller calls this inside its loops
-        accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(2)] for _ in range(2)]
-        accm = [[cgutils.alloca_once_value(builder, ir.Constant(v2, None)) for _ in range(2)] for _ in range(2)]
-        spread = ir.Constant(_vec(ir.IntType(32), 8), [0, 0, 0, 0, 1, 1, 1, 1])
-        with cgutils.for_range(builder, nb) as loop:
-            b = loop.index
-            o32 = builder.mul(b, c(32))
-            w = [x.at(pc, builder.add(builder.mul(rr, n), o32), _vec(I8, 32)) for rr in rows]
-            a = [x.at(pq, builder.add(builder.mul(tt, n), o32), _vec(I8, 32)) for tt in toks]
-            s16 = [builder.add(builder.mul(rr, builder.mul(nb, c(2))), builder.mul(b, c(2))) for rr in rows]
-            s = [x.at(ps, builder.mul(k, c(4)), v2) for k in s16]
-            s = [builder.shuffle_vector(v, ir.Constant(v2, ir.Undefined), spread) for v in s]
-            m = [x.at(pm, builder.mul(k, c(4)), v2) for k in s16]
-            d = [x.splat(x.elem(pd, builder.add(builder.mul(tt, nb), b), F32), 8) for tt in toks]
-            xsum = [x.at(px, builder.mul(builder.add(builder.mul(tt, builder.mul(nb, c(2))), builder.mul(b, c(2))),
-                                         c(4)), v2) for tt in toks]
-            for i in range(2):
-                for j in range(2):
-                    f = builder.sitofp(x.udot(w[i], a[j]), v8)
-                    builder.store(x.fma8(f, builder.fmul(s[i], d[j]), builder.load(accs[i][j])), accs[i][j])
-                    builder.store(x.intr("llvm.fma.v2f32", v2, [m[i], xsum[j], builder.load(accm[i][j])]),
-                                  accm[i][j])
-        out = builder.bitcast(pr, F32.as_pointer())
-        for i in range(2):
-            for j in range(2):
-                mm = builder.load(accm[i][j])
-                off = builder.fadd(builder.extract_element(mm, ir.Constant(ir.IntType(32), 0)),
-                                   builder.extract_element(mm, ir.Constant(ir.IntType(32), 1)))
-                builder.store(builder.fsub(x.hsum8(builder.load(accs[i][j])), off),
-                              builder.gep(out, [ir.Constant(ir.IntType(32), 2 * i + j)]))
-        return context.get_dummy_value()
-    return sig, codegen
+
+def _micro(nr: int, nt: int):
+    """An intrinsic k(codes, scl, mins, r, qx, dx, xs, t, nb, res): res[nt i + j] = row r+i of the unpacked tile .
+    token row t+j (i < nr, j < nt), over nb blocks of 32. codes (R, 32 nb) uint8, scl/mins (R, 2 nb) float32,
+    qx (T, 32 nb) int8, dx (T, nb), xs (T, 2 nb) float32, all C-contiguous; the caller keeps r + nr <= R and
+    t + nt <= T (no bounds checks here)."""
+    def impl(typingctx, codes, scl, mins, r, qx, dx, xs, t, nb, res):
+        sig = types.void(codes, scl, mins, types.intp, qx, dx, xs, types.intp, types.intp, res)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            pc, ps, pm, pq, pd, px, pr = data_ptrs(context, builder, signature, args, (0, 1, 2, 4, 5, 6, 9))
+            r, t, nb = args[3], args[7], args[8]
+            c = lambda v: ir.Constant(I64, v)  # noqa: E731
+            n, nb2 = builder.mul(nb, c(32)), builder.mul(nb, c(2))
+            rows = [builder.add(r, c(i)) for i in range(nr)]
+            toks = [builder.add(t, c(j)) for j in range(nt)]
+            v8, v2 = _vec(F32, 8), _vec(F32, 2)
+            # in the entry block (alloca_once): the caller calls this inside its loops
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(nt)] for _ in range(nr)]
+            accm = [[cgutils.alloca_once_value(builder, ir.Constant(v2, None)) for _ in range(nt)] for _ in range(nr)]
+            spread = ir.Constant(_vec(ir.IntType(32), 8), [0, 0, 0, 0, 1, 1, 1, 1])
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                o32, o2 = builder.mul(b, c(32)), builder.mul(b, c(2))
+                w = [x.at(pc, builder.add(builder.mul(rr, n), o32), _vec(I8, 32)) for rr in rows]
+                a = [x.at(pq, builder.add(builder.mul(tt, n), o32), _vec(I8, 32)) for tt in toks]
+                s16 = [builder.mul(builder.add(builder.mul(rr, nb2), o2), c(4)) for rr in rows]
+                s = [builder.shuffle_vector(x.at(ps, k, v2), ir.Constant(v2, ir.Undefined), spread) for k in s16]
+                m = [x.at(pm, k, v2) for k in s16]
+                d = [x.splat(x.elem(pd, builder.add(builder.mul(tt, nb), b), F32), 8) for tt in toks]
+                xsum = [x.at(px, builder.mul(builder.add(builder.mul(tt, nb2), o2), c(4)), v2) for tt in toks]
+                for i in range(nr):
+                    for j in range(nt):
+                        f = builder.sitofp(x.udot(w[i], a[j]), v8)
+                        builder.store(x.fma8(f, builder.fmul(s[i], d[j]), builder.load(accs[i][j])), accs[i][j])
+                        builder.store(x.intr("llvm.fma.v2f32", v2, [m[i], xsum[j], builder.load(accm[i][j])]),
+                                      accm[i][j])
+            out = builder.bitcast(pr, F32.as_pointer())
+            for i in range(nr):
+                for j in range(nt):
+                    mm = builder.load(accm[i][j])
+                    off = builder.fadd(builder.extract_element(mm, ir.Constant(ir.IntType(32), 0)),
+                                       builder.extract_element(mm, ir.Constant(ir.IntType(32), 1)))
+                    builder.store(builder.fsub(x.hsum8(builder.load(accs[i][j])), off),
+                                  builder.gep(out, [ir.Constant(ir.IntType(32), nt * i + j)]))
+            return context.get_dummy_value()
+        return sig, codegen
+    impl.__name__ = impl.__qualname__ = f"dot{nr}x{nt}"
+    return intrinsic(impl)
+
+
+_dot_tile = _micro(_MR, _MT)
 
 
 # ---------------------------------------------------------------- the parallel driver, one per type
@@ -227,17 +234,13 @@ def _gemm_template(raw, n_in, qx, dx, xs, out):
         for i in range(nr):
             o = (r0 + i) * row_bytes
             _unpack(raw[o:o + row_bytes], n_in, codes[i], scl[i], mins[i])
-        res = np.empty(4, np.float32)
-        for t in range(0, T, 2):
-            for i in range(0, nr, 2):
-                _dot2x2(codes, scl, mins, i, qx, dx, xs, t, nb, res)
-                out[t, r0 + i] = res[0]
-                if i + 1 < nr:
-                    out[t, r0 + i + 1] = res[2]
-                if t + 1 < T:
-                    out[t + 1, r0 + i] = res[1]
-                    if i + 1 < nr:
-                        out[t + 1, r0 + i + 1] = res[3]
+        res = np.empty(_MR * _MT, np.float32)
+        for t in range(0, T, _MT):
+            for i in range(0, nr, _MR):
+                _dot_tile(codes, scl, mins, i, qx, dx, xs, t, nb, res)
+                for ii in range(min(_MR, nr - i)):
+                    for jj in range(min(_MT, T - t)):
+                        out[t + jj, r0 + i + ii] = res[ii * _MT + jj]
 
 
 def _specialize(qtype: str):
@@ -258,12 +261,20 @@ _DRIVERS = {q: _specialize(q) for q in _UNPACK}
 # the types whose prefill takes this path on this CPU: measured against the float tiles (docs/performance.md)
 INT8_GEMM = tuple(q for q in ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
                   if simd.LEVEL != "avx2" or _MAX_CODE[q] < 128)
+# below this many weights the float tiles win (896 x 896: 0.83x for int8): the activation quantization, the same
+# for any n_out, is a large share of a small matrix's product
+INT8_MIN_WEIGHTS = 1 << 20
+
+
+def use_int8(qtype: str, n_out: int, n_in: int) -> bool:
+    """Whether prefill of this matrix runs on the int8 GEMM (measured: benchmarks/prefill_gemm_bench.py)."""
+    return qtype in INT8_GEMM and n_out * n_in >= INT8_MIN_WEIGHTS
 
 
 def quantized_activations(X: np.ndarray):
-    """(qx, dx, xs) of X (T, n) float32, padded to an even number of rows."""
+    """(qx, dx, xs) of X (T, n) float32, padded with zero rows to a multiple of _MT rows."""
     T, n = X.shape
-    Tp = T + (T & 1)
+    Tp = -(-T // _MT) * _MT
     qx = np.zeros((Tp, n), np.int8)
     dx = np.zeros((Tp, n // QK), np.float32)
     xs = np.zeros((Tp, n // 16), np.float32)
