@@ -2,8 +2,8 @@
 
 The default run uses the best level of the CPU (vnni here); the other levels are compiled in a child
 process with EDGEQ_SIMD set (each level has its own Numba cache folder, edgeq/_numba_env.py) and must
-pass the same exact-against-numpy checks of tests/test_linear.py and tests/test_kv_cache.py (the q8 cache's
-attention intrinsics). The portable level also runs with the integer f16 conversion (EDGEQ_SOFT_HALF=1),
+pass the same exact-against-numpy checks of tests/test_linear.py, tests/test_kv_cache.py (the q8 cache's
+attention intrinsics) and tests/test_gemm_i8.py (the int8 prefill GEMM). The portable level also runs with the integer f16 conversion (EDGEQ_SOFT_HALF=1),
 the path of x86 CPUs without F16C."""
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def test_row_dots_exact_on_level(level):
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.strip() == level, probe.stderr
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_linear.py"),
-                        str(ROOT / "tests/test_kv_cache.py"), "-k", "integer_path_exact or attention_against_twins"],
+                        str(ROOT / "tests/test_kv_cache.py"), str(ROOT / "tests/test_gemm_i8.py"), "-k",
+                        "integer_path_exact or attention_against_twins or int8_gemm_exact"],
                        env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

@@ -1,0 +1,63 @@
+"""cpu_kernels/gemm_i8.py (the int8 prefill GEMM) against its numpy twin: gguf-py's dequantizer for the weights,
+test_linear.quantize_activations for the activations, a float64 product."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq.cpu_kernels import gemm_i8
+from edgeq.cpu_kernels.linear import _GEMM_MIN_T, QuantLinear, matmul_rows_many
+from test_linear import make_weights, quantize_activations, rel_err
+
+TYPES = list(gemm_i8.INT8_GEMM)  # this SIMD level's (tests/test_simd_levels.py runs the others)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n_out,n_blocks,T", [(37, 1, 17), (64, 3, 6), (35, 2, 41)])
+def test_int8_gemm_exact_against_quantized_activations(qtype, n_out, n_blocks, T):
+    """Odd and even row and token counts (the micro-kernel takes _MR x _MT), several blocks per row: a wrong scale,
+    offset, code or block order shows up far above float32 rounding."""
+    n_in = 256 * n_blocks
+    raw, W = make_weights(qtype, n_out, n_in, seed=5 * n_out + n_blocks)
+    X = np.random.default_rng(T).standard_normal((T, n_in)).astype(np.float32)
+    Y = np.full((T, n_out), np.nan, np.float32)
+    gemm_i8.matmul_i8(raw, qtype, n_in, X, Y)
+    assert rel_err(Y, quantize_activations(X) @ W.T) < 1e-5, qtype
+    # and within quantization tolerance of the float product
+    assert rel_err(Y, X.astype(np.float64) @ W.T) < 2e-2
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("min_weights", [0, 1 << 30])
+def test_quant_linear_prefill_takes_the_int8_path_for_the_chosen_types(qtype, min_weights, monkeypatch):
+    """The int8 GEMM for the types of INT8_GEMM and matrices of at least INT8_MIN_WEIGHTS, else float tiles
+    (exact against the unquantized activations)."""
+    monkeypatch.setattr(gemm_i8, "INT8_MIN_WEIGHTS", min_weights)
+    n_out, n_in, T = 19, 512, 2 * _GEMM_MIN_T + 1
+    raw, W = make_weights(qtype, n_out, n_in, seed=11)
+    q = QuantLinear(raw, qtype, (n_out, n_in))
+    X = np.random.default_rng(0).standard_normal((T, n_in)).astype(np.float32)
+    int8 = qtype in gemm_i8.INT8_GEMM and min_weights == 0
+    Y = q.matmul(X)
+    assert (rel_err(Y, quantize_activations(X) @ W.T) < 1e-5) == int8
+    assert rel_err(Y, X.astype(np.float64) @ W.T) < (2e-2 if int8 else 1e-5)
+
+
+@pytest.mark.parametrize("T", [2, 5, 8])
+def test_decode_batches_keep_the_integer_row_kernels(T):
+    """The server's batched decode (a few rows) goes through matmul_rows_many: exact on quantized activations."""
+    raw, W = make_weights("Q4_K", 21, 512, seed=3)
+    q = QuantLinear(raw, "Q4_K", (21, 512))
+    X = np.random.default_rng(T).standard_normal((T, 512)).astype(np.float32)
+    (Y,) = matmul_rows_many([q], X)
+    assert rel_err(Y, quantize_activations(X) @ W.T) < 1e-5
+
+
+def test_activation_padding_rows_are_zero():
+    X = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    qx, dx, xs = gemm_i8.quantized_activations(X)
+    assert qx.shape == (4, 64) and dx.shape == (4, 2) and xs.shape == (4, 4)
+    assert not qx[3].any() and not dx[3].any() and not xs[3].any()
+    codes = qx[:3].astype(np.float64) * np.repeat(dx[:3], 32, axis=1)
+    np.testing.assert_allclose(codes, quantize_activations(X), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(xs[:3], codes.reshape(3, 4, 16).sum(axis=2), rtol=1e-5, atol=1e-6)
