@@ -56,8 +56,9 @@ def note_device(model, a: argparse.Namespace) -> None:
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-ctk", "--cache-type-k", default=None, help="KV cache type for keys (f16, q8, q4)")
-    p.add_argument("-ctv", "--cache-type-v", default=None, help="KV cache type for values (f16, q8, q4)")
+    p.add_argument("-ctk", "--cache-type-k", default=None, help="KV cache type for keys: f16, q8 (default: int8 per channel), q8t (int8 per token), q4 "
+                        "(see edgeq/runtime/kv_cache.py for every name)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, help="KV cache type for values: f16, q8 (default), q4")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
