@@ -168,7 +168,8 @@ def _make_attention(threads):
             red[tid] = s
             _block_max(red, tid, threads)
             # not max(): numba-cuda's float max overload fails to compile for the real target (ptx_check)
-            m_new = red[0] if red[0] > m else m
+            top = red[0]  # read once, as max(m, red[0]) did
+            m_new = top if top > m else m
             cuda.syncthreads()  # everyone has read red[0] before it is reused
             e = float32(0.0)
             if j < end:
