@@ -28,7 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
-from .linear import _FAST, _JIT, QK, _h2f, _i8, _k_scale_min, _u32
+from .linear import _FAST, _JIT, QK, _h2f, _i8, _k_scale_min, _quantize_block, _u32
 from .simd import F32, I8, I64, _IR, _vec, data_ptrs
 
 from edgeq.formats.quants import QTYPES
@@ -44,19 +44,9 @@ def quantize_act(X, qx, dx, xs):
     T, n = X.shape
     for t in prange(T):
         for b in range(n // QK):
-            x = X[t, b * QK:(b + 1) * QK]
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
-            for h in range(2):
-                s = np.int32(0)
-                for j in range(16 * h, 16 * h + 16):
-                    q = np.int32(np.rint(x[j] * inv))
-                    qx[t, b * QK + j] = q
-                    s += q
-                xs[t, 2 * b + h] = d * np.float32(s)
+            d, s0, s1 = _quantize_block(X[t, b * QK:(b + 1) * QK], qx[t], b * QK)
+            xs[t, 2 * b] = d * np.float32(s0)
+            xs[t, 2 * b + 1] = d * np.float32(s1)
             dx[t, b] = d
 
 

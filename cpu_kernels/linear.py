@@ -137,6 +137,28 @@ def _q3_scale(sc, i):
 
 
 # ---------------------------------------------------------------- activation quantization
+@njit(inline="always", **_JIT)
+def _quantize_block(x, q, o):
+    """One block of QK floats x -> int8 codes q[o:o+QK] on the scale amax/127; returns (scale, sum of codes
+    0..15, sum of codes 16..31). Decode (_quantize_act) and the int8 prefill GEMM (gemm_i8) both use it."""
+    amax = np.float32(0.0)
+    for j in range(QK):
+        amax = max(amax, abs(x[j]))
+    d = amax / np.float32(127.0)
+    inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+    s0 = np.int32(0)
+    s1 = np.int32(0)
+    for j in range(16):
+        c = np.int32(np.rint(x[j] * inv))
+        q[o + j] = c
+        s0 += c
+    for j in range(16, 32):
+        c = np.int32(np.rint(x[j] * inv))
+        q[o + j] = c
+        s1 += c
+    return d, s0, s1
+
+
 @njit(**_JIT)
 def _quantize_act(X, qx, dx, bsums):
     """X (T, n) float32 -> qx int8 (T, n), dx (T, n/32) scales, bsums (T, n/16) int32 sums of each 16 codes.
@@ -145,22 +167,7 @@ def _quantize_act(X, qx, dx, bsums):
     T, n = X.shape
     for t in range(T):
         for b in range(n // QK):
-            x = X[t, b * QK:(b + 1) * QK]
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
-            s0 = np.int32(0)
-            s1 = np.int32(0)
-            for j in range(16):
-                q = np.int32(np.rint(x[j] * inv))
-                qx[t, b * QK + j] = q
-                s0 += q
-            for j in range(16, 32):
-                q = np.int32(np.rint(x[j] * inv))
-                qx[t, b * QK + j] = q
-                s1 += q
+            d, s0, s1 = _quantize_block(X[t, b * QK:(b + 1) * QK], qx[t], b * QK)
             dx[t, b] = d
             bsums[t, 2 * b] = s0
             bsums[t, 2 * b + 1] = s1
