@@ -29,9 +29,45 @@ def import_numba_cuda():
                 os.environ["NUMBA_ENABLE_CUDASIM"] = saved
     from edgeq.gpu_kernels import device
 
+    if device.simulator():
+        _lock_simulator_shared_arrays()
     if device.cuda_module() is None:
         pytest.skip("numba-cuda is not installed (pip install edgeq[cuda])", allow_module_level=True)
     return device
+
+
+def _lock_simulator_shared_arrays() -> None:
+    """numba-cuda's simulator (0.30) hands a block's threads their `cuda.shared.array` by a check-then-set on a
+    dict with no lock: two threads that enter at once each get an array of their own, so one thread's writes
+    never reach the others (a block reduction then sums garbage: NaN or wrong logits now and then, more often
+    on a loaded machine). The same lookup, keyed as the simulator keys it (the calling line), under a lock."""
+    import threading
+
+    import numpy as np
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    simulated = kernelapi.FakeCUDAShared.array
+    if getattr(simulated, "edgeq_locked", False):
+        return
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory (one buffer), or the simulator's error
+            return simulated(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    array.edgeq_locked = True
+    kernelapi.FakeCUDAShared.array = array
 
 
 def rerun_in_simulator(test_file: str) -> None:

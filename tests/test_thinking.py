@@ -216,6 +216,21 @@ def test_ollama_thinking(server):
     assert (cut.message.thinking, cut.message.content, cut.done_reason) == ("h", "", "length")
 
 
+def test_ollama_generate_thinking(server):
+    """/api/generate through the chat template: the <think> block goes to `thinking`, as ollama's does."""
+    ollama = pytest.importorskip("ollama")
+    c = ollama.Client(host=server.url, timeout=120)
+    r = c.generate(model="qwen3-tiny", prompt="Hi", think=True, options={"temperature": 0})
+    assert (r.thinking, r.response) == (REASONING, CONTENT)
+    parts = list(c.generate(model="qwen3-tiny", prompt="Hi", think=True, stream=True, options={"temperature": 0}))
+    assert "".join(p.thinking or "" for p in parts) == REASONING
+    assert "".join(p.response for p in parts) == CONTENT and parts[-1].done
+    off = c.generate(model="qwen3-tiny", prompt="Hi", think=False, options={"temperature": 0})
+    assert off.prompt_eval_count == r.prompt_eval_count + EMPTY_BLOCK
+    raw = c.generate(model="qwen3-tiny", prompt="Hi", raw=True, options={"temperature": 0, "num_predict": 3})
+    assert raw.thinking is None  # raw: no template, the text is the user's own business
+
+
 def test_server_answers_while_another_request_streams_thinking(client):
     """Two clients at once on one slot: each gets its own split (the splitter is per request)."""
     results = []

@@ -801,28 +801,38 @@ def create_app(model, sched, opts: ServerOptions):
             raise ApiError(400, "images are not supported (this is a text model)")
         if not r.prompt:
             return {"model": r.model, "created_at": _now_iso(), "response": "", "done": True, "done_reason": "load"}
+        think = None
         if r.raw or model.template is None:
             ids = model.encode_prompt(((r.system + "\n\n") if r.system and not r.raw else "") + r.prompt)
         else:
             msgs = ([{"role": "system", "content": r.system}] if r.system else []) + [{"role": "user",
                                                                                        "content": r.prompt}]
-            ids = svc.chat_ids(msgs, None)
+            ids = svc.chat_ids(msgs, None, None if r.think is None else {"enable_thinking": r.think is not False})
+            think = svc.think_splitter(ids)  # a thinking model's <think> block goes to "thinking", as /api/chat
         stream = svc.submit(ollama_sampling(r.options, r.format, ids))
+
+        def part(text: str, thinking: str = "") -> dict:
+            return {"model": r.model, "created_at": _now_iso(), "response": text,
+                    **({"thinking": thinking} if thinking else {})}
+
         if not r.stream:
             text, _, done = await stream.collect(request)
             if done.finish == "error":
                 raise _failed(done)
-            return {"model": r.model, "created_at": _now_iso(), "response": text, **ollama_final(done, t0)}
+            thinking = ""
+            if think is not None:
+                thinking, text = _split_all(think, text)
+            return {**part(text, thinking), **ollama_final(done, t0)}
 
         async def gen():
-            async for ev in reply_events(stream, False):
+            async for ev in reply_events(stream, False, think):
                 if isinstance(ev, Delta):
-                    if ev.text:
-                        yield {"model": r.model, "created_at": _now_iso(), "response": ev.text, "done": False}
+                    if ev.text or ev.reasoning:
+                        yield {**part(ev.text, ev.reasoning), "done": False}
                 elif isinstance(ev, ApiError):
                     yield {"error": ev.message}
                 else:
-                    yield {"model": r.model, "created_at": _now_iso(), "response": "", **ollama_final(ev.done, t0)}
+                    yield {**part(""), **ollama_final(ev.done, t0)}
 
         return ndjson(gen())
 
