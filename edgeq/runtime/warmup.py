@@ -130,20 +130,23 @@ def _write_stamp(path: str) -> None:
         pass  # a read-only cache: the passes run again next time, nothing worse
 
 
-def _serialize_cache_saves() -> None:
+def _serialize_cache_saves() -> bool:
     """Make each Numba cache save (index read, index write, data write: three steps) atomic across processes with
     a lock file in the cache folder. Each file is written to a temporary name and renamed (numba/core/caching.py),
     so a reader never sees half a file, but two processes saving two signatures of one function at once can leave
     the index naming one signature's data file while the other's code fills it: loaded, that would run with the
     wrong argument types. The warm-up's decode worker and the main process compile shared helpers at the same time.
-    An interrupted save leaves an index entry without its data file at worst, which Numba treats as a miss."""
-    import fcntl
-
+    An interrupted save leaves an index entry without its data file at worst, which Numba treats as a miss.
+    False where there is no flock (not POSIX): then no worker runs."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
     from numba.core import caching
 
     save = caching.IndexDataCacheFile.save
     if getattr(save, "edgeq_locked", False):
-        return
+        return True
 
     def locked_save(self, key, data):
         try:
@@ -156,6 +159,7 @@ def _serialize_cache_saves() -> None:
 
     locked_save.edgeq_locked = True
     caching.IndexDataCacheFile.save = locked_save
+    return True
 
 
 def _use_worker() -> bool:
@@ -217,8 +221,7 @@ def warm_up(model, report: Report | None = None) -> float:
     say = report or (lambda line: None)
     failure: list[BaseException] = []
     worker = None
-    if stamp is not None and _use_worker():
-        _serialize_cache_saves()
+    if stamp is not None and _use_worker() and _serialize_cache_saves():
         worker = _start_decode_worker(model)
 
     def wait_for_worker() -> None:
