@@ -58,7 +58,9 @@ def main() -> None:
     cache.attend(0, np.ones((1, 3, 64), np.float32), 3, 0.125)
     from edgeq.cpu_kernels import attention_q as aq
 
-    rows.append(("attention decode (q8 cache)", census("\n".join(aq.attend_decode_kernel.inspect_asm().values()))))
+    L0 = cache.layers[0]
+    decode = aq.attention_kernels(L0.k.side.layout, L0.v.side.layout)[1]
+    rows.append(("attention decode (q8 cache)", census("\n".join(decode.inspect_asm().values()))))
     keys = list(rows[0][1])
     lines = [f"SIMD level: {simd.LEVEL}", "", "| kernel | " + " | ".join(keys) + " |",
              "|---|" + "---|" * len(keys)]

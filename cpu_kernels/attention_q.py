@@ -28,7 +28,9 @@ numpy twins of every codec and of attention live in tests/test_kv_cache.py.
 """
 from __future__ import annotations
 
+import functools
 import math
+import types as pytypes
 from typing import NamedTuple
 
 import numpy as np
@@ -36,6 +38,7 @@ from numba import njit, prange
 
 from . import simd_attention
 from .half import f16_row_to_f32, f16_to_f32, f32_to_f16
+from .jit_options import prange_only
 from .ops import fast_exp
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
@@ -68,8 +71,8 @@ class KVSide(NamedTuple):
 
 
 # positions of fields in tuple(KVSide) that the decode kernel reads directly (Numba freezes globals as constants)
-_LAYOUT, _INT8_CODES, _U8C_CODES, _SCALES, _MINS = (KVSide._fields.index(f) for f in (
-    "layout", "int8_codes", "uint8_channel_codes", "scales", "mins"))
+_INT8_CODES, _U8C_CODES, _SCALES, _MINS = (KVSide._fields.index(f) for f in (
+    "int8_codes", "uint8_channel_codes", "scales", "mins"))
 
 # array field -> (dtype, ndim); a layout's unused fields are empty arrays of the same type, so every side has
 # one Numba type and the kernels compile once for all layouts
@@ -237,16 +240,15 @@ def dequantize_uint8_per_channel_group(codes, scales, mins, gs, n, out):
 
 
 # ---------------------------------------------------------------- attention
-@njit(**_JIT)
-def _load_rows(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
+def _load_rows_template(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
     """Positions b0+j0 .. b0+j1-1 (inside one aligned block of 32) of kv head g of one KVSide -> buf[j0:j1]
     (float32); cs, cm: (D,) scratch for per-channel scales and mins.
 
     Inner loops index with plain range variables only: computed indices get wraparound checks that stop
     LLVM from vectorizing."""
-    layout, f32, f16, i8, u4, u4c, u8c, scales, mins, pending = side  # KVSide's fields
+    _, f32, f16, i8, u4, u4c, u8c, scales, mins, pending = side  # KVSide's fields
     D = buf.shape[1]
-    if layout == UINT8_PER_CHANNEL:
+    if _SIDE_LAYOUT == UINT8_PER_CHANNEL:
         if b0 >= full:  # blocks are group-aligned: wholly quantized or wholly in the pending group
             for j in range(j0, j1):
                 f16_row_to_f32(pending[g, j], buf[j])
@@ -258,7 +260,7 @@ def _load_rows(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
             for j in range(j0, j1):
                 buf[j, d] = cs[d] * np.float32(u8c[g, gs, d, j]) + cm[d]
         return
-    if layout == UINT4_PER_CHANNEL and b0 + j1 > full:
+    if _SIDE_LAYOUT == UINT4_PER_CHANNEL and b0 + j1 > full:
         # positions at or past `full` are still in the full-precision pending group
         for j in range(j0, j1):
             pos = b0 + j
@@ -273,7 +275,7 @@ def _load_rows(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
                     c = np.int32(u4c[g, gs * 16 + i // 2, d] >> (4 * (i & 1))) & np.int32(15)
                     buf[j, d] = cs[d] * np.float32(c) + cm[d]
         return
-    if layout == UINT4_PER_CHANNEL:
+    if _SIDE_LAYOUT == UINT4_PER_CHANNEL:
         gs = (b0 % nslots) // QBLOCK
         f16_row_to_f32(scales[g, gs], cs)
         f16_row_to_f32(mins[g, gs], cm)
@@ -293,12 +295,12 @@ def _load_rows(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
         cs3 = np.empty((0, 0), dtype=cs.dtype)
     for j in range(j0, j1):
         s = (b0 + j) % nslots
-        if layout == FLOAT32:
+        if _SIDE_LAYOUT == FLOAT32:
             for d in range(D):
                 buf[j, d] = f32[g, s, d]
-        elif layout == FLOAT16:
+        elif _SIDE_LAYOUT == FLOAT16:
             f16_row_to_f32(f16[g, s], buf[j])
-        elif layout == INT8_PER_TOKEN:
+        elif _SIDE_LAYOUT == INT8_PER_TOKEN:
             for b in range(nbd):
                 sc = f16_to_f32(scales[g, s, b])
                 for i in range(QBLOCK):
@@ -353,14 +355,13 @@ def _merge_splits(pm, pl, pacc, r, out):
         out[d] *= inv
 
 
-@njit(parallel=True, **_JIT)
-def attend_kernel(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, full, out):
+def _attend_template(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, full, out):
     """Causal attention of q (T, H, D) at positions pos0.. over the cache -> out (T, H, D); keys, values:
     tuple(KVSide). Head h reads kv head h // (H // n_kv); `full` = positions already in whole per-channel groups."""
     T, H, D = q.shape
     Hkv = n_kv
     n_rep = H // Hkv
-    k_layout, k_u8c, k_scales, k_mins = keys[_LAYOUT], keys[_U8C_CODES], keys[_SCALES], keys[_MINS]
+    k_u8c, k_scales, k_mins = keys[_U8C_CODES], keys[_SCALES], keys[_MINS]
     n_qt = (T + TILE_Q - 1) // TILE_Q
     # per split, per row t * H + h: max score, sum of exponentials, weighted value sum (_merge_splits)
     pm = np.empty((n_split, T * H), np.float32)
@@ -420,7 +421,7 @@ def attend_kernel(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, f
                     uhi = max(uhi, z)
             if ulo >= uhi:
                 continue
-            if k_layout == UINT8_PER_CHANNEL and b0 < full:  # the group is stored transposed already
+            if _K_LAYOUT == UINT8_PER_CHANNEL and b0 < full:  # the group is stored transposed already
                 gs = (b0 % nslots) // QBLOCK
                 f16_row_to_f32(k_scales[g, gs], cs)
                 f16_row_to_f32(k_mins[g, gs], cm)
@@ -428,7 +429,7 @@ def attend_kernel(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, f
                     for j in range(QBLOCK):
                         kt[d, j] = cs[d] * np.float32(k_u8c[g, gs, d, j]) + cm[d]
             else:
-                _load_rows(keys, g, b0, ulo, uhi, nslots, full, kb, cs, cm)
+                _load_k(keys, g, b0, ulo, uhi, nslots, full, kb, cs, cm)
                 for j in range(ulo, uhi):
                     for d in range(D):
                         kt[d, j] = kb[j, d]
@@ -448,7 +449,7 @@ def attend_kernel(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, f
                         acc[r, d] *= corr
                     m[r] = mx
                 l[r] += _exp_block(sc[r], a, z, mx)
-            _load_rows(values, g, b0, ulo, uhi, nslots, full, vb, cs, cm)
+            _load_v(values, g, b0, ulo, uhi, nslots, full, vb, cs, cm)
             for r in range(rows):
                 if jlo[r] >= jhi[r]:
                     continue
@@ -471,8 +472,7 @@ def attend_kernel(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, f
         _merge_splits(pm, pl, pacc, job, out[t, job - t * H])
 
 
-@njit(parallel=True, **_JIT)
-def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_split, full, out):
+def _attend_decode_template(q, keys, values, n_kv, pos, scale, window, nslots, n_split, full, out):
     """One query token (q (H, D) at position `pos`) -> out (H, D): the decode step's attention.
 
     Same cache reads as attend_kernel, organised for a single token: jobs = (kv head, split of the key
@@ -480,9 +480,8 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
     two-pass softmax instead of online rescaling), then sums the values; the splits merge at the end."""
     H, D = q.shape
     n_rep = H // n_kv
-    k_layout, k_codes, k_scales = keys[_LAYOUT], keys[_INT8_CODES], keys[_SCALES]
-    k_u8c, k_mins = keys[_U8C_CODES], keys[_MINS]
-    v_layout, v_codes, v_scales = values[_LAYOUT], values[_INT8_CODES], values[_SCALES]
+    k_codes, k_scales, k_u8c, k_mins = keys[_INT8_CODES], keys[_SCALES], keys[_U8C_CODES], keys[_MINS]
+    v_codes, v_scales = values[_INT8_CODES], values[_SCALES]
     lo = max(0, pos - window + 1) if window > 0 else 0
     blo = lo // QBLOCK
     nb = pos // QBLOCK + 1 - blo
@@ -510,12 +509,12 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
         cm = np.empty(D, np.float32)
         p_lo = max(lo, p0)
         p_hi = min(pos + 1, b_last * QBLOCK)
-        if k_layout == INT8_PER_TOKEN:
+        if _K_LAYOUT == INT8_PER_TOKEN:
             # int8 keys: float dots straight from the codes (simd_attention.scores_q8)
             for r in range(n_rep):
                 simd_attention.scores_q8(k_codes, k_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r],
                                          sc[r, p_lo - p0:])
-        elif k_layout == UINT8_PER_CHANNEL:
+        elif _K_LAYOUT == UINT8_PER_CHANNEL:
             # per-channel 8-bit keys, group by group: q . (scale * code + min) = (q * scale) . code + q . min,
             # the 32 positions of a group as one vector (simd_attention.block_scores on the transposed codes)
             qs = np.empty(D, np.float32)
@@ -525,7 +524,7 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
                 j0 = max(lo - b0, 0)
                 j1 = min(QBLOCK, pos + 1 - b0)
                 if b0 >= full:  # the pending group, in half precision
-                    _load_rows(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                    _load_k(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
                     for j in range(j0, j1):
                         for r in range(n_rep):
                             s = np.float32(0.0)
@@ -549,7 +548,7 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
                 b0 = blk * QBLOCK
                 j0 = max(lo - b0, 0)
                 j1 = min(QBLOCK, pos + 1 - b0)
-                _load_rows(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                _load_k(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
                 for j in range(j0, j1):
                     kr = buf[j]
                     for r in range(n_rep):
@@ -565,7 +564,7 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
             pm[sp, g * n_rep + r] = mx
             pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx)
         acc = np.zeros((n_rep, D), np.float32)
-        if v_layout == INT8_PER_TOKEN:
+        if _V_LAYOUT == INT8_PER_TOKEN:
             for r in range(n_rep):
                 simd_attention.wsum_q8(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo,
                                        sc[r, p_lo - p0:], acc[r])
@@ -574,7 +573,7 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
                 b0 = blk * QBLOCK
                 j0 = max(lo - b0, 0)
                 j1 = min(QBLOCK, pos + 1 - b0)
-                _load_rows(values, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                _load_v(values, g, b0, j0, j1, nslots, full, buf, cs, cm)
                 for j in range(j0, j1):
                     vr = buf[j]
                     for r in range(n_rep):
@@ -586,3 +585,38 @@ def attend_decode_kernel(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
                 pacc[sp, g * n_rep + r, d] = acc[r, d]
     for h in range(H):
         _merge_splits(pm, pl, pacc, h, out[h])
+
+
+# ---------------------------------------------------------------- one kernel per pair of cache layouts
+# The templates above read their layouts from globals that _specialize binds per layout: Numba freezes globals as
+# constants and prunes the branches of every other layout before typing them, so a model compiles the code of its
+# own cache types only (one kernel holding every layout's branches cost 3x the compile time; docs/performance.md).
+_SIDE_LAYOUT = _K_LAYOUT = _V_LAYOUT = -1  # bound per layout by _specialize
+_load_k = _load_v = _attend_job = _attend_decode_job = None
+_LAYOUT_NAMES = {code: name for name, code in LAYOUTS.items()}
+
+
+def _specialize(template, name: str, parallel: bool, **bound):
+    """njit of a new function over `template`'s code with `bound` in its globals, not a closure: Numba keys a
+    cached closure by its pickled cells, and a pickled dispatcher carries a per-process uuid, so a closure would
+    never load from the on-disk cache. Its own name names its cache index file."""
+    fn = pytypes.FunctionType(template.__code__, dict(template.__globals__, **bound), name)
+    fn.__qualname__ = name
+    fn.__doc__ = template.__doc__
+    return njit(parallel=prange_only() if parallel else False, **_JIT)(fn)
+
+
+@functools.cache
+def _load_rows_for(layout: int):
+    return _specialize(_load_rows_template, "_load_rows_" + _LAYOUT_NAMES[layout], False, _SIDE_LAYOUT=layout)
+
+
+@functools.cache
+def attention_kernels(k_layout: int, v_layout: int):
+    """(prefill kernel, decode kernel) for keys stored in `k_layout` and values in `v_layout` (LAYOUTS' codes):
+    `_attend_template` and `_attend_decode_template` with those layouts bound; compiled at their first call."""
+    pair = _LAYOUT_NAMES[k_layout] + "__" + _LAYOUT_NAMES[v_layout]
+    bound = dict(_K_LAYOUT=k_layout, _V_LAYOUT=v_layout, _load_k=_load_rows_for(k_layout),
+                 _load_v=_load_rows_for(v_layout))
+    return (_specialize(_attend_template, "attend_kernel__" + pair, True, **bound),
+            _specialize(_attend_decode_template, "attend_decode_kernel__" + pair, True, **bound))

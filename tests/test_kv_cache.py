@@ -136,8 +136,8 @@ def test_linear_soft_half_decoder_matches_numpy():
 
 # ---------------------------------------------------------------- storage layouts and the split merge
 def test_every_layout_is_one_kernel_type():
-    """Each side's tuple has the same Numba type whatever its layout (unused arrays are empty), so the
-    attention kernels compile once for every combination of cache types."""
+    """Each side's tuple has the same Numba type whatever its layout (unused arrays are empty): one signature per
+    kernel, whose layouts are bound when it is made (attention_q.attention_kernels)."""
     import numba
 
     types = {numba.typeof(tuple(aq.new_side(name, 2, 64, 64))) for name in aq.LAYOUTS}

@@ -11,6 +11,7 @@ from edgeq.runtime import warmup
 @pytest.fixture
 def model(tmp_path, monkeypatch):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
+    monkeypatch.setenv("EDGEQ_WARMUP_WORKER", "0")  # tests/test_warmup_worker.py
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(60))
     return SimpleNamespace(path=f, cache_types=(None, None))
@@ -18,7 +19,7 @@ def model(tmp_path, monkeypatch):
 
 def test_passes_run_once_then_the_stamp_skips_them(model, monkeypatch):
     calls = []
-    monkeypatch.setattr(warmup, "scratch_passes", calls.append)
+    monkeypatch.setattr(warmup, "scratch_passes", lambda m, before_decode: calls.append(m))
     warmup.warm_up(model)
     assert calls == [model] and os.path.exists(warmup.ready_stamp(model))
     warmup.warm_up(model)
@@ -26,7 +27,7 @@ def test_passes_run_once_then_the_stamp_skips_them(model, monkeypatch):
 
 
 def test_a_failed_pass_leaves_no_stamp(model, monkeypatch):
-    def fail(m):
+    def fail(m, before_decode):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(warmup, "scratch_passes", fail)

@@ -151,6 +151,12 @@ class KVCache:
         self.max_batch = max_batch
         self.layers = [_Layer(L, n_ctx, _LAYOUT_K[type_k], _LAYOUT_V[type_v], max_batch) for L in layouts]
 
+    def pretend_filled(self, n: int) -> None:
+        """Mark positions 0..n-1 of every layer held without storing them (they read as zeros): for scratch passes
+        that take the decode path without first compiling the prompt path (runtime/warmup.py)."""
+        for L in self.layers:
+            L.n = n
+
     @property
     def nbytes(self) -> int:
         """Bytes of every cache array (exact: data, scales, mins, pending groups)."""
@@ -196,14 +202,15 @@ class KVCache:
         n_blocks = -(-(pos0 + T - lo) // _QB) + 1
         full = L.n // _QB * _QB
         threads = numba.get_num_threads()
+        prefill, decode = aq.attention_kernels(L.k.side.layout, L.v.side.layout)
         if T == 1:  # jobs = kv heads x key splits, a few per thread
             n_split = max(1, min(n_blocks - 1, 2 * threads // L.n_kv + 1))
-            aq.attend_decode_kernel(q[0], L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window,
+            decode(q[0], L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window,
                                     L.nslots, n_split, full, out[0])
             return out
         jobs = L.n_kv * -(-T // aq.TILE_Q)  # kv heads x tiles of queries, times the key splits
         n_split = max(1, min(n_blocks, -(-4 * threads // jobs)))
-        aq.attend_kernel(q, L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window, L.nslots,
+        prefill(q, L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window, L.nslots,
                          n_split, full, out)
         return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -33,28 +34,44 @@ Report = Callable[[str], None]
 FIRST_RUN_MESSAGE = "preparing kernels for this CPU, once (a minute or two on a slow machine)…"
 _SCRATCH_CTX = 64
 _POLL_S = 0.05
+_WORKER_WAIT_S = 300.0
 
 
-def scratch_passes(model) -> None:
-    """Run every forward path of `model` once over a throwaway KV cache (the model's own cache is untouched)."""
+# (tokens, position, all_logits) of each scratch pass, in order (each starts from the cache the previous left)
+PASSES = (
+    (8, 0, True),     # every row's logits (perplexity): the classifier's GEMM, on 8 rows (memory)
+    (40, 0, False),   # a prompt: GEMM path; 32-position groups (q4 keys) full and partial
+    (3, 40, False),   # a short prompt: integer kernel, batched attention
+    (1, 43, False),   # decode
+    (1, 31, False),   # a rewind into a stored group, completed by one token (an array layout of its own)
+    (2, 20, False),   # a rewind by a few tokens, as a chat's next turn does
+)
+# the single-token passes, which a worker process can compile over a cache that only looks filled (_decode_worker)
+DECODE_PASSES = PASSES[3:5]
+
+
+def _run_passes(arch, weights, cfg, cache_types, passes, before_decode: Callable[[], None] = lambda: None,
+                filled: int = 0) -> None:
+    """Run `passes` over a throwaway KV cache of `cache_types` (`filled`: positions that look held, as zeros);
+    `before_decode()` runs before the first single-token pass."""
     from edgeq.runtime.kv_cache import make_kv_cache
 
-    cfg = model.cfg
-    cache = make_kv_cache(cfg.kv_layouts(), _SCRATCH_CTX, *model.cache_types, max_batch=_SCRATCH_CTX)
+    cache = make_kv_cache(cfg.kv_layouts(), _SCRATCH_CTX, *cache_types, max_batch=_SCRATCH_CTX)
+    cache.pretend_filled(filled)
+    waited = False
+    for n, pos, all_logits in passes:
+        if n == 1 and not waited:
+            before_decode()
+            waited = True
+        ids = np.arange(1, n + 1, dtype=np.int64) % cfg.n_vocab
+        arch.forward(weights, cfg, ids, pos, cache, all_logits=all_logits)
 
-    def ids(n: int) -> np.ndarray:
-        return np.arange(1, n + 1, dtype=np.int64) % cfg.n_vocab
 
-    def run(n: int, pos: int, **kw) -> None:
-        model.arch.forward(model.weights, cfg, ids(n), pos, cache, **kw)
-
+def scratch_passes(model, before_decode: Callable[[], None] = lambda: None) -> None:
+    """Run every forward path of `model` once over a throwaway KV cache (the model's own cache is untouched);
+    `before_decode()` runs before the single-token passes (warm_up waits there for its decode worker)."""
     model._set_threads()  # Numba's thread count is per calling thread
-    run(8, 0, all_logits=True)   # every row's logits (perplexity): the classifier's GEMM, on 8 rows (memory)
-    run(40, 0)                   # a prompt: GEMM path; 32-position groups (q4 keys) full and partial
-    run(3, 40)                   # a short prompt: integer kernel, batched attention
-    run(1, 43)                   # decode
-    run(1, 31)                   # a rewind into a stored group, completed by one token (an array layout of its own)
-    run(2, 20)                   # a rewind by a few tokens, as a chat's next turn does
+    _run_passes(model.arch, model.weights, model.cfg, model.cache_types, PASSES, before_decode)
 
 
 @contextlib.contextmanager
@@ -113,28 +130,126 @@ def _write_stamp(path: str) -> None:
         pass  # a read-only cache: the passes run again next time, nothing worse
 
 
+def _serialize_cache_saves() -> bool:
+    """Make each Numba cache save (index read, index write, data write: three steps) atomic across processes with
+    a lock file in the cache folder. Each file is written to a temporary name and renamed (numba/core/caching.py),
+    so a reader never sees half a file, but two processes saving two signatures of one function at once can leave
+    the index naming one signature's data file while the other's code fills it: loaded, that would run with the
+    wrong argument types. The warm-up's decode worker and the main process compile shared helpers at the same time.
+    An interrupted save leaves an index entry without its data file at worst, which Numba treats as a miss.
+    False where there is no flock (not POSIX): then no worker runs."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    from numba.core import caching
+
+    save = caching.IndexDataCacheFile.save
+    if getattr(save, "edgeq_locked", False):
+        return True
+
+    def locked_save(self, key, data):
+        try:
+            f = open(os.path.join(self._cache_path, ".edgeq-save.lock"), "a")
+        except OSError:
+            return save(self, key, data)  # a read-only cache: no save will succeed anyway
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            return save(self, key, data)
+
+    locked_save.edgeq_locked = True
+    caching.IndexDataCacheFile.save = locked_save
+    return True
+
+
+def _use_worker() -> bool:
+    """Whether a first run compiles the decode kernels in a second process: more than one CPU, and not turned off
+    (EDGEQ_WARMUP_WORKER=0, for A/B measurements)."""
+    return (os.cpu_count() or 1) > 1 and os.environ.get("EDGEQ_WARMUP_WORKER", "1") != "0"
+
+
+def _start_decode_worker(model):
+    """A process that compiles the single-token passes' kernels into the shared disk cache (`_decode_worker`)
+    while this one compiles the prompt passes' kernels; None if it cannot start."""
+    k, v = model.cache_types
+    try:
+        return subprocess.Popen([sys.executable, "-m", "edgeq.runtime.warmup", str(model.path), k or "", v or ""],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, EDGEQ_PARENT_PID=str(os.getpid())))
+    except OSError:
+        return None
+
+
+def _decode_worker(path: str, type_k: str | None, type_v: str | None) -> None:
+    """The worker's side: the model's weights (memory-mapped) and the decode passes over a scratch cache whose first
+    positions only look held. Exits when its parent does (a parent killed by a signal cannot stop it)."""
+    parent = int(os.environ.get("EDGEQ_PARENT_PID", "0"))
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    if parent:
+        threading.Thread(target=watch, daemon=True).start()
+    _serialize_cache_saves()
+    import numba
+
+    from edgeq.formats.gguf_file import GGUFFile
+    from edgeq.models import architecture
+
+    numba.set_num_threads(1)  # the other cores are compiling
+    gf = GGUFFile(path)
+    arch = architecture(gf.arch)
+    cfg = arch.Config.from_gguf(gf)
+    weights = arch.load_weights(gf, cfg)
+    _run_passes(arch, weights, cfg, (type_k, type_v), DECODE_PASSES, filled=DECODE_PASSES[0][1])
+
+
 def warm_up(model, report: Report | None = None) -> float:
     """Make every kernel of `model` ready; returns the seconds spent. `report(line)` hears, on a first run only,
     that kernels are being prepared and when they are ready. KeyboardInterrupt reaches the caller at once.
-    Nothing to do when `ready_stamp(model)` exists: the kernels then load from the disk cache at first use."""
+    Nothing to do when `ready_stamp(model)` exists: the kernels then load from the disk cache at first use.
+
+    With more than one CPU, a worker process compiles the decode kernels into the disk cache meanwhile; the passes
+    here wait for it before their single-token passes, which then load those kernels from the cache (what the
+    worker did not leave there compiles here as before: the worker only saves time)."""
     t0 = time.perf_counter()
     stamp = ready_stamp(model)
     if stamp is not None and os.path.exists(stamp):
         return 0.0
     say = report or (lambda line: None)
     failure: list[BaseException] = []
+    worker = None
+    if stamp is not None and _use_worker() and _serialize_cache_saves():
+        worker = _start_decode_worker(model)
+
+    def wait_for_worker() -> None:
+        if worker is None:
+            return
+        if not seen["compiled"]:  # the prompt kernels were all in the cache: so are the decode kernels, likely
+            worker.kill()
+        try:
+            worker.wait(_WORKER_WAIT_S)
+        except subprocess.TimeoutExpired:  # stuck or starved: what it has not saved compiles here
+            worker.kill()
 
     def work() -> None:
         try:
-            scratch_passes(model)
+            scratch_passes(model, wait_for_worker)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
             failure.append(e)
 
-    with _on_first_compile(lambda: say(FIRST_RUN_MESSAGE)) as seen:
-        worker = threading.Thread(target=work, name="edgeq-warmup", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(_POLL_S)  # short joins: a signal handler runs between them
+    try:
+        with _on_first_compile(lambda: say(FIRST_RUN_MESSAGE)) as seen:
+            thread = threading.Thread(target=work, name="edgeq-warmup", daemon=True)
+            thread.start()
+            while thread.is_alive():
+                thread.join(_POLL_S)  # short joins: a signal handler runs between them
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()  # Ctrl-C, or a failed pass
+            worker.wait()
     if failure:
         raise failure[0]
     if stamp is not None:
@@ -143,3 +258,7 @@ def warm_up(model, report: Report | None = None) -> float:
     if seen["compiled"]:
         say(f"kernels ready ({elapsed:.1f} s; cached for the next run)")
     return elapsed
+
+
+if __name__ == "__main__":  # the decode worker (_start_decode_worker)
+    _decode_worker(sys.argv[1], sys.argv[2] or None, sys.argv[3] or None)
