@@ -8,9 +8,12 @@ eight. Here the loop over a weight row's blocks emits the block IR of simd.BLOCK
 a tile of _NT rows, with the same weight pointer: LLVM merges the identical weight loads and unpacking (pure
 values), and the _NT accumulator chains are independent, so they overlap instead of waiting on each other.
 
-Each row's sums run in the same order as the single-row dot's, so every output equals what that row gets alone,
-bit for bit (tests/test_batch_dot.py). A partial last tile dots its missing rows with the last real row (no
-reads past the activations) and stores only the real ones.
+Each row's blocks are summed in the single-row dot's order, but the backend fuses multiply-adds per compiled loop
+(Numba's fastmath 'contract'), so k-quant rows differ from the single-row dot by a float32 rounding or two. Every
+tile runs the same code, so a row's result is the same bits whatever the other rows of the batch are and
+wherever it sits (tests/test_batch_dot.py): a sequence's products do not depend on what else is in the batch. A
+partial last tile dots its missing rows with the last real ones (no reads out of bounds) and stores only the
+real ones.
 """
 from __future__ import annotations
 

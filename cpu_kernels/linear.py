@@ -562,11 +562,11 @@ class QuantLinear:
         # float32 rows per prefill tile
         self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
         self._int8_gemm = _int8_gemm(qtype, self.n_out, self.n_in)  # prefill on int8 dots (gemm_i8.py), or None
-        self._mm_rows, self._mm_rows_from = _multi_row(qtype)  # a few rows at once (batch_dot.py), or None
+        self._mm_rows, self._min_rows = _multi_row(qtype)  # a few rows at once (batch_dot.py), or None
 
     def _integer_kernel(self, T: int):
         """The integer kernel for T activation rows: the multi-row tiles from the measured row count on."""
-        return self._mm_rows if T >= self._mm_rows_from else self._mm
+        return self._mm_rows if self._mm_rows is not None and T >= self._min_rows[self.qtype] else self._mm
 
     def _x2d(self, X: np.ndarray, what: str) -> np.ndarray:
         X = np.asarray(X)
@@ -620,13 +620,11 @@ def _int8_gemm(qtype: str, n_out: int, n_in: int):
 
 
 def _multi_row(qtype: str):
-    """(batch_dot's multi-row driver for qtype, the fewest rows it takes), or (None, no row count) where it has
-    none. Imported here: batch_dot builds on this module's helpers."""
+    """(batch_dot's multi-row driver for qtype or None, batch_dot.MIN_ROWS: qtype -> the fewest rows it takes).
+    Imported here: batch_dot builds on this module's helpers."""
     from . import batch_dot
 
-    if qtype not in batch_dot.KERNELS:
-        return None, 1 << 62
-    return batch_dot.KERNELS[qtype], batch_dot.MIN_ROWS[qtype]
+    return batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS
 
 
 def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:
