@@ -2,18 +2,19 @@
 loaded and unpacked once and dotted with every row's quantized activations.
 
 linear._mm_<type> reads each weight row once from memory but runs the single-row dot (simd.ROW_DOTS) once per
-activation row: the block is unpacked again for every row, and each row dot is one serial chain of
-float adds (a block's scaled dot, then its offset term), so a row costs the same whether it is alone or one of
-eight. Here the loop over a weight row's blocks emits the block IR of simd.BLOCK_IR once per activation row of
-a tile of _NT rows, with the same weight pointer: LLVM merges the identical weight loads and unpacking (pure
-values), and the _NT accumulator chains are independent, so they overlap instead of waiting on each other.
+activation row: the block is unpacked again for every row, and each row's block terms form one serial chain of
+float adds. Here a tile of _MR weight rows x _NT activation rows emits the block IR of simd.BLOCK_IR once per
+(weight row, activation row) pair inside one loop over the blocks: LLVM merges the identical pure values (a
+weight block's loads and unpacking, shared by the _NT activation rows; an activation block's codes, scale and
+sums, shared by the _MR weight rows) and the _MR x _NT accumulator chains overlap. Measured on SmolLM2's Q4_1
+layers (1 thread, `benchmarks/batch_dot_bench.py --model`): 1.25-1.5x at 8 rows, 1.3x at 2 rows.
 
-Each row's blocks are summed in the single-row dot's order, but the backend fuses multiply-adds per compiled loop
-(Numba's fastmath 'contract'), so k-quant rows differ from the single-row dot by a float32 rounding or two. Every
+Each row's blocks are summed in the single-row dot's order, but the backend fuses multiply-adds per compiled
+loop (Numba's fastmath 'contract'), so rows differ from the single-row dot by a float32 rounding or two. Every
 tile runs the same code, so a row's result is the same bits whatever the other rows of the batch are and
-wherever it sits (tests/test_batch_dot.py): a sequence's products do not depend on what else is in the batch. A
-partial last tile dots its missing rows with the last real ones (no reads out of bounds) and stores only the
-real ones.
+wherever it sits, in any batch of at least MIN_ROWS rows (tests/test_batch_dot.py): there a sequence's
+products do not depend on what else is in the batch. A partial tile dots its missing rows with the last real
+ones (no reads out of bounds) and stores only the real ones.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
-from .linear import _JIT, _PREFETCH, _prefetch_row, _specialize
+from .linear import _JIT, _prefetch_row, _specialize
 from .simd import F32, I64, _Acc, _IR, data_ptrs
 
 from edgeq.formats.quants import QTYPES
@@ -109,7 +110,7 @@ def _mmb_template(raws, n_in, qx, dx, bsums, outs):
     for g in prange(tiles):
         m, r0, nr = _locate_tile(outs, g, _MR)
         raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r0 * row_bytes + _PREFETCH, nr * row_bytes)
+        _prefetch_row(raw, (r0 + 2 * _MR) * row_bytes, _MR * row_bytes)  # two tiles ahead: DRAM latency
         for t0 in range(0, T, _NT):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
 
@@ -118,5 +119,7 @@ def _mmb_template(raws, n_in, qx, dx, bsums, outs):
 KERNELS = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, block, _MR, _NT))
            for qtype, block in simd.BLOCK_IR.items()}
 # qtype -> the fewest activation rows for which these drivers beat the single-row dots (measured:
-# benchmarks/batch_dot_bench.py); fewer rows take linear._mm_<type>
-MIN_ROWS = {qtype: 2 for qtype in KERNELS}
+# benchmarks/batch_dot_bench.py on 1536 x 576 and 2048 x 768 matrices, and SmolLM2's own weights); fewer rows
+# take linear._mm_<type>. Q8_0 from 4: on SmolLM2's 49152 x 576 classifier (28 MB, streamed from memory) the
+# tiles cost 2.3 ms at 2 rows against 1.6 for the single-row dots, the same at 4, 0.85x at 8.
+MIN_ROWS = {qtype: 4 if qtype == "Q8_0" else 2 for qtype in KERNELS}
