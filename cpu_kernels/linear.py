@@ -11,6 +11,8 @@ min / offset terms), then each weight row is dotted block by block by the explic
 cpu_kernels/simd.py (vpdpbusd / vpmaddubsw byte dots, one float vector accumulator per row). The plain
 loops of this module vectorise only to ~4 GB/s per thread for 4-bit types (LLVM reduces every block to a
 scalar and never forms the byte dot instructions); the IR row dots read 10-25 GB/s per thread.
+A few rows at once (the server's decode batch, a short prompt) take cpu_kernels/batch_dot.py's drivers instead,
+which unpack each weight block once for a tile of activation rows (`QuantLinear._integer_kernel`).
 The dequantizers below use `_FAST` (fastmath without `reassoc`) and the SLP vectorizer
 (NUMBA_SLP_VECTORIZE=1, set in edgeq/_numba_env.py): with reassociation LLVM's loop vectorizer vectorizes
 *across* blocks with strided shuffles, 3-4x slower.
@@ -560,6 +562,11 @@ class QuantLinear:
         # float32 rows per prefill tile
         self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
         self._int8_gemm = _int8_gemm(qtype, self.n_out, self.n_in)  # prefill on int8 dots (gemm_i8.py), or None
+        self._mm_rows, self._min_rows = _multi_row(qtype)  # a few rows at once (batch_dot.py), or None
+
+    def _integer_kernel(self, T: int):
+        """The integer kernel for T activation rows: the multi-row tiles from the measured row count on."""
+        return self._mm_rows if self._mm_rows is not None and T >= self._min_rows[self.qtype] else self._mm
 
     def _x2d(self, X: np.ndarray, what: str) -> np.ndarray:
         X = np.asarray(X)
@@ -591,7 +598,7 @@ class QuantLinear:
         elif self._mm is not None and T < _GEMM_MIN_T:
             qx, dx, bsums = _quantized(X)
             e = _no_out(X.shape[0])
-            self._mm(self._raws3, self.n_in, qx, dx, bsums, (Y, e, e))
+            self._integer_kernel(T)(self._raws3, self.n_in, qx, dx, bsums, (Y, e, e))
         elif self._int8_gemm is not None:
             self._int8_gemm(self.raw, self.qtype, self.n_in, X, Y)
         else:
@@ -610,6 +617,14 @@ def _int8_gemm(qtype: str, n_out: int, n_in: int):
     from . import gemm_i8
 
     return gemm_i8.matmul_i8 if gemm_i8.use_int8(qtype, n_out, n_in) else None
+
+
+def _multi_row(qtype: str):
+    """(batch_dot's multi-row driver for qtype or None, batch_dot.MIN_ROWS: qtype -> the fewest rows it takes).
+    Imported here: batch_dot builds on this module's helpers."""
+    from . import batch_dot
+
+    return batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS
 
 
 def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:
@@ -641,7 +656,7 @@ def matmul_rows_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]
         qx, dx, bsums = _quantized(np.ascontiguousarray(X, dtype=np.float32))
         for idx in groups.values():
             outs = [np.empty((X.shape[0], qs[i].n_out), np.float32) for i in idx]
-            _run_fused(qs[idx[0]]._mm, [qs[i].raw for i in idx], n_in, qx, dx, bsums, outs)
+            _run_fused(qs[idx[0]]._integer_kernel(X.shape[0]), [qs[i].raw for i in idx], n_in, qx, dx, bsums, outs)
             for i, y in zip(idx, outs):
                 ys[i] = y
     return ys

@@ -456,8 +456,10 @@ def _block_iq4_xs(x, acc, row, o, b, qx, dx, bsums):
         acc.add_dot(x.sdot(_iq4_codes(x, row, x.off(o, 8 + 16 * k)), x.act(qx, kb)), scale)
 
 
+# qtype -> the IR of one block (the row dots here, the multi-row dots of cpu_kernels/batch_dot.py)
+BLOCK_IR = {
+    "Q8_0": _block_q8_0, "Q4_0": _block_q4_0, "Q4_1": _block_q4_1, "Q5_0": _block_q5_0, "Q5_1": _block_q5_1,
+    "Q2_K": _block_q2_k, "Q3_K": _block_q3_k, "Q4_K": _block_q4_k, "Q5_K": _block_q5_k, "Q6_K": _block_q6_k,
+    "IQ4_NL": _block_iq4_nl, "IQ4_XS": _block_iq4_xs}
 # qtype -> its row dot intrinsic
-ROW_DOTS = {qtype: _row_dot(qtype, block) for qtype, block in (
-    ("Q8_0", _block_q8_0), ("Q4_0", _block_q4_0), ("Q4_1", _block_q4_1), ("Q5_0", _block_q5_0),
-    ("Q5_1", _block_q5_1), ("Q2_K", _block_q2_k), ("Q3_K", _block_q3_k), ("Q4_K", _block_q4_k),
-    ("Q5_K", _block_q5_k), ("Q6_K", _block_q6_k), ("IQ4_NL", _block_iq4_nl), ("IQ4_XS", _block_iq4_xs))}
+ROW_DOTS = {qtype: _row_dot(qtype, block) for qtype, block in BLOCK_IR.items()}

@@ -29,8 +29,9 @@ def test_row_dots_exact_on_level(level):
                            env=env, capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.strip() == level, probe.stderr
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_linear.py"),
-                        str(ROOT / "tests/test_kv_cache.py"), str(ROOT / "tests/test_gemm_i8.py"), "-k",
-                        "integer_path_exact or attention_against_twins or int8_gemm_exact"],
+                        str(ROOT / "tests/test_kv_cache.py"), str(ROOT / "tests/test_gemm_i8.py"),
+                        str(ROOT / "tests/test_batch_dot.py"), "-k",
+                        "integer_path_exact or attention_against_twins or int8_gemm_exact or multi_row_equals"],
                        env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Decode of a few activation rows (the server's batch): single-row dots vs cpu_kernels/batch_dot.py's tiles.
+
+    python benchmarks/batch_dot_bench.py                                  # the serve types, T = 1,2,3,4,8,16
+    python benchmarks/batch_dot_bench.py --types Q4_1,Q4_K --rows 2,8 --tiles 4x2,2x4,1x8
+    python benchmarks/batch_dot_bench.py --model smollm2-135m-instruct --rows 1,2,4,8   # the model's own weights
+
+For each type, shape and row count T: microseconds of this thread's CPU time per product (activation
+quantization included) for linear._mm_<type> (each activation row dotted by the single-row dot) and for the
+multi-row driver, at one Numba thread (CPU time of the thread is robust on a shared machine). --tiles times
+other weight x activation tile shapes than the shipped batch_dot._MR x _NT (compiled uncached). The
+crossover row count per type is what batch_dot.MIN_ROWS records. --model: a decode step's products over the
+model's own (memory-mapped) weights, per group of matrices (the server's matmul_rows_many calls), with the tiles on
+and off (batch_dot.MIN_ROWS), interleaved, best of 5: large matrices stream from memory, small ones stay in cache. Shapes: SmolLM2-135M's FFN (1536 x 576)
+for 32-blocks, Gemma-3-270M's (2048 x 640 -> 2048 x 768, a multiple of 256) for k-quants and IQ4_XS.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import types as pytypes
+
+import numpy as np
+
+from matvec_bench import random_weights
+
+SERVE = "Q4_0,Q4_1,Q5_0,Q8_0,Q4_K,Q6_K"
+
+
+def variant(qtype: str, mr: int, nt: int):
+    """batch_dot's driver for another tile shape (uncached: its cache entry would collide with the shipped one)."""
+    import numba
+
+    from edgeq.cpu_kernels import batch_dot, simd
+    from edgeq.cpu_kernels.linear import _FAST, BLOCKS
+
+    t = batch_dot._mmb_template
+    bound = dict(t.__globals__, _MR=mr, _NT=nt, _row_fn=batch_dot._rows_dot(qtype, simd.BLOCK_IR[qtype], mr, nt),
+                 _block_elems=BLOCKS[qtype][0], _block_bytes=BLOCKS[qtype][1])
+    return numba.njit(parallel=True, fastmath=_FAST, nogil=True)(pytypes.FunctionType(t.__code__, bound, "v"))
+
+
+def cpu_us(fn, min_time: float) -> float:
+    fn()
+    n, t0 = 0, time.thread_time()
+    while time.thread_time() - t0 < min_time:
+        fn()
+        n += 1
+    return (time.thread_time() - t0) / n * 1e6
+
+
+def model_products(name: str, rows: list[int]) -> None:
+    import numba
+
+    from edgeq.cpu_kernels import batch_dot
+    from edgeq.cpu_kernels.linear import matmul_rows_many
+    from edgeq.runtime.engine import load
+
+    m = load(name, n_ctx=256, threads=1)
+    m._set_threads()
+    numba.set_num_threads(1)
+    w, rng = m.weights, np.random.default_rng(0)
+    on = dict(batch_dot.MIN_ROWS)
+    off = {q: 1 << 30 for q in on}
+    groups = {"qkv": lambda L: [L.wq, L.wk, L.wv], "o": lambda L: [L.wo], "gate_up": lambda L: [L.w_gate, L.w_up],
+              "down": lambda L: [L.w_down]}
+    print(f"{m.path.name}: ms per decode step's products, tiles on / off (best of 5), speedup")
+    print("| T | " + " | ".join(list(groups) + ["output"]) + " |")
+    print("|---:|" + "---|" * (len(groups) + 1))
+    for T in rows:
+        cells = []
+        calls = {g: [[lin.q for lin in pick(L)] for L in w.layers] for g, pick in groups.items()}
+        calls["output"] = [[w.output.q]]
+        for g, qss in calls.items():
+            xs = [rng.standard_normal((T, qs[0].n_in)).astype(np.float32) for qs in qss]
+
+            def run():
+                for qs, x in zip(qss, xs):
+                    matmul_rows_many(qs, x)
+            best = {}
+            for _ in range(5):
+                for mode, table in (("on", on), ("off", off)):
+                    batch_dot.MIN_ROWS.update(table)
+                    run()
+                    t0 = time.thread_time()
+                    run()
+                    best[mode] = min(best.get(mode, 1e9), (time.thread_time() - t0) * 1e3)
+            batch_dot.MIN_ROWS.update(on)
+            cells.append(f"{best['on']:.2f} / {best['off']:.2f} ({best['off'] / best['on']:.2f}x)")
+        print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--types", default=SERVE)
+    p.add_argument("--rows", default="1,2,3,4,8,16")
+    p.add_argument("--tiles", default="", help="extra tile shapes MRxNT, e.g. 2x4,1x8")
+    p.add_argument("--min-time", type=float, default=0.3)
+    p.add_argument("--model", default="", help="time the products of this model's decode step instead")
+    a = p.parse_args()
+    if a.model:
+        model_products(a.model, [int(t) for t in a.rows.split(",")])
+        return 0
+    import numba
+
+    from edgeq.cpu_kernels import batch_dot
+    from edgeq.cpu_kernels.linear import QuantLinear, _quantized, _run_fused
+
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    tiles = [tuple(int(v) for v in s.split("x")) for s in a.tiles.split(",") if s]
+    head = ["single-row", f"{batch_dot._MR}x{batch_dot._NT}"] + [f"{mr}x{nt}" for mr, nt in tiles]
+    print("| type | shape | T | " + " | ".join(f"{h} us" for h in head) + " | speedup |")
+    print("|---|---|---:|" + "---:|" * (len(head) + 1))
+    for qtype in a.types.split(","):
+        n_out, n_in = (2048, 768) if qtype.endswith("_K") or qtype == "IQ4_XS" else (1536, 576)
+        raw = random_weights(qtype, n_out, n_in, rng)
+        q = QuantLinear(raw, qtype, (n_out, n_in))
+        kernels = [q._mm, batch_dot.KERNELS[qtype]] + [variant(qtype, mr, nt) for mr, nt in tiles]
+        for T in (int(t) for t in a.rows.split(",")):
+            X = rng.standard_normal((T, n_in)).astype(np.float32)
+            Y = np.empty((T, n_out), np.float32)
+
+            def run(k):
+                qx, dx, bsums = _quantized(X)
+                _run_fused(k, [raw], n_in, qx, dx, bsums, [Y])
+            us = [cpu_us(lambda k=k: run(k), a.min_time) for k in kernels]
+            print(f"| {qtype} | {n_out}x{n_in} | {T} | " + " | ".join(f"{u:.0f}" for u in us) +
+                  f" | {us[0] / us[1]:.2f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

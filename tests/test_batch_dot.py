@@ -1,0 +1,71 @@
+"""cpu_kernels/batch_dot.py (a few activation rows per weight-row pass) against the single-row dots and the numpy
+twin (test_linear: gguf-py's dequantizer, quantized activations, a float64 product)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq.cpu_kernels import batch_dot
+from edgeq.cpu_kernels.linear import BLOCKS, QuantLinear, matmul_rows_many
+from test_linear import make_weights, quantize_activations, rel_err
+
+TYPES = list(batch_dot.KERNELS)
+# Each row's blocks are summed in the single-row dot's order, but Numba compiles with fastmath 'contract' and
+# the backend fuses multiply-adds per compiled loop: k-quants differ from the single-row kernel by a float32
+# rounding or two of the partial sums (measured: <= 3e-7 of the row's largest output).
+SAME = 2e-6
+
+
+def _matrices(qtype: str, n_outs, blocks: int, seed: int):
+    n_in = max(BLOCKS[qtype][0], 32) * blocks
+    mats = [make_weights(qtype, n, n_in, seed=seed + n) for n in n_outs]
+    return n_in, [QuantLinear(raw, qtype, (n, n_in)) for n, (raw, _) in zip(n_outs, mats)], [W for _, W in mats]
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_multi_row_equals_the_single_row_path(qtype):
+    """Three fused matrices whose row counts are no multiple of the weight tile (_MR) nor of the thread split,
+    odd and even activation row counts (partial activation tiles): every row as the single-row dot gives it."""
+    n_in, qs, Ws = _matrices(qtype, (37, 6, 1), 3, seed=11)
+    for T in (2, 3, 5, 16):
+        X = np.random.default_rng(T).standard_normal((T, n_in)).astype(np.float32)
+        ys = matmul_rows_many(qs, X)
+        for q, W, y in zip(qs, Ws, ys):
+            one = np.stack([q.matvec(x) for x in X])
+            assert np.abs(y - one).max() <= SAME * np.abs(one).max(), (qtype, T)
+            assert rel_err(y, quantize_activations(X) @ W.T) < 1e-5, (qtype, T)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K", "Q6_K"])
+def test_a_row_does_not_depend_on_its_batch(qtype):
+    """A sequence's products are the same bits whatever else is in the batch, and wherever it sits in it."""
+    n_in, qs, _ = _matrices(qtype, (21,), 2, seed=3)
+    X = np.random.default_rng(0).standard_normal((7, n_in)).astype(np.float32)
+    (full,) = matmul_rows_many(qs, X)
+    for rows in ([4, 1], [6, 0, 3], [2, 5, 1, 0, 6], [5, 5]):
+        (part,) = matmul_rows_many(qs, X[rows])
+        np.testing.assert_array_equal(part, full[rows])
+
+
+def test_dispatch_by_row_count(monkeypatch):
+    """One row keeps the single-row kernel; from MIN_ROWS rows on, QuantLinear.matmul and matmul_rows_many run
+    the multi-row driver (its output, bit for bit)."""
+    from edgeq.cpu_kernels import linear
+
+    monkeypatch.setitem(batch_dot.MIN_ROWS, "Q4_K", 3)
+    n_in, (q,), _ = _matrices("Q4_K", (13,), 2, seed=5)
+    assert q._integer_kernel(1) is q._mm and q._integer_kernel(2) is q._mm
+    assert q._integer_kernel(3) is q._integer_kernel(16) is batch_dot.KERNELS["Q4_K"]
+    X = np.random.default_rng(1).standard_normal((4, n_in)).astype(np.float32)
+    direct = np.empty((4, 13), np.float32)
+    qx, dx, bsums = linear._quantized(X)
+    linear._run_fused(batch_dot.KERNELS["Q4_K"], [q.raw], n_in, qx, dx, bsums, [direct])
+    np.testing.assert_array_equal(q.matmul(X), direct)
+    np.testing.assert_array_equal(matmul_rows_many([q], X)[0], direct)
+
+
+def test_every_integer_type_has_a_multi_row_driver():
+    """Built from the one table of block IR (simd.BLOCK_IR), so a new row-dot type gets one without a copy."""
+    from edgeq.cpu_kernels import simd
+
+    assert set(batch_dot.KERNELS) == set(simd.ROW_DOTS) == set(batch_dot.MIN_ROWS)
