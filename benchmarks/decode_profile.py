@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--matrices", action="store_true", help="time the decode's matrix products per group (-t: a "
                     "comma list of thread counts)")
     ap.add_argument("-t", "--threads", default="2")
+    ap.add_argument("--cpu", action="store_true", help="time with this thread's CPU clock instead of the wall "
+                    "clock (with -t 1: steadier on a shared machine, where the wall clock counts other processes)")
     a = ap.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
     m = edgeq.load(a.model, n_ctx=2048, threads=max(threads))
@@ -86,6 +88,11 @@ def main() -> None:
         matrices(m, a.steps, threads)
         return
     a.threads = threads[0]
+    clock = time.perf_counter
+    if a.cpu:
+        if a.threads != 1:
+            raise SystemExit("--cpu needs -t 1 (the other threads' time is not in this thread's clock)")
+        clock = time.thread_time
     total, calls = collections.defaultdict(float), collections.Counter()
 
     depth = [0]  # timers inside timers (linears -> Linear.__call__ at prefill) count once, at the outer one
@@ -95,13 +102,13 @@ def main() -> None:
 
         def timed(*args, **kw):
             depth[0] += 1
-            t = time.perf_counter()
+            t = clock()
             try:
                 return f(*args, **kw)
             finally:
                 depth[0] -= 1
                 if depth[0] == 0:
-                    total[label] += time.perf_counter() - t
+                    total[label] += clock() - t
                     calls[label] += 1
 
         setattr(owner, attr, timed)
@@ -122,11 +129,11 @@ def main() -> None:
         total.clear()
         calls.clear()
         n = 3
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             m.reset()
             m._forward(ids)
-        wall = time.perf_counter() - t0
+        wall = clock() - t0
         print(f"{m.path.name}: prefill of {len(ids)} tokens {1000 * wall / n:.1f} ms ({n * len(ids) / wall:.1f} t/s), "
               f"{a.threads} threads")
         for k, v in sorted(total.items(), key=lambda kv: -kv[1]):
@@ -138,16 +145,16 @@ def main() -> None:
     m._forward([tok])  # the single-token kernels compile (or load from the cache) here, not in the timed steps
     total.clear()
     calls.clear()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(a.steps):
         logits = m._forward([tok])
-        t = time.perf_counter()
+        t = clock()
         tok = sampler(logits, ids)
-        t_sample += time.perf_counter() - t
-    wall = time.perf_counter() - t0
+        t_sample += clock() - t
+    wall = clock() - t0
     n = a.steps
     print(f"{m.path.name}: {1000 * wall / n:.2f} ms/token ({n / wall:.1f} t/s), context {len(ids)}..{len(ids) + n}, "
-          f"{a.threads} threads")
+          f"{a.threads} threads, {'CPU' if a.cpu else 'wall'} time")
     for k, v in sorted(total.items(), key=lambda kv: -kv[1]):
         print(f"  {k:8s} {1000 * v / n:7.3f} ms/token  {calls[k] // n} calls/token")
     print(f"  sampling {1000 * t_sample / n:7.3f} ms/token")
