@@ -17,6 +17,11 @@ The caller validates every size (linear._check): the IR does no bounds checks.
 The byte dot product `udot(u, s)` (32 unsigned x 32 signed bytes -> 8 int32 sums of 4) is chosen once by
 the CPU: AVX512-VNNI / AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw` + `vpmaddwd`, or portable IR (widening
 multiply and adds) elsewhere; EDGEQ_SIMD=vnni|avx2|generic overrides (tests run all three).
+On AVX-512 VNNI CPUs (`_ZMM`) Q4_K dots two 32-weight blocks per 512-bit vpdpbusd (1.2x at T=1 over the
+256-bit path, ~2x when the weights come from cache).
+The k-quants run vectorized over a super-block's 8 sub-blocks: scales, mins and activation sums as vectors,
+one lane broadcast per sub-block, four accumulators (Q4_K 1.5-1.8x, Q6_K 1.2-1.3x per thread over one
+scalar chain per sub-block: benchmarks/decode_profile.py --matrices).
 The numpy twins are gguf-py's dequantizers (tests/test_linear.py compares every type on every level).
 """
 from __future__ import annotations
@@ -61,6 +66,8 @@ def _detect_level() -> str:
 
 
 LEVEL = _detect_level()
+# 512-bit byte dots (two 32-weight blocks per vpdpbusd) where the CPU has AVX-512 VNNI, not only AVX-VNNI
+_ZMM = LEVEL == "vnni" and all(llvm_binding.get_host_cpu_features().get(f) for f in ("avx512vnni", "avx512bw"))
 # f16 -> f32 in hardware where LLVM has it (x86 F16C, any ARM64); EDGEQ_SOFT_HALF=1 forces the integer path
 _HW_HALF = os.environ.get("EDGEQ_SOFT_HALF", "") != "1" and (
     platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86")
@@ -146,6 +153,12 @@ class _IR:
             return self.intr("llvm.x86.avx2.pmadd.wd", v8, [p16, self.const(I16, 16, 1)])
         return self.sum4(self.b.mul(self.b.zext(u, _vec(I32, 32)), self.b.sext(s, _vec(I32, 32))))
 
+    def udot64(self, u, s) -> ir.Value:
+        """<64 x i8> unsigned (each < 128) . <64 x i8> signed -> <16 x i32> (_ZMM only: one zmm vpdpbusd)."""
+        v16 = _vec(I32, 16)
+        return self.intr("llvm.x86.avx512.vpdpbusd.512", v16,
+                         [ir.Constant(v16, None), self.b.bitcast(u, v16), self.b.bitcast(s, v16)])
+
     def sdot(self, w, s) -> ir.Value:
         """<32 x i8> signed . <32 x i8> signed (codes in [-127, 127]) -> <8 x i32> like `udot`."""
         if LEVEL == "generic":
@@ -196,24 +209,48 @@ class _IR:
 
 
 class _Acc:
-    """A row's running sums: `vec` (8 floats, block dot * scale) and `sc` (scalar terms such as mins)."""
+    """A row's running sums: `vecs` (_N_ACC vectors of 8 floats, block dot * scale) and `sc` (scalar terms
+    such as mins). Several vector sums, not one: a k-quant super-block adds 8-9 products, and one sum would
+    chain them through the FMA latency (4 cycles each), which bounded Q4_K/Q6_K at ~13 GB/s per thread."""
 
     def __init__(self, x: _IR):
         self.x = x
-        self.vec_p = cgutils.alloca_once_value(x.b, ir.Constant(_vec(F32, 8), None))
+        self.vecs = [cgutils.alloca_once_value(x.b, ir.Constant(_vec(F32, 8), None)) for _ in range(_N_ACC)]
+        # <16 x float> sums of the zmm dots (_ZMM); created here, before the block loop, where their zeroing
+        # runs once (unused ones vanish in LLVM's mem2reg)
+        self.wide = [cgutils.alloca_once_value(x.b, ir.Constant(_vec(F32, 16), None)) for _ in range(_N_ACC if _ZMM else 0)]
         self.sc_p = cgutils.alloca_once_value(x.b, ir.Constant(F32, 0.0))
 
-    def add_dot(self, idot, scale) -> None:
-        """vec += float(idot) * scale, for an <8 x i32> block dot and a float scale."""
-        b = self.x.b
-        f = b.sitofp(idot, _vec(F32, 8))
-        b.store(self.x.fma8(f, self.x.splat(scale, 8), b.load(self.vec_p)), self.vec_p)
+    def add_dot(self, idot, scale, slot: int = 0) -> None:
+        """vecs[slot] += float(idot) * scale, for an <8 x i32> block dot and a float scale."""
+        self.fma(self.x.b.sitofp(idot, _vec(F32, 8)), self.x.splat(scale, 8), slot)
+
+    def fma(self, a, c, slot: int) -> None:
+        """vecs[slot] += a * c for <8 x float> a, c."""
+        p = self.vecs[slot % _N_ACC]
+        self.x.b.store(self.x.fma8(a, c, self.x.b.load(p)), p)
+
+    def fma16(self, a, c, slot: int) -> None:
+        """wide[slot] += a * c for <16 x float> a, c."""
+        p = self.wide[slot % _N_ACC]
+        v = _vec(F32, 16)
+        self.x.b.store(self.x.intr("llvm.fma.v16f32", v, [a, c, self.x.b.load(p)]), p)
 
     def add(self, v) -> None:
         self.x.b.store(self.x.b.fadd(self.x.b.load(self.sc_p), v), self.sc_p)
 
     def total(self) -> ir.Value:
-        return self.x.b.fadd(self.x.hsum8(self.x.b.load(self.vec_p)), self.x.b.load(self.sc_p))
+        b = self.x.b
+        vs = [b.load(p) for p in self.vecs]
+        for p in self.wide:
+            w = b.load(p)
+            vs[0] = b.fadd(vs[0], b.fadd(self.x.half_of(w, 0), self.x.half_of(w, 1)))
+        while len(vs) > 1:
+            vs = [b.fadd(vs[i], vs[i + 1]) for i in range(0, len(vs), 2)]
+        return b.fadd(self.x.hsum8(vs[0]), b.load(self.sc_p))
+
+
+_N_ACC = 4  # independent vector sums per row (a power of 2)
 
 
 def data_ptrs(context, builder, signature, args, which) -> list:
@@ -309,48 +346,92 @@ def _block_q5_1(x, acc, row, o, b, qx, dx, bsums):
     acc.add(x.b.fmul(x.b.fmul(m, xd), _bsum_pair(x, bsums, b)))
 
 
-def _k_scale_min(x, row, o, k: int):
-    """Q4_K/Q5_K: 6-bit scale and min (i32) of sub-block k from the 12 packed bytes at row + o."""
-    sc = [x.byte(row, x.off(o, i)) for i in range(12)]
+def _k_scales_mins(x, row, o):
+    """Q4_K/Q5_K: the 8 six-bit scales and the 8 mins of a super-block (12 packed bytes at row + o) as two
+    <8 x i32>, unpacked with 32-bit masks (llama.cpp's utmp/kmask trick) instead of 16 scalar extractions."""
     c = lambda v: ir.Constant(I32, v)  # noqa: E731
-    if k < 4:
-        return x.b.and_(sc[k], c(63)), x.b.and_(sc[k + 4], c(63))
-    s = x.b.or_(x.b.and_(sc[k + 4], c(15)), x.b.and_(x.b.lshr(sc[k - 4], c(2)), c(48)))
-    m = x.b.or_(x.b.lshr(sc[k + 4], c(4)), x.b.and_(x.b.lshr(sc[k], c(2)), c(48)))
-    return s, m
+    u0, u1, u2 = (x.at(row, x.off(o, 4 * i), I32) for i in range(3))
+    lo6, lo4, lo2 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+    top2 = lambda u: x.b.shl(x.b.and_(x.b.lshr(u, c(6)), lo2), c(4))  # noqa: E731  bits 6-7 of each byte -> 4-5
+    scales = (x.b.and_(u0, lo6), x.b.or_(x.b.and_(u2, lo4), top2(u0)))
+    mins = (x.b.and_(u1, lo6), x.b.or_(x.b.and_(x.b.lshr(u2, c(4)), lo4), top2(u1)))
+
+    def widen(pair):
+        v = ir.Constant(_vec(I32, 2), None)
+        for i, u in enumerate(pair):
+            v = x.b.insert_element(v, u, c(i))
+        return x.b.zext(x.b.bitcast(v, _vec(I8, 8)), _vec(I32, 8))
+    return widen(scales), widen(mins)
 
 
-def _kquant_sub(x, acc, q, b, k, d, dmin, sc, mn, qx, dx, bsums):
-    """Sub-block k (32 weights) of super-block b: w = d * sc * q - dmin * mn."""
-    kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
-    xd = x.elem(dx, kb, F32)
-    acc.add_dot(x.udot(q, x.act(qx, kb)), x.b.fmul(x.b.fmul(d, x.b.sitofp(sc, F32)), xd))
-    acc.add(x.b.fmul(x.b.fmul(x.b.fmul(dmin, x.b.sitofp(mn, F32)), xd),
-                     x.b.fsub(ir.Constant(F32, 0.0), _bsum_pair(x, bsums, kb))))
+def _lane(x, v, k: int) -> ir.Value:
+    """<8 x T> with every lane = lane k of v."""
+    return x.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(_vec(I32, 8), [k] * 8))
+
+
+def _super_act(x, b, dx, bsums):
+    """The activation side of super-block b (8 blocks of 32): dx[8b:8b+8] as <8 x float> and the sums of the
+    codes of each block (bsums[16b:16b+16] added in pairs) as <8 x i32>."""
+    dxv = x.at(dx, x.b.mul(b, ir.Constant(I64, 32)), _vec(F32, 8))
+    bs = x.at(bsums, x.b.mul(b, ir.Constant(I64, 64)), _vec(I32, 16))
+    undef = ir.Constant(bs.type, ir.Undefined)
+    even = x.b.shuffle_vector(bs, undef, ir.Constant(_vec(I32, 8), list(range(0, 16, 2))))
+    odd = x.b.shuffle_vector(bs, undef, ir.Constant(_vec(I32, 8), list(range(1, 16, 2))))
+    return dxv, x.b.add(even, odd)
+
+
+def _kquant_super(x, acc, b, d, dmin, sc8, mn8, codes, qx, dx, bsums, pairs=None):
+    """A Q4_K/Q5_K super-block, vectorized over its 8 sub-blocks: w = d * sc * q - dmin * mn, so the row dot
+    is sum_k d sc_k dx_k (q_k . s_k) - dmin sum_k mn_k dx_k bsum_k. codes(k) -> <32 x i8> of sub-block k;
+    pairs(c) -> <64 x i8> of sub-blocks 2c, 2c+1 (their activations are adjacent too), for the zmm dots."""
+    dxv, bs = _super_act(x, b, dx, bsums)
+    coef = x.b.fmul(x.b.fmul(x.splat(d, 8), x.b.sitofp(sc8, _vec(F32, 8))), dxv)   # d sc_k dx_k
+    acc.fma(x.b.sitofp(x.b.mul(mn8, bs), _vec(F32, 8)), x.b.fmul(x.splat(x.b.fneg(dmin), 8), dxv), _N_ACC - 1)
+    kb0 = x.b.mul(b, ir.Constant(I64, 8))
+    if _ZMM and pairs is not None:
+        undef = ir.Constant(coef.type, ir.Undefined)
+        for c in range(4):
+            s = x.at(qx, x.b.mul(x.b.add(kb0, ir.Constant(I64, 2 * c)), ir.Constant(I64, 32)), _vec(I8, 64))
+            p = x.b.sitofp(x.udot64(pairs(c), s), _vec(F32, 16))
+            acc.fma16(p, x.b.shuffle_vector(coef, undef, ir.Constant(_vec(I32, 16), [2 * c] * 8 + [2 * c + 1] * 8)), c)
+        return
+    for k in range(8):
+        p = x.udot(codes(k), x.act(qx, x.b.add(kb0, ir.Constant(I64, k))))
+        acc.fma(x.b.sitofp(p, _vec(F32, 8)), _lane(x, coef, k), k)
+
+
+def _nibble_pair(x, w) -> ir.Value:
+    """<32 x i8> packed nibbles -> <64 x i8>: the 32 low nibbles, then the 32 high ones (one zmm shift by 0 | 4
+    per half and one mask)."""
+    ww = x.b.bitcast(x.concat(w, w), _vec(I16, 32))
+    sh = x.b.lshr(ww, ir.Constant(_vec(I16, 32), [0] * 16 + [4] * 16))
+    return x.b.and_(x.b.bitcast(sh, _vec(I8, 64)), x.const(I8, 64, 15))
 
 
 def _block_q4_k(x, acc, row, o, b, qx, dx, bsums):
     # 144 bytes: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of nibbles: each 32 bytes hold
     # sub-block 2c in the low nibbles and 2c+1 in the high ones
     d, dmin = x.half(row, o), x.half(row, x.off(o, 2))
-    for c in range(4):
-        w = x.at(row, x.off(o, 16 + 32 * c), _vec(I8, 32))
-        for h, q in enumerate((x.b.and_(w, x.const(I8, 32, 15)), x.b.lshr(w, x.const(I8, 32, 4)))):
-            sc, mn = _k_scale_min(x, row, x.off(o, 4), 2 * c + h)
-            _kquant_sub(x, acc, q, b, 2 * c + h, d, dmin, sc, mn, qx, dx, bsums)
+    sc8, mn8 = _k_scales_mins(x, row, x.off(o, 4))
+    w = [x.at(row, x.off(o, 16 + 32 * c), _vec(I8, 32)) for c in range(4)]
+
+    def codes(k):
+        return x.b.and_(w[k >> 1], x.const(I8, 32, 15)) if k % 2 == 0 else x.b.lshr(w[k >> 1], x.const(I8, 32, 4))
+    _kquant_super(x, acc, b, d, dmin, sc8, mn8, codes, qx, dx, bsums, lambda c: _nibble_pair(x, w[c]))
 
 
 def _block_q5_k(x, acc, row, o, b, qx, dx, bsums):
     # 176 bytes: d, dmin, 12 bytes of scales/mins, qh[32] (bit k of byte j = fifth bit of sub-block k), qs[128]
     d, dmin = x.half(row, o), x.half(row, x.off(o, 2))
+    sc8, mn8 = _k_scales_mins(x, row, x.off(o, 4))
     qh = x.at(row, x.off(o, 16), _vec(I8, 32))
-    for c in range(4):
-        w = x.at(row, x.off(o, 48 + 32 * c), _vec(I8, 32))
-        for h, q in enumerate((x.b.and_(w, x.const(I8, 32, 15)), x.b.lshr(w, x.const(I8, 32, 4)))):
-            k = 2 * c + h
-            hi = x.b.shl(x.b.and_(x.b.lshr(qh, x.const(I8, 32, k)), x.const(I8, 32, 1)), x.const(I8, 32, 4))
-            sc, mn = _k_scale_min(x, row, x.off(o, 4), k)
-            _kquant_sub(x, acc, x.b.or_(q, hi), b, k, d, dmin, sc, mn, qx, dx, bsums)
+    w = [x.at(row, x.off(o, 48 + 32 * c), _vec(I8, 32)) for c in range(4)]
+
+    def codes(k):
+        q = x.b.and_(w[k >> 1], x.const(I8, 32, 15)) if k % 2 == 0 else x.b.lshr(w[k >> 1], x.const(I8, 32, 4))
+        hi = x.b.shl(x.b.and_(x.b.lshr(qh, x.const(I8, 32, k)), x.const(I8, 32, 1)), x.const(I8, 32, 4))
+        return x.b.or_(q, hi)
+    _kquant_super(x, acc, b, d, dmin, sc8, mn8, codes, qx, dx, bsums)
 
 
 def _sub16(x, acc, q, b, k, s0, s1, d, offset: int, qx, dx, bsums):
@@ -367,20 +448,32 @@ def _sub16(x, acc, q, b, k, s0, s1, d, offset: int, qx, dx, bsums):
 def _block_q6_k(x, acc, row, o, b, qx, dx, bsums):
     # 210 bytes: ql[128] low nibbles, qh[64] 2-bit high parts, 16 int8 scales (one per 16), d (f16);
     # w = d * sc * (q - 32). Half h covers sub-blocks 4h..4h+3 from ql[64h:64h+64] and qh[32h:32h+32].
+    # Vectorized over the super-block: the dot of sub-block k is d dx_k sum_{j=0,1} sc_{2k+j} (q . s over its
+    # 16 weights), and the offset term -32 d sum_k dx_k (sc_2k bsum_2k + sc_2k+1 bsum_2k+1) is one vector.
     d = x.half(row, x.off(o, 208))
+    dxv = x.at(dx, x.b.mul(b, ir.Constant(I64, 32)), _vec(F32, 8))
+    coef = x.b.fmul(x.splat(d, 8), dxv)                                               # d dx_k
+    s16 = x.b.sext(x.at(row, x.off(o, 192), _vec(I8, 16)), _vec(I32, 16))
+    bs = x.at(bsums, x.b.mul(b, ir.Constant(I64, 64)), _vec(I32, 16))
+    prod, undef = x.b.mul(s16, bs), ir.Constant(_vec(I32, 16), ir.Undefined)
+    pair = [x.b.shuffle_vector(prod, undef, ir.Constant(_vec(I32, 8), list(range(j, 16, 2)))) for j in (0, 1)]
+    acc.fma(x.b.sitofp(x.b.add(*pair), _vec(F32, 8)), x.b.fmul(coef, x.const(F32, 8, -32.0)), _N_ACC - 1)
     m15, m3 = x.const(I8, 32, 15), x.const(I8, 32, 3)
     for h in range(2):
         l0 = x.at(row, x.off(o, 64 * h), _vec(I8, 32))
         l1 = x.at(row, x.off(o, 64 * h + 32), _vec(I8, 32))
         hb = x.at(row, x.off(o, 128 + 32 * h), _vec(I8, 32))
+        sh = x.half_of(s16, h)                       # the scales of sub-blocks 4h..4h+3
         for kk in range(4):
             lo = l0 if kk % 2 == 0 else l1
             lo = x.b.and_(lo, m15) if kk < 2 else x.b.lshr(lo, x.const(I8, 32, 4))
             hi = x.b.shl(x.b.and_(x.b.lshr(hb, x.const(I8, 32, 2 * kk)), m3), x.const(I8, 32, 4))
             k = 4 * h + kk
-            s0 = x.b.sext(x.at(row, x.off(o, 192 + 2 * k), I8), I32)
-            s1 = x.b.sext(x.at(row, x.off(o, 193 + 2 * k), I8), I32)
-            _sub16(x, acc, x.b.or_(lo, hi), b, k, s0, s1, d, 32, qx, dx, bsums)
+            kb = x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k))
+            scv = x.b.shuffle_vector(sh, ir.Constant(sh.type, ir.Undefined),
+                                     ir.Constant(_vec(I32, 8), [2 * kk] * 4 + [2 * kk + 1] * 4))
+            p = x.b.mul(x.udot(x.b.or_(lo, hi), x.act(qx, kb)), scv)
+            acc.fma(x.b.sitofp(p, _vec(F32, 8)), _lane(x, coef, k), k)
 
 
 def _block_q2_k(x, acc, row, o, b, qx, dx, bsums):
