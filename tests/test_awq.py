@@ -1,0 +1,189 @@
+"""AWQ scaling folded into the graph (edgeq/convert/awq.py): the fold leaves the float network's logits
+unchanged (llama with GQA, qwen2 with a v bias, gemma3 with its norms stored as 1 + w), the search scales
+salient channels when that lowers the quantized output error, unfoldable architectures are refused, and
+`--method awq-gptq` writes a standard file of the same tensor set."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from edgeq.convert import awq  # noqa: E402
+
+VOCAB = 64
+IDS = [ord(c) for c in "12+34=46; 5*6=30. 7-2=5,"]
+N_EMBD, N_FF, N_HEAD, N_KV, HD = 64, 96, 4, 2, 32
+
+
+def tiny_f32(path, arch: str, seed: int = 0, norms: dict | None = None):
+    """A random float32 `arch` model (llama, qwen2 or gemma3): 2 layers, 4 query heads on 2 KV heads of 32
+    dims (each KV head shared by two q heads), a byte-level vocabulary of 64 tokens. `norms` overrides
+    tensors by name (e.g. folded ones)."""
+    from edgeq.runtime.tokenizer import BYTE_TO_CHAR
+
+    rng = np.random.default_rng(seed)
+    gemma = arch == "gemma3"
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in [("embedding_length", N_EMBD), ("block_count", 2), ("feed_forward_length", N_FF),
+                 ("attention.head_count", N_HEAD), ("attention.head_count_kv", N_KV), ("context_length", 64),
+                 ("attention.key_length", HD), ("attention.value_length", HD)]:
+        w.add_uint32(f"{arch}.{k}", v)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    if gemma:
+        w.add_uint32(f"{arch}.attention.sliding_window", 3)
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", 2)
+        w.add_float32(f"{arch}.rope.freq_base_swa", 100.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([BYTE_TO_CHAR[b] for b in range(VOCAB)])
+    w.add_token_types([1] * VOCAB)
+    w.add_eos_token_id(0)
+    tensors = {}
+
+    def matrix(name, n_out, n_in, std=None):
+        tensors[name] = (rng.standard_normal((n_out, n_in)) * (std or n_in ** -0.5)).astype(np.float32)
+
+    def vector(name, n, base=1.0):
+        tensors[name] = (base + 0.3 * rng.standard_normal(n)).astype(np.float32)
+
+    matrix("token_embd.weight", VOCAB, N_EMBD, std=1.0)
+    for i in range(2):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", N_EMBD)
+        matrix(p + "attn_q.weight", N_HEAD * HD, N_EMBD)
+        matrix(p + "attn_k.weight", N_KV * HD, N_EMBD)
+        matrix(p + "attn_v.weight", N_KV * HD, N_EMBD)
+        matrix(p + "attn_output.weight", N_EMBD, N_HEAD * HD)
+        vector(p + "ffn_norm.weight", N_EMBD)
+        matrix(p + "ffn_gate.weight", N_FF, N_EMBD)
+        matrix(p + "ffn_up.weight", N_FF, N_EMBD)
+        matrix(p + "ffn_down.weight", N_EMBD, N_FF)
+        if arch == "qwen2":
+            for t, n in (("attn_q", N_HEAD * HD), ("attn_k", N_KV * HD), ("attn_v", N_KV * HD)):
+                vector(p + t + ".bias", n, base=0.0)
+        if gemma:
+            for t, n in (("attn_q_norm", HD), ("attn_k_norm", HD), ("post_attention_norm", N_EMBD),
+                         ("post_ffw_norm", N_EMBD)):
+                vector(p + t + ".weight", n)
+    vector("output_norm.weight", N_EMBD)
+    if not gemma:
+        matrix("output.weight", VOCAB, N_EMBD)
+    tensors.update(norms or {})
+    for name, x in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(x, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+def logits(path) -> np.ndarray:
+    from edgeq.runtime import engine
+
+    # float KV cache: a block-quantized V cache sees v's rows at their new scale (the float graph is what must match)
+    return engine.load(str(path), n_ctx=64, threads=1, cache_type_k="f32", cache_type_v="f32").logits(IDS)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_fold_keeps_float_logits(arch, tmp_path):
+    """Every group folded with random scales (spread over 100×): same logits to float tolerance."""
+    tensors = tiny_f32(tmp_path / "a.gguf", arch)
+    shapes = {n: x.shape for n, x in tensors.items()}
+    gs = awq.groups(arch, shapes, N_HEAD, N_KV)
+    assert {g.producer.split(".", 2)[2] for g in gs} == {"attn_norm.weight", "ffn_norm.weight", "attn_v.weight",
+                                                         "ffn_up.weight"}
+    rng = np.random.default_rng(1)
+    cur = dict(tensors)
+    for g in gs:
+        s = np.exp(rng.uniform(-2.3, 2.3, cur[g.producer].shape[0]))
+        p, readers, bias = awq.fold(cur[g.producer], [cur[r] for r in g.readers], s, g.col_index,
+                                    cur[g.producer_bias] if g.producer_bias else None)
+        cur[g.producer] = p
+        cur.update(zip(g.readers, readers))
+        if bias is not None:
+            cur[g.producer_bias] = bias
+    assert not np.allclose(cur["blk.0.attn_norm.weight"], tensors["blk.0.attn_norm.weight"])
+    folded = {n: x for n, x in cur.items() if not np.array_equal(x, tensors[n])}
+    tiny_f32(tmp_path / "b.gguf", arch, norms=folded)
+    ref, got = logits(tmp_path / "a.gguf"), logits(tmp_path / "b.gguf")
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_gqa_index_maps_o_columns_to_their_kv_head():
+    """With 4 q heads on 2 KV heads, o's columns of q heads 0-1 read v rows of KV head 0, 2-3 of head 1."""
+    shapes = {"blk.0.attn_v.weight": (N_KV * HD, N_EMBD), "blk.0.attn_output.weight": (N_EMBD, N_HEAD * HD)}
+    (g,) = awq.groups("llama", shapes, N_HEAD, N_KV)
+    assert g.col_index.shape == (N_HEAD * HD,)
+    np.testing.assert_array_equal(g.col_index[:2 * HD], np.tile(np.arange(HD), 2))
+    np.testing.assert_array_equal(g.col_index[2 * HD:], HD + np.tile(np.arange(HD), 2))
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen3moe", "mamba"])
+def test_unfoldable_architectures_are_refused(arch):
+    with pytest.raises(awq.AwqError, match=f"cannot be folded into {arch}: .+"):
+        awq.check_arch(arch)
+
+
+def _salient_case(seed=0, n_in=256, rows=64, tokens=2048):
+    """Inputs with a few channels 30× larger than the rest (AWQ's setting) and weights of one scale."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((tokens, n_in)).astype(np.float32)
+    X[:, :8] *= 30.0
+    W = rng.standard_normal((rows, n_in)).astype(np.float32)
+    H_fit = X[:tokens // 2].T.astype(np.float64) @ X[:tokens // 2]
+    H_judge = X[tokens // 2:].T.astype(np.float64) @ X[tokens // 2:]
+    return W, H_fit, H_judge, tokens // 2
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q2_K"])
+def test_search_scales_salient_channels(qtype):
+    """Round-to-nearest (no importance): scaling the loud channels up lowers the output error, so α > 0
+    and its error is well below α = 0's."""
+    from edgeq.formats.quants import dequantize, quantize
+
+    W, H_fit, H_judge, n = _salient_case()
+    rms = awq.rms_of(H_fit, n, None, W.shape[1])
+    rtn = lambda Ws, H, imp: dequantize(quantize(Ws, qtype), qtype, Ws.shape)  # noqa: E731
+    s, alpha, errors = awq.search([W], rms, H_fit, n, H_judge, [rtn])
+    assert alpha > 0 and errors[0] == errors[0]
+    assert min(errors) < 0.8 * errors[0]
+    assert s[:8].min() > s[8:].max()     # the loud channels got the larger scales
+    np.testing.assert_allclose(np.exp(np.mean(np.log(s))), 1.0, rtol=1e-9)
+
+
+def test_search_keeps_alpha_zero_when_scaling_cannot_help():
+    """A quantizer that is exact for any scaling: every α ties, and α = 0 (no fold) is kept."""
+    W, H_fit, H_judge, n = _salient_case()
+    s, alpha, errors = awq.search([W], awq.rms_of(H_fit, n, None, W.shape[1]), H_fit, n, H_judge,
+                                  [lambda Ws, H, imp: Ws.astype(np.float64)])
+    assert alpha == 0.0 and np.all(s == 1.0)
+
+
+def test_folding_in_the_writer_keeps_float_logits(tmp_path):
+    """The writer's Folding (the layer-at-a-time fold, v both a reader and a producer) with given scales."""
+    from edgeq.convert import gptq, imatrix
+    from edgeq.runtime import engine
+
+    tensors = tiny_f32(tmp_path / "a.gguf", "llama")
+    model = engine.load(str(tmp_path / "a.gguf"), n_ctx=64, threads=1)
+    hs = gptq.Hessians()
+    imatrix.collect(lambda chunk, obs: model.collect_activations(chunk, obs), IDS * 8, n_ctx=32, n_chunks=4,
+                    hessians=hs)
+    shapes = {n: x.shape for n, x in tensors.items()}
+    types = {n: "Q5_0" if x.ndim == 2 else "F32" for n, x in tensors.items()}
+    rng = np.random.default_rng(2)
+    cache = {(g.producer, tuple(types[r] for r in g.readers)): (np.exp(rng.uniform(-1.5, 1.5, shapes[g.producer][0])), 0.5)
+             for g in awq.groups("llama", shapes, N_HEAD, N_KV)}
+    folding = awq.Folding("llama", {n: (lambda x=x: x) for n, x in tensors.items()}, shapes, types, hs, N_HEAD, N_KV,
+                          quantizer_for=None, cache=cache)
+    folded = {n: folding.load(n) for n in tensors}
+    assert len(folding.alphas) == 8 and not np.allclose(folded["blk.1.attn_v.weight"], tensors["blk.1.attn_v.weight"])
+    # the readers' Hessians are those of the scaled input x/s
+    s = folding.col_scale["blk.0.attn_q.weight"]
+    np.testing.assert_allclose(folding.hessians.get("blk.0.attn_q.weight"), hs.get("blk.0.attn_q.weight") / np.outer(s, s))
+    tiny_f32(tmp_path / "b.gguf", "llama", norms=folded)
+    ref, got = logits(tmp_path / "a.gguf"), logits(tmp_path / "b.gguf")
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
