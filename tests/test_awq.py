@@ -187,3 +187,59 @@ def test_folding_in_the_writer_keeps_float_logits(tmp_path):
     tiny_f32(tmp_path / "b.gguf", "llama", norms=folded)
     ref, got = logits(tmp_path / "a.gguf"), logits(tmp_path / "b.gguf")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _gptq_quantizer(qtype):
+    from edgeq.convert.gptq import quantize_gptq
+    from edgeq.formats.quants import dequantize
+
+    return lambda Ws, H, imp: dequantize(quantize_gptq(Ws, qtype, H, imp), qtype, Ws.shape)
+
+
+def test_larger_type_never_loses_to_a_smaller_one():
+    """AWQ + GPTQ on the same inputs: each larger k-quant ends with a lower held-out error than the one below."""
+    W, H_fit, H_judge, n = _salient_case(seed=3)
+    rms = awq.rms_of(H_fit, n, None, W.shape[1])
+    best = [min(awq.search([W], rms, H_fit, n, H_judge, [_gptq_quantizer(t)], alphas=(0.0, 0.25, 0.5))[2])
+            for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")]
+    assert all(a > b for a, b in zip(best, best[1:])), best
+
+
+def test_awq_gptq_file_is_the_same_tensor_set(tmp_path):
+    """quantize --calibrate --method awq-gptq: gguf-py (llama.cpp's reader) reads the file; names, shapes and
+    types are those of the gptq file; the folds are in the norms (changed) and the file still runs."""
+    from edgeq.convert import QuantOptions, quantize_file
+
+    tiny_f32(tmp_path / "f32.gguf", "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("".join(chr(48 + (i * 7 + i // 5) % 14) for i in range(4000)))
+    stats = {}
+    for m in ("gptq", "awq-gptq", "best"):
+        stats[m] = quantize_file(tmp_path / "f32.gguf", tmp_path / f"{m}.gguf", options=QuantOptions(
+            qtype="Q4_K_M", calibrate=str(text), chunks=6, calib_ctx=64, method=m))
+    assert stats["awq-gptq"]["awq"]["groups"] == 8 and "awq" not in stats["gptq"]
+    r = {m: {t.name: t for t in gguf.GGUFReader(tmp_path / f"{m}.gguf").tensors} for m in stats}
+    for m in ("awq-gptq", "best"):
+        assert {(n, t.tensor_type, tuple(t.shape)) for n, t in r[m].items()} == \
+            {(n, t.tensor_type, tuple(t.shape)) for n, t in r["gptq"].items()}
+    alphas = stats["awq-gptq"]["awq"]["alphas"]
+    for name, alpha in alphas.items():   # a group scaled (α > 0) has its producer changed, others not
+        same = np.array_equal(np.asarray(r["awq-gptq"][name].data), np.asarray(r["gptq"][name].data))
+        assert same == (alpha == 0.0), name
+    assert np.isfinite(logits(tmp_path / "awq-gptq.gguf")).all()
+
+
+def test_awq_gptq_refused_before_calibration(tmp_path):
+    from edgeq.convert import QuantOptions, quantize_file
+    from edgeq.errors import EdgeqError
+
+    w = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+    w.add_uint32("phi3.block_count", 1)
+    w.add_tensor("blk.0.attn_qkv.weight", np.zeros((96, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(EdgeqError, match="cannot be folded into phi3"):
+        quantize_file(tmp_path / "phi.gguf", tmp_path / "out.gguf",
+                      options=QuantOptions(qtype="Q4_K_M", calibrate="macbeth", method="awq-gptq"))

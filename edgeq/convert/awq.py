@@ -218,6 +218,11 @@ class Folding:
         self._fold_layer(layer)
         return self._ready.pop(name)
 
+    def folded(self) -> list[str]:
+        """Names of the tensors a scaled group (α > 0) changed so far."""
+        return sorted({n for g in self.groups if self.alphas.get(g.producer, 0.0) > 0
+                       for n in (g.producer, g.producer_bias, *g.readers) if n})
+
     def importance(self, name: str, imp: np.ndarray | None) -> np.ndarray | None:
         """Mean x² of a folded matrix's input x/s."""
         s = self.col_scale.get(name)

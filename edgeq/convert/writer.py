@@ -95,7 +95,7 @@ def write_model(path: str | os.PathLike, arch: str,
              "bits_per_weight": 8 * n_bytes / max(n_el, 1), "types": counts, "methods": methods}
     if folding is not None:
         stats["awq"] = {"groups": len(folding.alphas), "scaled": sum(a > 0 for a in folding.alphas.values()),
-                        "alphas": folding.alphas}
+                        "alphas": folding.alphas, "folded": folding.folded()}
     mix = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
     progress.finish(f"wrote {path}: {stats['file_bytes'] / 1e6:.1f} MB, {stats['bits_per_weight']:.2f} bits/weight "
                     f"({mix}) in {seconds:.1f}s"
