@@ -129,6 +129,9 @@ def _awq_folding(arch: str, metadata, tensors: Sequence[OutTensor], types: dict[
             return dequantize(raw, qtype, W.shape)
         return quantized
 
+    def coarse_for(qtype: str):
+        return lambda W, H, imp: dequantize(quantize(W, qtype, imp), qtype, W.shape)
+
     cache = imatrix.__dict__.setdefault("awq_scales", {})
     return awq.Folding(arch, {t.name: t.load for t in tensors}, {t.name: tuple(t.shape) for t in tensors}, types,
-                       imatrix.hessians, n_head, n_head_kv, quantizer_for, cache)
+                       imatrix.hessians, n_head, n_head_kv, quantizer_for, cache, coarse_for)
