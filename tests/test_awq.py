@@ -244,3 +244,30 @@ def test_awq_gptq_refused_before_calibration(tmp_path):
     with pytest.raises(EdgeqError, match="cannot be folded into phi3"):
         quantize_file(tmp_path / "phi.gguf", tmp_path / "out.gguf",
                       options=QuantOptions(qtype="Q4_K_M", calibrate="macbeth", method="awq-gptq"))
+
+
+@pytest.mark.parametrize("min_gain, scaled", [(0.0, True), (0.99, False)])
+def test_folding_keeps_a_scale_only_for_a_large_enough_gain(min_gain, scaled):
+    """The method's own held-out error decides: a fold that gains less than min_gain is dropped (α = 0)."""
+    from edgeq.convert import gptq
+    from edgeq.formats.quants import dequantize, quantize
+
+    rng = np.random.default_rng(5)
+    hs = gptq.Hessians()
+    for held in (False, True):
+        X = rng.standard_normal((1024, 256)).astype(np.float32)
+        X[:, :8] *= 30.0
+        hs.held_out = held
+        hs("blk.0.ffn_gate.weight", X)
+        hs("blk.0.ffn_up.weight", X)
+    tensors = {"blk.0.ffn_norm.weight": np.ones(256, np.float32),
+               "blk.0.ffn_gate.weight": rng.standard_normal((64, 256)).astype(np.float32),
+               "blk.0.ffn_up.weight": rng.standard_normal((64, 256)).astype(np.float32)}
+    rtn = lambda qtype: lambda Ws, H, imp: dequantize(quantize(Ws, qtype), qtype, Ws.shape)  # noqa: E731
+    folding = awq.Folding("llama", {n: (lambda x=x: x) for n, x in tensors.items()},
+                          {n: x.shape for n, x in tensors.items()}, {"blk.0.ffn_gate.weight": "Q4_K",
+                          "blk.0.ffn_up.weight": "Q4_K", "blk.0.ffn_norm.weight": "F32"}, hs, 4, 4, rtn)
+    folding.min_gain = min_gain
+    norm = folding.load("blk.0.ffn_norm.weight")
+    assert (folding.alphas["blk.0.ffn_norm.weight"] > 0) == scaled
+    assert np.array_equal(norm, tensors["blk.0.ffn_norm.weight"]) != scaled
