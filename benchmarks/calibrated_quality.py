@@ -247,14 +247,15 @@ def bench_model(key: str, args, done=lambda res: None) -> dict:
 
 
 COLORS = {"llama.cpp": "#bbbbbb", "llama.cpp imatrix": "#777777", "edgeq imatrix": "#9ecae1",
-          "edgeq gptq": "#4292c6", "edgeq awq-gptq": "#fd8d3c", "edgeq best": "#d94701"}
+          "edgeq gptq": "#4292c6", "edgeq awq-gptq": "#fd8d3c", "edgeq best": "#d94701",
+          "edgeq awq-gptq (no 5% rule)": "#fdd0a2", "edgeq best (no 5% rule)": "#a63603"}
 
 
 def plot_svg(results: list[dict]) -> str:
     """ΔPPL over F16 per model and type, one bar per quantizer: a small hand-written SVG (no matplotlib)."""
     groups = [(res["model"], t, [r for r in res["rows"] if r["type"] == t])
               for res in results for t in dict.fromkeys(r["type"] for r in res["rows"] if r["type"] != "F16")]
-    bar, gap, left, top = 11, 14, 150, 30
+    bar, gap, left, top = 11, 14, 150, 44
     top_val = max([r["dppl_pct"] for _, _, rows in groups for r in rows] + [1.0])
     width = 760
     scale = (width - left - 90) / top_val
@@ -268,9 +269,10 @@ def plot_svg(results: list[dict]) -> str:
             out.append(f'<text x="{left + w + 4:.1f}" y="{y + bar - 3}" font-size="9">{r["dppl_pct"]:+.1f}%</text>')
             y += bar
         y += gap
-    legend = "".join(f'<rect x="{left + 100 * i}" y="8" width="10" height="10" fill="{c}"/>'
-                     f'<text x="{left + 100 * i + 13}" y="17" font-size="9">{q}</text>'
-                     for i, (q, c) in enumerate(COLORS.items()))
+    used = [q for q in COLORS if any(r["quantizer"] == q for _, _, rows in groups for r in rows)]
+    legend = "".join(f'<rect x="{8 + 150 * (i % 4)}" y="{6 + 14 * (i // 4)}" width="10" height="10" fill="{COLORS[q]}"/>'
+                     f'<text x="{21 + 150 * (i % 4)}" y="{15 + 14 * (i // 4)}" font-size="9">{q}</text>'
+                     for i, q in enumerate(used))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" font-family="sans-serif" '
             f'font-size="11"><rect width="100%" height="100%" fill="white"/>{legend}{"".join(out)}'
             f'<text x="{left}" y="{y + 4}" font-size="9">ΔPPL over F16 (llama-perplexity, Hamlet 8 × 512)</text></svg>\n')
