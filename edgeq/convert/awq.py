@@ -28,7 +28,8 @@ from edgeq.errors import EdgeqError
 
 ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))   # AWQ searches 20 points; 11 halves the GPTQ runs
 MIN_GAIN = 0.05  # a fold is kept only if it lowers the method's held-out error by this fraction: smaller gains
-                 # on 8 held-out windows did not carry over (SmolLM2 Q2_K: 37 of 120 groups scaled, PPL +0.4)
+                 # on 8 held-out windows did not carry over on SmolLM2 (Q2_K PPL +0.4 with every gain kept);
+                 # on Gemma 3 they did (docs/quality.md): not settled, this is the conservative side
 MIN_RMS = 1e-5   # channels below this fraction of the largest rms are treated as this small (no 1/0 in the fold)
 
 # arch → (kinds of fold it allows); what the others lack, said once
