@@ -577,7 +577,8 @@ def test_calibrate_save_and_reuse(tiny, tmp_path):
 @needs_quants
 def test_calibrate_gptq_and_best(tiny, tmp_path):
     """--method gptq changes levels, never the block scales or the layout; best (the default) picks per
-    matrix and llama.cpp's reader (gguf-py) reads every file; --calibrate alone names the built-in text."""
+    matrix (where no AWQ scale was folded) and llama.cpp's reader (gguf-py) reads every file; --calibrate
+    alone names the built-in text."""
     import argparse
 
     from edgeq.cli import quantize as quantize_verb
@@ -588,10 +589,15 @@ def test_calibrate_gptq_and_best(tiny, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(TEXT * 40)
     files = {}
-    for method in ("imatrix", "gptq", "best"):
+    for method in ("imatrix", "gptq"):
         files[method] = tmp_path / f"{method}.gguf"
         assert cli(["convert", str(tiny["llama"]), "-o", str(files[method]), "--type", "Q2_K", "-q", "--calibrate",
                     str(text), "--chunks", "4", "--calib-ctx", "32", "--method", method]) == 0
+    from edgeq.convert import QuantOptions, convert
+
+    files["best"] = tmp_path / "best.gguf"
+    best = convert(tiny["llama"], files["best"], options=QuantOptions(qtype="Q2_K", calibrate=str(text), chunks=4,
+                                                                     calib_ctx=32, method="best"))
     r = {m: {t.name: t for t in gguf.GGUFReader(p).tensors} for m, p in files.items()}
     changed = 0
     for name, ti in r["imatrix"].items():
@@ -606,7 +612,11 @@ def test_calibrate_gptq_and_best(tiny, tmp_path):
         np.testing.assert_array_equal(bg, bi)
         changed += not np.array_equal(kg, ki)
     assert changed > 0
-    for name, tb in r["best"].items():   # each matrix of `best` is one of the two candidates
+    folded = set(best["awq"]["folded"])   # tensors an AWQ scale changed (tests/test_awq.py)
+    assert len(folded) < len(r["best"])
+    for name, tb in r["best"].items():   # each other matrix of `best` is one of the two candidates
+        if name in folded:
+            continue
         data = np.asarray(tb.data)
         assert (np.array_equal(data, np.asarray(r["imatrix"][name].data))
                 or np.array_equal(data, np.asarray(r["gptq"][name].data))), name

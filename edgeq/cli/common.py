@@ -164,8 +164,10 @@ def add_recipe_arguments(p: argparse.ArgumentParser, default_type: str | None) -
     g.add_argument("--imatrix", metavar="FILE", help="use an importance matrix file (llama.cpp GGUF or legacy .dat)")
     p.add_argument("--method", choices=METHODS, default="best",
                    help="with --calibrate: imatrix (llama.cpp's importance search), gptq (error-compensating "
-                        "rounding on the same block scales), best (per matrix, the lower held-out output error; "
-                        "default)")
+                        "rounding on the same block scales), awq-gptq (AWQ per-channel scales folded into the "
+                        "norms and v/up rows, then gptq; llama, qwen2/3, smollm3, granite, gemma3), best (AWQ "
+                        "scales where they lower the held-out output error, then per matrix the better of "
+                        "imatrix and gptq; default)")
     p.add_argument("--save-imatrix", metavar="FILE", help="write the collected importance matrix (GGUF imatrix format)")
     p.add_argument("--chunks", type=int, default=32, help="calibration: windows of --calib-ctx tokens (default 32)")
     p.add_argument("--calib-ctx", type=int, default=512, help="calibration window in tokens (default 512)")

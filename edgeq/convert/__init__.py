@@ -56,6 +56,14 @@ class QuantOptions:
         return out
 
 
+def _check_method(opts: QuantOptions, arch: str) -> None:
+    """awq-gptq on an architecture it cannot be folded into: refused before any calibration runs."""
+    if opts.method == "awq-gptq" and (opts.calibrate or opts.imatrix):
+        from edgeq.convert.awq import check_arch
+
+        check_arch(arch)
+
+
 def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16", *, imatrix=None,
             options: QuantOptions | None = None, **option_kw) -> dict[str, Any]:
     """Convert a checkpoint (folder or hub repo id) into one GGUF file; returns write_model's stats.
@@ -78,6 +86,7 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16
     ckpt = HFCheckpoint(folder, quiet=opts.quiet)
     try:
         conv = hf_to_gguf.plan(ckpt)
+        _check_method(opts, conv.arch)
         hp = conv.hparams
         tensors = [OutTensor(t.name, t.shape, t.load) for t in conv.tensors]
         recipe = opts.recipe(hp.n_layer, hp.n_gqa, tied="output.weight" not in {t.name for t in tensors})
@@ -118,6 +127,7 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     src_path = check_input_file(src_path, "GGUF file")
     out = opts.check_paths(out_path)
     with GGUFFile(src_path) as gf:
+        _check_method(opts, gf.arch)
         n_layer = hparam(gf, gf.arch, "block_count", None)
         if n_layer is None:
             raise EdgeqError(f"{src_path}: no {gf.arch}.block_count: not a model file")

@@ -12,7 +12,7 @@ from edgeq.progress import Progress
 
 
 DEFAULT_TEXT = "macbeth"  # `--calibrate` alone: English prose and verse, disjoint from the hamlet evaluation text
-METHODS = ("imatrix", "gptq", "best")  # how a calibrated matrix is quantized (convert/gptq.py)
+METHODS = ("imatrix", "gptq", "awq-gptq", "best")  # how a calibrated matrix is quantized (convert/gptq.py, awq.py)
 MAX_BYTES_PER_TOKEN = 32  # calibration reads at most this many bytes per token it needs (whole text if smaller)
 
 
@@ -67,7 +67,7 @@ def resolve_imatrix(opts, output: str | os.PathLike, matrix_names: Sequence[str]
         raise EdgeqError(f"unknown calibration method {opts.method!r} (known: {', '.join(METHODS)})")
     if opts.imatrix:
         im = imatrix.load(opts.imatrix)
-        if opts.method == "gptq" and not opts.quiet:
+        if opts.method in ("gptq", "awq-gptq") and not opts.quiet:
             print(f"note: an imatrix file holds no input correlations: --method {opts.method} needs --calibrate; "
                   "quantizing with the importance search", file=sys.stderr)
         missing = imatrix.check_names(im, matrix_names)

@@ -40,7 +40,9 @@ def write_model(path: str | os.PathLike, arch: str,
 
     With an imatrix that carries Hessians (calibration by edgeq), `method` 'gptq' or 'best' quantizes each
     matrix by GPTQ, or by whichever of the importance search and GPTQ has the lower held-out output
-    error (convert/gptq.py); stats["methods"] counts the matrices per method."""
+    error (convert/gptq.py); stats["methods"] counts the matrices per method. 'awq-gptq' and 'best' first
+    fold AWQ scales into the graph where the architecture allows (convert/awq.py; for 'best' only where
+    they lower the held-out error); stats["awq"] says how many groups were scaled."""
     from edgeq.convert.gptq import calibrated_quantize
     from edgeq.formats.gguf_write import GGUFOutput
     from edgeq.formats.quants import quantize
@@ -54,13 +56,17 @@ def write_model(path: str | os.PathLike, arch: str,
     n_bytes = 0
     hessians = getattr(imatrix, "hessians", None) if method != "imatrix" else None
     methods: dict[str, int] = {}
+    folding = _awq_folding(arch, metadata, tensors, types, imatrix) if hessians is not None and method in AWQ_METHODS \
+        else None
+    if folding is not None:
+        hessians = folding.hessians
     with GGUFOutput(path, arch) as out:
         for key, value, vtype, sub in metadata:
             out.add_metadata(key, value, vtype, sub)
         for t in tensors:
             out.add_tensor_info(t.name, types[t.name], t.shape)
         for i, t in enumerate(tensors, 1):
-            x = t.load()
+            x = folding.load(t.name) if folding is not None else t.load()
             if tuple(x.shape) != tuple(t.shape):
                 raise EdgeqError(f"tensor {t.name}: got shape {x.shape}, expected {t.shape}")
             q = types[t.name]
@@ -68,9 +74,12 @@ def write_model(path: str | os.PathLike, arch: str,
             imp = None
             if imatrix is not None and q not in ("F32", "F16", "BF16") and x.ndim == 2:
                 imp = imatrix.importance(t.name, t.shape[-1])
+                if folding is not None:
+                    imp = folding.importance(t.name, imp)
             x2 = np.ascontiguousarray(x2, dtype=np.float32)
             if hessians is not None and imp is not None:
-                raw, choice = calibrated_quantize(t.name, x2, q, hessians, method, imp)
+                raw, choice = calibrated_quantize(t.name, x2, q, hessians, "gptq" if method == "awq-gptq" else method,
+                                                  imp)
                 m = choice.method if choice else "imatrix"
                 methods[m] = methods.get(m, 0) + 1
             else:
@@ -84,8 +93,45 @@ def write_model(path: str | os.PathLike, arch: str,
     n_el = sum(int(np.prod(t.shape)) for t in tensors)
     stats = {"seconds": seconds, "tensor_bytes": n_bytes, "file_bytes": os.path.getsize(path),
              "bits_per_weight": 8 * n_bytes / max(n_el, 1), "types": counts, "methods": methods}
+    if folding is not None:
+        stats["awq"] = {"groups": len(folding.alphas), "scaled": sum(a > 0 for a in folding.alphas.values()),
+                        "alphas": folding.alphas, "folded": folding.folded()}
     mix = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
     progress.finish(f"wrote {path}: {stats['file_bytes'] / 1e6:.1f} MB, {stats['bits_per_weight']:.2f} bits/weight "
                     f"({mix}) in {seconds:.1f}s"
-                   + (f"; matrices by {', '.join(f'{k} ×{v}' for k, v in sorted(methods.items()))}" if methods else ""))
+                   + (f"; matrices by {', '.join(f'{k} ×{v}' for k, v in sorted(methods.items()))}" if methods else "")
+                   + (f"; AWQ scales in {stats['awq']['scaled']} of {stats['awq']['groups']} groups" if folding else ""))
     return stats
+
+
+AWQ_METHODS = ("awq-gptq", "best")
+
+
+def _awq_folding(arch: str, metadata, tensors: Sequence[OutTensor], types: dict[str, str], imatrix):
+    """The AWQ fold for this write (convert/awq.py), or None where the architecture has no fold rule; the scale
+    search is kept on the imatrix, so quantizing the same calibration by another method reuses it."""
+    from edgeq.convert import awq
+    from edgeq.convert.gptq import quantize_gptq
+    from edgeq.formats.quant_grid import GRID_TYPES
+    from edgeq.formats.quants import dequantize, quantize
+
+    if arch not in awq.FOLDS:
+        return None
+    meta = {key: value for key, value, *_ in metadata}
+    n_head = int(meta.get(f"{arch}.attention.head_count", 0) or 0)
+    n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head) or n_head)
+    if n_head < 1 or n_head_kv < 1:
+        return None
+
+    def quantizer_for(qtype: str):
+        def quantized(W, H, imp):
+            raw = quantize_gptq(W, qtype, H, imp) if qtype in GRID_TYPES else quantize(W, qtype, imp)
+            return dequantize(raw, qtype, W.shape)
+        return quantized
+
+    def coarse_for(qtype: str):
+        return lambda W, H, imp: dequantize(quantize(W, qtype, imp), qtype, W.shape)
+
+    cache = imatrix.__dict__.setdefault("awq_scales", {})
+    return awq.Folding(arch, {t.name: t.load for t in tensors}, {t.name: tuple(t.shape) for t in tensors}, types,
+                       imatrix.hessians, n_head, n_head_kv, quantizer_for, cache, coarse_for)
