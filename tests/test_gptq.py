@@ -85,7 +85,7 @@ def test_fast_path_equals_reference_without_reordering():
     a = rng.uniform(0.1, 0.3, (rows, n_in))
     b = -rng.uniform(0.5, 1.0, (rows, n_in))
     lev = quant_grid.LEVELS["Q3_K"]
-    K = gptq.gptq_levels(W, H, a, b, lev, block=64, act_order=False)
+    K = gptq.gptq_levels(W, H, a, b, lev, block=64, act_order=False, dtype=np.float64)
     np.testing.assert_allclose(a * lev[K] + b, gptq.gptq_reference(W, H, _grid_round(a, b, lev)), atol=1e-12)
 
 

@@ -90,7 +90,8 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16
                         label="calibration model ")
             return path
 
-        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, calibration_model)
+        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, calibration_model, tensors,
+                                                                 recipe)
         recipe.has_imatrix = im is not None
         return write_model(out, conv.arch, conv.metadata(recipe.file_type), tensors, recipe, im, quiet=opts.quiet,
                            method=opts.method)
@@ -138,7 +139,8 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
         tensors = [OutTensor(t.name, tuple(t.shape), lambda t=t: dequantize(t.data, t.qtype, tuple(t.shape)))
                    for t in gf.tensors.values()]
         matrices = [t.name for t in tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]
-        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path))
+        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path),
+                                                                 tensors, recipe)
         recipe.has_imatrix = im is not None
 
         skip = INTERNAL_KEYS | {Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}

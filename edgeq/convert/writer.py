@@ -4,6 +4,7 @@ quantize (edgeq/convert/__init__.py)."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -25,6 +26,30 @@ class OutTensor:
     load: Callable[[], np.ndarray]
 
 
+class PreparedTensors:
+    """Tensors quantized before the writing starts (layer by layer, during calibration: calibrate.py): their
+    bytes wait in an unlinked temp file beside the output, not in memory, until write_model copies them."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self._file = tempfile.TemporaryFile(dir=folder, prefix=".edgeq-prepared-")
+        self._where: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.methods: dict[str, str] = {}   # name → how it was quantized (gptq.calibrated_quantize's choice)
+
+    def put(self, name: str, raw: np.ndarray, method: str) -> None:
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        self._where[name] = (self._file.seek(0, os.SEEK_END), raw.shape)
+        self._file.write(raw.data)
+        self.methods[name] = method
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> np.ndarray:
+        offset, shape = self._where[name]
+        self._file.seek(offset)
+        return np.fromfile(self._file, dtype=np.uint8, count=int(np.prod(shape))).reshape(shape)
+
+
 def _default_mode(path) -> None:
     """Temp files are created 0600; give the finished file the usual umask-based mode."""
     umask = os.umask(0)
@@ -38,9 +63,10 @@ def write_model(path: str | os.PathLike, arch: str,
                 quiet: bool = False, label: str = "", method: str = "imatrix") -> dict[str, Any]:
     """Quantize and write tensors one at a time into a new GGUF; returns stats (types, bytes, seconds).
 
-    With an imatrix that carries Hessians (calibration by edgeq), `method` 'gptq' or 'best' quantizes each
-    matrix by GPTQ, or by whichever of the importance search and GPTQ has the lower held-out output
-    error (convert/gptq.py); stats["methods"] counts the matrices per method."""
+    With an imatrix that carries Hessians, `method` 'gptq' or 'best' quantizes each matrix by GPTQ, or by
+    whichever of the importance search and GPTQ has the lower held-out output error (convert/gptq.py); one
+    that carries prepared tensors (calibrate.quantize_by_layer did that already) has those copied as they
+    are. stats["methods"] counts the matrices per method."""
     from edgeq.convert.gptq import calibrated_quantize
     from edgeq.formats.gguf_write import GGUFOutput
     from edgeq.formats.quants import quantize
@@ -53,6 +79,7 @@ def write_model(path: str | os.PathLike, arch: str,
     progress = Progress(sum(int(np.prod(t.shape)) for t in tensors), label=label, enabled=not quiet)
     n_bytes = 0
     hessians = getattr(imatrix, "hessians", None) if method != "imatrix" else None
+    prepared = getattr(imatrix, "prepared", None)
     methods: dict[str, int] = {}
     with GGUFOutput(path, arch) as out:
         for key, value, vtype, sub in metadata:
@@ -60,6 +87,14 @@ def write_model(path: str | os.PathLike, arch: str,
         for t in tensors:
             out.add_tensor_info(t.name, types[t.name], t.shape)
         for i, t in enumerate(tensors, 1):
+            if prepared is not None and t.name in prepared:
+                raw = prepared.get(t.name)
+                m = prepared.methods[t.name]
+                methods[m] = methods.get(m, 0) + 1
+                out.write_tensor(t.name, raw)
+                n_bytes += raw.nbytes
+                progress.update(advance=int(np.prod(t.shape)), detail=f"[{i:>4}/{len(tensors)}] {t.name} → {types[t.name]}")
+                continue
             x = t.load()
             if tuple(x.shape) != tuple(t.shape):
                 raise EdgeqError(f"tensor {t.name}: got shape {x.shape}, expected {t.shape}")
