@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -82,6 +83,7 @@ def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n
     im = imatrix.Imatrix(chunk_size=n_ctx, chunk_count=len(windows), datasets=[dataset] if dataset else [])
     hidden = np.stack([arch.embed(w, cfg, np.asarray(c, dtype=np.int64)) for c in windows])  # (windows, T, d)
     bar = Progress(cfg.n_layer + 1, label="calibrating ", enabled=not quiet)
+    t_quantize = 0.0
     for il in range(cfg.n_layer + 1):
         hs, names = gptq.Hessians(), {}
 
@@ -103,11 +105,14 @@ def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n
         if on_layer is not None:
             bar.update(il + 0.5, detail=f"layer {il}/{cfg.n_layer}: quantizing" if il < cfg.n_layer
                        else "classifier: quantizing")
+            t0 = time.perf_counter()
             on_layer(LayerSeen(il, list(names), hs, im))
+            t_quantize += time.perf_counter() - t0
             hs.fit.clear(), hs.held.clear()   # freed before the next layer's are made
         bar.update(il + 1, detail=f"layer {il + 1}/{cfg.n_layer}")
+    split = f"; {bar.elapsed() - t_quantize:.1f}s forward, {t_quantize:.1f}s quantizing" if on_layer else ""
     bar.finish(f"calibrated{' and quantized' if on_layer else ''} layer by layer on {len(windows)} × {n_ctx} "
-               f"tokens of {dataset} in {bar.elapsed():.1f}s ({len(im)} matrices)")
+               f"tokens of {dataset} in {bar.elapsed():.1f}s ({len(im)} matrices{split})")
     return im
 
 
