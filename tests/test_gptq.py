@@ -169,3 +169,22 @@ def test_float32_gptq_matches_float64_output_error():
     err = {dt: gptq.output_error(W, a * lev[gptq.gptq_levels(W, H, a, b, lev, dtype=dt)] + b, H)
            for dt in (np.float32, np.float64)}
     assert abs(err[np.float32] - err[np.float64]) < 0.01 * err[np.float64]
+
+
+def test_matrices_sharing_an_input_share_one_factorization(monkeypatch):
+    """q/k/v (gate/up) read one input: its damped H⁻¹ Cholesky factor is computed once per window set."""
+    rng = np.random.default_rng(10)
+    hs = gptq.Hessians()
+    X = _correlated(rng, 512, 256)
+    for held in (False, True):
+        hs.held_out = held
+        x = X[384:] if held else X[:384]
+        for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
+            hs(name, x)
+    calls = []
+    real = gptq._factor
+    monkeypatch.setattr(gptq, "_factor", lambda *a: calls.append(1) or real(*a))
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
+        W = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
+        gptq.calibrated_quantize(name, W, "Q4_K", hs, "best", gptq.importance_of(hs.get(name), 512))
+    assert 1 <= len(calls) <= 2   # the fitting windows' factor, and all windows' when GPTQ won

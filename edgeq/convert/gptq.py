@@ -38,6 +38,7 @@ class Hessians:
     key_of: dict[str, str] = field(default_factory=dict)         # matrix name → input key
     held_out: bool = False                                       # set by imatrix.collect per window
     _last_x: object = None
+    _factors: dict = field(default_factory=dict)                 # (input key, windows) → factor()
     _last_key: str = ""
 
     def __call__(self, name: str, x: np.ndarray) -> None:
@@ -69,6 +70,18 @@ class Hessians:
         if which == "held":
             return self.held[key].astype(np.float64)
         return self.fit[key].astype(np.float64) + self.held[key]
+
+    def factor(self, name: str, which: str = "all") -> tuple[np.ndarray, np.ndarray]:
+        """regrid's (U, perm) for H of `name` ('fit' or 'all' windows), computed once per input: the matrices
+        that share an input (q/k/v, gate/up) share it, and the O(n_in³) factorization is not redone."""
+        key = (self.key_of[name], which)
+        if key not in self._factors:
+            self._factors[key] = _factor(self.get(name, which), DAMP, True, np.float32)
+        return self._factors[key]
+
+    def clear(self) -> None:
+        """Free every matrix held (a finished layer's)."""
+        self.fit.clear(), self.held.clear(), self._factors.clear()
 
     def has(self, name: str) -> bool:
         key = self.key_of.get(name)
@@ -143,11 +156,12 @@ def gptq_levels(W: np.ndarray, H: np.ndarray, a: np.ndarray, b: np.ndarray, leve
     return out
 
 
-def regrid(W: np.ndarray, H: np.ndarray, raw: np.ndarray, qtype: str, act_order: bool = True,
-           damp: float = DAMP) -> np.ndarray:
+def regrid(W: np.ndarray, H: np.ndarray | None, raw: np.ndarray, qtype: str, act_order: bool = True,
+           damp: float = DAMP, factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The bytes `raw` (rows, row_bytes) of W with every level re-chosen by GPTQ, block scales kept; decoded
-    and encoded ROW_CHUNK rows at a time, so a 262k-row classifier never has all its grids in memory."""
-    U, perm = _factor(H, damp, act_order, np.float32)
+    and encoded ROW_CHUNK rows at a time, so a 262k-row classifier never has all its grids in memory.
+    `factor`: H's (U, perm) when already computed (Hessians.factor), H is then not read."""
+    U, perm = factor if factor is not None else _factor(H, damp, act_order, np.float32)
     levels = quant_grid.LEVELS[qtype]
     lev = levels.astype(np.float32)
     out = np.empty_like(raw)
@@ -223,17 +237,15 @@ def calibrated_quantize(name: str, W: np.ndarray, qtype: str, hs: Hessians, meth
     search's own levels and GPTQ's levels fitted on the fitting windows; the one with the lower error on the
     held-out windows is kept, GPTQ redone on every window when it wins. (The scales are shared, so the search,
     the dearest step at real sizes, runs once per matrix.)"""
-    H_all = hs.get(name, "all")
-    if H_all is None or qtype not in quant_grid.GRID_TYPES:
+    if not hs.has(name) or qtype not in quant_grid.GRID_TYPES:
         return quantize(W, qtype, importance), None
     raw = quantize(W, qtype, importance)
     if method == "gptq" or not hs.has_held_out(name):
-        return regrid(W, H_all, raw, qtype), Choice("gptq", {})
-    del H_all   # (n_in² float64: not kept while the candidates are judged)
+        return regrid(W, None, raw, qtype, factor=hs.factor(name, "all")), Choice("gptq", {})
     H_held = hs.get(name, "held")
     errors = {"imatrix": relative_error(W, raw, qtype, H_held),
-              "gptq": relative_error(W, regrid(W, hs.get(name, "fit"), raw, qtype), qtype, H_held)}
+              "gptq": relative_error(W, regrid(W, None, raw, qtype, factor=hs.factor(name, "fit")), qtype, H_held)}
     best = min(errors, key=errors.get)
     if best == "imatrix":
         return raw, Choice(best, errors)
-    return regrid(W, hs.get(name, "all"), raw, qtype), Choice(best, errors)
+    return regrid(W, None, raw, qtype, factor=hs.factor(name, "all")), Choice(best, errors)
