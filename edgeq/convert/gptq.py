@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeq.cpu_kernels.gptq import gptq_batch
 from edgeq.formats import quant_grid
 from edgeq.formats.quants import quantize
 
@@ -179,18 +180,11 @@ def _gptq_rows(W, a, b, U, perm, lev, levels, block, dtype) -> np.ndarray:
     Wt = np.array(W.T[perm], dtype=dtype)
     at, bt = np.ascontiguousarray(a.T[perm]), np.ascontiguousarray(b.T[perm])
     K = np.empty(Wt.shape, dtype=np.int16)
+    mid = (levels[1:] + levels[:-1]) * np.float32(0.5)   # quant_grid.nearest's decision points
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = Wt[i1:i2]                      # a view: updated in place
-        E1 = np.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            w = W1[j]
-            k = quant_grid.nearest(w, at[i1 + j], bt[i1 + j], levels)
-            K[i1 + j] = k
-            err = (w - (at[i1 + j] * lev[k] + bt[i1 + j])) / U1[j, j]
-            W1[j:] -= U1[j, j:, None] * err
-            E1[j] = err
+        E1 = np.empty((i2 - i1, Wt.shape[1]), dtype=dtype)
+        gptq_batch(Wt, at, bt, np.ascontiguousarray(U[i1:i2, i1:i2]), lev, mid, K, E1, i1)   # the column loop
         Wt[i2:] -= U[i1:i2, i2:].T @ E1     # the trailing rank-B update: one GEMM per lazy batch
     out = np.empty_like(K)
     out[perm] = K
