@@ -148,6 +148,7 @@ def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n
             on_layer(LayerSeen(il, list(names), hs, im))
             t_quantize += time.perf_counter() - t0
             hs.clear()   # freed before the next layer's are made
+        model.gguf.release_pages()   # the weights of the layer just run leave the RSS
         bar.update(il + 1, detail=f"layer {il + 1}/{cfg.n_layer}")
     split = f"; {bar.elapsed() - t_quantize:.1f}s forward, {t_quantize:.1f}s quantizing" if on_layer else ""
     bar.finish(f"calibrated{' and quantized' if on_layer else ''} layer by layer on {len(windows)} × {n_ctx} "
