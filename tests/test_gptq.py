@@ -188,3 +188,20 @@ def test_matrices_sharing_an_input_share_one_factorization(monkeypatch):
         W = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
         gptq.calibrated_quantize(name, W, "Q4_K", hs, "best", gptq.importance_of(hs.get(name), 512))
     assert 1 <= len(calls) <= 2   # the fitting windows' factor, and all windows' when GPTQ won
+
+
+def test_blas_threads_limits_openblas_and_restores_it():
+    from edgeq.convert.calibrate import _openblas, blas_threads
+
+    blas = _openblas()
+    if blas is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS found in /proc/self/maps")
+    get, put = blas
+    before = get()
+    put(2)
+    try:
+        with blas_threads(1):
+            assert get() == 1
+        assert get() == 2
+    finally:
+        put(before)
