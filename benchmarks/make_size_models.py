@@ -47,6 +47,7 @@ MODELS = {
     "qwen2.5-0.5b-q8_0": ("qwen2.5-0.5b", "Q8_0"),
     "qwen3-1.7b-q4_k_m": ("qwen3-1.7b", "Q4_K_M"),
     "qwen3-1.7b-q8_0": ("qwen3-1.7b", "Q8_0"),
+    "qwen3-1.7b-f16": ("qwen3-1.7b", "F16"),   # the input of calibrated quantization at real size
     "llama3.2-3b-q4_k_m": ("llama3.2-3b", "Q4_K_M"),
 }
 

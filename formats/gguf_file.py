@@ -303,6 +303,13 @@ class GGUFFile:
             raise FormatError(f"{self.path}: metadata key general.architecture is missing")
         return arch
 
+    def release_pages(self) -> None:
+        """Unmap the file's pages that this process has read (they stay in the page cache, and come back
+        at the next read without disk I/O): a pass over every tensor of a multi-GB file then holds only
+        the pages it is using in its RSS, not the whole file. No-op where madvise is missing."""
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         """Drop the tensor views and unmap; views still held elsewhere keep the mapping alive until freed."""
         self.tensors = {}

@@ -141,15 +141,30 @@ def load_weights(gf, cfg: Config) -> Weights:
 
 def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
             observer: Observer | None = None, all_logits: bool = False) -> np.ndarray:
-    T = len(tokens)
-    attention = base.prompt_attention(cache, pos0, 1.0 / math.sqrt(cfg.head_dim))
-    products = lambda layers, h: linears(layers, h, observer)  # noqa: E731
-    x = w.tok_embd(tokens) * np.float32(math.sqrt(cfg.n_embd))      # (T, d)
-    positions = np.arange(pos0, pos0 + T)
-    for il, L in enumerate(w.layers):
-        layer(w, L, cfg, il, x, positions, attention, products)
+    x = embed(w, cfg, tokens)                                       # (T, d)
+    forward_layers(w, cfg, x, pos0, cache, range(cfg.n_layer), observer)
     x = x if all_logits else x[-1:]
-    return products([w.output], rmsnorm(x, w.output_norm, cfg.rms_eps))[0]
+    return linears([w.output], classifier_input(w, cfg, x), observer)[0]
+
+
+def embed(w: Weights, cfg: Config, tokens: np.ndarray) -> np.ndarray:
+    """The hidden states (T, d) entering the first layer: scaled embeddings."""
+    return w.tok_embd(tokens) * np.float32(math.sqrt(cfg.n_embd))
+
+
+def forward_layers(w: Weights, cfg: Config, x: np.ndarray, pos0: int, cache, layers: range,
+                   observer: Observer | None = None) -> None:
+    """Layers `layers` on the hidden states x (T, d) at positions pos0.. in place (see llama.forward_layers)."""
+    attention = base.prompt_attention(cache, pos0, 1.0 / math.sqrt(cfg.head_dim))
+    products = lambda lins, h: linears(lins, h, observer)  # noqa: E731
+    positions = np.arange(pos0, pos0 + x.shape[0])
+    for il in layers:
+        layer(w, w.layers[il], cfg, il, x, positions, attention, products)
+
+
+def classifier_input(w: Weights, cfg: Config, x: np.ndarray) -> np.ndarray:
+    """What the classifier w.output reads: the final norm of the hidden states."""
+    return rmsnorm(x, w.output_norm, cfg.rms_eps)
 
 
 def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
@@ -157,10 +172,10 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     attention per sequence on its own cache. Returns logits (N, n_vocab)."""
     positions = np.asarray(positions, dtype=np.int64)
     attention = base.batch_attention(caches, positions, 1.0 / math.sqrt(cfg.head_dim), cfg.n_head, cfg.head_dim)
-    x = w.tok_embd(np.asarray(tokens, dtype=np.int64)) * np.float32(math.sqrt(cfg.n_embd))
+    x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))
     for il, L in enumerate(w.layers):
         layer(w, L, cfg, il, x, positions, attention, batch_linears)
-    return batch_linears([w.output], rmsnorm(x, w.output_norm, cfg.rms_eps))[0]
+    return batch_linears([w.output], classifier_input(w, cfg, x))[0]
 
 
 def layer(w: Weights, L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray,

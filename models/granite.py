@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from edgeq.models import llama
 from edgeq.models.base import hparam
-from edgeq.models.llama import Weights, forward, forward_batch, load_weights  # noqa: F401  (same network)
+from edgeq.models.llama import (Weights, classifier_input, embed, forward, forward_batch,  # noqa: F401  (same network)
+                               forward_layers, load_weights)
 
 # GGUF key (after "granite.") ← config.json key, and the Config field it sets
 MULTIPLIERS = (("embedding_scale", "embedding_multiplier", "embed_scale"),

@@ -189,14 +189,20 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
     """Run `tokens` (at positions pos0..) through the network, writing their keys/values into `cache`.
 
     Returns logits (T, n_vocab) if all_logits, else (1, n_vocab) for the last token."""
-    T = len(tokens)
+    x = embed(w, cfg, tokens)                                       # (T, d)
+    forward_layers(w, cfg, x, pos0, cache, range(cfg.n_layer), observer)
+    return _logits(w, cfg, x if all_logits else x[-1:], lambda layers, h: linears(layers, h, observer))
+
+
+def forward_layers(w: Weights, cfg: Config, x: np.ndarray, pos0: int, cache, layers: range,
+                   observer: Observer | None = None) -> None:
+    """Decoder layers `layers` on the hidden states x (T, d) at positions pos0.. in place: `forward` runs them
+    all, calibration (convert/calibrate.py) one layer at a time over every window."""
     attention = base.prompt_attention(cache, pos0, _scale(cfg))
-    products = lambda layers, h: linears(layers, h, observer)  # noqa: E731
-    x = _embed(w, cfg, tokens)                                      # (T, d)
-    positions, inv_freq = np.arange(pos0, pos0 + T), rope_table(w, cfg, cache.n_ctx)
-    for il, L in enumerate(w.layers):
-        layer(L, cfg, il, x, positions, inv_freq, attention, products, observer)
-    return _logits(w, cfg, x if all_logits else x[-1:], products)
+    products = lambda lins, h: linears(lins, h, observer)  # noqa: E731
+    positions, inv_freq = np.arange(pos0, pos0 + x.shape[0]), rope_table(w, cfg, cache.n_ctx)
+    for il in layers:
+        layer(w.layers[il], cfg, il, x, positions, inv_freq, attention, products, observer)
 
 
 def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
@@ -206,7 +212,7 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     step), attention runs per sequence on its own cache. Returns logits (N, n_vocab)."""
     positions = np.asarray(positions, dtype=np.int64)
     attention = base.batch_attention(caches, positions, _scale(cfg), cfg.n_head, cfg.head_dim)
-    x = _embed(w, cfg, np.asarray(tokens, dtype=np.int64))         # (N, d)
+    x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))          # (N, d)
     inv_freq = rope_table(w, cfg, caches[0].n_ctx)
     for il, L in enumerate(w.layers):
         layer(L, cfg, il, x, positions, inv_freq, attention, batch_linears)
@@ -249,15 +255,21 @@ def _scale(cfg: Config) -> float:
     return cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
 
 
-def _embed(w: Weights, cfg: Config, tokens: np.ndarray) -> np.ndarray:
+def embed(w: Weights, cfg: Config, tokens: np.ndarray) -> np.ndarray:
+    """The hidden states (T, d) entering the first layer."""
     x = w.tok_embd(tokens)
     if cfg.embed_scale != 1.0:
         x *= np.float32(cfg.embed_scale)
     return x
 
 
+def classifier_input(w: Weights, cfg: Config, x: np.ndarray) -> np.ndarray:
+    """What the classifier w.output reads: the final norm of the hidden states."""
+    return rmsnorm(x, w.output_norm, cfg.rms_eps)
+
+
 def _logits(w: Weights, cfg: Config, x: np.ndarray, products: base.Products) -> np.ndarray:
-    logits = products([w.output], rmsnorm(x, w.output_norm, cfg.rms_eps))[0]
+    logits = products([w.output], classifier_input(w, cfg, x))[0]
     return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
 
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from edgeq.models import base, llama
-from edgeq.models.llama import Weights, forward, forward_batch, load_weights  # noqa: F401  (same network)
+from edgeq.models.llama import (Weights, classifier_input, embed, forward, forward_batch,  # noqa: F401  (same network)
+                               forward_layers, load_weights)
 
 
 class Config(llama.Config):

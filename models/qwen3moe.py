@@ -7,7 +7,8 @@ import re
 from edgeq.errors import ModelError
 from edgeq.models import llama, qwen3
 from edgeq.models.base import MAX_FF, hparam
-from edgeq.models.llama import Weights, forward, forward_batch, load_weights  # noqa: F401  (same network)
+from edgeq.models.llama import (Weights, classifier_input, embed, forward, forward_batch,  # noqa: F401  (same network)
+                               forward_layers, load_weights)
 
 MAX_EXPERTS = 1024
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from edgeq.errors import ModelError
 from edgeq.models import llama
-from edgeq.models.llama import Weights, forward, forward_batch, load_weights  # noqa: F401  (same network)
+from edgeq.models.llama import (Weights, classifier_input, embed, forward, forward_batch,  # noqa: F401  (same network)
+                               forward_layers, load_weights)
 
 NO_ROPE_EVERY = 4  # llama.cpp's n_no_rope_layer_step for smollm3 (not in the file)
 

@@ -626,6 +626,50 @@ def test_calibrate_gptq_and_best(tiny, tmp_path):
     assert args.calibrate == DEFAULT_TEXT and args.method == "best"
 
 
+@needs_quants
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_calibration_by_layer_sees_what_the_full_forward_sees(tiny, tmp_path, arch):
+    """Layer by layer (one layer's Hessians at a time, hidden states of every window kept between layers) the
+    matrices see the inputs of a whole-model forward pass per window: the same importance and Hessians; each
+    step holds its own layer's Hessians only, the last one the classifier's (no logits computed)."""
+    from edgeq.convert import gptq
+    from edgeq.convert.calibrate import calibrate_by_layer
+    from edgeq.runtime import engine
+
+    f32 = tmp_path / "m.gguf"
+    assert convert(tiny[arch], f32) == 0
+    text = TEXT * 20
+    model = engine.load(str(f32), n_ctx=32, threads=1)
+    tok = model.tokenizer
+    full = imatrix.collect(lambda c, obs: model.collect_activations(c, obs), tok.encode(text, add_special=False),
+                           n_ctx=32, n_chunks=4, bos_id=tok.bos_id if tok.add_bos else None,
+                           hessians=gptq.Hessians())
+    steps = []
+
+    def on_layer(seen):
+        layer = f"blk.{seen.index}." if seen.index < model.cfg.n_layer else ""
+        assert seen.names and all(n.startswith(layer) for n in seen.names), seen.names
+        assert set(seen.hessians.key_of) == set(seen.names)
+        if not layer:   # the classifier reads every token (a forward pass only the last one's, for its logits)
+            assert seen.names == [model.weights.output.name]
+            assert seen.hessians.tokens[seen.names[0]] == [96, 32] and seen.imatrix.counts[seen.names[0]] == 128
+            steps.append(seen.index)
+            return
+        for name in seen.names:
+            for which in ("fit", "held"):
+                np.testing.assert_allclose(seen.hessians.get(name, which), full.hessians.get(name, which),
+                                           rtol=1e-4, atol=1e-3)
+            assert seen.hessians.tokens[seen.hessians.key_of[name]] == [96, 32]
+        steps.append(seen.index)
+
+    im = calibrate_by_layer(f32, text, "t", 4, 32, 1, True, on_layer)
+    assert steps == list(range(model.cfg.n_layer + 1))
+    assert set(im.sums) == set(full.sums) and im.chunk_count == full.chunk_count == 4
+    for name in set(full.sums) - {model.weights.output.name}:
+        np.testing.assert_allclose(im.sums[name], full.sums[name], rtol=1e-5)
+        assert im.counts[name] == full.counts[name]
+
+
 # ------------------------------------------------------------------------------------------------
 # the real model (slow)
 # ------------------------------------------------------------------------------------------------

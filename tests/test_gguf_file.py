@@ -499,3 +499,26 @@ def test_fuzz_mutations(data, small_blob, tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "mutated.gguf"
     path.write_bytes(bytes(blob))
     check_opens_or_format_error(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from /proc")
+def test_release_pages_drops_read_pages_from_rss(tmp_path):
+    """A pass over every tensor (calibration, quantize) keeps in its RSS only the pages it is using."""
+    def rss_file_kb() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+    path = tmp_path / "big.gguf"
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_tensor("t", np.arange(16 << 20 >> 2, dtype=np.float32).reshape(-1, 1024))   # 16 MB
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    with GGUFFile(path) as gf:
+        data = gf.tensors["t"].data
+        before = rss_file_kb()
+        assert float(np.asarray(data, dtype=np.uint8)[::4096].sum()) >= 0   # touch every page
+        touched = rss_file_kb()
+        gf.release_pages()
+        after = rss_file_kb()
+        assert touched - before > 12 << 10 and touched - after > 12 << 10
+        assert np.asarray(data).view(np.float32)[-1] == (16 << 20 >> 2) - 1   # still readable

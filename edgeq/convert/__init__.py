@@ -99,7 +99,8 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, qtype: str = "F16
                         label="calibration model ")
             return path
 
-        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, calibration_model)
+        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, calibration_model, tensors,
+                                                                 recipe)
         recipe.has_imatrix = im is not None
         return write_model(out, conv.arch, conv.metadata(recipe.file_type), tensors, recipe, im, quiet=opts.quiet,
                            method=opts.method)
@@ -120,6 +121,7 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     from edgeq.formats.gguf_write import INTERNAL_KEYS
     from edgeq.formats.quants import QTYPES, dequantize
     from edgeq.models.base import hparam
+    import numpy as np
 
     opts = options or QuantOptions(qtype=qtype or "F16", **option_kw)
     from edgeq.file_checks import check_input_file
@@ -145,10 +147,15 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
         if unreadable:   # before any output is written
             raise EdgeqError(f"{src_path}: holds {', '.join(unreadable)} tensors, a type edgeq cannot decode "
                              f"(it reads {', '.join(QTYPES)}): quantize from the F16/BF16/F32 original")
-        tensors = [OutTensor(t.name, tuple(t.shape), lambda t=t: dequantize(t.data, t.qtype, tuple(t.shape)))
-                   for t in gf.tensors.values()]
+        def load(t) -> np.ndarray:
+            x = dequantize(t.data, t.qtype, tuple(t.shape))
+            gf.release_pages()   # (a copy was made: the RSS holds one tensor, not every page read so far)
+            return x
+
+        tensors = [OutTensor(t.name, tuple(t.shape), lambda t=t: load(t)) for t in gf.tensors.values()]
         matrices = [t.name for t in tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]
-        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path))
+        im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path),
+                                                                 tensors, recipe)
         recipe.has_imatrix = im is not None
 
         skip = INTERNAL_KEYS | {Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}

@@ -171,6 +171,7 @@ class ScaledHessians:
     def __init__(self, hs, col_scale: dict[str, np.ndarray]):
         self.hs, self.col_scale = hs, col_scale
         self.key_of, self.tokens = hs.key_of, hs.tokens
+        self._factors: dict = {}
 
     def get(self, name: str, which: str = "all"):
         H = self.hs.get(name, which)
@@ -179,6 +180,22 @@ class ScaledHessians:
 
     def has_held_out(self, name: str) -> bool:
         return self.hs.has_held_out(name)
+
+    def has(self, name: str) -> bool:
+        return self.hs.has(name)
+
+    def factor(self, name: str, which: str = "all"):
+        """gptq's H⁻¹ factor of the scaled H: a folded matrix's own (its s differs from its siblings' only if
+        they were folded apart), the shared one of the collected H otherwise."""
+        s = self.col_scale.get(name)
+        if s is None:
+            return self.hs.factor(name, which)
+        from edgeq.convert.gptq import DAMP, _factor
+
+        key = (name, which)
+        if key not in self._factors:
+            self._factors[key] = _factor(self.get(name, which), DAMP, True, np.float32)
+        return self._factors[key]
 
 
 class Folding:

@@ -1,14 +1,23 @@
-"""Calibration: an importance matrix from edgeq's own forward pass over a text (see imatrix.py)."""
+"""Calibration: an importance matrix from edgeq's own forward pass over a text (see imatrix.py), run one layer
+at a time; with GPTQ (gptq.py) each layer's matrices are quantized as soon as that layer has been seen."""
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.progress import Progress
+
+if TYPE_CHECKING:
+    from edgeq.convert import gptq, imatrix
 
 
 DEFAULT_TEXT = "macbeth"  # `--calibrate` alone: English prose and verse, disjoint from the hamlet evaluation text
@@ -36,30 +45,179 @@ def read_text(name_or_path: str, max_bytes: int | None = None) -> tuple[str, str
     return data.decode("utf-8", errors="replace"), p.name
 
 
-def calibrate_gguf(model_path: str | os.PathLike, text: str, dataset: str, n_chunks: int, n_ctx: int,
-                   threads: int | None, quiet: bool, hessians: bool = False):
-    """Importance matrix from edgeq's forward pass over `text` on an existing GGUF file; with `hessians`,
-    also the inputs' XᵀX for GPTQ (im.hessians)."""
+def _openblas():
+    """(get, set) of the thread count of the OpenBLAS that numpy loaded, or None (another BLAS, not Linux)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            for prefix in ("scipy_openblas", "openblas"):
+                for suffix in ("64_", ""):
+                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                    if get is not None and put is not None:
+                        return get, put
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def blas_threads(n: int):
+    """numpy's OpenBLAS limited to n threads inside the block (nothing done where it is not found). Its idle
+    workers spin after every call: on a busy machine, more of them than free cores made a 2048² Cholesky and
+    inverse take 7 s instead of 3 s of wall time, and twice the CPU time."""
+    blas = _openblas()
+    if blas is None:
+        yield
+        return
+    get, put = blas
+    old = get()
+    put(max(1, int(n)))
+    try:
+        yield
+    finally:
+        put(old)
+
+
+@dataclass
+class LayerSeen:
+    """What the matrices of one step of the network read over every calibration window: a decoder layer
+    (index < n_layer) or the classifier (index == n_layer)."""
+
+    index: int
+    names: list[str]           # its matrices in the order they were read (GGUF names)
+    hessians: "gptq.Hessians"  # XᵀX per distinct input, fitting and held-out windows apart (this step only)
+    imatrix: "imatrix.Imatrix"  # importance sums of every step so far (this one complete)
+    arch: str = ""             # the GGUF architecture and its attention heads (AWQ's v→o fold needs them)
+    n_head: int = 0
+    n_head_kv: int = 0
+
+
+def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n_chunks: int, n_ctx: int,
+                       threads: int | None, quiet: bool, on_layer: Callable[[LayerSeen], None] | None = None,
+                       observer: Callable[[str, np.ndarray], None] | None = None):
+    """The importance matrix of edgeq's forward pass over `text` on a GGUF file, computed as GPTQ's sequential
+    calibration: every window through one decoder layer at a time, then `on_layer` (which quantizes that
+    layer's matrices; None: no Hessians are collected) before the next layer runs.
+
+    Only one layer's Hessians exist at a time (the whole model's would be n_layer × a few n_embd² floats), and
+    the hidden states of every window are kept between layers instead (windows × n_ctx × n_embd float32). The
+    classifier is one more step, on the final norm of the hidden states of every token (as llama-imatrix, which
+    evaluates every token's logits), but no logits are computed. The next
+    layer reads the float layer's outputs, as a full forward pass would: the importance stays llama.cpp's
+    imatrix (float activations) and each layer costs one pass, not a float pass for the Hessians plus a
+    quantized one for the outputs. `observer(name, x)`, when given, sees every matrix input too (e.g. a
+    per-layer activation sample taken before on_layer quantizes that layer)."""
     from edgeq.convert import gptq, imatrix
     from edgeq.runtime import engine
+    from edgeq.runtime.engine import N_BATCH
 
     model = engine.load(str(model_path), n_ctx=n_ctx, threads=threads)
-    tok = model.tokenizer
-    ids = tok.encode(text, add_special=False)
-    bar = Progress(n_chunks, label="calibrating ", enabled=not quiet)
-    im = imatrix.collect(lambda chunk, obs: model.collect_activations(chunk, obs), ids, n_ctx=n_ctx,
-                         n_chunks=n_chunks, bos_id=tok.bos_id if tok.add_bos else None, dataset=dataset,
-                         progress=lambda i, n: bar.update(i, detail=f"chunk {i}/{n}"),
-                         hessians=gptq.Hessians() if hessians else None)
-    bar.finish(f"calibrated on {im.chunk_count} × {n_ctx} tokens of {dataset} in {bar.elapsed():.1f}s "
-               f"({len(im)} matrices" + (f", input Hessians {im.hessians.nbytes() / 1e6:.0f} MB" if im.hessians else "")
-               + ")")
+    model._set_threads()
+    arch, w, cfg, tok = model.arch, model.weights, model.cfg, model.tokenizer
+    windows = imatrix.windows(tok.encode(text, add_special=False), n_ctx, n_chunks,
+                              tok.bos_id if tok.add_bos else None)
+    n_fit = imatrix.fitting_windows(len(windows))
+    im = imatrix.Imatrix(chunk_size=n_ctx, chunk_count=len(windows), datasets=[dataset] if dataset else [])
+    hidden = np.stack([arch.embed(w, cfg, np.asarray(c, dtype=np.int64)) for c in windows])  # (windows, T, d)
+    bar = Progress(cfg.n_layer + 1, label="calibrating ", enabled=not quiet)
+    t_quantize = 0.0
+    for il in range(cfg.n_layer + 1):
+        hs, names = gptq.Hessians(), {}
+
+        def observe(name: str, x: np.ndarray) -> None:
+            names.setdefault(name)
+            im(name, x)
+            if on_layer is not None:
+                hs(name, x)
+            if observer is not None:
+                observer(name, x)
+
+        for c, x in enumerate(hidden):
+            hs.held_out = c >= n_fit
+            if il == cfg.n_layer:
+                observe(w.output.name, arch.classifier_input(w, cfg, x))
+                continue
+            for s in range(0, n_ctx, N_BATCH):   # the engine's prefill batches: the same kernels and cache ring
+                arch.forward_layers(w, cfg, x[s:s + N_BATCH], s, model.cache, range(il, il + 1), observe)
+        if on_layer is not None:
+            bar.update(il + 0.5, detail=f"layer {il}/{cfg.n_layer}: quantizing" if il < cfg.n_layer
+                       else "classifier: quantizing")
+            t0 = time.perf_counter()
+            on_layer(LayerSeen(il, list(names), hs, im, model.gguf.arch, cfg.n_head, cfg.n_head_kv))
+            t_quantize += time.perf_counter() - t0
+            hs.clear()   # freed before the next layer's are made
+        model.gguf.release_pages()   # the weights of the layer just run leave the RSS
+        bar.update(il + 1, detail=f"layer {il + 1}/{cfg.n_layer}")
+    split = f"; {bar.elapsed() - t_quantize:.1f}s forward, {t_quantize:.1f}s quantizing" if on_layer else ""
+    bar.finish(f"calibrated{' and quantized' if on_layer else ''} layer by layer on {len(windows)} × {n_ctx} "
+               f"tokens of {dataset} in {bar.elapsed():.1f}s ({len(im)} matrices{split})")
+    return im
+
+
+def quantize_by_layer(opts, model_path: Path, text: str, dataset: str, tensors: Sequence, recipe, folder: Path):
+    """calibrate_by_layer with each layer's matrices quantized by opts.method as soon as its Hessians are
+    complete (gptq.calibrated_quantize, from the tensors' own loaders), the bytes set aside in
+    im.prepared for write_model. Matrices without a Hessian (inputs wider than gptq.MAX_HESSIAN_COLS,
+    stacked experts) or of a float type are left to write_model, with the importance collected here."""
+    from edgeq.convert.gptq import calibrated_quantize
+    from edgeq.convert.writer import AWQ_METHODS, PreparedTensors, awq_folding, awq_stats
+    from edgeq.formats.quants import quantize
+
+    by_name = {t.name: t for t in tensors if len(t.shape) == 2}
+    types = {t.name: recipe.choose(t.name, t.shape) for t in tensors}
+    prepared = PreparedTensors(folder)
+    awq_cache: dict = {}
+    alphas: dict[str, float] = {}
+    folded: list[str] = []
+
+    def on_layer(seen: LayerSeen) -> None:
+        # AWQ (awq-gptq, best): this layer's groups searched on its own Hessians and folded before its
+        # matrices are quantized; the folded norms/biases are set aside with them
+        folding = awq_folding(seen.arch, seen.n_head, seen.n_head_kv, tensors, types, seen.hessians, awq_cache) \
+            if opts.method in AWQ_METHODS else None
+        hessians = folding.hessians if folding is not None else seen.hessians
+        for name in seen.names:
+            t = by_name.get(name)
+            if t is None or not seen.hessians.has(name):
+                continue
+            qtype = types[name]
+            if qtype in ("F32", "F16", "BF16"):
+                continue
+            W = np.ascontiguousarray(folding.load(name) if folding is not None else t.load(), dtype=np.float32)
+            if W.shape != tuple(t.shape):
+                raise EdgeqError(f"tensor {name}: got shape {W.shape}, expected {tuple(t.shape)}")
+            imp = seen.imatrix.importance(name, t.shape[-1])
+            if folding is not None:
+                imp = folding.importance(name, imp)
+            raw, choice = calibrated_quantize(name, W, qtype, hessians, "gptq" if opts.method == "awq-gptq"
+                                              else opts.method, imp)
+            prepared.put(name, raw, choice.method if choice else "imatrix")
+            del W, raw
+        if folding is not None:
+            for name, x in sorted(folding._ready.items()):  # folded tensors not quantized above (norms, biases)
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                prepared.put(name, quantize(x.reshape(-1, x.shape[-1]), types[name], None), None)
+            alphas.update(folding.alphas)
+            folded.extend(folding.folded())
+
+    im = calibrate_by_layer(model_path, text, dataset, opts.chunks, opts.calib_ctx, opts.threads, opts.quiet, on_layer)
+    im.prepared = prepared
+    if opts.method in AWQ_METHODS and alphas:
+        im.awq = awq_stats(alphas, sorted(folded))
     return im
 
 
 def resolve_imatrix(opts, output: str | os.PathLike, matrix_names: Sequence[str],
-                    make_calibration_model: Callable[[Path], Path]):
-    """opts.imatrix / opts.calibrate → an Imatrix or None; opts.save_imatrix writes it (opts: QuantOptions)."""
+                    make_calibration_model: Callable[[Path], Path], tensors: Sequence = (), recipe=None):
+    """opts.imatrix / opts.calibrate → an Imatrix or None; opts.save_imatrix writes it (opts: QuantOptions).
+
+    With --calibrate and a method other than imatrix, the matrices are quantized during the calibration,
+    layer by layer (quantize_by_layer: `tensors` are the writer's OutTensors, `recipe` their types)."""
     from edgeq.convert import imatrix
 
     im = None
@@ -79,10 +237,20 @@ def resolve_imatrix(opts, output: str | os.PathLike, matrix_names: Sequence[str]
             raise EdgeqError("--chunks must be >= 1 and --calib-ctx >= 16")
         text, dataset = read_text(opts.calibrate, max_bytes=opts.chunks * opts.calib_ctx * MAX_BYTES_PER_TOKEN)
         folder = Path(output).expanduser().resolve().parent
-        with tempfile.TemporaryDirectory(prefix=".edgeq-calib-", dir=folder) as tmp:
+        from edgeq.runtime.engine import default_threads
+
+        with ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".edgeq-calib-", dir=folder))
             model_path = make_calibration_model(Path(tmp))
-            im = calibrate_gguf(model_path, text, dataset, opts.chunks, opts.calib_ctx, opts.threads, opts.quiet,
-                                hessians=opts.method != "imatrix")
+            # half the cores for BLAS (Hessians, GPTQ's updates): numba's pool runs the forward passes and the
+            # importance search between BLAS calls, and OpenBLAS workers left spinning would take its cores
+            stack.enter_context(blas_threads((opts.threads or default_threads()) // 2))
+            if opts.method == "imatrix":
+                im = calibrate_by_layer(model_path, text, dataset, opts.chunks, opts.calib_ctx, opts.threads,
+                                        opts.quiet)
+            else:
+                recipe.has_imatrix = True   # (the types depend on it: fixed before any matrix is quantized)
+                im = quantize_by_layer(opts, model_path, text, dataset, tensors, recipe, folder)
     if im is not None and opts.save_imatrix:
         imatrix.save(im, opts.save_imatrix)
         if not opts.quiet:

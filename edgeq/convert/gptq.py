@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeq.cpu_kernels.gptq import gptq_batch
 from edgeq.formats import quant_grid
 from edgeq.formats.quants import quantize
 
 DAMP = 0.01             # λ = DAMP · mean(diag H), as in GPTQ: keeps H invertible and the updates bounded
 BLOCK = 32              # lazy-batch width: columns updated together before the trailing rank-B update (32-128
                         # cost the same flops; 32 keeps the per-column update in cache)
-MAX_HESSIAN_COLS = 4096  # wider inputs (a 1.7B's ffn_down) get no Hessian: n_in² floats each, per layer
+MAX_HESSIAN_COLS = 4096  # wider inputs (a 1.7B's ffn_down) get no Hessian: GPTQ costs rows·n_in² flops
+ROW_CHUNK = 8192        # rows per GPTQ pass and per output-error pass: bounds the work arrays of huge matrices
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Hessians:
     key_of: dict[str, str] = field(default_factory=dict)         # matrix name → input key
     held_out: bool = False                                       # set by imatrix.collect per window
     _last_x: object = None
+    _factors: dict = field(default_factory=dict)                 # (input key, windows) → factor()
     _last_key: str = ""
 
     def __call__(self, name: str, x: np.ndarray) -> None:
@@ -69,6 +72,22 @@ class Hessians:
             return self.held[key].astype(np.float64)
         return self.fit[key].astype(np.float64) + self.held[key]
 
+    def factor(self, name: str, which: str = "all") -> tuple[np.ndarray, np.ndarray]:
+        """regrid's (U, perm) for H of `name` ('fit' or 'all' windows), computed once per input: the matrices
+        that share an input (q/k/v, gate/up) share it, and the O(n_in³) factorization is not redone."""
+        key = (self.key_of[name], which)
+        if key not in self._factors:
+            self._factors[key] = _factor(self.get(name, which), DAMP, True, np.float32)
+        return self._factors[key]
+
+    def clear(self) -> None:
+        """Free every matrix held (a finished layer's)."""
+        self.fit.clear(), self.held.clear(), self._factors.clear()
+
+    def has(self, name: str) -> bool:
+        key = self.key_of.get(name)
+        return key is not None and key in self.fit
+
     def nbytes(self) -> int:
         return sum(h.nbytes for h in self.fit.values()) + sum(h.nbytes for h in self.held.values())
 
@@ -78,9 +97,12 @@ class Hessians:
 
 
 def output_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
-    """tr((W−Q) H (W−Q)ᵀ) = ‖(W−Q)Xᵀ‖² for H = XᵀX."""
-    D = np.asarray(W, np.float64) - Q
-    return float(np.einsum("ij,ij->", D @ H, D))
+    """tr((W−Q) H (W−Q)ᵀ) = ‖(W−Q)Xᵀ‖² for H = XᵀX (ROW_CHUNK rows at a time)."""
+    total = 0.0
+    for r0 in range(0, W.shape[0], ROW_CHUNK):
+        D = np.asarray(W[r0:r0 + ROW_CHUNK], np.float64) - Q[r0:r0 + ROW_CHUNK]
+        total += float(np.einsum("ij,ij->", D @ H, D))
+    return total
 
 
 def _damped(H: np.ndarray, damp: float) -> np.ndarray:
@@ -107,37 +129,66 @@ def gptq_reference(W: np.ndarray, H: np.ndarray, round_col, damp: float = DAMP) 
     return Q
 
 
+def _factor(H: np.ndarray, damp: float, act_order: bool, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(U, perm): the column order (decreasing diag(H) with act order) and the upper Cholesky factor of the
+    damped, permuted H⁻¹ (H⁻¹ = UᵀU), computed in float64, returned in `dtype`."""
+    n = H.shape[0]
+    perm = np.argsort(-np.diagonal(H), kind="stable") if act_order else np.arange(n)
+    Hp = _damped(H, damp)[np.ix_(perm, perm)]
+    return np.linalg.cholesky(np.linalg.inv(Hp)).T.astype(dtype), perm
+
+
 def gptq_levels(W: np.ndarray, H: np.ndarray, a: np.ndarray, b: np.ndarray, levels: np.ndarray,
-                damp: float = DAMP, block: int | None = None, act_order: bool = True) -> np.ndarray:
+                damp: float = DAMP, block: int | None = None, act_order: bool = True,
+                dtype=np.float32) -> np.ndarray:
     """The fast path: level indices k (rows, n_in) on the grids a·levels[k] + b, lazy-batch GPTQ, columns
     in decreasing diag(H) (act order: the most used inputs are rounded first, while all others can still
-    absorb their error)."""
+    absorb their error).
+
+    H⁻¹'s Cholesky factor is computed in float64 once; the column updates run in `dtype` (float32 as in
+    GPTQ's own code: half the memory and twice the GEMM speed of float64) over ROW_CHUNK rows at a time
+    (rows are independent given H)."""
+    U, perm = _factor(H, damp, act_order, dtype)
+    lev = levels.astype(dtype)
+    out = np.empty(W.shape, dtype=np.int16)
+    for r0 in range(0, W.shape[0], ROW_CHUNK):
+        r1 = r0 + ROW_CHUNK
+        out[r0:r1] = _gptq_rows(W[r0:r1], a[r0:r1], b[r0:r1], U, perm, lev, levels, block or BLOCK, dtype)
+    return out
+
+
+def regrid(W: np.ndarray, H: np.ndarray | None, raw: np.ndarray, qtype: str, act_order: bool = True,
+           damp: float = DAMP, factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The bytes `raw` (rows, row_bytes) of W with every level re-chosen by GPTQ, block scales kept; decoded
+    and encoded ROW_CHUNK rows at a time, so a 262k-row classifier never has all its grids in memory.
+    `factor`: H's (U, perm) when already computed (Hessians.factor), H is then not read."""
+    U, perm = factor if factor is not None else _factor(H, damp, act_order, np.float32)
+    levels = quant_grid.LEVELS[qtype]
+    lev = levels.astype(np.float32)
+    out = np.empty_like(raw)
+    for r0 in range(0, W.shape[0], ROW_CHUNK):
+        r1 = r0 + ROW_CHUNK
+        _, a, b = quant_grid.decode(raw[r0:r1], qtype, W.shape[1])
+        k = _gptq_rows(W[r0:r1], a, b, U, perm, lev, levels, BLOCK, np.float32)
+        out[r0:r1] = quant_grid.encode(raw[r0:r1], qtype, k)
+    return out
+
+
+def _gptq_rows(W, a, b, U, perm, lev, levels, block, dtype) -> np.ndarray:
     n = W.shape[1]
-    block = block or BLOCK
-    perm = np.argsort(-np.diagonal(H), kind="stable") if act_order else np.arange(n)
     # column-major work arrays (one input column = one contiguous row): the column loop touches whole rows
-    Wt = np.array(W.T[perm], dtype=np.float64)
+    Wt = np.array(W.T[perm], dtype=dtype)
     at, bt = np.ascontiguousarray(a.T[perm]), np.ascontiguousarray(b.T[perm])
-    Hp = _damped(H, damp)[np.ix_(perm, perm)]
-    U = np.linalg.cholesky(np.linalg.inv(Hp)).T
-    lev = levels.astype(np.float64)
     K = np.empty(Wt.shape, dtype=np.int16)
+    mid = (levels[1:] + levels[:-1]) * np.float32(0.5)   # quant_grid.nearest's decision points
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = Wt[i1:i2]                      # a view: updated in place
-        E1 = np.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            w = W1[j]
-            k = quant_grid.nearest(w, at[i1 + j], bt[i1 + j], levels)
-            K[i1 + j] = k
-            err = (w - (at[i1 + j] * lev[k] + bt[i1 + j])) / U1[j, j]
-            W1[j:] -= U1[j, j:, None] * err
-            E1[j] = err
-        Wt[i2:] -= U[i1:i2, i2:].T @ E1
+        E1 = np.empty((i2 - i1, Wt.shape[1]), dtype=dtype)
+        gptq_batch(Wt, at, bt, np.ascontiguousarray(U[i1:i2, i1:i2]), lev, mid, K, E1, i1)   # the column loop
+        Wt[i2:] -= U[i1:i2, i2:].T @ E1     # the trailing rank-B update: one GEMM per lazy batch
     out = np.empty_like(K)
     out[perm] = K
-    return np.ascontiguousarray(out.T)
+    return out.T
 
 
 def quantize_gptq(W: np.ndarray, qtype: str, H: np.ndarray, importance: np.ndarray | None = None,
@@ -146,9 +197,7 @@ def quantize_gptq(W: np.ndarray, qtype: str, H: np.ndarray, importance: np.ndarr
     raw = quantize(W, qtype, importance)
     if qtype not in quant_grid.GRID_TYPES:
         return raw
-    _, a, b = quant_grid.decode(raw, qtype, W.shape[1])
-    k = gptq_levels(W, H, a, b, quant_grid.LEVELS[qtype], act_order=act_order)
-    return quant_grid.encode(raw, qtype, k)
+    return regrid(W, H, raw, qtype, act_order)
 
 
 def importance_of(H: np.ndarray, n_tokens: int) -> np.ndarray:
@@ -162,24 +211,39 @@ class Choice:
     errors: dict[str, float]   # method → held-out output error relative to ‖W Xᵀ‖²
 
 
-def calibrated_quantize(name: str, W: np.ndarray, qtype: str, hs: Hessians, method: str,
-                        importance: np.ndarray | None) -> tuple[np.ndarray, Choice | None]:
-    """Bytes of matrix `name` by `method` ('gptq' or 'best'); None choice when it fell back to the imatrix."""
+def relative_errors(W: np.ndarray, candidates: dict[str, np.ndarray], qtype: str, H: np.ndarray) -> dict[str, float]:
+    """Output error of each candidate's bytes against W, relative to ‖W Xᵀ‖²: ROW_CHUNK rows dequantized at a
+    time, the reference computed once, the products in float32 (summed in float64): the candidates differ by
+    percents, far above float32's rounding."""
     from edgeq.formats.quants import dequantize
 
-    H_all = hs.get(name, "all")
-    if H_all is None or qtype not in quant_grid.GRID_TYPES:
+    H32 = np.asarray(H, dtype=np.float32)
+    errors, ref = dict.fromkeys(candidates, 0.0), 0.0
+    for r0 in range(0, W.shape[0], ROW_CHUNK):
+        w = np.asarray(W[r0:r0 + ROW_CHUNK], dtype=np.float32)
+        ref += float(np.einsum("ij,ij->", w @ H32, w, dtype=np.float64))
+        for method, raw in candidates.items():
+            D = w - dequantize(raw[r0:r0 + ROW_CHUNK], qtype, w.shape)
+            errors[method] += float(np.einsum("ij,ij->", D @ H32, D, dtype=np.float64))
+    return {method: e / max(ref, 1e-30) for method, e in errors.items()}
+
+
+def calibrated_quantize(name: str, W: np.ndarray, qtype: str, hs: Hessians, method: str,
+                        importance: np.ndarray | None) -> tuple[np.ndarray, Choice | None]:
+    """Bytes of matrix `name` by `method` ('gptq' or 'best'); None choice when it fell back to the imatrix.
+
+    'best': one importance search (all windows) fixes the block scales of both candidates, the importance
+    search's own levels and GPTQ's levels fitted on the fitting windows; the one with the lower error on the
+    held-out windows is kept, GPTQ redone on every window when it wins. (The scales are shared, so the search,
+    the dearest step at real sizes, runs once per matrix.)"""
+    if not hs.has(name) or qtype not in quant_grid.GRID_TYPES:
         return quantize(W, qtype, importance), None
+    raw = quantize(W, qtype, importance)
     if method == "gptq" or not hs.has_held_out(name):
-        return quantize_gptq(W, qtype, H_all, importance), Choice("gptq", {})
-    # fit on the fitting windows, judge on the held-out ones, then redo the winner with every window
-    key = hs.key_of[name]
-    H_fit, H_held = hs.get(name, "fit"), hs.get(name, "held")
-    imp_fit = importance_of(H_fit, hs.tokens[key][0])
-    cands = {"imatrix": quantize(W, qtype, imp_fit), "gptq": quantize_gptq(W, qtype, H_fit, imp_fit)}
-    ref = max(output_error(W, np.zeros_like(W), H_held), 1e-30)
-    errors = {m: output_error(W, dequantize(raw, qtype, W.shape), H_held) / ref for m, raw in cands.items()}
+        return regrid(W, None, raw, qtype, factor=hs.factor(name, "all")), Choice("gptq", {})
+    errors = relative_errors(W, {"imatrix": raw, "gptq": regrid(W, None, raw, qtype, factor=hs.factor(name, "fit"))},
+                             qtype, hs.get(name, "held"))
     best = min(errors, key=errors.get)
     if best == "imatrix":
-        return quantize(W, qtype, importance), Choice(best, errors)
-    return quantize_gptq(W, qtype, H_all, importance), Choice(best, errors)
+        return raw, Choice(best, errors)
+    return regrid(W, None, raw, qtype, factor=hs.factor(name, "all")), Choice(best, errors)

@@ -31,6 +31,7 @@ class Imatrix:
     chunk_size: int = 0
     datasets: list[str] = field(default_factory=list)
     hessians: object = None   # gptq.Hessians collected alongside (for GPTQ); never saved to the file
+    prepared: object = None   # writer.PreparedTensors quantized during a layer-by-layer calibration; never saved
 
     def __call__(self, name: str, x: np.ndarray) -> None:
         """The model observer: x is the (T, n_in) input of matrix `name`."""
@@ -67,20 +68,16 @@ def collect(run_chunk: Callable[[list[int], Imatrix], None], tokens: list[int], 
     """Run the model over up to n_chunks windows of n_ctx tokens (llama-imatrix's chunking: the
     first token of each window replaced by BOS when the model adds one). `hessians` (gptq.Hessians), when
     given, observes too: the last quarter of the windows (at least one, when there are two) as held-out."""
-    n = min(n_chunks, len(tokens) // n_ctx)
-    if n < 1:
-        raise ImatrixError(f"calibration text too short: {len(tokens)} tokens, need at least {n_ctx}")
+    chunks = windows(tokens, n_ctx, n_chunks, bos_id)
+    n = len(chunks)
     im = Imatrix(chunk_size=n_ctx, datasets=[dataset] if dataset else [], hessians=hessians)
     observer = im
     if hessians is not None:
         def observer(name, x):
             im(name, x)
             hessians(name, x)
-    n_fit = n - max(1, n // 4) if n >= 2 else n
-    for c in range(n):
-        chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
-        if bos_id is not None:
-            chunk[0] = bos_id
+    n_fit = fitting_windows(n)
+    for c, chunk in enumerate(chunks):
         if hessians is not None:
             hessians.held_out = c >= n_fit
         run_chunk(chunk, observer)
@@ -88,6 +85,24 @@ def collect(run_chunk: Callable[[list[int], Imatrix], None], tokens: list[int], 
         if progress:
             progress(c + 1, n)
     return im
+
+
+def windows(tokens: list[int], n_ctx: int, n_chunks: int, bos_id: int | None = None) -> list[list[int]]:
+    """Up to n_chunks windows of n_ctx tokens (llama-imatrix's chunking: the first token of each window
+    replaced by BOS when the model adds one)."""
+    n = min(n_chunks, len(tokens) // n_ctx)
+    if n < 1:
+        raise ImatrixError(f"calibration text too short: {len(tokens)} tokens, need at least {n_ctx}")
+    out = [list(tokens[c * n_ctx:(c + 1) * n_ctx]) for c in range(n)]
+    if bos_id is not None:
+        for chunk in out:
+            chunk[0] = bos_id
+    return out
+
+
+def fitting_windows(n: int) -> int:
+    """How many of n windows GPTQ fits on: the last quarter (at least one, when there are two) is held out."""
+    return n - max(1, n // 4) if n >= 2 else n
 
 
 def save(im: Imatrix, path: str | os.PathLike) -> None:
