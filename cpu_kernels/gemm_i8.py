@@ -33,7 +33,6 @@ from .simd import F32, I8, I64, _IR, _vec, data_ptrs
 
 from edgeq.formats.quants import QTYPES
 
-_ROWS = 32   # weight rows unpacked at once per thread (a multiple of the micro-kernel's _MR)
 
 
 # ---------------------------------------------------------------- activations
@@ -147,90 +146,125 @@ _UNPACK = {"Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0, "Q5_0": _unpack_q5_0, "Q4
 _MAX_CODE = {"Q8_0": 255, "Q4_0": 15, "Q5_0": 31, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63}
 
 
-# ---------------------------------------------------------------- the micro-kernel: _MR weight rows x _MT tokens
-_MR, _MT = 4, 2   # 8 byte dots per block from 4 + 2 loads of 32 bytes
+# ---------------------------------------------------------------- the micro-kernel: _MG x 16 weight rows x _MT tokens
+# The unpacked tile is stored 4 codes of 16 rows side by side ("k-groups": tile[g, r] = codes 4g..4g+3 of row r, as
+# one uint32), so one 64-byte load holds 4 codes of 16 rows and one vpdpbusd multiplies it by 4 codes of a token
+# (broadcast): each lane gathers one row's dot, no horizontal sums. The int32 lanes run over a whole scale group
+# (32 codes; 16 for Q6_K, whose scales change every 16) and are converted to float once per group.
+_MG, _MT = 2, 4   # 2 x 16 rows x 4 tokens: 8 int32 + 8 float accumulators, 2 weight loads per 8 byte dots
+_TILE_ROWS = 16 * _MG
+_WIDE = simd.LEVEL == "vnni" and all(simd.llvm_binding.get_host_cpu_features().get(f)
+                                     for f in ("avx512vnni", "avx512bw", "avx512f"))
 
 
-def _micro(nr: int, nt: int):
-    """An intrinsic k(codes, scl, mins, r, qx, dx, xs, t, nb, res): res[nt i + j] = row r+i of the unpacked tile .
-    token row t+j (i < nr, j < nt), over nb blocks of 32. codes (R, 32 nb) uint8, scl/mins (R, 2 nb) float32,
-    qx (T, 32 nb) int8, dx (T, nb), xs (T, 2 nb) float32, all C-contiguous; the caller keeps r + nr <= R and
-    t + nt <= T (no bounds checks here)."""
-    def impl(typingctx, codes, scl, mins, r, qx, dx, xs, t, nb, res):
-        sig = types.void(codes, scl, mins, types.intp, qx, dx, xs, types.intp, types.intp, res)
+def _udot16(x, acc, u, s):
+    """acc (<16 x i32>) + the byte dots of u (<64 x i8>, unsigned) and s (<64 x i8>, signed), 4 bytes per lane."""
+    v16 = _vec(ir.IntType(32), 16)
+    if _WIDE:
+        return x.intr("llvm.x86.avx512.vpdpbusd.512", v16, [acc, x.b.bitcast(u, v16), x.b.bitcast(s, v16)])
+    halves = [x.udot(x.half_of(u, h), x.half_of(s, h)) for h in (0, 1)]  # the 256-bit (or portable) byte dot
+    return x.b.add(acc, x.concat(halves[0], halves[1]))
+
+
+def _micro(group: int):
+    """An intrinsic k(tile, scl, mins, R, r, qx, dx, xs, t, n, res): res[j, 16 i + l] = row r + 16 i + l of the
+    unpacked tile . token row t + j (i < _MG, j < _MT, l < 16) over n codes, in scale groups of `group` (32 or 16)
+    codes. tile uint32 (n/4, R), scl/mins float32 (n/16, R), qx int8 (T, n), dx (T, n/32), xs (T, n/16) float32,
+    res (_MT, 16 _MG) float32, all C-contiguous; the caller keeps r + 16 _MG <= R and t + _MT <= T (no bounds
+    checks here)."""
+    kg = group // 4          # k-groups of 4 codes per scale group
+    per16 = group // 16      # entries of scl/mins/xs per scale group
+
+    def impl(typingctx, tile, scl, mins, R, r, qx, dx, xs, t, n, res):
+        sig = types.void(tile, scl, mins, types.intp, types.intp, qx, dx, xs, types.intp, types.intp, res)
 
         def codegen(context, builder, signature, args):
             x = _IR(builder)
-            pc, ps, pm, pq, pd, px, pr = data_ptrs(context, builder, signature, args, (0, 1, 2, 4, 5, 6, 9))
-            r, t, nb = args[3], args[7], args[8]
+            pw, ps, pm, pq, pd, px, pr = data_ptrs(context, builder, signature, args, (0, 1, 2, 5, 6, 7, 10))
+            R, r, t, n = args[3], args[4], args[8], args[9]
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
-            n, nb2 = builder.mul(nb, c(32)), builder.mul(nb, c(2))
-            rows = [builder.add(r, c(i)) for i in range(nr)]
-            toks = [builder.add(t, c(j)) for j in range(nt)]
-            v8, v2 = _vec(F32, 8), _vec(F32, 2)
-            # in the entry block (alloca_once): the caller calls this inside its loops
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(nt)] for _ in range(nr)]
-            accm = [[cgutils.alloca_once_value(builder, ir.Constant(v2, None)) for _ in range(nt)] for _ in range(nr)]
-            spread = ir.Constant(_vec(ir.IntType(32), 8), [0, 0, 0, 0, 1, 1, 1, 1])
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                o32, o2 = builder.mul(b, c(32)), builder.mul(b, c(2))
-                w = [x.at(pc, builder.add(builder.mul(rr, n), o32), _vec(I8, 32)) for rr in rows]
-                a = [x.at(pq, builder.add(builder.mul(tt, n), o32), _vec(I8, 32)) for tt in toks]
-                s16 = [builder.mul(builder.add(builder.mul(rr, nb2), o2), c(4)) for rr in rows]
-                s = [builder.shuffle_vector(x.at(ps, k, v2), ir.Constant(v2, ir.Undefined), spread) for k in s16]
-                m = [x.at(pm, k, v2) for k in s16]
-                d = [x.splat(x.elem(pd, builder.add(builder.mul(tt, nb), b), F32), 8) for tt in toks]
-                xsum = [x.at(px, builder.mul(builder.add(builder.mul(tt, nb2), o2), c(4)), v2) for tt in toks]
-                for i in range(nr):
-                    for j in range(nt):
-                        f = builder.sitofp(x.udot(w[i], a[j]), v8)
-                        builder.store(x.fma8(f, builder.fmul(s[i], d[j]), builder.load(accs[i][j])), accs[i][j])
-                        builder.store(x.intr("llvm.fma.v2f32", v2, [m[i], xsum[j], builder.load(accm[i][j])]),
-                                      accm[i][j])
-            out = builder.bitcast(pr, F32.as_pointer())
-            for i in range(nr):
-                for j in range(nt):
-                    mm = builder.load(accm[i][j])
-                    off = builder.fadd(builder.extract_element(mm, ir.Constant(ir.IntType(32), 0)),
-                                       builder.extract_element(mm, ir.Constant(ir.IntType(32), 1)))
-                    builder.store(builder.fsub(x.hsum8(builder.load(accs[i][j])), off),
-                                  builder.gep(out, [ir.Constant(ir.IntType(32), nt * i + j)]))
+            i32, v16f, v16i, b64 = ir.IntType(32), _vec(F32, 16), _vec(ir.IntType(32), 16), _vec(I8, 64)
+            nb, n16 = builder.udiv(n, c(32)), builder.udiv(n, c(16))
+            cols = [builder.add(r, c(16 * i)) for i in range(_MG)]
+            toks = [builder.add(t, c(j)) for j in range(_MT)]
+            facc = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in range(_MT)]
+                    for _ in range(_MG)]
+            with cgutils.for_range(builder, builder.udiv(n, c(group))) as loop:
+                grp = loop.index
+                iacc = [[ir.Constant(v16i, None)] * _MT for _ in range(_MG)]
+                for g in range(kg):
+                    kk = builder.add(builder.mul(grp, c(kg)), c(g))          # k-group index: codes 4 kk ..
+                    w = [x.at(pw, builder.mul(builder.add(builder.mul(kk, R), cc), c(4)), b64) for cc in cols]
+                    a = [builder.bitcast(x.splat(x.at(pq, builder.add(builder.mul(tt, n), builder.mul(kk, c(4))),
+                                                      i32), 16), b64) for tt in toks]
+                    for i in range(_MG):
+                        for j in range(_MT):
+                            iacc[i][j] = _udot16(x, iacc[i][j], w[i], a[j])
+                s16 = builder.mul(grp, c(per16))                              # first scale entry of the group
+                s = [x.at(ps, builder.mul(builder.add(builder.mul(s16, R), cc), c(4)), v16f) for cc in cols]
+                # the offsets: one per scale group (Q4_K/Q5_K's mins and the 32-code types' zero points are per 32),
+                # times the float sum of the group's activations
+                m = [builder.fneg(x.at(pm, builder.mul(builder.add(builder.mul(s16, R), cc), c(4)), v16f))
+                     for cc in cols]
+                blk = builder.udiv(builder.mul(grp, c(group)), c(32))       # the activations' block of 32
+                for j, tt in enumerate(toks):
+                    d = x.splat(x.elem(pd, builder.add(builder.mul(tt, nb), blk), F32), 16)
+                    xsum = x.elem(px, builder.add(builder.mul(tt, n16), s16), F32)
+                    for h in range(1, per16):
+                        xsum = builder.fadd(xsum, x.elem(px, builder.add(builder.add(builder.mul(tt, n16), s16), c(h)),
+                                                         F32))
+                    xsum = x.splat(xsum, 16)
+                    for i in range(_MG):
+                        f = builder.sitofp(iacc[i][j], v16f)
+                        acc = x.intr("llvm.fma.v16f32", v16f, [f, builder.fmul(s[i], d), builder.load(facc[i][j])])
+                        builder.store(x.intr("llvm.fma.v16f32", v16f, [m[i], xsum, acc]), facc[i][j])
+            out = builder.bitcast(pr, v16f.as_pointer())
+            for i in range(_MG):
+                for j in range(_MT):
+                    builder.store(builder.load(facc[i][j]), builder.gep(out, [ir.Constant(i32, j * _MG + i)]),
+                                  align=4)
             return context.get_dummy_value()
         return sig, codegen
-    impl.__name__ = impl.__qualname__ = f"dot{nr}x{nt}"
+    impl.__name__ = impl.__qualname__ = f"dot{16 * _MG}x{_MT}_g{group}"
     return intrinsic(impl)
 
 
-_dot_tile = _micro(_MR, _MT)
+_DOT_G32, _DOT_G16 = _micro(32), _micro(16)
+_GROUP = {"Q6_K": 16}  # codes per scale group where not 32
 
 
 # ---------------------------------------------------------------- the parallel driver, one per type
 _unpack = None  # bound per type by _specialize
+_dot_tile = None
 _block_elems = _block_bytes = 0
 
 
 def _gemm_template(raw, n_in, qx, dx, xs, out):
     """out[t, r] = W[r] . dequant(qx[t]) for t < out.shape[0], W = raw's rows (type bound by _specialize)."""
     T, n_out = out.shape
-    nb = n_in // 32
+    R = _TILE_ROWS
     row_bytes = (n_in // _block_elems) * _block_bytes
-    for g in prange((n_out + _ROWS - 1) // _ROWS):
-        r0 = g * _ROWS
-        nr = min(_ROWS, n_out - r0)
-        codes = np.zeros((_ROWS, n_in), np.uint8)
-        scl = np.zeros((_ROWS, 2 * nb), np.float32)
-        mins = np.zeros((_ROWS, 2 * nb), np.float32)
+    for g in prange((n_out + R - 1) // R):
+        r0 = g * R
+        nr = min(R, n_out - r0)
+        tile = np.zeros((n_in // 4, R), np.uint32)
+        scl = np.zeros((n_in // 16, R), np.float32)
+        mins = np.zeros((n_in // 16, R), np.float32)
+        codes = np.empty(n_in, np.uint8)
+        rs = np.empty(n_in // 16, np.float32)
+        rm = np.empty(n_in // 16, np.float32)
+        c32 = codes.view(np.uint32)
         for i in range(nr):
             o = (r0 + i) * row_bytes
-            _unpack(raw[o:o + row_bytes], n_in, codes[i], scl[i], mins[i])
-        res = np.empty(_MR * _MT, np.float32)
+            _unpack(raw[o:o + row_bytes], n_in, codes, rs, rm)
+            tile[:, i] = c32
+            scl[:, i] = rs
+            mins[:, i] = rm
+        res = np.empty((_MT, R), np.float32)
         for t in range(0, T, _MT):
-            for i in range(0, nr, _MR):
-                _dot_tile(codes, scl, mins, i, qx, dx, xs, t, nb, res)
-                for ii in range(min(_MR, nr - i)):
-                    for jj in range(min(_MT, T - t)):
-                        out[t + jj, r0 + i + ii] = res[ii * _MT + jj]
+            _dot_tile(tile, scl, mins, R, 0, qx, dx, xs, t, n_in, res)
+            for jj in range(min(_MT, T - t)):
+                out[t + jj, r0:r0 + nr] = res[jj, :nr]
 
 
 def _specialize(qtype: str):
@@ -238,6 +272,7 @@ def _specialize(qtype: str):
     on-disk cache finds it)."""
     q = QTYPES[qtype]
     bound = dict(_gemm_template.__globals__, _unpack=_UNPACK[qtype], _block_elems=q.block_size,
+                 _dot_tile=_DOT_G16 if _GROUP.get(qtype) == 16 else _DOT_G32,
                  _block_bytes=q.block_bytes)
     name = "_gemm_i8_" + qtype.lower()
     fn = pytypes.FunctionType(_gemm_template.__code__, bound, name)
