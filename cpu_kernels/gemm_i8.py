@@ -49,46 +49,57 @@ def quantize_act(X, qx, dx, xs):
             dx[t, b] = d
 
 
-# ---------------------------------------------------------------- weights: one row -> codes, scl, mins
-# codes uint8 (n,), scl and mins float32 (n/16,): w[i] = scl[i // 16] * codes[i] - mins[i // 16]
+# ---------------------------------------------------------------- weights: one row -> column i of the tile
+# tile uint32 (n/4, R): tile[g, i] = codes 4g..4g+3 of the row (unsigned bytes, lowest first); scl and mins
+# float32 (n/16, R): w[k] = scl[k // 16, i] * code[k] - mins[k // 16, i]. Each type builds the 4 codes of a word
+# from one 32-bit load of its packed bits (the nibbles of 4 weights sit in 4 consecutive bytes in every type).
+_LO4, _LO2, _LO1 = np.int32(0x0F0F0F0F), np.int32(0x03030303), np.int32(0x01010101)
+
+
 @njit(inline="always", **_JIT)
-def _unpack_q8_0(row, n, codes, scl, mins):
+def _unpack_q8_0(row, n, tile, i, scl, mins):
     for b in range(n // 32):
         d = _h2f(row[b * 34], row[b * 34 + 1])
-        for j in range(32):
-            codes[b * 32 + j] = row[b * 34 + 2 + j] ^ np.uint8(128)  # int8 q + 128
-        scl[2 * b] = scl[2 * b + 1] = d
-        mins[2 * b] = mins[2 * b + 1] = np.float32(128.0) * d
+        for m in range(8):
+            tile[b * 8 + m, i] = np.uint32(_u32(row, b * 34 + 2 + 4 * m) ^ np.int32(-0x7F7F7F80))  # int8 q + 128
+        scl[2 * b, i] = scl[2 * b + 1, i] = d
+        mins[2 * b, i] = mins[2 * b + 1, i] = np.float32(128.0) * d
 
 
 @njit(inline="always", **_JIT)
-def _unpack_q4_0(row, n, codes, scl, mins):
+def _unpack_q4_0(row, n, tile, i, scl, mins):
     for b in range(n // 32):
         d = _h2f(row[b * 18], row[b * 18 + 1])
-        for j in range(16):
-            v = row[b * 18 + 2 + j]
-            codes[b * 32 + j] = v & np.uint8(15)
-            codes[b * 32 + 16 + j] = v >> np.uint8(4)
-        scl[2 * b] = scl[2 * b + 1] = d
-        mins[2 * b] = mins[2 * b + 1] = np.float32(8.0) * d
+        for m in range(4):
+            v = _u32(row, b * 18 + 2 + 4 * m)
+            tile[b * 8 + m, i] = np.uint32(v & _LO4)              # low nibbles: weights 0..15
+            tile[b * 8 + 4 + m, i] = np.uint32((v >> 4) & _LO4)   # high nibbles: weights 16..31
+        scl[2 * b, i] = scl[2 * b + 1, i] = d
+        mins[2 * b, i] = mins[2 * b + 1, i] = np.float32(8.0) * d
 
 
 @njit(inline="always", **_JIT)
-def _unpack_q5_0(row, n, codes, scl, mins):
+def _spread4(bits):
+    """4 bits -> bit 4 of each of 4 bytes (Q5's fifth bits)."""
+    return ((bits & 1) | ((bits & 2) << 7) | ((bits & 4) << 14) | ((bits & 8) << 21)) << 4
+
+
+@njit(inline="always", **_JIT)
+def _unpack_q5_0(row, n, tile, i, scl, mins):
     for b in range(n // 32):
         o = b * 22
         d = _h2f(row[o], row[o + 1])
         qh = _u32(row, o + 2)
-        for j in range(16):
-            v = np.int32(row[o + 6 + j])
-            codes[b * 32 + j] = (v & 15) | (((qh >> j) & 1) << 4)
-            codes[b * 32 + 16 + j] = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-        scl[2 * b] = scl[2 * b + 1] = d
-        mins[2 * b] = mins[2 * b + 1] = np.float32(16.0) * d
+        for m in range(4):
+            v = _u32(row, o + 6 + 4 * m)
+            tile[b * 8 + m, i] = np.uint32((v & _LO4) | _spread4((qh >> (4 * m)) & 15))
+            tile[b * 8 + 4 + m, i] = np.uint32(((v >> 4) & _LO4) | _spread4((qh >> (16 + 4 * m)) & 15))
+        scl[2 * b, i] = scl[2 * b + 1, i] = d
+        mins[2 * b, i] = mins[2 * b + 1, i] = np.float32(16.0) * d
 
 
 @njit(inline="always", **_JIT)
-def _unpack_k45(row, n, codes, scl, mins, block_bytes, qs_off, fifth_bits):
+def _unpack_k45(row, n, tile, i, scl, mins, block_bytes, qs_off, fifth_bits):
     """Q4_K / Q5_K (see linear._dq_k45): w = d * sc * q - dmin * mn per 32."""
     for sb in range(n // 256):
         o = sb * block_bytes
@@ -96,47 +107,47 @@ def _unpack_k45(row, n, codes, scl, mins, block_bytes, qs_off, fifth_bits):
         dmin = _h2f(row[o + 2], row[o + 3])
         sc = row[o + 4:o + 16]
         for k in range(8):
-            a, m = _k_scale_min(sc, k)
-            i = sb * 16 + 2 * k
-            scl[i] = scl[i + 1] = d * np.float32(a)
-            mins[i] = mins[i + 1] = dmin * np.float32(m)
+            a, mn = _k_scale_min(sc, k)
+            s = sb * 16 + 2 * k
+            scl[s, i] = scl[s + 1, i] = d * np.float32(a)
+            mins[s, i] = mins[s + 1, i] = dmin * np.float32(mn)
             sh = 4 * (k & 1)
-            for j in range(32):
-                q = (np.int32(row[o + qs_off + (k >> 1) * 32 + j]) >> sh) & 15
+            for m in range(8):
+                q = (_u32(row, o + qs_off + (k >> 1) * 32 + 4 * m) >> sh) & _LO4
                 if fifth_bits:
-                    q |= ((np.int32(row[o + 16 + j]) >> k) & 1) << 4
-                codes[sb * 256 + k * 32 + j] = q
+                    q |= ((_u32(row, o + 16 + 4 * m) >> k) & _LO1) << 4
+                tile[sb * 64 + k * 8 + m, i] = np.uint32(q)
 
 
 @njit(inline="always", **_JIT)
-def _unpack_q4_k(row, n, codes, scl, mins):
-    _unpack_k45(row, n, codes, scl, mins, QTYPES_Q4_K_BYTES, 16, False)
+def _unpack_q4_k(row, n, tile, i, scl, mins):
+    _unpack_k45(row, n, tile, i, scl, mins, QTYPES_Q4_K_BYTES, 16, False)
 
 
 @njit(inline="always", **_JIT)
-def _unpack_q5_k(row, n, codes, scl, mins):
-    _unpack_k45(row, n, codes, scl, mins, QTYPES_Q5_K_BYTES, 48, True)
+def _unpack_q5_k(row, n, tile, i, scl, mins):
+    _unpack_k45(row, n, tile, i, scl, mins, QTYPES_Q5_K_BYTES, 48, True)
 
 
 @njit(inline="always", **_JIT)
-def _unpack_q6_k(row, n, codes, scl, mins):
+def _unpack_q6_k(row, n, tile, i, scl, mins):
     """Q6_K (see linear._dq_q6_k): w = d * sc * (q - 32) per 16."""
     for sb in range(n // 256):
         o = sb * 210
         d = _h2f(row[o + 208], row[o + 209])
-        for i in range(16):
-            s = d * np.float32(_i8(row[o + 192 + i]))
-            scl[sb * 16 + i] = s
-            mins[sb * 16 + i] = np.float32(32.0) * s
+        for k in range(16):
+            s = d * np.float32(_i8(row[o + 192 + k]))
+            scl[sb * 16 + k, i] = s
+            mins[sb * 16 + k, i] = np.float32(32.0) * s
         for k in range(8):
             h = k >> 2
             kk = k & 3
             sl = 4 * (kk >> 1)
             shh = 2 * kk
-            for j in range(32):
-                ql = (np.int32(row[o + h * 64 + (kk & 1) * 32 + j]) >> sl) & 15
-                qh = (np.int32(row[o + 128 + h * 32 + j]) >> shh) & 3
-                codes[sb * 256 + k * 32 + j] = ql | (qh << 4)
+            for m in range(8):
+                ql = (_u32(row, o + h * 64 + (kk & 1) * 32 + 4 * m) >> sl) & _LO4
+                qh = (_u32(row, o + 128 + h * 32 + 4 * m) >> shh) & _LO2
+                tile[sb * 64 + k * 8 + m, i] = np.uint32(ql | (qh << 4))
 
 
 QTYPES_Q4_K_BYTES, QTYPES_Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"].block_bytes
@@ -247,19 +258,12 @@ def _gemm_template(raw, n_in, qx, dx, xs, out):
     for g in prange((n_out + R - 1) // R):
         r0 = g * R
         nr = min(R, n_out - r0)
-        tile = np.zeros((n_in // 4, R), np.uint32)
+        tile = np.zeros((n_in // 4, R), np.uint32)  # zeros: the columns past nr of the last tile
         scl = np.zeros((n_in // 16, R), np.float32)
         mins = np.zeros((n_in // 16, R), np.float32)
-        codes = np.empty(n_in, np.uint8)
-        rs = np.empty(n_in // 16, np.float32)
-        rm = np.empty(n_in // 16, np.float32)
-        c32 = codes.view(np.uint32)
         for i in range(nr):
             o = (r0 + i) * row_bytes
-            _unpack(raw[o:o + row_bytes], n_in, codes, rs, rm)
-            tile[:, i] = c32
-            scl[:, i] = rs
-            mins[:, i] = rm
+            _unpack(raw[o:o + row_bytes], n_in, tile, i, scl, mins)
         res = np.empty((_MT, R), np.float32)
         for t in range(0, T, _MT):
             _dot_tile(tile, scl, mins, R, 0, qx, dx, xs, t, n_in, res)
