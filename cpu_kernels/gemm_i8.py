@@ -290,9 +290,9 @@ _DRIVERS = {q: _specialize(q) for q in _UNPACK}
 # the types whose prefill takes this path on this CPU: measured against the float tiles (docs/performance.md)
 INT8_GEMM = tuple(q for q in ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
                   if simd.LEVEL != "avx2" or _MAX_CODE[q] < 128)
-# below this many weights the float tiles win (896 x 896: 0.83x for int8): the activation quantization, the same
-# for any n_out, is a large share of a small matrix's product
-INT8_MIN_WEIGHTS = 1 << 20
+# below this many weights the float tiles may win: the activation quantization, the same for any n_out, is a large
+# share of a small matrix's product (measured, 1 thread, T = 512: 128 x 896 Q8_0 still 1.5x for int8, 256 x 640 2.1x)
+INT8_MIN_WEIGHTS = 1 << 16
 
 
 def use_int8(qtype: str, n_out: int, n_in: int) -> bool:
