@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Prefill of 512 tokens on ONE thread, timed in process CPU seconds, edgeq and llama.cpp side by side.
 
-    python benchmarks/prefill_cpu_vs_llamacpp.py FILE.gguf [FILE.gguf ...] [--runs 3]
+    python benchmarks/prefill_cpu_vs_llamacpp.py FILE_OR_MODEL [...] [--runs 3] [--edgeq-python PY]
 
 On a machine shared with other work the wall clock measures the scheduler; the CPU time of a one-thread
 prefill still measures the code. Each side runs in its own process (edgeq in this python, llama.cpp in the
 python of yardstick.llamacpp_python()), alternating, after one warm-up prefill of the same prompt (kernels
 compiled or loaded, weights paged in); the medians are compared as a ratio (> 1: edgeq is faster).
+--edgeq-python runs edgeq's side with another python (another checkout's, to compare commits).
 The prompt is the first 512 tokens of the hamlet text, as `edgeq bench` and ../shared/tools/llamacpp_bench.py.
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--edgeq-python", default=sys.executable, help="the python of edgeq's side")
     ap.add_argument("--child", choices=["edgeq", "llamacpp"], help=argparse.SUPPRESS)
     ap.add_argument("--text", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -76,16 +78,16 @@ def main() -> None:
 
     from yardstick import last_json, llamacpp_python
 
-    from edgeq.assets import text_path
+    from edgeq.assets import resolve_model, text_path
 
     text = str(text_path("hamlet"))
     py = llamacpp_python()
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
     print("| file | edgeq t/s (CPU) | llama.cpp t/s (CPU) | edgeq / llama.cpp |\n|---|---|---|---|", flush=True)
-    for model in a.files:
+    for model in (str(resolve_model(f)) for f in a.files):  # catalog names -> paths (llama.cpp takes a path)
         times: dict[str, list[float]] = {"edgeq": [], "llamacpp": []}
         for _ in range(a.runs):
-            for side, exe in (("edgeq", sys.executable), ("llamacpp", py)):
+            for side, exe in (("edgeq", a.edgeq_python), ("llamacpp", py)):
                 if exe is None:
                     continue
                 p = subprocess.run([exe, __file__, model, "--child", side, "--text", text], capture_output=True,
