@@ -5,13 +5,16 @@ and runs a float GEMM; this one keeps both sides in bytes, as llama.cpp's prefil
 
 * activations: quantized once per 32 values (`quantize_act`: int8 codes `qx`, scales `dx`, and `xs` = the
   float sum of each 16 activations, dx * sum of their codes, for the weights' offsets);
-* weights: each group of _ROWS rows is unpacked by its type's `_unpack_<type>` into unsigned byte codes and
-  two floats per 16 weights, w = scl * code - mins (every type below fits that form: Q8_0's signed bytes
-  get +128 and an offset of 128 d, Q6_K's 6-bit codes an offset of 32 d sc, ...), in a buffer of the
-  thread that uses it (~1.5 bytes per weight, _ROWS rows: L2 sized);
-* the micro-kernel `_dot_tile` (explicit SIMD, cpu_kernels/simd.py's byte dot: vpdpbusd on VNNI) multiplies
-  _MR unpacked rows by _MT token rows: per 32 weights _MR x _MT byte dots, each converted to float once and
-  scaled by scl * dx; the offsets add a 2-wide dot of mins and xs.
+* weights: each tile of _TILE_ROWS (32) rows is unpacked by its type's `_unpack_<type>` into unsigned byte codes
+  and two floats per 16 weights, w = scl * code - mins (every type below fits that form: Q8_0's signed bytes
+  get +128 and an offset of 128 d, Q6_K's 6-bit codes an offset of 32 d sc, ...), stored 4 codes of each row
+  side by side (tile[g, r] = codes 4g..4g+3 of row r), in a buffer of the thread that uses it (~1.5 bytes per
+  weight: 32 rows stay in L2);
+* the micro-kernel `_dot_tile` (explicit SIMD: vpdpbusd on 512-bit registers where the CPU has AVX512-VNNI,
+  cpu_kernels/simd.py's 256-bit byte dot twice elsewhere) multiplies the 32 rows by _MT (4) token rows: one
+  64-byte load holds 4 codes of 16 rows, one byte dot adds them times 4 broadcast activation codes into 16 int32
+  lanes (one per row), so per scale group (32 codes; 16 for Q6_K) 2 x 4 integer sums are converted to float
+  once and scaled by scl * dx; the offsets add mins times the float sum of the group's activations.
 
 Row = sum over blocks of dx * (scl . codes x qx) - mins . xs, exactly W . dequant(quant(x)) up to float32
 rounding (the numpy twin in tests/test_gemm_i8.py). Which types take this path is decided by measurement
