@@ -18,8 +18,9 @@ import os
 import statistics
 import time
 
-SHAPES = {  # (n_out, n_in): attention q/o, ffn gate/up, ffn down
-    "qwen2.5-0.5b": [(896, 896), (4864, 896), (896, 4864)],
+SHAPES = {  # (n_out, n_in): attention q/o, ffn gate/up, ffn down (the small models: k/v too)
+    "gemma3-270m": [(1024, 640), (256, 640), (640, 1024), (2048, 640), (640, 2048)],
+    "qwen2.5-0.5b": [(896, 896), (128, 896), (4864, 896), (896, 4864)],
     "qwen3-1.7b": [(2048, 2048), (6144, 2048), (2048, 6144)],
     "llama3.2-3b": [(3072, 3072), (8192, 3072), (3072, 8192)],
 }

@@ -591,7 +591,8 @@ class QuantLinear:
             self._product(X, Y)
         return Y
 
-    def _product(self, X: np.ndarray, Y: np.ndarray) -> None:
+    def _product(self, X: np.ndarray, Y: np.ndarray, act=None) -> None:
+        """Y = X W^T; `act`: X's gemm_i8.quantized_activations, when the caller shares them between matrices."""
         T = X.shape[0]
         if self._f32 is not None:
             _gemm_f32(self._f32, X, Y, 0)
@@ -600,7 +601,7 @@ class QuantLinear:
             e = _no_out(X.shape[0])
             self._integer_kernel(T)(self._raws3, self.n_in, qx, dx, bsums, (Y, e, e))
         elif self._int8_gemm is not None:
-            self._int8_gemm(self.raw, self.qtype, self.n_in, X, Y)
+            self._int8_gemm(self.raw, self.qtype, self.n_in, X, Y, act)
         else:
             # dequantize a tile of weight rows to float32, then the float32 GEMM
             tile = np.empty((min(self._tile, self.n_out), self.n_in), np.float32)
@@ -625,6 +626,27 @@ def _multi_row(qtype: str):
     from . import batch_dot
 
     return batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS
+
+
+def matmul_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]:
+    """[q.matmul(X) for q in qs] for matrices sharing a prompt's rows (Q/K/V, gate/up): the activations of those
+    that take the int8 GEMM are quantized once for all of them."""
+    X = qs[0]._x2d(X, "matmul")
+    if any(q.n_in != X.shape[1] for q in qs):
+        raise ValueError(f"matmul: expected X of shape (T, {X.shape[1]}) for every matrix")
+    int8 = X.shape[0] >= _GEMM_MIN_T and sum(q._int8_gemm is not None for q in qs) > 1
+    act = None
+    if int8:
+        from . import gemm_i8
+
+        act = gemm_i8.quantized_activations(X)
+    ys = []
+    for q in qs:
+        Y = np.empty((X.shape[0], q.n_out), np.float32)
+        if X.shape[0]:
+            q._product(X, Y, act if q._int8_gemm is not None else None)
+        ys.append(Y)
+    return ys
 
 
 def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeq.cpu_kernels import gemm_i8
-from edgeq.cpu_kernels.linear import _GEMM_MIN_T, QuantLinear, matmul_rows_many
+from edgeq.cpu_kernels.linear import _GEMM_MIN_T, QuantLinear, matmul_many, matmul_rows_many
 from test_linear import make_weights, quantize_activations, rel_err
 
 TYPES = list(gemm_i8.INT8_GEMM)  # this SIMD level's (tests/test_simd_levels.py runs the others)
@@ -41,6 +41,24 @@ def test_quant_linear_prefill_takes_the_int8_path_for_the_chosen_types(qtype, mi
     Y = q.matmul(X)
     assert (rel_err(Y, quantize_activations(X) @ W.T) < 1e-5) == int8
     assert rel_err(Y, X.astype(np.float64) @ W.T) < (2e-2 if int8 else 1e-5)
+
+
+def test_matrices_sharing_a_prompt_quantize_its_activations_once(monkeypatch):
+    """Q/K/V or gate/up at prefill (linear.matmul_many): one activation quantization for every matrix on the int8
+    GEMM, and each product the same as the matrix's own matmul."""
+    monkeypatch.setattr(gemm_i8, "INT8_MIN_WEIGHTS", 0)
+    n_in, T = 512, 2 * _GEMM_MIN_T + 3
+    qs = [QuantLinear(make_weights(qt, n_out, n_in, seed=n_out)[0], qt, (n_out, n_in))
+          for qt, n_out in (("Q4_K", 40), ("Q4_K", 17), ("Q6_K", 33))]
+    X = np.random.default_rng(7).standard_normal((T, n_in)).astype(np.float32)
+    calls = []
+    quantize = gemm_i8.quantize_act
+    monkeypatch.setattr(gemm_i8, "quantize_act", lambda *a: calls.append(1) or quantize(*a))
+    ys = matmul_many(qs, X)
+    assert len(calls) == 1
+    for q, y in zip(qs, ys):
+        np.testing.assert_array_equal(y, q.matmul(X))
+    assert len(calls) == 1 + len(qs)  # each matmul alone quantizes its own
 
 
 @pytest.mark.parametrize("T", [2, 5, 8])
