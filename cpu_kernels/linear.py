@@ -599,7 +599,9 @@ class QuantLinear:
         elif self._mm is not None and T < _GEMM_MIN_T:
             qx, dx, bsums = _quantized(X)
             e = _no_out(X.shape[0])
-            self._integer_kernel(T)(self._raws3, self.n_in, qx, dx, bsums, (Y, e, e))
+            # the single-row kernel, not batch_dot's tiles: a short prompt's rows must equal what decoding them
+            # one by one gives (the engine re-runs a prompt's last token on a reused cache: same greedy text)
+            self._mm(self._raws3, self.n_in, qx, dx, bsums, (Y, e, e))
         elif self._int8_gemm is not None:
             self._int8_gemm(self.raw, self.qtype, self.n_in, X, Y, act)
         else:
