@@ -458,6 +458,9 @@ def _block_q6_k(x, acc, row, o, b, qx, dx, bsums):
     prod, undef = x.b.mul(s16, bs), ir.Constant(_vec(I32, 16), ir.Undefined)
     pair = [x.b.shuffle_vector(prod, undef, ir.Constant(_vec(I32, 8), list(range(j, 16, 2)))) for j in (0, 1)]
     acc.fma(x.b.sitofp(x.b.add(*pair), _vec(F32, 8)), x.b.fmul(coef, x.const(F32, 8, -32.0)), _N_ACC - 1)
+    if _ZMM:
+        _q6_k_zmm(x, acc, row, o, b, qx, s16, coef)
+        return
     m15, m3 = x.const(I8, 32, 15), x.const(I8, 32, 3)
     for h in range(2):
         l0 = x.at(row, x.off(o, 64 * h), _vec(I8, 32))
@@ -474,6 +477,31 @@ def _block_q6_k(x, acc, row, o, b, qx, dx, bsums):
                                      ir.Constant(_vec(I32, 8), [2 * kk] * 4 + [2 * kk + 1] * 4))
             p = x.b.mul(x.udot(x.b.or_(lo, hi), x.act(qx, kb)), scv)
             acc.fma(x.b.sitofp(p, _vec(F32, 8)), _lane(x, coef, k), k)
+
+
+def _q6_k_zmm(x, acc, row, o, b, qx, s16, coef):
+    """Q6_K's codes dotted two sub-blocks per 512-bit vpdpbusd: sub-blocks 4h+2c and 4h+2c+1 take the low (c=0) or
+    high (c=1) nibbles of ql[64h:64h+64] and bits 4c..4c+3 of qh[32h:32h+32], and their activations are adjacent.
+    The 16 scales go into the float coefficients (d dx_k sc_j, one per 16 weights) instead of an integer multiply
+    per sub-block."""
+    undef16 = ir.Constant(_vec(F32, 8), ir.Undefined)
+    c16 = x.b.fmul(x.b.sitofp(s16, _vec(F32, 16)),                                     # d dx_(j/2) sc_j
+                   x.b.shuffle_vector(coef, undef16, ir.Constant(_vec(I32, 16), [j // 2 for j in range(16)])))
+    undef = ir.Constant(c16.type, ir.Undefined)
+    for h in range(2):
+        ql = x.b.bitcast(x.at(row, x.off(o, 64 * h), _vec(I8, 64)), _vec(I16, 32))
+        hb = x.at(row, x.off(o, 128 + 32 * h), _vec(I8, 32))
+        hh = x.b.bitcast(x.concat(hb, hb), _vec(I16, 32))
+        for c in range(2):
+            lo = x.b.and_(x.b.bitcast(x.b.lshr(ql, x.const(I16, 32, 4 * c)), _vec(I8, 64)), x.const(I8, 64, 15))
+            hs = x.b.lshr(hh, ir.Constant(_vec(I16, 32), [4 * c] * 16 + [4 * c + 2] * 16))
+            hi = x.b.shl(x.b.and_(x.b.bitcast(hs, _vec(I8, 64)), x.const(I8, 64, 3)), x.const(I8, 64, 4))
+            k = 4 * h + 2 * c
+            s = x.at(qx, x.b.mul(x.b.add(x.b.mul(b, ir.Constant(I64, 8)), ir.Constant(I64, k)), ir.Constant(I64, 32)),
+                     _vec(I8, 64))
+            p = x.b.sitofp(x.udot64(x.b.or_(lo, hi), s), _vec(F32, 16))
+            sc = x.b.shuffle_vector(c16, undef, ir.Constant(_vec(I32, 16), [2 * k + j // 4 for j in range(16)]))
+            acc.fma16(p, sc, 2 * h + c)
 
 
 def _block_q2_k(x, acc, row, o, b, qx, dx, bsums):
