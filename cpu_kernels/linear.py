@@ -11,8 +11,9 @@ min / offset terms), then each weight row is dotted block by block by the explic
 cpu_kernels/simd.py (vpdpbusd / vpmaddubsw byte dots, one float vector accumulator per row). The plain
 loops of this module vectorise only to ~4 GB/s per thread for 4-bit types (LLVM reduces every block to a
 scalar and never forms the byte dot instructions); the IR row dots read 10-25 GB/s per thread.
-A few rows at once (the server's decode batch, a short prompt) take cpu_kernels/batch_dot.py's drivers instead,
-which unpack each weight block once for a tile of activation rows (`QuantLinear._integer_kernel`).
+The server's decode batch (a few rows at once, `matmul_rows_many`) takes cpu_kernels/batch_dot.py's drivers instead,
+which unpack each weight block once for a tile of activation rows (`QuantLinear._integer_kernel`); a short prompt
+keeps the single-row dots, so its rows equal decoding them one by one.
 The dequantizers below use `_FAST` (fastmath without `reassoc`) and the SLP vectorizer
 (NUMBA_SLP_VECTORIZE=1, set in edgeq/_numba_env.py): with reassociation LLVM's loop vectorizer vectorizes
 *across* blocks with strided shuffles, 3-4x slower.

@@ -484,9 +484,9 @@ def _q6_k_zmm(x, acc, row, o, b, qx, s16, coef):
     high (c=1) nibbles of ql[64h:64h+64] and bits 4c..4c+3 of qh[32h:32h+32], and their activations are adjacent.
     The 16 scales go into the float coefficients (d dx_k sc_j, one per 16 weights) instead of an integer multiply
     per sub-block."""
-    undef16 = ir.Constant(_vec(F32, 8), ir.Undefined)
+    undef8 = ir.Constant(_vec(F32, 8), ir.Undefined)
     c16 = x.b.fmul(x.b.sitofp(s16, _vec(F32, 16)),                                     # d dx_(j/2) sc_j
-                   x.b.shuffle_vector(coef, undef16, ir.Constant(_vec(I32, 16), [j // 2 for j in range(16)])))
+                   x.b.shuffle_vector(coef, undef8, ir.Constant(_vec(I32, 16), [j // 2 for j in range(16)])))
     undef = ir.Constant(c16.type, ir.Undefined)
     for h in range(2):
         ql = x.b.bitcast(x.at(row, x.off(o, 64 * h), _vec(I8, 64)), _vec(I16, 32))

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from edgeq.convert.gptq import output_error
 from edgeq.errors import EdgeqError
 
 ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))   # AWQ searches 20 points; 11 halves the GPTQ runs
@@ -112,11 +113,6 @@ def scaled_hessian(H: np.ndarray, s_cols: np.ndarray) -> np.ndarray:
     return H / np.outer(s_cols, s_cols)
 
 
-def output_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
-    D = np.asarray(W, np.float64) - Q
-    return float(np.einsum("ij,ij->", D @ H, D))
-
-
 # quantize(W, H_fit, importance) → the dequantized float matrix the chosen method makes of W
 Quantizer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -135,11 +131,6 @@ def search(readers: Sequence[np.ndarray], rms: np.ndarray, H_fit: np.ndarray, n_
                for W in readers]
     ref = [max(output_error(W, np.zeros_like(W), H_judge), 1e-30) for W in readers]
     errors: list[float] = []
-
-    def error32(W, Q, H):   # output_error with the (rows x n) @ (n x n) product in float32: the search's cost
-        D = (np.asarray(W, np.float64) - Q).astype(np.float32)
-        return float(np.einsum("ij,ij->", D @ H, D, dtype=np.float64))
-
     best, best_err = 0, np.inf
     for a_i, alpha in enumerate(alphas):
         s = scales(rms, alpha)
@@ -149,7 +140,7 @@ def search(readers: Sequence[np.ndarray], rms: np.ndarray, H_fit: np.ndarray, n_
         err = 0.0
         for W, quantize, r in zip(readers, quantizers, ref):
             Ws = (np.asarray(W, np.float64) * s_cols).astype(np.float32)
-            err += error32(Ws, quantize(Ws, Hf, imp), Hj) / r
+            err += output_error(Ws, quantize(Ws, Hf, imp), Hj) / r   # Hj float32: the search's cost
         errors.append(err)
         if err < best_err:   # strict: ties keep the smaller α (0 first: no scaling unless it helps)
             best, best_err = a_i, err

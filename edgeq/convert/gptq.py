@@ -97,11 +97,12 @@ class Hessians:
 
 
 def output_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
-    """tr((W−Q) H (W−Q)ᵀ) = ‖(W−Q)Xᵀ‖² for H = XᵀX (ROW_CHUNK rows at a time)."""
+    """tr((W−Q) H (W−Q)ᵀ) = ‖(W−Q)Xᵀ‖² for H = XᵀX (ROW_CHUNK rows at a time). The (rows x n) @ (n x n) product
+    runs in H's precision (a float32 H: half the cost, for searches that only rank errors); the sum in float64."""
     total = 0.0
     for r0 in range(0, W.shape[0], ROW_CHUNK):
-        D = np.asarray(W[r0:r0 + ROW_CHUNK], np.float64) - Q[r0:r0 + ROW_CHUNK]
-        total += float(np.einsum("ij,ij->", D @ H, D))
+        D = (np.asarray(W[r0:r0 + ROW_CHUNK], np.float64) - Q[r0:r0 + ROW_CHUNK]).astype(H.dtype, copy=False)
+        total += float(np.einsum("ij,ij->", D @ H, D, dtype=np.float64))
     return total
 
 
