@@ -9,6 +9,7 @@ The SLP vectorizer (off by default in Numba) is turned on for the loops not writ
 other settings (or for another EDGEQ_SIMD level) is never loaded by mistake.
 """
 import hashlib
+import sys
 import importlib.util
 import os
 
@@ -69,3 +70,11 @@ if "NUMBA_CACHE_DIR" not in os.environ:
     _base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     os.environ["NUMBA_CACHE_DIR"] = os.path.join(_base, "edgeq", "numba-" + _tag + "-" + _kernel_sources_hash())
     _prune_old_caches(os.environ["NUMBA_CACHE_DIR"])
+
+# OpenBLAS (numpy's BLAS) workers spin for ~2^28 cycles after each call before they sleep: in a calibration, where
+# BLAS calls (Hessians, GPTQ updates, error products) alternate with numba's parallel kernels, a spinning worker
+# took a core from numba (2 BLAS threads made the numba half 1.4x slower: nothing gained); 2^4 cycles lets them sleep
+# at once (2 BLAS threads then 1.25x faster overall). OpenBLAS reads it when numpy loads it: in effect only where
+# edgeq is imported before numpy (the CLI), which BLAS_SLEEPS records for calibrate.blas_threads' callers.
+BLAS_SLEEPS = "numpy" not in sys.modules or os.environ.get("OPENBLAS_THREAD_TIMEOUT", "").strip() in ("1", "2", "3", "4")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

@@ -271,3 +271,8 @@ def test_folding_keeps_a_scale_only_for_a_large_enough_gain(min_gain, scaled):
     norm = folding.load("blk.0.ffn_norm.weight")
     assert (folding.alphas["blk.0.ffn_norm.weight"] > 0) == scaled
     assert np.array_equal(norm, tensors["blk.0.ffn_norm.weight"]) != scaled
+    if scaled:   # a group's readers share the factorization of their scaled Hessian (one, not one per reader)
+        fit = folding.hessians.factor("blk.0.ffn_gate.weight", "fit")
+        assert folding.hessians.factor("blk.0.ffn_up.weight", "fit") is fit
+        direct = gptq._factor(folding.hessians.get("blk.0.ffn_up.weight", "fit"), gptq.DAMP, True, np.float32)
+        assert np.array_equal(fit[1], direct[1]) and np.allclose(fit[0], direct[0], rtol=1e-5, atol=1e-7)

@@ -628,18 +628,27 @@ def test_calibrate_gptq_and_best(tiny, tmp_path):
 
 @needs_quants
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_calibration_by_layer_sees_what_the_full_forward_sees(tiny, tmp_path, arch):
+@pytest.mark.parametrize("forward", [None, "Q8_0"])
+def test_calibration_by_layer_sees_what_the_full_forward_sees(tiny, tmp_path, arch, forward):
     """Layer by layer (one layer's Hessians at a time, hidden states of every window kept between layers) the
     matrices see the inputs of a whole-model forward pass per window: the same importance and Hessians; each
-    step holds its own layer's Hessians only, the last one the classifier's (no logits computed)."""
+    step holds its own layer's Hessians only, the last one the classifier's (no logits computed).
+    forward="Q8_0" (calibrate.FORWARD_TYPE, the default): the float file's matrices run as Q8_0 copies, so the
+    inputs are those of a full forward pass over the file quantized to Q8_0 by the converter (embedding kept)."""
     from edgeq.convert import gptq
-    from edgeq.convert.calibrate import calibrate_by_layer
+    from edgeq.convert.calibrate import FORWARD_TYPE, calibrate_by_layer
     from edgeq.runtime import engine
 
+    assert FORWARD_TYPE == "Q8_0"
     f32 = tmp_path / "m.gguf"
     assert convert(tiny[arch], f32) == 0
+    ref = f32
+    if forward:
+        ref = tmp_path / "q8.gguf"
+        assert convert(tiny[arch], ref, forward, "--pure", "--embedding-type", "F32") == 0
     text = TEXT * 20
-    model = engine.load(str(f32), n_ctx=32, threads=1)
+    model = engine.load(str(ref), n_ctx=32, threads=1)
+    assert {lin.q.qtype for lin in (model.weights.layers[0].wq, model.weights.layers[0].w_down)} == {forward or "F32"}
     tok = model.tokenizer
     full = imatrix.collect(lambda c, obs: model.collect_activations(c, obs), tok.encode(text, add_special=False),
                            n_ctx=32, n_chunks=4, bos_id=tok.bos_id if tok.add_bos else None,
@@ -662,7 +671,7 @@ def test_calibration_by_layer_sees_what_the_full_forward_sees(tiny, tmp_path, ar
             assert seen.hessians.tokens[seen.hessians.key_of[name]] == [96, 32]
         steps.append(seen.index)
 
-    im = calibrate_by_layer(f32, text, "t", 4, 32, 1, True, on_layer)
+    im = calibrate_by_layer(f32, text, "t", 4, 32, 1, True, on_layer, forward_type=forward)
     assert steps == list(range(model.cfg.n_layer + 1))
     assert set(im.sums) == set(full.sums) and im.chunk_count == full.chunk_count == 4
     for name in set(full.sums) - {model.weights.output.name}:

@@ -121,7 +121,11 @@ def test_hessians_share_one_per_input_and_split_held_out():
     assert hs.tokens["blk.0.attn_q.weight"] == [10, 5] and hs.has_held_out("blk.0.attn_k.weight")
 
 
-def test_best_keeps_the_method_with_lower_held_out_error():
+@pytest.mark.parametrize("choice_rows", [gptq.CHOICE_ROWS, 5])
+def test_best_keeps_the_method_with_lower_held_out_error(monkeypatch, choice_rows):
+    """(With 5 CHOICE_ROWS the two methods are compared on 5 strided rows of the 16; the whole matrix is
+    still quantized.)"""
+    monkeypatch.setattr(gptq, "CHOICE_ROWS", choice_rows)
     rng = np.random.default_rng(7)
     n_in, rows = 256, 16
     hs = gptq.Hessians()
@@ -130,9 +134,11 @@ def test_best_keeps_the_method_with_lower_held_out_error():
     hs("m", X[:768])
     hs.held_out = True
     hs("m", X[768:])
-    _, choice = gptq.calibrated_quantize("m", W, "Q3_K", hs, "best", gptq.importance_of(hs.get("m"), 1024))
+    raw, choice = gptq.calibrated_quantize("m", W, "Q3_K", hs, "best", gptq.importance_of(hs.get("m"), 1024))
     assert choice.method == min(choice.errors, key=choice.errors.get)
     assert choice.errors["gptq"] < choice.errors["imatrix"]
+    assert np.array_equal(raw, gptq.regrid(W, hs.get("m"), quantize(W, "Q3_K", gptq.importance_of(hs.get("m"), 1024)),
+                                           "Q3_K"))
 
 
 def test_regrid_works_in_row_chunks_of_bounded_memory(monkeypatch):
@@ -188,6 +194,22 @@ def test_matrices_sharing_an_input_share_one_factorization(monkeypatch):
         W = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
         gptq.calibrated_quantize(name, W, "Q4_K", hs, "best", gptq.importance_of(hs.get(name), 512))
     assert 1 <= len(calls) <= 2   # the fitting windows' factor, and all windows' when GPTQ won
+
+
+@pytest.mark.parametrize("n", [1, 7, 128, 129, 600])
+def test_factor_is_the_cholesky_factor_of_the_inverse(n):
+    """_factor's reversed Cholesky + blocked triangular inverse equals the direct cholesky(inv(H)) that
+    gptq_reference uses (same order, same damping), for sizes below, at and across the inverse's leaf size."""
+    rng = np.random.default_rng(n)
+    X = _correlated(rng, 3 * n + 4, n).astype(np.float64)
+    H = X.T @ X
+    for act_order in (False, True):
+        U, perm = gptq._factor(H, gptq.DAMP, act_order, np.float64)
+        direct = np.linalg.cholesky(np.linalg.inv(gptq._damped(H, gptq.DAMP)[np.ix_(perm, perm)])).T
+        np.testing.assert_allclose(U, direct, rtol=1e-9, atol=1e-12 * np.abs(direct).max())
+        assert np.array_equal(U, np.triu(U))
+    L = np.tril(rng.standard_normal((300, 300))) + 20 * np.eye(300)
+    np.testing.assert_allclose(gptq.lower_inverse(L, leaf=16) @ L, np.eye(300), atol=1e-12)
 
 
 def test_blas_threads_limits_openblas_and_restores_it():

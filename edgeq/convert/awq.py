@@ -24,15 +24,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgeq.convert.gptq import output_error
+from edgeq.convert.gptq import output_error, strided_rows
 from edgeq.errors import EdgeqError
 
-ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))   # AWQ searches 20 points; 11 halves the GPTQ runs
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)   # the grid, then REFINE either side of its best: 7 points at 0.125 apart
+REFINE = 0.125                         # (AWQ searches 20 points; 11 evenly spaced cost 1.6x these 7)
 # the grid judges each α on at most this many rows of each reader (evenly strided, the same rows for every α):
 # a scale is per input channel, shared by every row, and each row's error is independent given H, so a row
 # sample estimates the summed error. Whole matrices made Qwen3-1.7B's quantizing ~160 s per layer, GPTQ ~20 of it
-# (12288 gate/up rows quantized and float64 (rows x 6144) @ (6144 x 6144) products, 11 times over)
-SEARCH_ROWS = 1024
+# (12288 gate/up rows quantized and float64 (rows x 6144) @ (6144 x 6144) products, 11 times over); 1024 rows
+# still ~25 s of a layer's ~55 (11 x 6 readers x 1024 rows importance-searched, and their error products)
+SEARCH_ROWS = 512
 MIN_GAIN = 0.05  # a fold is kept only if it lowers the method's held-out error by this fraction: smaller gains
                  # on 8 held-out windows did not carry over on SmolLM2 (Q2_K PPL +0.4 with every gain kept);
                  # on Gemma 3 they did (docs/quality.md): not settled, this is the conservative side
@@ -119,33 +121,48 @@ Quantizer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 def search(readers: Sequence[np.ndarray], rms: np.ndarray, H_fit: np.ndarray, n_fit: int, H_judge: np.ndarray,
            quantizers: Sequence[Quantizer], col_index: np.ndarray | None = None,
-           alphas: Sequence[float] = ALPHAS) -> tuple[np.ndarray, float, list[float]]:
-    """AWQ grid search for one group: (s over the producer's outputs, the α chosen, the error per α).
+           alphas: Sequence[float] = ALPHAS, refine: float = REFINE,
+           hessian: bool = True) -> tuple[np.ndarray, float, list[float]]:
+    """AWQ grid search for one group: (s over the producer's outputs, the α chosen, the error per α tried).
 
     readers: the matrices reading the activation (rows, n_in), each with its quantizer; rms: per producer
     output, the activation's rms; H_fit / H_judge: the readers' input Hessian on the fitting / judging
     windows (one Hessian: the readers share their input); n_fit: tokens behind H_fit. The error of an α is
     the readers' summed output error, each relative to its ‖W Xᵀ‖² on the judging windows, over at most
-    SEARCH_ROWS rows of each (evenly strided)."""
-    readers = [W if W.shape[0] <= SEARCH_ROWS else W[np.linspace(0, W.shape[0] - 1, SEARCH_ROWS).astype(np.int64)]
-               for W in readers]
-    ref = [max(output_error(W, np.zeros_like(W), H_judge), 1e-30) for W in readers]
+    SEARCH_ROWS rows of each (evenly strided). After `alphas`, the points `refine` either side of the best are
+    tried too (errors: in the order tried, `alphas` first). hessian=False: the quantizers read only the
+    importance (the scaled H_fit is not built for them)."""
+    readers = [W[strided_rows(W.shape[0], SEARCH_ROWS)] for W in readers]
+    H32 = np.asarray(H_judge, np.float32)   # float32: the search's cost (errors only rank the α)
+    ref = [max(output_error(W, np.zeros_like(W), H32), 1e-30) for W in readers]
+    diag = np.diagonal(H_fit) / max(n_fit, 1)
+    tried: list[float] = []
     errors: list[float] = []
-    best, best_err = 0, np.inf
-    for a_i, alpha in enumerate(alphas):
-        s = scales(rms, alpha)
-        s_cols = s if col_index is None else s[col_index]
-        Hf, Hj = scaled_hessian(H_fit, s_cols), scaled_hessian(H_judge, s_cols).astype(np.float32)
-        imp = (np.diagonal(Hf) / max(n_fit, 1)).astype(np.float32)
+
+    def error_of(alpha: float) -> float:
+        s_cols = scales(rms, alpha)
+        s_cols = s_cols if col_index is None else s_cols[col_index]
+        Hf = scaled_hessian(H_fit, s_cols) if hessian else None
+        imp = (diag / s_cols ** 2).astype(np.float32)
         err = 0.0
         for W, quantize, r in zip(readers, quantizers, ref):
             Ws = (np.asarray(W, np.float64) * s_cols).astype(np.float32)
-            err += output_error(Ws, quantize(Ws, Hf, imp), Hj) / r   # Hj float32: the search's cost
+            # tr((Ws − Q) Hs (Ws − Q)ᵀ) with Hs = H / (s sᵀ) is W's error against Q / s under H itself
+            err += output_error(W, (quantize(Ws, Hf, imp) / s_cols).astype(np.float32), H32) / r
+        tried.append(float(alpha))
         errors.append(err)
-        if err < best_err:   # strict: ties keep the smaller α (0 first: no scaling unless it helps)
-            best, best_err = a_i, err
-    s = scales(rms, alphas[best])
-    return s, float(alphas[best]), errors
+        return err
+
+    for alpha in alphas:
+        error_of(alpha)
+    if refine > 0:
+        best = tried[int(np.argmin(errors))]
+        for alpha in (best - refine, best + refine):
+            if 0.0 < alpha < 1.0 and not any(abs(alpha - a) < 1e-9 for a in tried):
+                error_of(alpha)
+    # strict: ties keep the earliest α tried (0 first: no scaling unless it helps)
+    best = tried[int(np.argmin(errors))]
+    return scales(rms, best), best, errors
 
 
 def fold(producer: np.ndarray, readers: Sequence[np.ndarray], s: np.ndarray, col_index: np.ndarray | None = None,
@@ -189,16 +206,14 @@ class ScaledHessians:
         return self.hs.has(name)
 
     def factor(self, name: str, which: str = "all"):
-        """gptq's H⁻¹ factor of the scaled H: a folded matrix's own (its s differs from its siblings' only if
-        they were folded apart), the shared one of the collected H otherwise."""
+        """gptq's H⁻¹ factor of the scaled H, shared by the matrices that read one input with the same column
+        scales (a group's readers); the collected H's shared one for a matrix not folded."""
         s = self.col_scale.get(name)
         if s is None:
             return self.hs.factor(name, which)
-        from edgeq.convert.gptq import DAMP, _factor
-
-        key = (name, which)
+        key = (self.key_of[name], which, s.tobytes())   # q/k/v (gate/up) folded together share one
         if key not in self._factors:
-            self._factors[key] = _factor(self.get(name, which), DAMP, True, np.float32)
+            self._factors[key] = self.hs.factor_of(self.get(name, which))   # (often the search's own)
         return self._factors[key]
 
 
@@ -291,11 +306,11 @@ class Folding:
             # the grid with the fast quantizer (the importance search), then the chosen method at that α
             # against α = 0: a fold is kept only where it lowers the method's own held-out error
             _, alpha, _ = search(readers, rms, H_fit, n, H_judge, [self.coarse_for(self.types[r]) for r in g.readers],
-                                 g.col_index)
+                                 g.col_index, hessian=self.coarse_for is self.quantizer_for)
             if alpha > 0:
                 _, _, (err_none, err_alpha) = search(readers, rms, H_fit, n, H_judge,
                                                      [self.quantizer_for(self.types[r]) for r in g.readers],
-                                                     g.col_index, alphas=(0.0, alpha))
+                                                     g.col_index, alphas=(0.0, alpha), refine=0.0)
                 if err_alpha > (1.0 - self.min_gain) * err_none:
                     alpha = 0.0
             s = scales(rms, alpha)

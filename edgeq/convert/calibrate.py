@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 DEFAULT_TEXT = "macbeth"  # `--calibrate` alone: English prose and verse, disjoint from the hamlet evaluation text
 METHODS = ("imatrix", "gptq", "awq-gptq", "best")  # how a calibrated matrix is quantized (convert/gptq.py, awq.py)
 MAX_BYTES_PER_TOKEN = 32  # calibration reads at most this many bytes per token it needs (whole text if smaller)
+# the calibration forward runs a float (F16/BF16/F32) layer's matrices as Q8_0 copies made for that layer: the
+# int8 prefill GEMM is ~3.4x faster than float tiles (Qwen3-1.7B shape: 98.7 vs 28.7 t/s), the activations
+# it gives differ from the float ones by Q8_0's rounding (llama.cpp's users run llama-imatrix on Q8_0 files
+# for the same reason); docs/quality.md measures what it changes
+FORWARD_TYPE = "Q8_0"
 
 
 def read_text(name_or_path: str, max_bytes: int | None = None) -> tuple[str, str]:
@@ -83,6 +88,45 @@ def blas_threads(n: int):
         put(old)
 
 
+def _linears(obj, seen: set[int] | None = None):
+    """Every models.base.Linear inside a layer's weights (dataclass fields, lists of them: experts)."""
+    from dataclasses import fields, is_dataclass
+
+    from edgeq.models.base import Linear
+
+    if isinstance(obj, Linear):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _linears(x)
+    elif is_dataclass(obj):
+        for f in fields(obj):
+            yield from _linears(getattr(obj, f.name))
+
+
+@contextmanager
+def forward_weights(layer, qtype: str | None = FORWARD_TYPE):
+    """Inside the block, the float matrices of `layer` (a model's Layer) are `qtype` copies (see FORWARD_TYPE);
+    the originals are put back after it, and the copies freed: one layer's copies exist at a time."""
+    from edgeq.cpu_kernels.linear import QuantLinear
+    from edgeq.formats.quants import block_size, dequantize, quantize
+
+    swapped = []
+    if qtype is not None:
+        for lin in _linears(layer):
+            q = lin.q
+            if q.qtype in ("F32", "F16", "BF16") and q.n_in % block_size(qtype) == 0:
+                x = dequantize(q.raw, q.qtype, (q.n_out, q.n_in))
+                lin.q = QuantLinear(quantize(x, qtype).reshape(-1), qtype, (q.n_out, q.n_in))
+                swapped.append((lin, q))
+                del x
+    try:
+        yield
+    finally:
+        for lin, q in swapped:
+            lin.q = q
+
+
 @dataclass
 class LayerSeen:
     """What the matrices of one step of the network read over every calibration window: a decoder layer
@@ -99,7 +143,8 @@ class LayerSeen:
 
 def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n_chunks: int, n_ctx: int,
                        threads: int | None, quiet: bool, on_layer: Callable[[LayerSeen], None] | None = None,
-                       observer: Callable[[str, np.ndarray], None] | None = None):
+                       observer: Callable[[str, np.ndarray], None] | None = None,
+                       forward_type: str | None = FORWARD_TYPE):
     """The importance matrix of edgeq's forward pass over `text` on a GGUF file, computed as GPTQ's sequential
     calibration: every window through one decoder layer at a time, then `on_layer` (which quantizes that
     layer's matrices; None: no Hessians are collected) before the next layer runs.
@@ -111,7 +156,8 @@ def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n
     layer reads the float layer's outputs, as a full forward pass would: the importance stays llama.cpp's
     imatrix (float activations) and each layer costs one pass, not a float pass for the Hessians plus a
     quantized one for the outputs. `observer(name, x)`, when given, sees every matrix input too (e.g. a
-    per-layer activation sample taken before on_layer quantizes that layer)."""
+    per-layer activation sample taken before on_layer quantizes that layer). `forward_type`: the type the
+    float matrices run as (forward_weights; None: as they are)."""
     from edgeq.convert import gptq, imatrix
     from edgeq.runtime import engine
     from edgeq.runtime.engine import N_BATCH
@@ -137,13 +183,14 @@ def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n
             if observer is not None:
                 observer(name, x)
 
-        for c, x in enumerate(hidden):
-            hs.held_out = c >= n_fit
-            if il == cfg.n_layer:
-                observe(w.output.name, arch.classifier_input(w, cfg, x))
-                continue
-            for s in range(0, n_ctx, N_BATCH):   # the engine's prefill batches: the same kernels and cache ring
-                arch.forward_layers(w, cfg, x[s:s + N_BATCH], s, model.cache, range(il, il + 1), observe)
+        with forward_weights(w.layers[il] if il < cfg.n_layer else None, forward_type):
+            for c, x in enumerate(hidden):
+                hs.held_out = c >= n_fit
+                if il == cfg.n_layer:
+                    observe(w.output.name, arch.classifier_input(w, cfg, x))
+                    continue
+                for s in range(0, n_ctx, N_BATCH):   # the engine's prefill batches: the same kernels and cache
+                    arch.forward_layers(w, cfg, x[s:s + N_BATCH], s, model.cache, range(il, il + 1), observe)
         if on_layer is not None:
             bar.update(il + 0.5, detail=f"layer {il}/{cfg.n_layer}: quantizing" if il < cfg.n_layer
                        else "classifier: quantizing")
@@ -242,9 +289,13 @@ def resolve_imatrix(opts, output: str | os.PathLike, matrix_names: Sequence[str]
         with ExitStack() as stack:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".edgeq-calib-", dir=folder))
             model_path = make_calibration_model(Path(tmp))
-            # half the cores for BLAS (Hessians, GPTQ's updates): numba's pool runs the forward passes and the
+            # BLAS (Hessians, GPTQ's updates, error products) on every core where its workers sleep at once
+            # between calls (_numba_env.BLAS_SLEEPS); else on half: numba's pool runs the forward passes and the
             # importance search between BLAS calls, and OpenBLAS workers left spinning would take its cores
-            stack.enter_context(blas_threads((opts.threads or default_threads()) // 2))
+            from edgeq._numba_env import BLAS_SLEEPS
+
+            n = opts.threads or default_threads()
+            stack.enter_context(blas_threads(n if BLAS_SLEEPS else n // 2))
             if opts.method == "imatrix":
                 im = calibrate_by_layer(model_path, text, dataset, opts.chunks, opts.calib_ctx, opts.threads,
                                         opts.quiet)

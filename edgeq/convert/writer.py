@@ -160,7 +160,7 @@ def awq_folding(arch: str, n_head: int, n_head_kv: int, tensors: Sequence, types
     one layer's when calibrate.quantize_by_layer folds layer by layer), GPTQ deciding; None where the
     architecture has no fold rule."""
     from edgeq.convert import awq
-    from edgeq.convert.gptq import quantize_gptq
+    from edgeq.convert.gptq import regrid
     from edgeq.formats.quant_grid import GRID_TYPES
     from edgeq.formats.quants import dequantize, quantize
 
@@ -169,7 +169,9 @@ def awq_folding(arch: str, n_head: int, n_head_kv: int, tensors: Sequence, types
 
     def quantizer_for(qtype: str):
         def quantized(W, H, imp):
-            raw = quantize_gptq(W, qtype, H, imp) if qtype in GRID_TYPES else quantize(W, qtype, imp)
+            raw = quantize(W, qtype, imp)
+            if qtype in GRID_TYPES:   # (one factorization per scaled H: the GPTQ of its folded matrices reuses it)
+                raw = regrid(W, None, raw, qtype, factor=hessians.factor_of(H))
             return dequantize(raw, qtype, W.shape)
         return quantized
 
