@@ -154,6 +154,135 @@ def _make_qkx(x, w, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
 
 
 @njit(inline="always", **_JIT)
+def _nint_sel(v):
+    """_nint without branches (selects): the same value for every input, NaN included."""
+    v = v if v > -4194303.0 else np.float32(-4194303.0)
+    v = v if v < 4194303.0 else np.float32(4194303.0)
+    return np.int32(np.rint(v))
+
+
+@njit(**_JIT)
+def _make_qkx_lanes(X, W, L, Laux, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
+    """_make_qkx on `lanes` groups at once: X, W (n, lanes) float32 (column j = group j), L, Laux (n, lanes)
+    int32; scale/the_min (lanes,) out. Every lane computes what _make_qkx computes for its column, in the
+    same order: the inner loops run across lanes (SIMD), each lane's sums stay sequential."""
+    n, lanes = X.shape
+    mn = X[0].copy()
+    mx = X[0].copy()
+    sum_w = W[0].copy()
+    sum_x = np.empty(lanes, np.float32)
+    for j in range(lanes):
+        sum_x[j] = sum_w[j] * X[0, j]
+    for i in range(1, n):
+        for j in range(lanes):
+            x = X[i, j]
+            mn[j] = x if x < mn[j] else mn[j]
+            mx[j] = x if x > mx[j] else mx[j]
+            sum_w[j] += W[i, j]
+            sum_x[j] += W[i, j] * x
+    fnmax = np.float32(nmax)
+    iscale = np.empty(lanes, np.float32)
+    best = np.zeros(lanes, np.float32)
+    dead = np.empty(lanes, np.bool_)
+    mn0 = np.empty(lanes, np.float32)
+    for j in range(lanes):
+        if mn[j] > _F0:
+            mn[j] = _F0
+        mn0[j] = mn[j]
+        dead[j] = mx[j] <= mn[j]
+        iscale[j] = fnmax / (mx[j] - mn[j]) if not dead[j] else _F0
+        scale[j] = _F1 / iscale[j] if not dead[j] else _F0
+    for i in range(n):
+        for j in range(lanes):
+            l = _nint_sel(iscale[j] * (X[i, j] - mn[j]))
+            l = l if l < nmax else nmax
+            l = l if l > 0 else 0
+            L[i, j] = l
+            diff = scale[j] * np.float32(l) + mn[j] - X[i, j]
+            diff = abs(diff) if use_mad else diff * diff
+            best[j] += W[i, j] * diff
+    if nstep >= 1:
+        sum_l = np.empty(lanes, np.float32)
+        sum_l2 = np.empty(lanes, np.float32)
+        sum_xl = np.empty(lanes, np.float32)
+        this_scale = np.empty(lanes, np.float32)
+        this_min = np.empty(lanes, np.float32)
+        ok = np.empty(lanes, np.bool_)
+        cur = np.empty(lanes, np.float32)
+        for step in range(nstep + 1):
+            for j in range(lanes):
+                iscale[j] = (rmin + rdelta * np.float32(step) + fnmax) / (mx[j] - mn[j]) if not dead[j] else _F0
+                sum_l[j] = _F0
+                sum_l2[j] = _F0
+                sum_xl[j] = _F0
+            for i in range(n):
+                for j in range(lanes):
+                    x = X[i, j]
+                    v = iscale[j] * (x - mn[j])
+                    t = v if v < fnmax else fnmax
+                    l = _nint_sel(t)
+                    l = l if v > _F0 else 0
+                    Laux[i, j] = l
+                    fl = np.float32(l)
+                    wl = W[i, j] * fl
+                    sum_l[j] += wl
+                    sum_l2[j] += wl * fl
+                    sum_xl[j] += wl * x
+            for j in range(lanes):
+                D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
+                ok[j] = D > _F0 and not dead[j]
+                ts = _F0
+                tm = _F0
+                if ok[j]:
+                    ts = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / D
+                    tm = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / D
+                    if tm > _F0:
+                        tm = _F0
+                        ts = sum_xl[j] / sum_l2[j]
+                this_scale[j] = ts
+                this_min[j] = tm
+                cur[j] = _F0
+            for i in range(n):
+                for j in range(lanes):
+                    diff = this_scale[j] * np.float32(Laux[i, j]) + this_min[j] - X[i, j]
+                    diff = abs(diff) if use_mad else diff * diff
+                    cur[j] += W[i, j] * diff
+            for j in range(lanes):
+                if ok[j] and cur[j] < best[j]:
+                    for i in range(n):
+                        L[i, j] = Laux[i, j]
+                    best[j] = cur[j]
+                    scale[j] = this_scale[j]
+                    mn[j] = this_min[j]
+    for j in range(lanes):
+        if dead[j]:
+            for i in range(n):
+                L[i, j] = 0
+            scale[j] = _F0
+            mn[j] = mn0[j]
+        the_min[j] = -mn[j]
+
+
+@njit(**_JIT)
+def _qkx_subblocks(x, w, n, L, nmax, rmin, rdelta, nstep, use_mad, scales, mins):
+    """_make_qkx of every n-value sub-block of x (weights w) at once (_make_qkx_lanes): scales/mins per
+    sub-block, the levels into L (x's order)."""
+    lanes = x.size // n
+    X = np.empty((n, lanes), np.float32)
+    W = np.empty((n, lanes), np.float32)
+    LT = np.empty((n, lanes), np.int32)
+    La = np.empty((n, lanes), np.int32)
+    for j in range(lanes):
+        for i in range(n):
+            X[i, j] = x[n * j + i]
+            W[i, j] = w[n * j + i]
+    _make_qkx_lanes(X, W, LT, La, nmax, rmin, rdelta, nstep, use_mad, scales, mins)
+    for j in range(lanes):
+        for i in range(n):
+            L[n * j + i] = LT[i, j]
+
+
+@njit(inline="always", **_JIT)
 def _signed_absmax(x):
     """The value of largest magnitude (the first one on ties), 0 for an empty or all-zero x."""
     mx = _F0
@@ -338,22 +467,20 @@ def _sum_sq(x):
 def _k45_block(x, qw, has_qw, nmax, L, ls, lm):
     """Scales/mins of one super-block for Q4_K (nmax 15) / Q5_K (nmax 31): fills L (levels of the search),
     ls, lm (6-bit). Returns (d bits, dmin bits, d, dmin) with d, dmin the fp16 values."""
-    Laux = np.empty(32, np.uint8)
-    w = np.empty(32, np.float32)
+    wb = np.empty(QK_K, np.float32)
     scales = np.empty(8, np.float32)
     mins = np.empty(8, np.float32)
     if has_qw:
         sigma2 = np.float32(2.0) * _sum_sq(x) / np.float32(QK_K)
         sw = np.empty(8, np.float32)
         for j in range(8):
-            xs = x[32 * j:32 * j + 32]
-            _weights_sigma(xs, qw[32 * j:32 * j + 32], sigma2, w)
+            w = wb[32 * j:32 * j + 32]
+            _weights_sigma(x[32 * j:32 * j + 32], qw[32 * j:32 * j + 32], sigma2, w)
             s = _F0
             for l in range(32):
                 s += w[l]
             sw[j] = s
-            scales[j], mins[j] = _make_qkx(xs, w, L[32 * j:32 * j + 32], Laux, nmax,
-                                           np.float32(-0.9), np.float32(0.05), 36, False)
+        _qkx_subblocks(x, wb, 32, L, nmax, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
         Ls = np.empty(8, np.uint8)
         Lm = np.empty(8, np.uint8)
         d_block = _make_qp(scales, Ls, 63, sw)
@@ -372,8 +499,9 @@ def _k45_block(x, qw, has_qw, nmax, L, ls, lm):
             xs = x[32 * j:32 * j + 32]
             av_x = np.sqrt(_sum_sq(xs) / np.float32(32))
             for l in range(32):
-                w[l] = av_x + abs(xs[l])
-            scales[j], mins[j] = _make_qkx(xs, w, L[32 * j:32 * j + 32], Laux, nmax, rmin, rdelta, nstep, False)
+                wb[32 * j + l] = av_x + abs(xs[l])
+        _qkx_subblocks(x, wb, 32, L, nmax, rmin, rdelta, nstep, False, scales, mins)
+        for j in range(8):
             if scales[j] > max_scale:
                 max_scale = scales[j]
             if mins[j] > max_min:
@@ -587,8 +715,7 @@ def quantize_q2_k(x, qw, has_qw, out):
     nb = cols // QK_K
     for r in prange(rows):
         L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(16, np.uint8)
-        w = np.empty(16, np.float32)
+        wb = np.empty(QK_K, np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
         sw = np.empty(16, np.float32)
@@ -600,14 +727,13 @@ def quantize_q2_k(x, qw, has_qw, out):
             if has_qw:
                 sigma2 = _sum_sq(xb) / np.float32(QK_K)
                 for j in range(16):
-                    xs = xb[16 * j:16 * j + 16]
-                    _weights_sigma(xs, qw[i * QK_K + 16 * j:i * QK_K + 16 * j + 16], sigma2, w)
+                    w = wb[16 * j:16 * j + 16]
+                    _weights_sigma(xb[16 * j:16 * j + 16], qw[i * QK_K + 16 * j:i * QK_K + 16 * j + 16], sigma2, w)
                     s = _F0
                     for l in range(16):
                         s += w[l]
                     sw[j] = s
-                    scales[j], mins[j] = _make_qkx(xs, w, L[16 * j:16 * j + 16], Laux, 3,
-                                                   np.float32(-0.9), np.float32(0.05), 36, False)
+                _qkx_subblocks(xb, wb, 16, L, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
                 dmv = _make_qp(scales, Ls, 15, sw)
                 mmv = _make_qp(mins, Lm, 15, sw)
                 db, d = _fp16(dmv)
@@ -617,12 +743,10 @@ def quantize_q2_k(x, qw, has_qw, out):
             else:
                 max_scale = _F0
                 max_min = _F0
+                for l in range(QK_K):
+                    wb[l] = abs(xb[l])
+                _qkx_subblocks(xb, wb, 16, L, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
                 for j in range(16):
-                    xs = xb[16 * j:16 * j + 16]
-                    for l in range(16):
-                        w[l] = abs(xs[l])
-                    scales[j], mins[j] = _make_qkx(xs, w, L[16 * j:16 * j + 16], Laux, 3,
-                                                   np.float32(-0.5), np.float32(0.1), 15, True)
                     if scales[j] > max_scale:
                         max_scale = scales[j]
                     if mins[j] > max_min:
