@@ -483,8 +483,10 @@ def quantize(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) ->
     rows, cols = x.shape
     n_bytes = row_bytes(qtype, cols)  # also refuses a width that is not whole blocks
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"cannot quantize to {qtype}: input has non-finite values (nan/inf)")
+    step = max(1, _QUANT_CHUNK_VALUES // max(cols, 1))  # rows per pass: bounds the temporaries (rows are independent)
+    for r0 in range(0, rows, step):   # (a bool per value of a 262k-row classifier at once: +311 MB of peak RSS)
+        if not np.isfinite(x[r0:r0 + step]).all():
+            raise ValueError(f"cannot quantize to {qtype}: input has non-finite values (nan/inf)")
     if importance is not None:
         importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
         if importance.shape != (cols,):
@@ -492,7 +494,6 @@ def quantize(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) ->
         if not np.isfinite(importance).all() or (importance < 0).any():
             raise ValueError("importance must be finite and non-negative")
     out = np.empty((rows, n_bytes), dtype=np.uint8)
-    step = max(1, _QUANT_CHUNK_VALUES // max(cols, 1))  # rows per pass: bounds the codecs' temporaries (rows are independent)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # IEEE semantics, as llama.cpp's C
         for r0 in range(0, rows, step):
             out[r0:r0 + step] = q.quantize_rows(x[r0:r0 + step], importance)

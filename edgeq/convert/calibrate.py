@@ -191,6 +191,8 @@ def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n
                     continue
                 for s in range(0, n_ctx, N_BATCH):   # the engine's prefill batches: the same kernels and cache
                     arch.forward_layers(w, cfg, x[s:s + N_BATCH], s, model.cache, range(il, il + 1), observe)
+        if il == cfg.n_layer:
+            hidden = None   # (not read again: freed before the classifier, the largest matrix, is quantized)
         if on_layer is not None:
             bar.update(il + 0.5, detail=f"layer {il}/{cfg.n_layer}: quantizing" if il < cfg.n_layer
                        else "classifier: quantizing")
