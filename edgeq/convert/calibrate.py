@@ -88,7 +88,7 @@ def blas_threads(n: int):
         put(old)
 
 
-def _linears(obj, seen: set[int] | None = None):
+def _linears(obj):
     """Every models.base.Linear inside a layer's weights (dataclass fields, lists of them: experts)."""
     from dataclasses import fields, is_dataclass
 
@@ -153,11 +153,11 @@ def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n
     the hidden states of every window are kept between layers instead (windows × n_ctx × n_embd float32). The
     classifier is one more step, on the final norm of the hidden states of every token (as llama-imatrix, which
     evaluates every token's logits), but no logits are computed. The next
-    layer reads the float layer's outputs, as a full forward pass would: the importance stays llama.cpp's
-    imatrix (float activations) and each layer costs one pass, not a float pass for the Hessians plus a
-    quantized one for the outputs. `observer(name, x)`, when given, sees every matrix input too (e.g. a
-    per-layer activation sample taken before on_layer quantizes that layer). `forward_type`: the type the
-    float matrices run as (forward_weights; None: as they are)."""
+    layer reads the unquantized layer's outputs, as a full forward pass would: the importance stays llama.cpp's
+    imatrix (of the network as given, float matrices run as FORWARD_TYPE copies) and each layer costs one pass,
+    not one pass for the Hessians plus a quantized one for the outputs. `observer(name, x)`, when given, sees
+    every matrix input too (e.g. a per-layer activation sample taken before on_layer quantizes that layer).
+    `forward_type`: the type the float matrices run as (forward_weights; None: as they are)."""
     from edgeq.convert import gptq, imatrix
     from edgeq.runtime import engine
     from edgeq.runtime.engine import N_BATCH
