@@ -9,9 +9,9 @@ The SLP vectorizer (off by default in Numba) is turned on for the loops not writ
 other settings (or for another EDGEQ_SIMD level) is never loaded by mistake.
 """
 import hashlib
-import sys
 import importlib.util
 import os
+import sys
 
 
 def _kernel_sources_hash() -> str:

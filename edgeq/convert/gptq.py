@@ -245,12 +245,14 @@ def _gptq_cached_rows(W, a, b, U, perm, lev, levels, block, dtype) -> np.ndarray
 
 
 def quantize_gptq(W: np.ndarray, qtype: str, H: np.ndarray, importance: np.ndarray | None = None,
-                  act_order: bool = True) -> np.ndarray:
-    """Bytes (rows, row_bytes) of `qtype`: block scales from the importance search, levels by GPTQ."""
+                  act_order: bool = True, factor_of=None) -> np.ndarray:
+    """Bytes (rows, row_bytes) of `qtype`: block scales from the importance search, levels by GPTQ.
+    `factor_of(H)`: where H's factor comes from (e.g. Hessians.factor_of, which remembers it); computed here
+    otherwise. Types without a level grid: the importance search alone."""
     raw = quantize(W, qtype, importance)
     if qtype not in quant_grid.GRID_TYPES:
         return raw
-    return regrid(W, H, raw, qtype, act_order)
+    return regrid(W, H, raw, qtype, act_order, factor=factor_of(H) if factor_of is not None else None)
 
 
 def importance_of(H: np.ndarray, n_tokens: int) -> np.ndarray:

@@ -160,19 +160,15 @@ def awq_folding(arch: str, n_head: int, n_head_kv: int, tensors: Sequence, types
     one layer's when calibrate.quantize_by_layer folds layer by layer), GPTQ deciding; None where the
     architecture has no fold rule."""
     from edgeq.convert import awq
-    from edgeq.convert.gptq import regrid
-    from edgeq.formats.quant_grid import GRID_TYPES
+    from edgeq.convert.gptq import quantize_gptq
     from edgeq.formats.quants import dequantize, quantize
 
     if arch not in awq.FOLDS or n_head < 1 or n_head_kv < 1:
         return None
 
     def quantizer_for(qtype: str):
-        def quantized(W, H, imp):
-            raw = quantize(W, qtype, imp)
-            if qtype in GRID_TYPES:   # (one factorization per scaled H: the GPTQ of its folded matrices reuses it)
-                raw = regrid(W, None, raw, qtype, factor=hessians.factor_of(H))
-            return dequantize(raw, qtype, W.shape)
+        def quantized(W, H, imp):   # (one factorization per scaled H: the GPTQ of its folded matrices reuses it)
+            return dequantize(quantize_gptq(W, qtype, H, imp, factor_of=hessians.factor_of), qtype, W.shape)
         return quantized
 
     def coarse_for(qtype: str):
