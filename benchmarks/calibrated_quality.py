@@ -47,7 +47,7 @@ def llama_ppl(bin_dir: Path, model: Path, text: Path, chunks: int, log: Path) ->
     """(PPL, its standard error) over the first `chunks` windows; a finished log of this file with at least as
     many windows is reused (the running value after window `chunks`; its error only when the counts match)."""
     done = log.read_text(errors="replace") if log.is_file() else ""
-    if not ("Final estimate" in done and log.stat().st_mtime > model.stat().st_mtime):
+    if not ("Final estimate" in done and f"[{chunks}]" in done and log.stat().st_mtime > model.stat().st_mtime):
         done = sh([bin_dir / "llama-perplexity", "-m", model, "-f", text, "-c", 512, "--chunks", chunks, "-t", 2], log)
     at = re.search(rf"\[{chunks}\]([0-9.]+)", done)
     final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", done)
@@ -67,6 +67,22 @@ def edgeq_kl(model: Path, text: Path, chunks: int, base: Path, save: bool) -> di
            "-ctk", "f16", "-ctv", "f16"]
     cmd += ["--save-logits", base, "--force"] if save else ["--kl-base", base]
     out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=3600).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    rec = json.loads(lines[-1]) if lines else {}
+    if rec:
+        cache.write_text(json.dumps(rec))
+    return rec
+
+
+def rounding_ppl(model: Path, text: Path, chunks: int) -> dict:
+    """benchmarks/llamacpp_rounding.py on `model` (edgeq's PPL with llama.cpp's activation rounding, and its
+    own), cached next to the file (.llr{chunks}.json)."""
+    cache = model.with_suffix(f".llr{chunks}.json")
+    if cache.is_file() and cache.stat().st_mtime > model.stat().st_mtime:
+        return json.loads(cache.read_text())
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llamacpp_rounding.py"), str(model),
+                          "--text", str(text), "--chunks", str(chunks)], capture_output=True, text=True,
+                         timeout=3600).stdout
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     rec = json.loads(lines[-1]) if lines else {}
     if rec:
@@ -250,6 +266,8 @@ def bench_model(key: str, args, done=lambda res: None) -> dict:
         rec = edgeq_kl(path, hamlet, args.kl_chunks, base_logits, save=(row["type"] == "F16"))
         row.update(ppl_edgeq=rec.get("ppl"), kl=rec.get("kl"), same_top=rec.get("same_top"),
                    ppl_llama_at_kl=llama_ppl(bin_dir, path, hamlet, args.kl_chunks, work / f"ppl-{path.stem}.log")[0])
+        if args.llamacpp_rounding:
+            row.update(ppl_edgeq_llamacpp_rounding=rounding_ppl(path, hamlet, args.kl_chunks).get("llamacpp_rounding"))
         done(res)
     return res
 
@@ -259,7 +277,7 @@ COLORS = {"llama.cpp": "#bbbbbb", "llama.cpp imatrix": "#777777", "edgeq imatrix
           "edgeq awq-gptq (no 5% rule)": "#fdd0a2", "edgeq best (no 5% rule)": "#a63603"}
 
 
-def plot_svg(results: list[dict]) -> str:
+def plot_svg(results: list[dict], chunks: int = 8) -> str:
     """ΔPPL over F16 per model and type, one bar per quantizer: a small hand-written SVG (no matplotlib)."""
     groups = [(res["model"], t, [r for r in res["rows"] if r["type"] == t])
               for res in results for t in dict.fromkeys(r["type"] for r in res["rows"] if r["type"] != "F16")]
@@ -283,30 +301,35 @@ def plot_svg(results: list[dict]) -> str:
                      for i, q in enumerate(used))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" font-family="sans-serif" '
             f'font-size="11"><rect width="100%" height="100%" fill="white"/>{legend}{"".join(out)}'
-            f'<text x="{left}" y="{y + 4}" font-size="9">ΔPPL over F16 (llama-perplexity, Hamlet 8 × 512)</text></svg>\n')
+            f'<text x="{left}" y="{y + 4}" font-size="9">ΔPPL over F16 (llama-perplexity, Hamlet {chunks} × 512)</text></svg>\n')
 
 
 def write_report(results: list[dict], out_dir: Path, args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "calibrated_quality.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "calibrated_quality.svg").write_text(plot_svg(results))
+    (out_dir / "calibrated_quality.svg").write_text(plot_svg(results, args.chunks))
     lines = ["# Calibrated quantization: llama.cpp imatrix vs edgeq (importance search, GPTQ, AWQ + GPTQ, best)", "",
              f"Perplexity by llama.cpp's `llama-perplexity -c 512` on hamlet ({args.chunks} windows); calibration on "
              f"{args.calib_chunks} × 512 tokens of macbeth for both. F16 = the catalog file dequantized. KL and "
              "same-top-token against F16, and edgeq's own PPL, by `edgeq perplexity --kl-base -ctk f16 -ctv f16` (an "
              "f16 KV cache, as llama-perplexity's) over the first "
-             f"{args.kl_chunks or '–'} windows (`llama @KL`: llama.cpp's running PPL after as many windows). "
+             f"{args.kl_chunks or '–'} windows (`llama @KL`: llama.cpp's running PPL after as many windows); "
+             "`at llama.cpp's rounding`: edgeq's PPL with each product's input rounded as llama.cpp's CPU kernels "
+             "round it (Q8_K per 256 values for k-quants, Q8_0 per 32, fp16; `benchmarks/llamacpp_rounding.py`). "
              "Generated by `benchmarks/calibrated_quality.py`.", "", "![ΔPPL](calibrated_quality.svg)", ""]
     for res in results:
         lines += [f"## {res['model']}", "", "| type | quantizer | size MB | PPL | ΔPPL vs F16 | KL | same top % | "
-                  "edgeq PPL / llama @KL |", "|---|---|---|---|---|---|---|---|"]
+                  "edgeq PPL / llama @KL | edgeq at llama.cpp's rounding / llama @KL |", "|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "–"
             st = f"{100 * r['same_top']:.1f}" if r.get("same_top") is not None else "–"
             agree = (f"{r['ppl_edgeq']:.3f} / {r['ppl_llama_at_kl']:.3f} ({100 * (r['ppl_edgeq'] / r['ppl_llama_at_kl'] - 1):+.2f}%)"
                      if r.get("ppl_edgeq") and r.get("ppl_llama_at_kl") else "–")
+            em = r.get("ppl_edgeq_llamacpp_rounding")
+            emulated = (f"{em:.3f} ({100 * (em / r['ppl_llama_at_kl'] - 1):+.2f}%)" if em and r.get("ppl_llama_at_kl")
+                        else "–")
             lines.append(f"| {r['type']} | {r['quantizer']} | {r['size_mb']:.1f} | {r['ppl']:.3f} ± {r['ppl_se']:.3f} | "
-                         f"{r['dppl_pct']:+.2f}% | {kl} | {st} | {agree} |")
+                         f"{r['dppl_pct']:+.2f}% | {kl} | {st} | {agree} | {emulated} |")
         lines += ["", "| step | wall s | CPU s | note |", "|---|---|---|---|"]
         for k, v in res["speed"].items():
             if isinstance(v, dict):
@@ -327,6 +350,8 @@ def main() -> int:
     ap.add_argument("--calib-chunks", type=int, default=32)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--uncalibrated", action="store_true", help="also llama.cpp's uncalibrated files")
+    ap.add_argument("--llamacpp-rounding", action="store_true", help="with --kl-chunks: also edgeq's PPL with "
+                    "llama.cpp's activation rounding (benchmarks/llamacpp_rounding.py)")
     ap.add_argument("--force", action="store_true", help="quantize again even when edgeq's files exist")
     ap.add_argument("--workers", type=int, default=2, help="calibration processes")
     ap.add_argument("--bin", default=os.environ.get("BIN", str(Path.home() / ".cache/edgeq-llamacpp-cli/build/bin")))

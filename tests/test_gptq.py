@@ -141,6 +141,34 @@ def test_best_keeps_the_method_with_lower_held_out_error(monkeypatch, choice_row
                                            "Q3_K"))
 
 
+@pytest.mark.parametrize("method", ["best", "gptq"])
+def test_lazy_rows_in_slabs_give_the_bytes_of_the_whole_matrix(monkeypatch, method):
+    """A matrix handed over as LazyRows (the classifier, read from the file a slab at a time) and quantized
+    in slabs of 3 rows gives the same bytes and choice as the whole float32 matrix at once; only slabs and the
+    strided choice rows are ever read."""
+    rng = np.random.default_rng(11)
+    n_in, rows = 256, 16
+    W = (rng.standard_normal((rows, n_in)) * 0.05).astype(np.float32)
+    X = _correlated(rng, 1024, n_in)
+    hs = gptq.Hessians()
+    hs("m", X[:768])
+    hs.held_out = True
+    hs("m", X[768:])
+    imp = gptq.importance_of(hs.get("m"), 1024)
+    monkeypatch.setattr(gptq, "CHOICE_ROWS", 5)
+    whole, choice = gptq.calibrated_quantize("m", W, "Q4_K", hs, method, imp)
+    reads = []
+
+    def rows_of(index):
+        reads.append(len(np.arange(rows)[index]))
+        return W[index]
+
+    monkeypatch.setattr(gptq, "SLAB_BYTES", 3 * n_in * 4)
+    slabbed, choice2 = gptq.calibrated_quantize("m", gptq.LazyRows(W.shape, rows_of), "Q4_K", hs, method, imp)
+    assert np.array_equal(slabbed, whole) and choice2 == choice
+    assert max(reads) <= 5 and sum(reads) == rows + (5 if method == "best" else 0)
+
+
 def test_regrid_works_in_row_chunks_of_bounded_memory(monkeypatch):
     """A huge classifier (Gemma 3's 262k rows) is re-gridded ROW_CHUNK rows at a time: the bytes of one piece,
     and the temporaries of one chunk (not float64 copies of the whole matrix) at the peak."""

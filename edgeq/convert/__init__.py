@@ -152,7 +152,15 @@ def quantize_file(src_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
             gf.release_pages()   # (a copy was made: the RSS holds one tensor, not every page read so far)
             return x
 
-        tensors = [OutTensor(t.name, tuple(t.shape), lambda t=t: load(t)) for t in gf.tensors.values()]
+        def rows(t, index) -> np.ndarray:
+            by_row = np.asarray(t.data).view(np.uint8).reshape(t.shape[0], -1)[index]
+            x = dequantize(by_row, t.qtype, (by_row.shape[0], *t.shape[1:]))
+            gf.release_pages()
+            return x
+
+        tensors = [OutTensor(t.name, tuple(t.shape), lambda t=t: load(t),
+                             (lambda index, t=t: rows(t, index)) if len(t.shape) == 2 else None)
+                   for t in gf.tensors.values()]
         matrices = [t.name for t in tensors if len(t.shape) == 2 and t.name != "token_embd.weight"]
         im = imatrix if imatrix is not None else resolve_imatrix(opts, out, matrices, lambda folder: Path(src_path),
                                                                  tensors, recipe)

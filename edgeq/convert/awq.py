@@ -15,7 +15,8 @@ measured on held-out windows: tr((W·s − Q) Hs (W·s − Q)ᵀ) with Hs = H / 
 scaled input x/s. The grid is searched with the fast importance-search quantizer (GPTQ at 11 points
 costs 5× more: 17 CPU-s per SmolLM2 layer), then the chosen method (GPTQ) decides between that α and
 α = 0 (no scaling): the fold is kept only where it lowers GPTQ's held-out error by MIN_GAIN or more, so a
-group is never made worse on the windows that judge it.
+group is never made worse on the windows that judge it. Where the grid itself gained less than DECIDE_GAIN,
+α = 0 is kept without asking GPTQ.
 """
 from __future__ import annotations
 
@@ -33,11 +34,16 @@ REFINE = 0.125                         # (AWQ searches 20 points; 11 evenly spac
 # a scale is per input channel, shared by every row, and each row's error is independent given H, so a row
 # sample estimates the summed error. Whole matrices made Qwen3-1.7B's quantizing ~160 s per layer, GPTQ ~20 of it
 # (12288 gate/up rows quantized and float64 (rows x 6144) @ (6144 x 6144) products, 11 times over); 1024 rows
-# still ~25 s of a layer's ~55 (11 x 6 readers x 1024 rows importance-searched, and their error products)
-SEARCH_ROWS = 512
+# still ~25 s of a layer's ~55 (11 x 6 readers x 1024 rows importance-searched, and their error products); 512
+# rows were ~17% of the 1.7B calibration's time after the other speed-ups, which 256 halves
+SEARCH_ROWS = 256
 MIN_GAIN = 0.05  # a fold is kept only if it lowers the method's held-out error by this fraction: smaller gains
                  # on 8 held-out windows did not carry over on SmolLM2 (Q2_K PPL +0.4 with every gain kept);
                  # on Gemma 3 they did (docs/quality.md): not settled, this is the conservative side
+DECIDE_GAIN = 2 * MIN_GAIN  # the method judges an α only where the grid's fast quantizer gained this much by it:
+                 # GPTQ gains less from a fold than the importance search does (it compensates the error itself);
+                 # on SmolLM2 Q2_K every fold GPTQ kept had a grid gain >= 0.116, and the 39 of 95 groups below 0.10
+                 # all gained GPTQ < 0.03. A random-weight Qwen3-1.7B's grid gains are ~0.01-0.03: no GPTQ run there
 MIN_RMS = 1e-5   # channels below this fraction of the largest rms are treated as this small (no 1/0 in the fold)
 
 # arch → (kinds of fold it allows); what the others lack, said once
@@ -305,8 +311,11 @@ class Folding:
             readers = [cur[r] for r in g.readers]
             # the grid with the fast quantizer (the importance search), then the chosen method at that α
             # against α = 0: a fold is kept only where it lowers the method's own held-out error
-            _, alpha, _ = search(readers, rms, H_fit, n, H_judge, [self.coarse_for(self.types[r]) for r in g.readers],
-                                 g.col_index, hessian=self.coarse_for is self.quantizer_for)
+            _, alpha, coarse = search(readers, rms, H_fit, n, H_judge,
+                                      [self.coarse_for(self.types[r]) for r in g.readers], g.col_index,
+                                      hessian=self.coarse_for is self.quantizer_for)
+            if alpha > 0 and coarse[1:] and 1.0 - min(coarse) / max(coarse[0], 1e-300) < DECIDE_GAIN:
+                alpha = 0.0   # (coarse[0] is α = 0's error) too small a gain for the method to keep
             if alpha > 0:
                 _, _, (err_none, err_alpha) = search(readers, rms, H_fit, n, H_judge,
                                                      [self.quantizer_for(self.types[r]) for r in g.readers],

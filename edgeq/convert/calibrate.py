@@ -213,7 +213,7 @@ def quantize_by_layer(opts, model_path: Path, text: str, dataset: str, tensors: 
     complete (gptq.calibrated_quantize, from the tensors' own loaders), the bytes set aside in
     im.prepared for write_model. Matrices without a Hessian (inputs wider than gptq.MAX_HESSIAN_COLS,
     stacked experts) or of a float type are left to write_model, with the importance collected here."""
-    from edgeq.convert.gptq import calibrated_quantize
+    from edgeq.convert.gptq import LazyRows, calibrated_quantize
     from edgeq.convert.writer import AWQ_METHODS, PreparedTensors, awq_folding, awq_stats
     from edgeq.formats.quants import quantize
 
@@ -237,7 +237,12 @@ def quantize_by_layer(opts, model_path: Path, text: str, dataset: str, tensors: 
             qtype = types[name]
             if qtype in ("F32", "F16", "BF16"):
                 continue
-            W = np.ascontiguousarray(folding.load(name) if folding is not None else t.load(), dtype=np.float32)
+            if folding is not None and name in folding.layer_of:
+                W = np.ascontiguousarray(folding.load(name), dtype=np.float32)
+            elif t.rows is not None:   # read a slab at a time (the classifier: 1.24 GB as float32 at 1.7B)
+                W = LazyRows(t.shape, t.rows)
+            else:
+                W = np.ascontiguousarray(t.load(), dtype=np.float32)
             if W.shape != tuple(t.shape):
                 raise EdgeqError(f"tensor {name}: got shape {W.shape}, expected {tuple(t.shape)}")
             imp = seen.imatrix.importance(name, t.shape[-1])

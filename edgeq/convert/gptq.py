@@ -15,6 +15,7 @@ the lower output error on the held-out windows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,7 +29,8 @@ BLOCK = 32              # lazy-batch width: columns updated together before the 
 MAX_HESSIAN_COLS = 4096  # wider inputs (a 1.7B's ffn_down) get no Hessian: GPTQ costs rows·n_in² flops
 ROW_CHUNK = 8192        # rows per GPTQ pass and per output-error pass: bounds the work arrays of huge matrices
 FACTORS_KEPT = 8        # Hessians.factor_of's memory: one layer's (3 inputs x fit/all, AWQ's scaled ones)
-CHOICE_ROWS = 1024      # rows on which 'best' compares GPTQ with the importance search (strided_rows)
+SLAB_BYTES = 256 << 20  # float32 rows quantized at a time by calibrated_quantize (bounds a classifier's copy)
+CHOICE_ROWS = 512       # rows on which 'best' compares GPTQ with the importance search (strided_rows)
 CACHE_ROWS = 512        # rows per column sweep: each lazy batch's trailing update rewrites the rows' remaining
                         # columns, which stay in cache at this size (6144 x 2048 Q4_K: 1.97 s in one sweep, 0.88 s
                         # in sweeps of 512 rows, 1.16 s of 256: too few rows per parallel task)
@@ -289,25 +291,57 @@ def relative_errors(W: np.ndarray, candidates: dict[str, np.ndarray], qtype: str
     return {method: e / max(ref, 1e-30) for method, e in errors.items()}
 
 
-def calibrated_quantize(name: str, W: np.ndarray, qtype: str, hs: Hessians, method: str,
+class LazyRows:
+    """A matrix read a slab of rows at a time: `rows(index)` (a slice or an index array) → float32 rows.
+    calibrated_quantize then never holds it whole as float32 (a 151936 x 2048 classifier is 1.24 GB)."""
+
+    def __init__(self, shape: tuple[int, int], rows: Callable[[Any], np.ndarray]):
+        self.shape = tuple(int(s) for s in shape)
+        self.rows = rows
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.rows(index), dtype=np.float32)
+
+
+def _by_slabs(W, make: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """make(rows) over W (an array or LazyRows) SLAB_BYTES of float32 rows at a time, stacked (rows are
+    independent: the same bytes as one call on the whole matrix)."""
+    n_rows, n_in = W.shape
+    step = max(1, SLAB_BYTES // (4 * max(n_in, 1)))
+    if isinstance(W, np.ndarray) and n_rows <= step:
+        return make(W)
+    out = None
+    for r0 in range(0, n_rows, step):
+        part = make(np.ascontiguousarray(W[r0:r0 + step], dtype=np.float32))
+        if out is None:
+            out = np.empty((n_rows, part.shape[1]), dtype=part.dtype)
+        out[r0:r0 + part.shape[0]] = part
+    return out
+
+
+def calibrated_quantize(name: str, W, qtype: str, hs: Hessians, method: str,
                         importance: np.ndarray | None) -> tuple[np.ndarray, Choice | None]:
     """Bytes of matrix `name` by `method` ('gptq' or 'best'); None choice when it fell back to the imatrix.
+    W: float32 (rows, n_in), or LazyRows for a matrix too large to hold whole; quantized SLAB_BYTES of rows
+    at a time either way.
 
-    'best': one importance search (all windows) fixes the block scales of both candidates, the importance
-    search's own levels and GPTQ's levels fitted on the fitting windows; the one with the lower error on the
-    held-out windows is kept, GPTQ redone on every window when it wins. (The scales are shared, so the search
-    runs once per matrix.) The two are compared on at most CHOICE_ROWS evenly strided rows: each row's error
-    is independent given H, and a Qwen3-1.7B layer's full-matrix comparison cost ~15 s."""
+    'best': one importance search fixes the block scales of both candidates, the importance search's own
+    levels and GPTQ's levels fitted on the fitting windows; the one with the lower error on the held-out
+    windows is kept, GPTQ redone on every window when it wins. (The scales are shared, so the search runs
+    once per row.) The two are compared on at most CHOICE_ROWS evenly strided rows: each row's error is
+    independent given H, and a Qwen3-1.7B layer's full-matrix comparison cost ~15 s."""
     if not hs.has(name) or qtype not in quant_grid.GRID_TYPES:
-        return quantize(W, qtype, importance), None
-    raw = quantize(W, qtype, importance)
-    if method == "gptq" or not hs.has_held_out(name):
-        return regrid(W, None, raw, qtype, factor=hs.factor(name, "all")), Choice("gptq", {})
-    r = strided_rows(W.shape[0], CHOICE_ROWS)
-    errors = relative_errors(W[r], {"imatrix": raw[r], "gptq": regrid(W[r], None, raw[r], qtype,
-                                                                     factor=hs.factor(name, "fit"))},
-                             qtype, hs.get(name, "held"))
-    best = min(errors, key=errors.get)
-    if best == "imatrix":
-        return raw, Choice(best, errors)
-    return regrid(W, None, raw, qtype, factor=hs.factor(name, "all")), Choice(best, errors)
+        return _by_slabs(W, lambda w: quantize(w, qtype, importance)), None
+    choice = Choice("gptq", {})
+    if method != "gptq" and hs.has_held_out(name):
+        r = strided_rows(W.shape[0], CHOICE_ROWS)
+        w = np.ascontiguousarray(W[r], dtype=np.float32)
+        raw = quantize(w, qtype, importance)
+        errors = relative_errors(w, {"imatrix": raw, "gptq": regrid(w, None, raw, qtype, factor=hs.factor(name, "fit"))},
+                                 qtype, hs.get(name, "held"))
+        choice = Choice(min(errors, key=errors.get), errors)
+        del w, raw
+    if choice.method == "imatrix":
+        return _by_slabs(W, lambda w: quantize(w, qtype, importance)), choice
+    factor = hs.factor(name, "all")
+    return _by_slabs(W, lambda w: regrid(w, None, quantize(w, qtype, importance), qtype, factor=factor)), choice

@@ -19,11 +19,13 @@ from edgeq.progress import Progress
 
 @dataclass
 class OutTensor:
-    """One tensor to write: name, numpy-order shape, and a loader returning float32 values."""
+    """One tensor to write: name, numpy-order shape, and a loader returning float32 values; `rows(index)`,
+    where the source can, returns just the rows at `index` (a slice or an index array) as float32."""
 
     name: str
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
+    rows: Callable[[Any], np.ndarray] | None = None
 
 
 class PreparedTensors:
