@@ -58,11 +58,40 @@ VEC_DOT_ROUNDING = {**dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ
                     "F16": round_f16}
 
 
-def perplexities(path: str, text: str, chunks: int) -> dict:
-    import edgeq
-    from edgeq.runtime.perplexity import _log_softmax, text_tokens
+def _window_nll(model, tokens, chunks: int, observer) -> np.ndarray:
+    from edgeq.runtime.perplexity import _log_softmax
 
-    model = edgeq.load(path, n_ctx=512, threads=2, cache_type_k="f16", cache_type_v="f16")
+    bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
+    nll = []
+    for c in range(chunks):
+        win = [int(t) for t in tokens[c * 512:(c + 1) * 512]]
+        if bos is not None:
+            win[0] = bos
+        target = np.asarray(win[257:512])
+        model.reset()
+        with model._lock:
+            logits = model._forward(win, all_logits=True, observer=observer)
+        logp = _log_softmax(logits[256:511])
+        nll.append(-logp[np.arange(len(target)), target])
+    return np.concatenate(nll)
+
+
+def perplexities(path: str, text: str, chunks: int) -> dict:
+    """{'edgeq': edgeq's own PPL, 'llamacpp_rounding': with llama.cpp's rounding} over `chunks` windows."""
+    import edgeq
+    from edgeq.cpu_kernels import gemm_i8
+    from edgeq.runtime.perplexity import text_tokens
+
+    def load():
+        return edgeq.load(path, n_ctx=512, threads=2, cache_type_k="f16", cache_type_v="f16")
+
+    model = load()
+    tokens = text_tokens(model, text)
+    own = _window_nll(model, tokens, chunks, None)
+    del model
+    # the rounded inputs go to float products: edgeq's int8 prefill GEMM would round them again per 32 values
+    gemm_i8.INT8_MIN_WEIGHTS = 1 << 62
+    model = load()
     types = {name: str(t.qtype) for name, t in model.gguf.tensors.items()}
 
     def llamacpp_rounding(name: str, x: np.ndarray) -> None:
@@ -70,21 +99,8 @@ def perplexities(path: str, text: str, chunks: int) -> dict:
         if rounding is not None:
             x[...] = rounding(x)   # in place: the product reads x after the observer (models/base.Linear)
 
-    tokens = text_tokens(model, text)
-    bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
-    nll: dict[str, list] = {"llamacpp_rounding": [], "edgeq": []}
-    for c in range(chunks):
-        win = [int(t) for t in tokens[c * 512:(c + 1) * 512]]
-        if bos is not None:
-            win[0] = bos
-        target = np.asarray(win[257:512])
-        for key, observer in (("llamacpp_rounding", llamacpp_rounding), ("edgeq", None)):
-            model.reset()
-            with model._lock:
-                logits = model._forward(win, all_logits=True, observer=observer)
-            logp = _log_softmax(logits[256:511])
-            nll[key].append(-logp[np.arange(len(target)), target])
-    return {key: float(np.exp(np.concatenate(v).mean())) for key, v in nll.items()} | {"chunks": chunks}
+    rounded = _window_nll(model, tokens, chunks, llamacpp_rounding)
+    return {"edgeq": float(np.exp(own.mean())), "llamacpp_rounding": float(np.exp(rounded.mean())), "chunks": chunks}
 
 
 def main() -> int:
