@@ -58,36 +58,29 @@ VEC_DOT_ROUNDING = {**dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ
                     "F16": round_f16}
 
 
-def _window_nll(model, tokens, chunks: int, observer) -> np.ndarray:
-    from edgeq.runtime.perplexity import _log_softmax
+class _Observed:
+    """The model as runtime/perplexity sees it (tokenizer, logits), each product's input shown to `observer`."""
 
-    bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
-    nll = []
-    for c in range(chunks):
-        win = [int(t) for t in tokens[c * 512:(c + 1) * 512]]
-        if bos is not None:
-            win[0] = bos
-        target = np.asarray(win[257:512])
-        model.reset()
-        with model._lock:
-            logits = model._forward(win, all_logits=True, observer=observer)
-        logp = _log_softmax(logits[256:511])
-        nll.append(-logp[np.arange(len(target)), target])
-    return np.concatenate(nll)
+    def __init__(self, model, observer):
+        self.model, self.tokenizer, self.observer = model, model.tokenizer, observer
+
+    def logits(self, token_ids):
+        return self.model.logits(token_ids, observer=self.observer)
 
 
 def perplexities(path: str, text: str, chunks: int) -> dict:
-    """{'edgeq': edgeq's own PPL, 'llamacpp_rounding': with llama.cpp's rounding} over `chunks` windows."""
+    """{'edgeq': edgeq's own PPL, 'llamacpp_rounding': with llama.cpp's rounding} over `chunks` windows of 512,
+    scored as `edgeq perplexity` scores them (runtime/perplexity.py)."""
     import edgeq
     from edgeq.cpu_kernels import gemm_i8
-    from edgeq.runtime.perplexity import text_tokens
+    from edgeq.runtime.perplexity import _perplexity, text_tokens
 
     def load():
         return edgeq.load(path, n_ctx=512, threads=2, cache_type_k="f16", cache_type_v="f16")
 
     model = load()
     tokens = text_tokens(model, text)
-    own = _window_nll(model, tokens, chunks, None)
+    own = _perplexity(model, tokens, 512, chunks, None, None, None).ppl
     del model
     # the rounded inputs go to float products: edgeq's int8 prefill GEMM would round them again per 32 values
     gemm_i8.INT8_MIN_WEIGHTS = 1 << 62
@@ -99,8 +92,8 @@ def perplexities(path: str, text: str, chunks: int) -> dict:
         if rounding is not None:
             x[...] = rounding(x)   # in place: the product reads x after the observer (models/base.Linear)
 
-    rounded = _window_nll(model, tokens, chunks, llamacpp_rounding)
-    return {"edgeq": float(np.exp(own.mean())), "llamacpp_rounding": float(np.exp(rounded.mean())), "chunks": chunks}
+    rounded = _perplexity(_Observed(model, llamacpp_rounding), tokens, 512, chunks, None, None, None).ppl
+    return {"edgeq": own, "llamacpp_rounding": rounded, "chunks": chunks}
 
 
 def main() -> int:

@@ -182,13 +182,14 @@ class Model:
         self.tokens = []
         self._prompt_logits = None
 
-    def logits(self, token_ids: Iterable[int]) -> np.ndarray:
-        """Logits (T, vocab) of every position, evaluated from an empty context."""
+    def logits(self, token_ids: Iterable[int], observer=None) -> np.ndarray:
+        """Logits (T, vocab) of every position, evaluated from an empty context; `observer(name, x)` sees each
+        matrix product's input first (models/base.py)."""
         ids = [int(t) for t in token_ids]
         self._check_ids(ids)
         with self._lock:
             self.reset()
-            return self._forward(ids, all_logits=True)
+            return self._forward(ids, all_logits=True, observer=observer)
 
     def collect_activations(self, token_ids: Iterable[int], observer) -> None:
         """Run tokens from an empty context, calling observer(tensor_name, x_in) before each matrix product."""
