@@ -82,6 +82,20 @@ def _unpack_q4_0(row, n, tile, i, scl, mins):
 
 
 @njit(inline="always", **_JIT)
+def _unpack_q4_1(row, n, tile, i, scl, mins):
+    """Q4_1: w = d * q + m per 32 (the min is added: mins holds -m)."""
+    for b in range(n // 32):
+        d = _h2f(row[b * 20], row[b * 20 + 1])
+        mn = _h2f(row[b * 20 + 2], row[b * 20 + 3])
+        for m in range(4):
+            v = _u32(row, b * 20 + 4 + 4 * m)
+            tile[b * 8 + m, i] = np.uint32(v & _LO4)
+            tile[b * 8 + 4 + m, i] = np.uint32((v >> 4) & _LO4)
+        scl[2 * b, i] = scl[2 * b + 1, i] = d
+        mins[2 * b, i] = mins[2 * b + 1, i] = -mn
+
+
+@njit(inline="always", **_JIT)
 def _spread4(bits):
     """4 bits -> bit 4 of each of 4 bytes (Q5's fifth bits)."""
     return ((bits & 1) | ((bits & 2) << 7) | ((bits & 4) << 14) | ((bits & 8) << 21)) << 4
@@ -99,6 +113,22 @@ def _unpack_q5_0(row, n, tile, i, scl, mins):
             tile[b * 8 + 4 + m, i] = np.uint32(((v >> 4) & _LO4) | _spread4((qh >> (16 + 4 * m)) & 15))
         scl[2 * b, i] = scl[2 * b + 1, i] = d
         mins[2 * b, i] = mins[2 * b + 1, i] = np.float32(16.0) * d
+
+
+@njit(inline="always", **_JIT)
+def _unpack_q5_1(row, n, tile, i, scl, mins):
+    """Q5_1: w = d * q + m per 32, the fifth bits in a 32-bit word after d and m."""
+    for b in range(n // 32):
+        o = b * 24
+        d = _h2f(row[o], row[o + 1])
+        mn = _h2f(row[o + 2], row[o + 3])
+        qh = _u32(row, o + 4)
+        for m in range(4):
+            v = _u32(row, o + 8 + 4 * m)
+            tile[b * 8 + m, i] = np.uint32((v & _LO4) | _spread4((qh >> (4 * m)) & 15))
+            tile[b * 8 + 4 + m, i] = np.uint32(((v >> 4) & _LO4) | _spread4((qh >> (16 + 4 * m)) & 15))
+        scl[2 * b, i] = scl[2 * b + 1, i] = d
+        mins[2 * b, i] = mins[2 * b + 1, i] = -mn
 
 
 @njit(inline="always", **_JIT)
@@ -154,10 +184,11 @@ def _unpack_q6_k(row, n, tile, i, scl, mins):
 
 
 QTYPES_Q4_K_BYTES, QTYPES_Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"].block_bytes
-_UNPACK = {"Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0, "Q5_0": _unpack_q5_0, "Q4_K": _unpack_q4_k,
+_UNPACK = {"Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0, "Q4_1": _unpack_q4_1, "Q5_0": _unpack_q5_0,
+           "Q5_1": _unpack_q5_1, "Q4_K": _unpack_q4_k,
            "Q5_K": _unpack_q5_k, "Q6_K": _unpack_q6_k}
 # the largest code of each type: the AVX2 byte dot (vpmaddubsw) saturates its int16 pair sums past 127 x 128
-_MAX_CODE = {"Q8_0": 255, "Q4_0": 15, "Q5_0": 31, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63}
+_MAX_CODE = {"Q8_0": 255, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63}
 
 
 # ---------------------------------------------------------------- the micro-kernel: _MG x 16 weight rows x _MT tokens
@@ -291,7 +322,7 @@ def _specialize(qtype: str):
 _DRIVERS = {q: _specialize(q) for q in _UNPACK}
 
 # the types whose prefill takes this path on this CPU: measured against the float tiles (docs/performance.md)
-INT8_GEMM = tuple(q for q in ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+INT8_GEMM = tuple(q for q in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
                   if simd.LEVEL != "avx2" or _MAX_CODE[q] < 128)
 # below this many weights the float tiles keep the products: not for speed (the int8 GEMM wins from 128 x 896 on:
 # 1.5x there, 3x at 896 x 896, 1 thread, T = 512, quantization included) but for accuracy: Gemma 3 270M's attention
