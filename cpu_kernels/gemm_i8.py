@@ -70,65 +70,56 @@ def _unpack_q8_0(row, n, tile, i, scl, mins):
 
 
 @njit(inline="always", **_JIT)
-def _unpack_q4_0(row, n, tile, i, scl, mins):
-    for b in range(n // 32):
-        d = _h2f(row[b * 18], row[b * 18 + 1])
-        for m in range(4):
-            v = _u32(row, b * 18 + 2 + 4 * m)
-            tile[b * 8 + m, i] = np.uint32(v & _LO4)              # low nibbles: weights 0..15
-            tile[b * 8 + 4 + m, i] = np.uint32((v >> 4) & _LO4)   # high nibbles: weights 16..31
-        scl[2 * b, i] = scl[2 * b + 1, i] = d
-        mins[2 * b, i] = mins[2 * b + 1, i] = np.float32(8.0) * d
-
-
-@njit(inline="always", **_JIT)
-def _unpack_q4_1(row, n, tile, i, scl, mins):
-    """Q4_1: w = d * q + m per 32 (the min is added: mins holds -m)."""
-    for b in range(n // 32):
-        d = _h2f(row[b * 20], row[b * 20 + 1])
-        mn = _h2f(row[b * 20 + 2], row[b * 20 + 3])
-        for m in range(4):
-            v = _u32(row, b * 20 + 4 + 4 * m)
-            tile[b * 8 + m, i] = np.uint32(v & _LO4)
-            tile[b * 8 + 4 + m, i] = np.uint32((v >> 4) & _LO4)
-        scl[2 * b, i] = scl[2 * b + 1, i] = d
-        mins[2 * b, i] = mins[2 * b + 1, i] = -mn
-
-
-@njit(inline="always", **_JIT)
 def _spread4(bits):
     """4 bits -> bit 4 of each of 4 bytes (Q5's fifth bits)."""
     return ((bits & 1) | ((bits & 2) << 7) | ((bits & 4) << 14) | ((bits & 8) << 21)) << 4
 
 
 @njit(inline="always", **_JIT)
-def _unpack_q5_0(row, n, tile, i, scl, mins):
+def _unpack_legacy(row, n, tile, i, scl, mins, with_min, fifth_bits):
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 per 32: d (f16), [m (f16)], [32 fifth bits], 16 bytes of nibbles (low nibbles:
+    weights 0..15, high: 16..31). Q4_0/Q5_0: w = d * (q - 8 or 16), an offset of 8 d or 16 d; Q4_1/Q5_1:
+    w = d * q + m, an offset of -m."""
+    qs = 2 + 2 * with_min + 4 * fifth_bits
+    block_bytes = qs + 16
     for b in range(n // 32):
-        o = b * 22
+        o = b * block_bytes
         d = _h2f(row[o], row[o + 1])
-        qh = _u32(row, o + 2)
+        qh = _u32(row, o + 2 + 2 * with_min) if fifth_bits else np.int32(0)
         for m in range(4):
-            v = _u32(row, o + 6 + 4 * m)
-            tile[b * 8 + m, i] = np.uint32((v & _LO4) | _spread4((qh >> (4 * m)) & 15))
-            tile[b * 8 + 4 + m, i] = np.uint32(((v >> 4) & _LO4) | _spread4((qh >> (16 + 4 * m)) & 15))
+            v = _u32(row, o + qs + 4 * m)
+            lo, hi = v & _LO4, (v >> 4) & _LO4
+            if fifth_bits:
+                lo |= _spread4((qh >> (4 * m)) & 15)
+                hi |= _spread4((qh >> (16 + 4 * m)) & 15)
+            tile[b * 8 + m, i] = np.uint32(lo)
+            tile[b * 8 + 4 + m, i] = np.uint32(hi)
         scl[2 * b, i] = scl[2 * b + 1, i] = d
-        mins[2 * b, i] = mins[2 * b + 1, i] = np.float32(16.0) * d
+        if with_min:
+            off = -_h2f(row[o + 2], row[o + 3])
+        else:
+            off = np.float32(16.0 if fifth_bits else 8.0) * d
+        mins[2 * b, i] = mins[2 * b + 1, i] = off
+
+
+@njit(inline="always", **_JIT)
+def _unpack_q4_0(row, n, tile, i, scl, mins):
+    _unpack_legacy(row, n, tile, i, scl, mins, False, False)
+
+
+@njit(inline="always", **_JIT)
+def _unpack_q4_1(row, n, tile, i, scl, mins):
+    _unpack_legacy(row, n, tile, i, scl, mins, True, False)
+
+
+@njit(inline="always", **_JIT)
+def _unpack_q5_0(row, n, tile, i, scl, mins):
+    _unpack_legacy(row, n, tile, i, scl, mins, False, True)
 
 
 @njit(inline="always", **_JIT)
 def _unpack_q5_1(row, n, tile, i, scl, mins):
-    """Q5_1: w = d * q + m per 32, the fifth bits in a 32-bit word after d and m."""
-    for b in range(n // 32):
-        o = b * 24
-        d = _h2f(row[o], row[o + 1])
-        mn = _h2f(row[o + 2], row[o + 3])
-        qh = _u32(row, o + 4)
-        for m in range(4):
-            v = _u32(row, o + 8 + 4 * m)
-            tile[b * 8 + m, i] = np.uint32((v & _LO4) | _spread4((qh >> (4 * m)) & 15))
-            tile[b * 8 + 4 + m, i] = np.uint32(((v >> 4) & _LO4) | _spread4((qh >> (16 + 4 * m)) & 15))
-        scl[2 * b, i] = scl[2 * b + 1, i] = d
-        mins[2 * b, i] = mins[2 * b + 1, i] = -mn
+    _unpack_legacy(row, n, tile, i, scl, mins, True, True)
 
 
 @njit(inline="always", **_JIT)

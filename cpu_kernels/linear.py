@@ -406,7 +406,7 @@ def _rows_template(raw, ids, n_in, out):
         _row_fn(raw[r * row_bytes:(r + 1) * row_bytes], n_in, out[i])
 
 
-def _specialize(template, qtype: str, row_fn):
+def _specialize(template, qtype: str, row_fn, fastmath=_FAST):
     """The parallel njit driver `template` for `qtype`: `_row_fn` = row_fn and the registry's block sizes.
 
     A new function over the template's code with its own globals, not a closure: Numba keys a cached closure
@@ -418,7 +418,7 @@ def _specialize(template, qtype: str, row_fn):
     fn = pytypes.FunctionType(template.__code__, bound, name)
     fn.__qualname__ = name
     fn.__doc__ = f"{template.__name__} for {qtype}"
-    return njit(parallel=True, **_JIT)(fn)
+    return njit(parallel=True, **dict(_JIT, fastmath=fastmath))(fn)
 
 
 # qtype -> row dequantizer; the integer row dots are simd.ROW_DOTS
@@ -484,9 +484,9 @@ def _gemm_f32(W, X, out, r0):
 # F16/BF16 matrices in decode (a few activation rows): each weight row converted in registers as it is read
 # (vcvtph2ps on x86) and dotted with the float32 activations: one pass over the weights, none of the float32
 # tile that prefill's dequantize + GEMM writes and reads again (which held 1.7B F16 decode at 27% of the bound).
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _dot_f16(W, X, out):
-    """out (T, R) = X (T, n) . W^T for W (R, n) IEEE half bits."""
+def _dot_half_template(W, X, out):
+    """out (T, R) = X (T, n) . W^T for W (R, n) 16-bit floats (bits), `_row_fn` their conversion (bound by
+    _specialize: _half for F16, _bf16_to_f32 for BF16)."""
     R, n = W.shape
     for g in prange((R + 3) // 4):
         for i in range(4 * g, min(R, 4 * g + 4)):
@@ -495,22 +495,7 @@ def _dot_f16(W, X, out):
                 x = X[t]
                 a = np.float32(0.0)
                 for k in range(n):
-                    a += _half(w[k]) * x[k]
-                out[t, i] = a
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _dot_bf16(W, X, out):
-    """out (T, R) = X (T, n) . W^T for W (R, n) bfloat16 bits."""
-    R, n = W.shape
-    for g in prange((R + 3) // 4):
-        for i in range(4 * g, min(R, 4 * g + 4)):
-            w = W[i]
-            for t in range(X.shape[0]):
-                x = X[t]
-                a = np.float32(0.0)
-                for k in range(n):
-                    a += _bf16_to_f32(w[k]) * x[k]
+                    a += _row_fn(w[k]) * x[k]
                 out[t, i] = a
 
 
@@ -600,7 +585,7 @@ class QuantLinear:
         self.raw = raw
         self.nbytes = raw.nbytes
         self._f32 = raw.view(np.float32).reshape(self.n_out, self.n_in) if qtype == "F32" else None
-        # F16/BF16 decode: the half rows read in place (_dot_f16 / _dot_bf16)
+        # F16/BF16 decode: the half rows read in place (_dot_half_template)
         self._half = raw.view(np.uint16).reshape(self.n_out, self.n_in) if qtype in _HALF_ROWS else None
         self._mm, self._rows = _KERNELS.get(qtype, (None, None))
         self._raws3 = (raw, _pad(raw), _pad(raw))  # the kernels take 3 matrices (see _run_fused)
@@ -661,7 +646,9 @@ class QuantLinear:
                 _gemm_f32(w, X, Y, r0)
 
 
-_HALF_ROWS = {"F16": _dot_f16, "BF16": _dot_bf16}
+# full fastmath: the k-loop reduction needs reassociation to vectorize (as _gemm_f32)
+_HALF_ROWS = {q: _specialize(_dot_half_template, q, conv, fastmath=True)
+              for q, conv in (("F16", _half), ("BF16", _bf16_to_f32))}
 
 
 def _int8_gemm(qtype: str, n_out: int, n_in: int):
