@@ -579,7 +579,8 @@ def _out(out, shape) -> np.ndarray:
 class QuantLinear:
     """y = W x for a weight matrix W (n_out, n_in) kept in its GGUF encoding (a zero-copy view of the file)."""
 
-    def __init__(self, raw: np.ndarray, qtype: str, shape: tuple[int, int]):
+    def __init__(self, raw: np.ndarray, qtype: str, shape: tuple[int, int], int8_prefill: bool = True):
+        """`int8_prefill=False`: prefill on float tiles even where the int8 GEMM is faster (gemm_i8.use_int8)."""
         self.n_out, self.n_in = _check(raw, qtype, shape)
         self.qtype = qtype
         self.raw = raw
@@ -591,7 +592,8 @@ class QuantLinear:
         self._raws3 = (raw, _pad(raw), _pad(raw))  # the kernels take 3 matrices (see _run_fused)
         # float32 rows per prefill tile
         self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
-        self._int8_gemm = _int8_gemm(qtype, self.n_out, self.n_in)  # prefill on int8 dots (gemm_i8.py), or None
+        # prefill on int8 dots (gemm_i8.py), or None
+        self._int8_gemm = _int8_gemm(qtype, self.n_out, self.n_in) if int8_prefill else None
         self._mm_rows, self._min_rows = _multi_row(qtype)  # a few rows at once (batch_dot.py), or None
 
     def _integer_kernel(self, T: int):
