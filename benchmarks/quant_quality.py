@@ -13,6 +13,9 @@ Every file is scored on hamlet by shared/tools/llamacpp_ppl.py (llama-perplexity
 windows, second half scored) and, when edgeq's runtime can run it, by `edgeq perplexity` with
 KL-divergence and same-top-token against the F16 file. Writes docs/results/quant_quality.{md,json,png}.
 matplotlib is only needed for the plot (not an edgeq dependency).
+
+The calibrated methods (`--method imatrix|gptq|awq-gptq|best`, issue 19) against llama.cpp's imatrix files, with
+IQ4_XS, KL and llama.cpp's PPL on every file: benchmarks/calibrated_quality.py (docs/quality.md).
 """
 from __future__ import annotations
 
