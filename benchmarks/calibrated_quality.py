@@ -11,7 +11,9 @@ HF checkpoint here, so the "F16" reference is the dequantized Q4_1/Q4_K_M file) 
 calibration over the same 32 × 512 tokens of macbeth (importance and input Hessians, timed, peak RSS),
 then `quantize_file` per type and method → every file scored by `llama-perplexity -c 512` on hamlet
 (and optionally by `edgeq perplexity --kl-base` for KL and same-top-token against F16).
-Writes docs/results/calibrated_quality.{md,json}. OPENBLAS_NUM_THREADS=1 is set for edgeq's GPTQ: on a
+Writes docs/results/calibrated_quality.{md,json}.
+`--verify TYPE:METHOD ...` instead checks that this code still makes a work folder's results: it calibrates again,
+compares with the pickled calibration (bit for bit), re-quantizes the named files and compares their sha256. OPENBLAS_NUM_THREADS=1 is set for edgeq's GPTQ: on a
 shared machine OpenBLAS threads spin against other work.
 """
 from __future__ import annotations
@@ -341,6 +343,40 @@ def write_report(results: list[dict], out_dir: Path, args) -> None:
     (out_dir / "calibrated_quality.md").write_text("\n".join(lines))
 
 
+def verify(key: str, args) -> bool:
+    """Whether this code makes the work folder's calibration (bit for bit) and the files `args.verify` names
+    (TYPE:METHOD, byte for byte): the scored files are then what `edgeq quantize --calibrate` writes today."""
+    import hashlib
+    import pickle
+    import tempfile
+
+    import numpy as np
+
+    from edgeq.assets import text_path
+    from edgeq.convert import QuantOptions, quantize_file
+    from edgeq.convert.calibrate import read_text
+
+    work = Path(args.work).expanduser() / key
+    f16 = work / f"{key}-F16.gguf"
+    with open(work / "calibration.pkl", "rb") as f:
+        old = pickle.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        im = calibrate_parallel(f16, read_text(text_path("macbeth"))[0], args.calib_chunks, args.workers, Path(tmp))
+        same = (set(old.sums) == set(im.sums) and all(np.array_equal(old.sums[k], im.sums[k]) for k in old.sums)
+                and all(np.array_equal(old.hessians.get(k, w), im.hessians.get(k, w))
+                        for k in old.hessians.key_of for w in ("fit", "held")))
+        print(f"{key}: calibration {'identical to' if same else 'DIFFERENT from'} {work / 'calibration.pkl'}")
+        ok = same
+        for spec in args.verify:
+            t, m = spec.split(":")
+            out, ref = Path(tmp) / f"{t}-{m}.gguf", work / f"{key}-{t}-edgeq-{m}.gguf"
+            quantize_file(f16, out, imatrix=im, options=QuantOptions(qtype=t, method=m, force=True, quiet=True))
+            a, b = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (out, ref))
+            print(f"{key}: {t} {m}: {'identical' if a == b else 'DIFFERENT'} (sha256 {a[:16]}, scored {b[:16]})")
+            ok = ok and a == b
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2"], choices=list(MODELS))
@@ -360,7 +396,11 @@ def main() -> int:
                     "llama.cpp files from")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md and .svg from the .json")
+    ap.add_argument("--verify", nargs="+", metavar="TYPE:METHOD", help="check that this code makes the work "
+                    "folder's calibration and these files, bit for bit (no scoring)")
     args = ap.parse_args()
+    if args.verify:
+        return 0 if all([verify(m, args) for m in args.models]) else 1
     if args.report_only:
         write_report(json.loads((Path(args.out) / "calibrated_quality.json").read_text()), Path(args.out), args)
         return 0
