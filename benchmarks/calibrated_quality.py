@@ -11,10 +11,10 @@ HF checkpoint here, so the "F16" reference is the dequantized Q4_1/Q4_K_M file) 
 calibration over the same 32 × 512 tokens of macbeth (importance and input Hessians, timed, peak RSS),
 then `quantize_file` per type and method → every file scored by `llama-perplexity -c 512` on hamlet
 (and optionally by `edgeq perplexity --kl-base` for KL and same-top-token against F16).
-Writes docs/results/calibrated_quality.{md,json}.
-`--verify TYPE:METHOD ...` instead checks that this code still makes a work folder's results: it calibrates again,
-compares with the pickled calibration (bit for bit), re-quantizes the named files and compares their sha256. OPENBLAS_NUM_THREADS=1 is set for edgeq's GPTQ: on a
+Writes docs/results/calibrated_quality.{md,json}. OPENBLAS_NUM_THREADS=1 is set for edgeq's GPTQ: on a
 shared machine OpenBLAS threads spin against other work.
+`--verify TYPE:METHOD ...` instead checks that this code still makes a work folder's results: it calibrates again,
+compares with the pickled calibration (bit for bit), re-quantizes the named files and compares their sha256.
 """
 from __future__ import annotations
 
@@ -343,6 +343,17 @@ def write_report(results: list[dict], out_dir: Path, args) -> None:
     (out_dir / "calibrated_quality.md").write_text("\n".join(lines))
 
 
+def type_method(spec: str) -> tuple[str, str]:
+    """argparse type of --verify: TYPE:METHOD, a file type `edgeq quantize --type` takes and a method."""
+    from edgeq.convert.mixes import FILE_TYPES
+
+    t, _, m = spec.partition(":")
+    if t.upper() not in FILE_TYPES or m not in METHODS:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected TYPE:METHOD, e.g. Q3_K_M:best (methods: "
+                                         f"{', '.join(METHODS)})")
+    return t.upper(), m
+
+
 def verify(key: str, args) -> bool:
     """Whether this code makes the work folder's calibration (bit for bit) and the files `args.verify` names
     (TYPE:METHOD, byte for byte): the scored files are then what `edgeq quantize --calibrate` writes today."""
@@ -367,8 +378,7 @@ def verify(key: str, args) -> bool:
                         for k in old.hessians.key_of for w in ("fit", "held")))
         print(f"{key}: calibration {'identical to' if same else 'DIFFERENT from'} {work / 'calibration.pkl'}")
         ok = same
-        for spec in args.verify:
-            t, m = spec.split(":")
+        for t, m in args.verify:
             out, ref = Path(tmp) / f"{t}-{m}.gguf", work / f"{key}-{t}-edgeq-{m}.gguf"
             quantize_file(f16, out, imatrix=im, options=QuantOptions(qtype=t, method=m, force=True, quiet=True))
             a, b = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (out, ref))
@@ -396,7 +406,7 @@ def main() -> int:
                     "llama.cpp files from")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md and .svg from the .json")
-    ap.add_argument("--verify", nargs="+", metavar="TYPE:METHOD", help="check that this code makes the work "
+    ap.add_argument("--verify", nargs="+", type=type_method, metavar="TYPE:METHOD", help="check that this code makes the work "
                     "folder's calibration and these files, bit for bit (no scoring)")
     args = ap.parse_args()
     if args.verify:

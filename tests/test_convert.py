@@ -635,10 +635,9 @@ def test_calibration_by_layer_sees_what_the_full_forward_sees(tiny, tmp_path, ar
     step holds its own layer's Hessians only, the last one the classifier's (no logits computed).
     forward="Q8_0" (calibrate.FORWARD_TYPE, the default): the float file's matrices run as Q8_0 copies, so the
     inputs are those of a full forward pass over the file quantized to Q8_0 by the converter (embedding kept), its
-    matrices below calibrate.FORWARD_INT8_MIN_WEIGHTS prefilling on float tiles (all of this tiny model's)."""
+    matrices run as calibrate.forward_linear runs them (float tiles below its size floor: all of this tiny model's)."""
     from edgeq.convert import gptq
-    from edgeq.convert.calibrate import FORWARD_INT8_MIN_WEIGHTS, FORWARD_TYPE, _linears, calibrate_by_layer
-    from edgeq.cpu_kernels.linear import QuantLinear
+    from edgeq.convert.calibrate import FORWARD_TYPE, _linears, calibrate_by_layer, forward_linear
     from edgeq.runtime import engine
 
     assert FORWARD_TYPE == "Q8_0"
@@ -652,9 +651,7 @@ def test_calibration_by_layer_sees_what_the_full_forward_sees(tiny, tmp_path, ar
     model = engine.load(str(ref), n_ctx=32, threads=1)
     assert {lin.q.qtype for lin in (model.weights.layers[0].wq, model.weights.layers[0].w_down)} == {forward or "F32"}
     for lin in _linears(model.weights.layers if forward else []):
-        q = lin.q
-        lin.q = QuantLinear(q.raw, q.qtype, (q.n_out, q.n_in),
-                            int8_prefill=q.n_out * q.n_in >= FORWARD_INT8_MIN_WEIGHTS)
+        lin.q = forward_linear(lin.q.raw, lin.q.qtype, (lin.q.n_out, lin.q.n_in))
     tok = model.tokenizer
     full = imatrix.collect(lambda c, obs: model.collect_activations(c, obs), tok.encode(text, add_special=False),
                            n_ctx=32, n_chunks=4, bos_id=tok.bos_id if tok.add_bos else None,

@@ -110,11 +110,18 @@ def _linears(obj):
             yield from _linears(getattr(obj, f.name))
 
 
+def forward_linear(raw, qtype: str, shape: tuple[int, int]):
+    """The QuantLinear the calibration forward runs for a `qtype` matrix: prefill on float tiles below
+    FORWARD_INT8_MIN_WEIGHTS weights, on the runtime's int8 GEMM from there."""
+    from edgeq.cpu_kernels.linear import QuantLinear
+
+    return QuantLinear(raw, qtype, shape, int8_prefill=shape[0] * shape[1] >= FORWARD_INT8_MIN_WEIGHTS)
+
+
 @contextmanager
 def forward_weights(layer, qtype: str | None = FORWARD_TYPE):
     """Inside the block, the float matrices of `layer` (a model's Layer) are `qtype` copies (see FORWARD_TYPE);
     the originals are put back after it, and the copies freed: one layer's copies exist at a time."""
-    from edgeq.cpu_kernels.linear import QuantLinear
     from edgeq.formats.quants import block_size, dequantize, quantize
 
     swapped = []
@@ -123,8 +130,7 @@ def forward_weights(layer, qtype: str | None = FORWARD_TYPE):
             q = lin.q
             if q.qtype in ("F32", "F16", "BF16") and q.n_in % block_size(qtype) == 0:
                 x = dequantize(q.raw, q.qtype, (q.n_out, q.n_in))
-                lin.q = QuantLinear(quantize(x, qtype).reshape(-1), qtype, (q.n_out, q.n_in),
-                                    int8_prefill=q.n_out * q.n_in >= FORWARD_INT8_MIN_WEIGHTS)
+                lin.q = forward_linear(quantize(x, qtype).reshape(-1), qtype, (q.n_out, q.n_in))
                 swapped.append((lin, q))
                 del x
     try:
