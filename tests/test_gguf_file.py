@@ -424,6 +424,34 @@ def test_numeric_arrays_are_views_not_lists(tmp_path):
     assert peak < 2 * 2**20, f"peak allocation {peak / 2**20:.0f} MiB"
 
 
+STRING_ARRAYS = {
+    "ascii": [b"a", b"", b"hello", b"<0x0A>", b""],
+    "utf-8": ["▁the".encode(), "日本".encode(), b"", "é".encode(), "🙂".encode(), b"x"],
+    "invalid byte": [b"ok", b"\xff", "é".encode()],
+    # one character's bytes split over two strings: their concatenation decodes, each string alone does not
+    "split character": [b"a\xc3", b"\xa9b", "ü".encode()],
+    "starts mid-character": ["é".encode(), b"\xa9", b"z"],
+    "surrogate": [b"\xed\xa0\x80", b"q"],
+    "truncated at the end": [b"abc", "日".encode()[:2]],
+    "empty strings only": [b"", b"", b""],
+}
+
+
+@pytest.mark.parametrize("case", list(STRING_ARRAYS))
+def test_string_arrays_decode_item_by_item(case, tmp_path):
+    # each string comes out as its own bytes decoded alone, invalid bytes replaced (U+FFFD), whatever its
+    # neighbours hold; gguf-py reads the same bytes
+    items = STRING_ARRAYS[case]
+    arr = struct.pack("<IQ", VT.STRING, len(items)) + b"".join(s(b) for b in items)
+    data = gguf_bytes([kv("k", VT.ARRAY, arr), kv("after", VT.UINT8, b"\7")])
+    with open_bytes(tmp_path, data) as gf:
+        assert gf.metadata["k"] == [b.decode("utf-8", "replace") for b in items]
+        assert gf.metadata["after"] == 7
+    r = gguf.GGUFReader(tmp_path / "bad.gguf")
+    f = r.fields["k"]
+    assert [bytes(f.parts[i]) for i in f.data] == items
+
+
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         GGUFFile(tmp_path / "nope.gguf")

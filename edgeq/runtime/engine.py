@@ -86,8 +86,11 @@ class Model:
         from edgeq.models import architecture
         from edgeq.runtime.tokenizer import Tokenizer
 
+        from edgeq.runtime.warmup import fast_cache_loads
+
         t0 = time.perf_counter()
         self.device = select_device(device, cache_type_k, cache_type_v)  # before any slow work
+        fast_cache_loads()
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.arch = architecture(self.gguf.arch)

@@ -112,7 +112,7 @@ class SpmEncoder:
 
         import numpy as np
 
-        self.ids = {t: i for i, t in enumerate(tokens)}  # a repeated text keeps its last id, as llama.cpp's map
+        self.ids = dict(zip(tokens, range(len(tokens))))  # a repeated text keeps its last id, as llama.cpp's map
         # 8 bytes a token, read as Python floats one at a time (no float object per token held)
         self.neg_scores = array("d", np.negative(np.asarray(scores, dtype=np.float64)).tobytes())
         byte_ids = [self.ids.get(f"<0x{b:02X}>", unk_id) for b in range(256)]
@@ -221,7 +221,7 @@ def _strings(meta: dict[str, Any], key: str) -> list[str]:
     v = meta.get(key)
     if v is None:
         return []
-    if not isinstance(v, list) or not all(type(x) is str for x in v):
+    if not isinstance(v, list) or not set(map(type, v)) <= {str}:
         raise ModelError(f"{key} must be an array of strings, not {_kind(v)}")
     return v
 
@@ -294,7 +294,12 @@ class Tokenizer:
         if not tokens:
             raise ModelError("the file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
         n = len(tokens)
-        types = _numbers(meta, "tokenizer.ggml.token_type", n, integer=True) or [NORMAL] * n
+        import numpy as np
+
+        kinds = _numbers(meta, "tokenizer.ggml.token_type", n, integer=True, as_list=False)
+        if kinds is None:
+            kinds = np.full(n, NORMAL)
+        types = kinds.tolist()
         self.tokens = tokens
         self.token_types = types
         self.vocab_size = n
@@ -304,7 +309,6 @@ class Tokenizer:
         self.pre = self.pre or "default"
 
         spm = self.model == "llama"
-        import numpy as np
 
         def token_id(key):
             return special_token_id(meta, key, n)
@@ -318,8 +322,8 @@ class Tokenizer:
         self.add_eos = _flag(meta, "tokenizer.ggml.add_eos_token", False) and self.eos_id is not None
         self.add_space_prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", spm) and spm
 
-        special = [i for i, t in enumerate(types) if t == CONTROL]
-        user_defined = [i for i, t in enumerate(types) if t == USER_DEFINED]
+        special = np.flatnonzero(kinds == CONTROL).tolist()
+        user_defined = np.flatnonzero(kinds == USER_DEFINED).tolist()
         self.special_ids = frozenset(special)
 
         self._tok = None

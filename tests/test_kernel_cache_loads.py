@@ -1,0 +1,96 @@
+"""Cached kernels load without Numba's full target refresh (warmup.fast_cache_loads): they must still run right
+(allocating kernels need the Numba runtime, parallel ones their thread pool), and a kernel that misses the cache
+afterwards must still compile."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+KERNELS = textwrap.dedent('''
+    import numpy as np
+    from numba import njit, prange
+
+
+    @njit(cache=True)
+    def allocates(n):
+        out = np.empty(n, dtype=np.float32)
+        for i in range(n):
+            out[i] = i * 0.5
+        return out
+
+
+    @njit(cache=True, parallel=True)
+    def parallel_sum(x):
+        out = np.zeros(x.shape[0])
+        for i in prange(x.shape[0]):
+            out[i] = x[i].sum()
+        return out
+
+
+    @njit(cache=True)
+    def pair(x):
+        return x.min(), x.max()
+''')
+
+RUN = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    import edgeq._numba_env  # noqa: F401
+    from numba.core import event
+    if sys.argv[1] == "fast":
+        from edgeq.runtime.warmup import fast_cache_loads
+        fast_cache_loads()
+    compiled = []
+
+    class Listen(event.Listener):
+        def on_start(self, ev):
+            compiled.append(ev.data["dispatcher"].py_func.__name__)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listen())
+    import kernels
+    x = np.arange(12.0).reshape(3, 4)
+    out = {"allocates": kernels.allocates(5).tolist(), "parallel_sum": kernels.parallel_sum(x).tolist(),
+           "pair": list(kernels.pair(x[1])), "registries_loaded": "numba.np.polynomial.polynomial_functions" in sys.modules}
+    out["compiled_before_miss"] = list(compiled)
+    if len(sys.argv) > 2:  # a kernel that is not in the cache, after the fast loads
+        from numba import njit
+
+        @njit
+        def fresh(a):
+            return np.cumsum(a)[-1] * 2 + np.argmax(a)  # numpy lowering from the registries
+        out["fresh"] = float(fresh(x[0]))
+    out["compiled"] = compiled
+    print(json.dumps(out))
+''')
+
+
+def run(tmp_path, mode, *extra):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, str(tmp_path / "run.py"), mode, *extra], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_cached_kernels_load_and_run_without_the_full_refresh(tmp_path):
+    (tmp_path / "kernels.py").write_text(KERNELS)
+    (tmp_path / "run.py").write_text(RUN)
+    first = run(tmp_path, "numba")  # compiles and saves all three
+    assert {"allocates", "pair", "parallel_sum"} <= set(first["compiled_before_miss"])
+    expected = {"allocates": [0.0, 0.5, 1.0, 1.5, 2.0], "parallel_sum": [6.0, 22.0, 38.0], "pair": [4.0, 7.0]}
+    for k, v in expected.items():
+        assert first[k] == v
+    plain = run(tmp_path, "numba")  # Numba's own loads: the refresh imports every registry
+    assert plain["compiled"] == [] and plain["registries_loaded"]
+    fast = run(tmp_path, "fast", "miss")
+    assert fast["compiled_before_miss"] == [], "loaded from the cache, not compiled"
+    assert not fast["registries_loaded"], "the loads refreshed the whole target context"
+    for k, v in expected.items():
+        assert fast[k] == v
+    # a miss after the fast loads compiles (Numba's compiler refreshes the context itself)
+    assert "fresh" in fast["compiled"] and fast["fresh"] == 6.0 * 2 + 3
