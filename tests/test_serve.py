@@ -145,6 +145,25 @@ def test_models_health_metrics(server, client):
         assert name in text
 
 
+def test_engine_time_metrics_count_prefill_and_decode(server, client):
+    # parsed by prometheus_client's own parser: the exposition must be valid, counters by phase
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read():
+        fams = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+        assert fams["edgeq_engine_seconds"].type == "counter"
+        busy = {x.labels["phase"]: x.value for x in fams["edgeq_engine_seconds"].samples}
+        return busy, fams["edgeq_decode_steps"].samples[0].value, fams["edgeq_decode_rows"].samples[0].value
+
+    busy0, steps0, rows0 = read()
+    r = chat(client, "Count from one to ten.", max_tokens=6)
+    busy1, steps1, rows1 = read()
+    n = r.usage.completion_tokens
+    assert busy1["prefill"] > busy0["prefill"]
+    assert n < 2 or busy1["decode"] > busy0["decode"]
+    assert rows1 - rows0 >= n - 1 and rows1 - rows0 >= steps1 - steps0 >= (n - 1 > 0)
+
+
 def test_multi_turn_reuses_the_cached_prefix(client):
     first = [{"role": "user", "content": "Tell me about cats in one sentence."}]
     r1 = client.chat.completions.create(model=NAME, messages=first, max_tokens=8, temperature=0)

@@ -136,6 +136,11 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()     # set once the kernels are compiled and warm
+        # the scheduler thread's time in forward passes, by phase (prompt chunks, decode batches), and the decode
+        # batches' count and rows: where a loaded server's time goes (/metrics)
+        self.busy_s = {"prefill": 0.0, "decode": 0.0}
+        self.decode_steps = 0
+        self.decode_rows = 0
         self.failed: str | None = None     # set when warm-up failed
 
     # ------------------------------------------------------------ public
@@ -281,6 +286,7 @@ class Scheduler:
         if waiting:
             s = min(waiting, key=lambda s: s.job.t_submit)
             chunk, s.todo = s.todo[:self.prefill_chunk], s.todo[self.prefill_chunk:]
+            t0 = time.perf_counter()
             try:
                 logits = m.arch.forward(m.weights, m.cfg, np.asarray(chunk, np.int64), len(s.tokens), s.cache)
                 s.tokens.extend(chunk)
@@ -289,6 +295,7 @@ class Scheduler:
                     s.saved = (list(s.job.req.ids), s.logits.copy())
             except Exception as e:
                 self._fail(s, e)
+            self.busy_s["prefill"] += time.perf_counter() - t0
         # slots whose prompt is evaluated choose their next token
         for s in self.slots:
             if s.job is not None and s.logits is not None:
@@ -300,12 +307,17 @@ class Scheduler:
             return
         tokens = np.array([s.next_token for s in batch], np.int64)
         positions = np.array([len(s.tokens) for s in batch], np.int64)
+        t0 = time.perf_counter()
         try:
             logits = m.arch.forward_batch(m.weights, m.cfg, tokens, positions, [s.cache for s in batch])
         except Exception as e:
             for s in batch:
                 self._fail(s, e)
             return
+        finally:
+            self.busy_s["decode"] += time.perf_counter() - t0
+        self.decode_steps += 1
+        self.decode_rows += len(batch)
         for i, s in enumerate(batch):
             s.tokens.append(s.next_token)
             s.next_token = None

@@ -95,6 +95,7 @@ class Metrics:
             lambda: len(sched.slots) * sched.n_ctx)
         Gauge("edgeq_kv_cache_bytes", "bytes allocated for the slots' KV caches", registry=r).set_function(
             lambda: sched.kv_bytes)
+        r.register(_EngineTime(sched))
 
     def observe(self, done: Done) -> None:
         self.prompt_tokens.inc(done.prompt_tokens)
@@ -102,6 +103,26 @@ class Metrics:
         self.generated_tokens.inc(done.completion_tokens)
         if done.completion_tokens:
             self.ttft.observe(done.ttft_s)
+
+
+class _EngineTime:
+    """Counters the scheduler keeps itself (read at each scrape): seconds of forward passes by phase, decode steps
+    and the sequences they carried (rows / steps = the mean decode batch)."""
+
+    def __init__(self, sched):
+        self.sched = sched
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        busy = CounterMetricFamily("edgeq_engine_seconds", "time in forward passes, by phase", labels=["phase"])
+        for phase, seconds in sorted(self.sched.busy_s.items()):
+            busy.add_metric([phase], seconds)
+        yield busy
+        yield CounterMetricFamily("edgeq_decode_steps", "decode forward passes (one token of each decoding slot)",
+                                  value=self.sched.decode_steps)
+        yield CounterMetricFamily("edgeq_decode_rows", "sequences advanced by the decode passes, summed",
+                                  value=self.sched.decode_rows)
 
 
 # ---------------------------------------------------------------- the guard (pure ASGI)
