@@ -595,6 +595,7 @@ class QuantLinear:
         # prefill on int8 dots (gemm_i8.py), or None
         self._int8_gemm = _int8_gemm(qtype, self.n_out, self.n_in) if int8_prefill else None
         self._mm_rows, self._min_rows = _multi_row(qtype)  # a few rows at once (batch_dot.py), or None
+        self._plans: dict[tuple, _RowsPlan] = {}  # matmul_rows_many's plans for lists starting with this matrix
 
     def _integer_kernel(self, T: int):
         """The integer kernel for T activation rows: the multi-row tiles from the measured row count on."""
@@ -703,26 +704,65 @@ def matvec_many(qs: list["QuantLinear"], x: np.ndarray) -> list[np.ndarray]:
 def matmul_rows_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]:
     """[X W^T for W in qs] (X: (T, n_in), a few rows: a decode batch) with the integer row kernels whatever T, so
     each weight row is read once for all T rows; matrices of one quantized type share one call (as matvec_many).
-    Prefill's many rows go to QuantLinear.matmul instead (dequantized tiles + float GEMM)."""
+    Prefill's many rows go to QuantLinear.matmul instead (dequantized tiles + float GEMM). The grouping is worked
+    out once per list of matrices (_rows_plan): a decode step makes ~4 calls per layer, where per-call Python
+    was 40% of a small model's Q/K/V product."""
+    plan = _rows_plan(qs)
     X = np.asarray(X)
-    n_in = qs[0].n_in
-    if X.ndim != 2 or X.shape[1] != n_in or any(q.n_in != n_in for q in qs):
-        raise ValueError(f"matvec: expected x of shape (T, {n_in}) for every matrix, got {X.shape}")
+    if X.ndim != 2 or X.shape[1] != plan.n_in:
+        raise ValueError(f"matvec: expected x of shape (T, {plan.n_in}) for every matrix, got {X.shape}")
     ys: list[np.ndarray | None] = [None] * len(qs)
-    groups: dict[str, list[int]] = {}
-    for i, q in enumerate(qs):
-        if q._mm is None:
-            ys[i] = q.matmul(X)
-        else:
-            groups.setdefault(q.qtype, []).append(i)
-    if groups:
+    for i in plan.others:
+        ys[i] = qs[i].matmul(X)
+    if plan.fused:
+        T = X.shape[0]
         qx, dx, bsums = _quantized(np.ascontiguousarray(X, dtype=np.float32))
-        for idx in groups.values():
-            outs = [np.empty((X.shape[0], qs[i].n_out), np.float32) for i in idx]
-            _run_fused(qs[idx[0]]._integer_kernel(X.shape[0]), [qs[i].raw for i in idx], n_in, qx, dx, bsums, outs)
+        e = _no_out(T)
+        for owner, raws3, idx, n_outs in plan.fused:
+            outs = [np.empty((T, n), np.float32) for n in n_outs]
+            owner._integer_kernel(T)(raws3, plan.n_in, qx, dx, bsums, tuple(outs + [e] * (_FUSED - len(outs))))
             for i, y in zip(idx, outs):
                 ys[i] = y
     return ys
+
+
+class _RowsPlan:
+    """What matmul_rows_many does for one list of matrices: `others` (indices of matrices without an integer
+    kernel: QuantLinear.matmul), `fused` (per kernel call: the QuantLinear whose kernel runs, the call's 3-tuple
+    of weights padded as _run_fused pads them, the matrices' indices and output widths)."""
+
+    __slots__ = ("n_in", "others", "fused")
+
+    def __init__(self, qs: list["QuantLinear"]):
+        self.n_in = qs[0].n_in
+        if any(q.n_in != self.n_in for q in qs):
+            raise ValueError(f"matvec: the matrices' inputs differ ({sorted({q.n_in for q in qs})})")
+        self.others = [i for i, q in enumerate(qs) if q._mm is None]
+        groups: dict[str, list[int]] = {}
+        for i, q in enumerate(qs):
+            if q._mm is not None:
+                groups.setdefault(q.qtype, []).append(i)
+        self.fused = []
+        for idx in groups.values():
+            raws = [qs[i].raw for i in idx]
+            if len({bool(r.flags.writeable) for r in raws}) > 1:  # one Numba tuple holds one array type
+                raws = [r.view() for r in raws]
+                for r in raws:
+                    r.flags.writeable = False
+            for k in range(0, len(idx), _FUSED):
+                r = raws[k:k + _FUSED]
+                self.fused.append((qs[idx[0]], tuple(r + [_pad(r[0])] * (_FUSED - len(r))), idx[k:k + _FUSED],
+                                   [qs[i].n_out for i in idx[k:k + _FUSED]]))
+
+
+def _rows_plan(qs: list["QuantLinear"]) -> _RowsPlan:
+    """The plan for this list of matrices, kept on the first of them (keyed by the list's matrices)."""
+    key = tuple(qs)
+    plans = qs[0]._plans
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = _RowsPlan(qs)
+    return plan
 
 
 def embed_rows(raw: np.ndarray, qtype: str, shape: tuple[int, int], ids) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.cpu_kernels.linear import SUPPORTED, QuantLinear, embed_rows, matmul_many, matmul_rows_many, matvec_many
+from edgeq.cpu_kernels.linear import SUPPORTED, QuantLinear, embed_rows, matmul_many, matmul_rows_many
 from edgeq.errors import ModelError
 from edgeq.formats.quants import dequantize
 
@@ -112,13 +112,13 @@ class Linear:
 
 def linears(layers: list[Linear], x: np.ndarray, observer: Observer | None = None) -> list[np.ndarray]:
     """[layer(x) for layer in layers] for layers that share their input (Q/K/V, gate/up): for one token, a
-    single kernel call over all their rows (cpu_kernels/linear.matvec_many); for a prompt, one quantization of
+    single kernel call over all their rows (cpu_kernels/linear.matmul_rows_many); for a prompt, one quantization of
     the activations for all of them (linear.matmul_many)."""
     if observer is not None:
         for lin in layers:
             observer(lin.name, x)
     qs = [lin.q for lin in layers]
-    ys = [y[None, :] for y in matvec_many(qs, x[0])] if x.shape[0] == 1 else matmul_many(qs, x)
+    ys = matmul_rows_many(qs, x) if x.shape[0] == 1 else matmul_many(qs, x)
     for lin, y in zip(layers, ys):
         if lin.bias is not None:
             y += lin.bias
