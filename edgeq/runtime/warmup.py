@@ -174,6 +174,9 @@ def fast_cache_loads() -> None:
 
     if getattr(caching.Cache.load_overload, "edgeq_fast", False):
         return
+    if not all(hasattr(caching.Cache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")) \
+            or not hasattr(rtsys, "initialize"):
+        return  # a Numba whose cache is built otherwise: its own loads, slower but right
 
     def load_overload(self, sig, target_context):
         rtsys.initialize(target_context)
