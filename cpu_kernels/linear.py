@@ -552,20 +552,24 @@ def _no_out(T: int) -> np.ndarray:
     return o
 
 
-def _run_fused(mm, raws: list, n_in: int, qx, dx, bsums, outs: list) -> None:
-    """mm over up to _FUSED matrices at once, always as 3-tuples (padded with zero-row matrices): one compiled
+def _fused_weights(raws: list) -> list[tuple]:
+    """The weights of one kernel call each, as 3-tuples (padded with zero-row matrices): one compiled
     specialization per weight type instead of one per tuple length (each costs cold-start time and ~5 MB of
-    resident compiled code)."""
+    resident compiled code). Matrices k, k+1, k+2 go in tuple k // 3."""
     if len({bool(r.flags.writeable) for r in raws}) > 1:  # one Numba tuple holds one array type
         raws = [r.view() for r in raws]
         for r in raws:
             r.flags.writeable = False
-    for k in range(0, len(raws), _FUSED):
-        r, o = list(raws[k:k + _FUSED]), list(outs[k:k + _FUSED])
-        while len(r) < _FUSED:
-            r.append(_pad(r[0]))
-            o.append(_no_out(qx.shape[0]))
-        mm(tuple(r), n_in, qx, dx, bsums, tuple(o))
+    return [tuple(raws[k:k + _FUSED]) + (_pad(raws[k]),) * max(0, k + _FUSED - len(raws))
+            for k in range(0, len(raws), _FUSED)]
+
+
+def _run_fused(mm, raws: list, n_in: int, qx, dx, bsums, outs: list) -> None:
+    """mm over the matrices `raws`, up to _FUSED at once (_fused_weights), into `outs`."""
+    e = _no_out(qx.shape[0])
+    for k, r in zip(range(0, len(raws), _FUSED), _fused_weights(raws)):
+        o = list(outs[k:k + _FUSED])
+        mm(r, n_in, qx, dx, bsums, tuple(o + [e] * (_FUSED - len(o))))
 
 
 def _out(out, shape) -> np.ndarray:
@@ -589,7 +593,7 @@ class QuantLinear:
         # F16/BF16 decode: the half rows read in place (_dot_half_template)
         self._half = raw.view(np.uint16).reshape(self.n_out, self.n_in) if qtype in _HALF_ROWS else None
         self._mm, self._rows = _KERNELS.get(qtype, (None, None))
-        self._raws3 = (raw, _pad(raw), _pad(raw))  # the kernels take 3 matrices (see _run_fused)
+        self._raws3 = _fused_weights([raw])[0]  # the kernels take 3 matrices (see _fused_weights)
         # float32 rows per prefill tile
         self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
         # prefill on int8 dots (gemm_i8.py), or None
@@ -729,7 +733,7 @@ def matmul_rows_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]
 class _RowsPlan:
     """What matmul_rows_many does for one list of matrices: `others` (indices of matrices without an integer
     kernel: QuantLinear.matmul), `fused` (per kernel call: the QuantLinear whose kernel runs, the call's 3-tuple
-    of weights padded as _run_fused pads them, the matrices' indices and output widths)."""
+    of weights (_fused_weights), the matrices' indices and output widths)."""
 
     __slots__ = ("n_in", "others", "fused")
 
@@ -744,15 +748,9 @@ class _RowsPlan:
                 groups.setdefault(q.qtype, []).append(i)
         self.fused = []
         for idx in groups.values():
-            raws = [qs[i].raw for i in idx]
-            if len({bool(r.flags.writeable) for r in raws}) > 1:  # one Numba tuple holds one array type
-                raws = [r.view() for r in raws]
-                for r in raws:
-                    r.flags.writeable = False
-            for k in range(0, len(idx), _FUSED):
-                r = raws[k:k + _FUSED]
-                self.fused.append((qs[idx[0]], tuple(r + [_pad(r[0])] * (_FUSED - len(r))), idx[k:k + _FUSED],
-                                   [qs[i].n_out for i in idx[k:k + _FUSED]]))
+            for k, raws3 in zip(range(0, len(idx), _FUSED), _fused_weights([qs[i].raw for i in idx])):
+                part = idx[k:k + _FUSED]
+                self.fused.append((qs[idx[0]], raws3, part, [qs[i].n_out for i in part]))
 
 
 def _rows_plan(qs: list["QuantLinear"]) -> _RowsPlan:

@@ -85,7 +85,6 @@ class Model:
         from edgeq.runtime.kv_cache import make_kv_cache
         from edgeq.models import architecture
         from edgeq.runtime.tokenizer import Tokenizer
-
         from edgeq.runtime.warmup import fast_cache_loads
 
         t0 = time.perf_counter()
