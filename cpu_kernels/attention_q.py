@@ -24,6 +24,10 @@ Position p lives in slot p % S (S = n_ctx, or a ring of window + batch slots on 
 The attention kernel is a flash-attention loop: jobs = (kv head, tile of query rows, split of the key range),
 keys/values are dequantized 32 positions at a time into small float32 buffers (never the whole cache), with an
 online softmax per query row; splits are merged at the end (decode of a single token still uses every core).
+Decode has its own kernel for one token of each of B sequences (a single token is a batch of one): it stores
+the new keys/values (`_store_row_template`, the codes of kv_cache._Store.write) and attends, jobs = (sequence,
+kv head, key split), in one call per layer: the server's decode step over its slots (edgeq/runtime/kv_cache.py
+KVPool) is one parallel launch per layer instead of a store and an attend per sequence.
 numpy twins of every codec and of attention live in tests/test_kv_cache.py.
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd_attention
-from .half import f16_row_to_f32, f16_to_f32, f32_to_f16
+from .half import f16_row_to_f32, f16_to_f32, f32_row_to_f16, f32_to_f16
 from .jit_options import prange_only
 from .ops import fast_exp
 
@@ -82,8 +86,9 @@ _ARRAY_TYPES = {"float32": (np.float32, 3), "float16": (np.uint16, 3), "int8_cod
                 "mins": (np.uint16, 3), "pending": (np.uint16, 3)}
 
 
-def new_side(layout: str, n_kv: int, nslots: int, D: int) -> KVSide:
-    """Zeroed arrays of one side in `layout` (a key of LAYOUTS); PER_CHANNEL layouts need nslots % 32 == 0."""
+def new_side(layout: str, n_kv: int, nslots: int, D: int, n_seq: int | None = None) -> KVSide:
+    """Zeroed arrays of one side in `layout` (a key of LAYOUTS); PER_CHANNEL layouts need nslots % 32 == 0.
+    With n_seq: a pool of that many sides, every array with a leading sequence axis (`side_at` takes one)."""
     per_token = (n_kv, nslots, D // QBLOCK)
     per_channel = (n_kv, nslots // QBLOCK, D)
     shapes = {
@@ -97,8 +102,15 @@ def new_side(layout: str, n_kv: int, nslots: int, D: int) -> KVSide:
         "uint8_per_channel": {"uint8_channel_codes": (n_kv, nslots // QBLOCK, D, QBLOCK), "scales": per_channel,
                               "mins": per_channel, "pending": (n_kv, QBLOCK, D)},
     }[layout]
-    return KVSide(LAYOUTS[layout], **{f: np.zeros(shapes.get(f, (0,) * ndim), dtype)
+    lead = () if n_seq is None else (n_seq,)
+    return KVSide(LAYOUTS[layout], **{f: np.zeros(lead + shapes.get(f, (0,) * ndim), dtype)
                                       for f, (dtype, ndim) in _ARRAY_TYPES.items()})
+
+
+def side_at(pool: KVSide, i: int) -> KVSide:
+    """Sequence i's side of a pool made by new_side(..., n_seq): views, C-contiguous like a side of its own (the
+    kernels see one type)."""
+    return KVSide(pool.layout, *(a[i] for a in pool[1:]))
 
 
 # ---------------------------------------------------------------- store: quantize new rows
@@ -472,12 +484,21 @@ def _attend_template(q, keys, values, n_kv, pos0, scale, window, nslots, n_split
         _merge_splits(pm, pl, pacc, job, out[t, job - t * H])
 
 
-def _attend_decode_template(q, keys, values, n_kv, pos, scale, window, nslots, n_split, full, out):
-    """One query token (q (H, D) at position `pos`) -> out (H, D): the decode step's attention.
+@njit(**_JIT)
+def decode_splits(n_kv, pos, window, threads):
+    """Key splits of one decode token's attention: a few jobs per thread (kv heads x splits), each at least a
+    block of 32 positions (KVCache.attend and the batch kernel choose alike, so a sequence's bits do not depend
+    on the batch it decodes in)."""
+    lo = max(0, pos - window + 1) if window > 0 else 0
+    n_blocks = (pos + 1 - lo + QBLOCK - 1) // QBLOCK + 1
+    return max(1, min(n_blocks - 1, 2 * threads // n_kv + 1))
 
-    Same cache reads as attend_kernel, organised for a single token: jobs = (kv head, split of the key
-    range); each job scores all its positions for the group's query heads at once (scores kept, plain
-    two-pass softmax instead of online rescaling), then sums the values; the splits merge at the end."""
+
+def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_split, full, job, pm, pl, pacc):
+    """Job `job` = (kv head g, key split sp) of one token's attention: scores all its positions for the group's
+    query heads at once (scores kept, plain two-pass softmax instead of online rescaling), then sums the values;
+    -> pm[sp, h] (max score), pl[sp, h] (sum of exponentials, left 0 by an empty split), pacc[sp, h] (weighted
+    value sum) for the group's heads h."""
     H, D = q.shape
     n_rep = H // n_kv
     k_codes, k_scales, k_u8c, k_mins = keys[_INT8_CODES], keys[_SCALES], keys[_U8C_CODES], keys[_MINS]
@@ -486,105 +507,178 @@ def _attend_decode_template(q, keys, values, n_kv, pos, scale, window, nslots, n
     blo = lo // QBLOCK
     nb = pos // QBLOCK + 1 - blo
     span = (nb + n_split - 1) // n_split * QBLOCK
-    pm = np.empty((n_split, H), np.float32)
-    pl = np.zeros((n_split, H), np.float32)
-    pacc = np.zeros((n_split, H, D), np.float32)
-    for job in prange(n_kv * n_split):
-        sp = job % n_split
-        g = job // n_split
-        b_first = blo + (nb * sp) // n_split
-        b_last = blo + (nb * (sp + 1)) // n_split
-        if b_first >= b_last:
-            for r in range(n_rep):
-                pm[sp, g * n_rep + r] = _NEG
-            continue
-        p0 = b_first * QBLOCK
-        qb = np.empty((n_rep, D), np.float32)
+    sp = job % n_split
+    g = job // n_split
+    b_first = blo + (nb * sp) // n_split
+    b_last = blo + (nb * (sp + 1)) // n_split
+    if b_first >= b_last:
         for r in range(n_rep):
-            for d in range(D):
-                qb[r, d] = q[g * n_rep + r, d] * scale
-        sc = np.full((n_rep, span), _NEG, np.float32)
-        buf = np.empty((QBLOCK, D), np.float32)
-        cs = np.empty(D, np.float32)
-        cm = np.empty(D, np.float32)
-        p_lo = max(lo, p0)
-        p_hi = min(pos + 1, b_last * QBLOCK)
-        if _K_LAYOUT == INT8_PER_TOKEN:
-            # int8 keys: float dots straight from the codes (simd_attention.scores_q8)
-            for r in range(n_rep):
-                simd_attention.scores_q8(k_codes, k_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r],
-                                         sc[r, p_lo - p0:])
-        elif _K_LAYOUT == UINT8_PER_CHANNEL:
-            # per-channel 8-bit keys, group by group: q . (scale * code + min) = (q * scale) . code + q . min,
-            # the 32 positions of a group as one vector (simd_attention.block_scores on the transposed codes)
-            qs = np.empty(D, np.float32)
-            g32 = np.empty(QBLOCK, np.float32)
-            for blk in range(b_first, b_last):
-                b0 = blk * QBLOCK
-                j0 = max(lo - b0, 0)
-                j1 = min(QBLOCK, pos + 1 - b0)
-                if b0 >= full:  # the pending group, in half precision
-                    _load_k(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
-                    for j in range(j0, j1):
-                        for r in range(n_rep):
-                            s = np.float32(0.0)
-                            for d in range(D):
-                                s += qb[r, d] * buf[j, d]
-                            sc[r, b0 - p0 + j] = s
-                    continue
-                gs = (b0 % nslots) // QBLOCK
-                f16_row_to_f32(k_scales[g, gs], cs)
-                f16_row_to_f32(k_mins[g, gs], cm)
-                for r in range(n_rep):
-                    bias = np.float32(0.0)
-                    for d in range(D):
-                        qs[d] = qb[r, d] * cs[d]
-                        bias += qb[r, d] * cm[d]
-                    simd_attention.block_scores(qs, k_u8c[g, gs], g32)
-                    for j in range(j0, j1):
-                        sc[r, b0 - p0 + j] = g32[j] + bias
-        else:
-            for blk in range(b_first, b_last):
-                b0 = blk * QBLOCK
-                j0 = max(lo - b0, 0)
-                j1 = min(QBLOCK, pos + 1 - b0)
+            pm[sp, g * n_rep + r] = _NEG
+        return
+    p0 = b_first * QBLOCK
+    qb = np.empty((n_rep, D), np.float32)
+    for r in range(n_rep):
+        for d in range(D):
+            qb[r, d] = q[g * n_rep + r, d] * scale
+    sc = np.full((n_rep, span), _NEG, np.float32)
+    buf = np.empty((QBLOCK, D), np.float32)
+    cs = np.empty(D, np.float32)
+    cm = np.empty(D, np.float32)
+    p_lo = max(lo, p0)
+    p_hi = min(pos + 1, b_last * QBLOCK)
+    if _K_LAYOUT == INT8_PER_TOKEN:
+        # int8 keys: float dots straight from the codes (simd_attention.scores_q8)
+        for r in range(n_rep):
+            simd_attention.scores_q8(k_codes, k_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, qb[r],
+                                     sc[r, p_lo - p0:])
+    elif _K_LAYOUT == UINT8_PER_CHANNEL:
+        # per-channel 8-bit keys, group by group: q . (scale * code + min) = (q * scale) . code + q . min,
+        # the 32 positions of a group as one vector (simd_attention.block_scores on the transposed codes)
+        qs = np.empty(D, np.float32)
+        g32 = np.empty(QBLOCK, np.float32)
+        for blk in range(b_first, b_last):
+            b0 = blk * QBLOCK
+            j0 = max(lo - b0, 0)
+            j1 = min(QBLOCK, pos + 1 - b0)
+            if b0 >= full:  # the pending group, in half precision
                 _load_k(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
                 for j in range(j0, j1):
-                    kr = buf[j]
                     for r in range(n_rep):
                         s = np.float32(0.0)
                         for d in range(D):
-                            s += qb[r, d] * kr[d]
+                            s += qb[r, d] * buf[j, d]
                         sc[r, b0 - p0 + j] = s
-        n = (b_last - b_first) * QBLOCK
-        for r in range(n_rep):
-            mx = _NEG
-            for j in range(n):
-                mx = max(mx, sc[r, j])
-            pm[sp, g * n_rep + r] = mx
-            pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx)
-        acc = np.zeros((n_rep, D), np.float32)
-        if _V_LAYOUT == INT8_PER_TOKEN:
+                continue
+            gs = (b0 % nslots) // QBLOCK
+            f16_row_to_f32(k_scales[g, gs], cs)
+            f16_row_to_f32(k_mins[g, gs], cm)
             for r in range(n_rep):
-                simd_attention.wsum_q8(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo,
-                                       sc[r, p_lo - p0:], acc[r])
-        else:
-            for blk in range(b_first, b_last):
-                b0 = blk * QBLOCK
-                j0 = max(lo - b0, 0)
-                j1 = min(QBLOCK, pos + 1 - b0)
-                _load_v(values, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                bias = np.float32(0.0)
+                for d in range(D):
+                    qs[d] = qb[r, d] * cs[d]
+                    bias += qb[r, d] * cm[d]
+                simd_attention.block_scores(qs, k_u8c[g, gs], g32)
                 for j in range(j0, j1):
-                    vr = buf[j]
-                    for r in range(n_rep):
-                        w = sc[r, b0 - p0 + j]
-                        for d in range(D):
-                            acc[r, d] += w * vr[d]
+                    sc[r, b0 - p0 + j] = g32[j] + bias
+    else:
+        for blk in range(b_first, b_last):
+            b0 = blk * QBLOCK
+            j0 = max(lo - b0, 0)
+            j1 = min(QBLOCK, pos + 1 - b0)
+            _load_k(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
+            for j in range(j0, j1):
+                kr = buf[j]
+                for r in range(n_rep):
+                    s = np.float32(0.0)
+                    for d in range(D):
+                        s += qb[r, d] * kr[d]
+                    sc[r, b0 - p0 + j] = s
+    n = (b_last - b_first) * QBLOCK
+    for r in range(n_rep):
+        mx = _NEG
+        for j in range(n):
+            mx = max(mx, sc[r, j])
+        pm[sp, g * n_rep + r] = mx
+        pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx)
+    acc = np.zeros((n_rep, D), np.float32)
+    if _V_LAYOUT == INT8_PER_TOKEN:
         for r in range(n_rep):
+            simd_attention.wsum_q8(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo,
+                                   sc[r, p_lo - p0:], acc[r])
+    else:
+        for blk in range(b_first, b_last):
+            b0 = blk * QBLOCK
+            j0 = max(lo - b0, 0)
+            j1 = min(QBLOCK, pos + 1 - b0)
+            _load_v(values, g, b0, j0, j1, nslots, full, buf, cs, cm)
+            for j in range(j0, j1):
+                vr = buf[j]
+                for r in range(n_rep):
+                    w = sc[r, b0 - p0 + j]
+                    for d in range(D):
+                        acc[r, d] += w * vr[d]
+    for r in range(n_rep):
+        for d in range(D):
+            pacc[sp, g * n_rep + r, d] = acc[r, d]
+
+
+def _attend_decode_template(q, k, v, kpool, vpool, seqs, positions, held, store, n_kv, scale, window, nslots,
+                            threads, out):
+    """One decode token of each of B sequences -> out (B, H, D). Row b is sequence seqs[b] of kpool / vpool
+    (tuple(KVSide) whose arrays have a leading sequence axis: a KVPool's, or one cache's own arrays as a pool of
+    one) at position positions[b]; store: first append k[b], v[b] (B, Hkv, D) there (right after the positions
+    it holds). held[b] = the positions the layer then holds. Attends q[b] (B, H, D): jobs = (sequence, kv head,
+    key split), each `_decode_job_template`, the splits merged at the end. One token alone and a batch run this
+    same code (fastmath lets two compilations of one loop round differently), so a row's bits never depend on
+    the batch it decodes in."""
+    B, H, D = q.shape
+    if store:
+        for b in range(B):
+            _store_k(_side_at(kpool, seqs[b]), k[b], positions[b], nslots)
+            _store_v(_side_at(vpool, seqs[b]), v[b], positions[b], nslots)
+    splits = np.empty(B, np.int64)
+    for b in range(B):
+        splits[b] = decode_splits(n_kv, positions[b], window, threads)
+    S = splits.max()
+    pm = np.full((B, S, H), _NEG, np.float32)
+    pl = np.zeros((B, S, H), np.float32)
+    pacc = np.zeros((B, S, H, D), np.float32)
+    for job in prange(B * n_kv * S):
+        b = job // (n_kv * S)
+        r = job - b * n_kv * S
+        g = r // S
+        sp = r - g * S
+        ns = splits[b]
+        if sp >= ns:  # this sequence has fewer splits: the row stays empty (pl 0), which the merge skips
+            continue
+        _decode_job(q[b], _side_at(kpool, seqs[b]), _side_at(vpool, seqs[b]), n_kv, positions[b], scale, window,
+                    nslots, ns, held[b] // QBLOCK * QBLOCK, g * ns + sp, pm[b], pl[b], pacc[b])
+    for r in range(B * H):  # serial: a few microseconds, not worth a parallel launch
+        b = r // H
+        _merge_splits(pm[b], pl[b], pacc[b], r - b * H, out[b, r - b * H])
+
+
+@njit(inline="always", **_JIT)
+def _side_at(pool, i):
+    """Sequence i's KVSide (as a tuple) out of a pool's KVSide, whose arrays have a leading sequence axis."""
+    return (pool[0], pool[1][i], pool[2][i], pool[3][i], pool[4][i], pool[5][i], pool[6][i], pool[7][i], pool[8][i],
+            pool[9][i])
+
+
+def _store_row_template(side, x, pos, nslots):
+    """x (Hkv, D) float32 -> position `pos` of one KVSide, appended after positions 0..pos-1 (a decode token;
+    the same codes as edgeq/runtime/kv_cache._Store.write)."""
+    _, f32, f16, i8, u4, u4c, u8c, scales, mins, pending = side  # KVSide's fields
+    Hkv, D = x.shape
+    s = pos % nslots
+    if _SIDE_LAYOUT == FLOAT32:
+        for h in range(Hkv):
             for d in range(D):
-                pacc[sp, g * n_rep + r, d] = acc[r, d]
-    for h in range(H):
-        _merge_splits(pm, pl, pacc, h, out[h])
+                f32[h, s, d] = x[h, d]
+    elif _SIDE_LAYOUT == FLOAT16:
+        for h in range(Hkv):
+            f32_row_to_f16(x[h], f16[h, s])
+    elif _SIDE_LAYOUT == INT8_PER_TOKEN:
+        quantize_int8_per_token(x.reshape((1, Hkv, D)), np.full(1, s, np.int64), i8.view(np.int8), scales)
+    elif _SIDE_LAYOUT == UINT4_PER_TOKEN:
+        quantize_uint4_per_token(x.reshape((1, Hkv, D)), np.full(1, s, np.int64), u4, scales, mins)
+    else:  # per channel: the row joins the pending group (half precision); the last one quantizes the group
+        i = pos % QBLOCK
+        if i < QBLOCK - 1:
+            for h in range(Hkv):
+                f32_row_to_f16(x[h], pending[h, i])
+        else:
+            xg = np.empty((1, QBLOCK, Hkv, D), np.float32)
+            for h in range(Hkv):
+                for d in range(D):
+                    for j in range(QBLOCK - 1):
+                        xg[0, j, h, d] = f16_to_f32(pending[h, j, d])
+                    xg[0, QBLOCK - 1, h, d] = f16_to_f32(f32_to_f16(x[h, d]))
+            grps = np.full(1, (pos - i) % nslots // QBLOCK, np.int64)
+            if _SIDE_LAYOUT == UINT8_PER_CHANNEL:
+                quantize_uint8_per_channel(xg, grps, u8c, scales, mins)
+            else:
+                quantize_uint4_per_channel(xg, grps, u4c, scales, mins)
 
 
 # ---------------------------------------------------------------- one kernel per pair of cache layouts
@@ -592,7 +686,7 @@ def _attend_decode_template(q, keys, values, n_kv, pos, scale, window, nslots, n
 # constants and prunes the branches of every other layout before typing them, so a model compiles the code of its
 # own cache types only (one kernel holding every layout's branches cost 3x the compile time; docs/performance.md).
 _SIDE_LAYOUT = _K_LAYOUT = _V_LAYOUT = -1  # bound per layout by _specialize
-_load_k = _load_v = _attend_job = _attend_decode_job = None
+_load_k = _load_v = _decode_job = _store_k = _store_v = None
 _LAYOUT_NAMES = {code: name for name, code in LAYOUTS.items()}
 
 
@@ -612,11 +706,17 @@ def _load_rows_for(layout: int):
 
 
 @functools.cache
+def _store_row_for(layout: int):
+    return _specialize(_store_row_template, "_store_row_" + _LAYOUT_NAMES[layout], False, _SIDE_LAYOUT=layout)
+
+
+@functools.cache
 def attention_kernels(k_layout: int, v_layout: int):
     """(prefill kernel, decode kernel) for keys stored in `k_layout` and values in `v_layout` (LAYOUTS' codes):
     `_attend_template` and `_attend_decode_template` with those layouts bound; compiled at their first call."""
     pair = _LAYOUT_NAMES[k_layout] + "__" + _LAYOUT_NAMES[v_layout]
     bound = dict(_K_LAYOUT=k_layout, _V_LAYOUT=v_layout, _load_k=_load_rows_for(k_layout),
-                 _load_v=_load_rows_for(v_layout))
+                 _load_v=_load_rows_for(v_layout), _store_k=_store_row_for(k_layout), _store_v=_store_row_for(v_layout))
+    bound["_decode_job"] = _specialize(_decode_job_template, "attend_decode_job__" + pair, False, **bound)
     return (_specialize(_attend_template, "attend_kernel__" + pair, True, **bound),
             _specialize(_attend_decode_template, "attend_decode_kernel__" + pair, True, **bound))

@@ -9,11 +9,20 @@ weight block's loads and unpacking, shared by the _NT activation rows; an activa
 sums, shared by the _MR weight rows) and the _MR x _NT accumulator chains overlap. Measured on SmolLM2's Q4_1
 layers (1 thread, `benchmarks/batch_dot_bench.py --model`): 1.25-1.5x at 8 rows, 1.3x at 2 rows.
 
+On VNNI CPUs the 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run batches of LANES_FROM rows and more
+on `_mml_template` instead: the activation rows become the 8 lanes of a vector (their codes interleaved once per
+call) and each weight dword is broadcast against them, so a block's integer dot for 8 rows is 8 byte-dot
+instructions with the sums already in per-row lanes, scaled by two vector FMAs: no per-row conversion, scale or
+horizontal sum. `benchmarks/batch_dot_bench.py --rows 2,3,4,8 --tiles 4x2` (1536 x 576, 1 thread): at 8 rows
+1.6-1.9x faster than the tiles (2.3-3.3x the single-row dots); at 2 rows the tiles take half its time (a lane
+group costs the same with 2 rows as with 8), hence LANES_FROM. The k-quants keep the tiles.
+
 Each row's blocks are summed in the single-row dot's order, but the backend fuses multiply-adds per compiled
 loop (Numba's fastmath 'contract'), so rows differ from the single-row dot by a float32 rounding or two. Every
-tile runs the same code, so a row's result is the same bits whatever the other rows of the batch are and
-wherever it sits, in any batch of at least MIN_ROWS rows (tests/test_batch_dot.py): there a sequence's
-products do not depend on what else is in the batch. A partial tile dots its missing rows with the last real
+tile (and every lane) runs the same code, so a row's result is the same bits whatever the other rows of the
+batch are and wherever it sits, among the batches that take one driver (MIN_ROWS to LANES_FROM - 1 rows, or
+LANES_FROM and more; tests/test_batch_dot.py): there a sequence's products do not depend on what else is in the
+batch. A partial tile dots its missing rows with the last real
 ones (no reads out of bounds) and stores only the real ones.
 """
 from __future__ import annotations
@@ -26,7 +35,7 @@ from numba.extending import intrinsic
 
 from . import simd
 from .linear import _JIT, _prefetch_row, _specialize
-from .simd import F32, I64, _Acc, _IR, data_ptrs
+from .simd import F32, I8, I32, I64, _Acc, _IR, _vec, data_ptrs
 
 from edgeq.formats.quants import QTYPES
 
@@ -115,9 +124,163 @@ def _mmb_template(raws, n_in, qx, dx, bsums, outs):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
 
 
-# qtype -> the multi-row driver (same arguments as linear._mm_<type>); compiled on first call
+# ---------------------------------------------------------------- activation rows as vector lanes (VNNI)
+# The 32-weight block types on VNNI CPUs: the byte dot runs with a weight block's dword k (4 codes) broadcast to
+# 8 lanes against dword k of 8 activation rows (their codes interleaved once per call), so one vpdpbusd serves 8
+# rows and a block's integer sum for each of them comes out in its own lane, with no horizontal sums: per weight
+# row and block, 8 broadcasts + 8 byte dots + one conversion and two vector FMAs (scale, offset) for all 8 rows,
+# against a byte dot, a conversion, a scale and an FMA per row in the tiles above. (Broadcasting each dword
+# straight from the row in memory, 4-bit codes unpacked after it, measured 0-25% slower than unpacking once
+# and broadcasting from the register.)
+def _lane_q4_0(x, row, o):
+    d = x.half(row, o)
+    return x.nibbles(x.at(row, x.off(o, 2), _vec(I8, 16))), d, x.b.fmul(d, ir.Constant(F32, -8.0))
+
+
+def _lane_q4_1(x, row, o):
+    return x.nibbles(x.at(row, x.off(o, 4), _vec(I8, 16))), x.half(row, o), x.half(row, x.off(o, 2))
+
+
+def _lane_q5_0(x, row, o):
+    d = x.half(row, o)
+    q = x.b.or_(x.nibbles(x.at(row, x.off(o, 6), _vec(I8, 16))), simd._high_bits(x, x.at(row, x.off(o, 2), I32), 4))
+    return q, d, x.b.fmul(d, ir.Constant(F32, -16.0))
+
+
+def _lane_q5_1(x, row, o):
+    q = x.b.or_(x.nibbles(x.at(row, x.off(o, 8), _vec(I8, 16))), simd._high_bits(x, x.at(row, x.off(o, 4), I32), 4))
+    return q, x.half(row, o), x.half(row, x.off(o, 2))
+
+
+def _lane_q8_0(x, row, o):
+    # signed codes made unsigned by flipping the top bit (w + 128): the byte dot wants one unsigned operand
+    d = x.half(row, o)
+    w = x.b.xor(x.at(row, x.off(o, 2), _vec(I8, 32)), x.const(I8, 32, -128))
+    return w, d, x.b.fmul(d, ir.Constant(F32, -128.0))
+
+
+# qtype -> lane(x, row, o) = (32 unsigned codes c, scale d, offset e) of the block at row + o, with weight
+# w_j = d * c_j + e: a block's dot with activations x (codes q, scale dx) is d * dx * (c . q) + e * dx * sum(q)
+LANE_CODES = {"Q4_0": _lane_q4_0, "Q4_1": _lane_q4_1, "Q5_0": _lane_q5_0, "Q5_1": _lane_q5_1, "Q8_0": _lane_q8_0}
+LANES = 8  # activation rows per lane group (one <8 x i32>; 4 lanes for small batches measured only 0-7% faster)
+_MR_LANES = 4  # weight rows per tile (4 x 2 chains of byte dots in flight)
+
+
+def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
+    """Numba intrinsic dot(raw, off, row_bytes, nr, nb, qxi, dxi, sxi, t0, out, r0): out[t0 + l, r0 + i] =
+    weight row i (raw's bytes from off + i * row_bytes, nb blocks) . activation row t0 + l, for i < min(mr, nr)
+    and l < lanes with t0 + l < out.shape[0]. qxi (nb, 8, lanes) int32: dword k of block b of each lane's
+    activation codes; dxi, sxi (nb, lanes) float32: each lane's block scale and scale * code sum (zeros in
+    unused lanes); all C-contiguous. Rows past nr dot the last real one and are not stored. Each lane runs the
+    same operations whatever the vector width (no horizontal sums, explicit FMAs): 4 and 8 lanes give the
+    same bits."""
+    block_bytes = QTYPES[qtype].block_bytes
+    VI, VF = _vec(I32, lanes), _vec(F32, lanes)
+    vpdpbusd, fma = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", f"llvm.fma.v{lanes}f32"
+
+    def impl(typingctx, raw, off, row_bytes, nr, nb, qxi, dxi, sxi, t0, out, r0):
+        ip = types.intp
+        sig = types.void(raw, ip, ip, ip, ip, qxi, dxi, sxi, ip, out, ip)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            c = lambda v: ir.Constant(I64, v)  # noqa: E731
+            raw0, pq, pd, ps, pout = data_ptrs(context, builder, signature, args, (0, 5, 6, 7, 9))
+            off, row_bytes, nr, nb, t0, r0 = args[1], args[2], args[3], args[4], args[8], args[10]
+            aout = context.make_array(signature.args[9])(context, builder, args[9])
+            sout = cgutils.unpack_tuple(builder, aout.strides, 2)[0]
+            n_t = cgutils.unpack_tuple(builder, aout.shape, 2)[0]
+            last = builder.sub(nr, c(1))
+            rows = [builder.gep(raw0, [builder.add(off, builder.mul(
+                builder.select(builder.icmp_signed("<", c(i), nr), c(i), last), row_bytes))]) for i in range(mr)]
+            zero_f, zero_i = ir.Constant(VF, None), ir.Constant(VI, None)
+            accs = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(mr)]
+            for pair in accs:
+                for p in pair:
+                    builder.store(zero_f, p)
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                o = builder.mul(b, c(block_bytes))
+                qv = [x.at(pq, builder.mul(builder.add(builder.mul(b, c(8)), c(k)), c(4 * lanes)), VI)
+                      for k in range(8)]
+                dv = x.at(pd, builder.mul(b, c(4 * lanes)), VF)
+                sv = x.at(ps, builder.mul(b, c(4 * lanes)), VF)
+                for row, (pf, pm) in zip(rows, accs):
+                    codes, d, e = lane(x, row, o)
+                    cw = builder.bitcast(codes, _vec(I32, 8))
+                    sums = [zero_i, zero_i]  # two chains of byte dots: each waits on its own latency
+                    for k in range(8):
+                        wk = builder.shuffle_vector(cw, ir.Constant(cw.type, ir.Undefined), ir.Constant(VI, [k] * lanes))
+                        sums[k % 2] = x.intr(vpdpbusd, VI, [sums[k % 2], wk, qv[k]])
+                    isum = builder.sitofp(builder.add(sums[0], sums[1]), VF)
+                    builder.store(x.intr(fma, VF, [isum, builder.fmul(x.splat(d, lanes), dv), builder.load(pf)]), pf)
+                    builder.store(x.intr(fma, VF, [x.splat(e, lanes), sv, builder.load(pm)]), pm)
+            for i, (pf, pm) in enumerate(accs):
+                tot = builder.fadd(builder.load(pf), builder.load(pm))
+                for lane_i in range(lanes):
+                    t = builder.add(t0, c(lane_i))
+                    ok = builder.and_(builder.icmp_signed("<", c(i), nr), builder.icmp_signed("<", t, n_t))
+                    with builder.if_then(ok, likely=True):
+                        p = builder.gep(pout, [builder.add(builder.mul(t, sout), builder.mul(builder.add(r0, c(i)), c(4)))])
+                        builder.store(builder.extract_element(tot, ir.Constant(I32, lane_i)),
+                                      builder.bitcast(p, F32.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    impl.__doc__ = f"{mr} {qtype} rows . {lanes} activation rows as lanes"
+    impl.__name__ = impl.__qualname__ = f"lanes{mr}x{lanes}_" + qtype.lower()
+    return intrinsic(impl)
+
+
+@njit(**_JIT)
+def _interleave(qx, dx, bsums, qxi, dxi, sxi):
+    """Activation rows (qx (T, n) int8, dx (T, n/32), bsums (T, n/16)) -> lane groups of L rows (L = qxi's last
+    axis): qxi[g, b, k, l] = dword k of block b of row g * L + l, dxi[g, b, l] its block scale, sxi[g, b, l]
+    scale * code sum."""
+    T, n = qx.shape
+    L = qxi.shape[3]
+    q32 = qx.view(np.int32)
+    for t in range(T):
+        g = t // L
+        ln = t - g * L
+        for b in range(n // 32):
+            for k in range(8):
+                qxi[g, b, k, ln] = q32[t, b * 8 + k]
+            dxi[g, b, ln] = dx[t, b]
+            sxi[g, b, ln] = dx[t, b] * np.float32(bsums[t, 2 * b] + bsums[t, 2 * b + 1])
+
+
+def _mml_template(raws, n_in, qx, dx, bsums, outs):
+    """outs[m][t, r] = W_m[r] . X[t] (as linear._mm_template), in tiles of _MR_LANES weight rows x LANES
+    activation rows held as vector lanes."""
+    nb = n_in // _block_elems
+    row_bytes = nb * _block_bytes
+    T = qx.shape[0]
+    G = (T + LANES - 1) // LANES
+    qxi = np.zeros((G, nb, 8, LANES), np.int32)
+    dxi = np.zeros((G, nb, LANES), np.float32)
+    sxi = np.zeros((G, nb, LANES), np.float32)
+    _interleave(qx, dx, bsums, qxi, dxi, sxi)
+    tiles = 0
+    for m in range(3):
+        tiles += (outs[m].shape[1] + _MR_LANES - 1) // _MR_LANES
+    for g in prange(tiles):
+        m, r0, nr = _locate_tile(outs, g, _MR_LANES)
+        raw, out = raws[m], outs[m]
+        _prefetch_row(raw, (r0 + 2 * _MR_LANES) * row_bytes, _MR_LANES * row_bytes)
+        for gi in range(G):
+            _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qxi[gi], dxi[gi], sxi[gi], gi * LANES, out, r0)
+
+
+# qtype -> the multi-row tiles (same arguments as linear._mm_<type>); compiled on first call
 KERNELS = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, block, _MR, _NT))
            for qtype, block in simd.BLOCK_IR.items()}
+# qtype -> the lanes driver (VNNI CPUs, 32-weight block types), for batches of LANES_FROM rows and more: at 2 rows
+# the tiles cost about half of it (1536 x 576, 1 thread: Q4_1 61 vs 109 us), at 3 the two are level, from 4 on
+# the lanes win (8 rows: Q4_1 114 vs 213 us, Q8_0 118 vs 186, Q5_0 134 vs 261; benchmarks/batch_dot_bench.py
+# --rows 2,3,4,8 --tiles 4x2)
+LANE_KERNELS = {qtype: _specialize(_mml_template, qtype, _lanes_dot(qtype, lane, _MR_LANES, LANES))
+                for qtype, lane in LANE_CODES.items()} if simd.LEVEL == "vnni" else {}
+LANES_FROM = 4
 # qtype -> the fewest activation rows for which these drivers beat the single-row dots (measured:
 # benchmarks/batch_dot_bench.py on 1536 x 576 and 2048 x 768 matrices, and SmolLM2's own weights); fewer rows
 # take linear._mm_<type>. Q8_0 from 4: on SmolLM2's 49152 x 576 classifier (28 MB, streamed from memory) the

@@ -8,10 +8,10 @@ numpy twin: `bits.view(np.float16).astype(np.float32)` (tests/test_kv_cache.py c
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
@@ -34,26 +34,42 @@ def f16_row_to_f32(src, dst):
         dst[d] = f16_to_f32(src[d])
 
 
-@njit(**_JIT)
+@intrinsic
+def _f32_bits(typingctx, x):
+    """float32 -> its int32 bits (a bitcast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, bits):
+    """int32 bits -> the float32 they spell (a bitcast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", **_JIT)
 def f32_to_f16(x):
-    """float -> IEEE half bits, rounded to nearest; saturates at +-65504 instead of inf."""
-    s = 0
-    x = np.float64(x)
-    if x < 0.0:
-        s = 0x8000
-        x = -x
-    if x == 0.0:
-        return np.uint16(s)
-    if x >= 65504.0:
-        return np.uint16(s | 0x7BFF)
-    if x < 6.103515625e-05:                      # subnormal half: multiples of 2^-24 (1024 -> smallest normal)
-        return np.uint16(s | int(round(x * 16777216.0)))
-    mant, e = math.frexp(x)                      # x = mant * 2^e, mant in [0.5, 1)
-    M = int(round(mant * 2048.0))                # 11 significant bits
-    if M == 2048:
-        M = 1024
-        e += 1
-    e16 = e + 14
-    if e16 > 30:
-        return np.uint16(s | 0x7BFF)
-    return np.uint16(s | (e16 << 10) | (M - 1024))
+    """float32 -> IEEE half bits, rounded to nearest even; saturates at +-65504 instead of inf (the kernels never
+    store inf/nan). Integer arithmetic on the bits (F. Giesen's float_to_half_fast3_rtne), so a loop of it
+    vectorizes: subnormal halves by one float add that rounds x to a multiple of 2^-24, normal ones by adding
+    the rounding bias (0xfff plus the lowest kept mantissa bit: ties to even) and dropping 13 mantissa bits."""
+    bits = _f32_bits(np.float32(x))
+    sign = (bits >> np.int32(16)) & np.int32(0x8000)
+    a = bits & np.int32(0x7FFFFFFF)
+    if a >= np.int32(0x477FE000):      # 65504 and above
+        h = np.int32(0x7BFF)
+    elif a < np.int32(0x38800000):     # below 2^-14: a subnormal half (or zero)
+        h = _f32_bits(_bits_f32(a) + np.float32(0.5)) - np.int32(0x3F000000)
+    else:
+        h = (a + np.int32(-0x37FFF001) + ((a >> np.int32(13)) & np.int32(1))) >> np.int32(13)
+    return np.uint16(h | sign)
+
+
+@njit(**_JIT)
+def f32_row_to_f16(src, dst):
+    """dst[:] = src's float32 values as half bits (vectorizes)."""
+    for d in range(src.shape[0]):
+        dst[d] = f32_to_f16(src[d])

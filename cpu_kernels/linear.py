@@ -406,14 +406,15 @@ def _rows_template(raw, ids, n_in, out):
         _row_fn(raw[r * row_bytes:(r + 1) * row_bytes], n_in, out[i])
 
 
-def _specialize(template, qtype: str, row_fn, fastmath=_FAST):
-    """The parallel njit driver `template` for `qtype`: `_row_fn` = row_fn and the registry's block sizes.
+def _specialize(template, qtype: str, row_fn, fastmath=_FAST, **extra):
+    """The parallel njit driver `template` for `qtype`: `_row_fn` = row_fn, the registry's block sizes and any
+    `extra` globals.
 
     A new function over the template's code with its own globals, not a closure: Numba keys a cached closure
     by its pickled cell contents, and a pickled dispatcher or intrinsic carries a per-process uuid, so a
     closure would never be loaded from the on-disk cache. Its own qualname names its cache index file."""
     q = QTYPES[qtype]
-    bound = dict(template.__globals__, _row_fn=row_fn, _block_elems=q.block_size, _block_bytes=q.block_bytes)
+    bound = dict(template.__globals__, _row_fn=row_fn, _block_elems=q.block_size, _block_bytes=q.block_bytes, **extra)
     name = template.__name__.replace("_template", "_" + qtype.lower())
     fn = pytypes.FunctionType(template.__code__, bound, name)
     fn.__qualname__ = name
@@ -598,12 +599,15 @@ class QuantLinear:
         self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
         # prefill on int8 dots (gemm_i8.py), or None
         self._int8_gemm = _int8_gemm(qtype, self.n_out, self.n_in) if int8_prefill else None
-        self._mm_rows, self._min_rows = _multi_row(qtype)  # a few rows at once (batch_dot.py), or None
+        # a few rows at once (batch_dot.py): tiles, and activation rows as vector lanes from LANES_FROM rows on
+        self._mm_rows, self._min_rows, self._mm_lanes, self._lanes_from = _multi_row(qtype)
         self._plans: dict[tuple, _RowsPlan] = {}  # matmul_rows_many's plans for lists starting with this matrix
 
     def _integer_kernel(self, T: int):
-        """The integer kernel for T activation rows: the multi-row tiles from the measured row count on."""
-        return self._mm_rows if self._mm_rows is not None and T >= self._min_rows[self.qtype] else self._mm
+        """The integer kernel for T activation rows: the multi-row drivers from the measured row counts on."""
+        if self._mm_rows is None or T < self._min_rows[self.qtype]:
+            return self._mm
+        return self._mm_lanes if self._mm_lanes is not None and T >= self._lanes_from else self._mm_rows
 
     def _x2d(self, X: np.ndarray, what: str) -> np.ndarray:
         X = np.asarray(X)
@@ -667,11 +671,12 @@ def _int8_gemm(qtype: str, n_out: int, n_in: int):
 
 
 def _multi_row(qtype: str):
-    """(batch_dot's multi-row driver for qtype or None, batch_dot.MIN_ROWS: qtype -> the fewest rows it takes).
-    Imported here: batch_dot builds on this module's helpers."""
+    """(batch_dot's multi-row tiles for qtype or None, batch_dot.MIN_ROWS: qtype -> the fewest rows they take, its
+    lanes driver or None, batch_dot.LANES_FROM: the fewest rows that take it). Imported here: batch_dot builds on
+    this module's helpers."""
     from . import batch_dot
 
-    return batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS
+    return batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS, batch_dot.LANE_KERNELS.get(qtype), batch_dot.LANES_FROM
 
 
 def matmul_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]:

@@ -142,24 +142,23 @@ Attention = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def prompt_attention(cache, pos0: int, scale: float) -> Attention:
-    """Attention for a forward pass over T new tokens of one sequence (positions pos0..) on `cache`."""
+    """Attention for a forward pass over T new tokens of one sequence (positions pos0..) on `cache`; a single
+    token stores and attends in one decode kernel call (the cache's `decode_step`, runtime/kv_cache.DecodeStep)."""
+    step = cache.decode_step([cache], np.array([pos0]))
+
     def attention(il, q, k, v):
+        if q.shape[0] == 1:
+            return step.attend(il, q, k, v, scale)
         cache.store(il, pos0, k, v)
         return cache.attend(il, q, pos0, scale)
     return attention
 
 
-def batch_attention(caches: list, positions: np.ndarray, scale: float, n_head: int, head_dim: int) -> Attention:
-    """Attention for a decode batch: row i is one token at positions[i] of caches[i], each on its own cache."""
-    out = np.empty((len(caches), n_head, head_dim), np.float32)
-
-    def attention(il, q, k, v):
-        for i, cache in enumerate(caches):
-            p = int(positions[i])
-            cache.store(il, p, k[i:i + 1], v[i:i + 1])
-            out[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
-        return out
-    return attention
+def batch_attention(caches: list, positions: np.ndarray, scale: float) -> Attention:
+    """Attention for a decode batch: row i is one token at positions[i] of caches[i], each on its own cache
+    (the caches' `decode_step`, runtime/kv_cache.DecodeStep: one kernel call per layer for a KVPool's slots)."""
+    step = caches[0].decode_step(caches, positions)
+    return lambda il, q, k, v: step.attend(il, q, k, v, scale)
 
 
 class Embedding:

@@ -171,7 +171,7 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     """One decode step for N sequences at once (see llama.forward_batch): matrix products over the batch,
     attention per sequence on its own cache. Returns logits (N, n_vocab)."""
     positions = np.asarray(positions, dtype=np.int64)
-    attention = base.batch_attention(caches, positions, 1.0 / math.sqrt(cfg.head_dim), cfg.n_head, cfg.head_dim)
+    attention = base.batch_attention(caches, positions, 1.0 / math.sqrt(cfg.head_dim))
     x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))
     for il, L in enumerate(w.layers):
         layer(w, L, cfg, il, x, positions, attention, batch_linears)

@@ -211,7 +211,7 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     The same layers as `forward`; the matrix products run over all N rows together (each weight read once per
     step), attention runs per sequence on its own cache. Returns logits (N, n_vocab)."""
     positions = np.asarray(positions, dtype=np.int64)
-    attention = base.batch_attention(caches, positions, _scale(cfg), cfg.n_head, cfg.head_dim)
+    attention = base.batch_attention(caches, positions, _scale(cfg))
     x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))          # (N, d)
     inv_freq = rope_table(w, cfg, caches[0].n_ctx)
     for il, L in enumerate(w.layers):

@@ -1,12 +1,19 @@
 """One attention kernel per pair of cache layouts: each compiles its own layouts' code only (the first run's compile
 time; docs/performance.md "First run")."""
+import types
+
 import numpy as np
+from numba import njit
 
 from edgeq.cpu_kernels import attention_q as aq
 
 
 def _llvm_ir(layout: int) -> str:
-    load = aq._load_rows_for(layout)
+    """The loader as _specialize binds it, compiled here without the on-disk cache (Numba cannot show the IR of
+    code it loaded from there)."""
+    template = aq._load_rows_template
+    load = njit(fastmath=True)(types.FunctionType(template.__code__, dict(template.__globals__, _SIDE_LAYOUT=layout),
+                                                  "probe_load_rows"))
     side = tuple(aq.new_side(aq._LAYOUT_NAMES[layout], 1, 32, 32))
     buf, cs, cm = np.zeros((32, 32), np.float32), np.zeros(32, np.float32), np.zeros(32, np.float32)
     load(side, 0, 0, 0, 4, 32, 0, buf, cs, cm)

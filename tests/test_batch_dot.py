@@ -38,13 +38,18 @@ def test_multi_row_equals_the_single_row_path(qtype):
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K", "Q6_K"])
 def test_a_row_does_not_depend_on_its_batch(qtype):
-    """A sequence's products are the same bits whatever else is in the batch, and wherever it sits in it."""
+    """A sequence's products are the same bits whatever else is in the batch and wherever it sits in it, among
+    batches that take the same driver (the tiles below batch_dot.LANES_FROM rows, the lanes from there on)."""
     n_in, qs, _ = _matrices(qtype, (21,), 2, seed=3)
     X = np.random.default_rng(0).standard_normal((7, n_in)).astype(np.float32)
     (full,) = matmul_rows_many(qs, X)
-    for rows in ([4, 1], [6, 0, 3], [2, 5, 1, 0, 6], [5, 5]):
+    for rows in ([2, 5, 1, 0, 6], [6, 0, 3, 5], [5] * 9):
         (part,) = matmul_rows_many(qs, X[rows])
         np.testing.assert_array_equal(part, full[rows])
+    (few,) = matmul_rows_many(qs, X[:3])
+    for rows in ([2, 1], [0, 2], [1, 1]):
+        (part,) = matmul_rows_many(qs, X[rows])
+        np.testing.assert_array_equal(part, few[rows])
 
 
 def test_dispatch_by_row_count(monkeypatch):
@@ -61,6 +66,25 @@ def test_dispatch_by_row_count(monkeypatch):
     qx, dx, bsums = linear._quantized(X)
     linear._run_fused(batch_dot.KERNELS["Q4_K"], [q.raw], n_in, qx, dx, bsums, [direct])
     np.testing.assert_array_equal(q.matmul(X), direct)
+    np.testing.assert_array_equal(matmul_rows_many([q], X)[0], direct)
+
+
+def test_lanes_take_batches_from_lanes_from_rows():
+    """On VNNI CPUs the 32-weight block types run batches of LANES_FROM rows and more on the lanes driver (its
+    output, bit for bit), fewer rows on the tiles."""
+    from edgeq.cpu_kernels import linear, simd
+
+    if simd.LEVEL != "vnni":
+        assert batch_dot.LANE_KERNELS == {}
+        return
+    assert set(batch_dot.LANE_KERNELS) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+    n_in, (q,), _ = _matrices("Q4_1", (13,), 2, seed=5)
+    assert q._integer_kernel(batch_dot.LANES_FROM - 1) is batch_dot.KERNELS["Q4_1"]
+    assert q._integer_kernel(batch_dot.LANES_FROM) is q._integer_kernel(16) is batch_dot.LANE_KERNELS["Q4_1"]
+    X = np.random.default_rng(1).standard_normal((batch_dot.LANES_FROM + 5, n_in)).astype(np.float32)
+    direct = np.empty((X.shape[0], 13), np.float32)
+    qx, dx, bsums = linear._quantized(X)
+    linear._run_fused(batch_dot.LANE_KERNELS["Q4_1"], [q.raw], n_in, qx, dx, bsums, [direct])
     np.testing.assert_array_equal(matmul_rows_many([q], X)[0], direct)
 
 

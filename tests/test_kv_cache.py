@@ -114,6 +114,19 @@ def test_half_conversions_match_numpy():
         want = np.float16(np.clip(x, -65504, 65504)).view(np.uint16)
         got = half.f32_to_f16(x)
         assert abs(int(got) - int(want)) <= 1 or (x == 0), (x, got, want)  # ties may round either way
+    # the vectorized row conversion (the decode kernel's stores): float32 bit patterns across the whole range, and
+    # every tie between two halves with its neighbours, exactly as numpy rounds them (to even)
+    halves = np.arange(0, 0x7BFF, dtype=np.uint16)
+    a, b = halves.view(np.float16).astype(np.float64), (halves + 1).view(np.float16).astype(np.float64)
+    ties = ((a + b) / 2).astype(np.float32)
+    xs = np.concatenate([np.arange(0, 0x477FE000, 1009, dtype=np.uint32).view(np.float32), ties,
+                         np.nextafter(ties, np.float32(0)), np.nextafter(ties, np.float32(1e9))])
+    xs = np.concatenate([xs, -xs])
+    got = np.empty(xs.size, np.uint16)
+    half.f32_row_to_f16(xs, got)
+    np.testing.assert_array_equal(got, xs.astype(np.float16).view(np.uint16))
+    half.f32_row_to_f16(np.array([65504, 65520, 1e6, -7e4], np.float32), got[:4])  # saturates instead of inf
+    assert got[:4].tolist() == [0x7BFF, 0x7BFF, 0x7BFF, 0xFBFF]
     bits = np.arange(0, 65536, dtype=np.uint32).astype(np.uint16)
     finite = bits[np.isfinite(bits.view(np.float16))]
     for h in finite[::7]:
@@ -412,3 +425,54 @@ def test_outlier_channels_per_channel_keys(T):
         assert_twin(got, ref_attention(q, TWIN_K[tk](k), f16r(v), n - T, 1 / np.sqrt(D), 0), tk, "f16")
     assert errs["q8"] < 3 * errs["f16"] + 2e-3, errs
     assert errs["q8t"] > 10 * errs["q8"], errs
+
+
+# ---------------------------------------------------------------- a pool's batched decode (the server's slots)
+@pytest.mark.parametrize("tk,tv,window", [("q8", "q8", 0), ("q8", "q8", 40), ("f16", "f16", 0), ("f32", "f32", 40),
+                                          ("q4", "q4", 40), ("q8t", "q8t", 0), ("q4t", "q8", 0), ("q8", "q4t", 40)])
+def test_pool_decode_is_each_cache_decoding_alone(tk, tv, window):
+    """A KVPool's one kernel call per layer (store + attend of every sequence of a decode step) gives the bits
+    of each cache's own store + attend: outputs and every stored array, across group completions, a
+    sliding-window ring's wrap, batches of changing membership and order, a rewound sequence (which takes the
+    per-cache path) and its return to the batch."""
+    from edgeq.runtime.kv_cache import DecodeStep, KVPool
+
+    rng = np.random.default_rng(7)
+    Hkv, H, D, n_ctx = 2, 6, 64, 400
+    layouts = [KVLayout(Hkv, D, window), KVLayout(Hkv, D)]
+    pool = KVPool(layouts, n_ctx, 4, tk, tv, max_batch=24)
+    alone = [make_kv_cache(layouts, n_ctx, tk, tv, max_batch=24) for _ in range(4)]
+    pos = [31, 5, 63, 40]
+    for c, a, n in zip(pool.caches, alone, pos):
+        for il in range(2):
+            k, v = rand_kv(rng, n, Hkv, D)
+            for p0 in range(0, n, 20):  # prompt chunks within the ring's slack
+                c.store(il, p0, k[p0:p0 + 20], v[p0:p0 + 20])
+                a.store(il, p0, k[p0:p0 + 20], v[p0:p0 + 20])
+    used = 0
+    for step in range(90):
+        seqs = [[0, 1, 2, 3], [2, 0], [3, 1, 0, 2], [1]][step % 4]
+        if step == 50:
+            pos[3] -= 7  # a rewind: DecodeStep falls back to store + attend per cache for that step
+        B = len(seqs)
+        q = rng.standard_normal((B, H, D)).astype(np.float32)
+        k, v = rand_kv(rng, B, Hkv, D)
+        p = np.array([pos[i] for i in seqs])
+        ds = DecodeStep([pool.caches[i] for i in seqs], p)
+        for il in range(2):
+            used += ds.together and all(pool.caches[i].layers[il].n == pos[i] for i in seqs)
+            got = ds.attend(il, q, k, v, 0.125)
+            for b, i in enumerate(seqs):
+                alone[i].store(il, pos[i], k[b:b + 1], v[b:b + 1])
+                want = alone[i].attend(il, q[b:b + 1], pos[i], 0.125)[0]
+                np.testing.assert_array_equal(got[b], want)
+        for i in seqs:
+            pos[i] += 1
+    assert used > 150  # nearly every layer of every step took the pool's kernel
+    for c, a in zip(pool.caches, alone):
+        for Lc, La in zip(c.layers, a.layers):
+            assert Lc.n == La.n
+            for sc, sa in ((Lc.k.side, La.k.side), (Lc.v.side, La.v.side)):
+                for x, y in zip(sc[1:], sa[1:]):
+                    np.testing.assert_array_equal(x, y)
+    assert pool.caches[0].layers[0].ring == bool(window)

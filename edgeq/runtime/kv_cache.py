@@ -23,6 +23,10 @@ None means DEFAULT_K / DEFAULT_V (q8 / q8).
 is how the engine rewinds to a common prefix); `attend(il, q, pos0, scale)` runs causal attention of the new
 queries over the cache, reading the quantized blocks directly (cpu_kernels/attention_q.py).
 
+A decode token (one position of one or several caches) goes through `DecodeStep` (the caches' `decode_step`):
+store and attend in one kernel call per layer, for all the slots of a `KVPool` at once (the server's caches:
+slices of one array per layer and side).
+
 Sliding-window layers (layout.window > 0) keep a ring of window + max_batch slots instead of n_ctx: memory is
 bounded, but a rewind further back than the ring still holds is impossible: ask `can_rewind_to(pos)` first.
 """
@@ -54,9 +58,9 @@ def _round_up(n: int, m: int) -> int:
 class _Store:
     """One side (keys or values) of one layer: an attention_q.KVSide in storage layout `layout`."""
 
-    def __init__(self, layout: str, n_kv: int, nslots: int, D: int):
+    def __init__(self, layout: str, n_kv: int, nslots: int, D: int, side: aq.KVSide | None = None):
         self.layout = layout
-        self.side = aq.new_side(layout, n_kv, nslots, D)
+        self.side = aq.new_side(layout, n_kv, nslots, D) if side is None else side
         self.kernel_arg = tuple(self.side)  # what the attention kernels take (see attention_q.KVSide)
         self.nslots = nslots
 
@@ -116,18 +120,28 @@ class _Store:
             a.pending[:, :rest.shape[0]] = rest.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
 
 
+def _n_slots(layout, n_ctx: int, layout_k: str, layout_v: str, max_batch: int) -> int:
+    """Cache slots of one layer: n_ctx (rounded up to whole groups for per-channel layouts), or on a
+    sliding-window layer a ring of a window plus one batch when that is smaller."""
+    window = max(0, int(layout.window))
+    if window and window + max_batch < n_ctx:
+        return _round_up(window + max_batch, _QB)
+    per_channel = layout_k in aq.PER_CHANNEL or layout_v in aq.PER_CHANNEL
+    return _round_up(n_ctx, _QB) if per_channel else n_ctx
+
+
 class _Layer:
-    def __init__(self, layout, n_ctx: int, layout_k: str, layout_v: str, max_batch: int):
+    def __init__(self, layout, n_ctx: int, layout_k: str, layout_v: str, max_batch: int,
+                 sides: tuple[aq.KVSide, aq.KVSide] | None = None):
         self.n_kv, self.D, self.window = layout.n_kv_heads, layout.head_dim, max(0, int(layout.window))
-        if self.window and self.window + max_batch < n_ctx:
-            self.nslots = _round_up(self.window + max_batch, _QB)  # ring: a window plus one batch
-        else:
-            per_channel = layout_k in aq.PER_CHANNEL or layout_v in aq.PER_CHANNEL
-            self.nslots = _round_up(n_ctx, _QB) if per_channel else n_ctx
+        self.nslots = _n_slots(layout, n_ctx, layout_k, layout_v, max_batch)
         self.ring = self.nslots < n_ctx
-        self.k = _Store(layout_k, self.n_kv, self.nslots, self.D)
-        self.v = _Store(layout_v, self.n_kv, self.nslots, self.D)
+        k_side, v_side = sides or (None, None)
+        self.k = _Store(layout_k, self.n_kv, self.nslots, self.D, k_side)
+        self.v = _Store(layout_v, self.n_kv, self.nslots, self.D, v_side)
         self.n = 0  # positions held: 0..n-1 (the oldest nslots of them on a ring)
+        # what the decode kernel reads: tuple(KVSide)s with a leading sequence axis (a KVPool sets its own)
+        self.pooled = tuple((s.layout,) + tuple(a[None] for a in s[1:]) for s in (self.k.side, self.v.side))
 
     def keeps(self, lo: int, hi: int) -> bool:
         """Whether positions lo..hi-1 are all still held."""
@@ -143,13 +157,27 @@ class KVCache:
     """Keys/values of every layer; `store`, `attend`, `can_rewind_to`, `nbytes` (see the module docstring)."""
 
     def __init__(self, layouts, n_ctx: int, type_k: str | None = None, type_v: str | None = None,
-                 max_batch: int = MAX_BATCH):
+                 max_batch: int = MAX_BATCH, pool: "KVPool | None" = None, index: int = 0):
         type_k, type_v = _check_types(layouts, type_k, type_v)
         self.n_ctx = n_ctx
         self.layouts = layouts
         self.type_k, self.type_v = type_k, type_v
         self.max_batch = max_batch
-        self.layers = [_Layer(L, n_ctx, _LAYOUT_K[type_k], _LAYOUT_V[type_v], max_batch) for L in layouts]
+        self.pool, self.index = pool, index  # a KVPool's cache: sequence `index` of its arrays
+        pooled = pool.sides if pool is not None else [None] * len(layouts)
+        self.layers = [_Layer(L, n_ctx, _LAYOUT_K[type_k], _LAYOUT_V[type_v], max_batch,
+                              None if kv is None else (aq.side_at(kv[0], index), aq.side_at(kv[1], index)))
+                       for L, kv in zip(layouts, pooled)]
+        if pool is not None:
+            for L, kv in zip(self.layers, pooled):
+                L.pooled = tuple(tuple(side) for side in kv)
+        self.group = pool if pool is not None else self  # caches of one group decode together (DecodeStep)
+
+    @staticmethod
+    def decode_step(caches: list["KVCache"], positions: np.ndarray) -> "DecodeStep":
+        """One decode token for each of `caches` (what models' forward passes call: they never import the
+        runtime)."""
+        return DecodeStep(caches, positions)
 
     def pretend_filled(self, n: int) -> None:
         """Mark positions 0..n-1 of every layer held without storing them (they read as zeros): for scratch passes
@@ -198,20 +226,84 @@ class KVCache:
             raise ValueError(f"KV cache attend: positions {lo}..{pos0 + T} are not all held "
                              f"(layer {il} holds {L.n}, ring of {L.nslots})")
         q = np.ascontiguousarray(q, dtype=np.float32)
+        if T == 1:
+            return _decode(L, np.array([self.index]), np.array([pos0]), np.array([L.n]), q, _NO_KV, _NO_KV, False,
+                           scale)
         out = np.empty_like(q)
         n_blocks = -(-(pos0 + T - lo) // _QB) + 1
-        full = L.n // _QB * _QB
         threads = numba.get_num_threads()
-        prefill, decode = aq.attention_kernels(L.k.side.layout, L.v.side.layout)
-        if T == 1:  # jobs = kv heads x key splits, a few per thread
-            n_split = max(1, min(n_blocks - 1, 2 * threads // L.n_kv + 1))
-            decode(q[0], L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window,
-                                    L.nslots, n_split, full, out[0])
-            return out
         jobs = L.n_kv * -(-T // aq.TILE_Q)  # kv heads x tiles of queries, times the key splits
         n_split = max(1, min(n_blocks, -(-4 * threads // jobs)))
-        prefill(q, L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window, L.nslots,
-                         n_split, full, out)
+        prefill = aq.attention_kernels(L.k.side.layout, L.v.side.layout)[0]
+        prefill(q, L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window, L.nslots, n_split,
+                L.n // _QB * _QB, out)
+        return out
+
+
+_NO_KV = np.zeros((1, 1, 1), np.float32)  # k, v of a decode kernel call that only attends
+
+
+def _decode(L: _Layer, seqs: np.ndarray, positions: np.ndarray, held: np.ndarray, q: np.ndarray, k: np.ndarray,
+            v: np.ndarray, store: bool, scale: float) -> np.ndarray:
+    """attention_q's decode kernel on layer L's pooled arrays: sequences seqs at positions (B,), holding `held`
+    positions after the optional store of k, v (B, Hkv, D) -> (B, H, D)."""
+    out = np.empty(q.shape, np.float32)
+    decode = aq.attention_kernels(L.k.side.layout, L.v.side.layout)[1]
+    decode(q, k, v, L.pooled[0], L.pooled[1], seqs, positions, held, store, L.n_kv, np.float32(scale), L.window,
+           L.nslots, numba.get_num_threads(), out)
+    return out
+
+
+class KVPool:
+    """`n` caches (`caches`) of the same layers and types whose arrays are slices of one array per layer and side
+    (the server's slots): a decode step over several of them stores and attends in one kernel call per layer
+    (`DecodeStep`) instead of one store and one attend per cache, each a parallel launch for a few microseconds of
+    work. Each cache is an ordinary KVCache otherwise (prompts, rewinds, `attend`)."""
+
+    def __init__(self, layouts, n_ctx: int, n: int, type_k: str | None = None, type_v: str | None = None,
+                 max_batch: int = MAX_BATCH):
+        type_k, type_v = _check_types(layouts, type_k, type_v)
+        lk, lv = _LAYOUT_K[type_k], _LAYOUT_V[type_v]
+        self.sides = []  # per layer: (keys, values), each a KVSide with a leading axis of n sequences
+        for L in layouts:
+            nslots = _n_slots(L, n_ctx, lk, lv, max_batch)
+            self.sides.append(tuple(aq.new_side(t, L.n_kv_heads, nslots, L.head_dim, n) for t in (lk, lv)))
+        self.caches = [KVCache(layouts, n_ctx, type_k, type_v, max_batch, pool=self, index=i) for i in range(n)]
+
+
+class DecodeStep:
+    """One decode token for each of several caches: `attend(il, q, k, v, scale)` stores k[b], v[b] (B, Hkv, D) at
+    positions[b] of caches[b] and attends q[b] (B, H, D) on it, layer by layer. Distinct caches of one group (a
+    KVPool's, or a single cache), each appending right after the positions it holds, take one decode kernel call
+    per layer; any others one `store` and one `attend` per cache (the same kernel, the same bits)."""
+
+    def __init__(self, caches: list[KVCache], positions: np.ndarray):
+        self.caches = caches
+        self.positions = np.ascontiguousarray(positions, dtype=np.int64)
+        self.plist = self.positions.tolist()
+        self.seqs = np.array([c.index for c in caches], np.int64)
+        self.held = self.positions + 1
+        self.together = bool(caches) and all(c.group is caches[0].group for c in caches) and \
+            len(set(self.seqs.tolist())) == len(caches) and all(0 <= p < c.n_ctx for c, p in zip(caches, self.plist))
+
+    def attend(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+        caches = self.caches
+        if self.together and all(c.layers[il].n == p for c, p in zip(caches, self.plist)):
+            L, B = caches[0].layers[il], len(caches)
+            if q.ndim != 3 or q.shape[0] != B or q.shape[2] != L.D or q.shape[1] % L.n_kv or \
+                    k.shape != (B, L.n_kv, L.D) or v.shape != k.shape:
+                raise ValueError(f"KV cache decode: q {q.shape}, k {k.shape}, v {v.shape} do not match "
+                                 f"{B} sequences of (H*{L.n_kv}, {L.D})")
+            out = _decode(L, self.seqs, self.positions, self.held, np.ascontiguousarray(q, dtype=np.float32),
+                          np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32), True,
+                          scale)
+            for c, p in zip(caches, self.plist):
+                c.layers[il].n = p + 1
+            return out
+        out = np.empty((len(caches),) + q.shape[1:], np.float32)
+        for i, (cache, p) in enumerate(zip(caches, self.plist)):
+            cache.store(il, p, k[i:i + 1], v[i:i + 1])
+            out[i] = cache.attend(il, q[i:i + 1], p, scale)[0]
         return out
 
 

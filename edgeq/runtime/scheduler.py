@@ -4,9 +4,10 @@
     sched.start()
     job = sched.submit(GenRequest(ids, max_tokens=64), on_event)   # on_event(Piece | Done), from the thread
 
-Each slot has its own KV cache. A step is: at most one prefill chunk (one slot's prompt, `prefill_chunk`
+Each slot has its own KV cache, the slices of one KVPool (runtime/kv_cache.py). A step is: at most one prefill chunk (one slot's prompt, `prefill_chunk`
 tokens, so a long prompt never stalls the others for long), then one decode forward over every decoding slot
-(`arch.forward_batch`: each weight matrix read once for all of them). New requests join between steps. A free
+(`arch.forward_batch`: each weight matrix read once for all of them, and one attention kernel call per layer
+for all of them). New requests join between steps. A free
 slot whose cache starts with the new prompt's tokens is preferred, and only the rest is prefilled.
 """
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Scheduler:
     def __init__(self, model, n_slots: int = 4, n_ctx: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 128, cache_type_k: str | None = None, cache_type_v: str | None = None,
                  prompt_reuse: bool = True):
-        from edgeq.runtime.kv_cache import make_kv_cache
+        from edgeq.runtime.kv_cache import KVPool
 
         if n_slots < 1:
             raise EdgeqError("--parallel must be >= 1")
@@ -127,8 +128,9 @@ class Scheduler:
         self.max_queue = max_queue
         self.prompt_reuse = prompt_reuse  # False: every prompt is evaluated from position 0 (for measurements)
         self.prefill_chunk = max(1, prefill_chunk)
-        self.slots = [_Slot(i, make_kv_cache(model.cfg.kv_layouts(), self.n_ctx, cache_type_k, cache_type_v,
-                                             max_batch=self.prefill_chunk)) for i in range(n_slots)]
+        pool = KVPool(model.cfg.kv_layouts(), self.n_ctx, n_slots, cache_type_k, cache_type_v,
+                      max_batch=self.prefill_chunk)  # a decode step attends over all slots in one call per layer
+        self.slots = [_Slot(i, cache) for i, cache in enumerate(pool.caches)]
         self.vocab = model.cfg.n_vocab
         self.eog = model.tokenizer.eog_ids
         self._queue: collections.deque[Job] = collections.deque()
