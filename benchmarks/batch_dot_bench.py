@@ -103,7 +103,6 @@ def main() -> int:
         return 0
     import numba
 
-    from edgeq.cpu_kernels import batch_dot
     from edgeq.cpu_kernels.linear import QuantLinear, _quantized, _run_fused
 
     numba.set_num_threads(1)
