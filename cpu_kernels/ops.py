@@ -8,22 +8,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from .half import _bits_f32  # int32 bits -> float32 (a bitcast)
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
 
 # ---------------------------------------------------------------- exp that vectorizes
-@intrinsic
-def _i32_as_f32(typingctx, bits):
-    """Reinterpret int32 bits as a float32 (a plain bitcast, so loops around it still vectorize)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
 @njit(inline="always", **_JIT)
 def fast_exp(x):
     """exp(x) for float32, relative error ~2e-7 near 0 (|x| * 6e-8 from rounding x * log2 e): Cephes' exp2f,
@@ -40,7 +32,7 @@ def fast_exp(x):
     p = p * f + np.float32(2.402264791363012e-1)
     p = p * f + np.float32(6.931472028550421e-1)
     p = p * f + np.float32(1.0)
-    return p * _i32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+    return p * _bits_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 # Each op: a row function and a parallel driver over rows; RMSNorm and RoPE also have a serial driver for a
