@@ -103,7 +103,7 @@ def main() -> int:
         return 0
     import numba
 
-    from edgeq.cpu_kernels.linear import QuantLinear, _quantized, _run_fused
+    from edgeq.cpu_kernels.linear import QuantLinear, _quantized, _run_fused, act_group
 
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -122,7 +122,7 @@ def main() -> int:
             Y = np.empty((T, n_out), np.float32)
 
             def run(k):
-                qx, dx, bsums = _quantized(X)
+                qx, dx, bsums = _quantized(X, act_group(qtype))
                 _run_fused(k, [raw], n_in, qx, dx, bsums, [Y])
             us = [cpu_us(lambda k=k: run(k), a.min_time) for k in kernels]
             print(f"| {qtype} | {n_out}x{n_in} | {T} | " + " | ".join(f"{u:.0f}" for u in us) +

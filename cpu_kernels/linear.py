@@ -51,6 +51,7 @@ SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K
 # qtype -> (weights per block, bytes per block), from the registry (formats/quants.py)
 BLOCKS: dict[str, tuple[int, int]] = {q: (QTYPES[q].block_size, QTYPES[q].block_bytes) for q in SUPPORTED}
 QK = 32                      # activation quantization block
+_SUPER = 256                 # activation quantization block of the k-quant row dots of simd.SUPER_ACT
 _Q4_K_BYTES, _Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"].block_bytes
 _IQ4_NL_BYTES, _IQ4_XS_BYTES = QTYPES["IQ4_NL"].block_bytes, QTYPES["IQ4_XS"].block_bytes
 _IQ4 = KVALUES_IQ4NL.astype(np.float32)  # the IQ4 level table (a global: Numba freezes it as a constant)
@@ -182,6 +183,35 @@ def _quantize_act(X, qx, dx, bsums):
             dx[t, b] = d
             bsums[t, 2 * b] = s0
             bsums[t, 2 * b + 1] = s1
+
+
+@njit(**_JIT)
+def _quantize_act_super(X, qx, dx, bsums):
+    """_quantize_act with one scale per super-block of 256 (llama.cpp's Q8_K), for the types of simd.SUPER_ACT:
+    dx (T, n/32) holds each super-block's scale 8 times, so every row dot reads it as per-32 scales."""
+    T, n = X.shape
+    for t in range(T):
+        for g in range(n // _SUPER):
+            x = X[t, g * _SUPER:(g + 1) * _SUPER]
+            amax = np.float32(0.0)
+            for j in range(_SUPER):
+                amax = max(amax, abs(x[j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+            for b in range(_SUPER // QK):
+                dx[t, g * (_SUPER // QK) + b] = d
+            for s in range(_SUPER // 16):
+                acc = np.int32(0)
+                for j in range(16 * s, 16 * s + 16):
+                    c = np.int32(np.rint(x[j] * inv))
+                    qx[t, g * _SUPER + j] = c
+                    acc += c
+                bsums[t, g * (_SUPER // 16) + s] = acc
+
+
+def act_group(qtype: str) -> int:
+    """How many activations share one int8 scale in the decode row dots of `qtype` (32, or 256 for simd.SUPER_ACT)."""
+    return _SUPER if qtype in simd.SUPER_ACT else QK
 
 
 @njit(inline="always", **_JIT)
@@ -525,12 +555,13 @@ def _check(raw: np.ndarray, qtype: str, shape) -> tuple[int, int]:
     return n_out, n_in
 
 
-def _quantized(X: np.ndarray):
+def _quantized(X: np.ndarray, group: int = QK):
+    """X's int8 codes, per-32 scales and sums of 16 codes, on one scale per `group` values (act_group)."""
     T, n = X.shape
     qx = np.empty((T, n), np.int8)
     dx = np.empty((T, n // QK), np.float32)
     bsums = np.empty((T, n // 16), np.int32)
-    _quantize_act(X, qx, dx, bsums)
+    (_quantize_act_super if group == _SUPER else _quantize_act)(X, qx, dx, bsums)
     return qx, dx, bsums
 
 
@@ -594,6 +625,7 @@ class QuantLinear:
         # F16/BF16 decode: the half rows read in place (_dot_half_template)
         self._half = raw.view(np.uint16).reshape(self.n_out, self.n_in) if qtype in _HALF_ROWS else None
         self._mm, self._rows = _KERNELS.get(qtype, (None, None))
+        self._group = act_group(qtype)  # activations per int8 scale in the integer kernels
         self._raws3 = _fused_weights([raw])[0]  # the kernels take 3 matrices (see _fused_weights)
         # float32 rows per prefill tile
         self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
@@ -640,7 +672,7 @@ class QuantLinear:
         elif self._half is not None and T < _GEMM_MIN_T:
             _HALF_ROWS[self.qtype](self._half, X, Y)
         elif self._mm is not None and T < _GEMM_MIN_T:
-            qx, dx, bsums = _quantized(X)
+            qx, dx, bsums = _quantized(X, self._group)
             e = _no_out(X.shape[0])
             # the single-row kernel, not batch_dot's tiles: a short prompt's rows must equal what decoding them
             # one by one gives (the engine re-runs a prompt's last token on a reused cache: same greedy text)
@@ -725,9 +757,11 @@ def matmul_rows_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]
         ys[i] = qs[i].matmul(X)
     if plan.fused:
         T = X.shape[0]
-        qx, dx, bsums = _quantized(np.ascontiguousarray(X, dtype=np.float32))
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        acts = {}  # act_group -> X quantized on it, once per call
         e = _no_out(T)
         for owner, raws3, idx, n_outs in plan.fused:
+            qx, dx, bsums = acts.get(owner._group) or acts.setdefault(owner._group, _quantized(X, owner._group))
             outs = [np.empty((T, n), np.float32) for n in n_outs]
             owner._integer_kernel(T)(raws3, plan.n_in, qx, dx, bsums, tuple(outs + [e] * (_FUSED - len(outs))))
             for i, y in zip(idx, outs):

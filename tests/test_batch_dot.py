@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeq.cpu_kernels import batch_dot
-from edgeq.cpu_kernels.linear import BLOCKS, QuantLinear, matmul_rows_many
+from edgeq.cpu_kernels.linear import BLOCKS, QuantLinear, act_group, matmul_rows_many
 from test_linear import make_weights, quantize_activations, rel_err
 
 TYPES = list(batch_dot.KERNELS)
@@ -33,7 +33,7 @@ def test_multi_row_equals_the_single_row_path(qtype):
         for q, W, y in zip(qs, Ws, ys):
             one = np.stack([q.matvec(x) for x in X])
             assert np.abs(y - one).max() <= SAME * np.abs(one).max(), (qtype, T)
-            assert rel_err(y, quantize_activations(X) @ W.T) < 1e-5, (qtype, T)
+            assert rel_err(y, quantize_activations(X, act_group(qtype)) @ W.T) < 1e-5, (qtype, T)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K", "Q6_K"])
@@ -63,7 +63,7 @@ def test_dispatch_by_row_count(monkeypatch):
     assert q._integer_kernel(3) is q._integer_kernel(16) is batch_dot.KERNELS["Q4_K"]
     X = np.random.default_rng(1).standard_normal((4, n_in)).astype(np.float32)
     direct = np.empty((4, 13), np.float32)
-    qx, dx, bsums = linear._quantized(X)
+    qx, dx, bsums = linear._quantized(X, act_group("Q4_K"))
     linear._run_fused(batch_dot.KERNELS["Q4_K"], [q.raw], n_in, qx, dx, bsums, [direct])
     np.testing.assert_array_equal(q.matmul(X), direct)
     np.testing.assert_array_equal(matmul_rows_many([q], X)[0], direct)

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from edgeq.cpu_kernels.gemm_i8 import INT8_GEMM
-from edgeq.cpu_kernels.linear import BLOCKS, QuantLinear, embed_rows
+from edgeq.cpu_kernels.linear import BLOCKS, QuantLinear, act_group, embed_rows
 
 ALL = list(BLOCKS)
 FLOAT = {"F32", "F16", "BF16"}
@@ -66,10 +66,11 @@ def test_matvec_matmul_match_reference(qtype, n_out, n_blocks):
         assert rel_err(y, ref[0]) < tolerance(qtype, 1)
 
 
-def quantize_activations(X: np.ndarray) -> np.ndarray:
-    """numpy twin of linear._quantize_act: X rounded to int8 codes per 32 values, returned as float64 codes*scale."""
+def quantize_activations(X: np.ndarray, group: int = 32) -> np.ndarray:
+    """numpy twin of linear._quantize_act (and of _quantize_act_super for group=256): X rounded to int8 codes on
+    one scale per `group` values, returned as float64 codes*scale."""
     T, n = X.shape
-    B = X.reshape(T, n // 32, 32).astype(np.float32)
+    B = X.reshape(T, n // group, group).astype(np.float32)
     d = (np.abs(B).max(axis=2, keepdims=True) / np.float32(127.0)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d > 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
@@ -86,7 +87,7 @@ def test_integer_path_exact_against_quantized_activations(qtype, n_out, n_blocks
     raw, W = make_weights(qtype, n_out, n_in, seed=7 * n_out + n_blocks)
     q = QuantLinear(raw, qtype, (n_out, n_in))
     X = np.random.default_rng(3).standard_normal((3, n_in)).astype(np.float32)
-    ref = quantize_activations(X) @ W.T
+    ref = quantize_activations(X, act_group(qtype)) @ W.T
     assert rel_err(q.matmul(X), ref) < 1e-5, (qtype, rel_err(q.matmul(X), ref))
     assert rel_err(q.matvec(X[1]), ref[1]) < 1e-5
 
