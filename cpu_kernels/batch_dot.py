@@ -274,6 +274,18 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
 # qtype -> the multi-row tiles (same arguments as linear._mm_<type>); compiled on first call
 KERNELS = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, block, _MR, _NT))
            for qtype, block in simd.BLOCK_IR.items()}
+# qtype -> weight rows per tile of the one-activation-row drivers that replace linear._mm_<type> (the single-row
+# dots) wherever those ran: a decode step's products and prompts of a few rows (so a prompt's rows still equal
+# decoding them one by one: one kernel). Measured on AVX2 (Zen 3, 65536 x 576, weights streamed from memory, 2
+# threads, ad-hoc timer over linear's drivers): Q4_0 16.7 vs 11.3 GB/s, Q4_1 16.9 vs 11.0, Q5_0 15.1 vs 11.7, Q5_1
+# 15.0 vs 11.1, IQ4_NL 17.0 vs 11.7 with 4 rows; Q8_0 27.4 vs 25.3 with 2 (4: 17.6); the k-quants lose (Q4_K
+# 24576 x 2048: 13.2 vs 19.9 GB/s, Q6_K 11.4 vs 22.7). Four weight rows' chains overlap where one row's block
+# chain and its per-row overhead (a 576-wide row is 18 blocks) bound the single-row dot. Not measured on AVX-512,
+# where the single-row dots keep their 512-bit path.
+ONE_ROW_TILES = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q5_1": 4, "IQ4_NL": 4, "Q8_0": 2} if simd.LEVEL == "avx2" else {}
+ONE_ROW = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, simd.BLOCK_IR[qtype], mr, 1), suffix=f"_{mr}x1",
+                              _MR=mr, _NT=1)
+           for qtype, mr in ONE_ROW_TILES.items()}
 # qtype -> the lanes driver (VNNI CPUs, 32-weight block types), for batches of LANES_FROM rows and more: at 2 rows
 # the tiles cost about half of it (1536 x 576, 1 thread: Q4_1 61 vs 109 us), at 3 the two are level, from 4 on
 # the lanes win (8 rows: Q4_1 114 vs 213 us, Q8_0 118 vs 186, Q5_0 134 vs 261; benchmarks/batch_dot_bench.py

@@ -436,16 +436,17 @@ def _rows_template(raw, ids, n_in, out):
         _row_fn(raw[r * row_bytes:(r + 1) * row_bytes], n_in, out[i])
 
 
-def _specialize(template, qtype: str, row_fn, fastmath=_FAST, **extra):
+def _specialize(template, qtype: str, row_fn, fastmath=_FAST, suffix: str = "", **extra):
     """The parallel njit driver `template` for `qtype`: `_row_fn` = row_fn, the registry's block sizes and any
     `extra` globals.
 
     A new function over the template's code with its own globals, not a closure: Numba keys a cached closure
     by its pickled cell contents, and a pickled dispatcher or intrinsic carries a per-process uuid, so a
-    closure would never be loaded from the on-disk cache. Its own qualname names its cache index file."""
+    closure would never be loaded from the on-disk cache. Its own qualname (`suffix` tells apart two drivers of one
+    template and type) names its cache index file."""
     q = QTYPES[qtype]
     bound = dict(template.__globals__, _row_fn=row_fn, _block_elems=q.block_size, _block_bytes=q.block_bytes, **extra)
-    name = template.__name__.replace("_template", "_" + qtype.lower())
+    name = template.__name__.replace("_template", "_" + qtype.lower()) + suffix
     fn = pytypes.FunctionType(template.__code__, bound, name)
     fn.__qualname__ = name
     fn.__doc__ = f"{template.__name__} for {qtype}"
@@ -625,14 +626,16 @@ class QuantLinear:
         # F16/BF16 decode: the half rows read in place (_dot_half_template)
         self._half = raw.view(np.uint16).reshape(self.n_out, self.n_in) if qtype in _HALF_ROWS else None
         self._mm, self._rows = _KERNELS.get(qtype, (None, None))
+        # a few rows at once (batch_dot.py): tiles, and activation rows as vector lanes from LANES_FROM rows on; and
+        # where measured faster, weight-row tiles for one activation row in place of the single-row dots
+        self._mm_rows, self._min_rows, self._mm_lanes, self._lanes_from, one_row = _multi_row(qtype)
+        self._mm = one_row or self._mm
         self._group = act_group(qtype)  # activations per int8 scale in the integer kernels
         self._raws3 = _fused_weights([raw])[0]  # the kernels take 3 matrices (see _fused_weights)
         # float32 rows per prefill tile
         self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
         # prefill on int8 dots (gemm_i8.py), or None
         self._int8_gemm = _int8_gemm(qtype, self.n_out, self.n_in) if int8_prefill else None
-        # a few rows at once (batch_dot.py): tiles, and activation rows as vector lanes from LANES_FROM rows on
-        self._mm_rows, self._min_rows, self._mm_lanes, self._lanes_from = _multi_row(qtype)
         self._plans: dict[tuple, _RowsPlan] = {}  # matmul_rows_many's plans for lists starting with this matrix
 
     def _integer_kernel(self, T: int):
@@ -704,11 +707,12 @@ def _int8_gemm(qtype: str, n_out: int, n_in: int):
 
 def _multi_row(qtype: str):
     """(batch_dot's multi-row tiles for qtype or None, batch_dot.MIN_ROWS: qtype -> the fewest rows they take, its
-    lanes driver or None, batch_dot.LANES_FROM: the fewest rows that take it). Imported here: batch_dot builds on
-    this module's helpers."""
+    lanes driver or None, batch_dot.LANES_FROM: the fewest rows that take it, its one-activation-row tiles or None).
+    Imported here: batch_dot builds on this module's helpers."""
     from . import batch_dot
 
-    return batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS, batch_dot.LANE_KERNELS.get(qtype), batch_dot.LANES_FROM
+    return (batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS, batch_dot.LANE_KERNELS.get(qtype), batch_dot.LANES_FROM,
+            batch_dot.ONE_ROW.get(qtype))
 
 
 def matmul_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]:

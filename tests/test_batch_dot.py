@@ -93,3 +93,23 @@ def test_every_integer_type_has_a_multi_row_driver():
     from edgeq.cpu_kernels import simd
 
     assert set(batch_dot.KERNELS) == set(simd.ROW_DOTS) == set(batch_dot.MIN_ROWS)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0", "Q4_K"])
+def test_one_row_tiles_replace_the_single_row_dots(qtype):
+    """Where batch_dot.ONE_ROW has a driver for the type (AVX2: weight-row tiles for one activation row), QuantLinear
+    runs it wherever the single-row dots ran: a short prompt's rows equal decoding them one at a time, bit for bit,
+    and equal the single-row dots up to a float32 rounding."""
+    from edgeq.cpu_kernels import linear
+
+    n_in, (q,), (W,) = _matrices(qtype, (37,), 3, seed=2)
+    assert q._mm is batch_dot.ONE_ROW.get(qtype, linear._KERNELS[qtype][0])
+    X = np.random.default_rng(9).standard_normal((5, n_in)).astype(np.float32)
+    Y = q.matmul(X)                          # 5 rows: below _GEMM_MIN_T, the integer kernel
+    for t in range(5):
+        np.testing.assert_array_equal(Y[t], q.matvec(X[t]))
+    single = np.empty((5, 37), np.float32)
+    qx, dx, bsums = linear._quantized(X, act_group(qtype))
+    linear._run_fused(linear._KERNELS[qtype][0], [q.raw], n_in, qx, dx, bsums, [single])
+    assert np.abs(Y - single).max() <= SAME * np.abs(single).max()
+    assert rel_err(Y, quantize_activations(X, act_group(qtype)) @ W.T) < 1e-5

@@ -78,6 +78,22 @@ def quantize_activations(X: np.ndarray, group: int = 32) -> np.ndarray:
     return (q.astype(np.float64) * d.astype(np.float64)).reshape(T, n)
 
 
+@pytest.mark.parametrize("group", [32, 256])
+def test_activation_quantizers_match_numpy(group):
+    """linear._quantized on one scale per 32 or per 256 values: codes times scales equal the numpy twin, every
+    per-32 scale of a group is the group's one scale, and bsums are the sums of each 16 codes."""
+    from edgeq.cpu_kernels import linear
+
+    X = np.random.default_rng(4).standard_normal((3, 1024)).astype(np.float32) * np.float32(3.0)
+    X[1, 256:512] = 0.0                                   # an all-zero group: scale 0, codes 0
+    qx, dx, bsums = linear._quantized(X, group)
+    np.testing.assert_allclose(qx * np.repeat(dx, 32, axis=1), quantize_activations(X, group), rtol=0, atol=1e-6)
+    per = dx.reshape(3, -1, group // 32)
+    np.testing.assert_array_equal(per, np.repeat(per[:, :, :1], group // 32, axis=2))
+    np.testing.assert_array_equal(bsums, qx.reshape(3, -1, 16).astype(np.int32).sum(axis=2))
+    assert np.abs(qx).max() == 127 and not qx[1, 256:512].any()
+
+
 @pytest.mark.parametrize("qtype", [t for t in ALL if t not in FLOAT])
 @pytest.mark.parametrize("n_out,n_blocks", [(37, 1), (19, 4)])
 def test_integer_path_exact_against_quantized_activations(qtype, n_out, n_blocks):
@@ -208,7 +224,7 @@ for qtype in ("Q4_0", "Q6_K", "F16"):
     q = linear.QuantLinear(raw, qtype, (8, n_in))
     q.matvec(np.ones(n_in, np.float32))
     linear.embed_rows(raw, qtype, (8, n_in), [1, 2])
-    for driver in linear._KERNELS[qtype]:
+    for driver in (q._mm, linear._KERNELS[qtype][1]):   # the decode driver in use, the row dequantizer
         if driver is not None:
             s = driver.stats
             stats[driver.py_func.__qualname__] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
@@ -231,8 +247,11 @@ def test_generated_drivers_load_from_a_warm_cache(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
+    from edgeq.cpu_kernels import batch_dot
+
     cold, warm = run(), run()
-    names = {"_mm_q4_0", "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", "_rows_f16"}
+    mm_q4_0 = f"_mmb_q4_0_{batch_dot.ONE_ROW_TILES['Q4_0']}x1" if "Q4_0" in batch_dot.ONE_ROW_TILES else "_mm_q4_0"
+    names = {mm_q4_0, "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", "_rows_f16"}
     assert set(cold) == set(warm) == names
     assert all(misses >= 1 for _, misses in cold.values()), cold
     assert all(hits >= 1 and misses == 0 for hits, misses in warm.values()), warm
