@@ -17,6 +17,10 @@ horizontal sum. `benchmarks/batch_dot_bench.py --rows 2,3,4,8 --tiles 4x2` (1536
 1.6-1.9x faster than the tiles (2.3-3.3x the single-row dots); at 2 rows the tiles take half its time (a lane
 group costs the same with 2 rows as with 8), hence LANES_FROM. The k-quants keep the tiles.
 
+On AVX2 the same tiles with one activation row (ONE_ROW: 4 weight rows, 2 for Q8_0) replace the single-row dots
+of the 32-weight types for decode and short prompts: four rows' block chains overlap where one row's chain and
+its fixed cost bound the single-row dot (1.3-1.5x on weights streamed from memory).
+
 Each row's blocks are summed in the single-row dot's order, but the backend fuses multiply-adds per compiled
 loop (Numba's fastmath 'contract'), so rows differ from the single-row dot by a float32 rounding or two. Every
 tile (and every lane) runs the same code, so a row's result is the same bits whatever the other rows of the

@@ -11,7 +11,9 @@ min / offset terms), then each weight row is dotted block by block by the explic
 cpu_kernels/simd.py (vpdpbusd / vpmaddubsw byte dots, one float vector accumulator per row). The plain
 loops of this module vectorise only to ~4 GB/s per thread for 4-bit types (LLVM reduces every block to a
 scalar and never forms the byte dot instructions); the IR row dots read 10-25 GB/s per thread.
-The server's decode batch (a few rows at once, `matmul_rows_many`) takes cpu_kernels/batch_dot.py's drivers instead,
+On AVX2 the 32-weight types run those row dots in tiles of 2-4 weight rows for one activation row
+(batch_dot.ONE_ROW), and the k-quants take activations quantized per super-block of 256 (simd.SUPER_ACT,
+`act_group`). The server's decode batch (a few rows at once, `matmul_rows_many`) takes cpu_kernels/batch_dot.py's drivers instead,
 which unpack each weight block once for a tile of activation rows (`QuantLinear._integer_kernel`); a short prompt
 keeps the single-row dots, so its rows equal decoding them one by one.
 The dequantizers below use `_FAST` (fastmath without `reassoc`) and the SLP vectorizer
@@ -677,8 +679,9 @@ class QuantLinear:
         elif self._mm is not None and T < _GEMM_MIN_T:
             qx, dx, bsums = _quantized(X, self._group)
             e = _no_out(X.shape[0])
-            # the single-row kernel, not batch_dot's tiles: a short prompt's rows must equal what decoding them
-            # one by one gives (the engine re-runs a prompt's last token on a reused cache: same greedy text)
+            # the decode kernel (the single-row dots, or their one-row tiles: batch_dot.ONE_ROW), not batch_dot's
+            # multi-row tiles: a short prompt's rows must equal what decoding them one by one gives (the engine
+            # re-runs a prompt's last token on a reused cache: same greedy text)
             self._mm(self._raws3, self.n_in, qx, dx, bsums, (Y, e, e))
         elif self._int8_gemm is not None:
             self._int8_gemm(self.raw, self.qtype, self.n_in, X, Y, act)
