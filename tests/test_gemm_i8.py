@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeq.cpu_kernels import gemm_i8
-from edgeq.cpu_kernels.linear import _GEMM_MIN_T, QuantLinear, matmul_many, matmul_rows_many
+from edgeq.cpu_kernels.linear import _GEMM_MIN_T, QuantLinear, act_group, matmul_many, matmul_rows_many
 from test_linear import make_weights, quantize_activations, rel_err
 
 TYPES = list(gemm_i8.INT8_GEMM)  # this SIMD level's (tests/test_simd_levels.py runs the others)
@@ -68,7 +68,7 @@ def test_decode_batches_keep_the_integer_row_kernels(T):
     q = QuantLinear(raw, "Q4_K", (21, 512))
     X = np.random.default_rng(T).standard_normal((T, 512)).astype(np.float32)
     (Y,) = matmul_rows_many([q], X)
-    assert rel_err(Y, quantize_activations(X) @ W.T) < 1e-5
+    assert rel_err(Y, quantize_activations(X, act_group("Q4_K")) @ W.T) < 1e-5
 
 
 def test_activation_padding_rows_are_zero():
