@@ -427,6 +427,13 @@ def _kquant_super(x, acc, b, d, dmin, sc8, mn8, codes, qx, dx, bsums, pairs=None
         acc.fma(x.b.sitofp(p, _vec(F32, 8)), _lane(x, coef, k), k)
 
 
+def _int_sum(x, vs) -> ir.Value:
+    """The sum of integer vectors vs, added pairwise (a tree, not one serial chain)."""
+    while len(vs) > 1:
+        vs = [x.b.add(vs[i], vs[i + 1]) for i in range(0, len(vs) - 1, 2)] + vs[len(vs) - len(vs) % 2:]
+    return vs[0]
+
+
 def _kquant_int(x, acc, b, d, dmin, sc8, mn8, codes, qx, dx, bsums):
     """A Q4_K/Q5_K super-block on activations quantized per super-block (SUPER_ACT: dx[8b] is its one scale):
     the row dot is d dx (sum_k sc_k (q_k . s_k)) - dmin dx (sum_k mn_k bsum_k), the first sum in integers (byte
@@ -440,9 +447,7 @@ def _kquant_int(x, acc, b, d, dmin, sc8, mn8, codes, qx, dx, bsums):
     for k in range(8):
         p = x.pairs16(codes(k), x.act(qx, x.b.add(kb0, ir.Constant(I64, k))))
         sums.append(x.madd16(p, x.b.shuffle_vector(sc16, undef, ir.Constant(_vec(I32, 16), [k] * 16))))
-    while len(sums) > 1:
-        sums = [x.b.add(sums[i], sums[i + 1]) for i in range(0, len(sums), 2)]
-    acc.fma(x.b.sitofp(sums[0], _vec(F32, 8)), x.splat(x.b.fmul(d, dx0), 8), 0)
+    acc.fma(x.b.sitofp(_int_sum(x, sums), _vec(F32, 8)), x.splat(x.b.fmul(d, dx0), 8), 0)
     acc.fma(x.b.sitofp(x.b.mul(mn8, bs), _vec(F32, 8)), x.splat(x.b.fmul(x.b.fneg(dmin), dx0), 8), _N_ACC - 1)
 
 
@@ -541,9 +546,7 @@ def _q6_k_int(x, acc, row, o, b, d, qx, dx, bsums):
         p = x.pairs16(_q6_k_codes(x, row, o, k // 4, k % 4), x.act(qx, x.b.add(kb0, ir.Constant(I64, k))))
         scv = x.b.shuffle_vector(s16, undef, ir.Constant(_vec(I32, 16), [2 * k] * 8 + [2 * k + 1] * 8))
         sums.append(x.madd16(p, scv))
-    while len(sums) > 1:
-        sums = [x.b.add(sums[i], sums[i + 1]) for i in range(0, len(sums) - 1, 2)] + ([sums[-1]] if len(sums) % 2 else [])
-    acc.fma(x.b.sitofp(sums[0], _vec(F32, 8)), x.splat(x.b.fmul(d, x.elem(dx, kb0, F32)), 8), 0)
+    acc.fma(x.b.sitofp(_int_sum(x, sums), _vec(F32, 8)), x.splat(x.b.fmul(d, x.elem(dx, kb0, F32)), 8), 0)
 
 
 def _q6_k_zmm(x, acc, row, o, b, qx, s16, coef):
