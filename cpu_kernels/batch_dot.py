@@ -9,13 +9,16 @@ weight block's loads and unpacking, shared by the _NT activation rows; an activa
 sums, shared by the _MR weight rows) and the _MR x _NT accumulator chains overlap. Measured on SmolLM2's Q4_1
 layers (1 thread, `benchmarks/batch_dot_bench.py --model`): 1.25-1.5x at 8 rows, 1.3x at 2 rows.
 
-On VNNI CPUs the 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run batches of LANES_FROM rows and more
-on `_mml_template` instead: the activation rows become the 8 lanes of a vector (their codes interleaved once per
-call) and each weight dword is broadcast against them, so a block's integer dot for 8 rows is 8 byte-dot
-instructions with the sums already in per-row lanes, scaled by two vector FMAs: no per-row conversion, scale or
-horizontal sum. `benchmarks/batch_dot_bench.py --rows 2,3,4,8 --tiles 4x2` (1536 x 576, 1 thread): at 8 rows
-1.6-1.9x faster than the tiles (2.3-3.3x the single-row dots); at 2 rows the tiles take half its time (a lane
-group costs the same with 2 rows as with 8), hence LANES_FROM. The k-quants keep the tiles.
+The 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run batches of LANES_FROM[qtype] rows and more on
+`_mml_template` instead: the activation rows become the 8 lanes of a vector (their codes interleaved once per
+call) and each weight dword is broadcast against them, so a block's integer dot for 8 rows is 8 byte dots with
+the sums already in per-row lanes, scaled by two vector FMAs: no per-row conversion, scale or horizontal sum.
+VNNI: one vpdpbusd per dword; `benchmarks/batch_dot_bench.py --rows 2,3,4,8 --tiles 4x2` (1536 x 576, 1 thread):
+at 8 rows 1.6-1.9x faster than the tiles (2.3-3.3x the single-row dots). AVX2 (no VNNI): vpmaddubsw + vpmaddwd,
+the int16 pair sums of several dwords added before widening where they cannot overflow, the 4-bit codes
+broadcast straight from memory: at 8 rows 1.7x (Q8_0, Q5_0) to 2.9x (Q4_1) faster than the tiles. At 2 rows the
+tiles take half a lane group's time (a lane group costs the same with 2 rows as with 8), hence LANES_FROM. The
+k-quants keep the tiles.
 
 On AVX2 the same tiles with one activation row (ONE_ROW: 4 weight rows, 2 for Q8_0) replace the single-row dots
 of the 32-weight types for decode and short prompts: four rows' block chains overlap where one row's chain and
@@ -24,12 +27,14 @@ its fixed cost bound the single-row dot (1.3-1.5x on weights streamed from memor
 Each row's blocks are summed in the single-row dot's order, but the backend fuses multiply-adds per compiled
 loop (Numba's fastmath 'contract'), so rows differ from the single-row dot by a float32 rounding or two. Every
 tile (and every lane) runs the same code, so a row's result is the same bits whatever the other rows of the
-batch are and wherever it sits, among the batches that take one driver (MIN_ROWS to LANES_FROM - 1 rows, or
-LANES_FROM and more; tests/test_batch_dot.py): there a sequence's products do not depend on what else is in the
+batch are and wherever it sits, among the batches that take one driver (MIN_ROWS to LANES_FROM[qtype] - 1
+rows, or LANES_FROM[qtype] and more; tests/test_batch_dot.py): there a sequence's products do not depend on what else is in the
 batch. A partial tile dots its missing rows with the last real
 ones (no reads out of bounds) and stores only the real ones.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from llvmlite import ir
@@ -39,7 +44,7 @@ from numba.extending import intrinsic
 
 from . import simd
 from .linear import _JIT, _prefetch_row, _specialize
-from .simd import F32, I8, I32, I64, _Acc, _IR, _vec, data_ptrs
+from .simd import F32, I8, I16, I32, I64, _Acc, _IR, _vec, data_ptrs
 
 from edgeq.formats.quants import QTYPES
 
@@ -128,14 +133,15 @@ def _mmb_template(raws, n_in, qx, dx, bsums, outs):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
 
 
-# ---------------------------------------------------------------- activation rows as vector lanes (VNNI)
-# The 32-weight block types on VNNI CPUs: the byte dot runs with a weight block's dword k (4 codes) broadcast to
-# 8 lanes against dword k of 8 activation rows (their codes interleaved once per call), so one vpdpbusd serves 8
-# rows and a block's integer sum for each of them comes out in its own lane, with no horizontal sums: per weight
-# row and block, 8 broadcasts + 8 byte dots + one conversion and two vector FMAs (scale, offset) for all 8 rows,
-# against a byte dot, a conversion, a scale and an FMA per row in the tiles above. (Broadcasting each dword
-# straight from the row in memory, 4-bit codes unpacked after it, measured 0-25% slower than unpacking once
-# and broadcasting from the register.)
+# ---------------------------------------------------------------- activation rows as vector lanes
+# The 32-weight block types: the byte dot runs with a weight block's dword k (4 codes) broadcast to 8 lanes
+# against dword k of 8 activation rows (their codes interleaved once per call), so one vpdpbusd (VNNI; AVX2:
+# _avx2_lane_sums) serves 8 rows and a block's integer sum for each of them comes out in its own lane, with no
+# horizontal sums: per weight row and block, 8 broadcasts + 8 byte dots + one conversion and two vector FMAs
+# (scale, offset) for all 8 rows, against a byte dot, a conversion, a scale and an FMA per row in the tiles above.
+# (On VNNI, broadcasting each dword straight from the row in memory, 4-bit codes unpacked after it, measured 0-25%
+# slower than unpacking once and broadcasting from the register: one vpermd there. AVX2 has no one-instruction
+# dword broadcast from a register, and the memory broadcast wins: Q4_1 150 vs 236 us at 8 rows, 1536 x 576.)
 def _lane_q4_0(x, row, o):
     d = x.half(row, o)
     return x.nibbles(x.at(row, x.off(o, 2), _vec(I8, 16))), d, x.b.fmul(d, ir.Constant(F32, -8.0))
@@ -163,9 +169,19 @@ def _lane_q8_0(x, row, o):
     return w, d, x.b.fmul(d, ir.Constant(F32, -128.0))
 
 
+def _lane_q8_0_signed(x, row, o):
+    # AVX2: the signed codes as they are (no offset); _avx2_lane_sums moves their signs onto the activations
+    return x.at(row, x.off(o, 2), _vec(I8, 32)), x.half(row, o), None
+
+
 # qtype -> lane(x, row, o) = (32 unsigned codes c, scale d, offset e) of the block at row + o, with weight
 # w_j = d * c_j + e: a block's dot with activations x (codes q, scale dx) is d * dx * (c . q) + e * dx * sum(q)
-LANE_CODES = {"Q4_0": _lane_q4_0, "Q4_1": _lane_q4_1, "Q5_0": _lane_q5_0, "Q5_1": _lane_q5_1, "Q8_0": _lane_q8_0}
+LANE_CODES = {"Q4_0": _lane_q4_0, "Q4_1": _lane_q4_1, "Q5_0": _lane_q5_0, "Q5_1": _lane_q5_1,
+              "Q8_0": _lane_q8_0 if simd.LEVEL == "vnni" else _lane_q8_0_signed}
+# the largest unsigned code of each lane type (AVX2 sums byte-pair products in int16 while they cannot overflow)
+_CODE_MAX = {"Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31}
+# where a block's packed 4-bit codes start (AVX2 broadcasts them from memory: _avx2_lane_sums)
+_NIBBLES_AT = {"Q4_0": 2, "Q4_1": 4}
 LANES = 8  # activation rows per lane group (one <8 x i32>; 4 lanes for small batches measured only 0-7% faster)
 _MR_LANES = 4  # weight rows per tile (4 x 2 chains of byte dots in flight)
 
@@ -180,7 +196,9 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
     same bits."""
     block_bytes = QTYPES[qtype].block_bytes
     VI, VF = _vec(I32, lanes), _vec(F32, lanes)
-    vpdpbusd, fma = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", f"llvm.fma.v{lanes}f32"
+    fma = f"llvm.fma.v{lanes}f32"
+    lane_sums = (_vnni_lane_sums if simd.LEVEL == "vnni" else
+                 functools.partial(_avx2_lane_sums, code_max=_CODE_MAX.get(qtype), nibbles_at=_NIBBLES_AT.get(qtype)))
 
     def impl(typingctx, raw, off, row_bytes, nr, nb, qxi, dxi, sxi, t0, out, r0):
         ip = types.intp
@@ -197,7 +215,7 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
             last = builder.sub(nr, c(1))
             rows = [builder.gep(raw0, [builder.add(off, builder.mul(
                 builder.select(builder.icmp_signed("<", c(i), nr), c(i), last), row_bytes))]) for i in range(mr)]
-            zero_f, zero_i = ir.Constant(VF, None), ir.Constant(VI, None)
+            zero_f = ir.Constant(VF, None)
             accs = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(mr)]
             for pair in accs:
                 for p in pair:
@@ -211,14 +229,10 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
                 sv = x.at(ps, builder.mul(b, c(4 * lanes)), VF)
                 for row, (pf, pm) in zip(rows, accs):
                     codes, d, e = lane(x, row, o)
-                    cw = builder.bitcast(codes, _vec(I32, 8))
-                    sums = [zero_i, zero_i]  # two chains of byte dots: each waits on its own latency
-                    for k in range(8):
-                        wk = builder.shuffle_vector(cw, ir.Constant(cw.type, ir.Undefined), ir.Constant(VI, [k] * lanes))
-                        sums[k % 2] = x.intr(vpdpbusd, VI, [sums[k % 2], wk, qv[k]])
-                    isum = builder.sitofp(builder.add(sums[0], sums[1]), VF)
+                    isum = builder.sitofp(lane_sums(x, codes, qv, row, o), VF)
                     builder.store(x.intr(fma, VF, [isum, builder.fmul(x.splat(d, lanes), dv), builder.load(pf)]), pf)
-                    builder.store(x.intr(fma, VF, [x.splat(e, lanes), sv, builder.load(pm)]), pm)
+                    if e is not None:
+                        builder.store(x.intr(fma, VF, [x.splat(e, lanes), sv, builder.load(pm)]), pm)
             for i, (pf, pm) in enumerate(accs):
                 tot = builder.fadd(builder.load(pf), builder.load(pm))
                 for lane_i in range(lanes):
@@ -233,6 +247,66 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
     impl.__doc__ = f"{mr} {qtype} rows . {lanes} activation rows as lanes"
     impl.__name__ = impl.__qualname__ = f"lanes{mr}x{lanes}_" + qtype.lower()
     return intrinsic(impl)
+
+
+def _broadcast(x, cw, k: int):
+    """Dword k of <8 x i32> cw in all 8 lanes."""
+    return x.b.shuffle_vector(cw, ir.Constant(cw.type, ir.Undefined), ir.Constant(cw.type, [k] * 8))
+
+
+def _vnni_lane_sums(x, codes, qv, row, o):
+    """<32 x i8> unsigned weight codes, qv[k] = dword k of each lane's activations -> <8 x i32>: lane l =
+    sum over k of the 4-byte dot of the codes' dword k with qv[k]'s lane l (vpdpbusd, two chains: each waits on
+    its own latency)."""
+    cw = x.b.bitcast(codes, _vec(I32, 8))
+    sums = [ir.Constant(cw.type, None)] * 2
+    for k in range(8):
+        sums[k % 2] = x.intr("llvm.x86.avx512.vpdpbusd.256", cw.type, [sums[k % 2], _broadcast(x, cw, k), qv[k]])
+    return x.b.add(sums[0], sums[1])
+
+
+def _avx2_lane_sums(x, codes, qv, row, o, code_max, nibbles_at):
+    """_vnni_lane_sums without VNNI: vpmaddubsw (pairs of byte products in int16) then vpmaddwd by ones (pairs
+    of those in int32). Unsigned codes up to code_max: the int16 pair sums of several dwords are added before
+    widening while they cannot overflow (|pair| <= 2 * code_max * 127: 8 dwords for 4-bit codes, 4 for 5-bit).
+    code_max None: signed codes (Q8_0): |w| against the activations carrying w's sign, widened every dword.
+    nibbles_at: the block's packed 4-bit codes start there (Q4_0/Q4_1): each dword of 8 nibbles is broadcast
+    straight from memory and split in the register (a load and 3 operations for two code dwords, against 2
+    shuffles per dword from the unpacked codes: AVX2 has no one-instruction dword broadcast from a register)."""
+    ones = x.const(I16, 16, 1)
+    cw = x.b.bitcast(codes, _vec(I32, 8))
+    if nibbles_at is not None:
+        m4 = ir.Constant(cw.type, [0x0F0F0F0F] * 8)
+        packed = [x.splat(x.at(row, x.off(o, nibbles_at + 4 * j), I32), 8) for j in range(4)]
+        words = ([x.b.and_(p, m4) for p in packed] +
+                 [x.b.and_(x.b.lshr(p, ir.Constant(cw.type, [4] * 8)), m4) for p in packed])
+    elif code_max is None:  # Q8_0: the codes' dwords broadcast from memory
+        words = [x.splat(x.at(row, x.off(o, 2 + 4 * k), I32), 8) for k in range(8)]
+    else:
+        words = [_broadcast(x, cw, k) for k in range(8)]
+    if code_max is None:
+        zero = ir.Constant(codes.type, None)
+        sums = []
+        for k in range(8):
+            w = x.b.bitcast(words[k], codes.type)
+            aw = x.b.select(x.b.icmp_signed("<", w, zero), x.b.sub(zero, w), w)  # |-128| = 0x80: 128 unsigned
+            s = x.intr("llvm.x86.avx2.psign.b", codes.type, [x.b.bitcast(qv[k], codes.type), w])
+            sums.append(x.madd16(x.pairs16(aw, s), ones))
+    else:
+        per = max(1, 32767 // (2 * code_max * 127))  # dwords per int16 sum
+        sums = []
+        for k0 in range(0, 8, per):
+            p = [x.pairs16(x.b.bitcast(words[k], codes.type), x.b.bitcast(qv[k], codes.type))
+                 for k in range(k0, min(8, k0 + per))]
+            sums.append(x.madd16(_tree(x.b.add, p), ones))
+    return _tree(x.b.add, sums)
+
+
+def _tree(add, vs):
+    """vs[0] + vs[1] + ... as a balanced tree (independent adds in flight)."""
+    while len(vs) > 1:
+        vs = [add(vs[i], vs[i + 1]) if i + 1 < len(vs) else vs[i] for i in range(0, len(vs), 2)]
+    return vs[0]
 
 
 @njit(**_JIT)
@@ -290,13 +364,17 @@ ONE_ROW_TILES = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q5_1": 4, "IQ4_NL": 4, "Q8_0"
 ONE_ROW = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, simd.BLOCK_IR[qtype], mr, 1), suffix=f"_{mr}x1",
                               _MR=mr, _NT=1)
            for qtype, mr in ONE_ROW_TILES.items()}
-# qtype -> the lanes driver (VNNI CPUs, 32-weight block types), for batches of LANES_FROM rows and more: at 2 rows
-# the tiles cost about half of it (1536 x 576, 1 thread: Q4_1 61 vs 109 us), at 3 the two are level, from 4 on
-# the lanes win (8 rows: Q4_1 114 vs 213 us, Q8_0 118 vs 186, Q5_0 134 vs 261; benchmarks/batch_dot_bench.py
-# --rows 2,3,4,8 --tiles 4x2)
+# qtype -> the lanes driver (the 32-weight block types, VNNI and AVX2), for batches of LANES_FROM[qtype] rows and
+# more: a lane group costs the same for 2 rows as for 8. VNNI (1536 x 576, 1 thread): at 2 rows the tiles cost
+# about half of it (Q4_1 61 vs 109 us), at 3 the two are level, from 4 on the lanes win (8 rows: Q4_1 114 vs 213
+# us, Q8_0 118 vs 186, Q5_0 134 vs 261; benchmarks/batch_dot_bench.py --rows 2,3,4,8 --tiles 4x2). AVX2 (Zen 3,
+# same shape, 1 thread, best of 200 calls): lanes Q4_1 135-150 us at any row count (2-8), Q8_0 and Q5_0 221-226;
+# tiles Q4_1 98 / 188 / 190 / 435 us at 2 / 3 / 4 / 8 rows, Q8_0 107 / 196 / 196 / 375, Q5_0 100 / 192 / 192 /
+# 378: the 4-bit types take the lanes from 3 rows, the 5- and 8-bit ones (a dword broadcast from a register, a
+# sign moved per dword) from 5.
 LANE_KERNELS = {qtype: _specialize(_mml_template, qtype, _lanes_dot(qtype, lane, _MR_LANES, LANES))
-                for qtype, lane in LANE_CODES.items()} if simd.LEVEL == "vnni" else {}
-LANES_FROM = 4
+                for qtype, lane in LANE_CODES.items()} if simd.LEVEL in ("vnni", "avx2") else {}
+LANES_FROM = {qtype: 4 if simd.LEVEL == "vnni" else 3 if qtype in _NIBBLES_AT else 5 for qtype in LANE_KERNELS}
 # qtype -> the fewest activation rows for which these drivers beat the single-row dots (measured:
 # benchmarks/batch_dot_bench.py on 1536 x 576 and 2048 x 768 matrices, and SmolLM2's own weights); fewer rows
 # take linear._mm_<type>. Q8_0 from 4: on SmolLM2's 49152 x 576 classifier (28 MB, streamed from memory) the

@@ -202,12 +202,31 @@ def _udot16(x, acc, u, s):
     return x.b.add(acc, x.concat(halves[0], halves[1]))
 
 
-def _micro(group: int):
+def _udot16_pairs(x, u, s):
+    """<64 x i8> unsigned . <64 x i8> signed -> <32 x i16>: the byte products summed in pairs (vpmaddubsw on
+    each 256-bit half; the caller keeps the codes small enough that no pair saturates)."""
+    return x.concat(*(x.pairs16(x.half_of(u, h), x.half_of(s, h)) for h in (0, 1)))
+
+
+def _widen16(x, acc, p16):
+    """acc (<16 x i32>) + the pairs of p16 (<32 x i16>) summed (vpmaddwd by ones on each half)."""
+    ones = x.const(ir.IntType(16), 16, 1)
+    return x.b.add(acc, x.concat(*(x.madd16(x.half_of(p16, h), ones) for h in (0, 1))))
+
+
+def _per16(code_max: int) -> int:
+    """How many k-groups' int16 pair sums add up before widening to int32 without overflow, for unsigned codes
+    up to code_max against activations of at most 128 in size (1 with 512-bit VNNI, which sums in int32 at
+    once): 4-bit codes 8, 5-bit 4, 6-bit 2. Saves the vpmaddwd per k-group that the 256-bit byte dot pays."""
+    return 1 if _WIDE else max(1, 32767 // (2 * code_max * 128))
+
+
+def _micro(group: int, per: int = 1):
     """An intrinsic k(tile, scl, mins, R, r, qx, dx, xs, t, n, res): res[j, 16 i + l] = row r + 16 i + l of the
     unpacked tile . token row t + j (i < _MG, j < _MT, l < 16) over n codes, in scale groups of `group` (32 or 16)
     codes. tile uint32 (n/4, R), scl/mins float32 (n/16, R), qx int8 (T, n), dx (T, n/32), xs (T, n/16) float32,
     res (_MT, 16 _MG) float32, all C-contiguous; the caller keeps r + 16 _MG <= R and t + _MT <= T (no bounds
-    checks here)."""
+    checks here). per > 1: `per` k-groups' byte products are summed in int16 before widening (_per16)."""
     kg = group // 4          # k-groups of 4 codes per scale group
     per16 = group // 16      # entries of scl/mins/xs per scale group
 
@@ -228,6 +247,7 @@ def _micro(group: int):
             with cgutils.for_range(builder, builder.udiv(n, c(group))) as loop:
                 grp = loop.index
                 iacc = [[ir.Constant(v16i, None)] * _MT for _ in range(_MG)]
+                pacc = [[None] * _MT for _ in range(_MG)]  # int16 pair sums not yet widened (per > 1)
                 for g in range(kg):
                     kk = builder.add(builder.mul(grp, c(kg)), c(g))          # k-group index: codes 4 kk ..
                     w = [x.at(pw, builder.mul(builder.add(builder.mul(kk, R), cc), c(4)), b64) for cc in cols]
@@ -235,7 +255,13 @@ def _micro(group: int):
                                                       i32), 16), b64) for tt in toks]
                     for i in range(_MG):
                         for j in range(_MT):
-                            iacc[i][j] = _udot16(x, iacc[i][j], w[i], a[j])
+                            if per == 1:
+                                iacc[i][j] = _udot16(x, iacc[i][j], w[i], a[j])
+                                continue
+                            p = _udot16_pairs(x, w[i], a[j])
+                            pacc[i][j] = p if pacc[i][j] is None else builder.add(pacc[i][j], p)
+                            if (g + 1) % per == 0 or g == kg - 1:
+                                iacc[i][j], pacc[i][j] = _widen16(x, iacc[i][j], pacc[i][j]), None
                 s16 = builder.mul(grp, c(per16))                              # first scale entry of the group
                 s = [x.at(ps, builder.mul(builder.add(builder.mul(s16, R), cc), c(4)), v16f) for cc in cols]
                 # the offsets: one per scale group (Q4_K/Q5_K's mins and the 32-code types' zero points are per 32),
@@ -261,12 +287,13 @@ def _micro(group: int):
                                   align=4)
             return context.get_dummy_value()
         return sig, codegen
-    impl.__name__ = impl.__qualname__ = f"dot{16 * _MG}x{_MT}_g{group}"
+    impl.__name__ = impl.__qualname__ = f"dot{16 * _MG}x{_MT}_g{group}" + (f"_p{per}" if per > 1 else "")
     return intrinsic(impl)
 
 
-_DOT_G32, _DOT_G16 = _micro(32), _micro(16)
 _GROUP = {"Q6_K": 16}  # codes per scale group where not 32
+# (codes per scale group, k-groups per int16 sum) -> the micro-kernel
+_DOTS = {key: _micro(*key) for key in {(_GROUP.get(q, 32), _per16(m)) for q, m in _MAX_CODE.items()}}
 
 
 # ---------------------------------------------------------------- the parallel driver, one per type
@@ -301,7 +328,7 @@ def _specialize(qtype: str):
     on-disk cache finds it)."""
     q = QTYPES[qtype]
     bound = dict(_gemm_template.__globals__, _unpack=_UNPACK[qtype], _block_elems=q.block_size,
-                 _dot_tile=_DOT_G16 if _GROUP.get(qtype) == 16 else _DOT_G32,
+                 _dot_tile=_DOTS[_GROUP.get(qtype, 32), _per16(_MAX_CODE[qtype])],
                  _block_bytes=q.block_bytes)
     name = "_gemm_i8_" + qtype.lower()
     fn = pytypes.FunctionType(_gemm_template.__code__, bound, name)

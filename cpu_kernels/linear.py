@@ -710,11 +710,13 @@ def _int8_gemm(qtype: str, n_out: int, n_in: int):
 
 def _multi_row(qtype: str):
     """(batch_dot's multi-row tiles for qtype or None, batch_dot.MIN_ROWS: qtype -> the fewest rows they take, its
-    lanes driver or None, batch_dot.LANES_FROM: the fewest rows that take it, its one-activation-row tiles or None).
+    lanes driver or None, batch_dot.LANES_FROM[qtype]: the fewest rows that take it, its one-activation-row tiles or
+    None).
     Imported here: batch_dot builds on this module's helpers."""
     from . import batch_dot
 
-    return (batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS, batch_dot.LANE_KERNELS.get(qtype), batch_dot.LANES_FROM,
+    return (batch_dot.KERNELS.get(qtype), batch_dot.MIN_ROWS, batch_dot.LANE_KERNELS.get(qtype),
+            batch_dot.LANES_FROM.get(qtype),
             batch_dot.ONE_ROW.get(qtype))
 
 

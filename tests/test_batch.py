@@ -49,8 +49,9 @@ def test_forward_batch_matches_each_sequence_alone(model, monkeypatch):
 
 
 def test_forward_batch_rows_do_not_depend_on_the_batch(model):
-    """With the multi-row tiles (cpu_kernels/batch_dot.py): each sequence's logits are the same bits in a batch
-    of three as in a batch with a copy of itself."""
+    """With the multi-row drivers (cpu_kernels/batch_dot.py): each sequence's logits are the same bits in a batch
+    of three as in another batch of three rows (a copy of itself and another sequence, in another order): the
+    same row count takes the same driver (tiles or lanes: batch_dot.LANES_FROM)."""
     from edgeq.runtime.kv_cache import make_kv_cache
 
     m = model
@@ -65,7 +66,7 @@ def test_forward_batch_rows_do_not_depend_on_the_batch(model):
                                     np.array([len(prompts[i]) for i in rows]), caches)
     three = step([0, 1, 2])
     for i in range(3):
-        np.testing.assert_array_equal(step([i, i])[0], three[i])
+        np.testing.assert_array_equal(step([(i + 1) % 3, i, i])[1], three[i])
 
 
 def _run(sched, reqs, timeout=600):
@@ -124,7 +125,7 @@ def test_scheduler_rejects_what_cannot_run_and_bounds_the_queue(model):
 
 def test_decode_batch_products_equal_one_row_products(model):
     """matmul_rows_many over 8 rows gives each row the same bits as in any other batch that takes the same
-    driver (4 rows, another order: cpu_kernels/batch_dot.LANES_FROM), so a sequence's logits do not depend on
+    driver (5 rows, another order: cpu_kernels/batch_dot.LANES_FROM), so a sequence's logits do not depend on
     what else is in the batch through the matrix products; and what matvec gives it alone up to float32
     rounding (tests/test_batch_dot.py)."""
     from edgeq.cpu_kernels.linear import matmul_rows_many
@@ -133,7 +134,7 @@ def test_decode_batch_products_equal_one_row_products(model):
     X = np.random.default_rng(0).standard_normal((8, L.wq.n_in)).astype(np.float32)
     qs = [L.wq.q, L.wk.q, L.wv.q, L.w_gate.q]
     ys = matmul_rows_many(qs, X)
-    for rows in ([7, 0, 5, 2], [3, 6, 1, 2, 5, 4, 0, 7]):
+    for rows in ([7, 0, 5, 2, 4], [3, 6, 1, 2, 5, 4, 0, 7]):
         for y, part in zip(ys, matmul_rows_many(qs, X[rows])):
             np.testing.assert_array_equal(part, y[rows])
     for q, y in zip(qs, ys):

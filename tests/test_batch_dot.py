@@ -39,17 +39,20 @@ def test_multi_row_equals_the_single_row_path(qtype):
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K", "Q6_K"])
 def test_a_row_does_not_depend_on_its_batch(qtype):
     """A sequence's products are the same bits whatever else is in the batch and wherever it sits in it, among
-    batches that take the same driver (the tiles below batch_dot.LANES_FROM rows, the lanes from there on)."""
+    batches that take the same driver (the tiles below batch_dot.LANES_FROM[qtype] rows, the lanes from there
+    on)."""
     n_in, qs, _ = _matrices(qtype, (21,), 2, seed=3)
     X = np.random.default_rng(0).standard_normal((7, n_in)).astype(np.float32)
+    lanes_from = batch_dot.LANES_FROM.get(qtype, 99)
     (full,) = matmul_rows_many(qs, X)
-    for rows in ([2, 5, 1, 0, 6], [6, 0, 3, 5], [5] * 9):
+    for rows in ([2, 5, 1, 0, 6], [6, 0, 3, 5, 1], [5] * 9):
         (part,) = matmul_rows_many(qs, X[rows])
         np.testing.assert_array_equal(part, full[rows])
-    (few,) = matmul_rows_many(qs, X[:3])
-    for rows in ([2, 1], [0, 2], [1, 1]):
+    few = min(3, lanes_from - 1)  # the tiles
+    (head,) = matmul_rows_many(qs, X[:few])
+    for rows in ([1, 0], [0, few - 1], [1, 1]):
         (part,) = matmul_rows_many(qs, X[rows])
-        np.testing.assert_array_equal(part, few[rows])
+        np.testing.assert_array_equal(part, head[rows])
 
 
 def test_dispatch_by_row_count(monkeypatch):
@@ -70,22 +73,60 @@ def test_dispatch_by_row_count(monkeypatch):
 
 
 def test_lanes_take_batches_from_lanes_from_rows():
-    """On VNNI CPUs the 32-weight block types run batches of LANES_FROM rows and more on the lanes driver (its
-    output, bit for bit), fewer rows on the tiles."""
+    """On VNNI and AVX2 CPUs the 32-weight block types run batches of LANES_FROM[qtype] rows and more on the lanes
+    driver (its output, bit for bit), fewer rows on the tiles; the lanes' products match the numpy twin."""
     from edgeq.cpu_kernels import linear, simd
 
-    if simd.LEVEL != "vnni":
-        assert batch_dot.LANE_KERNELS == {}
+    if simd.LEVEL not in ("vnni", "avx2"):
+        assert batch_dot.LANE_KERNELS == {} == batch_dot.LANES_FROM
         return
-    assert set(batch_dot.LANE_KERNELS) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
-    n_in, (q,), _ = _matrices("Q4_1", (13,), 2, seed=5)
-    assert q._integer_kernel(batch_dot.LANES_FROM - 1) is batch_dot.KERNELS["Q4_1"]
-    assert q._integer_kernel(batch_dot.LANES_FROM) is q._integer_kernel(16) is batch_dot.LANE_KERNELS["Q4_1"]
-    X = np.random.default_rng(1).standard_normal((batch_dot.LANES_FROM + 5, n_in)).astype(np.float32)
-    direct = np.empty((X.shape[0], 13), np.float32)
-    qx, dx, bsums = linear._quantized(X)
-    linear._run_fused(batch_dot.LANE_KERNELS["Q4_1"], [q.raw], n_in, qx, dx, bsums, [direct])
-    np.testing.assert_array_equal(matmul_rows_many([q], X)[0], direct)
+    assert set(batch_dot.LANE_KERNELS) == set(batch_dot.LANES_FROM) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+    for qtype in batch_dot.LANE_KERNELS:
+        n_in, (q,), (W,) = _matrices(qtype, (13,), 2, seed=5)
+        start = batch_dot.LANES_FROM[qtype]
+        assert q._integer_kernel(start - 1) is batch_dot.KERNELS[qtype]
+        assert q._integer_kernel(start) is q._integer_kernel(16) is batch_dot.LANE_KERNELS[qtype]
+        X = np.random.default_rng(1).standard_normal((start + 8, n_in)).astype(np.float32)
+        direct = np.empty((X.shape[0], 13), np.float32)
+        qx, dx, bsums = linear._quantized(X)
+        linear._run_fused(batch_dot.LANE_KERNELS[qtype], [q.raw], n_in, qx, dx, bsums, [direct])
+        np.testing.assert_array_equal(matmul_rows_many([q], X)[0], direct)
+        assert rel_err(direct, quantize_activations(X, act_group(qtype)) @ W.T) < 1e-5, qtype
+
+
+def test_lanes_reach_the_extreme_codes():
+    """The AVX2 lanes add int16 pair sums before widening them: with every code at its extreme (4-bit codes 15,
+    5-bit 31, Q8_0 -128 and 127) against activations of +-127, nothing saturates (the numpy twin agrees)."""
+
+    for qtype in batch_dot.LANE_KERNELS:
+        n_in, (q,), _ = _matrices(qtype, (9,), 2, seed=2)
+        raw = q.raw.copy().reshape(9, -1, _block_bytes(qtype))
+        if qtype == "Q8_0":
+            raw[:5, :, 2:], raw[5:, :, 2:] = 0x80, 0x7F  # rows of -128, rows of 127
+        else:
+            raw[:, :, _code_bytes(qtype)] = 0xFF  # every code at its largest
+        q2 = QuantLinear(raw.reshape(-1), qtype, (9, n_in))
+        X = np.ones((8, n_in), np.float32)  # codes +-127: rows of +1 and of -1, then mixed signs
+        X[1] = -1.0
+        X[2:] = np.random.default_rng(3).choice([-1.0, 1.0], size=(6, n_in))
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        W = dequantize(raw.reshape(9, -1), GGMLQuantizationType[qtype]).astype(np.float64)
+        assert q2._integer_kernel(8) is batch_dot.LANE_KERNELS[qtype]
+        (y,) = matmul_rows_many([q2], X)
+        assert rel_err(y, quantize_activations(X, act_group(qtype)) @ W.T) < 1e-5, qtype
+
+
+def _block_bytes(qtype: str) -> int:
+    from edgeq.formats.quants import QTYPES
+
+    return QTYPES[qtype].block_bytes
+
+
+def _code_bytes(qtype: str) -> slice:
+    """The bytes of a block holding its codes (and 5th bits)."""
+    return {"Q4_0": slice(2, 18), "Q4_1": slice(4, 20), "Q5_0": slice(2, 22), "Q5_1": slice(4, 24)}[qtype]
 
 
 def test_every_integer_type_has_a_multi_row_driver():
