@@ -5,13 +5,13 @@ and runs a float GEMM; this one keeps both sides in bytes, as llama.cpp's prefil
 
 * activations: quantized once per 32 values (`quantize_act`: int8 codes `qx`, scales `dx`, and `xs` = the
   float sum of each 16 activations, dx * sum of their codes, for the weights' offsets);
-* weights: each tile of _TILE_ROWS (32) rows is unpacked by its type's `_unpack_<type>` into unsigned byte codes
+* weights: each tile of _TILE_ROWS (32 with 512-bit VNNI, else 16) rows is unpacked by its type's `_unpack_<type>` into unsigned byte codes
   and two floats per 16 weights, w = scl * code - mins (every type below fits that form: Q8_0's signed bytes
   get +128 and an offset of 128 d, Q6_K's 6-bit codes an offset of 32 d sc, ...), stored 4 codes of each row
   side by side (tile[g, r] = codes 4g..4g+3 of row r), in a buffer of the thread that uses it (~1.5 bytes per
   weight: 32 rows stay in L2);
 * the micro-kernel `_dot_tile` (explicit SIMD: vpdpbusd on 512-bit registers where the CPU has AVX512-VNNI,
-  cpu_kernels/simd.py's 256-bit byte dot twice elsewhere) multiplies the 32 rows by _MT (4) token rows: one
+  cpu_kernels/simd.py's 256-bit byte dot twice elsewhere) multiplies the tile's rows by _MT (4) token rows: one
   64-byte load holds 4 codes of 16 rows, one byte dot adds them times 4 broadcast activation codes into 16 int32
   lanes (one per row), so per scale group (32 codes; 16 for Q6_K) 2 x 4 integer sums are converted to float
   once and scaled by scl * dx; the offsets add mins times the float sum of the group's activations.
@@ -187,10 +187,14 @@ _MAX_CODE = {"Q8_0": 255, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31, "Q4_K"
 # one uint32), so one 64-byte load holds 4 codes of 16 rows and one vpdpbusd multiplies it by 4 codes of a token
 # (broadcast): each lane gathers one row's dot, no horizontal sums. The int32 lanes run over a whole scale group
 # (32 codes; 16 for Q6_K, whose scales change every 16) and are converted to float once per group.
-_MG, _MT = 2, 4   # 2 x 16 rows x 4 tokens: 8 int32 + 8 float accumulators, 2 weight loads per 8 byte dots
-_TILE_ROWS = 16 * _MG
 _WIDE = simd.LEVEL == "vnni" and all(simd.llvm_binding.get_host_cpu_features().get(f)
                                      for f in ("avx512vnni", "avx512bw", "avx512f"))
+# _MG x 16 rows x _MT tokens: with 512-bit VNNI 2 x 16 x 4 (8 int32 + 8 float accumulators, 2 weight loads per 8
+# byte dots in 32 zmm registers); with 256-bit registers (16 of them, each accumulator two) 1 x 16 x 4, measured on
+# Zen 3 (`benchmarks/prefill_profile.py ... -p 200 -t 1`, CPU ms of the GEMM): SmolLM2 Q4_1 455 vs 500 (2 x 4),
+# 500 (2 x 2), 575 (1 x 8); Qwen2.5-0.5B Q5_0 / Q6_K / Q4_K 905 / 215 / 164 vs 1058 / 255 / 225 (2 x 4)
+_MG, _MT = (2, 4) if _WIDE else (1, 4)
+_TILE_ROWS = 16 * _MG
 
 
 def _udot16(x, acc, u, s):
