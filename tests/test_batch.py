@@ -142,3 +142,25 @@ def test_decode_batch_products_equal_one_row_products(model):
         for t in range(8):
             one = q.matvec(X[t])
             assert np.abs(y[t] - one).max() <= 2e-6 * np.abs(one).max()
+
+
+def test_warm_up_meets_every_batch_driver(model):
+    """After the scheduler's warm-up, decode batches of 1..8 sequences run on kernels already compiled for these
+    weights (no dispatcher gains a signature): a driver first met while serving would stall every stream while
+    it loads or, on a fresh install, compiles."""
+    from edgeq.cpu_kernels import batch_dot, linear
+
+    def dispatchers():
+        ds = list(batch_dot.KERNELS.values()) + list(batch_dot.LANE_KERNELS.values())
+        ds += list(batch_dot.ONE_ROW.values()) + [k for pair in linear._KERNELS.values() for k in pair if k]
+        return {id(d): d for d in ds}.values()
+
+    sched = Scheduler(model, n_slots=8, n_ctx=64)
+    sched._warm_up()
+    before = {id(d): len(d.signatures) for d in dispatchers()}
+    m = model
+    for k in range(1, 9):
+        m.arch.forward_batch(m.weights, m.cfg, np.full(k, 7, np.int64), np.zeros(k, np.int64),
+                             [s.cache for s in sched.slots[:k]])
+    grew = [d.__name__ for d in dispatchers() if len(d.signatures) != before[id(d)]]
+    assert grew == []

@@ -226,7 +226,7 @@ class Scheduler:
 
     def _warm_up(self) -> None:
         """Compile every kernel the steps use: a prefill chunk of a few and of many rows (serial and parallel
-        small ops), batched decode of one and of several sequences."""
+        small ops), batched decode of every size up to 8 sequences."""
         m, arch = self.model, self.model.arch
         a, b = self.slots[0], self.slots[-1]
         n = min(self.prefill_chunk, 32)
@@ -237,6 +237,12 @@ class Scheduler:
             arch.forward_batch(m.weights, m.cfg, np.array([1, 1]), np.array([n + 1, 4]), [a.cache, b.cache])
         else:
             arch.forward(m.weights, m.cfg, np.ones(4, np.int64), 0, a.cache)
+        # batches of 3..8 sequences: the product drivers change with the row count (cpu_kernels/batch_dot.py: tiles
+        # from 2 or 4 rows, lanes from 3 to 5), and a driver first met while serving would load (or, on a fresh
+        # install, compile) in the middle of the streams
+        for k in range(3, min(len(self.slots), 8) + 1):
+            arch.forward_batch(m.weights, m.cfg, np.ones(k, np.int64), np.zeros(k, np.int64),
+                               [s.cache for s in self.slots[:k]])
         # the caches now hold junk at positions 0..: slot.tokens stays empty, so nothing is ever reused
 
     def _admit(self) -> None:
