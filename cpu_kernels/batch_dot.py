@@ -28,9 +28,9 @@ Each row's blocks are summed in the single-row dot's order, but the backend fuse
 loop (Numba's fastmath 'contract'), so rows differ from the single-row dot by a float32 rounding or two. Every
 tile (and every lane) runs the same code, so a row's result is the same bits whatever the other rows of the
 batch are and wherever it sits, among the batches that take one driver (MIN_ROWS to LANES_FROM[qtype] - 1
-rows, or LANES_FROM[qtype] and more; tests/test_batch_dot.py): there a sequence's products do not depend on what else is in the
-batch. A partial tile dots its missing rows with the last real
-ones (no reads out of bounds) and stores only the real ones.
+rows, or LANES_FROM[qtype] and more; tests/test_batch_dot.py): there a sequence's products do not depend on what
+else is in the batch. A partial tile dots its missing rows with the last real ones (no reads out of bounds) and
+stores only the real ones.
 """
 from __future__ import annotations
 
@@ -176,6 +176,7 @@ def _lane_q8_0_signed(x, row, o):
 
 # qtype -> lane(x, row, o) = (32 unsigned codes c, scale d, offset e) of the block at row + o, with weight
 # w_j = d * c_j + e: a block's dot with activations x (codes q, scale dx) is d * dx * (c . q) + e * dx * sum(q)
+# (on AVX2 Q8_0's codes stay signed and e is None: _avx2_lane_sums takes their signs)
 LANE_CODES = {"Q4_0": _lane_q4_0, "Q4_1": _lane_q4_1, "Q5_0": _lane_q5_0, "Q5_1": _lane_q5_1,
               "Q8_0": _lane_q8_0 if simd.LEVEL == "vnni" else _lane_q8_0_signed}
 # the largest unsigned code of each lane type (AVX2 sums byte-pair products in int16 while they cannot overflow)
@@ -194,6 +195,7 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
     unused lanes); all C-contiguous. Rows past nr dot the last real one and are not stored. Each lane runs the
     same operations whatever the vector width (no horizontal sums, explicit FMAs): 4 and 8 lanes give the
     same bits."""
+    assert lanes == 8, "the byte dots below fill one 256-bit vector"
     block_bytes = QTYPES[qtype].block_bytes
     VI, VF = _vec(I32, lanes), _vec(F32, lanes)
     fma = f"llvm.fma.v{lanes}f32"
