@@ -179,8 +179,6 @@ def _lane_q8_0_signed(x, row, o):
 # (on AVX2 Q8_0's codes stay signed and e is None: _avx2_lane_sums takes their signs)
 LANE_CODES = {"Q4_0": _lane_q4_0, "Q4_1": _lane_q4_1, "Q5_0": _lane_q5_0, "Q5_1": _lane_q5_1,
               "Q8_0": _lane_q8_0 if simd.LEVEL == "vnni" else _lane_q8_0_signed}
-# the largest unsigned code of each lane type (AVX2 sums byte-pair products in int16 while they cannot overflow)
-_CODE_MAX = {"Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31}
 # where a block's packed 4-bit codes start (AVX2 broadcasts them from memory: _avx2_lane_sums)
 _NIBBLES_AT = {"Q4_0": 2, "Q4_1": 4}
 LANES = 8  # activation rows per lane group (one <8 x i32>; 4 lanes for small batches measured only 0-7% faster)
@@ -200,7 +198,8 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
     VI, VF = _vec(I32, lanes), _vec(F32, lanes)
     fma = f"llvm.fma.v{lanes}f32"
     lane_sums = (_vnni_lane_sums if simd.LEVEL == "vnni" else
-                 functools.partial(_avx2_lane_sums, code_max=_CODE_MAX.get(qtype), nibbles_at=_NIBBLES_AT.get(qtype)))
+                 functools.partial(_avx2_lane_sums, code_max=None if qtype == "Q8_0" else simd.UNSIGNED_CODE_MAX[qtype],
+                                   nibbles_at=_NIBBLES_AT.get(qtype)))
 
     def impl(typingctx, raw, off, row_bytes, nr, nb, qxi, dxi, sxi, t0, out, r0):
         ip = types.intp
@@ -270,7 +269,7 @@ def _vnni_lane_sums(x, codes, qv, row, o):
 def _avx2_lane_sums(x, codes, qv, row, o, code_max, nibbles_at):
     """_vnni_lane_sums without VNNI: vpmaddubsw (pairs of byte products in int16) then vpmaddwd by ones (pairs
     of those in int32). Unsigned codes up to code_max: the int16 pair sums of several dwords are added before
-    widening while they cannot overflow (|pair| <= 2 * code_max * 127: 8 dwords for 4-bit codes, 4 for 5-bit).
+    widening while they cannot overflow (simd.int16_runs: 8 dwords for 4-bit codes, 4 for 5-bit).
     code_max None: signed codes (Q8_0): |w| against the activations carrying w's sign, widened every dword.
     nibbles_at: the block's packed 4-bit codes start there (Q4_0/Q4_1): each dword of 8 nibbles is broadcast
     straight from memory and split in the register (a load and 3 operations for two code dwords, against 2
@@ -295,7 +294,7 @@ def _avx2_lane_sums(x, codes, qv, row, o, code_max, nibbles_at):
             s = x.intr("llvm.x86.avx2.psign.b", codes.type, [x.b.bitcast(qv[k], codes.type), w])
             sums.append(x.madd16(x.pairs16(aw, s), ones))
     else:
-        per = max(1, 32767 // (2 * code_max * 127))  # dwords per int16 sum
+        per = simd.int16_runs(code_max)  # dwords per int16 sum
         sums = []
         for k0 in range(0, 8, per):
             p = [x.pairs16(x.b.bitcast(words[k], codes.type), x.b.bitcast(qv[k], codes.type))

@@ -5,8 +5,8 @@ and runs a float GEMM; this one keeps both sides in bytes, as llama.cpp's prefil
 
 * activations: quantized once per 32 values (`quantize_act`: int8 codes `qx`, scales `dx`, and `xs` = the
   float sum of each 16 activations, dx * sum of their codes, for the weights' offsets);
-* weights: each tile of _TILE_ROWS (32 with 512-bit VNNI, else 16) rows is unpacked by its type's `_unpack_<type>` into unsigned byte codes
-  and two floats per 16 weights, w = scl * code - mins (every type below fits that form: Q8_0's signed bytes
+* weights: each tile of _TILE_ROWS (32 with 512-bit VNNI, else 16) rows is unpacked by its type's
+  `_unpack_<type>` into unsigned byte codes and two floats per 16 weights, w = scl * code - mins (every type below fits that form: Q8_0's signed bytes
   get +128 and an offset of 128 d, Q6_K's 6-bit codes an offset of 32 d sc, ...), stored 4 codes of each row
   side by side (tile[g, r] = codes 4g..4g+3 of row r), in a buffer of the thread that uses it (~1.5 bytes per
   weight: 32 rows stay in L2);
@@ -178,8 +178,6 @@ QTYPES_Q4_K_BYTES, QTYPES_Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"
 _UNPACK = {"Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0, "Q4_1": _unpack_q4_1, "Q5_0": _unpack_q5_0,
            "Q5_1": _unpack_q5_1, "Q4_K": _unpack_q4_k,
            "Q5_K": _unpack_q5_k, "Q6_K": _unpack_q6_k}
-# the largest code of each type: the AVX2 byte dot (vpmaddubsw) saturates its int16 pair sums past 127 x 128
-_MAX_CODE = {"Q8_0": 255, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63}
 
 
 # ---------------------------------------------------------------- the micro-kernel: _MG x 16 weight rows x _MT tokens
@@ -219,10 +217,9 @@ def _widen16(x, acc, p16):
 
 
 def _per16(code_max: int) -> int:
-    """How many k-groups' int16 pair sums add up before widening to int32 without overflow, for unsigned codes
-    up to code_max against activations of at most 128 in size (1 with 512-bit VNNI, which sums in int32 at
-    once): 4-bit codes 8, 5-bit 4, 6-bit 2. Saves the vpmaddwd per k-group that the 256-bit byte dot pays."""
-    return 1 if _WIDE else max(1, 32767 // (2 * code_max * 128))
+    """How many k-groups' int16 pair sums add up before widening to int32 (simd.int16_runs; 1 with 512-bit VNNI,
+    which sums in int32 at once). Saves the vpmaddwd per k-group that the 256-bit byte dot pays."""
+    return 1 if _WIDE else simd.int16_runs(code_max)
 
 
 def _micro(group: int, per: int = 1):
@@ -297,7 +294,7 @@ def _micro(group: int, per: int = 1):
 
 _GROUP = {"Q6_K": 16}  # codes per scale group where not 32
 # (codes per scale group, k-groups per int16 sum) -> the micro-kernel
-_DOTS = {key: _micro(*key) for key in {(_GROUP.get(q, 32), _per16(m)) for q, m in _MAX_CODE.items()}}
+_DOTS = {key: _micro(*key) for key in {(_GROUP.get(q, 32), _per16(m)) for q, m in simd.UNSIGNED_CODE_MAX.items()}}
 
 
 # ---------------------------------------------------------------- the parallel driver, one per type
@@ -332,7 +329,7 @@ def _specialize(qtype: str):
     on-disk cache finds it)."""
     q = QTYPES[qtype]
     bound = dict(_gemm_template.__globals__, _unpack=_UNPACK[qtype], _block_elems=q.block_size,
-                 _dot_tile=_DOTS[_GROUP.get(qtype, 32), _per16(_MAX_CODE[qtype])],
+                 _dot_tile=_DOTS[_GROUP.get(qtype, 32), _per16(simd.UNSIGNED_CODE_MAX[qtype])],
                  _block_bytes=q.block_bytes)
     name = "_gemm_i8_" + qtype.lower()
     fn = pytypes.FunctionType(_gemm_template.__code__, bound, name)
@@ -345,7 +342,7 @@ _DRIVERS = {q: _specialize(q) for q in _UNPACK}
 
 # the types whose prefill takes this path on this CPU: measured against the float tiles (docs/performance.md)
 INT8_GEMM = tuple(q for q in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-                  if simd.LEVEL != "avx2" or _MAX_CODE[q] < 128)
+                  if simd.LEVEL != "avx2" or simd.UNSIGNED_CODE_MAX[q] < 128)
 # below this many weights the float tiles keep the products. 0: every matrix of these types, as decode and as
 # llama.cpp's prefill. The int8 GEMM is 1.6-3.5x the float tiles down to 192 x 576 (SmolLM2's k/v, T = 128, one
 # thread); a floor of 2^20 kept small models' prefill on float activations (closer to transformers' float model:

@@ -75,6 +75,18 @@ _ZMM = LEVEL == "vnni" and all(llvm_binding.get_host_cpu_features().get(f) for f
 # int32: vpmaddubsw + vpmaddwd), so a super-block costs one int -> float conversion and one FMA instead of one per
 # 32 weights. Not on _ZMM: the 512-bit dots there keep per-32 activation scales (a float path measured on those CPUs).
 SUPER_ACT = frozenset() if _ZMM else frozenset({"Q4_K", "Q5_K", "Q6_K"})
+# The largest weight code of each type as the unsigned operand of the byte dots takes it (Q8_0's signed bytes + 128),
+# and the activations' (linear._quantize_block rounds them onto +-127): vpmaddubsw's int16 pair sums stay exact
+# for int16_runs(code) groups of 4 bytes.
+UNSIGNED_CODE_MAX = {"Q8_0": 255, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63}
+ACT_CODE_MAX = 127
+
+
+def int16_runs(code_max: int) -> int:
+    """How many 4-byte groups' vpmaddubsw pair sums (unsigned codes up to code_max times activation codes) add up in
+    int16 before one widening without overflow (|pair| <= 2 * code_max * ACT_CODE_MAX): 4-bit codes 8, 5-bit 4,
+    6-bit 2, 8-bit 1."""
+    return max(1, 32767 // (2 * code_max * ACT_CODE_MAX))
 # f16 -> f32 in hardware where LLVM has it (x86 F16C, any ARM64); EDGEQ_SOFT_HALF=1 forces the integer path
 _HW_HALF = os.environ.get("EDGEQ_SOFT_HALF", "") != "1" and (
     platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86")

@@ -7,6 +7,8 @@ import pytest
 
 from edgeq.cpu_kernels import batch_dot
 from edgeq.cpu_kernels.linear import BLOCKS, QuantLinear, act_group, matmul_rows_many
+from edgeq.formats.quants import QTYPES
+from test_gemm_i8 import CODE_BYTES
 from test_linear import make_weights, quantize_activations, rel_err
 
 TYPES = list(batch_dot.KERNELS)
@@ -97,14 +99,13 @@ def test_lanes_take_batches_from_lanes_from_rows():
 def test_lanes_reach_the_extreme_codes():
     """The AVX2 lanes add int16 pair sums before widening them: with every code at its extreme (4-bit codes 15,
     5-bit 31, Q8_0 -128 and 127) against activations of +-127, nothing saturates (the numpy twin agrees)."""
-
     for qtype in batch_dot.LANE_KERNELS:
         n_in, (q,), _ = _matrices(qtype, (9,), 2, seed=2)
-        raw = q.raw.copy().reshape(9, -1, _block_bytes(qtype))
+        raw = q.raw.copy().reshape(9, -1, QTYPES[qtype].block_bytes)
         if qtype == "Q8_0":
             raw[:5, :, 2:], raw[5:, :, 2:] = 0x80, 0x7F  # rows of -128, rows of 127
         else:
-            raw[:, :, _code_bytes(qtype)] = 0xFF  # every code at its largest
+            raw[:, :, CODE_BYTES[qtype]] = 0xFF  # every code at its largest
         q2 = QuantLinear(raw.reshape(-1), qtype, (9, n_in))
         X = np.ones((8, n_in), np.float32)  # codes +-127: rows of +1 and of -1, then mixed signs
         X[1] = -1.0
@@ -116,17 +117,6 @@ def test_lanes_reach_the_extreme_codes():
         assert q2._integer_kernel(8) is batch_dot.LANE_KERNELS[qtype]
         (y,) = matmul_rows_many([q2], X)
         assert rel_err(y, quantize_activations(X, act_group(qtype)) @ W.T) < 1e-5, qtype
-
-
-def _block_bytes(qtype: str) -> int:
-    from edgeq.formats.quants import QTYPES
-
-    return QTYPES[qtype].block_bytes
-
-
-def _code_bytes(qtype: str) -> slice:
-    """The bytes of a block holding its codes (and 5th bits)."""
-    return {"Q4_0": slice(2, 18), "Q4_1": slice(4, 20), "Q5_0": slice(2, 22), "Q5_1": slice(4, 24)}[qtype]
 
 
 def test_every_integer_type_has_a_multi_row_driver():
