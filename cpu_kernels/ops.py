@@ -187,21 +187,29 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
 
 
 # ---------------------------------------------------------------- activations
+@njit(inline="always", **_JIT)
+def _silu(a):
+    return a / (np.float32(1.0) + fast_exp(-a))
+
+
+@njit(inline="always", **_JIT)
+def _gelu(a):
+    # GELU, tanh approximation (gelu_pytorch_tanh), as Gemma uses:
+    # 0.5 a (1 + tanh(z)) = a / (1 + exp(-2z)), z = sqrt(2/pi) (a + 0.044715 a^3)
+    c2 = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
+    return a / (np.float32(1.0) + fast_exp(c2 * (a + np.float32(0.044715) * a * a * a)))
+
+
 @njit(**_JIT)
 def _silu_row(g, u, out, r):
     for i in range(g.shape[1]):
-        a = g[r, i]
-        out[r, i] = a / (np.float32(1.0) + fast_exp(-a)) * u[r, i]
+        out[r, i] = _silu(g[r, i]) * u[r, i]
 
 
 @njit(**_JIT)
 def _gelu_row(g, u, out, r):
-    # GELU, tanh approximation (gelu_pytorch_tanh), as Gemma uses:
-    # 0.5 a (1 + tanh(z)) = a / (1 + exp(-2z)), z = sqrt(2/pi) (a + 0.044715 a^3)
-    c2 = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
     for i in range(g.shape[1]):
-        a = g[r, i]
-        out[r, i] = a / (np.float32(1.0) + fast_exp(c2 * (a + np.float32(0.044715) * a * a * a))) * u[r, i]
+        out[r, i] = _gelu(g[r, i]) * u[r, i]
 
 
 @njit(parallel=True, **_JIT)
@@ -216,24 +224,47 @@ def _gelu_mul(g, u, out):
         _gelu_row(g, u, out, r)
 
 
-def _gated(kernel, g, u):
+# In place (out is g) through drivers whose loads and stores name one array: passed to the row function as a
+# separate `out`, g's own memory fails the vectorized loop's runtime overlap check and every element takes the
+# scalar loop (10x slower). The same bits as the drivers above.
+@njit(parallel=True, **_JIT)
+def _silu_mul_in_place(g, u):
+    for r in prange(g.shape[0]):
+        for i in range(g.shape[1]):
+            g[r, i] = _silu(g[r, i]) * u[r, i]
+
+
+@njit(parallel=True, **_JIT)
+def _gelu_mul_in_place(g, u):
+    for r in prange(g.shape[0]):
+        for i in range(g.shape[1]):
+            g[r, i] = _gelu(g[r, i]) * u[r, i]
+
+
+def _gated(kernel, in_place, g, u, out):
     if g.shape != u.shape:
         raise ValueError("gate and up shapes differ")
-    g2 = np.ascontiguousarray(g, dtype=np.float32).reshape(-1, g.shape[-1])
-    u2 = np.ascontiguousarray(u, dtype=np.float32).reshape(g2.shape)
-    out = np.empty_like(g2)
-    kernel(g2, u2, out)  # parallel even for one row: 1536-2048 exps are worth the ~3 us start
-    return out.reshape(g.shape)
+    u2 = np.ascontiguousarray(u, dtype=np.float32).reshape(-1, g.shape[-1])
+    # parallel even for one row: 1536-2048 exps are worth the ~3 us start
+    if out is g and g.dtype == np.float32 and g.flags.c_contiguous and g.flags.writeable:
+        in_place(g.reshape(u2.shape), u2)
+        return g
+    g2 = np.ascontiguousarray(g, dtype=np.float32).reshape(u2.shape)
+    if out is None or out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != g.shape:
+        out = np.empty(g.shape, np.float32)
+    kernel(g2, u2, out.reshape(g2.shape))
+    return out
 
 
-def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """SwiGLU: silu(g) * u."""
-    return _gated(_silu_mul, g, u)
+def silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """SwiGLU: silu(g) * u, into `out` when it is a C-contiguous float32 array of g's shape (g itself: a prompt's
+    (T, n_ff) buffer less at the peak), else into a new array."""
+    return _gated(_silu_mul, _silu_mul_in_place, g, u, out)
 
 
-def gelu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """GeGLU: gelu_tanh(g) * u."""
-    return _gated(_gelu_mul, g, u)
+def gelu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """GeGLU: gelu_tanh(g) * u, into `out` as silu_mul."""
+    return _gated(_gelu_mul, _gelu_mul_in_place, g, u, out)
 
 
 # ---------------------------------------------------------------- softmax

@@ -194,9 +194,11 @@ def layer(w: Weights, L: Layer, cfg: Config, il: int, x: np.ndarray, positions: 
     rope(k, positions, inv_freq, True)
     a = attention(il, q, k, v)
     x += rmsnorm(products([L.wo], a.reshape(T, cfg.n_head * hd))[0], L.post_attn_norm, cfg.rms_eps)
+    del q, k, v, a  # a prompt's (T, ...) arrays of the attention, freed before the feed-forward's larger ones
     # feed-forward (GeGLU), post-FFN norm before the residual
     h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-    g = gelu_mul(*products([L.w_gate, L.w_up], h))
+    g, u = products([L.w_gate, L.w_up], h)
+    g = gelu_mul(g, u, out=g)
     x += rmsnorm(products([L.w_down], g)[0], L.post_ffn_norm, cfg.rms_eps)
 
 

@@ -242,12 +242,14 @@ def layer(L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray, 
     a = attention(il, q, k, v)                                       # (T, n_head, hd)
     o = products([L.wo], a.reshape(T, cfg.n_head * hd))[0]
     x += o if res == 1.0 else o * res
+    del q, k, v, a, o  # a prompt's (T, ...) arrays of the attention, freed before the feed-forward's larger ones
     # feed-forward (SwiGLU, or a mixture of SwiGLU experts)
     h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
     if L.moe is not None:
         o = experts(L.moe, h, cfg.n_expert_used, observer)
     else:
-        o = products([L.w_down], silu_mul(*products([L.w_gate, L.w_up], h)))[0]
+        g, u = products([L.w_gate, L.w_up], h)
+        o = products([L.w_down], silu_mul(g, u, out=g))[0]
     x += o if res == 1.0 else o * res
 
 

@@ -29,9 +29,13 @@ def test_greedy_and_seeded_sampling_are_reproducible(model):
 
 
 def test_stop_string_cuts_the_output(model):
+    # both runs from an empty cache: a run that reuses the prompt rewinds into a per-channel key group quantized
+    # during the first run's 30 tokens, and its continuation may then differ at a near-tie (not what this tests)
+    model.reset()
     full = text(model.generate("List three colors:", max_tokens=30, temperature=0))
     stop = full[len(full) // 2:len(full) // 2 + 3]
     assert stop.strip(), full
+    model.reset()
     cut = text(model.generate("List three colors:", max_tokens=30, temperature=0, stop=[stop]))
     assert cut == full[:full.index(stop)]
 

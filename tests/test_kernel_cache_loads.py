@@ -51,6 +51,10 @@ RUN = textwrap.dedent('''
             pass
 
     event.register("numba:compile", Listen())
+    from numba.core.runtime import nrtdynmod
+    nrt_compiles = []
+    _create = nrtdynmod.create_nrt_module
+    nrtdynmod.create_nrt_module = lambda ctx: nrt_compiles.append(1) or _create(ctx)
     import kernels
     x = np.arange(12.0).reshape(3, 4)
     out = {"allocates": kernels.allocates(5).tolist(), "parallel_sum": kernels.parallel_sum(x).tolist(),
@@ -64,6 +68,7 @@ RUN = textwrap.dedent('''
             return np.cumsum(a)[-1] * 2 + np.argmax(a)  # numpy lowering from the registries
         out["fresh"] = float(fresh(x[0]))
     out["compiled"] = compiled
+    out["nrt_compiled"] = bool(nrt_compiles)
     print(json.dumps(out))
 ''')
 
@@ -94,3 +99,27 @@ def test_cached_kernels_load_and_run_without_the_full_refresh(tmp_path):
         assert fast[k] == v
     # a miss after the fast loads compiles (Numba's compiler refreshes the context itself)
     assert "fresh" in fast["compiled"] and fast["fresh"] == 6.0 * 2 + 3
+
+
+def test_the_runtime_library_loads_from_the_cache(tmp_path):
+    """The Numba runtime's compiled part (NRT_incref...) is saved beside the kernels at the first fast load and loaded
+    from there after (warmup._initialize_nrt): allocating kernels run on it, a later cache miss links against it,
+    and a damaged file is compiled again and replaced."""
+    (tmp_path / "kernels.py").write_text(KERNELS)
+    (tmp_path / "run.py").write_text(RUN)
+    expected = {"allocates": [0.0, 0.5, 1.0, 1.5, 2.0], "parallel_sum": [6.0, 22.0, 38.0], "pair": [4.0, 7.0]}
+    first = run(tmp_path, "fast")  # compiles the kernels (and the runtime, through Numba's compiler)
+    assert first["nrt_compiled"]
+    run(tmp_path, "fast")          # loads the kernels: the runtime is compiled once more and saved
+    saved = list((tmp_path / "cache").glob("edgeq-nrt-*.pkl"))
+    assert len(saved) == 1 and saved[0].stat().st_size > 1000
+    loaded = run(tmp_path, "fast", "miss")
+    assert not loaded["nrt_compiled"], "the runtime library was compiled although its object code was saved"
+    assert loaded["compiled_before_miss"] == []
+    for k, v in expected.items():
+        assert loaded[k] == v
+    assert "fresh" in loaded["compiled"] and loaded["fresh"] == 6.0 * 2 + 3
+    saved[0].write_bytes(b"not a pickle" * 100)
+    damaged = run(tmp_path, "fast")
+    assert damaged["nrt_compiled"] and damaged["allocates"] == expected["allocates"]
+    assert not run(tmp_path, "fast")["nrt_compiled"], "the damaged file was not replaced"

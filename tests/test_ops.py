@@ -110,8 +110,18 @@ def test_gated_activations():
     with np.errstate(over="ignore"):  # exp(1e4) = inf in the reference: silu -> 0, as it should
         silu = gd / (1 + np.exp(-gd)) * u
     gelu = 0.5 * gd * (1 + np.tanh(math.sqrt(2 / math.pi) * (gd + 0.044715 * gd ** 3))) * u
-    np.testing.assert_allclose(ops.silu_mul(g, u), silu, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ops.gelu_mul(g, u), gelu, rtol=1e-4, atol=1e-5)
+    for fn, want in ((ops.silu_mul, silu), (ops.gelu_mul, gelu)):
+        got = fn(g, u)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        # into g itself (what the models' feed-forward does: one (T, n_ff) buffer less): the same bits, g returned
+        g2 = g.copy()
+        assert fn(g2, u, out=g2) is g2 and np.array_equal(g2, got)
+        out = np.full_like(g, np.nan)
+        assert fn(g, u, out=out) is out and np.array_equal(out, got)
+        # an `out` that is not a C-contiguous float32 array of g's shape is left alone: a new array comes back
+        wrong = np.zeros((3, 74), np.float32)[:, ::2]
+        back = fn(g, u, out=wrong)
+        assert back is not wrong and np.array_equal(back, got) and not wrong.any()
 
 
 def test_softmax():

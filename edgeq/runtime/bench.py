@@ -10,7 +10,10 @@ import numpy as np
 def bench_one(model, prompt: list[int], n_gen: int) -> dict:
     # every step ends with the logits on the host (the CUDA path copies them back), so the timings
     # include all device work
-    model.logits(prompt[:32])                 # warm-up: touches the weights
+    # warm-up as llama-bench's: 32 prompt tokens and one decode step (touches the weights and loads the
+    # kernels; next-token logits only)
+    model.reset()
+    model.append([int(np.argmax(model.append(prompt[:32])))])
     model.reset()
     t = time.perf_counter()
     logits = model.append(prompt)             # prefill in batches of up to 512

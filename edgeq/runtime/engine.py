@@ -99,6 +99,9 @@ class Model:
         self.weights = self.arch.load_weights(self.gguf, self.cfg)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.template = ChatTemplate.from_gguf(self.gguf)
+        # the BPE merges now live in the tokenizer; as Python strings they would stay resident beside it
+        # (Qwen's 151k: 16 MB). self.gguf.metadata keeps every other key.
+        self.gguf.metadata.pop("tokenizer.ggml.merges", None)
         n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
         if n_ctx < 16 or n_ctx > self.cfg.n_ctx_train:
             raise ContextError(f"n_ctx {n_ctx} must be between 16 and the model's trained context {self.cfg.n_ctx_train}")

@@ -179,13 +179,99 @@ def fast_cache_loads() -> None:
         return  # a Numba whose cache is built otherwise: its own loads, slower but right
 
     def load_overload(self, sig, target_context):
-        rtsys.initialize(target_context)
+        _initialize_nrt(target_context)
         with self._guard_against_spurious_io_errors():
             return self._load_overload(sig, target_context)
         # None when the guard swallowed an I/O error (as Numba's own load_overload)
 
     load_overload.edgeq_fast = True
     caching.Cache.load_overload = load_overload
+
+
+def _initialize_nrt(ctx) -> None:
+    """Numba's `rtsys.initialize`, with its compiled part from a file of the kernel cache after the first time.
+
+    The runtime's atomic reference counts (`NRT_incref`...) are LLVM IR that Numba compiles in every process: 30-50
+    ms, and the optimizer and code generator it runs stay resident (~20 MB of libllvmlite's pages that loading
+    cached kernels alone never touches). The same library as object code, loaded the way Numba loads a cached kernel,
+    costs ~6 ms and ~9 MB. Keyed by what decides the machine code (Numba's and llvmlite's versions, the CPU and its
+    features, the optimization level); anything unexpected falls back to Numba's own initialize."""
+    from numba.core.runtime import rtsys
+
+    if getattr(rtsys, "_init", None) is not False:  # done already, or a runtime built otherwise
+        rtsys.initialize(ctx)
+        return
+    try:
+        from numba.core.runtime import _nrt_python as _nrt
+        from numba.core.runtime import nrtdynmod
+
+        from llvmlite import binding as ll
+        from numba.core import config
+
+        path = _nrt_cache_path(ctx)
+        if path is None or not hasattr(_nrt, "c_helpers"):
+            raise LookupError
+        if config.NRT_STATS:
+            _nrt.memsys_enable_stats()
+        for py_name, address in _nrt.c_helpers.items():  # the C helpers the library calls, as rtsys registers them
+            ll.add_symbol(py_name if py_name.startswith("_") else "NRT_" + py_name, address)
+        library = _load_nrt(ctx, path)
+        if library is None:
+            from numba.core import compiler_lock
+
+            with compiler_lock.global_compiler_lock:
+                ir_mod, library = nrtdynmod.create_nrt_module(ctx)
+                library.enable_object_caching()
+                library.add_ir_module(ir_mod)
+                library.finalize()
+            _save_nrt(library, path)
+    except Exception:  # noqa: BLE001 (a Numba built otherwise: its own initialize, slower but right)
+        rtsys.initialize(ctx)
+        return
+    rtsys._library = library
+    rtsys._init = True
+
+
+def _nrt_cache_path(ctx) -> str | None:
+    cache_dir = os.environ.get("NUMBA_CACHE_DIR")
+    if not cache_dir:
+        return None
+    import llvmlite
+    import numba
+    from llvmlite import binding as ll
+    from numba.core import config
+
+    codegen = ctx.codegen()
+    key = repr((numba.__version__, llvmlite.__version__, sys.version_info[:2], ll.get_process_triple(),
+                ll.get_host_cpu_name(), codegen._tm_features, config.OPT))
+    return os.path.join(cache_dir, "edgeq-nrt-" + hashlib.sha256(key.encode()).hexdigest()[:24] + ".pkl")
+
+
+def _load_nrt(ctx, path: str):
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+        library = ctx.codegen().unserialize_library(state)
+        library.get_pointer_to_function("NRT_incref")  # links it now: a damaged file fails here, not in a kernel
+        return library
+    except Exception:  # noqa: BLE001 (missing, truncated or from another build: compile it again)
+        return None
+
+
+def _save_nrt(library, path: str) -> None:
+    import pickle
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            pickle.dump(library.serialize_using_object_code(), f)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def _use_worker() -> bool:
