@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import edgeq  # noqa: F401  (numba settings, edgeq/_numba_env.py, before numba is imported)
+import edgeq.cpu_kernels  # noqa: F401  (kernels bound to their own linked copies: jit_options.local_linked_copies)
 import numpy as np
 from numba import njit, prange
 

@@ -123,3 +123,28 @@ def test_the_runtime_library_loads_from_the_cache(tmp_path):
     damaged = run(tmp_path, "fast")
     assert damaged["nrt_compiled"] and damaged["allocates"] == expected["allocates"]
     assert not run(tmp_path, "fast")["nrt_compiled"], "the damaged file was not replaced"
+
+
+SAME_BITS = textwrap.dedent('''
+    import hashlib, json
+    import numpy as np
+    import edgeq._numba_env  # noqa: F401
+    from edgeq.cpu_kernels import ops
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(576).astype(np.float32)
+    h = hashlib.sha256()
+    for rows in (14, 40):  # RMSNorm's serial and parallel drivers, each calling the row function
+        h.update(ops.rmsnorm(rng.standard_normal((rows, 576)).astype(np.float32), w, 1e-5).tobytes())
+    print(json.dumps({"digest": h.hexdigest(), "compiled": bool(ops._rmsnorm_serial.stats.cache_misses)}))
+''')
+
+
+def test_a_kernel_computes_the_same_bits_compiled_and_loaded_from_the_cache(tmp_path):
+    """The process that compiles a kernel and every later one that loads it from the disk cache compute the same
+    bits (jit_options.local_linked_copies): without it the compiling process's calls bound to the callee's
+    standalone compile and later ones to the kernel's own copy, two optimizations of a fastmath reduction whose
+    RMSNorm outputs differed by 6e-8 (a greedy near-tie flipped between a first run and the next)."""
+    (tmp_path / "run.py").write_text(SAME_BITS)
+    first, later = run(tmp_path, "-"), run(tmp_path, "-")
+    assert first["compiled"] and not later["compiled"]
+    assert first["digest"] == later["digest"]
