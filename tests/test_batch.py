@@ -110,6 +110,22 @@ def test_scheduler_batched_equals_sequential_and_reuses_prompts(model, monkeypat
         sched.stop()
 
 
+def test_scheduler_repeats_a_request_exactly_past_a_quantized_key_group(model):
+    """The same greedy request three times on one slot: the repeats reuse the whole prompt and rewind into the
+    per-channel key group that the first answer's tokens filled and quantized; the prompt's mark (KVCache.mark)
+    restores that group as it was, so every answer is the same text (same request, same output)."""
+    sched = Scheduler(model, n_slots=1, n_ctx=128).start()
+    try:
+        assert sched.ready.wait(600)
+        ids = model.chat_ids([{"role": "user", "content": "Tell me a story about a cat."}])
+        runs = [_run(sched, [GenRequest(ids, 48, SamplingParams(temperature=0))]) for _ in range(3)]
+        texts = [t[0] for t, _ in runs]
+        assert [d[0].cached_tokens for _, d in runs] == [0, len(ids), len(ids)]
+        assert len(ids) % 32 and len(set(texts)) == 1, texts
+    finally:
+        sched.stop()
+
+
 def test_scheduler_rejects_what_cannot_run_and_bounds_the_queue(model):
     from edgeq.errors import ContextError
 

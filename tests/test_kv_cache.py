@@ -295,6 +295,36 @@ def test_rewind_overwrites(tk, tv):
         cache.store(0, 60, *rand_kv(rng, 1, Hkv, D))  # a gap
 
 
+@pytest.mark.parametrize("tk", ["q8", "q4"])
+def test_a_rewind_to_a_marked_position_continues_with_the_same_bits(tk):
+    """A prompt of 40 positions is marked (the engine keeps its logits); 30 generated positions quantize its
+    per-channel key group (32..63); rewinding to 40 (the same prompt again) and storing the same rows gives the
+    same attention bits as the first time, where an unmarked rewind reopens the group dequantized. A write before
+    the mark drops it."""
+    rng = np.random.default_rng(5)
+    Hkv, H, D = 2, 4, 64
+    cache = make_kv_cache([KVLayout(Hkv, D)], 128, tk, "q8")
+    k, v = rand_kv(rng, 70, Hkv, D)
+    q = rng.standard_normal((70, H, D)).astype(np.float32)
+
+    def continue_from_prompt():
+        outs = []
+        for p in range(40, 70):  # one position at a time, as decoding
+            cache.store(0, p, k[p:p + 1], v[p:p + 1])
+            outs.append(cache.attend(0, q[p:p + 1], p, 0.125))
+        return np.concatenate(outs)
+
+    cache.store(0, 0, k[:40], v[:40])
+    cache.mark(40)
+    first = continue_from_prompt()          # position 63 fills the group: quantized from here on
+    assert np.array_equal(continue_from_prompt(), first), "the marked rewind computed other bits"
+    cache.store(0, 0, k[:40], v[:40])       # the prompt stored again: the mark goes (the rows may have changed)
+    assert cache.layers[0].k.marked is None
+    continue_from_prompt()
+    unmarked = continue_from_prompt()       # rewinds into the quantized group without a mark: dequantized rows
+    assert not np.array_equal(unmarked, first) and np.abs(unmarked - first).max() < LOOSE[tk]
+
+
 # ---------------------------------------------------------------- validation, sizes, defaults
 def test_validation_and_types():
     cache = make_kv_cache([KVLayout(2, 64)], 32, None, None)

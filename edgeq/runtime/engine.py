@@ -235,6 +235,7 @@ class Model:
         self._n_evaluated = len(ids) - keep
         logits = self._forward(ids[keep:])
         self._prompt_logits = (list(ids), logits.copy())
+        self.cache.mark(len(ids))
         return logits
 
     # ------------------------------------------------------------ generation

@@ -63,14 +63,26 @@ class _Store:
         self.side = aq.new_side(layout, n_kv, nslots, D) if side is None else side
         self.kernel_arg = tuple(self.side)  # what the attention kernels take (see attention_q.KVSide)
         self.nslots = nslots
+        self.marked: tuple[int, np.ndarray] | None = None  # (position, its group's half-precision rows before it)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.side if isinstance(a, np.ndarray))
 
+    def mark(self, pos: int) -> None:
+        """Keep the pending rows of position pos's group (per-channel layouts): a later rewind to pos reopens the
+        group with them, as they were, instead of dequantizing it (that group is quantized once it fills)."""
+        head = pos % _QB
+        if self.layout in aq.PER_CHANNEL and head:
+            self.marked = (pos, self.side.pending[:, :head].copy())
+        else:
+            self.marked = None
+
     def write(self, x: np.ndarray, pos0: int, n_before: int) -> None:
         """x (T, Hkv, D) float32 contiguous at positions pos0..; n_before = positions held before this call."""
         T = x.shape[0]
+        if self.marked is not None and pos0 < self.marked[0]:
+            self.marked = None  # rows before the mark change: it no longer describes them
         slots = np.arange(pos0, pos0 + T, dtype=np.int64) % self.nslots
         a = self.side
         if self.layout == "float32":
@@ -90,7 +102,11 @@ class _Store:
         head = pos0 - g0 * _QB              # positions of group g0 already held, before pos0
         gs0 = (g0 * _QB % self.nslots) // _QB
         u8 = self.layout == "uint8_per_channel"
-        if head and n_before >= (g0 + 1) * _QB:
+        if head and n_before >= (g0 + 1) * _QB and self.marked is not None and self.marked[0] == pos0:
+            # rewound to a marked position (the same prompt again) in a group quantized since: its rows as they
+            # were, so the continuation computes what it computed the first time
+            a.pending[:, :head] = self.marked[1]
+        elif head and n_before >= (g0 + 1) * _QB:
             # rewound into a group that was already quantized: reopen it (its first `head` positions)
             tmp = np.empty((n_kv, head, D), np.float32)
             if u8:
@@ -178,6 +194,14 @@ class KVCache:
         """One decode token for each of `caches` (what models' forward passes call: they never import the
         runtime)."""
         return DecodeStep(caches, positions)
+
+    def mark(self, pos: int) -> None:
+        """Remember what a rewind to pos (which every layer holds) needs to continue exactly as from here: the
+        engine marks the end of a prompt whose logits it keeps, and a repeated prompt then continues with the
+        same bits as its first run (a reopened per-channel key group would otherwise come back dequantized)."""
+        for L in self.layers:
+            L.k.mark(pos)
+            L.v.mark(pos)
 
     def pretend_filled(self, n: int) -> None:
         """Mark positions 0..n-1 of every layer held without storing them (they read as zeros): for scratch passes

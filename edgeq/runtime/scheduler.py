@@ -301,6 +301,7 @@ class Scheduler:
                 if not s.todo:
                     s.logits = logits[-1]
                     s.saved = (list(s.job.req.ids), s.logits.copy())
+                    s.cache.mark(len(s.tokens))  # the same prompt again continues with the same bits
             except Exception as e:
                 self._fail(s, e)
             self.busy_s["prefill"] += time.perf_counter() - t0
