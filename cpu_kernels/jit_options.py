@@ -25,6 +25,8 @@ def local_linked_copies() -> None:
     from numba.core import codegen
 
     lib = codegen.CPUCodeLibrary
+    if not hasattr(lib, "_finalize_final_module") or not hasattr(ll.Linkage, "linkonce_odr"):
+        return  # a Numba or llvmlite built otherwise: their own binding (the bits of a first run may differ)
     if getattr(lib._finalize_final_module, "edgeq_local", False):
         return
     finalize = lib._finalize_final_module

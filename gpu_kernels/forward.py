@@ -88,6 +88,9 @@ class CudaKVCache:
     def can_rewind_to(self, pos: int) -> bool:
         return 0 <= pos <= self.n_ctx  # every position is kept, window layers too
 
+    def mark(self, pos: int) -> None:
+        """Nothing to keep: float32 rows by position, a rewind finds them as stored (runtime/kv_cache.KVCache.mark)."""
+
 
 @dataclass
 class _Layer:
