@@ -23,11 +23,13 @@ from __future__ import annotations
 import math
 
 import edgeq  # noqa: F401  (numba settings, edgeq/_numba_env.py, before numba is imported)
-import edgeq.cpu_kernels  # noqa: F401  (kernels bound to their own linked copies: jit_options.local_linked_copies)
 import numpy as np
 from numba import njit, prange
 
 from edgeq.formats.quants import KVALUES_IQ4NL, QK_K, QTYPES
+from edgeq._numba_env import local_linked_copies
+
+local_linked_copies()  # kernels bound to their own linked copies, in every process
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")  # IEEE division, as in C
 

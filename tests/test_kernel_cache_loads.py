@@ -141,7 +141,7 @@ SAME_BITS = textwrap.dedent('''
 
 def test_a_kernel_computes_the_same_bits_compiled_and_loaded_from_the_cache(tmp_path):
     """The process that compiles a kernel and every later one that loads it from the disk cache compute the same
-    bits (jit_options.local_linked_copies): without it the compiling process's calls bound to the callee's
+    bits (_numba_env.local_linked_copies): without it the compiling process's calls bound to the callee's
     standalone compile and later ones to the kernel's own copy, two optimizations of a fastmath reduction whose
     RMSNorm outputs differed by 6e-8 (a greedy near-tie flipped between a first run and the next)."""
     (tmp_path / "run.py").write_text(SAME_BITS)
