@@ -226,7 +226,8 @@ def _gelu_mul(g, u, out):
 
 # In place (out is g) through drivers whose loads and stores name one array: passed to the row function as a
 # separate `out`, g's own memory fails the vectorized loop's runtime overlap check and every element takes the
-# scalar loop (10x slower). The same bits as the drivers above.
+# scalar loop (10x slower). The same values as the drivers above (a row's scalar tail past the vector lanes may
+# round its last bit otherwise).
 @njit(parallel=True, **_JIT)
 def _silu_mul_in_place(g, u):
     for r in prange(g.shape[0]):

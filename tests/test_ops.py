@@ -113,9 +113,11 @@ def test_gated_activations():
     for fn, want in ((ops.silu_mul, silu), (ops.gelu_mul, gelu)):
         got = fn(g, u)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-        # into g itself (what the models' feed-forward does: one (T, n_ff) buffer less): the same bits, g returned
+        # into g itself (what the models' feed-forward does: one (T, n_ff) buffer less): g returned, the same values
+        # (a driver of its own: a row's scalar tail past the vector lanes may round its last bit otherwise)
         g2 = g.copy()
-        assert fn(g2, u, out=g2) is g2 and np.array_equal(g2, got)
+        assert fn(g2, u, out=g2) is g2
+        np.testing.assert_allclose(g2, got, rtol=1e-6, atol=0)
         out = np.full_like(g, np.nan)
         assert fn(g, u, out=out) is out and np.array_equal(out, got)
         # an `out` that is not a C-contiguous float32 array of g's shape is left alone: a new array comes back
