@@ -8,4 +8,3 @@ def prange_only() -> dict:
     small per-job buffers, where a parallel fill only costs threads. A new dict per call: Numba consumes it."""
     return dict(prange=True, reduction=True, comprehension=False, inplace_binop=False, setitem=False, numpy=False,
                 stencil=False, fusion=False)
-
