@@ -102,12 +102,13 @@ class _Store:
         head = pos0 - g0 * _QB              # positions of group g0 already held, before pos0
         gs0 = (g0 * _QB % self.nslots) // _QB
         u8 = self.layout == "uint8_per_channel"
-        if head and n_before >= (g0 + 1) * _QB and self.marked is not None and self.marked[0] == pos0:
-            # rewound to a marked position (the same prompt again) in a group quantized since: its rows as they
-            # were, so the continuation computes what it computed the first time
+        reopen = head and n_before >= (g0 + 1) * _QB  # rewound into a group that was already quantized
+        if reopen and self.marked is not None and self.marked[0] == pos0:
+            # a marked position (the same prompt again): the group's rows as they were, so the continuation
+            # computes what it computed the first time
             a.pending[:, :head] = self.marked[1]
-        elif head and n_before >= (g0 + 1) * _QB:
-            # rewound into a group that was already quantized: reopen it (its first `head` positions)
+        elif reopen:
+            # reopen the group from its codes (its first `head` positions)
             tmp = np.empty((n_kv, head, D), np.float32)
             if u8:
                 aq.dequantize_uint8_per_channel_group(a.uint8_channel_codes, a.scales, a.mins, gs0, head, tmp)
