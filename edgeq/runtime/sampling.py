@@ -93,11 +93,14 @@ _POOL = 64
 def _top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest logits (unordered). For large vocabularies a max-pooled prefilter first: k
     pools have a maximum >= the k-th largest pool maximum m, so at least k logits are >= m, hence every
-    one of the top k is >= m too and survives the filter `logits >= m` (a few hundred candidates)."""
+    one of the top k is >= m too and survives the filter `logits >= m` (a few hundred candidates).
+    Any partition into pools will do: pool j is every (n / _POOL)-th logit from j, so the maxima are _POOL
+    element-wise maxima of contiguous rows (20 us for 262144 logits; contiguous pools of 64, a reduction along
+    numpy's short inner axis, took 290 us)."""
     n = logits.shape[0]
     if n % _POOL or n < 8 * _POOL * k:
         return np.argpartition(-logits, k - 1)[:k]
-    pooled = logits.reshape(-1, _POOL).max(axis=1)
+    pooled = logits.reshape(_POOL, -1).max(axis=0)
     m = np.partition(pooled, pooled.size - k)[pooled.size - k]
     cand = np.flatnonzero(logits >= m)
     return cand[np.argpartition(-logits[cand], k - 1)[:k]]
