@@ -474,7 +474,7 @@ def real_model(smollm2_path):
 
     # the default (q8) KV cache. The question is "Name the capital of France.": SmolLM2-135M's first reply token
     # leads by 1.4-1.5 logits there (The 27.78 vs Paris 26.38; transformers' fp32 model on the same file: The
-    # 27.37 vs La 25.92) with every SIMD level and either cache. "Name the capital of France." is a near-tie
+    # 27.37 vs La 25.92) with every SIMD level and either cache. "What is the capital of France?" is a near-tie
     # in transformers itself (The 25.33 vs L 25.24) that int8 activations (decode, and prefill since it takes the
     # int8 GEMM) turn into a French reply; this test is about the chat flow, not that tie.
     return load(smollm2_path, n_ctx=1024)
