@@ -24,8 +24,9 @@ On AVX2 the same tiles with one activation row (ONE_ROW: 4 weight rows, 2 for Q8
 of the 32-weight types for decode and short prompts: four rows' block chains overlap where one row's chain and
 its fixed cost bound the single-row dot (1.3-1.5x on weights streamed from memory).
 
-Each row's blocks are summed in the single-row dot's order, but the backend fuses multiply-adds per compiled
-loop (Numba's fastmath 'contract'), so rows differ from the single-row dot by a float32 rounding or two. Every
+Each row's blocks are summed in one chain here, where the single-row dot of a 32-weight type sums its even and
+odd blocks apart (simd._PAIRED), and the backend fuses multiply-adds per compiled loop (Numba's fastmath
+'contract'), so rows differ from the single-row dot by float32 roundings. Every
 tile (and every lane) runs the same code, so a row's result is the same bits whatever the other rows of the
 batch are and wherever it sits, among the batches that take one driver (MIN_ROWS to LANES_FROM[qtype] - 1
 rows, or LANES_FROM[qtype] and more; tests/test_batch_dot.py): there a sequence's products do not depend on what

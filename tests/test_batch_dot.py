@@ -12,9 +12,10 @@ from test_gemm_i8 import CODE_BYTES
 from test_linear import make_weights, quantize_activations, rel_err
 
 TYPES = list(batch_dot.KERNELS)
-# Each row's blocks are summed in the single-row dot's order, but Numba compiles with fastmath 'contract' and
-# the backend fuses multiply-adds per compiled loop: k-quants differ from the single-row kernel by a float32
-# rounding or two of the partial sums (measured: <= 3e-7 of the row's largest output).
+# The tiles sum a row's blocks in one chain where the single-row dot of a 32-weight type sums even and odd blocks
+# apart (simd._PAIRED), and Numba compiles with fastmath 'contract' (the backend fuses multiply-adds per compiled
+# loop): the two differ by float32 roundings of the partial sums (k-quants measured: <= 3e-7 of the row's largest
+# output).
 SAME = 2e-6
 
 
