@@ -17,7 +17,10 @@ import numpy as np
 from edgeq.errors import ContextError, EdgeqError
 from edgeq.runtime.sampling import Sampler, SamplingParams
 
-N_BATCH = 512  # tokens per forward call during prefill
+# tokens per forward call during prefill. 256, not 512: a 512-token call's activations (Qwen2.5-0.5B: gate and up
+# 512 x 4864 float32, 10 MB each) raised peak RSS by 14 MB (736 -> 722 MB, `edgeq bench -p 512`), at the same
+# prefill speed (int8 GEMM: 590-663 vs 554-664 t/s there, Qwen3-1.7B Q4_K_M 148-202 vs 187-194, 2 threads)
+N_BATCH = 256
 DEVICES = ("auto", "cpu", "cuda")
 # template variables that the conversation itself sets: template_kwargs may not replace them
 RESERVED_TEMPLATE_VARS = frozenset({"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"})
