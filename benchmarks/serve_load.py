@@ -139,7 +139,7 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
 
 
 ENGINE = ("edgeq_engine_seconds_total{phase=\"prefill\"}", "edgeq_engine_seconds_total{phase=\"decode\"}",
-          "edgeq_decode_steps_total", "edgeq_decode_rows_total")
+          "edgeq_engine_seconds_total{phase=\"mixed\"}", "edgeq_decode_steps_total", "edgeq_decode_rows_total")
 
 
 async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
@@ -168,8 +168,9 @@ async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
            "tpot_p50": q(tpots, 0.5)}
     if before is not None:  # where the server's time went: its own counters over the level
         after = metrics(srv.url)
-        prefill, decode, steps, rows = (after.get(k, 0.0) - before.get(k, 0.0) for k in ENGINE)
-        row["engine"] = {"wall": wall, "prefill_s": prefill, "decode_s": decode, "steps": steps, "rows": rows}
+        prefill, decode, mixed, steps, rows = (after.get(k, 0.0) - before.get(k, 0.0) for k in ENGINE)
+        row["engine"] = {"wall": wall, "prefill_s": prefill, "decode_s": decode, "mixed_s": mixed, "steps": steps,
+                         "rows": rows}
     return row
 
 
@@ -397,19 +398,22 @@ def main() -> int:
         print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | "
               f"{r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} |")
     print()
-    print("Where edgeq's server spent each level (its /metrics counters): forward passes over prompt chunks and over "
-          "decode batches, as shares of the level's wall time; the decode batches' mean size and their own rate "
-          "(decoded sequences per second of decode passes).\n")
-    print("| clients | prompt chunks % | decode batches % | other % | mean batch | decode-pass tok/s | x own decode |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("Where edgeq's server spent each level (its /metrics counters): forward passes over a prompt chunk alone, "
+          "over a prompt chunk and the decoding sequences together (mixed), and over the decoding sequences alone, as "
+          "shares of the level's wall time; the mean number of decoding sequences per pass that carries them, and "
+          "their rate (sequences advanced per second of those passes).\n")
+    print("| clients | prompt chunks % | mixed % | decode batches % | other % | mean batch | decode-pass tok/s "
+          "| x own decode |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         e = r.get("engine")
         if e and e["wall"] > 0:
-            pf, dc = e["prefill_s"] / e["wall"], e["decode_s"] / e["wall"]
-            rate = e["rows"] / e["decode_s"] if e["decode_s"] else float("nan")
+            pf, mx, dc = (e[k] / e["wall"] for k in ("prefill_s", "mixed_s", "decode_s"))
+            busy = e["decode_s"] + e["mixed_s"]
+            rate = e["rows"] / busy if busy else float("nan")
             batch = e["rows"] / e["steps"] if e["steps"] else float("nan")
-            print(f"| {r['clients']} | {100 * pf:.0f} | {100 * dc:.0f} | {100 * (1 - pf - dc):.0f} | {batch:.1f} | "
-                  f"{rate:.1f} | {rate * decode_s:.2f} |")
+            print(f"| {r['clients']} | {100 * pf:.0f} | {100 * mx:.0f} | {100 * dc:.0f} | {100 * (1 - pf - mx - dc):.0f} "
+                  f"| {batch:.1f} | {rate:.1f} | {rate * decode_s:.2f} |")
     print()
     print("\n".join(verdicts(rows, decode_s)))
     return 0

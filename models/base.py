@@ -154,11 +154,20 @@ def prompt_attention(cache, pos0: int, scale: float) -> Attention:
     return attention
 
 
-def batch_attention(caches: list, positions: np.ndarray, scale: float) -> Attention:
+def batch_attention(caches: list, positions: np.ndarray, scale: float, prompt_rows: int = 0) -> Attention:
     """Attention for a decode batch: row i is one token at positions[i] of caches[i], each on its own cache
-    (the caches' `decode_step`, runtime/kv_cache.DecodeStep: one kernel call per layer for a KVPool's slots)."""
-    step = caches[0].decode_step(caches, positions)
-    return lambda il, q, k, v: step.attend(il, q, k, v, scale)
+    (the caches' `decode_step`, runtime/kv_cache.DecodeStep: one kernel call per layer for a KVPool's slots).
+    With prompt_rows = T > 0 the first T rows are a prompt chunk of caches[0] (positions[0]..) and the rows after
+    them one token of each of caches[1:]: the chunk attends as in `forward`, the others as a decode batch."""
+    if not prompt_rows:
+        step = caches[0].decode_step(caches, positions)
+        return lambda il, q, k, v: step.attend(il, q, k, v, scale)
+    T = prompt_rows
+    prompt = prompt_attention(caches[0], int(positions[0]), scale)
+    if len(caches) == 1:
+        return prompt
+    rest = batch_attention(caches[1:], positions[T:], scale)
+    return lambda il, q, k, v: np.concatenate([prompt(il, q[:T], k[:T], v[:T]), rest(il, q[T:], k[T:], v[T:])])
 
 
 class Embedding:

@@ -167,15 +167,17 @@ def classifier_input(w: Weights, cfg: Config, x: np.ndarray) -> np.ndarray:
     return rmsnorm(x, w.output_norm, cfg.rms_eps)
 
 
-def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
-    """One decode step for N sequences at once (see llama.forward_batch): matrix products over the batch,
-    attention per sequence on its own cache. Returns logits (N, n_vocab)."""
+def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list,
+                  prompt_rows: int = 0) -> np.ndarray:
+    """One decode step for N sequences at once (see llama.forward_batch, prompt_rows too): matrix products over
+    the batch, attention per sequence on its own cache. Returns logits (N, n_vocab), or (1 + N, n_vocab)."""
     positions = np.asarray(positions, dtype=np.int64)
-    attention = base.batch_attention(caches, positions, 1.0 / math.sqrt(cfg.head_dim))
+    attention = base.batch_attention(caches, positions, 1.0 / math.sqrt(cfg.head_dim), prompt_rows)
     x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))
+    products = linears if prompt_rows else batch_linears
     for il, L in enumerate(w.layers):
-        layer(w, L, cfg, il, x, positions, attention, batch_linears)
-    return batch_linears([w.output], classifier_input(w, cfg, x))[0]
+        layer(w, L, cfg, il, x, positions, attention, products)
+    return batch_linears([w.output], classifier_input(w, cfg, x[max(prompt_rows - 1, 0):]))[0]
 
 
 def layer(w: Weights, L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray,

@@ -205,18 +205,24 @@ def forward_layers(w: Weights, cfg: Config, x: np.ndarray, pos0: int, cache, lay
         layer(w.layers[il], cfg, il, x, positions, inv_freq, attention, products, observer)
 
 
-def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
+def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list,
+                  prompt_rows: int = 0) -> np.ndarray:
     """One decode step for N sequences at once: token i sits at positions[i] of caches[i].
 
     The same layers as `forward`; the matrix products run over all N rows together (each weight read once per
-    step), attention runs per sequence on its own cache. Returns logits (N, n_vocab)."""
+    step), attention runs per sequence on its own cache. Returns logits (N, n_vocab).
+    With prompt_rows = T > 0 the first T rows are instead a chunk of caches[0]'s prompt (at positions[0]..,
+    one row per token) and the N rows after them one token of each of caches[1:]: the server's step that reads
+    the weights once for a prompt chunk and every decoding sequence. Returns logits (1 + N, n_vocab): the chunk's
+    last token, then the N sequences."""
     positions = np.asarray(positions, dtype=np.int64)
-    attention = base.batch_attention(caches, positions, _scale(cfg))
-    x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))          # (N, d)
+    attention = base.batch_attention(caches, positions, _scale(cfg), prompt_rows)
+    x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))          # (T + N, d)
+    products = linears if prompt_rows else batch_linears           # a chunk's many rows: the prompt GEMM
     inv_freq = rope_table(w, cfg, caches[0].n_ctx)
     for il, L in enumerate(w.layers):
-        layer(L, cfg, il, x, positions, inv_freq, attention, batch_linears)
-    return _logits(w, cfg, x, batch_linears)
+        layer(L, cfg, il, x, positions, inv_freq, attention, products)
+    return _logits(w, cfg, x[max(prompt_rows - 1, 0):], batch_linears)
 
 
 def layer(L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,

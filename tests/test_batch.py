@@ -18,11 +18,14 @@ def model(request):
 
 
 def _single_row_kernels(monkeypatch):
-    """Batches take the single-row dots (not cpu_kernels/batch_dot.py's tiles, equal only up to float32 rounding)."""
-    from edgeq.cpu_kernels import batch_dot
+    """Batches take the single-row dots (not cpu_kernels/batch_dot.py's tiles, equal only up to float32 rounding),
+    and so do prompts (not the int8 GEMM): a server step that carries a prompt chunk and decoding sequences together
+    runs them through the prompt's products."""
+    from edgeq.cpu_kernels import batch_dot, linear
 
     for qtype in list(batch_dot.MIN_ROWS):
         monkeypatch.setitem(batch_dot.MIN_ROWS, qtype, 1 << 30)
+    monkeypatch.setattr(linear, "_GEMM_MIN_T", 1 << 30)
 
 
 def test_forward_batch_matches_each_sequence_alone(model, monkeypatch):
@@ -46,6 +49,41 @@ def test_forward_batch_matches_each_sequence_alone(model, monkeypatch):
         one = m.arch.forward(m.weights, m.cfg, nxt[i:i + 1], len(ids), caches[3 + i])[0]
         assert np.abs(batch[i] - one).max() < 0.02 * np.abs(one).max()
         assert batch[i].argmax() == one.argmax()
+
+
+def test_mixed_step_equals_the_prompt_chunk_and_the_decode_batch_apart(model):
+    """forward_batch with prompt_rows: a chunk of one sequence's prompt and one token of two others in one pass
+    gives the chunk's last-token logits of `forward` over the chunk and the two rows of a decode batch (up to the
+    products' roundings: the decode rows run in the prompt's GEMM), and leaves every cache as they do: the next
+    token of each sequence, decoded alone, agrees."""
+    from edgeq.runtime.kv_cache import make_kv_cache
+
+    m = model
+    m._set_threads()
+    prompts = [m.tokenizer.encode(t) for t in ("Once upon a time there was a", "Hello there", "One two three")]
+    chunk = np.asarray(m.tokenizer.encode(" small village by the sea, and in it"), np.int64)
+    nxt = np.array([5, 6])
+
+    def caches():
+        cs = [make_kv_cache(m.cfg.kv_layouts(), 64, max_batch=32) for _ in prompts]
+        for c, ids in zip(cs, prompts):
+            m.arch.forward(m.weights, m.cfg, np.asarray(ids, np.int64), 0, c)
+        return cs
+    mixed_caches, apart_caches = caches(), caches()
+    pos = np.array([len(p) for p in prompts])
+    T = len(chunk)
+    mixed = m.arch.forward_batch(m.weights, m.cfg, np.concatenate([chunk, nxt]),
+                                 np.concatenate([np.arange(pos[0], pos[0] + T), pos[1:]]), mixed_caches, T)
+    apart = np.concatenate([m.arch.forward(m.weights, m.cfg, chunk, pos[0], apart_caches[0]),
+                            m.arch.forward_batch(m.weights, m.cfg, nxt, pos[1:], apart_caches[1:])])
+    assert mixed.shape == (3, m.cfg.n_vocab)
+    for a, b in zip(mixed, apart):
+        assert np.abs(a - b).max() < 0.05 * np.abs(b).max() and a.argmax() == b.argmax()
+    after = pos + np.array([T, 1, 1])
+    for i in range(3):
+        a, b = (m.arch.forward(m.weights, m.cfg, np.array([7]), after[i], cs[i])[0]
+                for cs in (mixed_caches, apart_caches))
+        assert np.abs(a - b).max() < 0.05 * np.abs(b).max() and a.argmax() == b.argmax()
 
 
 def test_forward_batch_rows_do_not_depend_on_the_batch(model):
@@ -98,6 +136,7 @@ def test_scheduler_batched_equals_sequential_and_reuses_prompts(model, monkeypat
         prompts = [m.chat_ids([{"role": "user", "content": t}]) for t in ("Hi", "Name a color.", "What is 1+1?")]
         reqs = lambda: [GenRequest(ids, 6, SamplingParams(temperature=0)) for ids in prompts]
         together, done = _run(sched, reqs())
+        assert sched.busy_s["mixed"] > 0  # a prompt chunk ran in the same pass as the decoding sequences
         alone = [_run(sched, [r])[0][0] for r in reqs()]
         assert together == alone
         assert all(d.finish in ("stop", "length") for d in done)
@@ -178,5 +217,8 @@ def test_warm_up_meets_every_batch_driver(model):
     for k in range(1, 9):
         m.arch.forward_batch(m.weights, m.cfg, np.full(k, 7, np.int64), np.zeros(k, np.int64),
                              [s.cache for s in sched.slots[:k]])
+    for T in (1, 5, 40):  # a prompt chunk and decoding sequences in one pass: the prompt's products
+        m.arch.forward_batch(m.weights, m.cfg, np.full(T + 7, 7, np.int64), np.append(np.arange(T), np.zeros(7, int)),
+                             [s.cache for s in sched.slots], T)
     grew = [d.__name__ for d in dispatchers() if len(d.signatures) != before[id(d)]]
     assert grew == []

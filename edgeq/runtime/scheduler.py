@@ -4,10 +4,10 @@
     sched.start()
     job = sched.submit(GenRequest(ids, max_tokens=64), on_event)   # on_event(Piece | Done), from the thread
 
-Each slot has its own KV cache, the slices of one KVPool (runtime/kv_cache.py). A step is: at most one prefill chunk (one slot's prompt, `prefill_chunk`
-tokens, so a long prompt never stalls the others for long), then one decode forward over every decoding slot
-(`arch.forward_batch`: each weight matrix read once for all of them, and one attention kernel call per layer
-for all of them). New requests join between steps. A free
+Each slot has its own KV cache, the slices of one KVPool (runtime/kv_cache.py). A step is one forward pass
+(`arch.forward_batch`) over at most one prefill chunk (one slot's prompt, `prefill_chunk` tokens, so a long prompt
+never stalls the others for long) and one token of every decoding slot: each weight matrix is read once for all
+of them, and the decoding slots attend in one kernel call per layer. New requests join between steps. A free
 slot whose cache starts with the new prompt's tokens is preferred, and only the rest is prefilled.
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ class Scheduler:
         self.ready = threading.Event()     # set once the kernels are compiled and warm
         # the scheduler thread's time in forward passes, by phase (prompt chunks, decode batches), and the decode
         # batches' count and rows: where a loaded server's time goes (/metrics)
-        self.busy_s = {"prefill": 0.0, "decode": 0.0}
+        self.busy_s = {"prefill": 0.0, "decode": 0.0, "mixed": 0.0}
         self.decode_steps = 0
         self.decode_rows = 0
         self.failed: str | None = None     # set when warm-up failed
@@ -237,6 +237,10 @@ class Scheduler:
             arch.forward_batch(m.weights, m.cfg, np.array([1, 1]), np.array([n + 1, 4]), [a.cache, b.cache])
         else:
             arch.forward(m.weights, m.cfg, np.ones(4, np.int64), 0, a.cache)
+        # a prompt chunk and a decode row in one pass (the server's mixed step)
+        if a is not b:
+            arch.forward_batch(m.weights, m.cfg, np.ones(n + 1, np.int64), np.append(np.arange(n), 4),
+                               [a.cache, b.cache], n)
         # batches of 3..8 sequences: the product drivers change with the row count (cpu_kernels/batch_dot.py: tiles
         # from 2 or 4 rows, lanes from 3 to 5), and a driver first met while serving would load (or, on a fresh
         # install, compile) in the middle of the streams
@@ -288,45 +292,49 @@ class Scheduler:
                 self._finish(s, "cancelled")
             elif s.job is not None and now > s.job.deadline:
                 self._finish(s, "length")
-        m = self.model
-        # one prefill chunk: the slot that has waited longest
-        waiting = [s for s in self.slots if s.job is not None and s.todo]
-        if waiting:
-            s = min(waiting, key=lambda s: s.job.t_submit)
-            chunk, s.todo = s.todo[:self.prefill_chunk], s.todo[self.prefill_chunk:]
-            t0 = time.perf_counter()
-            try:
-                logits = m.arch.forward(m.weights, m.cfg, np.asarray(chunk, np.int64), len(s.tokens), s.cache)
-                s.tokens.extend(chunk)
-                if not s.todo:
-                    s.logits = logits[-1]
-                    s.saved = (list(s.job.req.ids), s.logits.copy())
-                    s.cache.mark(len(s.tokens))  # the same prompt again continues with the same bits
-            except Exception as e:
-                self._fail(s, e)
-            self.busy_s["prefill"] += time.perf_counter() - t0
-        # slots whose prompt is evaluated choose their next token
+        # slots whose prompt is evaluated (a reused one) choose their first token
         for s in self.slots:
             if s.job is not None and s.logits is not None:
                 logits, s.logits = s.logits, None
                 self._guarded(s, logits)
-        # one forward over every decoding slot
+        # at most one prompt chunk (the slot that has waited longest) and one token of every decoding slot, in one
+        # forward pass: each weight matrix is read once for all of them
+        waiting = [s for s in self.slots if s.job is not None and s.todo]
+        p = min(waiting, key=lambda s: s.job.t_submit) if waiting else None
         batch = [s for s in self.slots if s.job is not None and s.next_token is not None]
-        if not batch:
+        if p is None and not batch:
             return
-        tokens = np.array([s.next_token for s in batch], np.int64)
-        positions = np.array([len(s.tokens) for s in batch], np.int64)
+        chunk: list[int] = []
+        if p is not None:
+            chunk, p.todo = p.todo[:self.prefill_chunk], p.todo[self.prefill_chunk:]
+        m, T = self.model, len(chunk)
+        tokens = np.array(chunk + [s.next_token for s in batch], np.int64)
+        positions = np.array(list(range(len(p.tokens), len(p.tokens) + T)) if p else [], np.int64)
+        positions = np.concatenate([positions, np.array([len(s.tokens) for s in batch], np.int64)])
+        phase = "mixed" if p and batch else "prefill" if p else "decode"
         t0 = time.perf_counter()
         try:
-            logits = m.arch.forward_batch(m.weights, m.cfg, tokens, positions, [s.cache for s in batch])
+            if not batch:
+                logits = m.arch.forward(m.weights, m.cfg, tokens, len(p.tokens), p.cache)
+            else:
+                logits = m.arch.forward_batch(m.weights, m.cfg, tokens, positions,
+                                              ([p.cache] if p else []) + [s.cache for s in batch], T)
         except Exception as e:
-            for s in batch:
+            for s in ([p] if p else []) + batch:
                 self._fail(s, e)
             return
         finally:
-            self.busy_s["decode"] += time.perf_counter() - t0
-        self.decode_steps += 1
-        self.decode_rows += len(batch)
+            self.busy_s[phase] = self.busy_s.get(phase, 0.0) + time.perf_counter() - t0
+        if p is not None:
+            p.tokens.extend(chunk)
+            if not p.todo:
+                p.saved = (list(p.job.req.ids), logits[0].copy())
+                p.cache.mark(len(p.tokens))  # the same prompt again continues with the same bits
+                self._guarded(p, logits[0])
+            logits = logits[1:]
+        if batch:
+            self.decode_steps += 1
+            self.decode_rows += len(batch)
         for i, s in enumerate(batch):
             s.tokens.append(s.next_token)
             s.next_token = None
@@ -342,8 +350,10 @@ class Scheduler:
         """Sample the next token from `logits`, emit its text, and finish or queue it for the next step."""
         r = s.job.req
         raw = logits
-        logits = np.array(logits, dtype=np.float32)
-        if s.counts and (r.presence_penalty or r.frequency_penalty):
+        penalties = s.counts and (r.presence_penalty or r.frequency_penalty)
+        if penalties or r.constraint is not None:  # changed on a copy: logprobs report the raw logits
+            logits = np.array(logits, dtype=np.float32)
+        if penalties:
             ids = np.fromiter(s.counts.keys(), np.int64)
             n = np.fromiter(s.counts.values(), np.float32)
             logits[ids] -= n * np.float32(r.frequency_penalty) + np.float32(r.presence_penalty)
