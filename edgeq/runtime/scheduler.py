@@ -138,8 +138,9 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()     # set once the kernels are compiled and warm
-        # the scheduler thread's time in forward passes, by phase (prompt chunks, decode batches), and the decode
-        # batches' count and rows: where a loaded server's time goes (/metrics)
+        # the scheduler thread's time in forward passes, by phase (a prompt chunk alone, decoding slots alone, both
+        # in one pass: mixed), and the count and rows of the passes that decode: where a loaded server's time goes
+        # (/metrics)
         self.busy_s = {"prefill": 0.0, "decode": 0.0, "mixed": 0.0}
         self.decode_steps = 0
         self.decode_rows = 0
@@ -324,7 +325,7 @@ class Scheduler:
                 self._fail(s, e)
             return
         finally:
-            self.busy_s[phase] = self.busy_s.get(phase, 0.0) + time.perf_counter() - t0
+            self.busy_s[phase] += time.perf_counter() - t0
         if p is not None:
             p.tokens.extend(chunk)
             if not p.todo:
