@@ -321,21 +321,21 @@ def _row_dot(qtype: str, block):
             row0, pqx, pdx, pbsums = data_ptrs(context, builder, signature, args, (0, 3, 4, 5))
             row = builder.gep(row0, [args[1]])
             acc = _Acc(x)
+
+            def emit(b, shift: int = 0):  # block b (i64) on the sums of `shift`
+                acc.shift = shift
+                block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
+
             if qtype in _PAIRED:
                 two = ir.Constant(I64, 2)
                 with cgutils.for_range(builder, builder.sdiv(args[2], two)) as loop:
                     for k in range(2):
-                        b = builder.add(builder.mul(loop.index, two), ir.Constant(I64, k))
-                        acc.shift = k
-                        block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
-                acc.shift = 0
-                with cgutils.for_range(builder, builder.srem(args[2], two)) as loop:
-                    b = builder.sub(args[2], ir.Constant(I64, 1))
-                    block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
+                        emit(builder.add(builder.mul(loop.index, two), ir.Constant(I64, k)), k)
+                with cgutils.for_range(builder, builder.srem(args[2], two)):  # an odd count's last block
+                    emit(builder.sub(args[2], ir.Constant(I64, 1)))
             else:
                 with cgutils.for_range(builder, args[2]) as loop:
-                    b = loop.index
-                    block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
+                    emit(loop.index)
             return acc.total()
         return sig, codegen
     impl.__doc__ = f"{qtype} row . quantized activations"

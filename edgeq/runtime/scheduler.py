@@ -310,13 +310,13 @@ class Scheduler:
             chunk, p.todo = p.todo[:self.prefill_chunk], p.todo[self.prefill_chunk:]
         m, T = self.model, len(chunk)
         tokens = np.array(chunk + [s.next_token for s in batch], np.int64)
-        positions = np.array(list(range(len(p.tokens), len(p.tokens) + T)) if p else [], np.int64)
-        positions = np.concatenate([positions, np.array([len(s.tokens) for s in batch], np.int64)])
+        pos0 = len(p.tokens) if p else 0
+        positions = np.array([pos0 + i for i in range(T)] + [len(s.tokens) for s in batch], np.int64)
         phase = "mixed" if p and batch else "prefill" if p else "decode"
         t0 = time.perf_counter()
         try:
             if not batch:
-                logits = m.arch.forward(m.weights, m.cfg, tokens, len(p.tokens), p.cache)
+                logits = m.arch.forward(m.weights, m.cfg, tokens, pos0, p.cache)
             else:
                 logits = m.arch.forward_batch(m.weights, m.cfg, tokens, positions,
                                               ([p.cache] if p else []) + [s.cache for s in batch], T)
