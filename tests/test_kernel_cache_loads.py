@@ -58,7 +58,8 @@ RUN = textwrap.dedent('''
     import kernels
     x = np.arange(12.0).reshape(3, 4)
     out = {"allocates": kernels.allocates(5).tolist(), "parallel_sum": kernels.parallel_sum(x).tolist(),
-           "pair": list(kernels.pair(x[1])), "registries_loaded": "numba.np.polynomial.polynomial_functions" in sys.modules}
+           "pair": list(kernels.pair(x[1])), "registries_loaded": "numba.np.polynomial.polynomial_functions" in sys.modules,
+           "array_code_imported": "numba.np.arrayobj" in sys.modules}
     out["compiled_before_miss"] = list(compiled)
     if len(sys.argv) > 2:  # a kernel that is not in the cache, after the fast loads
         from numba import njit
@@ -95,6 +96,9 @@ def test_cached_kernels_load_and_run_without_the_full_refresh(tmp_path):
     fast = run(tmp_path, "fast", "miss")
     assert fast["compiled_before_miss"] == [], "loaded from the cache, not compiled"
     assert not fast["registries_loaded"], "the loads refreshed the whole target context"
+    # the kernels' Environments name numba.np.arrayobj (np.empty, x.min()): Numba's loads import it for globals
+    # that nopython code never reads; the fast loads stand a dict for it (warmup._light_environments)
+    assert plain["array_code_imported"] and not fast["array_code_imported"]
     for k, v in expected.items():
         assert fast[k] == v
     # a miss after the fast loads compiles (Numba's compiler refreshes the context itself)

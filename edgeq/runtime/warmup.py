@@ -186,6 +186,39 @@ def fast_cache_loads() -> None:
 
     load_overload.edgeq_fast = True
     caching.Cache.load_overload = load_overload
+    _light_environments()
+
+
+def _light_environments() -> None:
+    """A cached kernel's pickle rebuilds the Environment of every function it was compiled from, each by importing
+    that function's module for its globals: kernels that inline Numba's array code import `numba.np.arrayobj`
+    and `arraymath`, and with them Numba's string, linalg and SciPy registries (~25 ms of a warm start) that the
+    machine code never calls. A nopython function never reads its Environment's globals (only object mode does,
+    which edgeq's kernels never use), so a module not imported yet is stood for by a dict that names it."""
+    import importlib
+
+    from numba.core import environment
+
+    if getattr(environment._rebuild_env, "edgeq_light", False):
+        return
+    if not all(hasattr(environment, a) for a in ("lookup_environment", "Environment")):
+        return
+
+    def rebuild_env(modname, consts, env_name):
+        env = environment.lookup_environment(env_name)
+        if env is not None:
+            return env
+        mod = sys.modules.get(modname)
+        if mod is None and not str(modname).startswith("numba."):
+            mod = importlib.import_module(modname)
+        env = environment.Environment(mod.__dict__ if mod is not None else {"__name__": modname})
+        env.consts[:] = consts
+        env.env_name = env_name
+        environment.Environment._memo[env_name] = env
+        return env
+
+    rebuild_env.edgeq_light = True
+    environment._rebuild_env = rebuild_env
 
 
 def _initialize_nrt(ctx) -> None:
