@@ -18,7 +18,9 @@ The byte dot product `udot(u, s)` (32 unsigned x 32 signed bytes -> 8 int32 sums
 the CPU: AVX512-VNNI / AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw` + `vpmaddwd`, or portable IR (widening
 multiply and adds) elsewhere; EDGEQ_SIMD=vnni|avx2|generic overrides (tests run all three).
 On AVX-512 VNNI CPUs (`_ZMM`) Q4_K dots two 32-weight blocks per 512-bit vpdpbusd (1.2x at T=1 over the
-256-bit path, ~2x when the weights come from cache).
+256-bit path, ~2x when the weights come from cache), and so do the 32-weight types, two consecutive blocks per
+vpdpbusd (PAIR_IR: Q8_0 0.76 -> 0.54 ns a block from L2, Q4_1 1.06 -> 0.82; the decode products of a Qwen3-1.7B
+Q8_0 file 22-24 -> 29-30 GB/s on one Zen 4 thread, 32-35 -> 37-38 with two: benchmarks/decode_profile.py --matrices).
 The k-quants run vectorized over a super-block's 8 sub-blocks: scales, mins and activation sums as vectors,
 one lane broadcast per sub-block, four accumulators (Q4_K 1.5-1.8x, Q6_K 1.2-1.3x per thread over one
 scalar chain per sub-block: benchmarks/decode_profile.py --matrices). Below AVX-512 (SUPER_ACT) Q4_K/Q5_K/Q6_K
@@ -178,6 +180,16 @@ class _IR:
         return self.intr("llvm.x86.avx512.vpdpbusd.512", v16,
                          [ir.Constant(v16, None), self.b.bitcast(u, v16), self.b.bitcast(s, v16)])
 
+    def sdot64(self, w, s) -> ir.Value:
+        """<64 x i8> signed . <64 x i8> signed (codes in [-127, 127]) -> <16 x i32> (_ZMM only), as `sdot`."""
+        zero = ir.Constant(w.type, None)
+        neg = self.b.icmp_signed("<", w, zero)
+        return self.udot64(self.b.select(neg, self.b.sub(zero, w), w), self.b.select(neg, self.b.sub(zero, s), s))
+
+    def lut64(self, idx, table) -> ir.Value:
+        """<64 x i8> indices 0..15 -> table[idx] (_ZMM only: one 512-bit vpshufb, the table once per 128 bits)."""
+        return self.intr("llvm.x86.avx512.pshuf.b.512", _vec(I8, 64), [ir.Constant(_vec(I8, 64), list(table) * 4), idx])
+
     def pairs16(self, u, s) -> ir.Value:
         """<32 x i8> unsigned (each < 64) . <32 x i8> signed -> <16 x i16>, lane i = u[2i] s[2i] + u[2i+1] s[2i+1]
         (|sum| <= 2 * 63 * 128: no saturation)."""
@@ -259,6 +271,8 @@ class _Acc:
         # runs once (unused ones vanish in LLVM's mem2reg)
         self.wide = [cgutils.alloca_once_value(x.b, ir.Constant(_vec(F32, 16), None)) for _ in range(_N_ACC if _ZMM else 0)]
         self.sc = [cgutils.alloca_once_value(x.b, ir.Constant(F32, 0.0)) for _ in range(2)]
+        # <2 x float> sums of a block pair's offset terms (_emit_pair: one lane per block)
+        self.two = [cgutils.alloca_once_value(x.b, ir.Constant(_vec(F32, 2), None)) for _ in range(2)]
         self.shift = 0  # added to every slot: _row_dot's odd blocks of a pair run on other sums than the even ones
 
     def add_dot(self, idot, scale, slot: int = 0) -> None:
@@ -276,6 +290,11 @@ class _Acc:
         v = _vec(F32, 16)
         self.x.b.store(self.x.intr("llvm.fma.v16f32", v, [a, c, self.x.b.load(p)]), p)
 
+    def fma2(self, a, c) -> None:
+        """two[shift] += a * c for <2 x float> a, c."""
+        p = self.two[self.shift % 2]
+        self.x.b.store(self.x.intr("llvm.fma.v2f32", _vec(F32, 2), [a, c, self.x.b.load(p)]), p)
+
     def add(self, v) -> None:
         p = self.sc[self.shift % 2]
         self.x.b.store(self.x.b.fadd(self.x.b.load(p), v), p)
@@ -288,7 +307,9 @@ class _Acc:
             vs[0] = b.fadd(vs[0], b.fadd(self.x.half_of(w, 0), self.x.half_of(w, 1)))
         while len(vs) > 1:
             vs = [b.fadd(vs[i], vs[i + 1]) for i in range(0, len(vs), 2)]
-        return b.fadd(self.x.hsum8(vs[0]), b.fadd(b.load(self.sc[0]), b.load(self.sc[1])))
+        two = b.fadd(b.load(self.two[0]), b.load(self.two[1]))
+        two = b.fadd(b.extract_element(two, ir.Constant(I32, 0)), b.extract_element(two, ir.Constant(I32, 1)))
+        return b.fadd(self.x.hsum8(vs[0]), b.fadd(b.fadd(b.load(self.sc[0]), b.load(self.sc[1])), two))
 
 
 _N_ACC = 4  # independent vector sums per row (a power of 2)
@@ -326,7 +347,23 @@ def _row_dot(qtype: str, block):
                 acc.shift = shift
                 block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
 
-            if qtype in _PAIRED:
+            if qtype in PAIR_IR:  # _ZMM: two blocks per 512-bit byte dot, two pairs (on other sums) per turn
+                def emit_pair(b, shift: int = 0):
+                    acc.shift = shift
+                    _emit_pair(x, acc, PAIR_IR[qtype], row, builder.mul(b, ir.Constant(I64, block_bytes)),
+                               block_bytes, b, pqx, pdx, pbsums)
+
+                c = lambda v: ir.Constant(I64, v)  # noqa: E731
+                nb = args[2]
+                with cgutils.for_range(builder, builder.sdiv(nb, c(4))) as loop:
+                    for k in range(2):
+                        emit_pair(builder.add(builder.mul(loop.index, c(4)), c(2 * k)), k)
+                rest = builder.srem(nb, c(4))
+                with cgutils.for_range(builder, builder.sdiv(rest, c(2))):  # a last pair
+                    emit_pair(builder.sub(nb, rest))
+                with cgutils.for_range(builder, builder.srem(nb, c(2))):  # an odd count's last block
+                    emit(builder.sub(nb, c(1)))
+            elif qtype in _PAIRED:
                 two = ir.Constant(I64, 2)
                 with cgutils.for_range(builder, builder.sdiv(args[2], two)) as loop:
                     for k in range(2):
@@ -677,6 +714,89 @@ def _block_iq4_xs(x, acc, row, o, b, qx, dx, bsums):
         scale = x.b.fmul(x.b.fmul(d, x.b.sitofp(ls, F32)), x.elem(dx, kb, F32))
         acc.add_dot(x.sdot(_iq4_codes(x, row, x.off(o, 8 + 16 * k)), x.act(qx, kb)), scale, k)  # 4 chains
 
+
+# ---- block pairs on _ZMM: the 32-weight types' two consecutive blocks as one <64 x i8> of codes, so one 512-bit
+# vpdpbusd, conversion and FMA serve both (their activations are adjacent too). pair(x, row, o0, o1) = (codes,
+# signed, <2 x float> scales d of the two blocks, <2 x float> offsets e or None): weight w = d * code + e.
+def _halves2(x, row, o0, o1, at: int) -> ir.Value:
+    """The two f16 at row + o0 + at and row + o1 + at as <2 x float>."""
+    v = ir.Constant(_vec(F32, 2), None)
+    for i, o in enumerate((o0, o1)):
+        v = x.b.insert_element(v, x.half(row, x.off(o, at)), ir.Constant(I32, i))
+    return v
+
+
+def _nibbles64(x, row, o0, o1, at: int) -> ir.Value:
+    """The 16 packed bytes at o0 + at and at o1 + at -> <64 x i8>: block 0's 16 low nibbles, its 16 high ones, then
+    block 1's (each block's weights in order): one zmm shift by 0 | 4 per 16-bit lane and one mask."""
+    a, c = (x.at(row, x.off(o, at), _vec(I8, 16)) for o in (o0, o1))
+    ac = x.concat(a, c)
+    both = x.b.shuffle_vector(ac, ir.Constant(ac.type, ir.Undefined),
+                              ir.Constant(_vec(I32, 64), list(range(16)) * 2 + list(range(16, 32)) * 2))
+    sh = x.b.lshr(x.b.bitcast(both, _vec(I16, 32)), ir.Constant(_vec(I16, 32), ([0] * 8 + [4] * 8) * 2))
+    return x.b.and_(x.b.bitcast(sh, _vec(I8, 64)), x.const(I8, 64, 15))
+
+
+def _high64(x, row, o0, o1, at: int) -> ir.Value:
+    """Q5's fifth bits of both blocks (the i32 at o0 + at, then o1 + at) as <64 x i8> of bit << 4."""
+    lo, hi = (x.b.zext(x.at(row, x.off(o, at), I32), I64) for o in (o0, o1))
+    bits = x.b.or_(lo, x.b.shl(hi, ir.Constant(I64, 32)))
+    return x.b.shl(x.b.zext(x.b.bitcast(bits, _vec(ir.IntType(1), 64)), _vec(I8, 64)), x.const(I8, 64, 4))
+
+
+def _times(x, v, k: float) -> ir.Value:
+    return x.b.fmul(v, ir.Constant(_vec(F32, 2), [k, k]))
+
+
+def _pair_q4_0(x, row, o0, o1):
+    d = _halves2(x, row, o0, o1, 0)
+    return _nibbles64(x, row, o0, o1, 2), False, d, _times(x, d, -8.0)
+
+
+def _pair_q4_1(x, row, o0, o1):
+    return _nibbles64(x, row, o0, o1, 4), False, _halves2(x, row, o0, o1, 0), _halves2(x, row, o0, o1, 2)
+
+
+def _pair_q5_0(x, row, o0, o1):
+    d = _halves2(x, row, o0, o1, 0)
+    return x.b.or_(_nibbles64(x, row, o0, o1, 6), _high64(x, row, o0, o1, 2)), False, d, _times(x, d, -16.0)
+
+
+def _pair_q5_1(x, row, o0, o1):
+    q = x.b.or_(_nibbles64(x, row, o0, o1, 8), _high64(x, row, o0, o1, 4))
+    return q, False, _halves2(x, row, o0, o1, 0), _halves2(x, row, o0, o1, 2)
+
+
+def _pair_q8_0(x, row, o0, o1):
+    w = x.concat(*(x.at(row, x.off(o, 2), _vec(I8, 32)) for o in (o0, o1)))
+    return w, True, _halves2(x, row, o0, o1, 0), None
+
+
+def _pair_iq4_nl(x, row, o0, o1):
+    return x.lut64(_nibbles64(x, row, o0, o1, 2), _IQ4_TABLE), True, _halves2(x, row, o0, o1, 0), None
+
+
+def _emit_pair(x, acc, pair, row, o0, block_bytes: int, b, qx, dx, bsums) -> None:
+    """Blocks b and b + 1 of a row (at byte offsets o0, o0 + block_bytes) into acc: wide sum 0 (of acc.shift) takes
+    d dx (c . q) of both in one <16 x float> FMA, the two-lane sum their offsets e dx sum(q)."""
+    codes, signed, d, e = pair(x, row, o0, x.off(o0, block_bytes))
+    s = x.at(qx, x.b.mul(b, ir.Constant(I64, 32)), _vec(I8, 64))
+    p = x.b.sitofp((x.sdot64 if signed else x.udot64)(codes, s), _vec(F32, 16))
+    dx2 = x.at(dx, x.b.mul(b, ir.Constant(I64, 4)), _vec(F32, 2))
+    coef = x.b.fmul(d, dx2)
+    acc.fma16(p, x.b.shuffle_vector(coef, ir.Constant(coef.type, ir.Undefined),
+                                    ir.Constant(_vec(I32, 16), [0] * 8 + [1] * 8)), 0)
+    if e is not None:
+        bs = x.at(bsums, x.b.mul(b, ir.Constant(I64, 8)), _vec(I32, 4))  # two 16-code sums per block
+        undef = ir.Constant(bs.type, ir.Undefined)
+        sums = x.b.add(*(x.b.shuffle_vector(bs, undef, ir.Constant(_vec(I32, 2), [j, j + 2])) for j in (0, 1)))
+        acc.fma2(x.b.fmul(e, dx2), x.b.sitofp(sums, _vec(F32, 2)))
+
+
+# qtype -> its pair IR, where the CPU has 512-bit byte dots (the single-row dots use them; one block alone, a row's
+# odd last one, takes BLOCK_IR)
+PAIR_IR = {"Q4_0": _pair_q4_0, "Q4_1": _pair_q4_1, "Q5_0": _pair_q5_0, "Q5_1": _pair_q5_1, "Q8_0": _pair_q8_0,
+           "IQ4_NL": _pair_iq4_nl} if _ZMM else {}
 
 # qtype -> the IR of one block (the row dots here, the multi-row dots of cpu_kernels/batch_dot.py)
 BLOCK_IR = {
