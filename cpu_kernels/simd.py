@@ -726,6 +726,19 @@ def _halves2(x, row, o0, o1, at: int) -> ir.Value:
     return v
 
 
+def _scale_min2(x, row, o0, o1):
+    """Q4_1/Q5_1: the (d, m) f16 pairs at the head of both blocks, as (<2 x float> d, <2 x float> m): one 4-lane
+    conversion (vcvtph2ps; EDGEQ_SOFT_HALF's software conversion one half at a time)."""
+    if not _HW_HALF:
+        return _halves2(x, row, o0, o1, 0), _halves2(x, row, o0, o1, 2)
+    dm = ir.Constant(_vec(I32, 2), None)
+    for i, o in enumerate((o0, o1)):
+        dm = x.b.insert_element(dm, x.at(row, o, I32), ir.Constant(I32, i))
+    f = x.b.fpext(x.b.bitcast(dm, _vec(ir.HalfType(), 4)), _vec(F32, 4))
+    undef = ir.Constant(f.type, ir.Undefined)
+    return tuple(x.b.shuffle_vector(f, undef, ir.Constant(_vec(I32, 2), [j, j + 2])) for j in (0, 1))
+
+
 def _nibbles64(x, row, o0, o1, at: int) -> ir.Value:
     """The 16 packed bytes at o0 + at and at o1 + at -> <64 x i8>: block 0's 16 low nibbles, its 16 high ones, then
     block 1's (each block's weights in order): one zmm shift by 0 | 4 per 16-bit lane and one mask."""
@@ -754,7 +767,7 @@ def _pair_q4_0(x, row, o0, o1):
 
 
 def _pair_q4_1(x, row, o0, o1):
-    return _nibbles64(x, row, o0, o1, 4), False, _halves2(x, row, o0, o1, 0), _halves2(x, row, o0, o1, 2)
+    return (_nibbles64(x, row, o0, o1, 4), False) + _scale_min2(x, row, o0, o1)
 
 
 def _pair_q5_0(x, row, o0, o1):
@@ -764,7 +777,7 @@ def _pair_q5_0(x, row, o0, o1):
 
 def _pair_q5_1(x, row, o0, o1):
     q = x.b.or_(_nibbles64(x, row, o0, o1, 8), _high64(x, row, o0, o1, 4))
-    return q, False, _halves2(x, row, o0, o1, 0), _halves2(x, row, o0, o1, 2)
+    return (q, False) + _scale_min2(x, row, o0, o1)
 
 
 def _pair_q8_0(x, row, o0, o1):
