@@ -123,8 +123,11 @@ def main() -> None:
         wrap(mod, "linears", "matvec")  # Q/K/V and gate/up as one call each
     wrap(base.Linear, "__call__", "matvec")
     wrap(base.Embedding, "__call__", "embed")
+    from edgeq.runtime.kv_cache import DecodeStep
+
     wrap(type(m.cache), "attend", "attend")
     wrap(type(m.cache), "store", "store")
+    wrap(DecodeStep, "attend", "attend")  # a decode token stores and attends in one kernel call
     if a.prefill:
         total.clear()
         calls.clear()
