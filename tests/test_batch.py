@@ -51,13 +51,17 @@ def test_forward_batch_matches_each_sequence_alone(model, monkeypatch):
         assert batch[i].argmax() == one.argmax()
 
 
-def test_mixed_step_equals_the_prompt_chunk_and_the_decode_batch_apart(model):
+def test_mixed_step_equals_the_prompt_chunk_and_the_decode_batch_apart(model, monkeypatch):
     """forward_batch with prompt_rows: a chunk of one sequence's prompt and one token of two others in one pass
-    gives the chunk's last-token logits of `forward` over the chunk and the two rows of a decode batch (up to the
-    products' roundings: the decode rows run in the prompt's GEMM), and leaves every cache as they do: the next
-    token of each sequence, decoded alone, agrees."""
+    gives the chunk's last-token logits of `forward` over the chunk and the two rows of a decode batch, and leaves
+    every cache as they do: the next token of each sequence, decoded alone, agrees. On the single-row kernels
+    (prompts too), so both sides compute each row with the same products and agree to float32 roundings of the
+    attention; with the real kernels the decode rows run in the prompt's int8 GEMM in one and in the multi-row or
+    single-row dots in the other, whose float32 roundings the int8 activation codes amplify (Gemma 3: 2-6% of the
+    logits, moving with any change of a kernel's summation order), which would hide a real mixing error."""
     from edgeq.runtime.kv_cache import make_kv_cache
 
+    _single_row_kernels(monkeypatch)
     m = model
     m._set_threads()
     prompts = [m.tokenizer.encode(t) for t in ("Once upon a time there was a", "Hello there", "One two three")]
@@ -78,12 +82,12 @@ def test_mixed_step_equals_the_prompt_chunk_and_the_decode_batch_apart(model):
                             m.arch.forward_batch(m.weights, m.cfg, nxt, pos[1:], apart_caches[1:])])
     assert mixed.shape == (3, m.cfg.n_vocab)
     for a, b in zip(mixed, apart):
-        assert np.abs(a - b).max() < 0.05 * np.abs(b).max() and a.argmax() == b.argmax()
+        assert np.abs(a - b).max() < 1e-3 * np.abs(b).max() and a.argmax() == b.argmax()
     after = pos + np.array([T, 1, 1])
     for i in range(3):
         a, b = (m.arch.forward(m.weights, m.cfg, np.array([7]), after[i], cs[i])[0]
                 for cs in (mixed_caches, apart_caches))
-        assert np.abs(a - b).max() < 0.05 * np.abs(b).max() and a.argmax() == b.argmax()
+        assert np.abs(a - b).max() < 1e-3 * np.abs(b).max() and a.argmax() == b.argmax()
 
 
 def test_forward_batch_rows_do_not_depend_on_the_batch(model):
