@@ -19,7 +19,7 @@ the CPU: AVX512-VNNI / AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw` + `vpmaddwd`, or p
 multiply and adds) elsewhere; EDGEQ_SIMD=vnni|avx2|generic overrides (tests run all three).
 On AVX-512 VNNI CPUs (`_ZMM`) Q4_K dots two 32-weight blocks per 512-bit vpdpbusd (1.2x at T=1 over the
 256-bit path, ~2x when the weights come from cache), and so do the 32-weight types, two consecutive blocks per
-vpdpbusd (PAIR_IR: Q8_0 0.76 -> 0.54 ns a block from L2, Q4_1 1.06 -> 0.82; the decode products of a Qwen3-1.7B
+vpdpbusd (PAIR_IR: Q8_0 0.76 -> 0.54 ns a block from L2, Q4_1 1.06 -> 0.77; the decode products of a Qwen3-1.7B
 Q8_0 file 22-24 -> 29-30 GB/s on one Zen 4 thread, 32-35 -> 37-38 with two: benchmarks/decode_profile.py --matrices).
 The k-quants run vectorized over a super-block's 8 sub-blocks: scales, mins and activation sums as vectors,
 one lane broadcast per sub-block, four accumulators (Q4_K 1.5-1.8x, Q6_K 1.2-1.3x per thread over one
@@ -801,9 +801,7 @@ def _emit_pair(x, acc, pair, row, o0, block_bytes: int, b, qx, dx, bsums) -> Non
                                     ir.Constant(_vec(I32, 16), [0] * 8 + [1] * 8)), 0)
     if e is not None:
         bs = x.at(bsums, x.b.mul(b, ir.Constant(I64, 8)), _vec(I32, 4))  # two 16-code sums per block
-        undef = ir.Constant(bs.type, ir.Undefined)
-        sums = x.b.add(*(x.b.shuffle_vector(bs, undef, ir.Constant(_vec(I32, 2), [j, j + 2])) for j in (0, 1)))
-        acc.fma2(x.b.fmul(e, dx2), x.b.sitofp(sums, _vec(F32, 2)))
+        acc.fma2(x.b.fmul(e, dx2), x.b.sitofp(x._pair_sums(bs), _vec(F32, 2)))
 
 
 # qtype -> its pair IR, where the CPU has 512-bit byte dots (the single-row dots use them; one block alone, a row's
