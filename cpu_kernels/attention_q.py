@@ -710,13 +710,29 @@ def _store_row_for(layout: int):
     return _specialize(_store_row_template, "_store_row_" + _LAYOUT_NAMES[layout], False, _SIDE_LAYOUT=layout)
 
 
+def _bound(k_layout: int, v_layout: int) -> dict:
+    return dict(_K_LAYOUT=k_layout, _V_LAYOUT=v_layout, _load_k=_load_rows_for(k_layout),
+                _load_v=_load_rows_for(v_layout), _store_k=_store_row_for(k_layout), _store_v=_store_row_for(v_layout))
+
+
+@functools.cache
+def decode_job_for(k_layout: int, v_layout: int):
+    """The decode kernel's job (`_decode_job_template`) for this pair of layouts: a kernel of its own, which a
+    first run's warm-up compiles in one process while another compiles the store rows (runtime/warmup.py)."""
+    pair = _LAYOUT_NAMES[k_layout] + "__" + _LAYOUT_NAMES[v_layout]
+    return _specialize(_decode_job_template, "attend_decode_job__" + pair, False, **_bound(k_layout, v_layout))
+
+
+def store_row_for(layout: int):
+    """The decode kernel's store of one new row in `layout` (`_store_row_template`)."""
+    return _store_row_for(layout)
+
+
 @functools.cache
 def attention_kernels(k_layout: int, v_layout: int):
     """(prefill kernel, decode kernel) for keys stored in `k_layout` and values in `v_layout` (LAYOUTS' codes):
     `_attend_template` and `_attend_decode_template` with those layouts bound; compiled at their first call."""
     pair = _LAYOUT_NAMES[k_layout] + "__" + _LAYOUT_NAMES[v_layout]
-    bound = dict(_K_LAYOUT=k_layout, _V_LAYOUT=v_layout, _load_k=_load_rows_for(k_layout),
-                 _load_v=_load_rows_for(v_layout), _store_k=_store_row_for(k_layout), _store_v=_store_row_for(v_layout))
-    bound["_decode_job"] = _specialize(_decode_job_template, "attend_decode_job__" + pair, False, **bound)
+    bound = dict(_bound(k_layout, v_layout), _decode_job=decode_job_for(k_layout, v_layout))
     return (_specialize(_attend_template, "attend_kernel__" + pair, True, **bound),
             _specialize(_attend_decode_template, "attend_decode_kernel__" + pair, True, **bound))

@@ -138,6 +138,23 @@ def test_ctrl_c_while_kernels_compile_exits_at_once(smollm2_path, tmp_path):
     assert proc.returncode == 130
     assert b"Traceback" not in err + rest, (err + rest).decode(errors="replace")
     assert out == b""  # no token was generated
+    # the compile worker stops with it (before the first answer it has no reason to outlive its parent)
+    deadline = time.monotonic() + 5
+    while _processes_naming(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_naming(str(tmp_path))
+
+
+def _processes_naming(text: str) -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except (OSError, ValueError):
+            pass
+    return pids
 
 
 def test_no_first_run_message_when_kernels_are_cached(smollm2_path):

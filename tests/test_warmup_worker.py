@@ -118,3 +118,92 @@ def test_cache_saves_hold_the_lock(tmp_path, monkeypatch):
     warmup._serialize_cache_saves()  # once only: a second wrapper would deadlock on its own lock
     caching.IndexDataCacheFile.save(SimpleNamespace(_cache_path=str(tmp_path)), "key", b"data")
     assert held == [True]
+
+
+class Pipe:
+    """A worker's stdin: what the parent told it."""
+
+    def __init__(self):
+        self.words = []
+
+    def write(self, data):
+        self.words.append(data.decode().strip())
+
+    def flush(self):
+        pass
+
+
+def test_an_early_start_compiles_its_half_then_waits_for_the_worker_attention(monkeypatch):
+    """The main process's side of an early start: the row stores (then "stores" to the worker), the single-token
+    passes with attention stubbed, a wait for the worker's "attention", the single-token passes for real (which load
+    the worker's kernels), then "keep" (the worker may outlive this process to finish the prompt kernels)."""
+    r, w = os.pipe()
+    worker = FakeWorker()
+    worker.stdin, worker.stdout = Pipe(), os.fdopen(r, "rb")
+    order = []
+    monkeypatch.setattr(warmup, "_compile_stores", lambda cfg, types: order.append(("stores", worker.stdin.words[:])))
+
+    def passes(arch, weights, cfg, cache, passes, before_decode=None):
+        stub = isinstance(cache, warmup._NoAttention)
+        order.append(("stub" if stub else "real", worker.stdin.words[:], passes))
+        if stub:  # the worker answers once the parent's stores are in: here, right after the stubbed passes
+            os.write(w, b"attention\n")
+
+    monkeypatch.setattr(warmup, "_run_passes", passes)
+    monkeypatch.setattr(warmup, "_scratch_cache", lambda cfg, types, filled=0: ("scratch", filled))
+    model = SimpleNamespace(arch=None, weights=None, cfg=None, cache_types=(None, None), _set_threads=lambda: None)
+    pending = warmup._early_passes(model, worker, lambda: None)
+    assert order == [("stores", []), ("stub", ["stores"], warmup.DECODE_PASSES),
+                     ("real", ["stores"], warmup.DECODE_PASSES)]
+    assert worker.stdin.words == ["stores", "keep"]
+    assert not pending.ready()  # the worker runs on
+    worker.running = False
+    assert pending.ready()
+    os.close(w)
+
+
+def test_an_early_start_goes_on_when_its_worker_dies(monkeypatch):
+    """A worker that exits before its attention kernels (EOF on its stdout): the real passes compile them here."""
+    r, w = os.pipe()
+    os.close(w)
+    worker = FakeWorker()
+    worker.stdin, worker.stdout = Pipe(), os.fdopen(r, "rb")
+    ran = []
+    monkeypatch.setattr(warmup, "_compile_stores", lambda cfg, types: None)
+    monkeypatch.setattr(warmup, "_run_passes", lambda *a, **k: ran.append(type(a[3]).__name__))
+    monkeypatch.setattr(warmup, "_scratch_cache", lambda cfg, types, filled=0: "scratch")
+    model = SimpleNamespace(arch=None, weights=None, cfg=None, cache_types=(None, None), _set_threads=lambda: None)
+    warmup._early_passes(model, worker, lambda: None)
+    assert ran == ["_NoAttention", "str"]
+
+
+def test_early_only_when_asked(model, monkeypatch):
+    """warm_up(early=False) (the library's default, the server, bench) keeps the decode worker and the full passes."""
+    workers = started(monkeypatch)
+    early = []
+    monkeypatch.setattr(warmup, "_start_early_worker", lambda m, stamp: early.append(m))
+    monkeypatch.setattr(warmup, "scratch_passes", lambda m, before_decode: before_decode())
+    warmup.warm_up(model)
+    assert early == [] and len(workers) == 1
+
+
+def test_an_early_warm_up_hands_the_worker_to_the_model(model, monkeypatch):
+    workers = []
+    monkeypatch.setattr(warmup, "_start_early_worker", lambda m, stamp: workers.append(FakeWorker()) or workers[-1])
+    monkeypatch.setattr(warmup, "_early_passes", lambda m, worker, announce: ("pending", worker))
+    warmup.warm_up(model, early=True)
+    assert model.pending_kernels == ("pending", workers[0])
+    assert workers[0].running and not os.path.exists(warmup.ready_stamp(model))  # the worker writes the stamp
+
+
+def test_a_failed_early_start_stops_its_worker(model, monkeypatch):
+    workers = []
+    monkeypatch.setattr(warmup, "_start_early_worker", lambda m, stamp: workers.append(FakeWorker()) or workers[-1])
+
+    def fail(m, worker, announce):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(warmup, "_early_passes", fail)
+    with pytest.raises(RuntimeError):
+        warmup.warm_up(model, early=True)
+    assert workers[0].killed

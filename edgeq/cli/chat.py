@@ -46,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
         finally:
             if bar:
                 bar.finish()
-        model = load(path, n_ctx=args.ctx, threads=args.threads, device=device_choice(args), report=report)
+        model = load(path, n_ctx=args.ctx, threads=args.threads, device=device_choice(args), report=report,
+                     early_start=True)
         if verbose:
             from edgeq.cli.common import note_device
 

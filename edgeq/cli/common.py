@@ -126,7 +126,7 @@ def load_model(a: argparse.Namespace):
         check_sampling_args(a)
     model = load(resolve_with_progress(a.model) if isinstance(a.model, str) else a.model, n_ctx=a.ctx,
                  threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                 device=device_choice(a), report=say)
+                 device=device_choice(a), report=say, early_start=True)
     note_device(model, a)
     return model
 

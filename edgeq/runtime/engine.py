@@ -82,7 +82,7 @@ class Model:
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
                  cache_type_k: str | None = None, cache_type_v: str | None = None, device: str = "cpu",
-                 warm_up: bool = True, report=None):
+                 warm_up: bool = True, report=None, early_start: bool = False):
         from edgeq.runtime.chat_template import ChatTemplate
         from edgeq.formats.gguf_file import GGUFFile
         from edgeq.runtime.kv_cache import make_kv_cache
@@ -110,6 +110,7 @@ class Model:
             raise ContextError(f"n_ctx {n_ctx} must be between 16 and the model's trained context {self.cfg.n_ctx_train}")
         self.n_ctx = n_ctx
         self._gpu = None
+        self.pending_kernels = None  # an early start's prompt kernels, still compiling (runtime/warmup.py)
         if self.device == "cuda":
             from edgeq.gpu_kernels import device as gpu
             from edgeq.gpu_kernels.forward import CudaForward
@@ -129,7 +130,7 @@ class Model:
             if warm_up:  # every kernel ready now, so that nothing compiles mid-reply (runtime/warmup.py)
                 from edgeq.runtime.warmup import warm_up as prepare_kernels
 
-                prepare_kernels(self, report)
+                prepare_kernels(self, report, early=early_start)
         self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
         self._prompt_logits: tuple[list[int], np.ndarray] | None = None  # last prefilled prompt, its logits
         self._lock = threading.Lock()
@@ -166,6 +167,22 @@ class Model:
             raise ContextError(f"context full: {len(self.tokens)} + {len(tokens)} tokens > n_ctx {self.n_ctx}")
         if observer is not None and self._gpu is not None:
             raise EdgeqError("collecting activations runs on the CPU only: load the model with device='cpu'")
+        pending = self.pending_kernels
+        if pending is not None and (pending.ready() or all_logits or observer is not None):
+            pending.wait()
+            self.pending_kernels = pending = None
+        if pending is not None and len(tokens) > 1:
+            # a first run's prompt kernels are still compiling (an early start): the single-token path, whose
+            # kernels are ready, until they are
+            for i, t in enumerate(tokens):
+                if i and pending.ready():
+                    self.pending_kernels = None
+                    return self._forward_now(tokens[i:])
+                logits = self._forward_now([t])
+            return logits
+        return self._forward_now(tokens, all_logits, observer)
+
+    def _forward_now(self, tokens: list[int], all_logits: bool = False, observer=None) -> np.ndarray:
         self._set_threads()
         outs = []
         for i in range(0, len(tokens), N_BATCH):
@@ -367,16 +384,19 @@ def split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
 
 def load(path_or_name, n_ctx: int | None = None, threads: int | None = None, cache_type_k: str | None = None,
          cache_type_v: str | None = None, device: str = "cpu", warm_up: bool = True, report=None,
-         **kwargs) -> Model:
+         early_start: bool = False, **kwargs) -> Model:
     """Load a model from a GGUF path or a catalog name. Cache types: None (the default), "f16", "q8", "q4".
 
     On the CPU, every kernel the model can need is compiled (first run) or loaded from the disk cache before
     this returns (warm_up=False skips that: kernels then compile at first use); `report(line)` hears about a
-    first run's compile (edgeq/runtime/warmup.py). Ctrl-C interrupts it at once.
+    first run's compile (edgeq/runtime/warmup.py). Ctrl-C interrupts it at once. early_start=True: a first run
+    returns once the single-token kernels are ready (what an answer needs first); the prompt kernels finish in a
+    background process, and prompts go through the single-token kernels until then (warmup.warm_up's `early`).
 
     device: "cpu" (the default), "cuda" (numba-cuda and a GPU; an EdgeqError otherwise) or "auto" (a GPU
     when there is one, else the CPU). `model.device` says which was taken, `model.device_name` names it."""
     if kwargs:
         raise EdgeqError(f"unknown option(s): {', '.join(kwargs)}")
     return Model(resolve_model(path_or_name), n_ctx=n_ctx, threads=threads, cache_type_k=cache_type_k,
-                 cache_type_v=cache_type_v, device=device, warm_up=warm_up, report=report)
+                 cache_type_v=cache_type_v, device=device, warm_up=warm_up, report=report,
+                 early_start=early_start)

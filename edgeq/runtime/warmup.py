@@ -35,6 +35,7 @@ FIRST_RUN_MESSAGE = "preparing kernels for this CPU, once (a minute or two on a 
 _SCRATCH_CTX = 64
 _POLL_S = 0.05
 _WORKER_WAIT_S = 300.0
+_WORKER_LIFE_S = 900.0  # an early start's worker never outlives this
 
 
 # (tokens, position, all_logits) of each scratch pass, in order (each starts from the cache the previous left)
@@ -50,14 +51,18 @@ PASSES = (
 DECODE_PASSES = PASSES[3:5]
 
 
-def _run_passes(arch, weights, cfg, cache_types, passes, before_decode: Callable[[], None] = lambda: None,
-                filled: int = 0) -> None:
-    """Run `passes` over a throwaway KV cache of `cache_types` (`filled`: positions that look held, as zeros);
-    `before_decode()` runs before the first single-token pass."""
+def _scratch_cache(cfg, cache_types, filled: int = 0):
+    """A throwaway KV cache of `cache_types` whose first `filled` positions look held (as zeros)."""
     from edgeq.runtime.kv_cache import make_kv_cache
 
     cache = make_kv_cache(cfg.kv_layouts(), _SCRATCH_CTX, *cache_types, max_batch=_SCRATCH_CTX)
     cache.pretend_filled(filled)
+    return cache
+
+
+def _run_passes(arch, weights, cfg, cache, passes, before_decode: Callable[[], None] = lambda: None) -> None:
+    """Run `passes` over `cache` (a scratch cache, or _NoAttention); `before_decode()` runs before the first
+    single-token pass."""
     waited = False
     for n, pos, all_logits in passes:
         if n == 1 and not waited:
@@ -67,11 +72,69 @@ def _run_passes(arch, weights, cfg, cache_types, passes, before_decode: Callable
         arch.forward(weights, cfg, ids, pos, cache, all_logits=all_logits)
 
 
+class _NoAttention:
+    """A KV cache stand-in for single-token passes whose attention is zeros: the passes then compile every kernel
+    they reach except attention's (an early start's worker compiles those meanwhile, `_attention_passes`)."""
+
+    def __init__(self, n_ctx: int):
+        self.n_ctx = n_ctx
+
+    def decode_step(self, caches, positions):
+        return self
+
+    def attend(self, il, q, k, v, scale):
+        return np.zeros(q.shape, np.float32)
+
+
+def _attention_passes(cfg, cache_types) -> None:
+    """The attention kernels of DECODE_PASSES alone: the decode kernel's store-and-attend and a rewind's store and
+    attend, called on a scratch cache layer by layer with zero rows (the types, not the values, decide what
+    compiles)."""
+    layouts = cfg.kv_layouts()
+    cache = _scratch_cache(cfg, cache_types, filled=DECODE_PASSES[0][1])
+    for _, pos, _ in DECODE_PASSES:
+        step = cache.decode_step([cache], np.array([pos]))
+        for il, L in enumerate(layouts):
+            z = np.zeros((1, L.n_kv_heads, L.head_dim), np.float32)
+            step.attend(il, z, z, z, 1.0)
+
+
+def _compile_stores(cfg, cache_types) -> None:
+    """The decode kernel's row stores, called straight on a scratch cache, and a rewind's store: an early start's
+    main process compiles them while its worker compiles the decode job (`_compile_decode_job`), before the decode
+    kernel needs both."""
+    from edgeq.cpu_kernels import attention_q as aq
+
+    pos, rewind = DECODE_PASSES[0][1], DECODE_PASSES[1][1]
+    cache = _scratch_cache(cfg, cache_types, filled=pos + 1)
+    for il, L in enumerate(cache.layers):
+        z = np.zeros((1, L.n_kv, L.D), np.float32)
+        for side in (L.k, L.v):
+            aq.store_row_for(side.side.layout)(side.kernel_arg, z[0], pos, L.nslots)
+        cache.store(il, rewind, z, z)  # a rewind's store (the second single-token pass): the cache's own codecs
+
+
+def _compile_decode_job(cfg, cache_types) -> None:
+    """The decode kernel's job and split merge, called straight with the argument types the kernel gives them."""
+    from edgeq.cpu_kernels import attention_q as aq
+
+    pos = DECODE_PASSES[0][1]
+    for L in _scratch_cache(cfg, cache_types, filled=pos).layers:
+        H, D = L.n_kv, L.D
+        pm, pl, pacc = np.full((1, H), -1e30, np.float32), np.zeros((1, H), np.float32), np.zeros((1, H, D), np.float32)
+        aq.decode_job_for(L.k.side.layout, L.v.side.layout)(
+            np.zeros((H, D), np.float32), L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos, np.float32(1.0), L.window,
+            L.nslots, 1, pos // aq.QBLOCK * aq.QBLOCK, 0, pm, pl, pacc)
+        aq._merge_splits(pm, pl, pacc, 0, np.zeros(D, np.float32))
+        aq.decode_splits(L.n_kv, pos, L.window, 1)
+
+
 def scratch_passes(model, before_decode: Callable[[], None] = lambda: None) -> None:
     """Run every forward path of `model` once over a throwaway KV cache (the model's own cache is untouched);
     `before_decode()` runs before the single-token passes (warm_up waits there for its decode worker)."""
     model._set_threads()  # Numba's thread count is per calling thread
-    _run_passes(model.arch, model.weights, model.cfg, model.cache_types, PASSES, before_decode)
+    _run_passes(model.arch, model.weights, model.cfg, _scratch_cache(model.cfg, model.cache_types), PASSES,
+                before_decode)
 
 
 @contextlib.contextmanager
@@ -349,26 +412,164 @@ def _decode_worker(path: str, type_k: str | None, type_v: str | None) -> None:
     arch = architecture(gf.arch)
     cfg = arch.Config.from_gguf(gf)
     weights = arch.load_weights(gf, cfg)
-    _run_passes(arch, weights, cfg, (type_k, type_v), DECODE_PASSES, filled=DECODE_PASSES[0][1])
+    _run_passes(arch, weights, cfg, _scratch_cache(cfg, (type_k, type_v), DECODE_PASSES[0][1]), DECODE_PASSES)
 
 
-def warm_up(model, report: Report | None = None) -> float:
+def _start_early_worker(model, stamp: str):
+    """An early start's worker process (`_early_worker`), its stdin and stdout pipes ours; None if it cannot start."""
+    k, v = model.cache_types
+    try:
+        return subprocess.Popen([sys.executable, "-m", "edgeq.runtime.warmup", str(model.path), k or "", v or "",
+                                 stamp], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, EDGEQ_PARENT_PID=str(os.getpid())))
+    except OSError:
+        return None
+
+
+def _early_worker(path: str, type_k: str | None, type_v: str | None, stamp: str) -> None:
+    """An early start's worker: the decode kernel's job, then (once the parent says "stores": the row stores it
+    compiled meanwhile are in the disk cache) the single-token attention kernels (then "attention" on stdout), then every
+    scratch pass (the prompt kernels compile; what the main process saved loads), then the ready stamp. Until its
+    parent writes "keep" to its stdin (the parent is answering), it exits with its parent (Ctrl-C of a first run
+    stops everything); after that it finishes the cache even if the parent has exited, within _WORKER_LIFE_S."""
+    parent = int(os.environ.get("EDGEQ_PARENT_PID", "0"))
+    heard = {"stores": threading.Event(), "keep": threading.Event()}
+    keep = heard["keep"]
+
+    def watch() -> None:
+        while os.getppid() == parent or keep.is_set():
+            if keep.is_set():
+                return
+            time.sleep(0.1)
+        os._exit(1)
+
+    def listen() -> None:
+        for line in sys.stdin:
+            if line.strip() in heard:
+                heard[line.strip()].set()
+            if keep.is_set():
+                return
+
+    if parent:
+        threading.Thread(target=watch, daemon=True).start()
+        threading.Thread(target=listen, daemon=True).start()
+    deadline = threading.Timer(_WORKER_LIFE_S, lambda: os._exit(1))
+    deadline.daemon = True
+    deadline.start()
+    try:
+        _early_worker_passes(path, type_k, type_v, stamp, heard["stores"])
+    finally:
+        os._exit(0)  # now, whatever the threads (a failed pass: what it left undone compiles at first use)
+
+
+def _early_worker_passes(path: str, type_k: str | None, type_v: str | None, stamp: str,
+                         stores: threading.Event) -> None:
+    _serialize_cache_saves()
+    fast_cache_loads()
+    import numba
+
+    from edgeq.formats.gguf_file import GGUFFile
+    from edgeq.models import architecture
+
+    numba.set_num_threads(1)  # the other cores are compiling, then answering
+    gf = GGUFFile(path)
+    arch = architecture(gf.arch)
+    cfg = arch.Config.from_gguf(gf)
+    _compile_decode_job(cfg, (type_k, type_v))
+    stores.wait(_WORKER_WAIT_S)  # the parent's store rows, in the disk cache (or they compile here)
+    _attention_passes(cfg, (type_k, type_v))
+    with contextlib.suppress(OSError):
+        sys.stdout.write("attention\n")
+        sys.stdout.flush()
+    weights = arch.load_weights(gf, cfg)
+    _run_passes(arch, weights, cfg, _scratch_cache(cfg, (type_k, type_v)), PASSES)
+    _write_stamp(stamp)
+
+
+class PromptKernels:
+    """The prompt path's kernels, still compiling in an early start's worker process, which writes the ready stamp
+    and exits when they are all in the disk cache: until then the engine feeds prompts through the single-token
+    path (engine.Model._forward), whose kernels are ready."""
+
+    def __init__(self, worker):
+        self._worker = worker
+
+    def ready(self) -> bool:
+        """Whether the worker has finished (or failed: what it left undone then compiles at first use)."""
+        return self._worker.poll() is not None
+
+    def wait(self) -> None:
+        """Until ready(), in short sleeps (Ctrl-C reaches the caller)."""
+        deadline = time.monotonic() + _WORKER_WAIT_S
+        while not self.ready():
+            if time.monotonic() > deadline:  # stuck or starved: what it has not saved compiles at first use
+                self._worker.kill()
+            time.sleep(_POLL_S)
+
+
+def _early_passes(model, worker, announce: Callable[[], None]) -> PromptKernels:
+    """The main process's side of an early start (in warm_up's thread): the decode kernel's row stores, the
+    single-token passes with attention stubbed (every other kernel they reach compiles here), then, once the worker has the attention kernels in the
+    disk cache, the single-token passes for real (those load). The worker goes on to the prompt kernels.
+    `announce()` runs when the wait for the worker is long (this process may have compiled nothing)."""
+    import select
+
+    model._set_threads()
+    arch, weights, cfg = model.arch, model.weights, model.cfg
+    _compile_stores(cfg, model.cache_types)
+    _tell(worker, "stores")
+    _run_passes(arch, weights, cfg, _NoAttention(_SCRATCH_CTX), DECODE_PASSES)
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + _WORKER_WAIT_S:
+        if time.monotonic() > t0 + 0.5:
+            announce()  # nothing compiled here (cached), but the worker's attention kernels are compiling
+        if select.select([worker.stdout], [], [], _POLL_S)[0]:
+            worker.stdout.readline()  # "attention", or b"" when the worker has exited: compile what is missing here
+            break
+    _run_passes(arch, weights, cfg, _scratch_cache(cfg, model.cache_types, DECODE_PASSES[0][1]), DECODE_PASSES)
+    _tell(worker, "keep")
+    return PromptKernels(worker)
+
+
+def _tell(worker, word: str) -> None:
+    try:
+        worker.stdin.write(word.encode() + b"\n")
+        worker.stdin.flush()
+    except OSError:
+        pass  # it has exited already
+
+
+def warm_up(model, report: Report | None = None, early: bool = False) -> float:
     """Make every kernel of `model` ready; returns the seconds spent. `report(line)` hears, on a first run only,
     that kernels are being prepared and when they are ready. KeyboardInterrupt reaches the caller at once.
     Nothing to do when `ready_stamp(model)` exists: the kernels then load from the disk cache at first use.
 
     With more than one CPU, a worker process compiles the decode kernels into the disk cache meanwhile; the passes
     here wait for it before their single-token passes, which then load those kernels from the cache (what the
-    worker did not leave there compiles here as before: the worker only saves time)."""
+    worker did not leave there compiles here as before: the worker only saves time).
+
+    early=True (the CLI's run and chat): return once the single-token kernels are ready, which a first answer
+    needs (`_early_passes`: this process compiles all but attention's, the worker attention's); the worker then
+    goes on to the prompt kernels, `model.pending_kernels` (PromptKernels) says when they are ready, and the
+    engine feeds prompts token by token until then."""
     t0 = time.perf_counter()
     stamp = ready_stamp(model)
     if stamp is not None and os.path.exists(stamp):
         return 0.0
     say = report or (lambda line: None)
     failure: list[BaseException] = []
-    worker = None
+    result: list = []
+    worker = early_worker = None
     if stamp is not None and _use_worker() and _serialize_cache_saves():
-        worker = _start_decode_worker(model)
+        early_worker = _start_early_worker(model, stamp) if early else None
+        if early_worker is None:
+            worker = _start_decode_worker(model)
+    announced: list[bool] = []
+
+    def announce() -> None:
+        if not announced:
+            announced.append(True)
+            say(FIRST_RUN_MESSAGE)
 
     def wait_for_worker() -> None:
         if worker is None:
@@ -382,29 +583,42 @@ def warm_up(model, report: Report | None = None) -> float:
 
     def work() -> None:
         try:
-            scratch_passes(model, wait_for_worker)
+            if early_worker is not None:
+                result.append(_early_passes(model, early_worker, announce))
+            else:
+                scratch_passes(model, wait_for_worker)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
             failure.append(e)
 
     try:
-        with _on_first_compile(lambda: say(FIRST_RUN_MESSAGE)) as seen:
+        with _on_first_compile(announce) as seen:
             thread = threading.Thread(target=work, name="edgeq-warmup", daemon=True)
             thread.start()
             while thread.is_alive():
                 thread.join(_POLL_S)  # short joins: a signal handler runs between them
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.kill()  # Ctrl-C, or a failed pass
-            worker.wait()
+        for w in (worker, None if result else early_worker):
+            if w is not None and w.poll() is None:
+                w.kill()  # Ctrl-C, or a failed pass
+                w.wait()
     if failure:
         raise failure[0]
+    elapsed = time.perf_counter() - t0
+    if result:
+        model.pending_kernels = result[0]
+        if announced:
+            say(f"ready to answer ({elapsed:.1f} s); the kernels for long prompts finish compiling in the "
+                "background, cached for the next run")
+        return elapsed
     if stamp is not None:
         _write_stamp(stamp)
-    elapsed = time.perf_counter() - t0
-    if seen["compiled"]:
+    if announced:
         say(f"kernels ready ({elapsed:.1f} s; cached for the next run)")
     return elapsed
 
 
-if __name__ == "__main__":  # the decode worker (_start_decode_worker)
-    _decode_worker(sys.argv[1], sys.argv[2] or None, sys.argv[3] or None)
+if __name__ == "__main__":  # the decode worker (_start_decode_worker) or an early start's (_start_early_worker)
+    if len(sys.argv) > 4:
+        _early_worker(sys.argv[1], sys.argv[2] or None, sys.argv[3] or None, sys.argv[4])
+    else:
+        _decode_worker(sys.argv[1], sys.argv[2] or None, sys.argv[3] or None)
