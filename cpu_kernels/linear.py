@@ -20,10 +20,12 @@ The dequantizers below use `_FAST` (fastmath without `reassoc`) and the SLP vect
 (NUMBA_SLP_VECTORIZE=1, set in edgeq/_numba_env.py): with reassociation LLVM's loop vectorizer vectorizes
 *across* blocks with strided shuffles, 3-4x slower.
 
-Prefill (`matmul` with T >= _GEMM_MIN_T rows): weight tiles of `_TILE_BYTES` are dequantized to float32
-and multiplied with a float32 GEMM on Numba's own threads (`_gemm_f32`, ~60 GFLOP/s per core against ~15 for
-the integer kernel; not OpenBLAS, see the note there). Fewer rows use the integer kernel (each weight row
-is read once and dotted with all T quantized activation rows).
+Prefill (`matmul` with T >= _GEMM_MIN_T rows): the int8 GEMM (gemm_i8.py) for the types it serves; float
+matrices (F32, F16, BF16) go to gemm_f32.py's float32 GEMM directly, and the other types' weight tiles of
+`_TILE_BYTES` are dequantized to float32 for it. Not OpenBLAS: OpenBLAS's thread pool and Numba's OpenMP pool
+both spin-wait after their work, and alternating them (norm, matmul, rope, ... in a prefill) starves both
+(measured 17x slower on 2 cores). Fewer rows use the integer kernel (each weight row is read once and dotted
+with all T quantized activation rows).
 
 Every kernel is compiled on first use of its type only (lazy), with cache=True.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import types as pytypes
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -57,7 +60,7 @@ _SUPER = 256                 # activation quantization block of the k-quant row 
 _Q4_K_BYTES, _Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"].block_bytes
 _IQ4_NL_BYTES, _IQ4_XS_BYTES = QTYPES["IQ4_NL"].block_bytes, QTYPES["IQ4_XS"].block_bytes
 _IQ4 = KVALUES_IQ4NL.astype(np.float32)  # the IQ4 level table (a global: Numba freezes it as a constant)
-_TILE_BYTES = 1 << 20        # float32 weight tile for the prefill path
+_TILE_BYTES = 4 << 20        # float32 weight tile for the prefill path of the types without an int8 GEMM
 _PREFETCH = 1024             # bytes ahead of the current weight row to software-prefetch (2x on big matrices)
 _GEMM_MIN_T = 6              # matmul rows from which dequantize + float GEMM beats the integer kernel
 
@@ -469,51 +472,6 @@ _KERNELS = {
 }
 
 
-# ---------------------------------------------------------------- float32 GEMM on Numba's thread pool
-# Not numpy/OpenBLAS: OpenBLAS's thread pool and Numba's OpenMP pool both spin-wait after their work, and
-# alternating them (norm, matmul, rope, ... in a prefill) starves both: measured 17x slower on 2 cores.
-# Full fastmath here: the k-loop reductions need reassociation to vectorize. 4 weight rows x 2 activation
-# rows per inner loop: 6 loads per 8 FMAs, ~60 GFLOP/s per core (OpenBLAS alone: ~120).
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _gemm_f32(W, X, out, r0):
-    """out[:, r0:r0+R] = X @ W.T for W (R, n) and X (T, n) float32."""
-    R, n = W.shape
-    T = X.shape[0]
-    for g in prange((R + 3) // 4):
-        i = 4 * g
-        if i + 4 <= R:
-            w0, w1, w2, w3 = W[i], W[i + 1], W[i + 2], W[i + 3]
-            for t in range(0, T - 1, 2):
-                x = X[t]
-                y = X[t + 1]
-                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-                for k in range(n):
-                    xv = x[k]
-                    yv = y[k]
-                    a0 += xv * w0[k]
-                    a1 += xv * w1[k]
-                    a2 += xv * w2[k]
-                    a3 += xv * w3[k]
-                    b0 += yv * w0[k]
-                    b1 += yv * w1[k]
-                    b2 += yv * w2[k]
-                    b3 += yv * w3[k]
-                out[t, r0 + i], out[t, r0 + i + 1], out[t, r0 + i + 2], out[t, r0 + i + 3] = a0, a1, a2, a3
-                out[t + 1, r0 + i], out[t + 1, r0 + i + 1], out[t + 1, r0 + i + 2], out[t + 1, r0 + i + 3] = \
-                    b0, b1, b2, b3
-            rows = range(i, i + 4)
-            t_first = T - (T % 2)
-        else:
-            rows = range(i, R)
-            t_first = 0
-        for r in rows:
-            for t in range(t_first, T):
-                a = np.float32(0.0)
-                for k in range(n):
-                    a += X[t, k] * W[r, k]
-                out[t, r0 + r] = a
-
-
 # ---------------------------------------------------------------- half-precision rows for decode
 # F16/BF16 matrices in decode (a few activation rows): each weight row converted in registers as it is read
 # (vcvtph2ps on x86) and dotted with the float32 activations: one pass over the weights, none of the float32
@@ -634,8 +592,6 @@ class QuantLinear:
         self._mm = one_row or self._mm
         self._group = act_group(qtype)  # activations per int8 scale in the integer kernels
         self._raws3 = _fused_weights([raw])[0]  # the kernels take 3 matrices (see _fused_weights)
-        # float32 rows per prefill tile
-        self._tile = max(16, min(self.n_out, _TILE_BYTES // (4 * self.n_in)))
         # prefill on int8 dots (gemm_i8.py), or None
         self._int8_gemm = _int8_gemm(qtype, self.n_out, self.n_in) if int8_prefill else None
         self._plans: dict[tuple, _RowsPlan] = {}  # matmul_rows_many's plans for lists starting with this matrix
@@ -673,9 +629,11 @@ class QuantLinear:
         """Y = X W^T; `act`: X's gemm_i8.quantized_activations, when the caller shares them between matrices."""
         T = X.shape[0]
         if self._f32 is not None:
-            _gemm_f32(self._f32, X, Y, 0)
+            gemm_f32.gemm_f32(self._f32, X, Y, 0)
         elif self._half is not None and T < _GEMM_MIN_T:
             _HALF_ROWS[self.qtype](self._half, X, Y)
+        elif self._half is not None:
+            gemm_f32.GEMM_HALF[self.qtype](self._half, X, Y, 0)
         elif self._mm is not None and T < _GEMM_MIN_T:
             qx, dx, bsums = _quantized(X, self._group)
             e = _no_out(X.shape[0])
@@ -686,16 +644,19 @@ class QuantLinear:
         elif self._int8_gemm is not None:
             self._int8_gemm(self.raw, self.qtype, self.n_in, X, Y, act)
         else:
-            # dequantize a tile of weight rows to float32, then the float32 GEMM
-            tile = np.empty((min(self._tile, self.n_out), self.n_in), np.float32)
-            for r0 in range(0, self.n_out, self._tile):
-                r1 = min(self.n_out, r0 + self._tile)
+            # dequantize a tile of weight rows to float32, then the float32 GEMM; the tile's rows a multiple of
+            # the GEMM's row groups times the threads, so that each thread has as many groups
+            step = gemm_f32.TILE_ROWS * numba.get_num_threads()
+            rows = min(self.n_out, max(step, _TILE_BYTES // (4 * self.n_in) // step * step))
+            tile = np.empty((rows, self.n_in), np.float32)
+            for r0 in range(0, self.n_out, rows):
+                r1 = min(self.n_out, r0 + rows)
                 w = tile[:r1 - r0]
                 self._rows(self.raw, np.arange(r0, r1, dtype=np.int64), self.n_in, w)
-                _gemm_f32(w, X, Y, r0)
+                gemm_f32.gemm_f32(w, X, Y, r0)
 
 
-# full fastmath: the k-loop reduction needs reassociation to vectorize (as _gemm_f32)
+# full fastmath: the k-loop reduction needs reassociation to vectorize
 _HALF_ROWS = {q: _specialize(_dot_half_template, q, conv, fastmath=True)
               for q, conv in (("F16", _half), ("BF16", _bf16_to_f32))}
 
@@ -826,3 +787,6 @@ def embed_rows(raw: np.ndarray, qtype: str, shape: tuple[int, int], ids) -> np.n
     elif ids.size:
         _KERNELS[qtype][1](raw, ids, n_in, out)
     return out
+
+
+from . import gemm_f32  # noqa: E402 (it builds on this module's half conversions)
