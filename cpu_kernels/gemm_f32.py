@@ -134,7 +134,11 @@ def _gemm_template(W, X, out, r0):
     for g in prange((R + TR - 1) // TR):
         a = g * TR
         nr = min(TR, R - a)
-        tile = np.zeros((n, TR), np.float32)  # zeros: the columns past nr of the last group
+        tile = np.empty((n, TR), np.float32)
+        if nr < TR:  # the last group: zeros in the columns past its rows
+            for k in range(n):
+                for i in range(nr, TR):
+                    tile[k, i] = 0.0
         i16, k16 = nr - nr % 16, n - n % 16
         for i0 in range(0, i16, 16):
             for k0 in range(0, k16, 16):
