@@ -4,7 +4,7 @@ F16/BF16 or any type without an int8 GEMM, dequantized a tile of rows at a time 
 A dot-product loop (a weight row against an activation row, reduced over k) needs as many loads as FMAs and a
 horizontal sum per output; this is the outer-product form of BLIS and llama.cpp's tinyBLAS instead:
 
-* each group of _TILE_ROWS weight rows is copied once into a buffer of its thread transposed, k-major
+* each group of TILE_ROWS weight rows is copied once into a buffer of its thread transposed, k-major
   (`tile[k, i]` = weight k of row i), half floats (F16, BF16) converted on the way: one vector load then holds
   weight k of VW rows;
 * the micro-kernel `_micro` keeps _MG x _MT accumulators of VW floats in registers (row vectors x tokens) and, per
@@ -34,13 +34,12 @@ _WIDE = simd.LEVEL != "generic" and all(simd.llvm_binding.get_host_cpu_features(
 VW = 16 if _WIDE else 8          # floats per vector register
 # rows (in vectors) x tokens per micro-kernel call: 16 accumulators of 32 zmm registers, 12 of 16 ymm registers
 _MG, _MT = (2, 8) if _WIDE else (2, 6)
-_TILE_ROWS = VW * _MG
-TILE_ROWS = _TILE_ROWS  # rows per parallel job
+TILE_ROWS = VW * _MG  # weight rows per parallel job (one tile)
 
 
 def _micro_impl(typingctx, tile, X, t, n, res):
     """res[j, VW i + l] = sum over k < n of tile[k, VW i + l] * X[t + j, k] (i < _MG, j < _MT, l < VW); tile (n,
-    _TILE_ROWS), X (T, n), res (_MT, _TILE_ROWS) float32, C-contiguous; the caller keeps t + _MT <= T (no bounds
+    TILE_ROWS), X (T, n), res (_MT, TILE_ROWS) float32, C-contiguous; the caller keeps t + _MT <= T (no bounds
     checks here)."""
     sig = types.void(tile, X, types.intp, types.intp, res)
 
@@ -54,7 +53,7 @@ def _micro_impl(typingctx, tile, X, t, n, res):
         rows = [builder.mul(builder.add(t, c(j)), n) for j in range(_MT)]  # element offset of each token's row
         with cgutils.for_range(builder, n) as loop:
             k = loop.index
-            w = [x.at(pw, builder.mul(builder.add(builder.mul(k, c(_TILE_ROWS)), c(VW * i)), c(4)), vf)
+            w = [x.at(pw, builder.mul(builder.add(builder.mul(k, c(TILE_ROWS)), c(VW * i)), c(4)), vf)
                  for i in range(_MG)]
             for j in range(_MT):
                 a = x.splat(x.elem(px, builder.add(rows[j], k), F32), VW)
@@ -68,7 +67,7 @@ def _micro_impl(typingctx, tile, X, t, n, res):
     return sig, codegen
 
 
-_micro_impl.__name__ = _micro_impl.__qualname__ = f"fdot{_TILE_ROWS}x{_MT}"
+_micro_impl.__name__ = _micro_impl.__qualname__ = f"fdot{TILE_ROWS}x{_MT}"
 _micro = intrinsic(_micro_impl)
 
 
@@ -78,7 +77,7 @@ def _transposer(kind: str):
     elements converted from `kind` ("F32", "F16": half bits, "BF16": the high half of a float32). The 16 rows
     are loaded as vectors and transposed in registers (4 rounds of two-input shuffles, each swapping the
     off-diagonal blocks of every 2s x 2s block), so the tile is written 16 floats at a time instead of one scalar
-    store per weight. W (R, n), tile (n, _TILE_ROWS), C-contiguous; no bounds checks (the caller's)."""
+    store per weight. W (R, n), tile (n, TILE_ROWS), C-contiguous; no bounds checks (the caller's)."""
     esize = 4 if kind == "F32" else 2
 
     def impl(typingctx, W, row, k0, tile, col):
@@ -112,7 +111,7 @@ def _transposer(kind: str):
                     v[p], v[q] = (builder.shuffle_vector(v[p], v[q], ir.Constant(_vec(I32, 16), lo)),
                                   builder.shuffle_vector(v[p], v[q], ir.Constant(_vec(I32, 16), hi)))
             for r in range(16):
-                off = builder.mul(builder.add(builder.mul(builder.add(k0, c(r)), c(_TILE_ROWS)), col), c(4))
+                off = builder.mul(builder.add(builder.mul(builder.add(k0, c(r)), c(TILE_ROWS)), col), c(4))
                 builder.store(v[r], builder.bitcast(builder.gep(pt, [off]), vf.as_pointer()), align=4)
             return context.get_dummy_value()
         return sig, codegen
@@ -129,7 +128,7 @@ def _gemm_template(W, X, out, r0):
     C-contiguous."""
     R, n = W.shape
     T = X.shape[0]
-    TR = _TILE_ROWS
+    TR = TILE_ROWS
     t_full = T - T % _MT
     for g in prange((R + TR - 1) // TR):
         a = g * TR

@@ -10,20 +10,16 @@ import time
 import numpy as np
 import pytest
 
+from _procs import COMPILE_LISTENER, processes_naming
+from edgeq.runtime.warmup import BACKGROUND_MESSAGE
+
 # Runs in a fresh process with an empty kernel cache: an early load, then a first chat answer, recording every
 # Numba compile in this process after load() returned (the prompt must take the ready single-token kernels).
 EARLY = r"""
 import json, os, sys
 import edgeq
 from edgeq.runtime import warmup
-from numba.core import event
-
-compiles = []
-class Compiles(event.Listener):
-    def on_start(self, ev):
-        compiles.append(str(ev.data.get("dispatcher")))
-    def on_end(self, ev):
-        pass
+""" + COMPILE_LISTENER + r"""
 
 path, mode = sys.argv[1], sys.argv[2]
 m = edgeq.load(path, n_ctx=256, threads=2, early_start=mode == "early")
@@ -57,18 +53,6 @@ def test_an_early_start_answers_on_the_single_token_kernels_and_completes_the_ca
     assert later["reply"] == early["reply"] and early["reply"].strip()
 
 
-def _processes_naming(text: str) -> list[int]:
-    pids = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    pids.append(int(pid))
-        except (OSError, ValueError):
-            pass
-    return pids
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_the_worker_finishes_the_cache_after_a_run_exits(smollm2_path, tmp_path):
@@ -78,11 +62,11 @@ def test_the_worker_finishes_the_cache_after_a_run_exits(smollm2_path, tmp_path)
     p = subprocess.run([sys.executable, "-m", "edgeq.cli", "run", str(smollm2_path), "--chat", "-p", "Hi", "-n", "4",
                         "--temp", "0"], capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() and "finish compiling in the background" in p.stderr
+    assert p.stdout.strip() and BACKGROUND_MESSAGE in p.stderr
     deadline = time.monotonic() + 600
-    while _processes_naming(str(cache)) and time.monotonic() < deadline:
+    while processes_naming(str(cache)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _processes_naming(str(cache))
+    assert not processes_naming(str(cache))
     assert os.listdir(cache / "edgeq-ready")
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from edgeq.runtime.warmup import FIRST_RUN_MESSAGE
+from _procs import COMPILE_LISTENER, processes_naming  # noqa: E402
 from _signals import default_sigint  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -26,15 +27,8 @@ PROBE = r"""
 import json, os, sys
 import edgeq
 import edgeq.runtime.warmup as warmup
-from numba.core import event
 from numba.core.dispatcher import Dispatcher
-
-compiles = []
-class Compiles(event.Listener):
-    def on_start(self, ev):
-        compiles.append(str(ev.data.get("dispatcher")))
-    def on_end(self, ev):
-        pass
+""" + COMPILE_LISTENER + r"""
 
 
 def signatures():
@@ -140,21 +134,10 @@ def test_ctrl_c_while_kernels_compile_exits_at_once(smollm2_path, tmp_path):
     assert out == b""  # no token was generated
     # the compile worker stops with it (before the first answer it has no reason to outlive its parent)
     deadline = time.monotonic() + 5
-    while _processes_naming(str(tmp_path)) and time.monotonic() < deadline:
+    while processes_naming(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _processes_naming(str(tmp_path))
+    assert not processes_naming(str(tmp_path))
 
-
-def _processes_naming(text: str) -> list[int]:
-    pids = []
-    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    pids.append(int(pid))
-        except (OSError, ValueError):
-            pass
-    return pids
 
 
 def test_no_first_run_message_when_kernels_are_cached(smollm2_path):

@@ -32,6 +32,8 @@ import numpy as np
 Report = Callable[[str], None]
 
 FIRST_RUN_MESSAGE = "preparing kernels for this CPU, once (a minute or two on a slow machine)…"
+# the end of an early start's first-run line (benchmarks/first_run.py waits for the worker's stamp when it sees it)
+BACKGROUND_MESSAGE = "the kernels for long prompts finish compiling in the background, cached for the next run"
 _SCRATCH_CTX = 64
 _POLL_S = 0.05
 _WORKER_WAIT_S = 300.0
@@ -121,7 +123,7 @@ def _compile_decode_job(cfg, cache_types) -> None:
     pos = DECODE_PASSES[0][1]
     for L in _scratch_cache(cfg, cache_types, filled=pos).layers:
         H, D = L.n_kv, L.D
-        pm, pl, pacc = np.full((1, H), -1e30, np.float32), np.zeros((1, H), np.float32), np.zeros((1, H, D), np.float32)
+        pm, pl, pacc = np.full((1, H), aq._NEG, np.float32), np.zeros((1, H), np.float32), np.zeros((1, H, D), np.float32)
         aq.decode_job_for(L.k.side.layout, L.v.side.layout)(
             np.zeros((H, D), np.float32), L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos, np.float32(1.0), L.window,
             L.nslots, 1, pos // aq.QBLOCK * aq.QBLOCK, 0, pm, pl, pacc)
@@ -376,30 +378,44 @@ def _use_worker() -> bool:
     return (os.cpu_count() or 1) > 1 and os.environ.get("EDGEQ_WARMUP_WORKER", "1") != "0"
 
 
-def _start_decode_worker(model):
-    """A process that compiles the single-token passes' kernels into the shared disk cache (`_decode_worker`)
-    while this one compiles the prompt passes' kernels; None if it cannot start."""
+def _spawn_worker(model, extra: list[str], pipes: bool):
+    """A worker process running this module (`__main__` below) on the model's file and cache types, its stdin and
+    stdout pipes ours when `pipes`; None if it cannot start."""
     k, v = model.cache_types
+    io = subprocess.PIPE if pipes else subprocess.DEVNULL
     try:
-        return subprocess.Popen([sys.executable, "-m", "edgeq.runtime.warmup", str(model.path), k or "", v or ""],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        return subprocess.Popen([sys.executable, "-m", "edgeq.runtime.warmup", str(model.path), k or "", v or "",
+                                 *extra], stdin=io, stdout=io, stderr=subprocess.DEVNULL,
                                 env=dict(os.environ, EDGEQ_PARENT_PID=str(os.getpid())))
     except OSError:
         return None
 
 
-def _decode_worker(path: str, type_k: str | None, type_v: str | None) -> None:
-    """The worker's side: the model's weights (memory-mapped) and the decode passes over a scratch cache whose first
-    positions only look held. Exits when its parent does (a parent killed by a signal cannot stop it)."""
+def _start_decode_worker(model):
+    """A process that compiles the single-token passes' kernels into the shared disk cache (`_decode_worker`)
+    while this one compiles the prompt passes' kernels; None if it cannot start."""
+    return _spawn_worker(model, [], pipes=False)
+
+
+def _watch_parent(keep: threading.Event | None = None) -> None:
+    """In a worker: exit when the parent process does (a parent killed by a signal cannot stop it), until `keep`
+    is set (from then on the worker may outlive it)."""
     parent = int(os.environ.get("EDGEQ_PARENT_PID", "0"))
+    if not parent:
+        return
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
+        while keep is None or not keep.is_set():
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.1)
 
-    if parent:
-        threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _open_in_worker(path: str):
+    """A worker's start: safe cache saves, light cache loads, one thread (the other cores are compiling, then
+    answering); the GGUF file, its architecture and config."""
     _serialize_cache_saves()
     fast_cache_loads()
     import numba
@@ -407,23 +423,24 @@ def _decode_worker(path: str, type_k: str | None, type_v: str | None) -> None:
     from edgeq.formats.gguf_file import GGUFFile
     from edgeq.models import architecture
 
-    numba.set_num_threads(1)  # the other cores are compiling
+    numba.set_num_threads(1)
     gf = GGUFFile(path)
     arch = architecture(gf.arch)
-    cfg = arch.Config.from_gguf(gf)
+    return gf, arch, arch.Config.from_gguf(gf)
+
+
+def _decode_worker(path: str, type_k: str | None, type_v: str | None) -> None:
+    """The worker's side: the model's weights (memory-mapped) and the decode passes over a scratch cache whose first
+    positions only look held. Exits when its parent does."""
+    _watch_parent()
+    gf, arch, cfg = _open_in_worker(path)
     weights = arch.load_weights(gf, cfg)
     _run_passes(arch, weights, cfg, _scratch_cache(cfg, (type_k, type_v), DECODE_PASSES[0][1]), DECODE_PASSES)
 
 
 def _start_early_worker(model, stamp: str):
     """An early start's worker process (`_early_worker`), its stdin and stdout pipes ours; None if it cannot start."""
-    k, v = model.cache_types
-    try:
-        return subprocess.Popen([sys.executable, "-m", "edgeq.runtime.warmup", str(model.path), k or "", v or "",
-                                 stamp], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                env=dict(os.environ, EDGEQ_PARENT_PID=str(os.getpid())))
-    except OSError:
-        return None
+    return _spawn_worker(model, [stamp], pipes=True)
 
 
 def _early_worker(path: str, type_k: str | None, type_v: str | None, stamp: str) -> None:
@@ -432,27 +449,17 @@ def _early_worker(path: str, type_k: str | None, type_v: str | None, stamp: str)
     scratch pass (the prompt kernels compile; what the main process saved loads), then the ready stamp. Until its
     parent writes "keep" to its stdin (the parent is answering), it exits with its parent (Ctrl-C of a first run
     stops everything); after that it finishes the cache even if the parent has exited, within _WORKER_LIFE_S."""
-    parent = int(os.environ.get("EDGEQ_PARENT_PID", "0"))
     heard = {"stores": threading.Event(), "keep": threading.Event()}
-    keep = heard["keep"]
-
-    def watch() -> None:
-        while os.getppid() == parent or keep.is_set():
-            if keep.is_set():
-                return
-            time.sleep(0.1)
-        os._exit(1)
 
     def listen() -> None:
         for line in sys.stdin:
             if line.strip() in heard:
                 heard[line.strip()].set()
-            if keep.is_set():
+            if heard["keep"].is_set():
                 return
 
-    if parent:
-        threading.Thread(target=watch, daemon=True).start()
-        threading.Thread(target=listen, daemon=True).start()
+    _watch_parent(heard["keep"])
+    threading.Thread(target=listen, daemon=True).start()
     deadline = threading.Timer(_WORKER_LIFE_S, lambda: os._exit(1))
     deadline.daemon = True
     deadline.start()
@@ -464,17 +471,7 @@ def _early_worker(path: str, type_k: str | None, type_v: str | None, stamp: str)
 
 def _early_worker_passes(path: str, type_k: str | None, type_v: str | None, stamp: str,
                          stores: threading.Event) -> None:
-    _serialize_cache_saves()
-    fast_cache_loads()
-    import numba
-
-    from edgeq.formats.gguf_file import GGUFFile
-    from edgeq.models import architecture
-
-    numba.set_num_threads(1)  # the other cores are compiling, then answering
-    gf = GGUFFile(path)
-    arch = architecture(gf.arch)
-    cfg = arch.Config.from_gguf(gf)
+    gf, arch, cfg = _open_in_worker(path)
     _compile_decode_job(cfg, (type_k, type_v))
     stores.wait(_WORKER_WAIT_S)  # the parent's store rows, in the disk cache (or they compile here)
     _attention_passes(cfg, (type_k, type_v))
@@ -607,8 +604,7 @@ def warm_up(model, report: Report | None = None, early: bool = False) -> float:
     if result:
         model.pending_kernels = result[0]
         if announced:
-            say(f"ready to answer ({elapsed:.1f} s); the kernels for long prompts finish compiling in the "
-                "background, cached for the next run")
+            say(f"ready to answer ({elapsed:.1f} s); {BACKGROUND_MESSAGE}")
         return elapsed
     if stamp is not None:
         _write_stamp(stamp)
