@@ -45,6 +45,8 @@ from .half import f16_row_to_f32, f16_to_f32, f32_row_to_f16, f32_to_f16
 from .jit_options import prange_only
 from .ops import fast_exp
 
+_PAIRS = simd_attention.PAIRS  # two query heads per pass over a kv head's codes in decode (simd_attention)
+
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
 FLOAT32, FLOAT16, INT8_PER_TOKEN, UINT4_PER_TOKEN, UINT4_PER_CHANNEL, UINT8_PER_CHANNEL = 0, 1, 2, 3, 4, 5
@@ -534,8 +536,9 @@ def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
     elif _K_LAYOUT == UINT8_PER_CHANNEL:
         # per-channel 8-bit keys, group by group: q . (scale * code + min) = (q * scale) . code + q . min,
         # the 32 positions of a group as one vector (simd_attention.block_scores on the transposed codes)
-        qs = np.empty(D, np.float32)
-        g32 = np.empty(QBLOCK, np.float32)
+        qs = np.empty((n_rep, D), np.float32)
+        bias = np.empty(n_rep, np.float32)
+        g32 = np.empty((n_rep, QBLOCK), np.float32)
         for blk in range(b_first, b_last):
             b0 = blk * QBLOCK
             j0 = max(lo - b0, 0)
@@ -553,13 +556,22 @@ def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
             f16_row_to_f32(k_scales[g, gs], cs)
             f16_row_to_f32(k_mins[g, gs], cm)
             for r in range(n_rep):
-                bias = np.float32(0.0)
+                b_r = np.float32(0.0)
                 for d in range(D):
-                    qs[d] = qb[r, d] * cs[d]
-                    bias += qb[r, d] * cm[d]
-                simd_attention.block_scores(qs, k_u8c[g, gs], g32)
+                    qs[r, d] = qb[r, d] * cs[d]
+                    b_r += qb[r, d] * cm[d]
+                bias[r] = b_r
+            r = 0
+            while r < n_rep:  # two query heads per pass over the group's codes where it pays (PAIRS)
+                if _PAIRS and r + 1 < n_rep:
+                    simd_attention.block_scores_2(qs, r, k_u8c[g, gs], g32)
+                    r += 2
+                else:
+                    simd_attention.block_scores(qs[r], k_u8c[g, gs], g32[r])
+                    r += 1
+            for r in range(n_rep):
                 for j in range(j0, j1):
-                    sc[r, b0 - p0 + j] = g32[j] + bias
+                    sc[r, b0 - p0 + j] = g32[r, j] + bias[r]
     else:
         for blk in range(b_first, b_last):
             b0 = blk * QBLOCK
@@ -582,9 +594,16 @@ def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
         pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx)
     acc = np.zeros((n_rep, D), np.float32)
     if _V_LAYOUT == INT8_PER_TOKEN:
-        for r in range(n_rep):
-            simd_attention.wsum_q8(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo,
-                                   sc[r, p_lo - p0:], acc[r])
+        r = 0
+        while r < n_rep:
+            if _PAIRS and r + 1 < n_rep:
+                simd_attention.wsum_q8_2(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, sc,
+                                         p_lo - p0, r, acc)
+                r += 2
+            else:
+                simd_attention.wsum_q8(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo,
+                                       sc[r, p_lo - p0:], acc[r])
+                r += 1
     else:
         for blk in range(b_first, b_last):
             b0 = blk * QBLOCK

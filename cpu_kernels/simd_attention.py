@@ -9,6 +9,10 @@ Prefill, one block of 32 positions already dequantized to float32:
     block_scores(q, kt, out)       out[j] = q . kt[:, j]   (kt = the block's keys transposed, (D, 32))
   also decode on the per-channel 8-bit keys, kt = one group's uint8 codes (D, 32) (q already times the scales)
     block_wsum(p, a, z, v, acc)    acc[:] += sum_{a <= j < z} p[j] * v[j, :]
+Two query heads of one kv head at once in decode (PAIRS, AVX-512: each code converted to float once for both):
+    wsum_q8_2(codes, scales, base, nslots, s_first, n_pos, w, col0, r0, out)
+                                   out[r0 + r, :] += sum_i w[r0 + r, col0 + i] * row(slot i), r = 0, 1
+    block_scores_2(q, r0, kt, out) out[r0 + r, j] = q[r0 + r] . kt[:, j] (uint8 codes), r = 0, 1
 D (the head size) must be a multiple of 32 except for block_scores; the caller checks shapes (attention_q).
 Sums run in 32-float vectors with four accumulators over the positions (one chain of FMAs would wait on
 its own latency); numpy twins: tests/test_kv_cache.py.
@@ -20,10 +24,13 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import F32, I8, I64, _IR, _vec, data_ptrs
+from .simd import _ZMM, F32, I8, I64, _IR, _vec, data_ptrs
 
 V32 = _vec(F32, 32)
 UNROLL = 4
+# decode: two query heads of one kv head per pass over its codes (wsum_q8_2, block_scores_2), each code converted to
+# float once for both; on AVX-512, where two rows' 8 accumulators fit the 32 registers
+PAIRS = _ZMM
 
 
 def _c(v: int) -> ir.Constant:
@@ -45,25 +52,41 @@ def _kv_row(builder, base, nslots, s_first, i):
     return builder.add(base, builder.select(builder.icmp_signed(">=", s, nslots), builder.sub(s, nslots), s))
 
 
+def _dim(context, builder, signature, args, i, axis) -> ir.Value:
+    return builder.extract_value(context.make_array(signature.args[i])(context, builder, args[i]).shape, axis)
+
+
 def _fma_sum(x: _IR, n, start, term) -> ir.Value:
     """sum over i in [start, start + n) of term(i) = (vector, scalar): vector * scalar, in four accumulators."""
-    b = x.b
-    accs = [cgutils.alloca_once_value(b, ir.Constant(V32, None)) for _ in range(UNROLL)]
-    for acc in accs:
-        b.store(ir.Constant(V32, None), acc)
+    def one_row(i):
+        vals, w = term(i)
+        return vals, [w]
+    return _fma_sums(x, n, start, 1, one_row)[0]
 
-    def step(i, acc):
-        vals, w = term(b.add(start, i))
-        b.store(x.intr("llvm.fma.v32f32", V32, [vals, x.splat(w, 32), b.load(acc)]), acc)
+
+def _fma_sums(x: _IR, n, start, rows: int, term) -> list:
+    """[sum over i in [start, start + n) of vector(i) * w_r(i) for r < rows], term(i) = (vector(i), [w_r(i)]): one
+    vector (codes converted once) for several rows' weights (the query heads of one kv head), each row in four
+    accumulators of its own, summed in the order _fma_sum sums one row."""
+    b = x.b
+    accs = [[cgutils.alloca_once_value(b, ir.Constant(V32, None)) for _ in range(UNROLL)] for _ in range(rows)]
+    for row in accs:
+        for acc in row:
+            b.store(ir.Constant(V32, None), acc)
+
+    def step(i, u):
+        vals, ws = term(b.add(start, i))
+        for row, w in zip(accs, ws):
+            b.store(x.intr("llvm.fma.v32f32", V32, [vals, x.splat(w, 32), b.load(row[u])]), row[u])
 
     n = _non_negative(b, n)
     n4 = b.udiv(n, _c(UNROLL))
     with cgutils.for_range(b, n4) as loop:
-        for u, acc in enumerate(accs):
-            step(b.add(b.mul(loop.index, _c(UNROLL)), _c(u)), acc)
+        for u in range(UNROLL):
+            step(b.add(b.mul(loop.index, _c(UNROLL)), _c(u)), u)
     with cgutils.for_range(b, b.sub(n, b.mul(n4, _c(UNROLL)))) as loop:
-        step(b.add(b.mul(n4, _c(UNROLL)), loop.index), accs[0])
-    return b.fadd(b.fadd(b.load(accs[0]), b.load(accs[1])), b.fadd(b.load(accs[2]), b.load(accs[3])))
+        step(b.add(b.mul(n4, _c(UNROLL)), loop.index), 0)
+    return [b.fadd(b.fadd(b.load(a[0]), b.load(a[1])), b.fadd(b.load(a[2]), b.load(a[3]))) for a in accs]
 
 
 def _add_to(x: _IR, base, chunk, total) -> None:
@@ -159,3 +182,64 @@ def block_wsum(typingctx, p, a, z, v, acc):
             _add_to(x, pa, chunk.index, _fma_sum(x, builder.sub(args[2], args[1]), args[1], term))
         return context.get_dummy_value()
     return sig, codegen
+
+
+def _wsum_q8_rows(rows: int):
+    """wsum_q8 for `rows` weight rows at once: out[r0 + r, :] += sum_i w[r0 + r, col0 + i] * row(slot i), r < rows
+    (w (R, W), out (R, D) C-contiguous float32); each code converted once for all rows, each row summed in
+    wsum_q8's order."""
+    @intrinsic
+    def wsum_q8_rows(typingctx, codes, scales, base, nslots, s_first, n_pos, w, col0, r0, out):
+        ip = types.intp
+        sig = types.void(codes, scales, ip, ip, ip, ip, w, ip, ip, out)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            pc, ps, pw, po = data_ptrs(context, builder, signature, args, (0, 1, 6, 9))
+            base, nslots, s_first, n_pos, col0, r0 = args[2], args[3], args[4], args[5], args[7], args[8]
+            D = _dim(context, builder, signature, args, 9, 1)
+            W = _dim(context, builder, signature, args, 6, 1)
+            nbd = builder.udiv(D, _c(32))
+            w_rows = [builder.mul(builder.add(r0, _c(r)), W) for r in range(rows)]
+            with cgutils.for_range(builder, nbd) as chunk:
+                def term(i):
+                    vals, scale = _q8_chunk(x, pc, ps, _kv_row(builder, base, nslots, s_first, i), D, nbd, chunk.index)
+                    col = builder.add(col0, i)
+                    return vals, [builder.fmul(x.elem(pw, builder.add(wr, col), F32), scale) for wr in w_rows]
+                for r, total in enumerate(_fma_sums(x, n_pos, _c(0), rows, term)):
+                    row = builder.gep(po, [builder.mul(builder.mul(builder.add(r0, _c(r)), D), _c(4))])
+                    _add_to(x, row, chunk.index, total)
+            return context.get_dummy_value()
+        return sig, codegen
+    return wsum_q8_rows
+
+
+def _block_scores_rows(rows: int):
+    """block_scores on a uint8_per_channel group's codes kt (D, 32) for `rows` query rows at once: out[r0 + r, :] =
+    q[r0 + r] . kt[:, j] for r < rows (q (R, D), out (R, 32) C-contiguous float32); each code converted once for all
+    rows, each row summed in block_scores' order."""
+    @intrinsic
+    def block_scores_rows(typingctx, q, r0, kt, out):
+        sig = types.void(q, types.intp, kt, out)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            pq, pk, po = data_ptrs(context, builder, signature, args, (0, 2, 3))
+            r0 = args[1]
+            D = _dim(context, builder, signature, args, 0, 1)
+            q_rows = [builder.mul(builder.add(r0, _c(r)), D) for r in range(rows)]
+
+            def term(d):
+                column = builder.uitofp(x.at(pk, builder.mul(d, _c(32)), _vec(I8, 32)), V32)
+                return column, [x.elem(pq, builder.add(qr, d), F32) for qr in q_rows]
+            for r, total in enumerate(_fma_sums(x, D, _c(0), rows, term)):
+                p = builder.gep(po, [builder.mul(builder.add(r0, _c(r)), _c(128))])
+                builder.store(total, builder.bitcast(p, V32.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return block_scores_rows
+
+
+wsum_q8_2 = _wsum_q8_rows(2)
+block_scores_2 = _block_scores_rows(2)
+

@@ -429,6 +429,70 @@ def test_block_scores_on_uint8_codes_against_numpy():
         np.testing.assert_allclose(out, q.astype(np.float64) @ codes, rtol=1e-5, atol=1e-3)
 
 
+def test_two_head_block_scores_against_numpy_and_one_head():
+    """simd_attention.block_scores_2 (decode's two query heads of a kv head per pass over a group's codes): rows r0
+    and r0 + 1 against numpy, the same values as block_scores on each row, the other rows untouched."""
+    from edgeq.cpu_kernels import simd_attention
+    from numba import njit
+
+    @njit
+    def two(q, r0, codes, out):
+        simd_attention.block_scores_2(q, r0, codes, out)
+
+    @njit
+    def one(q, codes, out):
+        simd_attention.block_scores(q, codes, out)
+
+    rng = np.random.default_rng(11)
+    for D in (32, 64, 128, 256):
+        q = rng.standard_normal((4, D)).astype(np.float32)
+        codes = rng.integers(0, 256, (D, QB)).astype(np.uint8)
+        out = np.full((4, QB), 7.0, np.float32)
+        two(q, 1, codes, out)
+        np.testing.assert_allclose(out[1:3], q[1:3].astype(np.float64) @ codes, rtol=1e-5, atol=1e-3)
+        assert (out[[0, 3]] == 7.0).all()
+        for r in (1, 2):
+            single = np.empty(QB, np.float32)
+            one(q[r], codes, single)
+            np.testing.assert_array_equal(out[r], single)
+
+
+def test_wsum_q8_one_and_two_heads_against_numpy():
+    """simd_attention.wsum_q8 and wsum_q8_2 (q8 values: int8 codes, a half scale per 32) over a ring of slots
+    that wraps, against numpy; the two-head sum gives each row what wsum_q8 gives it."""
+    from edgeq.cpu_kernels import simd_attention
+    from numba import njit
+
+    @njit
+    def one(codes, scales, base, nslots, s_first, n_pos, w, out):
+        simd_attention.wsum_q8(codes, scales, base, nslots, s_first, n_pos, w, out)
+
+    @njit
+    def two(codes, scales, base, nslots, s_first, n_pos, w, col0, r0, out):
+        simd_attention.wsum_q8_2(codes, scales, base, nslots, s_first, n_pos, w, col0, r0, out)
+
+    rng = np.random.default_rng(12)
+    Hkv, nslots = 2, 64
+    for D in (32, 64, 128):
+        codes = rng.integers(-127, 128, (Hkv, nslots, D)).astype(np.int8)
+        scales = (rng.random((Hkv, nslots, D // QB)) * 0.1 + 0.01).astype(np.float16)
+        g, s_first, n_pos, col0 = 1, 50, 37, 5  # slots 50..63 then 0..22: the ring wraps
+        w = rng.random((3, n_pos + col0 + 3)).astype(np.float32)
+        slots = (s_first + np.arange(n_pos)) % nslots
+        rows = codes[g, slots].astype(np.float64) * np.repeat(scales[g, slots].astype(np.float64), QB, axis=1)
+        start = rng.standard_normal((3, D)).astype(np.float32)
+        out = start.copy()
+        two(codes.view(np.uint8), scales.view(np.uint16), g * nslots, nslots, s_first, n_pos, w, col0, 1, out)
+        want = start[1:3] + w[1:3, col0:col0 + n_pos].astype(np.float64) @ rows
+        np.testing.assert_allclose(out[1:3], want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(out[0], start[0])
+        for r in (1, 2):
+            single = start[r].copy()
+            one(codes.view(np.uint8), scales.view(np.uint16), g * nslots, nslots, s_first, n_pos,
+                np.ascontiguousarray(w[r, col0:]), single)
+            np.testing.assert_array_equal(out[r], single)
+
+
 def outlier_keys(rng, T, Hkv, D):
     """Keys like Qwen2.5's layer 0: a k_proj bias with median |b| ~6 and a few channels at +-100..150."""
     k, v = rand_kv(rng, T, Hkv, D)
