@@ -13,7 +13,8 @@ The 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run batches of LANES_FR
 `_mml_template` instead: the activation rows become the 8 lanes of a vector (their codes interleaved once per
 call) and each weight dword is broadcast against them, so a block's integer dot for 8 rows is 8 byte dots with
 the sums already in per-row lanes, scaled by two vector FMAs: no per-row conversion, scale or horizontal sum.
-VNNI: one vpdpbusd per dword; `benchmarks/batch_dot_bench.py --rows 2,3,4,8 --tiles 4x2` (1536 x 576, 1 thread):
+VNNI: one vpdpbusd per dword (AVX-512: one per two dwords, `_zmm_lane_sums`, and 2 weight rows per tile);
+`benchmarks/batch_dot_bench.py --rows 2,3,4,8 --tiles 4x2` (1536 x 576, 1 thread):
 at 8 rows 1.6-1.9x faster than the tiles (2.3-3.3x the single-row dots). AVX2 (no VNNI): vpmaddubsw + vpmaddwd,
 the int16 pair sums of several dwords added before widening where they cannot overflow, the 4-bit codes
 broadcast straight from memory: at 8 rows 1.7x (Q8_0, Q5_0) to 2.9x (Q4_1) faster than the tiles. At 2 rows the
@@ -183,7 +184,12 @@ LANE_CODES = {"Q4_0": _lane_q4_0, "Q4_1": _lane_q4_1, "Q5_0": _lane_q5_0, "Q5_1"
 # where a block's packed 4-bit codes start (AVX2 broadcasts them from memory: _avx2_lane_sums)
 _NIBBLES_AT = {"Q4_0": 2, "Q4_1": 4}
 LANES = 8  # activation rows per lane group (one <8 x i32>; 4 lanes for small batches measured only 0-7% faster)
-_MR_LANES = 4  # weight rows per tile (4 x 2 chains of byte dots in flight)
+# weight rows per tile: 4 (x 2 chains of byte dots in flight); 2 with the 512-bit lane sums (_zmm_lane_sums), where
+# 4 rows spill registers: a step's lane products at 8 rows (every layer's matrices and the classifier, Zen 5, 2
+# threads, medians of 12) SmolLM2 7.92 ms (256-bit sums, 4 rows) -> 6.42 (512-bit, 4) -> 5.87 (512-bit, 2), Gemma 3
+# 13.26 -> 11.88 -> 7.82, its 262144 x 640 Q8_0 classifier 9.03 -> 8.55 -> 4.67 ms (now bound by memory); the same
+# bits (integer sums, the same float operations per lane)
+_MR_LANES = 2 if simd._ZMM else 4
 
 
 def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
@@ -198,7 +204,7 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
     block_bytes = QTYPES[qtype].block_bytes
     VI, VF = _vec(I32, lanes), _vec(F32, lanes)
     fma = f"llvm.fma.v{lanes}f32"
-    lane_sums = (_vnni_lane_sums if simd.LEVEL == "vnni" else
+    lane_sums = (_zmm_lane_sums if simd._ZMM else _vnni_lane_sums if simd.LEVEL == "vnni" else
                  functools.partial(_avx2_lane_sums, code_max=None if qtype == "Q8_0" else simd.UNSIGNED_CODE_MAX[qtype],
                                    nibbles_at=_NIBBLES_AT.get(qtype)))
 
@@ -249,6 +255,23 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
     impl.__doc__ = f"{mr} {qtype} rows . {lanes} activation rows as lanes"
     impl.__name__ = impl.__qualname__ = f"lanes{mr}x{lanes}_" + qtype.lower()
     return intrinsic(impl)
+
+
+def _zmm_lane_sums(x, codes, qv, row, o):
+    """_vnni_lane_sums on 512-bit registers: dwords k and k+1 of the codes broadcast to the low and high 8 lanes of
+    one <16 x i32> (one vpermd) against dwords k and k+1 of the 8 activation rows (adjacent in the interleaved
+    activations: one 64-byte operand), so a block takes 4 vpermd + 4 vpdpbusd instead of 8 + 8; the two halves
+    added at the end. Integer sums: the same values as _vnni_lane_sums."""
+    cw = x.b.bitcast(codes, _vec(I32, 8))
+    v16 = _vec(I32, 16)
+    undef = ir.Constant(cw.type, ir.Undefined)
+    sums = [ir.Constant(v16, None)] * 2
+    for j in range(4):
+        w2 = x.b.shuffle_vector(cw, undef, ir.Constant(v16, [2 * j] * 8 + [2 * j + 1] * 8))
+        a2 = x.concat(qv[2 * j], qv[2 * j + 1])
+        sums[j % 2] = x.intr("llvm.x86.avx512.vpdpbusd.512", v16, [sums[j % 2], w2, a2])
+    tot = x.b.add(sums[0], sums[1])
+    return x.b.add(x.half_of(tot, 0), x.half_of(tot, 1))
 
 
 def _broadcast(x, cw, k: int):
@@ -376,7 +399,10 @@ ONE_ROW = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, simd.BLOCK_
 # sign moved per dword) from 5.
 LANE_KERNELS = {qtype: _specialize(_mml_template, qtype, _lanes_dot(qtype, lane, _MR_LANES, LANES))
                 for qtype, lane in LANE_CODES.items()} if simd.LEVEL in ("vnni", "avx2") else {}
-LANES_FROM = {qtype: 4 if simd.LEVEL == "vnni" else 3 if qtype in _NIBBLES_AT else 5 for qtype in LANE_KERNELS}
+# With the 512-bit lane sums the lanes win from 3 rows (a step's lane-type products at 3 rows: SmolLM2 6.93 ms on
+# the tiles, 5.05 on the lanes; Gemma 3 9.74 vs 7.62; at 2 rows the tiles keep it: 4.04 vs 4.97, 7.65 vs 8.86).
+LANES_FROM = {qtype: 3 if simd._ZMM else 4 if simd.LEVEL == "vnni" else 3 if qtype in _NIBBLES_AT else 5
+              for qtype in LANE_KERNELS}
 # qtype -> the fewest activation rows for which these drivers beat the single-row dots (measured:
 # benchmarks/batch_dot_bench.py on 1536 x 576 and 2048 x 768 matrices, and SmolLM2's own weights); fewer rows
 # take linear._mm_<type>. Q8_0 from 4: on SmolLM2's 49152 x 576 classifier (28 MB, streamed from memory) the
