@@ -375,7 +375,14 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
 
 
 # qtype -> the multi-row tiles (same arguments as linear._mm_<type>); compiled on first call
-KERNELS = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, block, _MR, _NT))
+# On AVX-512, Q4_K and Q6_K take tiles of 1 weight row x 2 activation rows (their 512-bit row dots hold more
+# registers than 4 rows leave): a step's Q4_K/Q6_K products (Gemma 3, 2 threads, medians of 10) at 8 rows 3.80 ms
+# (4 x 2) -> 2.90 (1 x 2), 2.67 (1 x 4); at 2 rows 1.13 -> 0.93 (1 x 4: 1.35); at 3 and 4 rows 2.20 -> 1.51, 1.90
+# -> 1.55; Qwen2.5-0.5B Q4_K_M at 8 rows 10.25 -> 8.86 (1 x 8). The same bits whatever the tile (one chain per
+# row and activation row).
+_TILE = {qtype: (1, 2) if simd._ZMM and qtype in ("Q4_K", "Q6_K") else (_MR, _NT) for qtype in simd.BLOCK_IR}
+KERNELS = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, block, *_TILE[qtype]), _MR=_TILE[qtype][0],
+                              _NT=_TILE[qtype][1])
            for qtype, block in simd.BLOCK_IR.items()}
 # qtype -> weight rows per tile of the one-activation-row drivers that replace linear._mm_<type> (the single-row
 # dots) wherever those ran: a decode step's products and prompts of a few rows (so a prompt's rows still equal
