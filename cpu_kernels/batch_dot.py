@@ -414,4 +414,4 @@ LANES_FROM = {qtype: 3 if simd._ZMM else 4 if simd.LEVEL == "vnni" else 3 if qty
 # benchmarks/batch_dot_bench.py on 1536 x 576 and 2048 x 768 matrices, and SmolLM2's own weights); fewer rows
 # take linear._mm_<type>. Q8_0 from 4: on SmolLM2's 49152 x 576 classifier (28 MB, streamed from memory) the
 # tiles cost 2.3 ms at 2 rows against 1.6 for the single-row dots, the same at 4, 15-20% less at 8.
-MIN_ROWS = {qtype: 4 if qtype == "Q8_0" else 2 for qtype in KERNELS}
+MIN_ROWS = {qtype: (3 if simd._ZMM else 4) if qtype == "Q8_0" else 2 for qtype in KERNELS}  # 3: the 512-bit lanes

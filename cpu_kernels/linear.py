@@ -602,11 +602,9 @@ class QuantLinear:
 
     def _integer_kernel(self, T: int):
         """The integer kernel for T activation rows: the multi-row drivers from the measured row counts on."""
-        if self._mm_lanes is not None and T >= self._lanes_from:
-            return self._mm_lanes
         if self._mm_rows is None or T < self._min_rows[self.qtype]:
             return self._mm
-        return self._mm_rows
+        return self._mm_lanes if self._mm_lanes is not None and T >= self._lanes_from else self._mm_rows
 
     def _x2d(self, X: np.ndarray, what: str) -> np.ndarray:
         X = np.asarray(X)
