@@ -41,6 +41,27 @@ class Clock:
         return timed
 
 
+PARTS = {}  # label -> Clock: the decode steps' CPU time by part (--parts)
+
+
+def wrap_parts() -> None:
+    """Clocks around the parts of the forward passes (their module globals) and the batch attention."""
+    from edgeq.models import base, gemma3, llama
+    from edgeq.runtime.kv_cache import DecodeStep
+
+    def wrap(owner, attr, label):
+        if hasattr(owner, attr):
+            setattr(owner, attr, PARTS.setdefault(label, Clock()).wrap(getattr(owner, attr)))
+
+    for mod in (llama, gemma3):
+        for fn in ("rmsnorm", "rope", "silu_mul", "gelu_mul", "embed"):
+            wrap(mod, fn, fn)
+        wrap(mod, "batch_linears", "products")
+        wrap(mod, "linears", "products (chunk)")
+    wrap(base.Linear, "__call__", "products")  # the classifier
+    wrap(DecodeStep, "attend", "attention")
+
+
 def measure(m, n: int, a) -> dict:
     from edgeq.runtime.sampling import SamplingParams
     from edgeq.runtime.scheduler import Done, GenRequest, Scheduler
@@ -64,7 +85,7 @@ def measure(m, n: int, a) -> dict:
         while any(getattr(sl, "todo", None) for sl in s.slots):
             s._step()
         prefill = {"cpu": time.thread_time() - c, "wall": time.perf_counter() - w, "tokens": n * len(ids)}
-        for k in (batch, choose):
+        for k in (batch, choose, *PARTS.values()):
             k.cpu = k.wall = 0.0
         steps = 0
         c, w = time.thread_time(), time.perf_counter()
@@ -76,7 +97,8 @@ def measure(m, n: int, a) -> dict:
         arch.forward, arch.forward_batch = orig
     gen = sum(d.completion_tokens for d in done)
     return {"n": n, "steps": steps, "gen": gen, "cpu": cpu / steps, "wall": wall / steps,
-            "batch": batch.cpu / steps, "choose": choose.cpu / steps, "prefill": prefill}
+            "batch": batch.cpu / steps, "choose": choose.cpu / steps, "prefill": prefill,
+            "parts": {k: c.cpu / steps for k, c in PARTS.items() if c.cpu}}
 
 
 def own_decode(m, a) -> tuple[float, float]:
@@ -96,7 +118,11 @@ def main() -> int:
     p.add_argument("--batches", default="1,2,4,8")
     p.add_argument("--prompt-tokens", type=int, default=200)
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--parts", action="store_true", help="split forward_batch's CPU time by part (norms, products, "
+                   "attention ...): the decode steps' table after the main one")
     a = p.parse_args()
+    if a.parts:
+        wrap_parts()
     from edgeq.runtime.engine import load
 
     m = load(a.model, n_ctx=a.ctx, threads=a.threads)
@@ -115,6 +141,15 @@ def main() -> int:
         print(f"| {r['n']} | {r['own_cpu'] * 1e3:.2f} | {r['cpu'] * 1e3:.2f} | {r['batch'] * 1e3:.2f} | "
               f"{r['choose'] * 1e3:.2f} | {other * 1e3:.2f} | {r['wall'] * 1e3:.2f} | {r['n'] / r['cpu']:.0f} | "
               f"{r['n'] / r['cpu'] * r['own_cpu']:.2f}x | {pf['cpu'] / pf['tokens'] * 1e3:.2f} |")
+    if a.parts:
+        labels = sorted({k for r in rows for k in r["parts"]})
+        print("\ndecode step CPU ms by part (forward_batch's; the rest of it is Python glue)\n")
+        print("| sequences | " + " | ".join(labels) + " | glue |")
+        print("|---:|" + "---:|" * (len(labels) + 1))
+        for r in rows:
+            glue = r["batch"] - sum(r["parts"].values())
+            print(f"| {r['n']} | " + " | ".join(f"{r['parts'].get(k, 0) * 1e3:.2f}" for k in labels) +
+                  f" | {glue * 1e3:.2f} |")
     return 0
 
 
