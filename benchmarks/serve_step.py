@@ -58,7 +58,7 @@ def wrap_parts() -> None:
             wrap(mod, fn, fn)
         wrap(mod, "batch_linears", "products")
         wrap(mod, "linears", "products (chunk)")
-    wrap(base.Linear, "__call__", "products")  # the classifier
+    wrap(base.Linear, "__call__", "products")  # a mixture of experts' router and expert matrices (llama.experts)
     wrap(DecodeStep, "attend", "attention")
 
 
