@@ -59,8 +59,10 @@ def main() -> None:
     from edgeq.cpu_kernels import attention_q as aq
 
     L0 = cache.layers[0]
-    decode = aq.attention_kernels(L0.k.side.layout, L0.v.side.layout)[1]
-    rows.append(("attention decode (q8 cache)", census("\n".join(decode.inspect_asm().values()))))
+    kl, vl = L0.k.side.layout, L0.v.side.layout
+    decode, job = aq.attention_kernels(kl, vl)[1], aq.decode_job_for(kl, vl)  # the job: called through its address
+    rows.append(("attention decode (q8 cache)", census("\n".join([*decode.inspect_asm().values(),
+                                                                   *job.inspect_asm().values()]))))
     keys = list(rows[0][1])
     lines = [f"SIMD level: {simd.LEVEL}", "", "| kernel | " + " | ".join(keys) + " |",
              "|---|" + "---|" * len(keys)]

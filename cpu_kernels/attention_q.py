@@ -37,10 +37,11 @@ import math
 import types as pytypes
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from . import simd_attention
+from . import native_call, simd_attention
 from .half import f16_row_to_f32, f16_to_f32, f32_row_to_f16, f32_to_f16
 from .jit_options import prange_only
 from .ops import fast_exp
@@ -369,7 +370,7 @@ def _merge_splits(pm, pl, pacc, r, out):
         out[d] *= inv
 
 
-def _attend_template(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, full, out):
+def _attend_template(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, full, out, fns):
     """Causal attention of q (T, H, D) at positions pos0.. over the cache -> out (T, H, D); keys, values:
     tuple(KVSide). Head h reads kv head h // (H // n_kv); `full` = positions already in whole per-channel groups."""
     T, H, D = q.shape
@@ -443,7 +444,7 @@ def _attend_template(q, keys, values, n_kv, pos0, scale, window, nslots, n_split
                     for j in range(QBLOCK):
                         kt[d, j] = cs[d] * np.float32(k_u8c[g, gs, d, j]) + cm[d]
             else:
-                _load_k(keys, g, b0, ulo, uhi, nslots, full, kb, cs, cm)
+                native_call.call(_load_k, fns[_F_LOAD_K], (keys, g, b0, ulo, uhi, nslots, full, kb, cs, cm))
                 for j in range(ulo, uhi):
                     for d in range(D):
                         kt[d, j] = kb[j, d]
@@ -463,7 +464,7 @@ def _attend_template(q, keys, values, n_kv, pos0, scale, window, nslots, n_split
                         acc[r, d] *= corr
                     m[r] = mx
                 l[r] += _exp_block(sc[r], a, z, mx)
-            _load_v(values, g, b0, ulo, uhi, nslots, full, vb, cs, cm)
+            native_call.call(_load_v, fns[_F_LOAD_V], (values, g, b0, ulo, uhi, nslots, full, vb, cs, cm))
             for r in range(rows):
                 if jlo[r] >= jhi[r]:
                     continue
@@ -496,7 +497,8 @@ def decode_splits(n_kv, pos, window, threads):
     return max(1, min(n_blocks - 1, 2 * threads // n_kv + 1))
 
 
-def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_split, full, job, pm, pl, pacc):
+def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_split, full, job, pm, pl, pacc,
+                         fns):
     """Job `job` = (kv head g, key split sp) of one token's attention: scores all its positions for the group's
     query heads at once (scores kept, plain two-pass softmax instead of online rescaling), then sums the values;
     -> pm[sp, h] (max score), pl[sp, h] (sum of exponentials, left 0 by an empty split), pacc[sp, h] (weighted
@@ -544,7 +546,7 @@ def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
             j0 = max(lo - b0, 0)
             j1 = min(QBLOCK, pos + 1 - b0)
             if b0 >= full:  # the pending group, in half precision
-                _load_k(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
+                native_call.call(_load_k, fns[_F_LOAD_K], (keys, g, b0, j0, j1, nslots, full, buf, cs, cm))
                 for j in range(j0, j1):
                     for r in range(n_rep):
                         s = np.float32(0.0)
@@ -577,7 +579,7 @@ def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
             b0 = blk * QBLOCK
             j0 = max(lo - b0, 0)
             j1 = min(QBLOCK, pos + 1 - b0)
-            _load_k(keys, g, b0, j0, j1, nslots, full, buf, cs, cm)
+            native_call.call(_load_k, fns[_F_LOAD_K], (keys, g, b0, j0, j1, nslots, full, buf, cs, cm))
             for j in range(j0, j1):
                 kr = buf[j]
                 for r in range(n_rep):
@@ -609,7 +611,7 @@ def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
             b0 = blk * QBLOCK
             j0 = max(lo - b0, 0)
             j1 = min(QBLOCK, pos + 1 - b0)
-            _load_v(values, g, b0, j0, j1, nslots, full, buf, cs, cm)
+            native_call.call(_load_v, fns[_F_LOAD_V], (values, g, b0, j0, j1, nslots, full, buf, cs, cm))
             for j in range(j0, j1):
                 vr = buf[j]
                 for r in range(n_rep):
@@ -622,7 +624,7 @@ def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_sp
 
 
 def _attend_decode_template(q, k, v, kpool, vpool, seqs, positions, held, store, n_kv, scale, window, nslots,
-                            threads, out):
+                            threads, out, fns):
     """One decode token of each of B sequences -> out (B, H, D). Row b is sequence seqs[b] of kpool / vpool
     (tuple(KVSide) whose arrays have a leading sequence axis: a KVPool's, or one cache's own arrays as a pool of
     one) at position positions[b]; store: first append k[b], v[b] (B, Hkv, D) there (right after the positions
@@ -633,12 +635,13 @@ def _attend_decode_template(q, k, v, kpool, vpool, seqs, positions, held, store,
     B, H, D = q.shape
     if store:
         for b in range(B):
-            _store_k(_side_at(kpool, seqs[b]), k[b], positions[b], nslots)
-            _store_v(_side_at(vpool, seqs[b]), v[b], positions[b], nslots)
+            native_call.call(_store_k, fns[_F_STORE_K], (_side_at(kpool, seqs[b]), k[b], positions[b], nslots))
+            native_call.call(_store_v, fns[_F_STORE_V], (_side_at(vpool, seqs[b]), v[b], positions[b], nslots))
     splits = np.empty(B, np.int64)
-    for b in range(B):
+    S = 1
+    for b in range(B):  # a loop, not splits.max(): Numba's max compiles five helpers (~0.9 s of a first run)
         splits[b] = decode_splits(n_kv, positions[b], window, threads)
-    S = splits.max()
+        S = max(S, splits[b])
     pm = np.full((B, S, H), _NEG, np.float32)
     pl = np.zeros((B, S, H), np.float32)
     pacc = np.zeros((B, S, H, D), np.float32)
@@ -650,8 +653,9 @@ def _attend_decode_template(q, k, v, kpool, vpool, seqs, positions, held, store,
         ns = splits[b]
         if sp >= ns:  # this sequence has fewer splits: the row stays empty (pl 0), which the merge skips
             continue
-        _decode_job(q[b], _side_at(kpool, seqs[b]), _side_at(vpool, seqs[b]), n_kv, positions[b], scale, window,
-                    nslots, ns, held[b] // QBLOCK * QBLOCK, g * ns + sp, pm[b], pl[b], pacc[b])
+        native_call.call(_decode_job, fns[_F_JOB], (
+            q[b], _side_at(kpool, seqs[b]), _side_at(vpool, seqs[b]), n_kv, positions[b], scale, window, nslots, ns,
+            held[b] // QBLOCK * QBLOCK, g * ns + sp, pm[b], pl[b], pacc[b], fns))
     for r in range(B * H):  # serial: a few microseconds, not worth a parallel launch
         b = r // H
         _merge_splits(pm[b], pl[b], pacc[b], r - b * H, out[b, r - b * H])
@@ -709,24 +713,44 @@ _load_k = _load_v = _decode_job = _store_k = _store_v = None
 _LAYOUT_NAMES = {code: name for name, code in LAYOUTS.items()}
 
 
-def _specialize(template, name: str, parallel: bool, **bound):
+def _specialize(template, name: str, parallel: bool, native_only: bool = False, **bound):
     """njit of a new function over `template`'s code with `bound` in its globals, not a closure: Numba keys a
     cached closure by its pickled cells, and a pickled dispatcher carries a per-process uuid, so a closure would
-    never load from the on-disk cache. Its own name names its cache index file."""
+    never load from the on-disk cache. Its own name names its cache index file. native_only: called only through
+    native_call (never from Python), so without Numba's Python and C wrappers (for the job: 30% of its code,
+    unboxing two tuples of ten arrays)."""
     fn = pytypes.FunctionType(template.__code__, dict(template.__globals__, **bound), name)
     fn.__qualname__ = name
     fn.__doc__ = template.__doc__
-    return njit(parallel=prange_only() if parallel else False, **_JIT)(fn)
+    wrappers = dict(no_cpython_wrapper=True, no_cfunc_wrapper=True) if native_only else {}
+    return njit(parallel=prange_only() if parallel else False, **_JIT, **wrappers)(fn)
+
+
+# The kernels call the row loads, the row stores and the decode job through their addresses (cpu_kernels/native_call.py:
+# a linked callee is compiled again inside every caller), passed in `fns`, an int64 array indexed by these; each callee
+# is declared with the one signature it is called with. Every KVSide has one Numba type (new_side's empty arrays).
+_F_JOB, _F_STORE_K, _F_STORE_V, _F_LOAD_K, _F_LOAD_V = range(5)
+_SIDE_T = numba.typeof(tuple(new_side("float32", 1, QBLOCK, QBLOCK)))
+_I64, _F32 = numba.int64, numba.float32
+_F32_1, _F32_2, _F32_3 = _F32[::1], _F32[:, ::1], _F32[:, :, ::1]
+_LOAD_SIG = (_SIDE_T, _I64, _I64, _I64, _I64, _I64, _I64, _F32_2, _F32_1, _F32_1)
+_STORE_SIG = (_SIDE_T, _F32_2, _I64, _I64)
+_JOB_SIG = (_F32_2, _SIDE_T, _SIDE_T, _I64, _I64, _F32, _I64, _I64, _I64, _I64, _I64, _F32_2, _F32_2, _F32_3,
+            numba.int64[::1])
 
 
 @functools.cache
 def _load_rows_for(layout: int):
-    return _specialize(_load_rows_template, "_load_rows_" + _LAYOUT_NAMES[layout], False, _SIDE_LAYOUT=layout)
+    fn = _specialize(_load_rows_template, "_load_rows_" + _LAYOUT_NAMES[layout], False, True, _SIDE_LAYOUT=layout)
+    native_call.declare(fn, _LOAD_SIG)
+    return fn
 
 
 @functools.cache
 def _store_row_for(layout: int):
-    return _specialize(_store_row_template, "_store_row_" + _LAYOUT_NAMES[layout], False, _SIDE_LAYOUT=layout)
+    fn = _specialize(_store_row_template, "_store_row_" + _LAYOUT_NAMES[layout], False, True, _SIDE_LAYOUT=layout)
+    native_call.declare(fn, _STORE_SIG)
+    return fn
 
 
 def _bound(k_layout: int, v_layout: int) -> dict:
@@ -739,7 +763,27 @@ def decode_job_for(k_layout: int, v_layout: int):
     """The decode kernel's job (`_decode_job_template`) for this pair of layouts: a kernel of its own, which a
     first run's warm-up compiles in one process while another compiles the store rows (runtime/warmup.py)."""
     pair = _LAYOUT_NAMES[k_layout] + "__" + _LAYOUT_NAMES[v_layout]
-    return _specialize(_decode_job_template, "attend_decode_job__" + pair, False, **_bound(k_layout, v_layout))
+    fn = _specialize(_decode_job_template, "attend_decode_job__" + pair, False, True, **_bound(k_layout, v_layout))
+    native_call.declare(fn, _JOB_SIG)
+    return fn
+
+
+@functools.cache
+def addresses(k_layout: int, v_layout: int, parts: tuple = ("job", "store_k", "store_v", "load_k", "load_v")):
+    """`fns` of the kernels for this pair of layouts: the callees' addresses (each compiled, or loaded from the disk
+    cache, here), those not in `parts` 0. The prefill kernel and the decode job call only the loads; the decode
+    kernel calls every one."""
+    b = _bound(k_layout, v_layout)
+    fns = {"job": decode_job_for(k_layout, v_layout), "store_k": b["_store_k"], "store_v": b["_store_v"],
+           "load_k": b["_load_k"], "load_v": b["_load_v"]}
+    out = np.zeros(5, np.int64)
+    for i, name in enumerate(("job", "store_k", "store_v", "load_k", "load_v")):
+        if name in parts:
+            out[i] = native_call.address(fns[name])
+    return out
+
+
+LOADS = ("load_k", "load_v")  # addresses(k, v, LOADS): what the prefill kernel and the decode job call
 
 
 def store_row_for(layout: int):

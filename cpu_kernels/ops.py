@@ -35,9 +35,9 @@ def fast_exp(x):
     return p * _bits_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-# Each op: a row function and a parallel driver over rows; RMSNorm and RoPE also have a serial driver for a
-# few rows (decode, a decode batch), where starting a parallel region (~3 us, far more when the cores are
-# shared) costs more than the rows' work. Both drivers compute each row the same way.
+# Each op: a row function and a parallel driver over rows; RMSNorm, RoPE and the gated activations (in place) also
+# have a serial driver for a few rows (decode, a decode batch), where starting a parallel region (~3 us, far more
+# when the cores are shared) costs more than the rows' work. Both drivers compute each row the same way.
 SERIAL_ROWS = 16
 # ---------------------------------------------------------------- RMSNorm
 @njit(**_JIT)
@@ -242,13 +242,34 @@ def _gelu_mul_in_place(g, u):
             g[r, i] = _gelu(g[r, i]) * u[r, i]
 
 
+# serial drivers of the same loops for a decode step's few rows (prange splits rows, so one row never had a second
+# thread), compiled without a parallel loop's gufunc: 0.9 s less of a first run before its first token. Numpy's
+# error model, as the parallel loops' gufuncs have: Python's checks every division for zero, which keeps the loop
+# scalar (3.9 ns an element against 0.5-0.6 vectorized, one thread, 8 x 1536); the same bits as the parallel drivers
+# (tests/test_ops.py)
+@njit(error_model="numpy", **_JIT)
+def _silu_mul_in_place_serial(g, u):
+    for r in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            g[r, i] = _silu(g[r, i]) * u[r, i]
+
+
+@njit(error_model="numpy", **_JIT)
+def _gelu_mul_in_place_serial(g, u):
+    for r in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            g[r, i] = _gelu(g[r, i]) * u[r, i]
+
+
+_IN_PLACE_SERIAL = {_silu_mul_in_place: _silu_mul_in_place_serial, _gelu_mul_in_place: _gelu_mul_in_place_serial}
+
+
 def _gated(kernel, in_place, g, u, out):
     if g.shape != u.shape:
         raise ValueError("gate and up shapes differ")
     u2 = np.ascontiguousarray(u, dtype=np.float32).reshape(-1, g.shape[-1])
-    # parallel even for one row: 1536-2048 exps are worth the ~3 us start
     if out is g and g.dtype == np.float32 and g.flags.c_contiguous and g.flags.writeable:
-        in_place(g.reshape(u2.shape), u2)
+        (in_place if u2.shape[0] > SERIAL_ROWS else _IN_PLACE_SERIAL[in_place])(g.reshape(u2.shape), u2)
         return g
     g2 = np.ascontiguousarray(g, dtype=np.float32).reshape(u2.shape)
     if out is None or out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != g.shape:

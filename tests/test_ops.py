@@ -126,6 +126,19 @@ def test_gated_activations():
         assert back is not wrong and np.array_equal(back, got) and not wrong.any()
 
 
+@pytest.mark.parametrize("rows,n", [(1, 37), (3, 1536), (8, 1537), (16, 640)])
+def test_gated_in_place_serial_equals_parallel(rows, n):
+    """A decode step's few rows take the serial in-place drivers, a prompt's the parallel ones: the same bits, so a
+    sequence decodes alike alone, in a batch and after a prompt chunk."""
+    g = rng.standard_normal((rows, n)).astype(np.float32) * 4
+    u = rng.standard_normal((rows, n)).astype(np.float32)
+    for parallel, serial in ops._IN_PLACE_SERIAL.items():
+        a, b = g.copy(), g.copy()
+        serial(a, u)
+        parallel(b, u)
+        assert np.array_equal(a, b)
+
+
 def test_softmax():
     x = rng.standard_normal((4, 50)).astype(np.float32) * 10
     e = np.exp(x - x.max(-1, keepdims=True))

@@ -121,9 +121,11 @@ class _Store:
             return
         if head:
             old = a.pending[:, :head].view(np.float16).transpose(1, 0, 2)
-            seq = np.concatenate([old, x16]).astype(np.float32)
+            # C order: concatenate follows the transposed view's strides, and the quantizer would then compile a
+            # second time for a non-contiguous array (0.5 s of a first run)
+            seq = np.concatenate([old, x16]).astype(np.float32, order="C")
         else:
-            seq = x16.astype(np.float32)
+            seq = x16.astype(np.float32, order="C")
         n_full = seq.shape[0] // _QB
         if n_full:
             grps = ((g0 + np.arange(n_full, dtype=np.int64)) * _QB % self.nslots) // _QB
@@ -259,9 +261,9 @@ class KVCache:
         threads = numba.get_num_threads()
         jobs = L.n_kv * -(-T // aq.TILE_Q)  # kv heads x tiles of queries, times the key splits
         n_split = max(1, min(n_blocks, -(-4 * threads // jobs)))
-        prefill = aq.attention_kernels(L.k.side.layout, L.v.side.layout)[0]
-        prefill(q, L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window, L.nslots, n_split,
-                L.n // _QB * _QB, out)
+        kl, vl = L.k.side.layout, L.v.side.layout
+        aq.attention_kernels(kl, vl)[0](q, L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos0, np.float32(scale), L.window,
+                                        L.nslots, n_split, L.n // _QB * _QB, out, aq.addresses(kl, vl, aq.LOADS))
         return out
 
 
@@ -273,9 +275,10 @@ def _decode(L: _Layer, seqs: np.ndarray, positions: np.ndarray, held: np.ndarray
     """attention_q's decode kernel on layer L's pooled arrays: sequences seqs at positions (B,), holding `held`
     positions after the optional store of k, v (B, Hkv, D) -> (B, H, D)."""
     out = np.empty(q.shape, np.float32)
-    decode = aq.attention_kernels(L.k.side.layout, L.v.side.layout)[1]
-    decode(q, k, v, L.pooled[0], L.pooled[1], seqs, positions, held, store, L.n_kv, np.float32(scale), L.window,
-           L.nslots, numba.get_num_threads(), out)
+    kl, vl = L.k.side.layout, L.v.side.layout
+    aq.attention_kernels(kl, vl)[1](q, k, v, L.pooled[0], L.pooled[1], seqs, positions, held, store, L.n_kv,
+                                    np.float32(scale), L.window, L.nslots, numba.get_num_threads(), out,
+                                    aq.addresses(kl, vl))
     return out
 
 

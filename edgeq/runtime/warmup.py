@@ -102,31 +102,31 @@ def _attention_passes(cfg, cache_types) -> None:
 
 
 def _compile_stores(cfg, cache_types) -> None:
-    """The decode kernel's row stores, called straight on a scratch cache, and a rewind's store: an early start's
-    main process compiles them while its worker compiles the decode job (`_compile_decode_job`), before the decode
-    kernel needs both."""
+    """The decode kernel's row stores (compiled for the one signature it calls them with, cpu_kernels/native_call.py)
+    and a rewind's store, called on a scratch cache: an early start's main process compiles them while its worker
+    compiles the decode job (`_compile_decode_job`), before the decode kernel needs both."""
     from edgeq.cpu_kernels import attention_q as aq
+    from edgeq.cpu_kernels import native_call
 
     pos, rewind = DECODE_PASSES[0][1], DECODE_PASSES[1][1]
     cache = _scratch_cache(cfg, cache_types, filled=pos + 1)
     for il, L in enumerate(cache.layers):
         z = np.zeros((1, L.n_kv, L.D), np.float32)
         for side in (L.k, L.v):
-            aq.store_row_for(side.side.layout)(side.kernel_arg, z[0], pos, L.nslots)
+            native_call.address(aq.store_row_for(side.side.layout))  # compiled (called only from the decode kernel)
         cache.store(il, rewind, z, z)  # a rewind's store (the second single-token pass): the cache's own codecs
 
 
 def _compile_decode_job(cfg, cache_types) -> None:
-    """The decode kernel's job and split merge, called straight with the argument types the kernel gives them."""
+    """The decode kernel's job (and the row loads it calls) for the signatures the kernel calls them with, and its
+    split merge, called with the argument types the kernel gives it."""
     from edgeq.cpu_kernels import attention_q as aq
 
     pos = DECODE_PASSES[0][1]
     for L in _scratch_cache(cfg, cache_types, filled=pos).layers:
         H, D = L.n_kv, L.D
-        pm, pl, pacc = np.full((1, H), aq._NEG, np.float32), np.zeros((1, H), np.float32), np.zeros((1, H, D), np.float32)
-        aq.decode_job_for(L.k.side.layout, L.v.side.layout)(
-            np.zeros((H, D), np.float32), L.k.kernel_arg, L.v.kernel_arg, L.n_kv, pos, np.float32(1.0), L.window,
-            L.nslots, 1, pos // aq.QBLOCK * aq.QBLOCK, 0, pm, pl, pacc)
+        pm, pl, pacc = np.zeros((1, H), np.float32), np.ones((1, H), np.float32), np.zeros((1, H, D), np.float32)
+        aq.addresses(L.k.side.layout, L.v.side.layout, aq.LOADS + ("job",))  # compiled: the row loads, the job
         aq._merge_splits(pm, pl, pacc, 0, np.zeros(D, np.float32))
         aq.decode_splits(L.n_kv, pos, L.window, 1)
 
