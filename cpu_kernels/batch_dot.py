@@ -105,7 +105,7 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
 _row_fn = _block_elems = _block_bytes = None  # placeholders, bound per type by _specialize
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _locate_tile(outs, g, mr):
     """Tile g of the weight rows of the 3 matrices in `outs` (mr rows each, the last of a matrix maybe fewer)
     -> (matrix, first row, rows in the tile). g arrives as the parallel loop's unsigned index."""
