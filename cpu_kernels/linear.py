@@ -446,9 +446,19 @@ def _rows_template(raw, ids, n_in, out):
         _row_fn(raw[r * row_bytes:(r + 1) * row_bytes], n_in, out[i])
 
 
-def _specialize(template, qtype: str, row_fn, fastmath=_FAST, suffix: str = "", **extra):
-    """The parallel njit driver `template` for `qtype`: `_row_fn` = row_fn, the registry's block sizes and any
-    `extra` globals.
+def _rows_serial_template(raw, ids, n_in, out):
+    """_rows_template for a decode step's few tokens (embed_rows): no parallel loop to start, and none to compile
+    on a first run's path to its first token (a parallel loop's gufunc: ~0.5 s). The same row function: the same
+    values."""
+    row_bytes = (n_in // _block_elems) * _block_bytes
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        _row_fn(raw[r * row_bytes:(r + 1) * row_bytes], n_in, out[i])
+
+
+def _specialize(template, qtype: str, row_fn, fastmath=_FAST, suffix: str = "", parallel: bool = True, **extra):
+    """The njit driver `template` for `qtype` (parallel unless told): `_row_fn` = row_fn, the registry's block
+    sizes and any `extra` globals.
 
     A new function over the template's code with its own globals, not a closure: Numba keys a cached closure
     by its pickled cell contents, and a pickled dispatcher or intrinsic carries a per-process uuid, so a
@@ -460,7 +470,7 @@ def _specialize(template, qtype: str, row_fn, fastmath=_FAST, suffix: str = "", 
     fn = pytypes.FunctionType(template.__code__, bound, name)
     fn.__qualname__ = name
     fn.__doc__ = f"{template.__name__} for {qtype}"
-    return njit(parallel=True, **dict(_JIT, fastmath=fastmath))(fn)
+    return njit(parallel=parallel, **dict(_JIT, fastmath=fastmath))(fn)
 
 
 # qtype -> row dequantizer; the integer row dots are simd.ROW_DOTS
@@ -475,6 +485,9 @@ _KERNELS = {
             _specialize(_rows_template, qtype, dq))
     for qtype, dq in _ROW_DEQUANT.items()
 }
+# qtype -> the serial row dequantizer of embed_rows for up to _SERIAL_IDS tokens; compiled on first call
+_ROWS_SERIAL = {qtype: _specialize(_rows_serial_template, qtype, dq, parallel=False) for qtype, dq in _ROW_DEQUANT.items()}
+_SERIAL_IDS = 16
 
 
 # ---------------------------------------------------------------- half-precision rows for decode
@@ -790,7 +803,7 @@ def embed_rows(raw: np.ndarray, qtype: str, shape: tuple[int, int], ids) -> np.n
     if qtype == "F32":
         out[:] = raw.view(np.float32).reshape(n_out, n_in)[ids]
     elif ids.size:
-        _KERNELS[qtype][1](raw, ids, n_in, out)
+        (_ROWS_SERIAL[qtype] if ids.size <= _SERIAL_IDS else _KERNELS[qtype][1])(raw, ids, n_in, out)
     return out
 
 

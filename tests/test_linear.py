@@ -118,6 +118,10 @@ def test_embed_rows_match_dequantize(qtype):
     assert E.shape == (5, n_in) and E.dtype == np.float32
     np.testing.assert_allclose(E, W[ids], rtol=1e-6, atol=1e-7)
     assert embed_rows(raw, qtype, (n_out, n_in), []).shape == (0, n_in)
+    # a prompt's many tokens take the parallel driver, a decode step's few the serial one: the same bits
+    many = np.arange(40) % n_out
+    assert np.array_equal(embed_rows(raw, qtype, (n_out, n_in), many)[:5], embed_rows(raw, qtype, (n_out, n_in),
+                                                                                      many[:5]))
 
 
 def test_out_argument_and_zero_activation():
