@@ -497,12 +497,16 @@ def decode_splits(n_kv, pos, window, threads):
     return max(1, min(n_blocks - 1, 2 * threads // n_kv + 1))
 
 
-def _decode_job_template(q, keys, values, n_kv, pos, scale, window, nslots, n_split, full, job, pm, pl, pacc,
-                         fns):
-    """Job `job` = (kv head g, key split sp) of one token's attention: scores all its positions for the group's
-    query heads at once (scores kept, plain two-pass softmax instead of online rescaling), then sums the values;
-    -> pm[sp, h] (max score), pl[sp, h] (sum of exponentials, left 0 by an empty split), pacc[sp, h] (weighted
-    value sum) for the group's heads h."""
+def _decode_job_template(qb3, kpool, vpool, b, seq, n_kv, pos, scale, window, nslots, n_split, full, job, pm3, pl3,
+                         pacc4, fns):
+    """Job `job` = (kv head g, key split sp) of one token's attention for row b of the decode kernel's batch
+    (sequence seq of the pools): scores all its positions for the group's query heads at once (scores kept, plain
+    two-pass softmax instead of online rescaling), then sums the values; -> pm[sp, h] (max score), pl[sp, h] (sum
+    of exponentials, left 0 by an empty split), pacc[sp, h] (weighted value sum) for the group's heads h, of pm3[b]
+    ... The job takes the kernel's whole arrays and indexes them itself: the kernel's parallel loop, compiled twice
+    (its gufunc, then linked into the kernel), only passes them on."""
+    q, keys, values = qb3[b], _side_at(kpool, seq), _side_at(vpool, seq)
+    pm, pl, pacc = pm3[b], pl3[b], pacc4[b]
     H, D = q.shape
     n_rep = H // n_kv
     k_codes, k_scales, k_u8c, k_mins = keys[_INT8_CODES], keys[_SCALES], keys[_U8C_CODES], keys[_MINS]
@@ -635,8 +639,8 @@ def _attend_decode_template(q, k, v, kpool, vpool, seqs, positions, held, store,
     B, H, D = q.shape
     if store:
         for b in range(B):
-            native_call.call(_store_k, fns[_F_STORE_K], (_side_at(kpool, seqs[b]), k[b], positions[b], nslots))
-            native_call.call(_store_v, fns[_F_STORE_V], (_side_at(vpool, seqs[b]), v[b], positions[b], nslots))
+            native_call.call(_store_k, fns[_F_STORE_K], (kpool, seqs[b], k, b, positions[b], nslots))
+            native_call.call(_store_v, fns[_F_STORE_V], (vpool, seqs[b], v, b, positions[b], nslots))
     splits = np.empty(B, np.int64)
     S = 1
     for b in range(B):  # a loop, not splits.max(): Numba's max compiles five helpers (~0.9 s of a first run)
@@ -653,9 +657,9 @@ def _attend_decode_template(q, k, v, kpool, vpool, seqs, positions, held, store,
         ns = splits[b]
         if sp >= ns:  # this sequence has fewer splits: the row stays empty (pl 0), which the merge skips
             continue
-        native_call.call(_decode_job, fns[_F_JOB], (
-            q[b], _side_at(kpool, seqs[b]), _side_at(vpool, seqs[b]), n_kv, positions[b], scale, window, nslots, ns,
-            held[b] // QBLOCK * QBLOCK, g * ns + sp, pm[b], pl[b], pacc[b], fns))
+        native_call.call(_decode_job, fns[_F_JOB], (q, kpool, vpool, b, seqs[b], n_kv, positions[b], scale, window,
+                                                    nslots, ns, held[b] // QBLOCK * QBLOCK, g * ns + sp, pm, pl, pacc,
+                                                    fns))
     for r in range(B * H):  # serial: a few microseconds, not worth a parallel launch
         b = r // H
         _merge_splits(pm[b], pl[b], pacc[b], r - b * H, out[b, r - b * H])
@@ -668,10 +672,11 @@ def _side_at(pool, i):
             pool[9][i])
 
 
-def _store_row_template(side, x, pos, nslots):
-    """x (Hkv, D) float32 -> position `pos` of one KVSide, appended after positions 0..pos-1 (a decode token;
-    the same codes as edgeq/runtime/kv_cache._Store.write)."""
-    _, f32, f16, i8, u4, u4c, u8c, scales, mins, pending = side  # KVSide's fields
+def _store_row_template(pool, seq, xb, b, pos, nslots):
+    """x = xb[b] (Hkv, D) float32 -> position `pos` of sequence seq's KVSide in `pool`, appended after positions
+    0..pos-1 (a decode token; the same codes as edgeq/runtime/kv_cache._Store.write)."""
+    _, f32, f16, i8, u4, u4c, u8c, scales, mins, pending = _side_at(pool, seq)  # KVSide's fields
+    x = xb[b]
     Hkv, D = x.shape
     s = pos % nslots
     if _SIDE_LAYOUT == FLOAT32:
@@ -728,15 +733,19 @@ def _specialize(template, name: str, parallel: bool, native_only: bool = False, 
 
 # The kernels call the row loads, the row stores and the decode job through their addresses (cpu_kernels/native_call.py:
 # a linked callee is compiled again inside every caller), passed in `fns`, an int64 array indexed by these; each callee
-# is declared with the one signature it is called with. Every KVSide has one Numba type (new_side's empty arrays).
+# is declared with the one signature it is called with. Every KVSide has one Numba type (new_side's empty arrays),
+# and so has every pool of them (a leading sequence axis): the stores and the job take the decode kernel's pools
+# and whole arrays with the row and sequence to index (passing each sequence's views built them in the kernel's
+# parallel loop, whose code is compiled twice: the decode kernel alone 4.6-5.0 -> 2.4-2.6 s, the stores 3.5 -> 2.4).
 _F_JOB, _F_STORE_K, _F_STORE_V, _F_LOAD_K, _F_LOAD_V = range(5)
 _SIDE_T = numba.typeof(tuple(new_side("float32", 1, QBLOCK, QBLOCK)))
+_POOL_T = numba.typeof(tuple(new_side("float32", 1, QBLOCK, QBLOCK, n_seq=1)))
 _I64, _F32 = numba.int64, numba.float32
-_F32_1, _F32_2, _F32_3 = _F32[::1], _F32[:, ::1], _F32[:, :, ::1]
+_F32_1, _F32_2, _F32_3, _F32_4 = _F32[::1], _F32[:, ::1], _F32[:, :, ::1], _F32[:, :, :, ::1]
 _LOAD_SIG = (_SIDE_T, _I64, _I64, _I64, _I64, _I64, _I64, _F32_2, _F32_1, _F32_1)
-_STORE_SIG = (_SIDE_T, _F32_2, _I64, _I64)
-_JOB_SIG = (_F32_2, _SIDE_T, _SIDE_T, _I64, _I64, _F32, _I64, _I64, _I64, _I64, _I64, _F32_2, _F32_2, _F32_3,
-            numba.int64[::1])
+_STORE_SIG = (_POOL_T, _I64, _F32_3, _I64, _I64, _I64)
+_JOB_SIG = (_F32_3, _POOL_T, _POOL_T, _I64, _I64, _I64, _I64, _F32, _I64, _I64, _I64, _I64, _I64, _F32_3, _F32_3,
+            _F32_4, numba.int64[::1])
 
 
 @functools.cache
