@@ -372,7 +372,8 @@ def _merge_splits(pm, pl, pacc, r, out):
 
 def _attend_template(q, keys, values, n_kv, pos0, scale, window, nslots, n_split, full, out, fns):
     """Causal attention of q (T, H, D) at positions pos0.. over the cache -> out (T, H, D); keys, values:
-    tuple(KVSide). Head h reads kv head h // (H // n_kv); `full` = positions already in whole per-channel groups."""
+    tuple(KVSide). Head h reads kv head h // (H // n_kv); `full` = positions already in whole per-channel groups;
+    fns: the row loads' addresses (`addresses(k_layout, v_layout, LOADS)`)."""
     T, H, D = q.shape
     Hkv = n_kv
     n_rep = H // Hkv
@@ -635,7 +636,7 @@ def _attend_decode_template(q, k, v, kpool, vpool, seqs, positions, held, store,
     it holds). held[b] = the positions the layer then holds. Attends q[b] (B, H, D): jobs = (sequence, kv head,
     key split), each `_decode_job_template`, the splits merged at the end. One token alone and a batch run this
     same code (fastmath lets two compilations of one loop round differently), so a row's bits never depend on
-    the batch it decodes in."""
+    the batch it decodes in. fns: `addresses(k_layout, v_layout)` (the stores, the job and the loads it calls)."""
     B, H, D = q.shape
     if store:
         for b in range(B):
