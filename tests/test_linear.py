@@ -228,8 +228,10 @@ for qtype in ("Q4_0", "Q6_K", "F16"):
     raw = np.zeros(8 * linear._row_bytes(qtype, n_in), np.uint8)
     q = linear.QuantLinear(raw, qtype, (8, n_in))
     q.matvec(np.ones(n_in, np.float32))
-    linear.embed_rows(raw, qtype, (8, n_in), [1, 2])
-    for driver in (q._mm, linear._KERNELS[qtype][1]):   # the decode driver in use, the row dequantizer
+    linear.embed_rows(raw, qtype, (8, n_in), [1, 2])                 # a decode step's few tokens: serial
+    linear.embed_rows(raw, qtype, (8, n_in), np.arange(20) % 8)      # a prompt's: the parallel row dequantizer
+    # the decode driver in use, the two row dequantizers
+    for driver in (q._mm, linear._KERNELS[qtype][1], linear._ROWS_SERIAL[qtype]):
         if driver is not None:
             s = driver.stats
             stats[driver.py_func.__qualname__] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
@@ -256,7 +258,8 @@ def test_generated_drivers_load_from_a_warm_cache(tmp_path):
 
     cold, warm = run(), run()
     mm_q4_0 = f"_mmb_q4_0_{batch_dot.ONE_ROW_TILES['Q4_0']}x1" if "Q4_0" in batch_dot.ONE_ROW_TILES else "_mm_q4_0"
-    names = {mm_q4_0, "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", "_rows_f16"}
+    names = {mm_q4_0, "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", "_rows_f16", "_rows_serial_q4_0", "_rows_serial_q6_k",
+             "_rows_serial_f16"}
     assert set(cold) == set(warm) == names
     assert all(misses >= 1 for _, misses in cold.values()), cold
     assert all(hits >= 1 and misses == 0 for hits, misses in warm.values()), warm
