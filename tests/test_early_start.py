@@ -17,9 +17,22 @@ from edgeq.runtime.warmup import BACKGROUND_MESSAGE
 # Numba compile in this process after load() returned (the prompt must take the ready single-token kernels).
 EARLY = r"""
 import json, os, sys
+import numpy as np
 import edgeq
-from edgeq.runtime import warmup
+from edgeq.runtime import engine, warmup
 """ + COMPILE_LISTENER + r"""
+
+steps = []  # each sampling step: its five most likely token ids and their logits
+
+
+class Recording(engine.Sampler):
+    def __call__(self, logits, history=None):
+        top = np.argsort(logits)[::-1][:5]
+        steps.append([[int(i), float(logits[i])] for i in top])
+        return super().__call__(logits, history)
+
+
+engine.Sampler = Recording
 
 path, mode = sys.argv[1], sys.argv[2]
 m = edgeq.load(path, n_ctx=256, threads=2, early_start=mode == "early")
@@ -29,7 +42,7 @@ reply = "".join(m.chat([{"role": "user", "content": "Hi"}], max_tokens=8, temper
 during = list(compiles)
 if m.pending_kernels is not None:
     m.pending_kernels.wait()
-print(json.dumps({"pending": pending, "reply": reply, "compiles": during,
+print(json.dumps({"pending": pending, "reply": reply, "compiles": during, "steps": steps,
                   "stamped": os.path.exists(warmup.ready_stamp(m))}))
 """
 
@@ -50,7 +63,25 @@ def test_an_early_start_answers_on_the_single_token_kernels_and_completes_the_ca
     assert early["stamped"]  # the worker finished: every kernel is in the cache
     later = run(smollm2_path, "full", env)  # a load as every later run gets it: stamped, prompt batched
     assert not later["pending"] and later["compiles"] == []
-    assert later["reply"] == early["reply"] and early["reply"].strip()
+    assert early["reply"].strip() and later["reply"].strip()
+    assert_same_or_near_tie(early["steps"], later["steps"])
+
+
+def assert_same_or_near_tie(a: list, b: list) -> None:
+    """Greedy replies of the single-token and the batched prompt kernels are the same tokens, or part at a near-tie:
+    the two kernels round differently (3-5% of the largest logit apart on this file, as each is from llama.cpp's),
+    so where the best two tokens are closer than that either may win. At the first step where the picks differ,
+    each run's pick and the other's must both be among its five best, less than 4% of its best logit apart."""
+    for step_a, step_b in zip(a, b):
+        pick_a, pick_b = step_a[0][0], step_b[0][0]
+        if pick_a == pick_b:
+            continue
+        for step in (step_a, step_b):
+            logits = dict((i, v) for i, v in step)
+            assert pick_a in logits and pick_b in logits, (step_a, step_b)
+            assert abs(logits[pick_a] - logits[pick_b]) <= 0.04 * abs(step[0][1]), (step_a, step_b)
+        return
+    assert len(a) == len(b)
 
 
 @pytest.mark.slow
