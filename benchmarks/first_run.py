@@ -17,9 +17,9 @@ and their medians compared with the targets of issue 17:
     python benchmarks/first_run.py [--models smollm2-135m-instruct gemma3-270m] [--warm-only] [--repeats 5]
     python benchmarks/first_run.py --prompt "Once upon a time" --no-chat -n 600   # gaps over a long reply
 
---warm-only skips the cold runs and uses the user's own kernel cache (filled by one untimed run first); --cold-only
-skips the warm runs. CPU s: user + system time of the process and the children it waited for (the warm-up's
-compile worker): on a shared machine, cold runs compare by CPU seconds better than by wall time.
+--warm-only skips the cold runs and uses the user's own kernel cache (filled by one untimed run first, whose
+background compile is waited for); --cold-only skips the warm runs. CPU s: user + system time of the process and the
+children it waited for (the warm-up's compile worker): on a shared machine, cold runs compare by CPU seconds better than by wall time.
 
 Python's own bytecode of edgeq's modules is compiled first (`compileall`), as `pip install` does for an installed
 package and as an editable install's first import does: where PYTHONDONTWRITEBYTECODE is set (this sandbox sets
@@ -50,6 +50,10 @@ def run_once(model: str, args: list[str], echo_bytes: int, cache_dir: str | None
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir
     cmd = [sys.executable, "-m", "edgeq.cli", "run", model, *args]
+    # the ready stamps (one per model file and cache types) of the kernel cache the command will use: the given
+    # one, else the user's, whose name importing edgeq put in this process's environment (edgeq/_numba_env.py)
+    ready = os.path.join(env["NUMBA_CACHE_DIR"], "edgeq-ready")
+    stamps_before = set(os.listdir(ready)) if os.path.isdir(ready) else set()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     err: list[bytes] = []
@@ -79,11 +83,11 @@ def run_once(model: str, args: list[str], echo_bytes: int, cache_dir: str | None
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{b''.join(err).decode(errors='replace')}")
     gen = [t for t, got in stamps if got > echo_bytes]
     background_s = float("nan")
-    if cache_dir is not None and BACKGROUND_MESSAGE.encode() in b"".join(err):
-        # an early start: its worker goes on compiling the prompt kernels after the command has exited, then
-        # leaves the ready stamp; wait for it (bounded), so that nothing else is measured while it runs
-        ready = os.path.join(cache_dir, "edgeq-ready")
-        while time.perf_counter() - t0 < 600 and not (os.path.isdir(ready) and os.listdir(ready)):
+    if BACKGROUND_MESSAGE.encode() in b"".join(err):
+        # an early start (a cold run, or --warm-only's filling run): its worker goes on compiling the prompt kernels
+        # after the command has exited, then leaves this model's ready stamp; wait for it (bounded), so that
+        # nothing else is measured while it runs
+        while time.perf_counter() - t0 < 600 and not (os.path.isdir(ready) and set(os.listdir(ready)) - stamps_before):
             time.sleep(0.05)
         background_s = time.perf_counter() - t0
     return {
