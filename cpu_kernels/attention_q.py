@@ -738,7 +738,8 @@ def _specialize(template, name: str, parallel: bool, native_only: bool = False, 
 # and so has every pool of them (a leading sequence axis): the stores and the job take the decode kernel's pools
 # and whole arrays with the row and sequence to index (passing each sequence's views built them in the kernel's
 # parallel loop, whose code is compiled twice: the decode kernel alone 4.6-5.0 -> 2.4-2.6 s, the stores 3.5 -> 2.4).
-_F_JOB, _F_STORE_K, _F_STORE_V, _F_LOAD_K, _F_LOAD_V = range(5)
+_PARTS = ("job", "store_k", "store_v", "load_k", "load_v")  # the callees, in the order of their `fns` entries
+_F_JOB, _F_STORE_K, _F_STORE_V, _F_LOAD_K, _F_LOAD_V = range(len(_PARTS))
 _SIDE_T = numba.typeof(tuple(new_side("float32", 1, QBLOCK, QBLOCK)))
 _POOL_T = numba.typeof(tuple(new_side("float32", 1, QBLOCK, QBLOCK, n_seq=1)))
 _I64, _F32 = numba.int64, numba.float32
@@ -779,15 +780,15 @@ def decode_job_for(k_layout: int, v_layout: int):
 
 
 @functools.cache
-def addresses(k_layout: int, v_layout: int, parts: tuple = ("job", "store_k", "store_v", "load_k", "load_v")):
+def addresses(k_layout: int, v_layout: int, parts: tuple = _PARTS):
     """`fns` of the kernels for this pair of layouts: the callees' addresses (each compiled, or loaded from the disk
     cache, here), those not in `parts` 0. The prefill kernel and the decode job call only the loads; the decode
     kernel calls every one."""
     b = _bound(k_layout, v_layout)
     fns = {"job": decode_job_for(k_layout, v_layout), "store_k": b["_store_k"], "store_v": b["_store_v"],
            "load_k": b["_load_k"], "load_v": b["_load_v"]}
-    out = np.zeros(5, np.int64)
-    for i, name in enumerate(("job", "store_k", "store_v", "load_k", "load_v")):
+    out = np.zeros(len(_PARTS), np.int64)
+    for i, name in enumerate(_PARTS):
         if name in parts:
             out[i] = native_call.address(fns[name])
     return out

@@ -450,16 +450,6 @@ def _rows_template(raw, ids, n_in, out):
         _row_fn(raw[r * row_bytes:(r + 1) * row_bytes], n_in, out[i])
 
 
-def _rows_serial_template(raw, ids, n_in, out):
-    """_rows_template for a decode step's few tokens (embed_rows): no parallel loop to start, and none to compile
-    on a first run's path to its first token (a parallel loop's gufunc: ~0.5 s). The same row function: the same
-    values."""
-    row_bytes = (n_in // _block_elems) * _block_bytes
-    for i in range(ids.shape[0]):
-        r = ids[i]
-        _row_fn(raw[r * row_bytes:(r + 1) * row_bytes], n_in, out[i])
-
-
 def _specialize(template, qtype: str, row_fn, fastmath=_FAST, suffix: str = "", parallel: bool = True, **extra):
     """The njit driver `template` for `qtype` (parallel unless told): `_row_fn` = row_fn, the registry's block
     sizes and any `extra` globals.
@@ -489,8 +479,11 @@ _KERNELS = {
             _specialize(_rows_template, qtype, dq))
     for qtype, dq in _ROW_DEQUANT.items()
 }
-# qtype -> the serial row dequantizer of embed_rows for up to _SERIAL_IDS tokens; compiled on first call
-_ROWS_SERIAL = {qtype: _specialize(_rows_serial_template, qtype, dq, parallel=False) for qtype, dq in _ROW_DEQUANT.items()}
+# qtype -> _rows_template without a parallel loop (prange runs as range), for embed_rows' up to _SERIAL_IDS tokens (a
+# decode step's): none to start, and none to compile on a first run's path to its first token (a parallel loop's
+# gufunc: ~0.5 s). The same row function: the same values. Compiled on first call.
+_ROWS_SERIAL = {qtype: _specialize(_rows_template, qtype, dq, suffix="_serial", parallel=False)
+                for qtype, dq in _ROW_DEQUANT.items()}
 _SERIAL_IDS = 16
 
 

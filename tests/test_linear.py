@@ -258,8 +258,8 @@ def test_generated_drivers_load_from_a_warm_cache(tmp_path):
 
     cold, warm = run(), run()
     mm_q4_0 = f"_mmb_q4_0_{batch_dot.ONE_ROW_TILES['Q4_0']}x1" if "Q4_0" in batch_dot.ONE_ROW_TILES else "_mm_q4_0"
-    names = {mm_q4_0, "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", "_rows_f16", "_rows_serial_q4_0", "_rows_serial_q6_k",
-             "_rows_serial_f16"}
+    names = {mm_q4_0, "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", "_rows_f16", "_rows_q4_0_serial", "_rows_q6_k_serial",
+             "_rows_f16_serial"}
     assert set(cold) == set(warm) == names
     assert all(misses >= 1 for _, misses in cold.values()), cold
     assert all(hits >= 1 and misses == 0 for hits, misses in warm.values()), warm
