@@ -550,3 +550,38 @@ def test_release_pages_drops_read_pages_from_rss(tmp_path):
         after = rss_file_kb()
         assert touched - before > 12 << 10 and touched - after > 12 << 10
         assert np.asarray(data).view(np.float32)[-1] == (16 << 20 >> 2) - 1   # still readable
+
+
+# --------------------------------------------------------------------------- weights read into memory
+
+def test_read_into_memory_gives_the_same_read_only_bytes_off_the_mapping(tiny):
+    path, raws = tiny
+    with GGUFFile(path) as gf:
+        mapped = {name: t.data for name, t in gf.tensors.items()}
+        assert not gf.in_memory
+        gf.read_into_memory()
+        assert gf.in_memory
+        for name, t in gf.tensors.items():
+            assert t.data.dtype == np.uint8 and not t.data.flags.writeable and t.nbytes == raws[name].nbytes
+            np.testing.assert_array_equal(t.data, raws[name])
+            # its own memory, not a view of the file mapping
+            assert not np.shares_memory(t.data, mapped[name])
+        assert gf.tensors[TENSORS[0][0]].offset == GGUFFile(path).tensors[TENSORS[0][0]].offset
+        gf.read_into_memory()  # a second call changes nothing
+        np.testing.assert_array_equal(gf.tensors[TENSORS[-1][0]].data, raws[TENSORS[-1][0]])
+        assert gf.metadata["general.architecture"] == "tiny"
+    assert gf.tensors == {} and not gf.in_memory
+
+
+def test_read_into_memory_of_a_file_that_shrank_is_one_clear_error(tmp_path):
+    path = tmp_path / "t.gguf"
+    write_tiny(path)
+    gf = GGUFFile(path)
+    try:
+        with open(path, "r+b") as f:
+            f.truncate(gf.data_offset + 8)
+        with pytest.raises(FormatError, match="shrank"):
+            gf.read_into_memory()
+        assert not gf.in_memory
+    finally:
+        gf.close()

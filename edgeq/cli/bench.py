@@ -18,10 +18,11 @@ def add_arguments(p):
     p.add_argument("-t", "--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--text", default=None, help="text whose first tokens form the prompt (default: Hamlet)")
-    from edgeq.cli.common import add_cache_args, add_device_arg
+    from edgeq.cli.common import add_cache_args, add_device_arg, add_mmap_arg
 
     add_device_arg(p)
     add_cache_args(p)
+    add_mmap_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON line per thread count")
 
 
@@ -62,7 +63,7 @@ def main(a) -> int:
     for n_threads in threads:
         t = time.perf_counter()
         model = load(a.model, n_ctx=a.ctx, threads=n_threads, cache_type_k=a.cache_type_k,
-                     cache_type_v=a.cache_type_v, device=device_choice(a))
+                     cache_type_v=a.cache_type_v, device=device_choice(a), mmap=a.mmap)
         load_s = time.perf_counter() - t
         if not rows:
             note_device(model, a)

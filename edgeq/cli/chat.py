@@ -15,9 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {assets.DEFAULT_MODEL})")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(trained, 4096))")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
-    from edgeq.cli.common import add_device_arg
+    from edgeq.cli.common import add_device_arg, add_mmap_arg
 
     add_device_arg(p)
+    add_mmap_arg(p)
     p.add_argument("--temp", type=float, default=None, help="temperature for new chats (default 0.7)")
     p.add_argument("--top-p", type=float, default=None, help="top-p for new chats (default 0.95)")
     p.add_argument("--max-tokens", type=int, default=None, help="reply length limit for new chats (default 512)")
@@ -47,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
             if bar:
                 bar.finish()
         model = load(path, n_ctx=args.ctx, threads=args.threads, device=device_choice(args), report=report,
-                     early_start=True)
+                     early_start=True, mmap=getattr(args, "mmap", None))
         if verbose:
             from edgeq.cli.common import note_device
 

@@ -15,6 +15,7 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> 
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     add_device_arg(p)
     add_cache_args(p)
+    add_mmap_arg(p)
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,13 @@ def note_device(model, a: argparse.Namespace) -> None:
         else:
             why = "no CUDA device (no GPU found)"
         print(f"note: {why}; running on the CPU", file=sys.stderr)
+
+
+def add_mmap_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
+                   help="--mmap: run on the file's memory mapping (shared with other processes, nothing copied); "
+                        "--no-mmap: read the weights into huge-page memory (faster decode, a copy at load); default: "
+                        "read files of 128 MiB and more where the memory is there (edgeq/runtime/engine.py)")
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -126,7 +134,7 @@ def load_model(a: argparse.Namespace):
         check_sampling_args(a)
     model = load(resolve_with_progress(a.model) if isinstance(a.model, str) else a.model, n_ctx=a.ctx,
                  threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                 device=device_choice(a), report=say, early_start=True)
+                 device=device_choice(a), report=say, early_start=True, mmap=getattr(a, "mmap", None))
     note_device(model, a)
     return model
 

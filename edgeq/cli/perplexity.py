@@ -19,9 +19,10 @@ def add_arguments(p):
     p.add_argument("--save-logits", default=None, help="store the top log-probs of this run (reference for --kl-base)")
     p.add_argument("--force", action="store_true", help="overwrite the --save-logits file if it exists")
     p.add_argument("--kl-base", default=None, help="report KL-divergence and same-top-token %% against a saved run")
-    from edgeq.cli.common import add_cache_args
+    from edgeq.cli.common import add_cache_args, add_mmap_arg
 
     add_cache_args(p)
+    add_mmap_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON line")
 
 
@@ -44,7 +45,8 @@ def main(a) -> int:
     from edgeq.cli.common import device_choice, note_device
 
     model = load(a.model, n_ctx=max(a.ctx, 16), threads=a.threads,
-                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, device=device_choice(a))
+                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, device=device_choice(a),
+                 mmap=a.mmap)
     note_device(model, a)
     bar = Progress(1, label="perplexity ")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from edgeq.cli.common import add_cache_args
+from edgeq.cli.common import add_cache_args, add_mmap_arg
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -24,6 +24,7 @@ def add_arguments(p):
                    help="evaluate every prompt from the start (to measure what reuse saves)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     add_cache_args(p)
+    add_mmap_arg(p)
 
 
 def main(a) -> int:
@@ -45,7 +46,7 @@ def main(a) -> int:
     key = a.api_key or os.environ.get("EDGEQ_API_KEY") or None
     name = a.model or DEFAULT_MODEL
     model = load(name, n_ctx=a.ctx, threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                 device="cpu")
+                 device="cpu", mmap=a.mmap)
     try:
         server = make_server(model, a.host, a.port, n_slots=a.parallel, n_ctx=a.ctx, max_queue=a.max_queue,
                              api_key=key, cors_origin=a.cors_origin, model_name=a.name or name,

@@ -1,0 +1,57 @@
+"""Weights read into huge-page memory (GGUFFile.read_into_memory) against the file mapping: the same model, the same
+logits, and the automatic choice (engine.read_weights)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgeq
+from edgeq.runtime import engine
+
+
+def test_a_model_read_into_memory_computes_what_the_mapped_one_does(smollm2_path):
+    mapped = edgeq.load(str(smollm2_path), n_ctx=128, threads=2, mmap=True)
+    read = edgeq.load(str(smollm2_path), n_ctx=128, threads=2, mmap=False)
+    assert not mapped.gguf.in_memory and read.gguf.in_memory
+    ids = mapped.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
+    np.testing.assert_array_equal(mapped.append(ids), read.append(ids))   # prompt kernels
+    np.testing.assert_array_equal(mapped.append([ids[1]]), read.append([ids[1]]))  # decode kernels
+    w = read.gguf.tensors["blk.0.ffn_up.weight"]
+    assert not np.shares_memory(w.data, np.frombuffer(mapped.gguf._mm, np.uint8))
+
+
+class _File:
+    def __init__(self, data_bytes):
+        self.data_offset, self.file_size = 4096, 4096 + data_bytes
+
+
+def test_the_automatic_choice(monkeypatch):
+    big = _File(engine.READ_MIN_BYTES)
+    monkeypatch.setattr(engine, "_huge_pages_on", lambda: True)
+    monkeypatch.setattr(engine, "_meminfo_available", lambda: 2 * engine.READ_MIN_BYTES)
+    assert engine.read_weights(big, None)
+    assert not engine.read_weights(big, True) and engine.read_weights(_File(1), False)  # asked for: as asked
+    assert not engine.read_weights(_File(engine.READ_MIN_BYTES - 1), None)  # small files stay mapped
+    monkeypatch.setattr(engine, "_meminfo_available", lambda: 2 * engine.READ_MIN_BYTES - 1)
+    assert not engine.read_weights(big, None)  # not enough memory for the copy beside the page cache
+    monkeypatch.setattr(engine, "_meminfo_available", lambda: None)
+    assert not engine.read_weights(big, None)  # no /proc/meminfo: no guess
+    monkeypatch.setattr(engine, "_meminfo_available", lambda: 1 << 40)
+    monkeypatch.setattr(engine, "_huge_pages_on", lambda: False)
+    assert not engine.read_weights(big, None)  # no huge pages: nothing gained
+
+
+@pytest.mark.parametrize("flag, in_memory", [("--no-mmap", True), ("--mmap", False)])
+def test_the_cli_flag_reaches_the_loader(flag, in_memory, smollm2_path, monkeypatch, capsys):
+    from edgeq.cli import main
+
+    seen = {}
+    real = engine.Model.__init__
+
+    def spy(self, *args, **kw):
+        real(self, *args, **kw)
+        seen["in_memory"] = self.gguf.in_memory
+
+    monkeypatch.setattr(engine.Model, "__init__", spy)
+    assert main(["run", str(smollm2_path), "-p", "Hi", "-n", "2", "--temp", "0", flag]) == 0
+    assert seen["in_memory"] is in_memory
