@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import threading
 import os
 import struct
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ assert all(st.size == _SCALAR_DTYPES[t].itemsize for t, st in _SCALAR_STRUCTS.it
 # Smallest possible encodings, used to bound counts by the bytes left before reading anything.
 _MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+_READ_CHUNK = 64 << 20  # bytes per read() of read_into_memory (a stop asked for is seen between two)
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,6 +202,7 @@ class GGUFFile:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.file_size = size
         self._anon = None  # the tensor data read into memory (read_into_memory), or None: views of _mm
+        self._reader = None  # a read_into_memory under way: (thread, memory, stop event, its error)
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -312,9 +315,11 @@ class GGUFFile:
         if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._mm.madvise(mmap.MADV_DONTNEED)
 
-    def read_into_memory(self) -> None:
+    def read_into_memory(self, background: bool = False) -> None:
         """Read the tensor data into private anonymous memory, asking for transparent huge pages, and point every
         tensor's `data` there (read-only views, as before); the file mapping then serves only the metadata.
+        background=True: the read runs in a thread and the views move at `finish_read()` (until then they stay on
+        the mapping: the same bytes), so that it overlaps other work of a load (the tokenizer's build).
 
         Why: the decode kernels stream every weight once per token. On the 4 KiB pages of a file mapping each
         page costs a TLB miss and stops the hardware prefetchers at its edge; on 2 MiB pages a decode step of
@@ -323,22 +328,50 @@ class GGUFFile:
         pages into this process: the resident size stays one copy of the weights. Costs the copy at load
         (~0.3 s per GB where free memory is at hand) and the page cache sharing between processes."""
         n = self.file_size - self.data_offset
-        if self._mm is None or not self.tensors or n <= 0 or self._anon is not None:
+        if self._mm is None or not self.tensors or n <= 0 or self._anon is not None or self._reader is not None:
             return
         anon = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             anon.madvise(mmap.MADV_HUGEPAGE)
-        view, got = memoryview(anon), 0
-        with open(self.path, "rb") as f:
-            f.seek(self.data_offset)
-            while got < n:
-                k = f.readinto(view[got:])
-                if not k:
-                    view.release()
-                    anon.close()
-                    raise FormatError(f"{self.path}: the file shrank while it was read ({got} of {n} data bytes)")
-                got += k
-        view.release()
+        stop, failure = threading.Event(), []
+
+        def read() -> None:
+            view, got = memoryview(anon), 0
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self.data_offset)
+                    while got < n and not stop.is_set():
+                        k = f.readinto(view[got:got + _READ_CHUNK])
+                        if not k:
+                            raise FormatError(f"{self.path}: the file shrank while it was read ({got} of {n} data "
+                                              f"bytes)")
+                        got += k
+            except (OSError, FormatError) as e:
+                failure.append(e)
+            finally:
+                view.release()
+
+        self._reader = (threading.Thread(target=read, name="edgeq-read-weights", daemon=True), anon, stop, failure)
+        if background:
+            self._reader[0].start()
+        else:
+            read()
+            self.finish_read()
+
+    def finish_read(self) -> None:
+        """Wait for a background read_into_memory and move the tensor views onto its memory; its error (an OSError,
+        a FormatError) raises here. Nothing to do without one."""
+        if self._reader is None:
+            return
+        thread, anon, stop, failure = self._reader
+        if thread.ident is not None:
+            thread.join()
+        self._reader = None
+        if stop.is_set() or failure:
+            anon.close()
+            if failure:
+                raise failure[0]
+            return
         u8 = np.frombuffer(anon, dtype=np.uint8)
         u8.flags.writeable = False
         self._anon = anon
@@ -354,6 +387,9 @@ class GGUFFile:
     def close(self) -> None:
         """Drop the tensor views and unmap; views still held elsewhere keep the mapping alive until freed."""
         self.tensors = {}
+        reader, self._reader = getattr(self, "_reader", None), None
+        if reader is not None:
+            reader[2].set()  # a background read stops at its next chunk; its memory goes with its thread
         for attr in ("_mm", "_anon"):
             mm = getattr(self, attr, None)
             setattr(self, attr, None)

@@ -585,3 +585,30 @@ def test_read_into_memory_of_a_file_that_shrank_is_one_clear_error(tmp_path):
         assert not gf.in_memory
     finally:
         gf.close()
+
+
+def test_a_background_read_moves_the_views_only_when_finished(tiny):
+    path, raws = tiny
+    with GGUFFile(path) as gf:
+        first = TENSORS[0][0]
+        before = gf.tensors[first].data
+        gf.read_into_memory(background=True)
+        gf.read_into_memory(background=True)  # one read at a time: a second call changes nothing
+        assert gf.tensors[first].data is before  # still the mapping's view (the same bytes) until finish_read
+        gf.finish_read()
+        assert gf.in_memory and not np.shares_memory(gf.tensors[first].data, before)
+        for name, t in gf.tensors.items():
+            np.testing.assert_array_equal(t.data, raws[name])
+        gf.finish_read()  # nothing left to do
+
+
+def test_closing_during_a_background_read_stops_it(tmp_path):
+    path = tmp_path / "t.gguf"
+    write_tiny(path)
+    gf = GGUFFile(path)
+    gf.read_into_memory(background=True)
+    thread = gf._reader[0]
+    gf.close()
+    thread.join(10)
+    assert not thread.is_alive() and not gf.in_memory and gf.tensors == {}
+    gf.finish_read()  # after close: nothing to wait for

@@ -137,15 +137,21 @@ class Model:
         fast_cache_loads()
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
-        if read_weights(self.gguf, mmap):
-            self.gguf.read_into_memory()
-        self.arch = architecture(self.gguf.arch)
-        self.cfg = self.arch.Config.from_gguf(self.gguf)
-        self.threads = threads or default_threads()
-        self._set_threads()
+        try:
+            if read_weights(self.gguf, mmap):
+                # in a thread, beside the tokenizer's build (metadata only); the weights' views move at finish_read
+                self.gguf.read_into_memory(background=True)
+            self.arch = architecture(self.gguf.arch)
+            self.cfg = self.arch.Config.from_gguf(self.gguf)
+            self.threads = threads or default_threads()
+            self._set_threads()
+            self.tokenizer = Tokenizer.from_gguf(self.gguf)
+            self.template = ChatTemplate.from_gguf(self.gguf)
+            self.gguf.finish_read()
+        except BaseException:
+            self.gguf.close()  # a background read stops
+            raise
         self.weights = self.arch.load_weights(self.gguf, self.cfg)
-        self.tokenizer = Tokenizer.from_gguf(self.gguf)
-        self.template = ChatTemplate.from_gguf(self.gguf)
         # the BPE merges now live in the tokenizer; as Python strings they would stay resident beside it
         # (Qwen's 151k: 16 MB). self.gguf.metadata keeps every other key.
         self.gguf.metadata.pop("tokenizer.ggml.merges", None)
