@@ -607,8 +607,26 @@ def test_closing_during_a_background_read_stops_it(tmp_path):
     write_tiny(path)
     gf = GGUFFile(path)
     gf.read_into_memory(background=True)
-    thread = gf._reader[0]
+    threads = gf._reader[0]
     gf.close()
-    thread.join(10)
-    assert not thread.is_alive() and not gf.in_memory and gf.tensors == {}
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads) and not gf.in_memory and gf.tensors == {}
     gf.finish_read()  # after close: nothing to wait for
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_read_into_memory_in_several_spans_and_chunks(tiny, monkeypatch, background):
+    from edgeq.formats import gguf_file
+
+    path, raws = tiny
+    monkeypatch.setattr(gguf_file, "_READ_CHUNK", 96)   # many reads per span
+    monkeypatch.setattr(gguf_file, "_HUGE_PAGE", 64)    # span bounds at 64-byte steps, not 2 MiB
+    monkeypatch.setattr(gguf_file.os, "cpu_count", lambda: 4)
+    with GGUFFile(path) as gf:
+        gf.read_into_memory(background=background)
+        if background:
+            assert len(gf._reader[0]) == 4  # one thread per span
+        gf.finish_read()
+        for name, t in gf.tensors.items():
+            np.testing.assert_array_equal(t.data, raws[name])
