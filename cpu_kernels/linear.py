@@ -61,11 +61,28 @@ _Q4_K_BYTES, _Q5_K_BYTES = QTYPES["Q4_K"].block_bytes, QTYPES["Q5_K"].block_byte
 _IQ4_NL_BYTES, _IQ4_XS_BYTES = QTYPES["IQ4_NL"].block_bytes, QTYPES["IQ4_XS"].block_bytes
 _IQ4 = KVALUES_IQ4NL.astype(np.float32)  # the IQ4 level table (a global: Numba freezes it as a constant)
 _TILE_BYTES = 4 << 20        # float32 weight tile for the prefill path of the types without an int8 GEMM
-# bytes ahead of the current weight row to software-prefetch: 2x over none on big matrices. 4096 over 1024, on a
-# step's decode products (every layer's matrices in turn, the two drivers alternated, medians of 15-60 steps, Zen 5,
-# 2 threads): Qwen3-1.7B Q4_K_M 41.4 -> 42.9 GB/s, Llama-3.2-3B Q4_K_M 39.6 -> 40.8, Qwen2.5-0.5B Q8_0 39.9 -> 42.5,
-# Gemma 3 34.4 -> 35.5, SmolLM2 level
-_PREFETCH = 4096
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# bytes ahead of the current weight row to software-prefetch: 2x over none on big matrices, and measured per vendor.
+# AMD: 4096 over 1024, on a step's decode products (every layer's matrices in turn, the two drivers alternated,
+# medians of 15-60 steps, Zen 5, 2 threads): Qwen3-1.7B Q4_K_M 41.4 -> 42.9 GB/s, Llama-3.2-3B Q4_K_M 39.6 -> 40.8,
+# Qwen2.5-0.5B Q8_0 39.9 -> 42.5, Gemma 3 34.4 -> 35.5, SmolLM2 level. Intel (a Xeon, 2 threads, every >= 2048-row
+# matrix of the Qwen3-1.7B files in turn, distances alternated, medians of 3-5 passes): 1536 over 4096 with the
+# weights in huge pages (engine.read_weights) Q4_K 20.0 -> 22.8 GB/s, Q6_K 22.3 -> 24.5, Q8_0 21.8 -> 26.1, F16
+# 23.4 -> 24.4; on the file mapping Q4_K 18.1 -> 18.9, Q8_0 21.3 -> 23.2 (1024 and 2048 within 1-5% of 1536)
+_PREFETCH = 1536 if _cpu_vendor() == "GenuineIntel" else 4096
 _GEMM_MIN_T = 6              # matmul rows from which dequantize + float GEMM beats the integer kernel
 
 
@@ -497,6 +514,10 @@ def _dot_half_template(W, X, out):
     R, n = W.shape
     for g in prange((R + 3) // 4):
         for i in range(4 * g, min(R, 4 * g + 4)):
+            # the weights _PREFETCH bytes ahead into L2, a 64-byte line (32 halves) at a time: the big matrices
+            # of a Qwen3-1.7B F16 file 18.0 -> 22.5 GB/s on the file mapping, 22.6 -> 24.4 in huge pages (Xeon)
+            for o in range(i * n + _PREFETCH // 2, min((i + 1) * n + _PREFETCH // 2, R * n), 32):
+                _prefetch(W, o)
             w = W[i]
             for t in range(X.shape[0]):
                 x = X[t]
