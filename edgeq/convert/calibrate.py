@@ -175,7 +175,8 @@ def calibrate_by_layer(model_path: str | os.PathLike, text: str, dataset: str, n
     from edgeq.runtime import engine
     from edgeq.runtime.engine import N_BATCH
 
-    model = engine.load(str(model_path), n_ctx=n_ctx, threads=threads)
+    # on the file mapping: the layer loop gives each layer's pages back (release_pages) to keep the RSS near a layer
+    model = engine.load(str(model_path), n_ctx=n_ctx, threads=threads, mmap=True)
     model._set_threads()
     arch, w, cfg, tok = model.arch, model.weights, model.cfg, model.tokenizer
     windows = imatrix.windows(tok.encode(text, add_special=False), n_ctx, n_chunks,

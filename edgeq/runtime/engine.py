@@ -80,9 +80,11 @@ def select_device(device: str = "auto", cache_type_k: str | None = None, cache_t
 # mmap=None reads the weights into huge-page memory (GGUFFile.read_into_memory) from this much tensor data on:
 # decode 4-25% faster (Intel Xeon, 2 threads: SmolLM2 7.38 -> 7.10 ms/token, Gemma 3 270M 14.8 -> 13.1, Qwen2.5-0.5B
 # Q8_0 29.9 -> 27.6, Qwen3-1.7B Q4_K_M 65.7 -> 61.3, F16 197 -> 154, Llama-3.2-3B Q4_K_M 112.7 -> 106.5:
-# benchmarks/decode_profile.py, runs alternated) for ~0.3 s per GB at load; below it the copy's time is a larger
-# share of a short run's (SmolLM2's 98 MB: 28 ms of a 0.5 s start) and the file stays mapped
-READ_MIN_BYTES = 128 << 20
+# benchmarks/decode_profile.py, runs alternated) for the copy at load, 0.3-1.2 s per GB on that VM (fresh memory is
+# slow to fault in there). Below it the file stays mapped: the catalog's small models answer sooner (their warm-start
+# targets, 0.5 and 1.0 s to the first token: read, SmolLM2's 98 MB took 0.47-0.54 s instead of 0.36-0.38 to load,
+# and Gemma 3's 253 MB 0.57-0.92 s to its first token instead of 0.53; benchmarks/first_run.py)
+READ_MIN_BYTES = 256 << 20
 
 
 def _meminfo_available() -> int | None:
