@@ -60,7 +60,7 @@ def add_mmap_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
                    help="--mmap: run on the file's memory mapping (shared with other processes, nothing copied); "
                         "--no-mmap: read the weights into huge-page memory (faster decode, a copy at load); default: "
-                        "read files of 128 MiB and more where the memory is there (edgeq/runtime/engine.py)")
+                        "read files of 256 MiB and more where the memory is there (edgeq/runtime/engine.py)")
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
