@@ -204,7 +204,7 @@ class GGUFFile:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.file_size = size
         self._anon = None  # the tensor data read into memory (read_into_memory), or None: views of _mm
-        self._reader = None  # a read_into_memory under way: (thread, memory, stop event, its error)
+        self._reader = None  # a read_into_memory under way: (threads, memory, stop event, their errors)
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -332,7 +332,10 @@ class GGUFFile:
         n = self.file_size - self.data_offset
         if self._mm is None or not self.tensors or n <= 0 or self._anon is not None or self._reader is not None:
             return
-        anon = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MAP_ANONYMOUS"):
+            anon = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: THP serves it
+        else:  # Windows: anonymous memory without flags
+            anon = mmap.mmap(-1, n)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             anon.madvise(mmap.MADV_HUGEPAGE)
         stop, failure = threading.Event(), []

@@ -122,7 +122,8 @@ def read_weights(gguf, mmap: bool | None) -> bool:
 
 
 class Model:
-    """A model loaded from one GGUF file: weights stay memory-mapped in their quantized blocks."""
+    """A model loaded from one GGUF file: weights stay in their quantized blocks, on the file's mapping or read into
+    huge-page memory (read_weights)."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
                  cache_type_k: str | None = None, cache_type_v: str | None = None, device: str = "cpu",
