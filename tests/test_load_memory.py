@@ -17,7 +17,13 @@ def test_a_model_read_into_memory_computes_what_the_mapped_one_does(smollm2_path
     np.testing.assert_array_equal(mapped.append(ids), read.append(ids))   # prompt kernels
     np.testing.assert_array_equal(mapped.append([ids[1]]), read.append([ids[1]]))  # decode kernels
     w = read.gguf.tensors["blk.0.ffn_up.weight"]
-    assert not np.shares_memory(w.data, np.frombuffer(mapped.gguf._mm, np.uint8))
+    file_bytes = np.frombuffer(read.gguf._mm, np.uint8)
+    assert not np.shares_memory(w.data, file_bytes)
+    # what the kernels run on: the model's matrices, bound after the read (none left on the mapping)
+    for L in read.weights.layers:
+        for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down):
+            assert not np.shares_memory(lin.q.raw, file_bytes)
+    assert np.shares_memory(mapped.weights.layers[0].w_up.q.raw, np.frombuffer(mapped.gguf._mm, np.uint8))
 
 
 class _File:

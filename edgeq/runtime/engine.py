@@ -140,21 +140,26 @@ class Model:
         fast_cache_loads()
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
+        reading = read_weights(self.gguf, mmap)
         try:
-            if read_weights(self.gguf, mmap):
-                # in a thread, beside the tokenizer's build (metadata only); the weights' views move at finish_read
+            if reading:
+                # in threads, beside the tokenizer's build (metadata only); the tensors' views move at finish_read
                 self.gguf.read_into_memory(background=True)
             self.arch = architecture(self.gguf.arch)
             self.cfg = self.arch.Config.from_gguf(self.gguf)
             self.threads = threads or default_threads()
             self._set_threads()
+            # the weights before the tokenizer, as the errors of a bad file come (a missing tensor first); when
+            # reading, bound again below to the memory the read filled
+            self.weights = self.arch.load_weights(self.gguf, self.cfg)
             self.tokenizer = Tokenizer.from_gguf(self.gguf)
             self.template = ChatTemplate.from_gguf(self.gguf)
-            self.gguf.finish_read()
+            if reading:
+                self.gguf.finish_read()
+                self.weights = self.arch.load_weights(self.gguf, self.cfg)
         except BaseException:
             self.gguf.close()  # a background read stops
             raise
-        self.weights = self.arch.load_weights(self.gguf, self.cfg)
         # the BPE merges now live in the tokenizer; as Python strings they would stay resident beside it
         # (Qwen's 151k: 16 MB). self.gguf.metadata keeps every other key.
         self.gguf.metadata.pop("tokenizer.ggml.merges", None)
