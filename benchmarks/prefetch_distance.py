@@ -6,7 +6,8 @@ in this process (no source edit), the distances alternated, medians of the passe
     python benchmarks/prefetch_distance.py ~/.cache/edgeq-bench/qwen3-1.7b-q4_k_m.gguf [--types Q4_K Q6_K]
         [--distances 0 1024 1536 2048 4096] [--passes 5] [--mmap] [-t 2]
 
-F16/BF16 run through the half-precision decode driver (`_dot_half_template`; 0 = its loop without the prefetch).
+F16/BF16 run through the half-precision decode driver (`_dot_half_template`). Distance 0: no prefetch (a start
+past any array, where the prefetch loops issue nothing).
 --mmap: the weights on the file mapping (4 KiB pages) instead of read into huge pages (engine.read_weights).
 """
 from __future__ import annotations
@@ -17,36 +18,19 @@ import time
 
 import numba
 import numpy as np
-from numba import prange
 
 from edgeq.cpu_kernels import linear as L
 from edgeq.cpu_kernels import simd
 from edgeq.formats.gguf_file import GGUFFile
 
-_PREFETCH = _row_fn = _prefetch = None  # bound per variant by L._specialize
-
-
-def _half_no_prefetch(W, X, out):
-    """_dot_half_template without its prefetch loop (distance 0)."""
-    R, n = W.shape
-    for g in prange((R + 3) // 4):
-        for i in range(4 * g, min(R, 4 * g + 4)):
-            w = W[i]
-            for t in range(X.shape[0]):
-                x = X[t]
-                a = np.float32(0.0)
-                for k in range(n):
-                    a += _row_fn(w[k]) * x[k]
-                out[t, i] = a
-
 
 def variants(qtype: str, distances: list[int]) -> dict:
-    if qtype in ("F16", "BF16"):
-        conv = L._half if qtype == "F16" else L._bf16_to_f32
-        return {d: L._specialize(L._dot_half_template if d else _half_no_prefetch, qtype, conv, fastmath=True,
-                                 suffix=f"_pf{d}", _PREFETCH=d) for d in distances}
-    # distance 0: a start past any array, so that _prefetch_row issues nothing
-    return {d: L._specialize(L._mm_template, qtype, simd.ROW_DOTS[qtype], suffix=f"_pf{d}", _PREFETCH=d or 1 << 40)
+    """distance -> the decode driver of qtype compiled with that _PREFETCH (0: 1 << 40, past any array)."""
+    if qtype in ("F16", "BF16"):  # full fastmath, as linear._HALF_ROWS
+        template, row_fn, fastmath = L._dot_half_template, L._half if qtype == "F16" else L._bf16_to_f32, True
+    else:
+        template, row_fn, fastmath = L._mm_template, simd.ROW_DOTS[qtype], L._FAST
+    return {d: L._specialize(template, qtype, row_fn, fastmath=fastmath, suffix=f"_pf{d}", _PREFETCH=d or 1 << 40)
             for d in distances}
 
 

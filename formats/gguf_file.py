@@ -341,7 +341,8 @@ class GGUFFile:
         stop, failure = threading.Event(), []
         # a few threads, each its own span (2 MiB-aligned) and file descriptor: the page faults of fresh memory
         # are the slow part, and run in parallel (3.45 GB: 0.5-0.8 s with 2 threads, 0.9-2.9 s with one, 2 cores)
-        parts = max(1, min(_READ_THREADS, os.cpu_count() or 1, n // _READ_CHUNK)) if hasattr(os, "preadv") else 1
+        pread = hasattr(os, "preadv")
+        parts = max(1, min(_READ_THREADS, os.cpu_count() or 1, n // _READ_CHUNK)) if pread else 1
         bounds = [n * i // parts // _HUGE_PAGE * _HUGE_PAGE for i in range(parts)] + [n]
 
         def read(lo: int, hi: int) -> None:
@@ -351,7 +352,7 @@ class GGUFFile:
                     got = lo
                     while got < hi and not stop.is_set():
                         end = min(hi, got + _READ_CHUNK)
-                        if hasattr(os, "preadv"):
+                        if pread:
                             k = os.preadv(f.fileno(), [view[got:end]], self.data_offset + got)
                         else:  # no preadv (Windows): one thread, sequential reads
                             f.seek(self.data_offset + got)
@@ -368,11 +369,8 @@ class GGUFFile:
         threads = [threading.Thread(target=read, args=(bounds[i], bounds[i + 1]), name="edgeq-read-weights",
                                     daemon=True) for i in range(parts)]
         self._reader = (threads, anon, stop, failure)
-        if background or parts > 1:
-            for t in threads:
-                t.start()
-        else:
-            read(0, n)
+        for t in threads:
+            t.start()
         if not background:
             self.finish_read()
 
@@ -383,8 +381,7 @@ class GGUFFile:
             return
         threads, anon, stop, failure = self._reader
         for t in threads:
-            if t.ident is not None:
-                t.join()
+            t.join()
         self._reader = None
         if stop.is_set() or failure:
             anon.close()
