@@ -42,6 +42,7 @@ from numba.extending import intrinsic
 
 from . import simd
 from .half import f16_to_f32
+from .host import proc_field
 from .simd import _HW_HALF  # f16 -> f32 in hardware (x86 F16C, ARM64) or integer arithmetic
 
 from edgeq.formats.quants import KVALUES_IQ4NL, QTYPES
@@ -63,18 +64,6 @@ _IQ4 = KVALUES_IQ4NL.astype(np.float32)  # the IQ4 level table (a global: Numba 
 _TILE_BYTES = 4 << 20        # float32 weight tile for the prefill path of the types without an int8 GEMM
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; "" where there is none."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 # bytes ahead of the current weight row to software-prefetch: 2x over none on big matrices, and measured per vendor.
 # AMD: 4096 over 1024, on a step's decode products (every layer's matrices in turn, the two drivers alternated,
 # medians of 15-60 steps, Zen 5, 2 threads): Qwen3-1.7B Q4_K_M 41.4 -> 42.9 GB/s, Llama-3.2-3B Q4_K_M 39.6 -> 40.8,
@@ -82,7 +71,7 @@ def _cpu_vendor() -> str:
 # matrix of the Qwen3-1.7B files in turn, distances alternated, medians of 3-5 passes): 1536 over 4096 with the
 # weights in huge pages (engine.read_weights) Q4_K 20.0 -> 22.8 GB/s, Q6_K 22.3 -> 24.5, Q8_0 21.8 -> 26.1, F16
 # 23.4 -> 24.4; on the file mapping Q4_K 18.1 -> 18.9, Q8_0 21.3 -> 23.2 (1024 and 2048 within 1-5% of 1536)
-_PREFETCH = 1536 if _cpu_vendor() == "GenuineIntel" else 4096
+_PREFETCH = 1536 if proc_field("/proc/cpuinfo", "vendor_id") == "GenuineIntel" else 4096
 _GEMM_MIN_T = 6              # matmul rows from which dequantize + float GEMM beats the integer kernel
 
 

@@ -61,3 +61,21 @@ def test_the_cli_flag_reaches_the_loader(flag, in_memory, smollm2_path, monkeypa
     monkeypatch.setattr(engine.Model, "__init__", spy)
     assert main(["run", str(smollm2_path), "-p", "Hi", "-n", "2", "--temp", "0", flag]) == 0
     assert seen["in_memory"] is in_memory
+
+
+def test_proc_fields_of_odd_or_missing_files(tmp_path, monkeypatch):
+    from edgeq.cpu_kernels import host
+
+    f = tmp_path / "cpuinfo"
+    f.write_bytes(b"no colon here\nvendor_idx : not this\n\xff\xfe: junk\nvendor_id\t: GenuineIntel\nvendor_id : second\n")
+    assert host.proc_field(str(f), "vendor_id") == "GenuineIntel"  # the first exact key, not a prefix of another
+    assert host.proc_field(str(f), "model name") is None
+    assert host.proc_field(str(tmp_path / "missing"), "vendor_id") is None
+    assert host.proc_field(str(tmp_path), "vendor_id") is None  # a folder: no value, no error
+    m = tmp_path / "meminfo"
+    real = host.proc_field
+    for text, want in (("MemAvailable:   2048 kB\n", 2048 * 1024), ("MemAvailable: lots\n", None),
+                       ("MemAvailable:\n", None), ("MemTotal: 1 kB\n", None)):
+        m.write_text(text)
+        monkeypatch.setattr(host, "proc_field", lambda path, key, m=m: real(str(m), key))
+        assert engine._meminfo_available() == want, text

@@ -44,13 +44,11 @@ def cpu_name() -> str:
     """The processor's name where the system says it (Linux /proc/cpuinfo), else "CPU"."""
     import platform
 
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return "CPU: " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    from edgeq.cpu_kernels.host import proc_field
+
+    name = proc_field("/proc/cpuinfo", "model name")
+    if name is not None:
+        return "CPU: " + name
     return f"CPU: {platform.processor()}" if platform.processor() else "CPU"
 
 
@@ -88,15 +86,11 @@ READ_MIN_BYTES = 256 << 20
 
 
 def _meminfo_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes, or None where there is none (not Linux)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """MemAvailable of /proc/meminfo in bytes, or None where there is none (not Linux) or it does not parse."""
+    from edgeq.cpu_kernels.host import proc_field
+
+    kib = (proc_field("/proc/meminfo", "MemAvailable") or "").split()  # "12345 kB"
+    return int(kib[0]) * 1024 if kib and kib[0].isdigit() else None
 
 
 def _huge_pages_on() -> bool:
