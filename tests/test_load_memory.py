@@ -79,3 +79,13 @@ def test_proc_fields_of_odd_or_missing_files(tmp_path, monkeypatch):
         m.write_text(text)
         monkeypatch.setattr(host, "proc_field", lambda path, key, m=m: real(str(m), key))
         assert engine._meminfo_available() == want, text
+
+
+def test_huge_pages_setting_of_odd_or_missing_files(tmp_path):
+    f = tmp_path / "enabled"
+    for text, want in (("always [madvise] never\n", True), ("[always] madvise never\n", True),
+                       ("always madvise [never]\n", False), ("\xff garbage\n", True)):
+        f.write_bytes(text.encode("latin-1"))
+        assert engine._huge_pages_on(str(f)) is want, text
+    assert engine._huge_pages_on(str(tmp_path / "missing")) is False
+    assert engine._huge_pages_on(str(tmp_path)) is False  # a folder: an OSError, read as off

@@ -93,10 +93,10 @@ def _meminfo_available() -> int | None:
     return int(kib[0]) * 1024 if kib and kib[0].isdigit() else None
 
 
-def _huge_pages_on() -> bool:
+def _huge_pages_on(path: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> bool:
     """Whether transparent huge pages serve a region that asks for them (Linux: "always" or "madvise")."""
     try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+        with open(path, encoding="ascii", errors="replace") as f:
             return "[never]" not in f.read()
     except OSError:
         return False
