@@ -39,17 +39,23 @@ from edgeq.formats.quants import QTYPES
 
 
 # ---------------------------------------------------------------- activations
+@njit(**_JIT)
+def _quantize_row(x, q, dx, xs):
+    for b in range(x.shape[0] // QK):
+        d, s0, s1 = _quantize_block(x[b * QK:(b + 1) * QK], q, b * QK)
+        xs[2 * b] = d * np.float32(s0)
+        xs[2 * b + 1] = d * np.float32(s1)
+        dx[b] = d
+
+
 @njit(parallel=True, **_JIT)
 def quantize_act(X, qx, dx, xs):
     """X (T, n) float32 -> qx int8 (T', n) codes per 32 values, dx (T', n/32) their scales, xs (T', n/16) the
-    float sums dx * (sum of 16 codes). Rows T..T'-1 (padding) are left as they are (zeros)."""
-    T, n = X.shape
-    for t in prange(T):
-        for b in range(n // QK):
-            d, s0, s1 = _quantize_block(X[t, b * QK:(b + 1) * QK], qx[t], b * QK)
-            xs[t, 2 * b] = d * np.float32(s0)
-            xs[t, 2 * b + 1] = d * np.float32(s1)
-            dx[t, b] = d
+    float sums dx * (sum of 16 codes). Rows T..T'-1 (padding) are left as they are (zeros). A row per parallel
+    iteration, its blocks in a serial function: views made inside the parallel loop's body cost atomic reference
+    counts (a block's slice there: 1.6 ns a value, 6x the quantization itself)."""
+    for t in prange(X.shape[0]):
+        _quantize_row(X[t], qx[t], dx[t], xs[t])
 
 
 # ---------------------------------------------------------------- weights: one row -> column i of the tile

@@ -168,26 +168,38 @@ def _q3_scale(sc, i):
 
 
 # ---------------------------------------------------------------- activation quantization
-@njit(inline="always", **_JIT)
-def _quantize_block(x, q, o):
-    """One block of QK floats x -> int8 codes q[o:o+QK] on the scale amax/127; returns (scale, sum of codes
-    0..15, sum of codes 16..31). Decode (_quantize_act) and the int8 prefill GEMM (gemm_i8) both use it."""
-    amax = np.float32(0.0)
-    for j in range(QK):
-        amax = max(amax, abs(x[j]))
-    d = amax / np.float32(127.0)
-    inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
-    s0 = np.int32(0)
-    s1 = np.int32(0)
-    for j in range(16):
-        c = np.int32(np.rint(x[j] * inv))
-        q[o + j] = c
-        s0 += c
-    for j in range(16, 32):
-        c = np.int32(np.rint(x[j] * inv))
-        q[o + j] = c
-        s1 += c
-    return d, s0, s1
+@intrinsic
+def _quantize_block(typingctx, x, q, o):
+    """One block of QK floats x (C-contiguous) -> int8 codes q[o:o+QK] on the scale amax/127; returns (scale, sum
+    of codes 0..15, sum of codes 16..31). Decode (_quantize_act) and the int8 prefill GEMM (gemm_i8) both use it.
+    Vector IR (two 16-float vectors): the scalar loop it replaces (amax, d = amax / 127, inv = 1 / d, codes
+    rint(x * inv)) ran ~1.7 ns a value on one thread, a tenth of a prompt's prefill; the same operations in the same
+    order: the same bits."""
+    if not (isinstance(x, types.Array) and x.layout == "C" and x.dtype == types.float32):
+        return None
+    ret = types.Tuple((types.float32, types.int32, types.int32))
+    sig = ret(x, q, types.intp)
+
+    def codegen(context, builder, signature, args):
+        xi = simd._IR(builder)
+        px, pq = simd.data_ptrs(context, builder, signature, args, (0, 1))
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        v16f, v16i = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+        halves = [xi.at(px, ir.Constant(ir.IntType(64), 64 * h), v16f) for h in (0, 1)]
+        a = [xi.intr("llvm.fabs.v16f32", v16f, [v]) for v in halves]
+        amax = xi.intr("llvm.vector.reduce.fmax.v16f32", f32, [xi.intr("llvm.maxnum.v16f32", v16f, a)])
+        zero = ir.Constant(f32, 0.0)
+        d = builder.fdiv(amax, ir.Constant(f32, 127.0))
+        inv = builder.select(builder.fcmp_ordered(">", amax, zero), builder.fdiv(ir.Constant(f32, 1.0), d), zero)
+        sums = []
+        for h, v in enumerate(halves):
+            c = builder.fptosi(xi.intr("llvm.rint.v16f32", v16f, [builder.fmul(v, xi.splat(inv, 16))]), v16i)
+            dst = builder.gep(pq, [builder.add(args[2], ir.Constant(ir.IntType(64), 16 * h))])
+            builder.store(builder.trunc(c, ir.VectorType(ir.IntType(8), 16)),
+                          builder.bitcast(dst, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+            sums.append(xi.intr("llvm.vector.reduce.add.v16i32", i32, [c]))
+        return context.make_tuple(builder, ret, [d, sums[0], sums[1]])
+    return sig, codegen
 
 
 @njit(**_JIT)
