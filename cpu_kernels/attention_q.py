@@ -449,29 +449,47 @@ def _attend_template(q, keys, values, n_kv, pos0, scale, window, nslots, n_split
                 for j in range(ulo, uhi):
                     for d in range(D):
                         kt[d, j] = kb[j, d]
+            r = 0
+            while r < rows:  # all 32 scores of the block as one vector, two query rows per pass over the keys
+                if r + 1 < rows:
+                    simd_attention.block_scores_2(qb, r, kt, sc)
+                    r += 2
+                else:
+                    simd_attention.block_scores(qb[r], kt, sc[r])
+                    r += 1
             for r in range(rows):
                 a = jlo[r]
                 z = jhi[r]
-                if a >= z:
+                if a >= z:  # no key of this block: zero weights, so the value sums below can take rows in pairs
+                    for j in range(QBLOCK):
+                        sc[r, j] = 0.0
                     continue
-                simd_attention.block_scores(qb[r], kt, sc[r])  # all 32 scores of the block as one vector
-                mx = m[r]
-                for j in range(a, z):
-                    mx = max(mx, sc[r, j])
+                mx = simd_attention.block_max(sc, r, a, z, m[r])
                 if mx > m[r]:
                     corr = np.float32(math.exp(m[r] - mx))
                     l[r] *= corr
                     for d in range(D):
                         acc[r, d] *= corr
                     m[r] = mx
-                l[r] += _exp_block(sc[r], a, z, mx)
+                l[r] += simd_attention.block_exp(sc, r, a, z, mx)
             native_call.call(_load_v, fns[_F_LOAD_V], (values, g, b0, ulo, uhi, nslots, full, vb, cs, cm))
-            for r in range(rows):
-                if jlo[r] >= jhi[r]:
-                    continue
-                if D % QBLOCK == 0:
-                    simd_attention.block_wsum(sc[r], jlo[r], jhi[r], vb, acc[r])
-                else:  # float layouts with head_dim not a multiple of 32
+            if D % QBLOCK == 0:
+                # two rows per pass over the values, on the keys both use (a row's weights outside its own keys
+                # are zeros: adding them leaves its sums as they are)
+                r = 0
+                while r < rows:
+                    if r + 1 < rows:
+                        a = min(jlo[r], jlo[r + 1])
+                        z = max(jhi[r], jhi[r + 1])
+                        if a < z:
+                            simd_attention.block_wsum_2(sc, r, a, z, vb, acc)
+                        r += 2
+                    else:
+                        if jlo[r] < jhi[r]:
+                            simd_attention.block_wsum(sc[r], jlo[r], jhi[r], vb, acc[r])
+                        r += 1
+            else:  # float layouts with head_dim not a multiple of 32
+                for r in range(rows):
                     for j in range(jlo[r], jhi[r]):
                         w = sc[r, j]
                         for d in range(D):
@@ -569,8 +587,11 @@ def _decode_job_template(qb3, kpool, vpool, b, seq, n_kv, pos, scale, window, ns
                     b_r += qb[r, d] * cm[d]
                 bias[r] = b_r
             r = 0
-            while r < n_rep:  # two query heads per pass over the group's codes where it pays (PAIRS)
-                if _PAIRS and r + 1 < n_rep:
+            while r < n_rep:  # two or three query heads per pass over the group's codes where it pays (PAIRS)
+                if _PAIRS and r + 2 < n_rep:
+                    simd_attention.block_scores_3(qs, r, k_u8c[g, gs], g32)
+                    r += 3
+                elif _PAIRS and r + 1 < n_rep:
                     simd_attention.block_scores_2(qs, r, k_u8c[g, gs], g32)
                     r += 2
                 else:
@@ -603,7 +624,11 @@ def _decode_job_template(qb3, kpool, vpool, b, seq, n_kv, pos, scale, window, ns
     if _V_LAYOUT == INT8_PER_TOKEN:
         r = 0
         while r < n_rep:
-            if _PAIRS and r + 1 < n_rep:
+            if _PAIRS and r + 2 < n_rep:
+                simd_attention.wsum_q8_3(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, sc,
+                                         p_lo - p0, r, acc)
+                r += 3
+            elif _PAIRS and r + 1 < n_rep:
                 simd_attention.wsum_q8_2(v_codes, v_scales, g * nslots, nslots, p_lo % nslots, p_hi - p_lo, sc,
                                          p_lo - p0, r, acc)
                 r += 2

@@ -229,9 +229,15 @@ def _block_scores_rows(rows: int):
             D = _dim(context, builder, signature, args, 0, 1)
             q_rows = [builder.mul(builder.add(r0, _c(r)), D) for r in range(rows)]
 
+            if signature.args[2].dtype == types.uint8:  # a uint8_per_channel group's codes
+                def column(d):
+                    return builder.uitofp(x.at(pk, builder.mul(d, _c(32)), _vec(I8, 32)), V32)
+            else:  # float32 keys, transposed (prefill)
+                def column(d):
+                    return x.at(pk, builder.mul(d, _c(128)), V32)
+
             def term(d):
-                column = builder.uitofp(x.at(pk, builder.mul(d, _c(32)), _vec(I8, 32)), V32)
-                return column, [x.elem(pq, builder.add(qr, d), F32) for qr in q_rows]
+                return column(d), [x.elem(pq, builder.add(qr, d), F32) for qr in q_rows]
             for r, total in enumerate(_fma_sums(x, D, _c(0), rows, term)):
                 p = builder.gep(po, [builder.mul(builder.add(r0, _c(r)), _c(128))])
                 builder.store(total, builder.bitcast(p, V32.as_pointer()), align=4)
@@ -240,6 +246,109 @@ def _block_scores_rows(rows: int):
     return block_scores_rows
 
 
-wsum_q8_2 = _wsum_q8_rows(2)
-block_scores_2 = _block_scores_rows(2)
+def _block_wsum_rows(rows: int):
+    """block_wsum for `rows` rows of weights at once: acc[r0 + r, :] += sum_{a <= j < z} p[r0 + r, j] * v[j, :]
+    (p (R, 32), v (32, D), acc (R, D) float32 C-contiguous); each value row loaded once for all rows, each row
+    summed in block_wsum's order."""
+    @intrinsic
+    def block_wsum_rows(typingctx, p, r0, a, z, v, acc):
+        sig = types.void(p, types.intp, types.intp, types.intp, v, acc)
 
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            pp, pv, pa = data_ptrs(context, builder, signature, args, (0, 4, 5))
+            r0, a, z = args[1], args[2], args[3]
+            D = _dim(context, builder, signature, args, 5, 1)
+            row_bytes = builder.mul(D, _c(4))
+            p_rows = [builder.mul(builder.add(r0, _c(r)), _c(32)) for r in range(rows)]
+            with cgutils.for_range(builder, builder.udiv(D, _c(32))) as chunk:
+                def term(j):
+                    vals = x.at(pv, builder.add(builder.mul(j, row_bytes), builder.mul(chunk.index, _c(128))), V32)
+                    return vals, [x.elem(pp, builder.add(pr, j), F32) for pr in p_rows]
+                for r, total in enumerate(_fma_sums(x, builder.sub(z, a), a, rows, term)):
+                    row = builder.gep(pa, [builder.mul(builder.add(r0, _c(r)), row_bytes)])
+                    _add_to(x, row, chunk.index, total)
+            return context.get_dummy_value()
+        return sig, codegen
+    return block_wsum_rows
+
+
+wsum_q8_2 = _wsum_q8_rows(2)
+wsum_q8_3 = _wsum_q8_rows(3)
+block_scores_2 = _block_scores_rows(2)
+block_scores_3 = _block_scores_rows(3)
+block_wsum_2 = _block_wsum_rows(2)
+
+
+
+# ---------------------------------------------------------------- a key block's softmax terms (prefill)
+# Per query row and block of 32 keys, the online softmax takes the scores' maximum over the row's keys of the block
+# and exp(score - max) of each with their sum. As scalar loops with runtime bounds these were 60% of a prompt's
+# attention (SmolLM2, 200 tokens); here the 32 scores are one <32 x float> vector, lanes outside [a, z) masked.
+def _lane_mask(x: _IR, a, z):
+    """<32 x i1>: lane j in [a, z)."""
+    lanes = ir.Constant(_vec(I64, 32), list(range(32)))
+    return x.b.and_(x.b.icmp_signed(">=", lanes, x.splat(a, 32)), x.b.icmp_signed("<", lanes, x.splat(z, 32)))
+
+
+def _row_ptr(context, builder, signature, args, i_arr, i_row):
+    """i8* to row args[i_row] of the (R, 32) float32 array args[i_arr]."""
+    (p,) = data_ptrs(context, builder, signature, args, (i_arr,))
+    return builder.gep(p, [builder.mul(args[i_row], _c(128))])
+
+
+@intrinsic
+def block_max(typingctx, sc, r, a, z, m):
+    """max(m, sc[r, a:z]) for a (R, 32) float32 C-contiguous, 0 <= a < z <= 32."""
+    sig = types.float32(sc, types.intp, types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        x = _IR(builder)
+        v = x.at(_row_ptr(context, builder, signature, args, 0, 1), _c(0), V32)
+        neg = ir.Constant(V32, [float("-inf")] * 32)
+        v = builder.select(_lane_mask(x, args[2], args[3]), v, neg)
+        mx = x.intr("llvm.vector.reduce.fmax.v32f32", F32, [v])
+        return builder.select(builder.fcmp_ordered(">", mx, args[4]), mx, args[4])
+    return sig, codegen
+
+
+_LOG2E = 1.4426950408889634
+_EXP_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+             2.402264791363012e-1, 6.931472028550421e-1, 1.0)
+
+
+def _exp32(x: _IR, v):
+    """ops.fast_exp on a <32 x float> vector (Cephes' exp2f: 2^n from the exponent bits times a polynomial)."""
+    b = x.b
+
+    def k(c):
+        return ir.Constant(V32, [c] * 32)
+    y = x.intr("llvm.minnum.v32f32", V32, [x.intr("llvm.maxnum.v32f32", V32, [b.fmul(v, k(_LOG2E)), k(-125.0)]),
+                                          k(127.0)])
+    n = x.intr("llvm.floor.v32f32", V32, [b.fadd(y, k(0.5))])
+    f = b.fsub(y, n)
+    p = k(_EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        p = x.intr("llvm.fma.v32f32", V32, [p, f, k(c)])
+    vi = _vec(ir.IntType(32), 32)
+    e = b.shl(b.add(b.fptosi(n, vi), ir.Constant(vi, [127] * 32)), ir.Constant(vi, [23] * 32))
+    return b.fmul(p, b.bitcast(e, V32))
+
+
+@intrinsic
+def block_exp(typingctx, sc, r, a, z, mx):
+    """sc[r, j] = exp(sc[r, j] - mx) for j in [a, z), 0 elsewhere in the row; returns their sum (sc (R, 32) float32
+    C-contiguous)."""
+    sig = types.float32(sc, types.intp, types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        x = _IR(builder)
+        p = _row_ptr(context, builder, signature, args, 0, 1)
+        v = x.at(p, _c(0), V32)
+        e = _exp32(x, builder.fsub(v, x.splat(args[4], 32)))
+        e = builder.select(_lane_mask(x, args[2], args[3]), e, ir.Constant(V32, None))
+        builder.store(e, builder.bitcast(p, V32.as_pointer()), align=4)
+        s16 = builder.fadd(x.half_of(e, 0), x.half_of(e, 1))
+        s8 = builder.fadd(x.half_of(s16, 0), x.half_of(s16, 1))
+        return x.hsum8(s8)
+    return sig, codegen
