@@ -135,9 +135,9 @@ def quantize_int8_per_token(x, slots, codes, scales):
                 d = f16_to_f32(dh)
                 inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
                 scales[h, s, b] = dh
-                for i in range(QBLOCK):
-                    c = round(x[t, h, o + i] * inv)
-                    codes[h, s, o + i] = np.int8(min(127.0, max(-127.0, c)))
+                for i in range(QBLOCK):  # np.rint: round half to even as round() did, and it vectorizes
+                    c = np.rint(x[t, h, o + i] * inv)
+                    codes[h, s, o + i] = np.int8(min(np.float32(127.0), max(np.float32(-127.0), c)))
 
 
 @njit(inline="always", **_JIT)
@@ -220,20 +220,26 @@ def quantize_uint8_per_channel(xg, grps, codes, scales, mins):
     # xg (G, 32, Hkv, D) float32 holding half values (the pending group's precision): whole groups of 32
     # positions; group j goes to group slot grps[j]; codes[h, gs, d, i] = round((x - m) / scale), m = the min
     # (exact in half, so no code clips at 0)
+    # the channels' minimum and maximum run over d innermost (contiguous: vectorized; over the positions, 32
+    # loads Hkv * D floats apart, they took 4.7 ns a value)
     G, _, Hkv, D = xg.shape
+    lo = np.empty(D, np.float32)
+    hi = np.empty(D, np.float32)
     for j in range(G):
         gs = grps[j]
         for h in range(Hkv):
             for d in range(D):
-                lo = xg[j, 0, h, d]
-                hi = lo
-                for i in range(1, QBLOCK):
+                lo[d] = xg[j, 0, h, d]
+                hi[d] = xg[j, 0, h, d]
+            for i in range(1, QBLOCK):
+                for d in range(D):
                     v = xg[j, i, h, d]
-                    lo = min(lo, v)
-                    hi = max(hi, v)
-                mh = f32_to_f16(lo)
+                    lo[d] = min(lo[d], v)
+                    hi[d] = max(hi[d], v)
+            for d in range(D):  # as before the min / max loops moved: the same codes
+                mh = f32_to_f16(lo[d])
                 m = f16_to_f32(mh)
-                dh = f32_to_f16((hi - m) / np.float32(255.0))
+                dh = f32_to_f16((hi[d] - m) / np.float32(255.0))
                 sc = f16_to_f32(dh)
                 inv = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
                 scales[h, gs, d] = dh
