@@ -374,6 +374,129 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qxi[gi], dxi[gi], sxi[gi], gi * LANES, out, r0)
 
 
+# ---------------------------------------------------------------- weight rows as vector lanes (AVX-512)
+# The lanes above broadcast each weight dword to 8 activation rows: per weight row and block, 4 dword shuffles, the
+# nibbles unpacked, the scales converted, for 8 rows' products. Here the 16 lanes of a vector are 16 weight rows
+# instead: one vpgatherdd fetches the same dword of a block from 16 rows (row addresses as 32-bit byte offsets),
+# so a block's codes for 16 rows take 4-8 gathers and a few ANDs and shifts, its scales one gather and two
+# conversions, and each activation row's 4 codes are broadcast from memory into one vpdpbusd per dword: per
+# block of 16 rows x 8 activation rows, 64 byte dots against ~100 other instructions. SmolLM2's Q4_1 matrices at
+# 8 rows (2 threads, matmul_rows_many, medians of 300 calls): gate + up 101 -> 68 us, Q/K/V 45 -> 28, down 59 -> 40
+# against the lanes above; at 16 rows 186 -> 126, 71 -> 48, 111 -> 72. The same for Q8_0 on its 49152 x 576
+# classifier, streamed from memory, was slower (1406 -> 1613 us at 8 rows: 16 rows' gathers per block against the
+# lanes' one stream per row), so Q8_0 keeps the lanes. Each output is one chain of two FMAs per block (scale,
+# offset), where the lanes keep the offsets in a second sum: the same values to float32 rounding.
+# type -> (block header: d, an f16 at byte 0; e = the block's offset: "min" (an f16 at byte 2) or a multiple of d;
+# byte offset of the 16 bytes of nibbles)
+_ROWS16_LAYOUT = {"Q4_0": (-8.0, 2), "Q4_1": ("min", 4)}
+ROWS16_TOKENS = 8  # activation rows per pass over a tile's blocks
+
+
+def _gather_bytes(x, base, offsets):
+    """<16 x i32>: the dwords at byte offsets `offsets` (<16 x i32>) from i8* base (vpgatherdd, scale 1)."""
+    v16 = _vec(I32, 16)
+    fn = cgutils.get_or_insert_function(x.mod, ir.FunctionType(v16, [v16, I8.as_pointer(), v16, _vec(ir.IntType(1), 16),
+                                                                     I32]), "llvm.x86.avx512.mask.gather.dpi.512")
+    return x.b.call(fn, [ir.Constant(v16, None), base, offsets, ir.Constant(_vec(ir.IntType(1), 16), [1] * 16),
+                         ir.Constant(I32, 1)])
+
+
+def _rows16_dot(qtype: str):
+    """Numba intrinsic dot(raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0): out[t0 + j, r0 + i] = weight
+    row i (raw's bytes from off + i * row_bytes, nb blocks) . activation row t0 + j, for i < min(16, nr) and j <
+    ROWS16_TOKENS with t0 + j < out.shape[0]; qx (T, n) int8, dx (T, n/32), bsums (T, n/16) as linear._quantized,
+    out (T, n_out) float32, C-contiguous. Rows past nr gather the last real one, activation rows past T the last
+    real one; neither is stored. 16 * row_bytes must fit in 31 bits."""
+    offset, codes_at = _ROWS16_LAYOUT[qtype]
+    block_bytes = QTYPES[qtype].block_bytes
+
+    def impl(typingctx, raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0):
+        ip = types.intp
+        sig = types.void(raw, ip, ip, ip, ip, qx, dx, bsums, ip, out, ip)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            c = lambda v: ir.Constant(I64, v)  # noqa: E731
+            v16i, v16f, v16h = _vec(I32, 16), _vec(F32, 16), _vec(ir.HalfType(), 16)
+            raw0, pq, pd, pb, po = data_ptrs(context, builder, signature, args, (0, 5, 6, 7, 9))
+            off, row_bytes, nr, nb, t0, r0 = args[1], args[2], args[3], args[4], args[8], args[10]
+            aq = context.make_array(signature.args[5])(context, builder, args[5])
+            n_t, n_in = cgutils.unpack_tuple(builder, aq.shape, 2)
+            sout = cgutils.unpack_tuple(builder, context.make_array(signature.args[9])(context, builder, args[9]).strides,
+                                        2)[0]
+            base = builder.gep(raw0, [off])
+            last = builder.trunc(builder.sub(nr, c(1)), I32)
+            lanes = ir.Constant(v16i, list(range(16)))
+            rows = builder.select(builder.icmp_signed("<", lanes, x.splat(last, 16)), lanes, x.splat(last, 16))
+            row_off = builder.mul(rows, x.splat(builder.trunc(row_bytes, I32), 16))
+            toks = [builder.add(t0, c(j)) for j in range(ROWS16_TOKENS)]
+            toks = [builder.select(builder.icmp_signed("<", t, n_t), t, builder.sub(n_t, c(1))) for t in toks]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in toks]
+            for a in accs:
+                builder.store(ir.Constant(v16f, None), a)
+            nb_all = builder.udiv(n_in, c(32))
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                blk = builder.add(row_off, x.splat(builder.trunc(builder.mul(b, c(block_bytes)), I32), 16))
+                hdr = _gather_bytes(x, base, blk)
+                d = builder.fpext(builder.bitcast(builder.trunc(hdr, _vec(I16, 16)), v16h), v16f)
+                if offset == "min":
+                    e = builder.fpext(builder.bitcast(builder.trunc(builder.lshr(hdr, ir.Constant(v16i, [16] * 16)),
+                                                                    _vec(I16, 16)), v16h), v16f)
+                else:
+                    e = builder.fmul(d, ir.Constant(v16f, [offset] * 16))
+                words = [_gather_bytes(x, base, builder.add(blk, ir.Constant(v16i, [codes_at + 4 * k] * 16)))
+                         for k in range(4)]
+                m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
+                codes = [builder.and_(w, m4) for w in words] + \
+                        [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
+                for t, acc in zip(toks, accs):
+                    qrow = builder.add(builder.mul(t, n_in), builder.mul(b, c(32)))
+                    isum = ir.Constant(v16i, None)
+                    for g in range(8):
+                        a = x.splat(x.at(pq, builder.add(qrow, c(4 * g)), I32), 16)
+                        isum = x.intr("llvm.x86.avx512.vpdpbusd.512", v16i, [isum, codes[g], a])
+                    di = builder.add(builder.mul(t, nb_all), b)
+                    dxt = x.elem(pd, di, F32)
+                    bs = builder.add(x.elem(pb, builder.mul(di, c(2)), I32), x.elem(pb, builder.add(builder.mul(di, c(2)),
+                                                                                                     c(1)), I32))
+                    sxt = builder.fmul(dxt, builder.sitofp(bs, F32))
+                    s = x.intr("llvm.fma.v16f32", v16f, [builder.sitofp(isum, v16f), builder.fmul(d, x.splat(dxt, 16)),
+                                                         builder.load(acc)])
+                    builder.store(x.intr("llvm.fma.v16f32", v16f, [e, x.splat(sxt, 16), s]), acc)
+            for j, acc in enumerate(accs):
+                tot = builder.load(acc)
+                t = builder.add(t0, c(j))
+                with builder.if_then(builder.icmp_signed("<", t, n_t), likely=True):
+                    for i in range(16):
+                        with builder.if_then(builder.icmp_signed("<", c(i), nr), likely=True):
+                            p = builder.gep(po, [builder.add(builder.mul(t, sout), builder.mul(builder.add(r0, c(i)), c(4)))])
+                            builder.store(builder.extract_element(tot, ir.Constant(I32, i)),
+                                          builder.bitcast(p, F32.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    impl.__doc__ = f"16 {qtype} rows as lanes . {ROWS16_TOKENS} activation rows"
+    impl.__name__ = impl.__qualname__ = "rows16_" + qtype.lower()
+    return intrinsic(impl)
+
+
+def _mm16_template(raws, n_in, qx, dx, bsums, outs):
+    """outs[m][t, r] = W_m[r] . X[t] (as linear._mm_template), in tiles of 16 weight rows as vector lanes x
+    ROWS16_TOKENS activation rows."""
+    nb = n_in // _block_elems
+    row_bytes = nb * _block_bytes
+    T = qx.shape[0]
+    tiles = 0
+    for m in range(3):
+        tiles += (outs[m].shape[1] + 15) // 16
+    for g in prange(tiles):
+        m, r0, nr = _locate_tile(outs, g, 16)
+        raw, out = raws[m], outs[m]
+        _prefetch_row(raw, (r0 + 32) * row_bytes, 16 * row_bytes)
+        for t0 in range(0, T, ROWS16_TOKENS):
+            _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
+
+
 # qtype -> the multi-row tiles (same arguments as linear._mm_<type>); compiled on first call
 # On AVX-512, Q4_K and Q6_K take tiles of 1 weight row x 2 activation rows (their 512-bit row dots hold more
 # registers than 4 rows leave): a step's Q4_K/Q6_K products (Gemma 3, 2 threads, medians of 10) at 8 rows 3.80 ms
@@ -406,6 +529,10 @@ ONE_ROW = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, simd.BLOCK_
 # sign moved per dword) from 5.
 LANE_KERNELS = {qtype: _specialize(_mml_template, qtype, _lanes_dot(qtype, lane, _MR_LANES, LANES))
                 for qtype, lane in LANE_CODES.items()} if simd.LEVEL in ("vnni", "avx2") else {}
+# With AVX-512 (vpgatherdd, 512-bit vpdpbusd) Q4_0 and Q4_1 take the weight rows as lanes instead
+if simd._ZMM:
+    LANE_KERNELS.update({qtype: _specialize(_mm16_template, qtype, _rows16_dot(qtype), suffix="_rows16")
+                         for qtype in _ROWS16_LAYOUT})
 # With the 512-bit lane sums the lanes win from 3 rows (a step's lane-type products at 3 rows: SmolLM2 6.93 ms on
 # the tiles, 5.05 on the lanes; Gemma 3 9.74 vs 7.62; at 2 rows the tiles keep it: 4.04 vs 4.97, 7.65 vs 8.86).
 LANES_FROM = {qtype: 3 if simd._ZMM else 4 if simd.LEVEL == "vnni" else 3 if qtype in _NIBBLES_AT else 5
