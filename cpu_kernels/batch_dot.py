@@ -53,6 +53,16 @@ from edgeq.formats.quants import QTYPES
 _MR, _NT = 4, 2  # weight rows x activation rows per tile (measured: benchmarks/batch_dot_bench.py)
 
 
+def _store_result(x, pout, sout, n_t, nr, r0, t, i, value):
+    """out[t, r0 + i] = value (float32) where i < nr and t < n_t: a tile's rows past the ends are not stored (pout:
+    out's data as i8*, sout: its row stride in bytes)."""
+    b = x.b
+    ok = b.and_(b.icmp_signed("<", i, nr), b.icmp_signed("<", t, n_t))
+    with b.if_then(ok, likely=True):
+        p = b.gep(pout, [b.add(b.mul(t, sout), b.mul(b.add(r0, i), ir.Constant(I64, 4)))])
+        b.store(value, b.bitcast(p, F32.as_pointer()), align=4)
+
+
 def _rows_dot(qtype: str, block, mr: int, nt: int):
     """Numba intrinsic dot(raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0): out[t, r0 + i] = weight row
     i (raw's bytes from off + i * row_bytes, nb blocks) . quantized activation row t, for i < min(mr, nr) and
@@ -90,11 +100,7 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
                         block(x, acc, row, o, b, aq, ad, ab)
             for i, racc in zip(ws, accs):
                 for t, acc in zip(ts, racc):
-                    ok = builder.and_(builder.icmp_signed("<", i, nr), builder.icmp_signed("<", t, n_t))
-                    with builder.if_then(ok, likely=True):
-                        col = builder.mul(builder.add(r0, i), c(4))
-                        p = builder.gep(pout, [builder.add(builder.mul(t, sout), col)])
-                        builder.store(acc.total(), builder.bitcast(p, F32.as_pointer()), align=4)
+                    _store_result(x, pout, sout, n_t, nr, r0, t, i, acc.total())
             return context.get_dummy_value()
         return sig, codegen
     impl.__doc__ = f"{mr} {qtype} rows . {nt} quantized activation rows"
@@ -103,6 +109,15 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
 
 
 _row_fn = _block_elems = _block_bytes = None  # placeholders, bound per type by _specialize
+
+
+@njit(inline="always", **_JIT)
+def _n_tiles(outs, mr):
+    """Tiles of mr weight rows over the 3 matrices in `outs` (the last of each matrix maybe fewer rows)."""
+    tiles = 0
+    for m in range(3):
+        tiles += (outs[m].shape[1] + mr - 1) // mr
+    return tiles
 
 
 @njit(inline="always", **_JIT)
@@ -124,10 +139,7 @@ def _mmb_template(raws, n_in, qx, dx, bsums, outs):
     nb = n_in // _block_elems
     row_bytes = nb * _block_bytes
     T = qx.shape[0]
-    tiles = 0
-    for m in range(3):
-        tiles += (outs[m].shape[1] + _MR - 1) // _MR
-    for g in prange(tiles):
+    for g in prange(_n_tiles(outs, _MR)):
         m, r0, nr = _locate_tile(outs, g, _MR)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, (r0 + 2 * _MR) * row_bytes, _MR * row_bytes)  # two tiles ahead: DRAM latency
@@ -244,12 +256,8 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
             for i, (pf, pm) in enumerate(accs):
                 tot = builder.fadd(builder.load(pf), builder.load(pm))
                 for lane_i in range(lanes):
-                    t = builder.add(t0, c(lane_i))
-                    ok = builder.and_(builder.icmp_signed("<", c(i), nr), builder.icmp_signed("<", t, n_t))
-                    with builder.if_then(ok, likely=True):
-                        p = builder.gep(pout, [builder.add(builder.mul(t, sout), builder.mul(builder.add(r0, c(i)), c(4)))])
-                        builder.store(builder.extract_element(tot, ir.Constant(I32, lane_i)),
-                                      builder.bitcast(p, F32.as_pointer()), align=4)
+                    _store_result(x, pout, sout, n_t, nr, r0, builder.add(t0, c(lane_i)), c(i),
+                                  builder.extract_element(tot, ir.Constant(I32, lane_i)))
             return context.get_dummy_value()
         return sig, codegen
     impl.__doc__ = f"{mr} {qtype} rows . {lanes} activation rows as lanes"
@@ -363,10 +371,7 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
     dxi = np.zeros((G, nb, LANES), np.float32)
     sxi = np.zeros((G, nb, LANES), np.float32)
     _interleave(qx, dx, bsums, qxi, dxi, sxi)
-    tiles = 0
-    for m in range(3):
-        tiles += (outs[m].shape[1] + _MR_LANES - 1) // _MR_LANES
-    for g in prange(tiles):
+    for g in prange(_n_tiles(outs, _MR_LANES)):
         m, r0, nr = _locate_tile(outs, g, _MR_LANES)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, (r0 + 2 * _MR_LANES) * row_bytes, _MR_LANES * row_bytes)
@@ -466,13 +471,9 @@ def _rows16_dot(qtype: str):
                     builder.store(x.intr("llvm.fma.v16f32", v16f, [e, x.splat(sxt, 16), s]), acc)
             for j, acc in enumerate(accs):
                 tot = builder.load(acc)
-                t = builder.add(t0, c(j))
-                with builder.if_then(builder.icmp_signed("<", t, n_t), likely=True):
-                    for i in range(16):
-                        with builder.if_then(builder.icmp_signed("<", c(i), nr), likely=True):
-                            p = builder.gep(po, [builder.add(builder.mul(t, sout), builder.mul(builder.add(r0, c(i)), c(4)))])
-                            builder.store(builder.extract_element(tot, ir.Constant(I32, i)),
-                                          builder.bitcast(p, F32.as_pointer()), align=4)
+                for i in range(16):
+                    _store_result(x, po, sout, n_t, nr, r0, builder.add(t0, c(j)), c(i),
+                                  builder.extract_element(tot, ir.Constant(I32, i)))
             return context.get_dummy_value()
         return sig, codegen
     impl.__doc__ = f"16 {qtype} rows as lanes . {ROWS16_TOKENS} activation rows"
@@ -486,10 +487,7 @@ def _mm16_template(raws, n_in, qx, dx, bsums, outs):
     nb = n_in // _block_elems
     row_bytes = nb * _block_bytes
     T = qx.shape[0]
-    tiles = 0
-    for m in range(3):
-        tiles += (outs[m].shape[1] + 15) // 16
-    for g in prange(tiles):
+    for g in prange(_n_tiles(outs, 16)):
         m, r0, nr = _locate_tile(outs, g, 16)
         raw, out = raws[m], outs[m]
         _prefetch_row(raw, (r0 + 32) * row_bytes, 16 * row_bytes)

@@ -16,22 +16,28 @@ _JIT = dict(cache=True, fastmath=True, nogil=True)
 
 
 # ---------------------------------------------------------------- exp that vectorizes
+LOG2E = 1.4426950408889634
+# exp2 of the fraction, Horner's coefficients from the highest power (also simd_attention._exp32's, in vector IR)
+EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+             2.402264791363012e-1, 6.931472028550421e-1, 1.0)
+
+
 @njit(inline="always", **_JIT)
 def fast_exp(x):
     """exp(x) for float32, relative error ~2e-7 near 0 (|x| * 6e-8 from rounding x * log2 e): Cephes' exp2f,
     2^n from the exponent bits times a polynomial of the fraction. math.exp is a scalar libm call in Numba
     (no SVML), 10-20x slower in the activation loops; this one vectorizes. x is clamped to [-86.6, 88]
     (results 2^-125 .. 2^127: no inf or subnormal, which fastmath assumes away)."""
-    y = min(max(x * np.float32(1.4426950408889634), np.float32(-125.0)), np.float32(127.0))
+    y = min(max(x * np.float32(LOG2E), np.float32(-125.0)), np.float32(127.0))
     n = np.floor(y + np.float32(0.5))
     f = y - n
-    p = np.float32(1.535336188319500e-4)
-    p = p * f + np.float32(1.339887440266574e-3)
-    p = p * f + np.float32(9.618437357674640e-3)
-    p = p * f + np.float32(5.550332471162809e-2)
-    p = p * f + np.float32(2.402264791363012e-1)
-    p = p * f + np.float32(6.931472028550421e-1)
-    p = p * f + np.float32(1.0)
+    p = np.float32(EXP2_POLY[0])
+    p = p * f + np.float32(EXP2_POLY[1])
+    p = p * f + np.float32(EXP2_POLY[2])
+    p = p * f + np.float32(EXP2_POLY[3])
+    p = p * f + np.float32(EXP2_POLY[4])
+    p = p * f + np.float32(EXP2_POLY[5])
+    p = p * f + np.float32(EXP2_POLY[6])
     return p * _bits_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 

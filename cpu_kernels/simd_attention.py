@@ -24,6 +24,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .ops import EXP2_POLY, LOG2E
 from .simd import _ZMM, F32, I8, I64, _IR, _vec, data_ptrs
 
 V32 = _vec(F32, 32)
@@ -280,7 +281,6 @@ block_scores_3 = _block_scores_rows(3)
 block_wsum_2 = _block_wsum_rows(2)
 
 
-
 # ---------------------------------------------------------------- a key block's softmax terms (prefill)
 # Per query row and block of 32 keys, the online softmax takes the scores' maximum over the row's keys of the block
 # and exp(score - max) of each with their sum. As scalar loops with runtime bounds these were 60% of a prompt's
@@ -312,23 +312,18 @@ def block_max(typingctx, sc, r, a, z, m):
     return sig, codegen
 
 
-_LOG2E = 1.4426950408889634
-_EXP_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-             2.402264791363012e-1, 6.931472028550421e-1, 1.0)
-
-
 def _exp32(x: _IR, v):
     """ops.fast_exp on a <32 x float> vector (Cephes' exp2f: 2^n from the exponent bits times a polynomial)."""
     b = x.b
 
     def k(c):
         return ir.Constant(V32, [c] * 32)
-    y = x.intr("llvm.minnum.v32f32", V32, [x.intr("llvm.maxnum.v32f32", V32, [b.fmul(v, k(_LOG2E)), k(-125.0)]),
+    y = x.intr("llvm.minnum.v32f32", V32, [x.intr("llvm.maxnum.v32f32", V32, [b.fmul(v, k(LOG2E)), k(-125.0)]),
                                           k(127.0)])
     n = x.intr("llvm.floor.v32f32", V32, [b.fadd(y, k(0.5))])
     f = b.fsub(y, n)
-    p = k(_EXP_POLY[0])
-    for c in _EXP_POLY[1:]:
+    p = k(EXP2_POLY[0])
+    for c in EXP2_POLY[1:]:
         p = x.intr("llvm.fma.v32f32", V32, [p, f, k(c)])
     vi = _vec(ir.IntType(32), 32)
     e = b.shl(b.add(b.fptosi(n, vi), ir.Constant(vi, [127] * 32)), ir.Constant(vi, [23] * 32))

@@ -123,8 +123,8 @@ class _Store:
             return
         # C order (concatenate follows the transposed view's strides): from_half and the quantizer compile once,
         # for C arrays (a second compilation for another layout would cost 0.5 s of a first run)
-        seq = from_half(np.ascontiguousarray(np.concatenate([a.pending[:, :head].transpose(1, 0, 2), x16]))
-                        if head else x16)
+        seq16 = np.ascontiguousarray(np.concatenate([a.pending[:, :head].transpose(1, 0, 2), x16])) if head else x16
+        seq = from_half(seq16)
         n_full = seq.shape[0] // _QB
         if n_full:
             grps = ((g0 + np.arange(n_full, dtype=np.int64)) * _QB % self.nslots) // _QB
@@ -133,9 +133,9 @@ class _Store:
                 aq.quantize_uint8_per_channel(groups, grps, a.uint8_channel_codes, a.scales, a.mins)
             else:
                 aq.quantize_uint4_per_channel(groups, grps, a.uint4_channel_codes, a.scales, a.mins)
-        rest = seq[n_full * _QB:]
+        rest = seq16[n_full * _QB:]  # the positions left pending, as the half bits they are
         if rest.shape[0]:
-            a.pending[:, :rest.shape[0]] = to_half(rest).transpose(1, 0, 2)
+            a.pending[:, :rest.shape[0]] = rest.transpose(1, 0, 2)
 
 
 def _n_slots(layout, n_ctx: int, layout_k: str, layout_v: str, max_batch: int) -> int:
