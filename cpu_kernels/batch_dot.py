@@ -397,15 +397,6 @@ _ROWS16_LAYOUT = {"Q4_0": (-8.0, 2), "Q4_1": ("min", 4)}
 ROWS16_TOKENS = 8  # activation rows per pass over a tile's blocks
 
 
-def _gather_bytes(x, base, offsets):
-    """<16 x i32>: the dwords at byte offsets `offsets` (<16 x i32>) from i8* base (vpgatherdd, scale 1)."""
-    v16 = _vec(I32, 16)
-    fn = cgutils.get_or_insert_function(x.mod, ir.FunctionType(v16, [v16, I8.as_pointer(), v16, _vec(ir.IntType(1), 16),
-                                                                     I32]), "llvm.x86.avx512.mask.gather.dpi.512")
-    return x.b.call(fn, [ir.Constant(v16, None), base, offsets, ir.Constant(_vec(ir.IntType(1), 16), [1] * 16),
-                         ir.Constant(I32, 1)])
-
-
 def _rows16_dot(qtype: str):
     """Numba intrinsic dot(raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0): out[t0 + j, r0 + i] = weight
     row i (raw's bytes from off + i * row_bytes, nb blocks) . activation row t0 + j, for i < min(16, nr) and j <
@@ -443,14 +434,14 @@ def _rows16_dot(qtype: str):
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 blk = builder.add(row_off, x.splat(builder.trunc(builder.mul(b, c(block_bytes)), I32), 16))
-                hdr = _gather_bytes(x, base, blk)
+                hdr = x.gather16(base, blk)
                 d = builder.fpext(builder.bitcast(builder.trunc(hdr, _vec(I16, 16)), v16h), v16f)
                 if offset == "min":
                     e = builder.fpext(builder.bitcast(builder.trunc(builder.lshr(hdr, ir.Constant(v16i, [16] * 16)),
                                                                     _vec(I16, 16)), v16h), v16f)
                 else:
                     e = builder.fmul(d, ir.Constant(v16f, [offset] * 16))
-                words = [_gather_bytes(x, base, builder.add(blk, ir.Constant(v16i, [codes_at + 4 * k] * 16)))
+                words = [x.gather16(base, builder.add(blk, ir.Constant(v16i, [codes_at + 4 * k] * 16)))
                          for k in range(4)]
                 m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
                 codes = [builder.and_(w, m4) for w in words] + \

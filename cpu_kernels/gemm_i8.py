@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 
 from . import simd
 from .linear import _FAST, _JIT, QK, _h2f, _i8, _k_scale_min, _quantize_block, _u32
-from .simd import F32, I8, I64, _IR, _vec, data_ptrs
+from .simd import F32, I8, I32, I64, _IR, _vec, data_ptrs
 
 from edgeq.formats.quants import QTYPES
 
@@ -186,6 +186,164 @@ _UNPACK = {"Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0, "Q4_1": _unpack_q4_1, "Q5
            "Q5_K": _unpack_q5_k, "Q6_K": _unpack_q6_k}
 
 
+# ---------------------------------------------------------------- weights: 16 rows at once (AVX-512)
+# What _unpack_<type> writes for one row, for 16 rows in one pass: one vpgatherdd fetches the same dword of a block
+# from the 16 rows, the vector ops that follow are the scalar unpack's, lane by lane, and each result is one 64-byte
+# store into a tile row (16 columns). The scalar unpack stored a dword at a time down a column; it was most of a
+# short prompt's time (a 16-token prefill of the Qwen3-1.7B Q4_K_M shape: 385 of 479 ms in the Q4_K products).
+# Each builder emits one block: gather(o) -> <16 x i32> the dword at byte o of the block in every row,
+# put(arr, k, v) stores v (<16 x i32> or <16 x float>) into row k of tile / scl / mins (0 / 1 / 2).
+def _halves(x, v, high: bool):
+    """<16 x float>: the IEEE half in the low (or high) 16 bits of each lane of v."""
+    h = x.b.lshr(v, x.const(I32, 16, 16)) if high else v
+    return x.b.fpext(x.b.bitcast(x.b.trunc(h, _vec(ir.IntType(16), 16)), _vec(ir.HalfType(), 16)), _vec(F32, 16))
+
+
+def _bits(x, v, shift: int, mask: int):
+    """(v >> shift) & mask, lane by lane (logical shift)."""
+    if shift:
+        v = x.b.lshr(v, x.const(I32, 16, shift))
+    return x.b.and_(v, x.const(I32, 16, mask))
+
+
+def _spread4_16(x, bits):
+    """_spread4 on 16 lanes: 4 bits -> bit 4 of each of 4 bytes."""
+    parts = [x.b.shl(x.b.and_(bits, x.const(I32, 16, 1 << i)), x.const(I32, 16, 7 * i)) if i else
+             x.b.and_(bits, x.const(I32, 16, 1)) for i in range(4)]
+    return x.b.shl(x.b.or_(x.b.or_(parts[0], parts[1]), x.b.or_(parts[2], parts[3])), x.const(I32, 16, 4))
+
+
+def _legacy16(with_min: bool, fifth_bits: bool):
+    qs = 2 + 2 * with_min + 4 * fifth_bits
+
+    def emit(x, gather, b, put):
+        hdr = gather(0)
+        d = _halves(x, hdr, False)
+        off = x.b.fneg(_halves(x, hdr, True)) if with_min else \
+            x.b.fmul(x.const(F32, 16, 16.0 if fifth_bits else 8.0), d)
+        qh = gather(2 + 2 * with_min) if fifth_bits else None
+        for m in range(4):
+            v = gather(qs + 4 * m)
+            lo, hi = _bits(x, v, 0, 0x0F0F0F0F), _bits(x, v, 4, 0x0F0F0F0F)
+            if fifth_bits:
+                lo = x.b.or_(lo, _spread4_16(x, _bits(x, qh, 4 * m, 15)))
+                hi = x.b.or_(hi, _spread4_16(x, _bits(x, qh, 16 + 4 * m, 15)))
+            put(0, b * 8 + m, lo)
+            put(0, b * 8 + 4 + m, hi)
+        for j in (0, 1):
+            put(1, b * 2 + j, d)
+            put(2, b * 2 + j, off)
+    return emit
+
+
+def _q8_0_16(x, gather, b, put):
+    d = _halves(x, gather(0), False)
+    for m in range(8):
+        put(0, b * 8 + m, x.b.xor(gather(2 + 4 * m), x.const(I32, 16, -0x7F7F7F80)))  # int8 q + 128
+    for j in (0, 1):
+        put(1, b * 2 + j, d)
+        put(2, b * 2 + j, x.b.fmul(x.const(F32, 16, 128.0), d))
+
+
+def _q4_k_16(x, gather, b, put):
+    hdr = gather(0)
+    d, dmin = _halves(x, hdr, False), _halves(x, hdr, True)
+    u0, u1, u2 = gather(4), gather(8), gather(12)
+    for k in range(8):  # linear._k_scale_min, lane by lane
+        j = 8 * (k % 4)
+        if k < 4:
+            sc, mn = _bits(x, u0, j, 63), _bits(x, u1, j, 63)
+        else:
+            sc = x.b.or_(_bits(x, u2, j, 15), _bits(x, u0, j + 2, 48))
+            mn = x.b.or_(_bits(x, u2, j + 4, 15), _bits(x, u1, j + 2, 48))
+        s, m = x.b.fmul(d, x.b.sitofp(sc, _vec(F32, 16))), x.b.fmul(dmin, x.b.sitofp(mn, _vec(F32, 16)))
+        for h in (0, 1):
+            put(1, b * 16 + 2 * k + h, s)
+            put(2, b * 16 + 2 * k + h, m)
+    for c in range(4):
+        for m in range(8):
+            v = gather(16 + 32 * c + 4 * m)
+            put(0, b * 64 + 2 * c * 8 + m, _bits(x, v, 0, 0x0F0F0F0F))
+            put(0, b * 64 + (2 * c + 1) * 8 + m, _bits(x, v, 4, 0x0F0F0F0F))
+
+
+def _q6_k_16(x, gather, b, put):
+    d = _halves(x, gather(206), True)  # bytes 208-209 (a dword from 208 would read past the block)
+    for q in range(4):
+        w = gather(192 + 4 * q)
+        for e in range(4):  # the signed byte e of w
+            sb = x.b.ashr(x.b.shl(w, x.const(I32, 16, 24 - 8 * e)), x.const(I32, 16, 24))
+            s = x.b.fmul(d, x.b.sitofp(sb, _vec(F32, 16)))
+            put(1, b * 16 + 4 * q + e, s)
+            put(2, b * 16 + 4 * q + e, x.b.fmul(x.const(F32, 16, 32.0), s))
+    for h in range(2):
+        for m in range(8):
+            qh = gather(128 + 32 * h + 4 * m)
+            ql = (gather(64 * h + 4 * m), gather(64 * h + 32 + 4 * m))
+            for kk in range(4):
+                lo = _bits(x, ql[kk & 1], 4 * (kk >> 1), 0x0F0F0F0F)
+                hi = x.b.shl(_bits(x, qh, 2 * kk, 0x03030303), x.const(I32, 16, 4))
+                put(0, b * 64 + (4 * h + kk) * 8 + m, x.b.or_(lo, hi))
+
+
+_UNPACK16_IR = {"Q8_0": _q8_0_16, "Q4_0": _legacy16(False, False), "Q4_1": _legacy16(True, False),
+                "Q5_0": _legacy16(False, True), "Q5_1": _legacy16(True, True), "Q4_K": _q4_k_16, "Q6_K": _q6_k_16}
+
+
+def _unpack16(qtype: str):
+    """Numba intrinsic u(raw, off, row_bytes, nr, n, tile, col, scl, mins): _unpack_<type> of the rows whose bytes
+    start at off + i * row_bytes (i < 16) into columns col..col+15 of tile, scl and mins; rows past nr (>= 1) repeat
+    the last real one. 16 * row_bytes must fit in 31 bits."""
+    emit, q = _UNPACK16_IR[qtype], QTYPES[qtype]
+
+    def impl(typingctx, raw, off, row_bytes, nr, n, tile, col, scl, mins):
+        ip = types.intp
+        sig = types.void(raw, ip, ip, ip, ip, tile, ip, scl, mins)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            c = lambda v: ir.Constant(I64, v)  # noqa: E731
+            raw0, *outs = data_ptrs(context, builder, signature, args, (0, 5, 7, 8))
+            off, row_bytes, nr, n, col = args[1], args[2], args[3], args[4], args[6]
+            R = cgutils.unpack_tuple(builder, context.make_array(signature.args[5])(context, builder, args[5]).shape,
+                                     2)[1]
+            base = builder.gep(raw0, [off])
+            last = x.splat(builder.trunc(builder.sub(nr, c(1)), I32), 16)
+            lanes = ir.Constant(_vec(I32, 16), list(range(16)))
+            rows = builder.select(builder.icmp_signed("<", lanes, last), lanes, last)
+            row_off = builder.mul(rows, x.splat(builder.trunc(row_bytes, I32), 16))
+            with cgutils.for_range(builder, builder.udiv(n, c(q.block_size))) as loop:
+                b = loop.index
+                blk = builder.add(row_off, x.splat(builder.trunc(builder.mul(b, c(q.block_bytes)), I32), 16))
+
+                def gather(o):
+                    return x.gather16(base, builder.add(blk, x.const(I32, 16, o)))
+
+                def put(which, k, v):
+                    at = builder.mul(builder.add(builder.mul(k.v if isinstance(k, _Index) else c(k), R), col), c(4))
+                    p = builder.bitcast(builder.gep(outs[which], [at]), v.type.as_pointer())
+                    builder.store(v, p, align=4)
+
+                emit(x, gather, _Index(builder, b), put)
+            return context.get_dummy_value()
+        return sig, codegen
+    impl.__name__ = impl.__qualname__ = "unpack16_" + qtype.lower()
+    return intrinsic(impl)
+
+
+class _Index:
+    """An i64 IR value with the integer arithmetic the builders write (b * 8 + m)."""
+
+    def __init__(self, builder, v):
+        self.b, self.v = builder, v
+
+    def __mul__(self, k: int) -> "_Index":
+        return _Index(self.b, self.b.mul(self.v, ir.Constant(I64, k)))
+
+    def __add__(self, k: int) -> "_Index":
+        return _Index(self.b, self.b.add(self.v, ir.Constant(I64, k)))
+
+
 # ---------------------------------------------------------------- the micro-kernel: _MG x 16 weight rows x _MT tokens
 # The unpacked tile is stored 4 codes of 16 rows side by side ("k-groups": tile[g, r] = codes 4g..4g+3 of row r, as
 # one uint32), so one 64-byte load holds 4 codes of 16 rows and one vpdpbusd multiplies it by 4 codes of a token
@@ -330,15 +488,46 @@ def _gemm_template(raw, n_in, qx, dx, xs, out):
                 out[t + jj, r0:r0 + nr] = res[jj, :nr]
 
 
+def _gemm16_template(raw, n_in, qx, dx, xs, out):
+    """_gemm_template with the tile unpacked 16 rows at a time (_unpack16)."""
+    T, n_out = out.shape
+    R = _TILE_ROWS
+    row_bytes = (n_in // _block_elems) * _block_bytes
+    for g in prange((n_out + R - 1) // R):
+        r0 = g * R
+        nr = min(R, n_out - r0)
+        tile = np.empty((n_in // 4, R), np.uint32)  # every column written below
+        scl = np.empty((n_in // 16, R), np.float32)
+        mins = np.empty((n_in // 16, R), np.float32)
+        for c in range(0, R, 16):
+            if c < nr:
+                _unpack_16(raw, (r0 + c) * row_bytes, row_bytes, min(16, nr - c), n_in, tile, c, scl, mins)
+            else:  # past the last row: zeros, as _gemm_template's
+                tile[:, c:c + 16] = 0
+                scl[:, c:c + 16] = 0
+                mins[:, c:c + 16] = 0
+        res = np.empty((_MT, R), np.float32)
+        for t in range(0, T, _MT):
+            _dot_tile(tile, scl, mins, R, 0, qx, dx, xs, t, n_in, res)
+            for jj in range(min(_MT, T - t)):
+                out[t + jj, r0:r0 + nr] = res[jj, :nr]
+
+
+_unpack_16 = None  # bound per type by _specialize
+# with 512-bit VNNI (vpgatherdd) the types of _UNPACK16_IR unpack 16 rows at once
+UNPACK16 = frozenset(_UNPACK16_IR) if _WIDE else frozenset()
+
+
 def _specialize(qtype: str):
     """The parallel driver for `qtype` (as linear._specialize: a function with its own globals, so the
     on-disk cache finds it)."""
     q = QTYPES[qtype]
-    bound = dict(_gemm_template.__globals__, _unpack=_UNPACK[qtype], _block_elems=q.block_size,
+    template = _gemm16_template if qtype in UNPACK16 else _gemm_template
+    bound = dict(template.__globals__, _unpack=_UNPACK[qtype], _block_elems=q.block_size,
                  _dot_tile=_DOTS[_GROUP.get(qtype, 32), _per16(simd.UNSIGNED_CODE_MAX[qtype])],
-                 _block_bytes=q.block_bytes)
+                 _block_bytes=q.block_bytes, _unpack_16=_unpack16(qtype) if qtype in UNPACK16 else None)
     name = "_gemm_i8_" + qtype.lower()
-    fn = pytypes.FunctionType(_gemm_template.__code__, bound, name)
+    fn = pytypes.FunctionType(template.__code__, bound, name)
     fn.__qualname__ = name
     fn.__doc__ = f"_gemm_template for {qtype}"
     return njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)(fn)

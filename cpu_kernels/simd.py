@@ -140,6 +140,14 @@ class _IR:
         sign = self.b.shl(self.b.and_(h32, ir.Constant(I32, 0x8000)), ir.Constant(I32, 16))
         return self.b.bitcast(self.b.or_(mag, sign), F32)
 
+    def gather16(self, base, offsets) -> ir.Value:
+        """<16 x i32>: the dwords at byte offsets `offsets` (<16 x i32>) from the i8* `base` (vpgatherdd, scale 1;
+        AVX-512 only)."""
+        v16, m16 = _vec(I32, 16), _vec(ir.IntType(1), 16)
+        fn = cgutils.get_or_insert_function(self.mod, ir.FunctionType(v16, [v16, I8.as_pointer(), v16, m16, I32]),
+                                            "llvm.x86.avx512.mask.gather.dpi.512")
+        return self.b.call(fn, [ir.Constant(v16, None), base, offsets, ir.Constant(m16, [1] * 16), ir.Constant(I32, 1)])
+
     def splat(self, v, n) -> ir.Value:
         vt = _vec(v.type, n)
         one = self.b.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(I32, 0))
