@@ -44,7 +44,6 @@ from numba import njit, prange
 from . import native_call, simd_attention
 from .half import f16_row_to_f32, f16_to_f32, f32_row_to_f16, f32_to_f16
 from .jit_options import prange_only
-from .ops import fast_exp
 
 _PAIRS = simd_attention.PAIRS  # two query heads per pass over a kv head's codes in decode (simd_attention)
 
@@ -341,18 +340,6 @@ def _load_rows_template(side, g, b0, j0, j1, nslots, full, buf, cs, cm):
 
 
 @njit(**_JIT)
-def _exp_block(x, a, z, mx):
-    """x[a:z] = exp(x[a:z] - mx) (all <= 0), returns their sum; ops.fast_exp vectorizes (math.exp would be
-    a scalar libm call: Numba has no SVML here)."""
-    tot = np.float32(0.0)
-    for j in range(a, z):
-        e = fast_exp(x[j] - mx)
-        x[j] = e
-        tot += e
-    return tot
-
-
-@njit(**_JIT)
 def _merge_splits(pm, pl, pacc, r, out):
     """Row r's partial softmax results of the key splits -> out (D,): split sp holds max score pm[sp, r], sum of
     exponentials pl[sp, r] (0: the split saw no key) and weighted value sum pacc[sp, r]; rescaled to the
@@ -619,13 +606,18 @@ def _decode_job_template(qb3, kpool, vpool, b, seq, n_kv, pos, scale, window, ns
                     for d in range(D):
                         s += qb[r, d] * kr[d]
                     sc[r, b0 - p0 + j] = s
-    n = (b_last - b_first) * QBLOCK
+    # the softmax's max and exponentials in vector code, a block of 32 scores at a time (as the prompt kernel's)
+    nbk = span // QBLOCK
+    sc32 = sc.reshape(n_rep * nbk, QBLOCK)
     for r in range(n_rep):
         mx = _NEG
-        for j in range(n):
-            mx = max(mx, sc[r, j])
+        for i in range(b_last - b_first):
+            mx = simd_attention.block_max(sc32, r * nbk + i, 0, QBLOCK, mx)
         pm[sp, g * n_rep + r] = mx
-        pl[sp, g * n_rep + r] = _exp_block(sc[r], 0, n, mx)
+        tot = np.float32(0.0)
+        for i in range(b_last - b_first):
+            tot += simd_attention.block_exp(sc32, r * nbk + i, 0, QBLOCK, mx)
+        pl[sp, g * n_rep + r] = tot
     acc = np.zeros((n_rep, D), np.float32)
     if _V_LAYOUT == INT8_PER_TOKEN:
         r = 0
