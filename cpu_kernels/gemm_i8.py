@@ -462,34 +462,24 @@ _DOTS = {key: _micro(*key) for key in {(_GROUP.get(q, 32), _per16(m)) for q, m i
 
 
 # ---------------------------------------------------------------- the parallel driver, one per type
-_unpack = None  # bound per type by _specialize
 _dot_tile = None
 _block_elems = _block_bytes = 0
 
 
+def _rows_unpacker(unpack):
+    """_unpack16's contract on the scalar unpack of one row (`unpack`, an _UNPACK entry): 16 rows one at a time,
+    rows past nr repeating the last real one (for the types and CPUs without the gathers)."""
+    @njit(inline="always", **_JIT)
+    def rows16(raw, off, row_bytes, nr, n, tile, col, scl, mins):
+        for i in range(16):
+            o = off + min(i, nr - 1) * row_bytes
+            unpack(raw[o:o + row_bytes], n, tile, col + i, scl, mins)
+    return rows16
+
+
 def _gemm_template(raw, n_in, qx, dx, xs, out):
-    """out[t, r] = W[r] . dequant(qx[t]) for t < out.shape[0], W = raw's rows (type bound by _specialize)."""
-    T, n_out = out.shape
-    R = _TILE_ROWS
-    row_bytes = (n_in // _block_elems) * _block_bytes
-    for g in prange((n_out + R - 1) // R):
-        r0 = g * R
-        nr = min(R, n_out - r0)
-        tile = np.zeros((n_in // 4, R), np.uint32)  # zeros: the columns past nr of the last tile
-        scl = np.zeros((n_in // 16, R), np.float32)
-        mins = np.zeros((n_in // 16, R), np.float32)
-        for i in range(nr):
-            o = (r0 + i) * row_bytes
-            _unpack(raw[o:o + row_bytes], n_in, tile, i, scl, mins)
-        res = np.empty((_MT, R), np.float32)
-        for t in range(0, T, _MT):
-            _dot_tile(tile, scl, mins, R, 0, qx, dx, xs, t, n_in, res)
-            for jj in range(min(_MT, T - t)):
-                out[t + jj, r0:r0 + nr] = res[jj, :nr]
-
-
-def _gemm16_template(raw, n_in, qx, dx, xs, out):
-    """_gemm_template with the tile unpacked 16 rows at a time (_unpack16)."""
+    """out[t, r] = W[r] . dequant(qx[t]) for t < out.shape[0], W = raw's rows (type bound by _specialize); the
+    tiles filled 16 rows at a time by _unpack_16 (_unpack16's gathers, or _rows_unpacker)."""
     T, n_out = out.shape
     R = _TILE_ROWS
     row_bytes = (n_in // _block_elems) * _block_bytes
@@ -502,7 +492,7 @@ def _gemm16_template(raw, n_in, qx, dx, xs, out):
         for c in range(0, R, 16):
             if c < nr:
                 _unpack_16(raw, (r0 + c) * row_bytes, row_bytes, min(16, nr - c), n_in, tile, c, scl, mins)
-            else:  # past the last row: zeros, as _gemm_template's
+            else:  # past the last row
                 tile[:, c:c + 16] = 0
                 scl[:, c:c + 16] = 0
                 mins[:, c:c + 16] = 0
@@ -518,16 +508,18 @@ _unpack_16 = None  # bound per type by _specialize
 UNPACK16 = frozenset(_UNPACK16_IR) if _WIDE else frozenset()
 
 
-def _specialize(qtype: str):
+def _specialize(qtype: str, gather: bool | None = None):
     """The parallel driver for `qtype` (as linear._specialize: a function with its own globals, so the
-    on-disk cache finds it)."""
+    on-disk cache finds it); gather: the tiles unpacked by _unpack16 (default: where UNPACK16 has the type) or row
+    by row (_rows_unpacker)."""
     q = QTYPES[qtype]
-    template = _gemm16_template if qtype in UNPACK16 else _gemm_template
-    bound = dict(template.__globals__, _unpack=_UNPACK[qtype], _block_elems=q.block_size,
+    gather = qtype in UNPACK16 if gather is None else gather
+    bound = dict(_gemm_template.__globals__, _block_elems=q.block_size,
                  _dot_tile=_DOTS[_GROUP.get(qtype, 32), _per16(simd.UNSIGNED_CODE_MAX[qtype])],
-                 _block_bytes=q.block_bytes, _unpack_16=_unpack16(qtype) if qtype in UNPACK16 else None)
-    name = "_gemm_i8_" + qtype.lower()
-    fn = pytypes.FunctionType(template.__code__, bound, name)
+                 _block_bytes=q.block_bytes,
+                 _unpack_16=_unpack16(qtype) if gather else _rows_unpacker(_UNPACK[qtype]))
+    name = "_gemm_i8_" + qtype.lower() + ("_gather" if gather else "")
+    fn = pytypes.FunctionType(_gemm_template.__code__, bound, name)
     fn.__qualname__ = name
     fn.__doc__ = f"_gemm_template for {qtype}"
     return njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)(fn)

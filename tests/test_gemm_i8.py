@@ -61,12 +61,8 @@ def test_int8_gemm_at_the_extreme_codes(qtype):
 @pytest.mark.parametrize("n_out", [5, 16, 37, 64])
 def test_sixteen_row_unpack_equals_the_row_by_row_one(qtype, n_out):
     """The tiles unpacked 16 rows at a time by gathers (_unpack16) give the same products, bit for bit, as the
-    scalar unpack of one row at a time (the driver rebuilt on _gemm_template): every code, scale and offset of every
+    scalar unpack of one row at a time (the driver specialized with gather=False): every code, scale and offset of every
     row, including a last tile with fewer than 16 (or 32) rows and extreme codes in some blocks."""
-    import types as pytypes
-
-    from numba import njit
-
     from edgeq.formats.quants import QTYPES
 
     q = QTYPES[qtype]
@@ -75,11 +71,7 @@ def test_sixteen_row_unpack_equals_the_row_by_row_one(qtype, n_out):
     blocks = raw.copy().reshape(n_out, -1, q.block_bytes)
     blocks[::3, 1, CODE_BYTES[qtype]] = 0xFF
     raw = blocks.reshape(-1)
-    bound = dict(gemm_i8._gemm_template.__globals__, _unpack=gemm_i8._UNPACK[qtype], _block_elems=q.block_size,
-                 _dot_tile=gemm_i8._DOTS[gemm_i8._GROUP.get(qtype, 32), gemm_i8._per16(gemm_i8.simd.UNSIGNED_CODE_MAX[qtype])],
-                 _block_bytes=q.block_bytes)
-    scalar = njit(parallel=True, fastmath=gemm_i8._FAST)(pytypes.FunctionType(gemm_i8._gemm_template.__code__, bound,
-                                                                            "scalar_unpack_" + qtype.lower()))
+    scalar = gemm_i8._specialize(qtype, gather=False)  # the same driver, its tiles unpacked row by row
     X = np.random.default_rng(n_out).standard_normal((7, n_in)).astype(np.float32)
     qx, dx, xs = gemm_i8.quantized_activations(X)
     Y, Y_ref = np.full((7, n_out), np.nan, np.float32), np.full((7, n_out), np.nan, np.float32)
