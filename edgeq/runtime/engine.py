@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -102,6 +104,17 @@ def _huge_pages_on(path: str = "/sys/kernel/mm/transparent_hugepage/enabled") ->
         return False
 
 
+def release_free_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim): what a large build freed (the
+    tokenizer's) otherwise stays in this process's RSS. No-op without glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # another C library (musl has no malloc_trim)
+        pass
+
+
 def read_weights(gguf, mmap: bool | None) -> bool:
     """Whether to read the weights into memory: mmap False -> yes, True -> no; None -> where transparent huge
     pages are on, the tensor data is at least READ_MIN_BYTES and the memory available holds it twice over (the
@@ -136,9 +149,6 @@ class Model:
         self.gguf = GGUFFile(self.path)
         reading = read_weights(self.gguf, mmap)
         try:
-            if reading:
-                # in threads, beside the tokenizer's build (metadata only); the tensors' views move at finish_read
-                self.gguf.read_into_memory(background=True)
             self.arch = architecture(self.gguf.arch)
             self.cfg = self.arch.Config.from_gguf(self.gguf)
             self.threads = threads or default_threads()
@@ -147,6 +157,14 @@ class Model:
             # reading, bound again below to the memory the read filled
             self.weights = self.arch.load_weights(self.gguf, self.cfg)
             self.tokenizer = Tokenizer.from_gguf(self.gguf)
+            # the BPE merges now live in the tokenizer; as Python strings they would stay resident beside it
+            # (Qwen's 151k: 16 MB). self.gguf.metadata keeps every other key.
+            self.gguf.metadata.pop("tokenizer.ggml.merges", None)
+            release_free_heap()  # the build's scratch (Qwen's vocabulary: ~50 MB at its peak), before the weights
+            if reading:
+                # in threads, beside the rest of the load; the tensors' views move at finish_read. Not before the
+                # tokenizer's build: the read's memory and the build's scratch would add up in the peak RSS
+                self.gguf.read_into_memory(background=True)
             self.template = ChatTemplate.from_gguf(self.gguf)
             if reading:
                 self.gguf.finish_read()
@@ -154,9 +172,6 @@ class Model:
         except BaseException:
             self.gguf.close()  # a background read stops
             raise
-        # the BPE merges now live in the tokenizer; as Python strings they would stay resident beside it
-        # (Qwen's 151k: 16 MB). self.gguf.metadata keeps every other key.
-        self.gguf.metadata.pop("tokenizer.ggml.merges", None)
         n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
         if n_ctx < 16 or n_ctx > self.cfg.n_ctx_train:
             raise ContextError(f"n_ctx {n_ctx} must be between 16 and the model's trained context {self.cfg.n_ctx_train}")
