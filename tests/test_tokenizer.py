@@ -234,6 +234,24 @@ def test_max_token_bytes_is_the_longest_spelling():
     assert Tokenizer.from_metadata(meta).max_token_bytes == 12
 
 
+def test_token_table_reads_back_the_list_it_replaces(smollm2_path):
+    from edgeq.runtime.tokenizer import TokenTable
+
+    texts = ["", "a", "Ġthe", "日本語", "<|im_end|>", "\ufffd", "ü" * 40, "x"]
+    table = TokenTable(texts)
+    assert len(table) == len(texts) and list(table) == texts
+    assert [table[i] for i in range(len(texts))] == texts and table[-1] == "x" and table[-len(texts)] == ""
+    assert table.max_bytes() == 80
+    for bad in (len(texts), -len(texts) - 1):
+        with pytest.raises(IndexError):
+            table[bad]
+    meta = gguf_metadata(str(smollm2_path))
+    tok = Tokenizer.from_metadata(meta)
+    assert isinstance(tok.tokens, TokenTable)  # a BPE's own copy of the vocabulary is in tokenizers
+    assert list(tok.tokens) == meta["tokenizer.ggml.tokens"]
+    assert tok.max_token_bytes == max(len(t.encode()) for t in meta["tokenizer.ggml.tokens"])
+
+
 def test_gpt2_unknown_pre_falls_back_with_warning(smollm2_path, caplog):
     meta = dict(gguf_metadata(str(smollm2_path)), **{"tokenizer.ggml.pre": "no-such-pre"})
     with caplog.at_level(logging.WARNING, logger="edgeq.runtime.tokenizer"):

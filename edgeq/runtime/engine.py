@@ -158,7 +158,7 @@ class Model:
             self.weights = self.arch.load_weights(self.gguf, self.cfg)
             self.tokenizer = Tokenizer.from_gguf(self.gguf)
             # the BPE merges now live in the tokenizer; as Python strings they would stay resident beside it
-            # (Qwen's 151k: 16 MB). self.gguf.metadata keeps every other key.
+            # (Qwen's 151k: 14 MB)
             self.gguf.metadata.pop("tokenizer.ggml.merges", None)
             release_free_heap()  # the build's scratch (Qwen's vocabulary: ~50 MB at its peak), before the weights
             if reading:
@@ -166,6 +166,9 @@ class Model:
                 # tokenizer's build: the read's memory and the build's scratch would add up in the peak RSS
                 self.gguf.read_into_memory(background=True)
             self.template = ChatTemplate.from_gguf(self.gguf)
+            # the token texts too (the tokenizer has them: a BPE's compactly, TokenTable). self.gguf.metadata keeps
+            # every other key.
+            self.gguf.metadata.pop("tokenizer.ggml.tokens", None)
             if reading:
                 self.gguf.finish_read()
                 self.weights = self.arch.load_weights(self.gguf, self.cfg)
