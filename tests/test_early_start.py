@@ -150,6 +150,30 @@ def test_a_prompt_goes_token_by_token_until_the_prompt_kernels_are_ready(model, 
     assert model.tokens == ids
 
 
+def test_while_the_worker_compiles_the_passes_run_on_one_thread(model, monkeypatch):
+    """The early start's worker holds a core: two threads would take turns with it, every parallel loop waiting for
+    the thread that lost its core (a cold first run's reply took 14-18 s instead of 9 on 2 cores)."""
+    import numba
+
+    threads = []
+    forward = model.arch.forward
+
+    def spy(weights, cfg, tokens, pos0, cache, **kw):
+        threads.append((len(tokens), numba.get_num_threads()))
+        return forward(weights, cfg, tokens, pos0, cache, **kw)
+
+    monkeypatch.setattr(model.arch, "forward", spy)
+    ids = model.encode_prompt("The quick brown fox")
+    model.reset()
+    model.pending_kernels = FakePending(ready_after=3)
+    model.append(ids)                # polled before the call and tokens 2 and 3, ready before token 4
+    model.append([ids[0]])           # a decode step once the prompt kernels are ready
+    model.pending_kernels = FakePending(ready_after=10 ** 6)
+    model.append([ids[1]])           # a decode step while they are not
+    assert threads == [(1, 1), (1, 1), (1, 1), (len(ids) - 3, 2), (1, 2), (1, 1)]
+    model.pending_kernels = None
+
+
 def test_all_logits_wait_for_the_prompt_kernels(model, monkeypatch):
     ids = model.encode_prompt("The quick brown fox")
     sizes = _chunks(model, monkeypatch)

@@ -225,11 +225,11 @@ class Model:
         }
 
     # ------------------------------------------------------------ evaluation
-    def _set_threads(self) -> None:
+    def _set_threads(self, most: int | None = None) -> None:
         import numba
 
         # set_num_threads is per calling thread: set it wherever forward runs (the TUI uses a worker)
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(self.threads, most or self.threads, numba.config.NUMBA_NUM_THREADS))
 
     def _forward(self, tokens: list[int], all_logits: bool = False, observer=None) -> np.ndarray:
         """Append `tokens` to the cache (in batches), returning logits of the last or of all of them."""
@@ -241,19 +241,21 @@ class Model:
         if pending is not None and (pending.ready() or all_logits or observer is not None):
             pending.wait()
             self.pending_kernels = pending = None
-        if pending is not None and len(tokens) > 1:
+        if pending is not None:
             # a first run's prompt kernels are still compiling (an early start): the single-token path, whose
-            # kernels are ready, until they are
+            # kernels are ready, until they are; on one thread, as the compiling worker holds a core (two threads
+            # would take turns with it, each parallel loop waiting for the one that lost its core)
             for i, t in enumerate(tokens):
                 if i and pending.ready():
                     self.pending_kernels = None
                     return self._forward_now(tokens[i:])
-                logits = self._forward_now([t])
+                logits = self._forward_now([t], threads=1)
             return logits
         return self._forward_now(tokens, all_logits, observer)
 
-    def _forward_now(self, tokens: list[int], all_logits: bool = False, observer=None) -> np.ndarray:
-        self._set_threads()
+    def _forward_now(self, tokens: list[int], all_logits: bool = False, observer=None,
+                     threads: int | None = None) -> np.ndarray:
+        self._set_threads(threads)
         outs = []
         for i in range(0, len(tokens), N_BATCH):
             chunk = np.asarray(tokens[i:i + N_BATCH], dtype=np.int64)
