@@ -170,8 +170,8 @@ def test_while_the_worker_compiles_the_passes_run_on_one_thread(model, monkeypat
     model.append([ids[0]])           # a decode step once the prompt kernels are ready
     model.pending_kernels = FakePending(ready_after=10 ** 6)
     model.append([ids[1]])           # a decode step while they are not
+    model.pending_kernels = None     # before the assertion: the module's model serves the tests after this one
     assert threads == [(1, 1), (1, 1), (1, 1), (len(ids) - 3, 2), (1, 2), (1, 1)]
-    model.pending_kernels = None
 
 
 def test_all_logits_wait_for_the_prompt_kernels(model, monkeypatch):

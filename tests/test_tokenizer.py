@@ -242,6 +242,7 @@ def test_token_table_reads_back_the_list_it_replaces(smollm2_path):
     assert len(table) == len(texts) and list(table) == texts
     assert [table[i] for i in range(len(texts))] == texts and table[-1] == "x" and table[-len(texts)] == ""
     assert table.max_bytes() == 80
+    assert TokenTable([""]).max_bytes() == 0 and TokenTable([]).max_bytes() == 1  # as the list path's max(default=1)
     for bad in (len(texts), -len(texts) - 1):
         with pytest.raises(IndexError):
             table[bad]

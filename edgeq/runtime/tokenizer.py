@@ -202,7 +202,7 @@ class TokenTable:
         """Bytes in the longest token's UTF-8 spelling."""
         import numpy as np
 
-        return int(np.diff(self._ends, prepend=0).max(initial=1)) if len(self._ends) else 1
+        return int(np.diff(self._ends, prepend=0).max()) if len(self._ends) else 1  # as max(..., default=1)
 
 
 class AddedTokenSplitter:
