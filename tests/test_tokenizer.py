@@ -253,6 +253,19 @@ def test_token_table_reads_back_the_list_it_replaces(smollm2_path):
     assert tok.max_token_bytes == max(len(t.encode()) for t in meta["tokenizer.ggml.tokens"])
 
 
+@pytest.mark.parametrize("token_id", [1, 500])  # a control token, an ordinary one
+def test_a_token_that_is_no_unicode_text_is_a_model_error(smollm2_path, token_id):
+    """A lone surrogate (only an API caller's dict can hold one: the file's strings are decoded with "replace")
+    cannot be stored as UTF-8 (the BPE's vocabulary, TokenTable): one ModelError, no UnicodeEncodeError."""
+    from edgeq.errors import ModelError
+
+    meta = gguf_metadata(str(smollm2_path))
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    tokens[token_id] = "a\ud800b"
+    with pytest.raises(ModelError, match="corrupt"):
+        Tokenizer.from_metadata(dict(meta, **{"tokenizer.ggml.tokens": tokens}))
+
+
 def test_gpt2_unknown_pre_falls_back_with_warning(smollm2_path, caplog):
     meta = dict(gguf_metadata(str(smollm2_path)), **{"tokenizer.ggml.pre": "no-such-pre"})
     with caplog.at_level(logging.WARNING, logger="edgeq.runtime.tokenizer"):
