@@ -68,6 +68,7 @@ def measure(m, n: int, a) -> dict:
 
     s = Scheduler(m, n_slots=n, n_ctx=a.ctx)
     s._warm_up()
+    s.prefill_chunk = s._measure_chunk()  # as the server does after its warm-up
     fwd, batch, choose = Clock(), Clock(), Clock()
     arch = m.arch
     orig = arch.forward, arch.forward_batch
@@ -85,14 +86,26 @@ def measure(m, n: int, a) -> dict:
         while any(getattr(sl, "todo", None) for sl in s.slots):
             s._step()
         prefill = {"cpu": time.thread_time() - c, "wall": time.perf_counter() - w, "tokens": n * len(ids)}
-        for k in (batch, choose, *PARTS.values()):
-            k.cpu = k.wall = 0.0
+        # decode steps, counted only while all n sequences decode: a request that ends early (an end-of-turn
+        # token) leaves smaller batches behind, which would flatter the n-sequence step
+        clocks = (batch, choose, *PARTS.values())
+        totals = {id(k): [0.0, 0.0] for k in clocks}
         steps = 0
-        c, w = time.thread_time(), time.perf_counter()
+        cpu = wall = 0.0
         while len(done) < n:
+            full = sum(sl.job is not None and sl.next_token is not None for sl in s.slots) == n
+            before = [(k.cpu, k.wall) for k in clocks]
+            c, w = time.thread_time(), time.perf_counter()
             s._step()
-            steps += 1
-        cpu, wall = time.thread_time() - c, time.perf_counter() - w
+            if full:
+                cpu, wall, steps = cpu + time.thread_time() - c, wall + time.perf_counter() - w, steps + 1
+                for k, (kc, kw) in zip(clocks, before):
+                    totals[id(k)][0] += k.cpu - kc
+                    totals[id(k)][1] += k.wall - kw
+        if steps == 0:
+            raise RuntimeError(f"no step decoded all {n} sequences: raise --gen-tokens")
+        for k in clocks:
+            k.cpu, k.wall = totals[id(k)]
     finally:
         arch.forward, arch.forward_batch = orig
     gen = sum(d.completion_tokens for d in done)

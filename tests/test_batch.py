@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edgeq.runtime.sampling import SamplingParams
-from edgeq.runtime.scheduler import Done, GenRequest, Piece, QueueFull, Scheduler
+from edgeq.runtime.scheduler import MAX_CHUNK, Done, GenRequest, Piece, QueueFull, Scheduler, chunk_for
 
 pytestmark = pytest.mark.slow
 
@@ -214,15 +214,90 @@ def test_warm_up_meets_every_batch_driver(model):
         ds += list(batch_dot.ONE_ROW.values()) + [k for pair in linear._KERNELS.values() for k in pair if k]
         return {id(d): d for d in ds}.values()
 
-    sched = Scheduler(model, n_slots=8, n_ctx=64)
+    sched = Scheduler(model, n_slots=8, n_ctx=320)
     sched._warm_up()
     before = {id(d): len(d.signatures) for d in dispatchers()}
     m = model
     for k in range(1, 9):
         m.arch.forward_batch(m.weights, m.cfg, np.full(k, 7, np.int64), np.zeros(k, np.int64),
                              [s.cache for s in sched.slots[:k]])
-    for T in (1, 5, 40):  # a prompt chunk and decoding sequences in one pass: the prompt's products
+    for T in (1, 5, 40, MAX_CHUNK):  # a prompt chunk and decoding sequences in one pass: the prompt's products
         m.arch.forward_batch(m.weights, m.cfg, np.full(T + 7, 7, np.int64), np.append(np.arange(T), np.zeros(7, int)),
                              [s.cache for s in sched.slots], T)
     grew = [d.__name__ for d in dispatchers() if len(d.signatures) != before[id(d)]]
     assert grew == []
+
+
+def test_chunk_for_fits_the_step_budget():
+    from edgeq.runtime.scheduler import STEP_BUDGET_S
+
+    assert STEP_BUDGET_S == 0.1
+    assert chunk_for(0.032, 64) == 192       # 0.5 ms a token: 200 fit in 0.1 s, in multiples of 32
+    assert chunk_for(0.064, 64) == 96        # 1 ms a token
+    assert chunk_for(0.001, 64) == MAX_CHUNK == 256  # a fast machine: the bound
+    assert chunk_for(2.0, 64) == 32          # a slow one: never below 32
+    assert chunk_for(0.0, 64) == MAX_CHUNK   # a clock that did not move
+
+
+def test_the_default_prompt_chunk_is_measured_at_warm_up(model, monkeypatch):
+    """Without prefill_chunk the scheduler times two warm passes of a 64-token prompt after its warm-up and keeps
+    chunk_for's answer for its life; an explicit prefill_chunk is kept as given."""
+    from edgeq.runtime import scheduler as S
+
+    seen = []
+    monkeypatch.setattr(S, "chunk_for", lambda seconds, tokens: seen.append((seconds, tokens)) or chunk_for(
+        seconds, tokens))
+    sched = Scheduler(model, n_slots=2, n_ctx=128).start()
+    try:
+        assert sched.ready.wait(600) and sched.failed is None
+        assert len(seen) == 1 and seen[0][1] == 64 and seen[0][0] > 0
+        assert sched.prefill_chunk == chunk_for(*seen[0])
+        ids = model.chat_ids([{"role": "user", "content": "Hi"}])
+        (text,), (done,) = _run(sched, [GenRequest(ids, 4, SamplingParams(temperature=0))])
+        assert done.finish in ("stop", "length")
+    finally:
+        sched.stop()
+    fixed = Scheduler(model, n_slots=1, n_ctx=64, prefill_chunk=8).start()
+    try:
+        assert fixed.ready.wait(600) and fixed.prefill_chunk == 8 and len(seen) == 1
+    finally:
+        fixed.stop()
+
+
+def test_on_step_hands_over_each_steps_events(model):
+    """A consumer that only buffers on_event's events and takes them in on_step (the server wakes its event loop
+    once a step, not once a token) sees every event at the end of the step that made it: one token of each
+    decoding request per step, and the last Done before the next on_step."""
+    log, finished = [], threading.Event()
+    buffer = []
+
+    def on_step():
+        if buffer:
+            log.append(list(buffer))
+            buffer.clear()
+
+    def on_event(i):
+        def f(ev):
+            buffer.append((i, ev))
+            if isinstance(ev, Done) and sum(isinstance(e, Done) for _, e in buffer) + sum(
+                    isinstance(e, Done) for step in log for _, e in step) == 3:
+                finished.set()
+        return f
+
+    sched = Scheduler(model, n_slots=3, n_ctx=128, prefill_chunk=8, on_step=on_step).start()
+    try:
+        assert sched.ready.wait(600)
+        for i, text in enumerate(("Hi", "Name a color.", "What is 1+1?")):
+            sched.submit(GenRequest(model.chat_ids([{"role": "user", "content": text}]), 6,
+                                    SamplingParams(temperature=0)), on_event(i))
+        assert finished.wait(600)
+    finally:
+        sched.stop()  # hands over what is left, as after a step
+    assert buffer == []
+    for step in log:  # one token of a request per step (and, in the step that ends it, the text held back)
+        ended = {i for i, ev in step if isinstance(ev, Done)}
+        pieces = [i for i, ev in step if isinstance(ev, Piece)]
+        assert all(pieces.count(i) <= (2 if i in ended else 1) for i in pieces), step
+    assert max(len({i for i, ev in step if isinstance(ev, Piece)}) for step in log) > 1  # decoding together
+    dones = [ev for step in log for _, ev in step if isinstance(ev, Done)]
+    assert len(dones) == 3 and all(d.finish in ("stop", "length") for d in dones)

@@ -155,6 +155,9 @@ def test_engine_time_metrics_count_prefill_and_decode(server, client):
         busy = {x.labels["phase"]: x.value for x in fams["edgeq_engine_seconds"].samples}
         return busy, fams["edgeq_decode_steps"].samples[0].value, fams["edgeq_decode_rows"].samples[0].value
 
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    chunk = fams["edgeq_prefill_chunk_tokens"].samples[0].value  # measured at warm-up (runtime/scheduler.chunk_for)
+    assert fams["edgeq_prefill_chunk_tokens"].type == "gauge" and 32 <= chunk <= 256 and chunk % 32 == 0
     busy0, steps0, rows0 = read()
     r = chat(client, "Count from one to ten.", max_tokens=6)
     busy1, steps1, rows1 = read()
@@ -536,6 +539,7 @@ def _edgeq(*args, timeout=120):
 @pytest.mark.parametrize("args, needle", [
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--parallel", "0"], "--parallel must be in 1..64"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be in 1..4096"),
     (["/nonexistent/model.gguf"], "model.gguf"),
 ])
 def test_serve_verb_bad_options_are_one_line(args, needle):

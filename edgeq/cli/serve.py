@@ -20,6 +20,8 @@ def add_arguments(p):
     p.add_argument("--cors-origin", default=None, help="allow browser requests from this origin (default: none)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may run (default 600)")
     p.add_argument("--name", default=None, help="model name clients use (default: MODEL as given)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompt tokens per step at most (default: what this machine evaluates in ~0.1 s, 32..256)")
     p.add_argument("--no-prompt-reuse", action="store_true",
                    help="evaluate every prompt from the start (to measure what reuse saves)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
@@ -43,6 +45,8 @@ def main(a) -> int:
         raise EdgeqError("--parallel must be in 1..64")
     if a.timeout <= 0:
         raise EdgeqError("--timeout must be > 0")
+    if a.prefill_chunk is not None and not 1 <= a.prefill_chunk <= 4096:
+        raise EdgeqError("--prefill-chunk must be in 1..4096")
     key = a.api_key or os.environ.get("EDGEQ_API_KEY") or None
     name = a.model or DEFAULT_MODEL
     model = load(name, n_ctx=a.ctx, threads=a.threads, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
@@ -51,7 +55,7 @@ def main(a) -> int:
         server = make_server(model, a.host, a.port, n_slots=a.parallel, n_ctx=a.ctx, max_queue=a.max_queue,
                              api_key=key, cors_origin=a.cors_origin, model_name=a.name or name,
                              request_timeout=a.timeout, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                             prompt_reuse=not a.no_prompt_reuse)
+                             prompt_reuse=not a.no_prompt_reuse, prefill_chunk=a.prefill_chunk)
     except OSError as e:
         raise EdgeqError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
     warning = exposure_warning(a.host, key)

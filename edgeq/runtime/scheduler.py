@@ -5,10 +5,12 @@
     job = sched.submit(GenRequest(ids, max_tokens=64), on_event)   # on_event(Piece | Done), from the thread
 
 Each slot has its own KV cache, the slices of one KVPool (runtime/kv_cache.py). A step is one forward pass
-(`arch.forward_batch`) over at most one prefill chunk (one slot's prompt, `prefill_chunk` tokens, so a long prompt
-never stalls the others for long) and one token of every decoding slot: each weight matrix is read once for all
-of them, and the decoding slots attend in one kernel call per layer. New requests join between steps. A free
-slot whose cache starts with the new prompt's tokens is preferred, and only the rest is prefilled.
+(`arch.forward_batch`) over at most one prefill chunk (one slot's prompt, `prefill_chunk` tokens: by default as many
+as this machine evaluates in ~STEP_BUDGET_S, measured at warm-up, so a long prompt never stalls the others for
+long, and a short one takes one pass, not several that each read every weight) and one token of every decoding
+slot: each weight matrix is read once for all of them, and the decoding slots attend in one kernel call per layer.
+New requests join between steps. A free slot whose cache starts with the new prompt's tokens is preferred, and only
+the rest is prefilled.
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ import numpy as np
 from edgeq.errors import ContextError, EdgeqError
 from edgeq.runtime.engine import split_stop
 from edgeq.runtime.sampling import Sampler, SamplingParams
+
+
+STEP_BUDGET_S = 0.1  # a prompt chunk's share of a step: how long it may hold the decoding streams back
+MAX_CHUNK = 256      # prompt tokens per step at most (the KV pool's slack for them on sliding-window rings)
+_PROBE = 64          # prompt tokens of the warm-up pass that measures the prefill rate
 
 
 class QueueFull(EdgeqError):
@@ -110,8 +117,8 @@ class _Slot:
 
 class Scheduler:
     def __init__(self, model, n_slots: int = 4, n_ctx: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = 128, cache_type_k: str | None = None, cache_type_v: str | None = None,
-                 prompt_reuse: bool = True):
+                 prefill_chunk: int | None = None, cache_type_k: str | None = None, cache_type_v: str | None = None,
+                 prompt_reuse: bool = True, on_step: Callable[[], None] | None = None):
         from edgeq.runtime.kv_cache import KVPool
 
         if n_slots < 1:
@@ -127,7 +134,9 @@ class Scheduler:
                                f"{model.cfg.n_ctx_train}")
         self.max_queue = max_queue
         self.prompt_reuse = prompt_reuse  # False: every prompt is evaluated from position 0 (for measurements)
-        self.prefill_chunk = max(1, prefill_chunk)
+        # None: chosen at warm-up from the measured prefill rate (_measure_chunk); until then MAX_CHUNK bounds it
+        self.fixed_chunk = prefill_chunk is not None
+        self.prefill_chunk = max(1, prefill_chunk) if prefill_chunk is not None else MAX_CHUNK
         pool = KVPool(model.cfg.kv_layouts(), self.n_ctx, n_slots, cache_type_k, cache_type_v,
                       max_batch=self.prefill_chunk)  # a decode step attends over all slots in one call per layer
         self.slots = [_Slot(i, cache) for i, cache in enumerate(pool.caches)]
@@ -145,6 +154,9 @@ class Scheduler:
         self.decode_steps = 0
         self.decode_rows = 0
         self.failed: str | None = None     # set when warm-up failed
+        # called on this thread after each step (and when it stops): a consumer whose on_event only buffers the
+        # step's events hands them over here, once per step (the server wakes its event loop once, not per token)
+        self.on_step = on_step
 
     # ------------------------------------------------------------ public
     @property
@@ -207,6 +219,8 @@ class Scheduler:
         try:
             self.model._set_threads()
             self._warm_up()
+            if not self.fixed_chunk:
+                self.prefill_chunk = self._measure_chunk()
         except Exception as e:  # the server reports it on /health; nothing else can run
             self.failed = f"{type(e).__name__}: {e}"
             return
@@ -219,11 +233,15 @@ class Scheduler:
                     break
                 self._admit()
             self._step()
+            if self.on_step is not None:
+                self.on_step()
         for s in self.slots:
             if s.job is not None:
                 self._finish(s, "cancelled")
         for job in self._queue:
             job.on_event(Done("cancelled", len(job.req.ids), 0, 0, 0.0, 0.0))
+        if self.on_step is not None:
+            self.on_step()
 
     def _warm_up(self) -> None:
         """Compile every kernel the steps use: a prefill chunk of a few and of many rows (serial and parallel
@@ -249,6 +267,18 @@ class Scheduler:
             arch.forward_batch(m.weights, m.cfg, np.ones(k, np.int64), np.zeros(k, np.int64),
                                [s.cache for s in self.slots[:k]])
         # the caches now hold junk at positions 0..: slot.tokens stays empty, so nothing is ever reused
+
+    def _measure_chunk(self) -> int:
+        """Prompt tokens per step (`chunk_for`) from the faster of two warm _PROBE-token passes; fixed for the
+        server's life, so one prompt is always split the same way."""
+        m, cache = self.model, self.slots[0].cache
+        n = min(_PROBE, self.n_ctx - 1)
+        best = math.inf
+        for _ in range(2):
+            t = time.perf_counter()
+            m.arch.forward(m.weights, m.cfg, np.ones(n, np.int64), 0, cache)
+            best = min(best, time.perf_counter() - t)
+        return chunk_for(best, n)
 
     def _admit(self) -> None:
         """Move waiting jobs into free slots, preferring the slot whose cache shares the longest prefix."""
@@ -407,6 +437,13 @@ class Scheduler:
         s.saved = None
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         self._finish(s, "error", msg if isinstance(e, EdgeqError) else f"internal error: {type(e).__name__}: {msg}")
+
+
+def chunk_for(seconds: float, tokens: int) -> int:
+    """Prompt tokens per step for a machine that evaluated `tokens` prompt tokens in `seconds`: as many as fit in
+    STEP_BUDGET_S, in multiples of 32, between 32 and MAX_CHUNK."""
+    fits = int(STEP_BUDGET_S * tokens / seconds) if seconds > 0 else MAX_CHUNK
+    return max(32, min(MAX_CHUNK, fits // 32 * 32))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -89,7 +89,7 @@ def start_server(model, host: str = "127.0.0.1", port: int = 0, **kw) -> Server:
 def make_server(model, host: str = "127.0.0.1", port: int = 8080, n_slots: int = 4, n_ctx: int | None = None,
                 max_queue: int = 64, api_key: str | None = None, cors_origin: str | None = None,
                 model_name: str | None = None, request_timeout: float = 600.0, max_body: int = 8 << 20,
-                prefill_chunk: int = 128, cache_type_k: str | None = None,
+                prefill_chunk: int | None = None, cache_type_k: str | None = None,
                 cache_type_v: str | None = None, prompt_reuse: bool = True) -> Server:
     from edgeq.runtime.scheduler import Scheduler
 

@@ -107,13 +107,13 @@ class Metrics:
 
 class _EngineTime:
     """Counters the scheduler keeps itself (read at each scrape): seconds of forward passes by phase, decode steps
-    and the sequences they carried (rows / steps = the mean decode batch)."""
+    and the sequences they carried (rows / steps = the mean decode batch); the prompt chunk it chose."""
 
     def __init__(self, sched):
         self.sched = sched
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         busy = CounterMetricFamily("edgeq_engine_seconds", "time in forward passes, by phase", labels=["phase"])
         for phase, seconds in sorted(self.sched.busy_s.items()):
@@ -123,6 +123,8 @@ class _EngineTime:
                                   value=self.sched.decode_steps)
         yield CounterMetricFamily("edgeq_decode_rows", "sequences advanced by the decode passes, summed",
                                   value=self.sched.decode_rows)
+        yield GaugeMetricFamily("edgeq_prefill_chunk_tokens", "prompt tokens evaluated per step at most (what fits "
+                                "in ~0.1 s on this machine, measured at warm-up)", value=self.sched.prefill_chunk)
 
 
 # ---------------------------------------------------------------- the guard (pure ASGI)
@@ -209,6 +211,12 @@ class Service:
 
         self.model, self.sched, self.opts = model, sched, opts
         self.metrics = Metrics(sched)
+        # the scheduler thread's events, handed to the event loop once per step (sched.on_step): one wake-up of
+        # the loop for all the step's streams, not one per token
+        self._outbox: list[tuple[asyncio.Queue, Any]] = []
+        self._outbox_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        sched.on_step = self._flush
         self.created = int(time.time())
         self.tool_style = tool_style(model.template.source if model.template else None)
         self._vocab = None
@@ -281,9 +289,19 @@ class Service:
         return GenRequest(ids, max_tokens, params, list(stop or []), presence, frequency, logprobs, constraint,
                           self.opts.request_timeout)
 
+    def _flush(self) -> None:  # on the scheduler thread, after each step
+        with self._outbox_lock:
+            items, self._outbox = self._outbox, []
+        if items:
+            try:
+                self._loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop has closed (the server is stopping): nobody waits for them
+                pass
+
     def submit(self, req: GenRequest):
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        lock = self._outbox_lock
         last = {"t": None}
         metrics = self.metrics
 
@@ -295,7 +313,8 @@ class Service:
                 last["t"] = now
             elif isinstance(ev, Done):
                 metrics.observe(ev)
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            with lock:
+                self._outbox.append((queue, ev))
 
         try:
             job = self.sched.submit(req, on_event)
@@ -312,6 +331,11 @@ class Service:
             return ApiError(503, "the model is loading", type="server_busy", code="loading",
                             headers={"Retry-After": "5"})
         return None
+
+
+def _deliver(items: list) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)
 
 
 class Stream:
