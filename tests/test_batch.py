@@ -264,6 +264,29 @@ def test_the_default_prompt_chunk_is_measured_at_warm_up(model, monkeypatch):
         fixed.stop()
 
 
+def test_prompt_passes_only_raise_the_chunk(model):
+    """A prompt pass faster than any rate seen before raises the chunk (a warm-up probe on a busy machine does not
+    set it for good); a slower one changes nothing; an explicit prefill_chunk is never touched."""
+    sched = Scheduler(model, n_slots=1, n_ctx=64)  # not started: the rule alone
+    sched._best_s_per_token, sched.prefill_chunk = 1e-3, 96
+    sched._refine_chunk(2e-3)
+    assert sched.prefill_chunk == 96
+    sched._refine_chunk(0.5e-3)
+    assert sched.prefill_chunk == 192 and sched._best_s_per_token == 0.5e-3
+    sched._refine_chunk(0.9e-3)
+    assert sched.prefill_chunk == 192
+    fixed = Scheduler(model, n_slots=1, n_ctx=128, prefill_chunk=48).start()
+    try:
+        assert fixed.ready.wait(600)
+        text = "Go on counting in words: " + ", ".join(["one", "two", "three", "four", "five", "six", "seven"] * 3)
+        ids = model.chat_ids([{"role": "user", "content": text}])
+        assert len(ids) >= 40  # a prompt pass of 40-48 tokens alone, which would refine a measured chunk
+        _run(fixed, [GenRequest(ids, 2, SamplingParams(temperature=0))])
+        assert fixed.prefill_chunk == 48
+    finally:
+        fixed.stop()
+
+
 def test_on_step_hands_over_each_steps_events(model):
     """A consumer that only buffers on_event's events and takes them in on_step (the server wakes its event loop
     once a step, not once a token) sees every event at the end of the step that made it: one token of each

@@ -6,9 +6,9 @@
 
 Each slot has its own KV cache, the slices of one KVPool (runtime/kv_cache.py). A step is one forward pass
 (`arch.forward_batch`) over at most one prefill chunk (one slot's prompt, `prefill_chunk` tokens: by default as many
-as this machine evaluates in ~STEP_BUDGET_S, measured at warm-up, so a long prompt never stalls the others for
-long, and a short one takes one pass, not several that each read every weight) and one token of every decoding
-slot: each weight matrix is read once for all of them, and the decoding slots attend in one kernel call per layer.
+as this machine evaluates in ~STEP_BUDGET_S, measured at warm-up and by the prompt passes that follow, so a long
+prompt never stalls the others for long, and a short one takes one pass, not several that each read every weight)
+and one token of every decoding slot: each weight matrix is read once for all of them, and the decoding slots attend in one kernel call per layer.
 New requests join between steps. A free slot whose cache starts with the new prompt's tokens is preferred, and only
 the rest is prefilled.
 """
@@ -136,6 +136,7 @@ class Scheduler:
         self.prompt_reuse = prompt_reuse  # False: every prompt is evaluated from position 0 (for measurements)
         # None: chosen at warm-up from the measured prefill rate (_measure_chunk); until then MAX_CHUNK bounds it
         self.fixed_chunk = prefill_chunk is not None
+        self._best_s_per_token = math.inf  # the fastest prompt rate seen (_measure_chunk, _refine_chunk)
         self.prefill_chunk = max(1, prefill_chunk) if prefill_chunk is not None else MAX_CHUNK
         pool = KVPool(model.cfg.kv_layouts(), self.n_ctx, n_slots, cache_type_k, cache_type_v,
                       max_batch=self.prefill_chunk)  # a decode step attends over all slots in one call per layer
@@ -269,8 +270,8 @@ class Scheduler:
         # the caches now hold junk at positions 0..: slot.tokens stays empty, so nothing is ever reused
 
     def _measure_chunk(self) -> int:
-        """Prompt tokens per step (`chunk_for`) from the faster of two warm _PROBE-token passes; fixed for the
-        server's life, so one prompt is always split the same way."""
+        """Prompt tokens per step (`chunk_for`) from the faster of two warm _PROBE-token passes (_refine_chunk may
+        raise it later)."""
         m, cache = self.model, self.slots[0].cache
         n = min(_PROBE, self.n_ctx - 1)
         best = math.inf
@@ -278,7 +279,16 @@ class Scheduler:
             t = time.perf_counter()
             m.arch.forward(m.weights, m.cfg, np.ones(n, np.int64), 0, cache)
             best = min(best, time.perf_counter() - t)
+        self._best_s_per_token = best / n
         return chunk_for(best, n)
+
+    def _refine_chunk(self, seconds_per_token: float) -> None:
+        """The rate of a pass over a prompt chunk alone (no decoding rows beside it) refines the chunk: the fastest
+        rate seen so far sets it, so a server whose warm-up probe ran on a busy machine (another server loading
+        beside it) does not keep small chunks for its life. It only grows, and settles within the first prompts."""
+        if seconds_per_token < self._best_s_per_token:
+            self._best_s_per_token = seconds_per_token
+            self.prefill_chunk = max(self.prefill_chunk, chunk_for(seconds_per_token, 1))
 
     def _admit(self) -> None:
         """Move waiting jobs into free slots, preferring the slot whose cache shares the longest prefix."""
@@ -356,6 +366,8 @@ class Scheduler:
             return
         finally:
             self.busy_s[phase] += time.perf_counter() - t0
+        if phase == "prefill" and not self.fixed_chunk and T >= 32:
+            self._refine_chunk((time.perf_counter() - t0) / T)
         if p is not None:
             p.tokens.extend(chunk)
             if not p.todo:

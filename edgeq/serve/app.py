@@ -124,7 +124,7 @@ class _EngineTime:
         yield CounterMetricFamily("edgeq_decode_rows", "sequences advanced by the decode passes, summed",
                                   value=self.sched.decode_rows)
         yield GaugeMetricFamily("edgeq_prefill_chunk_tokens", "prompt tokens evaluated per step at most (what fits "
-                                "in ~0.1 s on this machine, measured at warm-up)", value=self.sched.prefill_chunk)
+                                "in ~0.1 s on this machine, as measured so far)", value=self.sched.prefill_chunk)
 
 
 # ---------------------------------------------------------------- the guard (pure ASGI)
