@@ -169,6 +169,7 @@ async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
     if before is not None:  # where the server's time went: its own counters over the level
         after = metrics(srv.url)
         prefill, decode, mixed, steps, rows = (after.get(k, 0.0) - before.get(k, 0.0) for k in ENGINE)
+        row["chunk"] = after.get("edgeq_prefill_chunk_tokens")
         row["engine"] = {"wall": wall, "prefill_s": prefill, "decode_s": decode, "mixed_s": mixed, "steps": steps,
                          "rows": rows}
     return row
@@ -403,8 +404,8 @@ def main() -> int:
           "shares of the level's wall time; the mean number of decoding sequences per pass that carries them, and "
           "their rate (sequences advanced per second of those passes).\n")
     print("| clients | prompt chunks % | mixed % | decode batches % | other % | mean batch | decode-pass tok/s "
-          "| x own decode |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| x own decode | prompt chunk |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         e = r.get("engine")
         if e and e["wall"] > 0:
@@ -413,7 +414,7 @@ def main() -> int:
             rate = e["rows"] / busy if busy else float("nan")
             batch = e["rows"] / e["steps"] if e["steps"] else float("nan")
             print(f"| {r['clients']} | {100 * pf:.0f} | {100 * mx:.0f} | {100 * dc:.0f} | {100 * (1 - pf - mx - dc):.0f} "
-                  f"| {batch:.1f} | {rate:.1f} | {rate * decode_s:.2f} |")
+                  f"| {batch:.1f} | {rate:.1f} | {rate * decode_s:.2f} | {r.get('chunk') or 0:.0f} |")
     print()
     print("\n".join(verdicts(rows, decode_s)))
     return 0
