@@ -8,9 +8,9 @@ Each slot has its own KV cache, the slices of one KVPool (runtime/kv_cache.py). 
 (`arch.forward_batch`) over at most one prefill chunk (one slot's prompt, `prefill_chunk` tokens: by default as many
 as this machine evaluates in ~STEP_BUDGET_S, measured at warm-up and by the prompt passes that follow, so a long
 prompt never stalls the others for long, and a short one takes one pass, not several that each read every weight)
-and one token of every decoding slot: each weight matrix is read once for all of them, and the decoding slots attend in one kernel call per layer.
-New requests join between steps. A free slot whose cache starts with the new prompt's tokens is preferred, and only
-the rest is prefilled.
+and one token of every decoding slot: each weight matrix is read once for all of them, and the decoding slots
+attend in one kernel call per layer. New requests join between steps. A free slot whose cache starts with the new
+prompt's tokens is preferred, and only the rest is prefilled.
 """
 from __future__ import annotations
 
