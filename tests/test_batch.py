@@ -287,6 +287,27 @@ def test_prompt_passes_only_raise_the_chunk(model):
         fixed.stop()
 
 
+def test_a_prompt_alone_takes_the_largest_chunks(model, monkeypatch):
+    """With no sequence decoding, a prompt pass holds nobody back: a prompt longer than the measured chunk goes in
+    passes of MAX_CHUNK; a chunk the caller fixed is kept even then."""
+    calls = []
+    forward = model.arch.forward
+    monkeypatch.setattr(model.arch, "forward", lambda w, cfg, tokens, *a, **k: calls.append(len(tokens)) or forward(
+        w, cfg, tokens, *a, **k))
+    ids = model.chat_ids([{"role": "user", "content": " ".join(["seven"] * 120)}])[:100]
+    for fixed, expected in ((None, [100]), (32, [32, 32, 32, 4])):
+        sched = Scheduler(model, n_slots=1, n_ctx=160, prefill_chunk=fixed).start()
+        try:
+            assert sched.ready.wait(600)
+            if fixed is None:
+                sched.prefill_chunk = 32  # as measured on a slow machine
+            calls.clear()
+            _run(sched, [GenRequest(ids, 1, SamplingParams(temperature=0))])
+            assert calls == expected
+        finally:
+            sched.stop()
+
+
 def test_on_step_hands_over_each_steps_events(model):
     """A consumer that only buffers on_event's events and takes them in on_step (the server wakes its event loop
     once a step, not once a token) sees every event at the end of the step that made it: one token of each
