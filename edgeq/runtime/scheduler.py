@@ -369,9 +369,10 @@ class Scheduler:
                 self._fail(s, e)
             return
         finally:
-            self.busy_s[phase] += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self.busy_s[phase] += elapsed
         if phase == "prefill" and not self.fixed_chunk and T >= 32:
-            self._refine_chunk((time.perf_counter() - t0) / T)
+            self._refine_chunk(elapsed / T)
         if p is not None:
             p.tokens.extend(chunk)
             if not p.todo:

@@ -301,7 +301,6 @@ class Service:
     def submit(self, req: GenRequest):
         self._loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        lock = self._outbox_lock
         last = {"t": None}
         metrics = self.metrics
 
@@ -313,7 +312,7 @@ class Service:
                 last["t"] = now
             elif isinstance(ev, Done):
                 metrics.observe(ev)
-            with lock:
+            with self._outbox_lock:
                 self._outbox.append((queue, ev))
 
         try:
