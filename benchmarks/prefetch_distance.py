@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""The decode row dots' software prefetch distance (cpu_kernels/linear.py `_PREFETCH`), measured: every matrix of at
-least 2048 rows of a file, of each weight type asked for, through the single-token driver compiled once per distance
-in this process (no source edit), the distances alternated, medians of the passes, GB/s of weights read.
+"""The decode row dots' software prefetch, measured: every matrix of at least 2048 rows of a file, of each weight
+type asked for, through the single-token driver compiled once per variant in this process (no source edit), the
+variants alternated, medians of the passes, GB/s of weights read. Two kinds: a burst of a row's span D bytes ahead
+before each row (`--distances`, cpu_kernels/linear.py `_ROW_BURST`), and the row dot's own prefetch, a line D bytes
+ahead per 64 bytes as its block loop goes (`--in-loop`, cpu_kernels/simd.py `ROW_AHEAD`).
 
     python benchmarks/prefetch_distance.py ~/.cache/edgeq-bench/qwen3-1.7b-q4_k_m.gguf [--types Q4_K Q6_K]
-        [--distances 0 1024 1536 2048 4096] [--passes 5] [--mmap] [-t 2]
+        [--distances 0 1024 1536 2048 4096] [--in-loop 1536 2048] [--passes 5] [--mmap] [-t 2]
 
-F16/BF16 run through the half-precision decode driver (`_dot_half_template`). Distance 0: no prefetch (a start
-past any array, where the prefetch loops issue nothing).
+F16/BF16 run through the half-precision decode driver (`_dot_half_template`, its `_PREFETCH`), bursts only.
+Distance 0: no prefetch.
 --mmap: the weights on the file mapping (4 KiB pages) instead of read into huge pages (engine.read_weights).
 """
 from __future__ import annotations
@@ -24,17 +26,24 @@ from edgeq.cpu_kernels import simd
 from edgeq.formats.gguf_file import GGUFFile
 
 
-def variants(qtype: str, distances: list[int]) -> dict:
-    """distance -> the decode driver of qtype compiled with that _PREFETCH (0: 1 << 40, past any array)."""
+def variants(qtype: str, distances: list[int], inloop: list[int]) -> dict:
+    """label -> the decode driver of qtype: "D B" with a burst D bytes ahead before each row (row dots without their
+    own prefetch; 0: none), "in D" with the row dot's own prefetch D bytes ahead of each block (simd._row_dot's
+    `ahead`, no burst). F16/BF16: their driver's _PREFETCH (its own loop), bursts only."""
     if qtype in ("F16", "BF16"):  # full fastmath, as linear._HALF_ROWS
-        template, row_fn, fastmath = L._dot_half_template, L._half if qtype == "F16" else L._bf16_to_f32, True
-    else:
-        template, row_fn, fastmath = L._mm_template, simd.ROW_DOTS[qtype], L._FAST
-    return {d: L._specialize(template, qtype, row_fn, fastmath=fastmath, suffix=f"_pf{d}", _PREFETCH=d or 1 << 40)
-            for d in distances}
+        row_fn = L._half if qtype == "F16" else L._bf16_to_f32
+        return {f"{d} B": L._specialize(L._dot_half_template, qtype, row_fn, fastmath=True, suffix=f"_pf{d}",
+                                        _PREFETCH=d or 1 << 40) for d in distances}
+    plain = simd._row_dot(qtype, simd.BLOCK_IR[qtype])
+    out = {f"{d} B": L._specialize(L._mm_template, qtype, plain, fastmath=L._FAST, suffix=f"_pf{d}", _ROW_BURST=d)
+           for d in distances}
+    for d in inloop:
+        out[f"in {d}"] = L._specialize(L._mm_template, qtype, simd._row_dot(qtype, simd.BLOCK_IR[qtype], ahead=d),
+                                       fastmath=L._FAST, suffix=f"_in{d}", _ROW_BURST=0)
+    return out
 
 
-def measure(gf: GGUFFile, qtype: str, distances: list[int], passes: int) -> dict:
+def measure(gf: GGUFFile, qtype: str, distances: list[int], inloop: list[int], passes: int) -> dict:
     ts = [t for t in gf.tensors.values() if t.qtype == qtype and len(t.shape) == 2 and t.shape[0] >= 2048]
     if not ts:
         return {}
@@ -50,11 +59,11 @@ def measure(gf: GGUFFile, qtype: str, distances: list[int], passes: int) -> dict
                 for n in {t.shape[1] for t in ts}}
         e = L._no_out(1)
         calls = [(L._fused_weights([t.data])[0], t.shape[1], *acts[t.shape[1]], (o, e, e)) for t, o in zip(ts, outs)]
-    fns = variants(qtype, distances)
+    fns = variants(qtype, distances, inloop)
     for f in fns.values():
         f(*calls[0])  # compile
     nbytes = sum(t.nbytes for t in ts)
-    res = {d: [] for d in distances}
+    res = {d: [] for d in fns}
     for _ in range(passes):
         for d, f in fns.items():
             t0 = time.perf_counter()
@@ -69,6 +78,8 @@ def main() -> None:
     ap.add_argument("file")
     ap.add_argument("--types", nargs="*", default=None, help="weight types (default: every 2-D type in the file)")
     ap.add_argument("--distances", nargs="*", type=int, default=[0, 1024, 1536, 2048, 4096])
+    ap.add_argument("--in-loop", nargs="*", type=int, default=[], help="distances of the row dots' own prefetch, "
+                    "one per 64 bytes as the block loop goes (the row burst off); not for F16/BF16")
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--mmap", action="store_true", help="the weights on the file mapping, not in huge pages")
     ap.add_argument("-t", "--threads", type=int, default=2)
@@ -79,15 +90,18 @@ def main() -> None:
         gf.read_into_memory()
     types = a.types or sorted({t.qtype for t in gf.tensors.values() if len(t.shape) == 2})
     where = "file mapping" if a.mmap else "huge pages"
-    print(f"{gf.path}: {where}, {a.threads} threads, this CPU's _PREFETCH {L._PREFETCH}, GB/s (medians of {a.passes})")
-    print("| type | matrices | MB | " + " | ".join(f"{d} B" for d in a.distances) + " |")
-    print("|---|---|---|" + "---|" * len(a.distances))
+    print(f"{gf.path}: {where}, {a.threads} threads, this CPU's burst {L._ROW_BURST} (F16 {L._PREFETCH}), in-loop "
+          f"{simd.ROW_AHEAD}, GB/s (medians of {a.passes})")
+    labels = [f"{d} B" for d in a.distances] + [f"in {d}" for d in a.in_loop]
+    print("| type | matrices | MB | " + " | ".join(labels) + " |")
+    print("|---|---|---|" + "---|" * len(labels))
     for qtype in types:
         if qtype not in simd.ROW_DOTS and qtype not in ("F16", "BF16"):
             continue
-        r = measure(gf, qtype, a.distances, a.passes)
+        r = measure(gf, qtype, a.distances, a.in_loop, a.passes)
         if r:
-            print(f"| {qtype} | {r['matrices']} | {r['MB']:.0f} | " + " | ".join(f"{r[d]:.1f}" for d in a.distances)
+            print(f"| {qtype} | {r['matrices']} | {r['MB']:.0f} | " + " | ".join(f"{r[k]:.1f}" if k in r else "-"
+                                                                              for k in labels)
                   + " |", flush=True)
 
 

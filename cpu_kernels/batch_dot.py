@@ -95,6 +95,8 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 o = builder.mul(b, c(block_bytes))
+                for row in rows if simd.ROW_AHEAD else ():
+                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_AHEAD)
                 for row, racc in zip(rows, accs):
                     for acc, (aq, ad, ab) in zip(racc, acts):
                         block(x, acc, row, o, b, aq, ad, ab)
@@ -109,6 +111,12 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
 
 
 _row_fn = _block_elems = _block_bytes = None  # placeholders, bound per type by _specialize
+# The tiles' and lanes' dots prefetch as the single-row dots do (simd.ROW_AHEAD: a line per 64 bytes of each weight
+# row as the block loop goes, in place of the drivers' burst two tiles ahead): Gemma 3's 8-sequence step (its Q4_K /
+# Q6_K tiles, Q5_0 / Q8_0 lanes; `python benchmarks/serve_step.py --model gemma3-270m --batches 8 --threads 2`, the two
+# alternated) 28.0 / 27.1 -> 25.9 / 25.4 ms of CPU. SmolLM2's (its Q4_1 on the rows16 gathers below, which keep their
+# burst: a line per row every 2 or 4 blocks there measured 15.9 / 14.9 -> 17.6-18.4 / 15.3-15.9 ms) unchanged.
+_AHEAD = simd.ROW_AHEAD
 
 
 @njit(inline="always", **_JIT)
@@ -142,7 +150,8 @@ def _mmb_template(raws, n_in, qx, dx, bsums, outs):
     for g in prange(_n_tiles(outs, _MR)):
         m, r0, nr = _locate_tile(outs, g, _MR)
         raw, out = raws[m], outs[m]
-        _prefetch_row(raw, (r0 + 2 * _MR) * row_bytes, _MR * row_bytes)  # two tiles ahead: DRAM latency
+        if not _AHEAD:  # the row dots prefetch as they go where simd.ROW_AHEAD, else two tiles ahead: DRAM latency
+            _prefetch_row(raw, (r0 + 2 * _MR) * row_bytes, _MR * row_bytes)
         for t0 in range(0, T, _NT):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
 
@@ -247,6 +256,8 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
                       for k in range(8)]
                 dv = x.at(pd, builder.mul(b, c(4 * lanes)), VF)
                 sv = x.at(ps, builder.mul(b, c(4 * lanes)), VF)
+                for row in rows if simd.ROW_AHEAD else ():
+                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_AHEAD)
                 for row, (pf, pm) in zip(rows, accs):
                     codes, d, e = lane(x, row, o)
                     isum = builder.sitofp(lane_sums(x, codes, qv, row, o), VF)
@@ -374,7 +385,8 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
     for g in prange(_n_tiles(outs, _MR_LANES)):
         m, r0, nr = _locate_tile(outs, g, _MR_LANES)
         raw, out = raws[m], outs[m]
-        _prefetch_row(raw, (r0 + 2 * _MR_LANES) * row_bytes, _MR_LANES * row_bytes)
+        if not _AHEAD:
+            _prefetch_row(raw, (r0 + 2 * _MR_LANES) * row_bytes, _MR_LANES * row_bytes)
         for gi in range(G):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qxi[gi], dxi[gi], sxi[gi], gi * LANES, out, r0)
 

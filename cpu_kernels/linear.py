@@ -72,6 +72,8 @@ _TILE_BYTES = 4 << 20        # float32 weight tile for the prefill path of the t
 # weights in huge pages (engine.read_weights) Q4_K 20.0 -> 22.8 GB/s, Q6_K 22.3 -> 24.5, Q8_0 21.8 -> 26.1, F16
 # 23.4 -> 24.4; on the file mapping Q4_K 18.1 -> 18.9, Q8_0 21.3 -> 23.2 (1024 and 2048 within 1-5% of 1536)
 _PREFETCH = 1536 if proc_field("/proc/cpuinfo", "vendor_id") == "GenuineIntel" else 4096
+# the decode driver's burst before each row, where the row dots do not prefetch as they go (simd.ROW_AHEAD)
+_ROW_BURST = 0 if simd.ROW_AHEAD else _PREFETCH
 _GEMM_MIN_T = 6              # matmul rows from which dequantize + float GEMM beats the integer kernel
 
 
@@ -456,7 +458,8 @@ def _mm_template(raws, n_in, qx, dx, bsums, outs):
     for i in prange(_n_rows(outs)):
         m, r = _locate(outs, i)
         raw, out = raws[m], outs[m]
-        _prefetch_row(raw, r * row_bytes + _PREFETCH, row_bytes)
+        if _ROW_BURST:
+            _prefetch_row(raw, r * row_bytes + _ROW_BURST, row_bytes)
         for t in range(qx.shape[0]):
             out[t, r] = _row_fn(raw, r * row_bytes, nb, qx[t], dx[t], bsums[t])
 

@@ -41,6 +41,8 @@ from numba.extending import intrinsic
 
 from edgeq.formats.quants import KVALUES_IQ4NL, QTYPES
 
+from .host import proc_field
+
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
 
@@ -334,7 +336,17 @@ def data_ptrs(context, builder, signature, args, which) -> list:
             for i in which]
 
 
-def _row_dot(qtype: str, block):
+def _prefetch_ahead(x, row, o, span: int, ahead: int) -> None:
+    """Software prefetch into L1 (llvm.prefetch, locality 3: prefetcht0) of the `span` bytes `ahead` bytes past byte
+    offset `o` of the i8* `row`: one per 64-byte line, issued as the block loop reaches the bytes before them (never
+    faults, so reaching past the row or the matrix is harmless)."""
+    fn = cgutils.get_or_insert_function(x.mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+                                        "llvm.prefetch.p0i8")
+    for i in range(0, span, 64):
+        x.b.call(fn, [x.b.gep(row, [x.off(o, ahead + i)]), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
+def _row_dot(qtype: str, block, ahead: int = 0):
     """Numba intrinsic dot(raw, off, nb, qx, dx, bsums) -> float32 looping `block` over the row's nb blocks.
 
     block(x, acc, row, o, b, qx, dx, bsums): emit the IR of one block at byte offset `o` (i64) of the i8*
@@ -355,6 +367,10 @@ def _row_dot(qtype: str, block):
                 acc.shift = shift
                 block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
 
+            def fetch(b, blocks: int):  # the lines `ahead` of the `blocks` blocks from block b
+                if ahead:
+                    _prefetch_ahead(x, row, builder.mul(b, ir.Constant(I64, block_bytes)), blocks * block_bytes, ahead)
+
             if qtype in PAIR_IR:  # _ZMM: two blocks per 512-bit byte dot, two pairs (on other sums) per turn
                 def emit_pair(b, shift: int = 0):
                     acc.shift = shift
@@ -364,6 +380,7 @@ def _row_dot(qtype: str, block):
                 c = lambda v: ir.Constant(I64, v)  # noqa: E731
                 nb = args[2]
                 with cgutils.for_range(builder, builder.sdiv(nb, c(4))) as loop:
+                    fetch(builder.mul(loop.index, c(4)), 4)
                     for k in range(2):
                         emit_pair(builder.add(builder.mul(loop.index, c(4)), c(2 * k)), k)
                 rest = builder.srem(nb, c(4))
@@ -374,12 +391,14 @@ def _row_dot(qtype: str, block):
             elif qtype in _PAIRED:
                 two = ir.Constant(I64, 2)
                 with cgutils.for_range(builder, builder.sdiv(args[2], two)) as loop:
+                    fetch(builder.mul(loop.index, two), 2)
                     for k in range(2):
                         emit(builder.add(builder.mul(loop.index, two), ir.Constant(I64, k)), k)
                 with cgutils.for_range(builder, builder.srem(args[2], two)):  # an odd count's last block
                     emit(builder.sub(args[2], ir.Constant(I64, 1)))
             else:
                 with cgutils.for_range(builder, args[2]) as loop:
+                    fetch(loop.index, 1)
                     emit(loop.index)
             return acc.total()
         return sig, codegen
@@ -822,5 +841,16 @@ BLOCK_IR = {
     "Q8_0": _block_q8_0, "Q4_0": _block_q4_0, "Q4_1": _block_q4_1, "Q5_0": _block_q5_0, "Q5_1": _block_q5_1,
     "Q2_K": _block_q2_k, "Q3_K": _block_q3_k, "Q4_K": _block_q4_k, "Q5_K": _block_q5_k, "Q6_K": _block_q6_k,
     "IQ4_NL": _block_iq4_nl, "IQ4_XS": _block_iq4_xs}
+# Bytes ahead of each block that the decode row dots prefetch, a line per 64 bytes as their block loop goes (0: none;
+# linear._mm_template then prefetches a row's span ahead in one burst before each row). Intel (the Xeon, 2 threads,
+# every >= 2048-row matrix of the Qwen3-1.7B files in turn in huge pages, `python benchmarks/prefetch_distance.py FILE
+# --distances 1536 --in-loop 1024 1536 2048 2560`, medians of 9 passes): against the burst 1536 ahead, Q4_K 24.2 ->
+# 27.3 GB/s, Q6_K 27.0 -> 31.1, Q8_0 27.6 -> 31.8 (1536-2560 within 2-4% of each other; into L2 instead of L1:
+# Q4_K 25.8, Q6_K 28.8: linear._prefetch's note on L1 prefetches holds for a burst of a row's lines, not for one line
+# at a time). Decode (`edgeq bench FILE -p 16 -n 64 -t 2`, alternated): Qwen3-1.7B Q4_K_M 19.3 -> 22.0 t/s, Q8_0 13.8
+# -> 14.3, Llama-3.2-3B Q4_K_M 10.8 -> 12.5, Qwen2.5-0.5B Q4_K_M 43-47 -> 52-53, SmolLM2 135-140 -> 169-171, Gemma 3
+# 74-75 -> 76-78. The AMD hosts were measured with the burst only, so they keep it.
+ROW_AHEAD = 2048 if proc_field("/proc/cpuinfo", "vendor_id") == "GenuineIntel" else 0
+
 # qtype -> its row dot intrinsic
-ROW_DOTS = {qtype: _row_dot(qtype, block) for qtype, block in BLOCK_IR.items()}
+ROW_DOTS = {qtype: _row_dot(qtype, block, ROW_AHEAD) for qtype, block in BLOCK_IR.items()}
