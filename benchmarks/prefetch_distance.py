@@ -8,8 +8,8 @@ ahead per 64 bytes as its block loop goes (`--in-loop`, cpu_kernels/simd.py `ROW
     python benchmarks/prefetch_distance.py ~/.cache/edgeq-bench/qwen3-1.7b-q4_k_m.gguf [--types Q4_K Q6_K]
         [--distances 0 1024 1536 2048 4096] [--in-loop 1536 2048] [--passes 5] [--mmap] [-t 2]
 
-F16/BF16 run through the half-precision decode driver (`_dot_half_template`, its `_PREFETCH`), bursts only.
-Distance 0: no prefetch.
+F16/BF16: the bursts on the loop driver (`_dot_half_template`, its `_PREFETCH`), the in-loop distances on the vector-IR
+row dot (simd.HALF_DOTS, what decode runs). Distance 0: no prefetch.
 --mmap: the weights on the file mapping (4 KiB pages) instead of read into huge pages (engine.read_weights).
 """
 from __future__ import annotations
@@ -29,11 +29,16 @@ from edgeq.formats.gguf_file import GGUFFile
 def variants(qtype: str, distances: list[int], inloop: list[int]) -> dict:
     """label -> the decode driver of qtype: "D B" with a burst D bytes ahead before each row (row dots without their
     own prefetch; 0: none), "in D" with the row dot's own prefetch D bytes ahead of each block (simd._row_dot's
-    `ahead`, no burst). F16/BF16: their driver's _PREFETCH (its own loop), bursts only."""
-    if qtype in ("F16", "BF16"):  # full fastmath, as linear._HALF_ROWS
+    `ahead`, no burst). F16/BF16: bursts on the loop driver (`_dot_half_template`, its _PREFETCH), in-loop on the
+    vector-IR one (`_dot_half_ir_template`, simd._half_row_dot)."""
+    if qtype in ("F16", "BF16"):  # the loop template in full fastmath, as linear._HALF_ROWS where no HALF_DOTS
         row_fn = L._half if qtype == "F16" else L._bf16_to_f32
-        return {f"{d} B": L._specialize(L._dot_half_template, qtype, row_fn, fastmath=True, suffix=f"_pf{d}",
-                                        _PREFETCH=d or 1 << 40) for d in distances}
+        out = {f"{d} B": L._specialize(L._dot_half_template, qtype, row_fn, fastmath=True, suffix=f"_pf{d}",
+                                       _PREFETCH=d or 1 << 40) for d in distances}
+        for d in inloop if qtype in simd.HALF_DOTS and simd.ROW_AHEAD else ():
+            out[f"in {d}"] = L._specialize(L._dot_half_ir_template, qtype, simd._half_row_dot(qtype, d),
+                                           suffix=f"_in{d}")
+        return out
     plain = simd._row_dot(qtype, simd.BLOCK_IR[qtype])
     out = {f"{d} B": L._specialize(L._mm_template, qtype, plain, fastmath=L._FAST, suffix=f"_pf{d}", _ROW_BURST=d)
            for d in distances}
@@ -79,7 +84,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="*", default=None, help="weight types (default: every 2-D type in the file)")
     ap.add_argument("--distances", nargs="*", type=int, default=[0, 1024, 1536, 2048, 4096])
     ap.add_argument("--in-loop", nargs="*", type=int, default=[], help="distances of the row dots' own prefetch, "
-                    "one per 64 bytes as the block loop goes (the row burst off); not for F16/BF16")
+                    "one per 64 bytes as the block loop goes (the row burst off)")
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--mmap", action="store_true", help="the weights on the file mapping, not in huge pages")
     ap.add_argument("-t", "--threads", type=int, default=2)

@@ -696,8 +696,23 @@ class QuantLinear:
                 gemm_f32.gemm_f32(w, X, Y, r0)
 
 
+def _dot_half_ir_template(W, X, out):
+    """_dot_half_template with the row dot in vector IR (`_row_fn` = simd.HALF_DOTS[qtype], which prefetches as it
+    goes where simd.ROW_AHEAD; the burst before each row otherwise). The Qwen3-1.7B F16 file's >= 2048-row matrices
+    in turn, 2 threads, huge pages (Xeon): 24.0 -> 27.4-31.5 GB/s against the template above."""
+    R, n = W.shape
+    for g in prange((R + 3) // 4):
+        for i in range(4 * g, min(R, 4 * g + 4)):
+            if not simd.ROW_AHEAD:
+                for o in range(i * n + _PREFETCH // 2, min((i + 1) * n + _PREFETCH // 2, R * n), 32):
+                    _prefetch(W, o)
+            for t in range(X.shape[0]):
+                out[t, i] = _row_fn(W, i, X, t)
+
+
 # full fastmath: the k-loop reduction needs reassociation to vectorize
-_HALF_ROWS = {q: _specialize(_dot_half_template, q, conv, fastmath=True)
+_HALF_ROWS = {q: _specialize(_dot_half_ir_template, q, simd.HALF_DOTS[q]) if q in simd.HALF_DOTS else
+              _specialize(_dot_half_template, q, conv, fastmath=True)
               for q, conv in (("F16", _half), ("BF16", _bf16_to_f32))}
 
 

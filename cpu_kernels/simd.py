@@ -854,3 +854,60 @@ ROW_AHEAD = 2048 if proc_field("/proc/cpuinfo", "vendor_id") == "GenuineIntel" e
 
 # qtype -> its row dot intrinsic
 ROW_DOTS = {qtype: _row_dot(qtype, block, ROW_AHEAD) for qtype, block in BLOCK_IR.items()}
+
+
+def _half_row_dot(qtype: str, ahead: int):
+    """Numba intrinsic dot(W, i, X, t) -> float32: row i of W (R, n) uint16 F16/BF16 bits . row t of X (T, n) float32
+    (both C-contiguous; the caller keeps i < R, t < T). 64 weights a turn, converted 16 at a time (vcvtph2ps for F16;
+    BF16 the top half of a float32) into four vector sums, the lines `ahead` bytes on prefetched as the loop goes;
+    the last n % 64 one at a time. F16 needs hardware conversion (_HW_HALF)."""
+    bf16 = qtype == "BF16"
+    V, H = _vec(F32, 16), _vec(I16, 16)
+
+    def impl(typingctx, W, i, X, t):
+        sig = types.float32(W, types.intp, X, types.intp)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            c = lambda v: ir.Constant(I64, v)  # noqa: E731
+            aw, ax = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 2))
+            n = cgutils.unpack_tuple(builder, aw.shape, 2)[1]
+            w = builder.gep(builder.bitcast(aw.data, I8.as_pointer()),
+                            [builder.mul(args[1], cgutils.unpack_tuple(builder, aw.strides, 2)[0])])
+            xr = builder.gep(builder.bitcast(ax.data, I8.as_pointer()),
+                             [builder.mul(args[3], cgutils.unpack_tuple(builder, ax.strides, 2)[0])])
+
+            def conv(h):  # <16 x i16> or i16 bits -> float32s
+                vec = isinstance(h.type, ir.VectorType)
+                i32, f32 = (_vec(I32, 16), V) if vec else (I32, F32)
+                if bf16:
+                    return builder.bitcast(builder.shl(builder.zext(h, i32), ir.Constant(i32, [16] * 16 if vec else 16)),
+                                           f32)
+                return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), 16) if vec else ir.HalfType()), f32)
+            sums = [cgutils.alloca_once_value(builder, ir.Constant(V, None)) for _ in range(4)]
+            with cgutils.for_range(builder, builder.udiv(n, c(64))) as loop:
+                k0 = builder.mul(loop.index, c(64))
+                o = builder.mul(k0, c(2))  # byte offset in the row
+                if ahead:
+                    _prefetch_ahead(x, w, o, 128, ahead)
+                for u, p in enumerate(sums):
+                    xv = x.at(xr, builder.mul(builder.add(k0, c(16 * u)), c(4)), V)
+                    builder.store(x.intr("llvm.fma.v16f32", V, [conv(x.at(w, x.off(o, 32 * u), H)), xv,
+                                                               builder.load(p)]), p)
+            tot = builder.fadd(builder.fadd(builder.load(sums[0]), builder.load(sums[1])),
+                               builder.fadd(builder.load(sums[2]), builder.load(sums[3])))
+            for _ in range(4):
+                tot = builder.fadd(x.half_of(tot, 0), x.half_of(tot, 1))
+            rest = cgutils.alloca_once_value(builder, builder.extract_element(tot, ir.Constant(I32, 0)))
+            with cgutils.for_range_slice(builder, builder.sub(n, builder.urem(n, c(64))), n, c(1)) as (k, _):
+                f = conv(x.at(w, builder.mul(k, c(2)), I16))
+                builder.store(builder.fadd(builder.load(rest), builder.fmul(f, x.at(xr, builder.mul(k, c(4)), F32))), rest)
+            return builder.load(rest)
+        return sig, codegen
+    impl.__doc__ = f"{qtype} row . float32 row"
+    impl.__name__ = impl.__qualname__ = "dot_" + qtype.lower()
+    return intrinsic(impl)
+
+
+# F16/BF16 -> the decode row dot over the 16-bit weights in place (F16 where the CPU converts halves)
+HALF_DOTS = {q: _half_row_dot(q, ROW_AHEAD) for q in (("F16", "BF16") if _HW_HALF else ("BF16",))}
