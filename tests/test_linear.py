@@ -175,6 +175,31 @@ def test_memmap_view_is_used_without_copy(tmp_path):
     assert rel_err(q.matvec(x), W @ x) < 2e-2
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K"])
+def test_the_row_dots_prefetch_changes_no_bits(qtype):
+    """The decode row dots' prefetch as the block loop goes (simd.ROW_AHEAD) is emitted beside the block IR, never in
+    it: the same driver built with and without it gives the same bits (7 blocks: a 32-weight type's pair turns, its
+    last pair and its last block; the k-quants' loop of one super-block a turn)."""
+    from edgeq.cpu_kernels import linear as L
+    from edgeq.cpu_kernels import simd
+
+    n_in = max(BLOCKS[qtype][0], 32) * 7
+    raw, _ = make_weights(qtype, 19, n_in, seed=5)
+    X = np.random.default_rng(4).standard_normal((2, n_in)).astype(np.float32)
+    act = L._quantized(X, act_group(qtype))
+    ys = []
+    for ahead in (0, 1024):
+        mm = L._specialize(L._mm_template, qtype, simd._row_dot(qtype, simd.BLOCK_IR[qtype], ahead),
+                           suffix=f"_test_ahead{ahead}", _ROW_BURST=0)
+        y = np.empty((2, 19), np.float32)
+        L._run_fused(mm, [raw], n_in, *act, [y])
+        ys.append(y)
+    np.testing.assert_array_equal(ys[0], ys[1])
+    q = QuantLinear(raw, qtype, (19, n_in))
+    if q._mm is L._KERNELS[qtype][0]:  # the driver decode runs (not a one-row tile of batch_dot.ONE_ROW)
+        np.testing.assert_array_equal(q.matmul(X), ys[1])
+
+
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K", "F16"])
 def test_concurrent_calls_from_two_threads(qtype):
     raw, _ = make_weights(qtype, 300, 512)
@@ -230,8 +255,8 @@ for qtype in ("Q4_0", "Q6_K", "F16"):
     q.matvec(np.ones(n_in, np.float32))
     linear.embed_rows(raw, qtype, (8, n_in), [1, 2])                 # a decode step's few tokens: serial
     linear.embed_rows(raw, qtype, (8, n_in), np.arange(20) % 8)      # a prompt's: the parallel row dequantizer
-    # the decode driver in use, the two row dequantizers
-    for driver in (q._mm, linear._KERNELS[qtype][1], linear._ROWS_SERIAL[qtype]):
+    # the decode driver in use (F16: its half-row driver), the two row dequantizers
+    for driver in (q._mm or linear._HALF_ROWS.get(qtype), linear._KERNELS[qtype][1], linear._ROWS_SERIAL[qtype]):
         if driver is not None:
             s = driver.stats
             stats[driver.py_func.__qualname__] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
@@ -254,12 +279,13 @@ def test_generated_drivers_load_from_a_warm_cache(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    from edgeq.cpu_kernels import batch_dot
+    from edgeq.cpu_kernels import batch_dot, simd
 
     cold, warm = run(), run()
     mm_q4_0 = f"_mmb_q4_0_{batch_dot.ONE_ROW_TILES['Q4_0']}x1" if "Q4_0" in batch_dot.ONE_ROW_TILES else "_mm_q4_0"
-    names = {mm_q4_0, "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", "_rows_f16", "_rows_q4_0_serial", "_rows_q6_k_serial",
-             "_rows_f16_serial"}
+    half_f16 = "_dot_half_ir_f16" if "F16" in simd.HALF_DOTS else "_dot_half_f16"
+    names = {mm_q4_0, "_rows_q4_0", "_mm_q6_k", "_rows_q6_k", half_f16, "_rows_f16", "_rows_q4_0_serial",
+             "_rows_q6_k_serial", "_rows_f16_serial"}
     assert set(cold) == set(warm) == names
     assert all(misses >= 1 for _, misses in cold.values()), cold
     assert all(hits >= 1 and misses == 0 for hits, misses in warm.values()), warm
