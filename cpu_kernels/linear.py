@@ -710,7 +710,8 @@ def _dot_half_ir_template(W, X, out):
                 out[t, i] = _row_fn(W, i, X, t)
 
 
-# full fastmath: the k-loop reduction needs reassociation to vectorize
+# the vector-IR row dot where simd.HALF_DOTS has one, else the loop template in full fastmath (its k-loop reduction
+# needs reassociation to vectorize)
 _HALF_ROWS = {q: _specialize(_dot_half_ir_template, q, simd.HALF_DOTS[q]) if q in simd.HALF_DOTS else
               _specialize(_dot_half_template, q, conv, fastmath=True)
               for q, conv in (("F16", _half), ("BF16", _bf16_to_f32))}

@@ -845,7 +845,7 @@ BLOCK_IR = {
 # linear._mm_template then prefetches a row's span ahead in one burst before each row). Intel (the Xeon, 2 threads,
 # every >= 2048-row matrix of the Qwen3-1.7B files in turn in huge pages, `python benchmarks/prefetch_distance.py FILE
 # --distances 1536 --in-loop 1024 1536 2048 2560`, medians of 9 passes): against the burst 1536 ahead, Q4_K 24.2 ->
-# 27.3 GB/s, Q6_K 27.0 -> 31.1, Q8_0 27.6 -> 31.8 (1536-2560 within 2-4% of each other; into L2 instead of L1:
+# 27.7 GB/s, Q6_K 27.0 -> 31.1, Q8_0 27.6 -> 31.8 (1536-2560 within 2-4% of each other; into L2 instead of L1:
 # Q4_K 25.8, Q6_K 28.8: linear._prefetch's note on L1 prefetches holds for a burst of a row's lines, not for one line
 # at a time). Decode (`edgeq bench FILE -p 16 -n 64 -t 2`, alternated): Qwen3-1.7B Q4_K_M 19.3 -> 22.0 t/s, Q8_0 13.8
 # -> 14.3, Llama-3.2-3B Q4_K_M 10.8 -> 12.5, Qwen2.5-0.5B Q4_K_M 43-47 -> 52-53, SmolLM2 135-140 -> 169-171, Gemma 3
