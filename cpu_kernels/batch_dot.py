@@ -95,7 +95,7 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 o = builder.mul(b, c(block_bytes))
-                for row in rows if simd.ROW_AHEAD else ():
+                for row in rows:
                     simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_AHEAD)
                 for row, racc in zip(rows, accs):
                     for acc, (aq, ad, ab) in zip(racc, acts):
@@ -116,7 +116,6 @@ _row_fn = _block_elems = _block_bytes = None  # placeholders, bound per type by 
 # Q6_K tiles, Q5_0 / Q8_0 lanes; `python benchmarks/serve_step.py --model gemma3-270m --batches 8 --threads 2`, the two
 # alternated) 28.0 / 27.1 -> 25.9 / 25.4 ms of CPU. SmolLM2's (its Q4_1 on the rows16 gathers below, which keep their
 # burst: a line per row every 2 or 4 blocks there measured 15.9 / 14.9 -> 17.6-18.4 / 15.3-15.9 ms) unchanged.
-_AHEAD = simd.ROW_AHEAD
 
 
 @njit(inline="always", **_JIT)
@@ -150,7 +149,7 @@ def _mmb_template(raws, n_in, qx, dx, bsums, outs):
     for g in prange(_n_tiles(outs, _MR)):
         m, r0, nr = _locate_tile(outs, g, _MR)
         raw, out = raws[m], outs[m]
-        if not _AHEAD:  # the row dots prefetch as they go where simd.ROW_AHEAD, else two tiles ahead: DRAM latency
+        if not simd.ROW_AHEAD:  # the row dots prefetch as they go where they can, else two tiles ahead: DRAM latency
             _prefetch_row(raw, (r0 + 2 * _MR) * row_bytes, _MR * row_bytes)
         for t0 in range(0, T, _NT):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
@@ -256,7 +255,7 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
                       for k in range(8)]
                 dv = x.at(pd, builder.mul(b, c(4 * lanes)), VF)
                 sv = x.at(ps, builder.mul(b, c(4 * lanes)), VF)
-                for row in rows if simd.ROW_AHEAD else ():
+                for row in rows:
                     simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_AHEAD)
                 for row, (pf, pm) in zip(rows, accs):
                     codes, d, e = lane(x, row, o)
@@ -385,7 +384,7 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
     for g in prange(_n_tiles(outs, _MR_LANES)):
         m, r0, nr = _locate_tile(outs, g, _MR_LANES)
         raw, out = raws[m], outs[m]
-        if not _AHEAD:
+        if not simd.ROW_AHEAD:
             _prefetch_row(raw, (r0 + 2 * _MR_LANES) * row_bytes, _MR_LANES * row_bytes)
         for gi in range(G):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qxi[gi], dxi[gi], sxi[gi], gi * LANES, out, r0)

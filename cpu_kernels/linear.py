@@ -512,16 +512,22 @@ _SERIAL_IDS = 16
 # F16/BF16 matrices in decode (a few activation rows): each weight row converted in registers as it is read
 # (vcvtph2ps on x86) and dotted with the float32 activations: one pass over the weights, none of the float32
 # tile that prefill's dequantize + GEMM writes and reads again (which held 1.7B F16 decode at 27% of the bound).
+@njit(inline="always", **_JIT)
+def _prefetch_half_row(W, i, ahead):
+    """Row i of the 16-bit weights W (R, n) `ahead` bytes on into L2, a 64-byte line (32 halves) at a time: the
+    big matrices of a Qwen3-1.7B F16 file 18.0 -> 22.5 GB/s on the file mapping, 22.6 -> 24.4 in huge pages (Xeon)."""
+    R, n = W.shape
+    for o in range(i * n + ahead // 2, min((i + 1) * n + ahead // 2, R * n), 32):
+        _prefetch(W, o)
+
+
 def _dot_half_template(W, X, out):
     """out (T, R) = X (T, n) . W^T for W (R, n) 16-bit floats (bits), `_row_fn` their conversion (bound by
     _specialize: _half for F16, _bf16_to_f32 for BF16)."""
     R, n = W.shape
     for g in prange((R + 3) // 4):
         for i in range(4 * g, min(R, 4 * g + 4)):
-            # the weights _PREFETCH bytes ahead into L2, a 64-byte line (32 halves) at a time: the big matrices
-            # of a Qwen3-1.7B F16 file 18.0 -> 22.5 GB/s on the file mapping, 22.6 -> 24.4 in huge pages (Xeon)
-            for o in range(i * n + _PREFETCH // 2, min((i + 1) * n + _PREFETCH // 2, R * n), 32):
-                _prefetch(W, o)
+            _prefetch_half_row(W, i, _PREFETCH)  # a template global: prefetch_distance.py sets its own
             w = W[i]
             for t in range(X.shape[0]):
                 x = X[t]
@@ -700,12 +706,11 @@ def _dot_half_ir_template(W, X, out):
     """_dot_half_template with the row dot in vector IR (`_row_fn` = simd.HALF_DOTS[qtype], which prefetches as it
     goes where simd.ROW_AHEAD; the burst before each row otherwise). The Qwen3-1.7B F16 file's >= 2048-row matrices
     in turn, 2 threads, huge pages (Xeon): 24.0 -> 27.4-31.5 GB/s against the template above."""
-    R, n = W.shape
+    R = W.shape[0]
     for g in prange((R + 3) // 4):
         for i in range(4 * g, min(R, 4 * g + 4)):
             if not simd.ROW_AHEAD:
-                for o in range(i * n + _PREFETCH // 2, min((i + 1) * n + _PREFETCH // 2, R * n), 32):
-                    _prefetch(W, o)
+                _prefetch_half_row(W, i, _PREFETCH)
             for t in range(X.shape[0]):
                 out[t, i] = _row_fn(W, i, X, t)
 

@@ -339,7 +339,9 @@ def data_ptrs(context, builder, signature, args, which) -> list:
 def _prefetch_ahead(x, row, o, span: int, ahead: int) -> None:
     """Software prefetch into L1 (llvm.prefetch, locality 3: prefetcht0) of the `span` bytes `ahead` bytes past byte
     offset `o` of the i8* `row`: one per 64-byte line, issued as the block loop reaches the bytes before them (never
-    faults, so reaching past the row or the matrix is harmless)."""
+    faults, so reaching past the row or the matrix is harmless). ahead 0: none."""
+    if not ahead:
+        return
     fn = cgutils.get_or_insert_function(x.mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
                                         "llvm.prefetch.p0i8")
     for i in range(0, span, 64):
@@ -368,8 +370,7 @@ def _row_dot(qtype: str, block, ahead: int = 0):
                 block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
 
             def fetch(b, blocks: int):  # the lines `ahead` of the `blocks` blocks from block b
-                if ahead:
-                    _prefetch_ahead(x, row, builder.mul(b, ir.Constant(I64, block_bytes)), blocks * block_bytes, ahead)
+                _prefetch_ahead(x, row, builder.mul(b, ir.Constant(I64, block_bytes)), blocks * block_bytes, ahead)
 
             if qtype in PAIR_IR:  # _ZMM: two blocks per 512-bit byte dot, two pairs (on other sums) per turn
                 def emit_pair(b, shift: int = 0):
@@ -888,8 +889,7 @@ def _half_row_dot(qtype: str, ahead: int):
             with cgutils.for_range(builder, builder.udiv(n, c(64))) as loop:
                 k0 = builder.mul(loop.index, c(64))
                 o = builder.mul(k0, c(2))  # byte offset in the row
-                if ahead:
-                    _prefetch_ahead(x, w, o, 128, ahead)
+                _prefetch_ahead(x, w, o, 128, ahead)
                 for u, p in enumerate(sums):
                     xv = x.at(xr, builder.mul(builder.add(k0, c(16 * u)), c(4)), V)
                     builder.store(x.intr("llvm.fma.v16f32", V, [conv(x.at(w, x.off(o, 32 * u), H)), xv,
