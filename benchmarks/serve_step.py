@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""What one step of the server's scheduler costs, without HTTP: the Scheduler driven directly in this thread.
+"""What one step of the server's scheduler costs, without HTTP: the Scheduler driven directly in this thread (or,
+--thread, in a thread of its own as in the server).
 
     python benchmarks/serve_step.py [--model smollm2-135m-instruct] [--threads 1] [--batches 1,2,4,8]
+        [--thread [--keep-pool]]
 
 For each batch size N: N chat prompts of ~--prompt-tokens tokens are prefilled (chunked, as the server does), then
 decoded together for --gen-tokens steps; a decode step is split into the batched forward (`forward_batch`), choosing
@@ -123,6 +125,25 @@ def own_decode(m, a) -> tuple[float, float]:
     return (time.thread_time() - c) / a.gen_tokens, (time.perf_counter() - w) / a.gen_tokens
 
 
+def in_thread(m, n: int, a) -> dict:
+    """measure() in a thread of its own, as the server runs its scheduler (Scheduler.start): this thread's OpenMP
+    workers released first, as Scheduler.start does, or kept (--keep-pool: what the server did before)."""
+    import threading
+
+    from edgeq.runtime import omp
+
+    if not a.keep_pool:
+        omp.release()
+    out: dict = {}
+    def run():
+        m._set_threads()  # Numba's thread count is per calling thread
+        out.update(measure(m, n, a))
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -133,6 +154,9 @@ def main() -> int:
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--parts", action="store_true", help="split forward_batch's CPU time by part (norms, products, "
                    "attention ...): the decode steps' table after the main one")
+    p.add_argument("--thread", action="store_true", help="drive the scheduler from a thread of its own, as the "
+                   "server does (after releasing this thread's OpenMP workers, as Scheduler.start does)")
+    p.add_argument("--keep-pool", action="store_true", help="with --thread: keep this thread's OpenMP workers")
     a = p.parse_args()
     if a.parts:
         wrap_parts()
@@ -143,7 +167,8 @@ def main() -> int:
     rows = []
     for n in a.batches.split(","):  # own decode measured next to each level: a shared machine's load drifts
         dec_cpu, dec_wall = own_decode(m, a)
-        rows.append({**measure(m, int(n), a), "own_cpu": dec_cpu, "own_wall": dec_wall})
+        rows.append({**(in_thread(m, int(n), a) if a.thread else measure(m, int(n), a)), "own_cpu": dec_cpu,
+                     "own_wall": dec_wall})
     print(f"\nmodel {m.path.name}, {a.threads} thread(s), ~{a.prompt_tokens} prompt tokens, {a.gen_tokens} generated\n")
     print("| sequences | own decode CPU ms/token | step CPU ms | forward_batch | choose tokens | other | step wall ms "
           "| agg tok/s (CPU) | vs own decode | prefill CPU ms/token |")

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from edgeq.errors import ContextError, EdgeqError
+from edgeq.runtime import omp
 from edgeq.runtime.engine import split_stop
 from edgeq.runtime.sampling import Sampler, SamplingParams
 
@@ -178,6 +179,10 @@ class Scheduler:
         return sum(s.cache.nbytes for s in self.slots)
 
     def start(self) -> "Scheduler":
+        # the forward passes move to the scheduler thread: the OpenMP workers this thread's kernels (the model's
+        # warm-up) left would outnumber the CPUs beside the scheduler thread's, and every kernel would wait for a
+        # sleeping worker (runtime/omp.py)
+        omp.release()
         self._thread = threading.Thread(target=self._run, name="edgeq-scheduler", daemon=True)
         self._thread.start()
         return self
