@@ -67,3 +67,17 @@ def model(smollm2_path):
     from edgeq.runtime.engine import load
 
     return load(smollm2_path, n_ctx=256, threads=2)
+
+
+def test_a_generation_leaves_no_idle_workers_behind(model, monkeypatch):
+    """A generation's end frees its thread's OpenMP workers: the next may come from another thread (an app's worker
+    threads, the TUI's), whose kernels would otherwise wait on them."""
+    from edgeq.runtime import engine
+
+    calls = []
+    monkeypatch.setattr(engine.omp, "release", lambda: calls.append(threading.get_ident()) or True)
+    out = []
+    t = threading.Thread(target=lambda: out.append("".join(model.generate("Hi", max_tokens=3, temperature=0))))
+    t.start()
+    t.join()
+    assert out and calls == [t.ident]
