@@ -1,4 +1,5 @@
-"""runtime/omp.py: a thread lets its OpenMP workers go, and Scheduler.start lets the starting thread's go."""
+"""runtime/omp.py: a thread lets its OpenMP workers go; Scheduler.start lets the starting thread's go, and a
+generation its own thread's as it ends."""
 import os
 import threading
 import time
@@ -48,6 +49,13 @@ def test_release_frees_the_calling_threads_workers_and_kernels_still_run():
     np.testing.assert_array_equal(x, 2 * np.arange(64))
 
 
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    from edgeq.runtime.engine import load
+
+    return load(smollm2_path, n_ctx=256, threads=2)
+
+
 def test_scheduler_start_releases_the_starting_threads_workers(model, monkeypatch):
     """The forward passes move to the scheduler thread: the thread that starts it lets its workers go first, or
     the two pools outnumber 2 CPUs and every kernel waits for a sleeping worker (omp's docstring)."""
@@ -60,13 +68,6 @@ def test_scheduler_start_releases_the_starting_threads_workers(model, monkeypatc
         assert calls == [threading.get_ident()]
     finally:
         sched.stop()
-
-
-@pytest.fixture(scope="module")
-def model(smollm2_path):
-    from edgeq.runtime.engine import load
-
-    return load(smollm2_path, n_ctx=256, threads=2)
 
 
 def test_a_generation_leaves_no_idle_workers_behind(model, monkeypatch):

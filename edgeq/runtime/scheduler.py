@@ -179,9 +179,9 @@ class Scheduler:
         return sum(s.cache.nbytes for s in self.slots)
 
     def start(self) -> "Scheduler":
-        # the forward passes move to the scheduler thread: the OpenMP workers this thread's kernels (the model's
-        # warm-up) left would outnumber the CPUs beside the scheduler thread's, and every kernel would wait for a
-        # sleeping worker (runtime/omp.py)
+        # the forward passes move to the scheduler thread: OpenMP workers left by kernels this thread ran before
+        # (a forward pass, a generation) would outnumber the CPUs beside the scheduler thread's, and every kernel
+        # would wait for a sleeping worker (runtime/omp.py)
         omp.release()
         self._thread = threading.Thread(target=self._run, name="edgeq-scheduler", daemon=True)
         self._thread.start()
