@@ -34,7 +34,10 @@ from edgeq.runtime.reasoning import ThinkSplitter, split_reasoning
 from edgeq.text import safe_line, safe_terminal_text
 from edgeq.tui.history import ChatSettings, History
 
-BATCH_S = 0.05   # how often streamed pieces are pushed to the UI
+# how often streamed pieces are pushed to the UI: each push renders in the app's thread beside the two compute threads
+# (SmolLM2 on 2 cores, a real terminal: 81 tok/s streamed at 0.05 s, 93 at 0.1; Model.chat alone 150-160;
+# benchmarks/chat_speed.py --batch-s)
+BATCH_S = 0.1
 
 
 def describe_error(e: BaseException) -> str:
