@@ -437,7 +437,7 @@ class Model:
                 stats["gen_tokens"] = n
                 stats["gen_s"] = time.perf_counter() - t1
                 # the next generation may run in another thread: this one's idle OpenMP workers would make each of
-                # its kernels wait (runtime/omp.py); ~75 us to free them and start anew
+                # its kernels wait (runtime/omp.py); ~55 us to free them and start anew
                 omp.release()
 
 

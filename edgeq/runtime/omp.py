@@ -9,7 +9,7 @@ the same thread) took 18.1 ms a step for one sequence and 25.9-26.8 ms for eight
 thread's workers released (SmolLM2, 2 threads: `python benchmarks/serve_step.py --batches 1,8 --threads 2 --thread
 [--keep-pool]`). `edgeq serve` loads the model without a parallel kernel in its main thread and was not slowed.
 `release()` in the thread that hands its kernels over frees its pool: Scheduler.start calls it, and every
-generation (Model.generate / chat) at its end, since the next may come from another thread (~75 us to free a pool
+generation (Model.generate / chat) at its end, since the next may come from another thread (~55 us to free a pool
 and start the next).
 """
 from __future__ import annotations
@@ -22,15 +22,23 @@ _LIBRARIES = ("libgomp.so.1", "libomp.so", "libomp.dylib", "libiomp5.so")
 _PAUSE_SOFT = 1  # omp_pause_soft: the runtime frees its threads, keeps its state
 
 
-def _runtime():
-    for name in _LIBRARIES:
-        try:
-            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD) if hasattr(os, "RTLD_NOLOAD") else None
-        except OSError:
-            continue
-        if lib is not None and hasattr(lib, "omp_pause_resource_all"):
-            return lib
-    return None
+_pause = None  # omp_pause_resource_all of the loaded runtime, once found
+
+
+def _pause_all():
+    """The loaded OpenMP runtime's omp_pause_resource_all, looked up once it is there (None until then: the runtime
+    loads with the first parallel kernel)."""
+    global _pause
+    if _pause is None and hasattr(os, "RTLD_NOLOAD"):
+        for name in _LIBRARIES:
+            try:
+                fn = ctypes.CDLL(name, mode=os.RTLD_NOLOAD).omp_pause_resource_all
+            except (OSError, AttributeError):
+                continue
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            _pause = fn
+            break
+    return _pause
 
 
 def release() -> bool:
@@ -38,9 +46,5 @@ def release() -> bool:
     next parallel kernel this thread starts makes a new pool. Call it where a thread is done launching kernels and
     another takes over. False where no loaded OpenMP runtime has it (another threading layer, an old runtime) or it
     refused (the caller is inside a parallel region)."""
-    lib = _runtime()
-    if lib is None:
-        return False
-    lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-    lib.omp_pause_resource_all.restype = ctypes.c_int
-    return lib.omp_pause_resource_all(_PAUSE_SOFT) == 0
+    fn = _pause_all()
+    return fn is not None and fn(_PAUSE_SOFT) == 0
