@@ -17,7 +17,6 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from edgeq.errors import ContextError, EdgeqError
-from edgeq.runtime import omp
 from edgeq.runtime.sampling import Sampler, SamplingParams
 
 # tokens per forward call during prefill. 256, not 512: a 512-token call's activations (Qwen2.5-0.5B: gate and up
@@ -436,9 +435,6 @@ class Model:
             finally:
                 stats["gen_tokens"] = n
                 stats["gen_s"] = time.perf_counter() - t1
-                # the next generation may run in another thread: this one's idle OpenMP workers would make each of
-                # its kernels wait (runtime/omp.py); ~55 us to free them and start anew
-                omp.release()
 
 
 def split_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:

@@ -8,9 +8,8 @@ from its own thread after the model had decoded in the main thread (as `start_se
 the same thread) took 18.1 ms a step for one sequence and 25.9-26.8 ms for eight, against 6.9 and 15.2 with that
 thread's workers released (SmolLM2, 2 threads: `python benchmarks/serve_step.py --batches 1,8 --threads 2 --thread
 [--keep-pool]`). `edgeq serve` loads the model without a parallel kernel in its main thread and was not slowed.
-`release()` in the thread that hands its kernels over frees its pool: Scheduler.start calls it, and every
-generation (Model.generate / chat) at its end, since the next may come from another thread (~55 us to free a pool
-and start the next).
+`release()` in the thread that hands its kernels over frees its pool (Scheduler.start calls it; ~20 us, and ~33 us
+for that thread's next kernel to start a new one).
 """
 from __future__ import annotations
 
