@@ -320,3 +320,97 @@ def softmax(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(x2)
     _softmax(x2, out)
     return out.reshape(x.shape)
+
+
+# ---------------------------------------------------------------- sampling: top-k, top-p, min-p, temperature, draw
+_POOL = 64  # the top-k prefilter's pools (runtime/sampling._top_k_indices, its numpy twin)
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _insert_top(vals, ids, cnt, k, v, i):
+    """Insert (v, i) into vals/ids[:cnt], ordered by value (largest first) then index (lowest first), keeping at
+    most k; -> the new count."""
+    if cnt == k and not (v > vals[k - 1] or (v == vals[k - 1] and i < ids[k - 1])):
+        return cnt
+    j = min(cnt, k - 1)
+    while j > 0 and (v > vals[j - 1] or (v == vals[j - 1] and i < ids[j - 1])):
+        vals[j] = vals[j - 1]
+        ids[j] = ids[j - 1]
+        j -= 1
+    vals[j] = v
+    ids[j] = i
+    return min(cnt + 1, k)
+
+
+@njit(cache=True, nogil=True)
+def sample_top_k(logits, k, top_p, min_p, temperature, u):
+    """One draw of runtime/sampling.Sampler's chain after the penalties, in one call: the k largest logits, best
+    first (ties by index), then top-p, min-p, temperature and the draw by the uniform number u (numpy's
+    Generator.choice with p: the cumulative weights over their total, the first one > u). 0 < k < len(logits).
+    Large vocabularies take a max-pooled prefilter (as `_top_k_indices`): the k-th largest of 64-strided pools'
+    maxima bounds the k-th largest logit from below, so only the pools reaching it are scanned. Plain loops only
+    (numpy's sort, partition and searchsorted would add seconds to a first run's compile). Returns the token, or
+    -1 when a kept logit is NaN or the best is not finite (the caller's numpy path decides those). No fastmath:
+    NaN and inf compare as numpy's do."""
+    n = logits.shape[0]
+    vals = np.empty(k, np.float32)
+    ids = np.empty(k, np.int64)
+    cnt = 0
+    if n % _POOL == 0 and n >= 8 * _POOL * k:
+        w = n // _POOL
+        pooled = logits[:w].copy()
+        for j in range(1, _POOL):
+            row = logits[j * w:(j + 1) * w]
+            for i in range(w):
+                if row[i] > pooled[i]:
+                    pooled[i] = row[i]
+        for i in range(w):  # the k largest pool maxima; m: the k-th
+            cnt = _insert_top(vals, ids, cnt, k, pooled[i], i)
+        m = vals[k - 1]
+        cnt = 0
+        for i in range(w):
+            if pooled[i] >= m:
+                for j in range(_POOL):
+                    v = logits[j * w + i]
+                    if v >= m:
+                        cnt = _insert_top(vals, ids, cnt, k, v, j * w + i)
+    else:
+        for i in range(n):
+            cnt = _insert_top(vals, ids, cnt, k, logits[i], i)
+    c0 = np.float64(vals[0])
+    if c0 != c0 or c0 == np.inf or c0 == -np.inf:
+        return -1
+    probs = np.empty(cnt, np.float64)
+    tot = 0.0
+    for i in range(cnt):
+        if vals[i] != vals[i]:
+            return -1
+        probs[i] = math.exp(np.float64(vals[i]) - c0)
+        tot += probs[i]
+    keep = cnt
+    if top_p < 1.0:
+        cum = 0.0
+        for i in range(cnt):
+            cum += probs[i] / tot
+            if cum >= top_p:
+                keep = i + 1
+                break
+    if min_p > 0.0:
+        lim = min_p * (probs[0] / tot)
+        j = 0
+        while j < keep and probs[j] / tot >= lim:
+            j += 1
+        keep = j
+    wts = np.empty(keep, np.float64)
+    tot = 0.0
+    for i in range(keep):
+        wts[i] = math.exp((np.float64(vals[i]) - c0) / temperature)
+        tot += wts[i]
+    cum = 0.0
+    for i in range(keep):  # cumulative weights over their total, then over the last (numpy's choice)
+        cum += wts[i] / tot
+        wts[i] = cum
+    for i in range(keep):
+        if wts[i] / wts[keep - 1] > u:
+            return ids[i]
+    return ids[keep - 1]

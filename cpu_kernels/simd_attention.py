@@ -25,7 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .ops import EXP2_POLY, LOG2E
-from .simd import _ZMM, F32, I8, I64, _IR, _vec, data_ptrs
+from .simd import _ZMM, F32, I8, I32, I64, _IR, _vec, data_ptrs
 
 V32 = _vec(F32, 32)
 UNROLL = 4
@@ -185,6 +185,110 @@ def block_wsum(typingctx, p, a, z, v, acc):
     return sig, codegen
 
 
+def _tree_steps():
+    """The lane shuffles that add 16 vectors of 16 partial sums (one vector per position) into one vector of their 16
+    totals: pairs are combined as they arrive (at most five vectors a row live), level l halving each position's
+    lanes (8, 4, 2, 1 lanes kept). Returns (lo, hi) index lists per level and the final lane of each position."""
+    def combine(x, y, h):
+        lo, hi = [], []
+        for s in range(16 // (2 * h)):
+            lo += [s * 2 * h + t for t in range(h)] + [16 + s * 2 * h + t for t in range(h)]
+            hi += [s * 2 * h + h + t for t in range(h)] + [16 + s * 2 * h + h + t for t in range(h)]
+        xy = x + y
+        return [xy[a] | xy[b] for a, b in zip(lo, hi)], lo, hi
+
+    levels = {}
+    stack = []
+    for p in range(16):
+        v, lvl = [frozenset({(p, lane)}) for lane in range(16)], 0
+        while stack and stack[-1][1] == lvl:
+            u, _ = stack.pop()
+            v, lo, hi = combine(u, v, 8 >> lvl)
+            levels[lvl] = (lo, hi)
+            lvl += 1
+        stack.append((v, lvl))
+    (final, _), = stack
+    where = {}
+    for lane, parts in enumerate(final):
+        (pos,) = {p for p, _ in parts}
+        assert len(parts) == 16  # every lane of that position's vector, once
+        where[pos] = lane
+    return [levels[lvl] for lvl in range(4)], [where[p] for p in range(16)]
+
+
+_TREE, _TREE_ORDER = _tree_steps()
+V16 = _vec(F32, 16)
+
+
+def _scores_q8_rows(rows: int):
+    """scores_q8 for `rows` query rows at once, 16 positions per pass: out[r0 + r, col0 + i] = q[r0 + r] . row(slot i)
+    for i < n_pos, r < rows (q (R, D), out (R, W) C-contiguous float32; columns outside col0..col0+n_pos-1 untouched).
+    Each position's codes are converted to float and scaled once for all rows; each row's products over D are kept
+    as 16 lanes and the 16 positions' vectors added lane-wise into one vector of 16 scores (_tree_steps), instead of
+    a horizontal sum per position and row. A row's values do not depend on `rows`."""
+    @intrinsic
+    def scores_q8_rows(typingctx, codes, scales, base, nslots, s_first, n_pos, q, r0, out, col0):
+        ip = types.intp
+        sig = types.void(codes, scales, ip, ip, ip, ip, q, ip, out, ip)
+
+        def codegen(context, builder, signature, args):
+            x = _IR(builder)
+            b = builder
+            pc, ps, pq, po = data_ptrs(context, b, signature, args, (0, 1, 6, 8))
+            base, nslots, s_first, r0, col0 = args[2], args[3], args[4], args[7], args[9]
+            n_pos = _non_negative(b, args[5])
+            D = _dim(context, b, signature, args, 6, 1)
+            W = _dim(context, b, signature, args, 8, 1)
+            nbd = b.udiv(D, _c(32))
+            q_rows = [b.mul(b.mul(b.add(r0, _c(r)), D), _c(4)) for r in range(rows)]
+            o_rows = [b.mul(b.add(b.mul(b.add(r0, _c(r)), W), col0), _c(4)) for r in range(rows)]
+            accs = [cgutils.alloca_once(b, V32) for _ in range(rows)]
+            tmp = cgutils.alloca_once(b, V16)
+            n_grp = b.udiv(b.add(n_pos, _c(15)), _c(16))
+            with cgutils.for_range(b, n_grp) as grp:
+                i0 = b.mul(grp.index, _c(16))
+                stacks = [[] for _ in range(rows)]
+                for j in range(16):
+                    i = b.add(i0, _c(j))
+                    i = b.select(b.icmp_unsigned("<", i, n_pos), i, _c(0))  # past the end: any valid row, not stored
+                    row = _kv_row(b, base, nslots, s_first, i)
+                    for acc in accs:
+                        b.store(ir.Constant(V32, None), acc)
+                    with cgutils.for_range(b, nbd) as chunk:
+                        vals, scale = _q8_chunk(x, pc, ps, row, D, nbd, chunk.index)
+                        vals = b.fmul(vals, x.splat(scale, 32))
+                        for qr, acc in zip(q_rows, accs):
+                            qv = x.at(pq, b.add(qr, b.mul(chunk.index, _c(128))), V32)
+                            b.store(x.intr("llvm.fma.v32f32", V32, [vals, qv, b.load(acc)]), acc)
+                    for stack, acc in zip(stacks, accs):
+                        a = b.load(acc)
+                        v, lvl = b.fadd(x.half_of(a, 0), x.half_of(a, 1)), 0
+                        while stack and stack[-1][1] == lvl:
+                            u, _ = stack.pop()
+                            lo, hi = _TREE[lvl]
+                            v = b.fadd(b.shuffle_vector(u, v, ir.Constant(_vec(I32, 16), lo)),
+                                       b.shuffle_vector(u, v, ir.Constant(_vec(I32, 16), hi)))
+                            lvl += 1
+                        stack.append((v, lvl))
+                left = b.sub(n_pos, i0)
+                for stack, orow in zip(stacks, o_rows):
+                    (v, _), = stack
+                    v = b.shuffle_vector(v, ir.Constant(V16, ir.Undefined), ir.Constant(_vec(I32, 16), _TREE_ORDER))
+                    dst = b.gep(po, [b.add(orow, b.mul(i0, _c(4)))])
+                    with b.if_else(b.icmp_unsigned(">=", left, _c(16))) as (whole, part):
+                        with whole:
+                            b.store(v, b.bitcast(dst, V16.as_pointer()), align=4)
+                        with part:  # the last group's valid lanes only
+                            b.store(v, tmp)
+                            src = b.bitcast(tmp, F32.as_pointer())
+                            with cgutils.for_range(b, left) as k:
+                                b.store(b.load(b.gep(src, [k.index])),
+                                        b.gep(b.bitcast(dst, F32.as_pointer()), [k.index]), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return scores_q8_rows
+
+
 def _wsum_q8_rows(rows: int):
     """wsum_q8 for `rows` weight rows at once: out[r0 + r, :] += sum_i w[r0 + r, col0 + i] * row(slot i), r < rows
     (w (R, W), out (R, D) C-contiguous float32); each code converted once for all rows, each row summed in
@@ -274,6 +378,9 @@ def _block_wsum_rows(rows: int):
     return block_wsum_rows
 
 
+scores_q8_1 = _scores_q8_rows(1)
+scores_q8_2 = _scores_q8_rows(2)
+scores_q8_3 = _scores_q8_rows(3)
 wsum_q8_2 = _wsum_q8_rows(2)
 wsum_q8_3 = _wsum_q8_rows(3)
 block_scores_2 = _block_scores_rows(2)

@@ -493,6 +493,69 @@ def test_wsum_q8_one_and_two_heads_against_numpy():
             np.testing.assert_array_equal(out[r], single)
 
 
+def test_scores_q8_rows_against_numpy_and_one_row():
+    """simd_attention.scores_q8_1/2/3 (q8t keys: int8 codes, a half scale per 32; 16 positions a pass, their
+    per-lane sums added across positions) over a ring that wraps, lengths around the 16-position groups: against
+    numpy, each row what the one-row kernel gives it, nothing written outside the rows and columns asked for."""
+    from edgeq.cpu_kernels import simd_attention
+    from numba import njit
+
+    @njit
+    def run(rows, codes, scales, base, nslots, s_first, n_pos, q, r0, out, col0):
+        if rows == 3:
+            simd_attention.scores_q8_3(codes, scales, base, nslots, s_first, n_pos, q, r0, out, col0)
+        elif rows == 2:
+            simd_attention.scores_q8_2(codes, scales, base, nslots, s_first, n_pos, q, r0, out, col0)
+        else:
+            simd_attention.scores_q8_1(codes, scales, base, nslots, s_first, n_pos, q, r0, out, col0)
+
+    rng = np.random.default_rng(13)
+    Hkv, nslots, g, s_first, col0 = 2, 64, 1, 50, 5
+    for D in (32, 64, 128):
+        for n_pos in (0, 1, 15, 16, 17, 37, 64):
+            codes = rng.integers(-127, 128, (Hkv, nslots, D)).astype(np.int8)
+            scales = (rng.random((Hkv, nslots, D // QB)) * 0.1 + 0.01).astype(np.float16)
+            q = rng.standard_normal((5, D)).astype(np.float32)
+            slots = (s_first + np.arange(n_pos)) % nslots
+            keys = codes[g, slots].astype(np.float64) * np.repeat(scales[g, slots].astype(np.float64), QB, axis=1)
+            args = (codes.view(np.uint8), scales.view(np.uint16), g * nslots, nslots, s_first, n_pos, q)
+            for rows in (3, 2):
+                out = np.full((5, col0 + n_pos + 3), 7.0, np.float32)
+                run(rows, *args, 1, out, col0)
+                np.testing.assert_allclose(out[1:1 + rows, col0:col0 + n_pos], q[1:1 + rows] @ keys.T, rtol=1e-5,
+                                           atol=1e-3)
+                touched = np.zeros(out.shape, bool)
+                touched[1:1 + rows, col0:col0 + n_pos] = True
+                assert (out[~touched] == 7.0).all()
+                one = np.full_like(out, 7.0)
+                for r in range(1, 1 + rows):
+                    run(1, *args, r, one, col0)
+                np.testing.assert_array_equal(one, out)
+
+
+def test_half_rows_in_hardware_and_software_agree():
+    """f16_row_to_f32 (16 halves at a time in hardware where the CPU has it, the rest in integer arithmetic) on
+    contiguous and strided rows of every length around 16: numpy's conversion exactly."""
+    from edgeq.cpu_kernels.half import f16_row_to_f32
+    from numba import njit
+
+    @njit
+    def strided(src, dst):
+        f16_row_to_f32(src[::3], dst[::2])
+
+    rng = np.random.default_rng(14)
+    bits = rng.integers(0, 0x7C00, 200).astype(np.uint16) | (rng.integers(0, 2, 200) << 15).astype(np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    for n in (0, 1, 15, 16, 17, 33, 64):
+        out = np.full(n, 9.0, np.float32)
+        f16_row_to_f32(bits[:n].copy(), out)
+        np.testing.assert_array_equal(out, want[:n])
+        out = np.full(2 * n, 9.0, np.float32)
+        strided(bits[:3 * n].copy(), out)
+        np.testing.assert_array_equal(out[::2], want[:3 * n:3])
+        assert (out[1::2] == 9.0).all()
+
+
 def outlier_keys(rng, T, Hkv, D):
     """Keys like Qwen2.5's layer 0: a k_proj bias with median |b| ~6 and a few channels at +-100..150."""
     k, v = rand_kv(rng, T, Hkv, D)

@@ -66,3 +66,41 @@ def test_top_k_prefilter_equals_full_sort():
             got = _top_k_indices(x, k)
             assert len(got) == k and len(set(got.tolist())) == k
             assert np.array_equal(np.sort(x[got]), np.sort(x)[-k:])
+
+
+def test_sampling_kernel_draws_what_its_numpy_twin_draws():
+    """cpu_kernels/ops.sample_top_k (the Sampler's path for top_k <= FAST_TOP_K) against Sampler.numpy_draw: the
+    same seed gives the same tokens, on the pooled prefilter's vocabularies (n % 64 == 0, large) and the plain
+    scan's (n odd, or small)."""
+    rng = np.random.default_rng(5)
+    for trial in range(120):
+        n = [49152, 1000, 32001, 262144][trial % 4]
+        logits = (rng.standard_normal(n) * rng.uniform(0.5, 4)).astype(np.float32)
+        params = dict(temperature=float(rng.choice([0.3, 0.7, 1.5])), top_k=int(rng.choice([1, 5, 40, 256])),
+                      top_p=float(rng.choice([1.0, 0.95, 0.5])), min_p=float(rng.choice([0.0, 0.05, 0.2])),
+                      seed=trial)
+        fast, twin = Sampler(SamplingParams(**params)), Sampler(SamplingParams(**params))
+        got = [fast(logits) for _ in range(10)]
+        assert got == [twin.numpy_draw(logits) for _ in range(10)], params
+
+
+def test_sampling_kernel_ties_masks_and_non_finite_logits():
+    from edgeq.cpu_kernels.ops import sample_top_k
+
+    logits = np.full(64 * 8 * 4, -np.inf, np.float32)  # a grammar's mask: three tokens allowed
+    logits[[7, 300, 1500]] = [1.0, 3.0, 2.0]
+    # the top 2 of the allowed at weights 1 : e^-1, so cumulative 0.73, 1: the second only for u >= 0.73
+    assert sample_top_k(logits, 2, 1.0, 0.0, 1.0, 0.99) == 1500
+    assert sample_top_k(logits, 2, 1.0, 0.0, 1.0, 0.5) == 300
+    assert sample_top_k(logits, 1, 1.0, 0.0, 1.0, 0.99) == 300
+    tied = np.zeros(4096, np.float32)
+    assert sample_top_k(tied, 3, 1.0, 0.0, 1.0, 0.0) == 0  # equal logits: the lowest index first
+    assert sample_top_k(tied, 3, 1.0, 0.0, 1.0, 0.99) == 2
+    for bad in (np.nan, np.inf):
+        x = np.zeros(4096, np.float32)
+        x[9] = bad
+        x[10] = 1.0
+        # a NaN is never kept past the first k; a NaN among them or an infinite best: -1, the numpy path decides
+        assert sample_top_k(x, 5, 1.0, 0.0, 1.0, 0.1) == (-1 if bad == np.inf else 10)
+        assert sample_top_k(x[9:], 5, 1.0, 0.0, 1.0, 0.1) == -1
+    assert sample_top_k(np.full(4096, np.nan, np.float32), 5, 1.0, 0.0, 1.0, 0.5) == -1

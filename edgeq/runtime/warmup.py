@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from edgeq.cpu_kernels.ops import sample_top_k
+
 Report = Callable[[str], None]
 
 FIRST_RUN_MESSAGE = "preparing kernels for this CPU, once (a minute or two on a slow machine)…"
@@ -71,7 +73,9 @@ def _run_passes(arch, weights, cfg, cache, passes, before_decode: Callable[[], N
             before_decode()
             waited = True
         ids = np.arange(1, n + 1, dtype=np.int64) % cfg.n_vocab
-        arch.forward(weights, cfg, ids, pos, cache, all_logits=all_logits)
+        logits = arch.forward(weights, cfg, ids, pos, cache, all_logits=all_logits)
+    if waited:  # the sampler's kernel (~1.3 s to compile), where the single-token kernels compile
+        sample_top_k(np.ascontiguousarray(logits[-1], dtype=np.float32), 1, 1.0, 0.0, 1.0, 0.5)
 
 
 class _NoAttention:
