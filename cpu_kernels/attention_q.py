@@ -88,9 +88,10 @@ _ARRAY_TYPES = {"float32": (np.float32, 3), "float16": (np.uint16, 3), "int8_cod
                 "mins": (np.uint16, 3), "pending": (np.uint16, 3)}
 
 
-def new_side(layout: str, n_kv: int, nslots: int, D: int, n_seq: int | None = None) -> KVSide:
+def new_side(layout: str, n_kv: int, nslots: int, D: int, n_seq: int | None = None, zeros=np.zeros) -> KVSide:
     """Zeroed arrays of one side in `layout` (a key of LAYOUTS); PER_CHANNEL layouts need nslots % 32 == 0.
-    With n_seq: a pool of that many sides, every array with a leading sequence axis (`side_at` takes one)."""
+    With n_seq: a pool of that many sides, every array with a leading sequence axis (`side_at` takes one).
+    zeros(shape, dtype): where the arrays come from (a C-contiguous zeroed array)."""
     per_token = (n_kv, nslots, D // QBLOCK)
     per_channel = (n_kv, nslots // QBLOCK, D)
     shapes = {
@@ -105,7 +106,7 @@ def new_side(layout: str, n_kv: int, nslots: int, D: int, n_seq: int | None = No
                               "mins": per_channel, "pending": (n_kv, QBLOCK, D)},
     }[layout]
     lead = () if n_seq is None else (n_seq,)
-    return KVSide(LAYOUTS[layout], **{f: np.zeros(lead + shapes.get(f, (0,) * ndim), dtype)
+    return KVSide(LAYOUTS[layout], **{f: zeros(lead + shapes.get(f, (0,) * ndim), dtype)
                                       for f, (dtype, ndim) in _ARRAY_TYPES.items()})
 
 

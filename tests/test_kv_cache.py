@@ -633,3 +633,35 @@ def test_pool_decode_is_each_cache_decoding_alone(tk, tv, window):
                 for x, y in zip(sc[1:], sa[1:]):
                     np.testing.assert_array_equal(x, y)
     assert pool.caches[0].layers[0].ring == bool(window)
+
+
+def test_pool_arrays_from_the_huge_page_arena_are_separate_zeroed_arrays():
+    """kv_cache._HugePageArena (a server pool's arrays, carved from memory maps advised into huge pages): zeroed,
+    writable, C-contiguous, 64-byte aligned, none overlapping another (a new map when one is full or an array is
+    larger than a map); a KVPool's caches store and attend as caches of their own do."""
+    from types import SimpleNamespace
+
+    from edgeq.runtime.kv_cache import KVPool, _HugePageArena, make_kv_cache
+
+    arena = _HugePageArena()
+    arena.CHUNK = 1 << 16
+    shapes = [((3, 5, 7), np.float32), ((0, 4), np.uint16), ((100,), np.uint8), ((200, 100), np.float32),
+              ((2, 2), np.uint16)]
+    arrays = [arena.zeros(s, d) for s, d in shapes]
+    for a, (s, d) in zip(arrays, shapes):
+        assert a.shape == s and a.dtype == d and a.flags.c_contiguous and a.flags.writeable and not a.any()
+        assert a.size == 0 or a.ctypes.data % 64 == 0
+    for i, a in enumerate(arrays):
+        a[...] = i + 1
+    for i, a in enumerate(arrays):
+        assert (a == i + 1).all()
+
+    layouts = [SimpleNamespace(n_kv_heads=2, head_dim=64, window=0)] * 2
+    pool = KVPool(layouts, 96, 3)
+    alone = make_kv_cache(layouts, 96)
+    rng = np.random.default_rng(15)
+    k, v = rand_kv(rng, 40, 2, 64)
+    q = rng.standard_normal((40, 4, 64)).astype(np.float32)
+    for cache in (pool.caches[1], alone):
+        cache.store(1, 0, k, v)
+    np.testing.assert_array_equal(pool.caches[1].attend(1, q, 0, 0.125), alone.attend(1, q, 0, 0.125))

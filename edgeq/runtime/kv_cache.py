@@ -32,6 +32,9 @@ bounded, but a rewind further back than the ring still holds is impossible: ask 
 """
 from __future__ import annotations
 
+import contextlib
+import mmap
+
 import numba
 import numpy as np
 
@@ -281,6 +284,36 @@ def _decode(L: _Layer, seqs: np.ndarray, positions: np.ndarray, held: np.ndarray
     return out
 
 
+class _HugePageArena:
+    """Zeroed arrays carved out of anonymous memory maps advised into 2 MB pages (Linux's transparent huge pages,
+    where the system allows them on request; elsewhere ordinary pages): a server's pool is hundreds of small arrays,
+    each below the 4 MB from which numpy asks for huge pages itself, and a decode step's attention visits every
+    one of them, so each job's rows otherwise start with TLB misses (8% of the batch attention of SmolLM2's 8
+    sequences from memory: 4.8 -> 4.4 ms a step). Maps of CHUNK bytes (or the array's size), 64-byte aligned
+    arrays; what a pool never writes stays unmapped."""
+    CHUNK = 64 << 20
+
+    def __init__(self):
+        self.buf, self.off = None, 0
+
+    def zeros(self, shape: tuple, dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if n == 0:
+            return np.zeros(shape, dtype)
+        off = -(-self.off // 64) * 64
+        if self.buf is None or off + n > self.buf.size:
+            size = max(self.CHUNK, n)
+            if hasattr(mmap, "MAP_PRIVATE"):  # private: a shared anonymous map is shmem, whose huge pages are off
+                m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            else:
+                m = mmap.mmap(-1, size)  # zero-filled, mapped as pages are first written
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                m.madvise(mmap.MADV_HUGEPAGE)
+            self.buf, off = np.frombuffer(m, np.uint8), 0
+        self.off = off + n
+        return self.buf[off:off + n].view(dtype).reshape(shape)
+
+
 class KVPool:
     """`n` caches (`caches`) of the same layers and types whose arrays are slices of one array per layer and side
     (the server's slots): a decode step over several of them stores and attends in one kernel call per layer
@@ -292,9 +325,11 @@ class KVPool:
         type_k, type_v = _check_types(layouts, type_k, type_v)
         lk, lv = _LAYOUT_K[type_k], _LAYOUT_V[type_v]
         self.sides = []  # per layer: (keys, values), each a KVSide with a leading axis of n sequences
+        arena = _HugePageArena()
         for L in layouts:
             nslots = _n_slots(L, n_ctx, lk, lv, max_batch)
-            self.sides.append(tuple(aq.new_side(t, L.n_kv_heads, nslots, L.head_dim, n) for t in (lk, lv)))
+            self.sides.append(tuple(aq.new_side(t, L.n_kv_heads, nslots, L.head_dim, n, arena.zeros)
+                                    for t in (lk, lv)))
         self.caches = [KVCache(layouts, n_ctx, type_k, type_v, max_batch, pool=self, index=i) for i in range(n)]
 
 
