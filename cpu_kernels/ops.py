@@ -323,7 +323,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- sampling: top-k, top-p, min-p, temperature, draw
-_POOL = 64  # the top-k prefilter's pools (runtime/sampling._top_k_indices, its numpy twin)
+TOP_K_POOL = 64  # the top-k prefilter's pools, here and in its numpy twin (runtime/sampling._top_k_indices)
 
 
 @njit(inline="always", cache=True, nogil=True)
@@ -356,10 +356,10 @@ def sample_top_k(logits, k, top_p, min_p, temperature, u):
     vals = np.empty(k, np.float32)
     ids = np.empty(k, np.int64)
     cnt = 0
-    if n % _POOL == 0 and n >= 8 * _POOL * k:
-        w = n // _POOL
+    if n % TOP_K_POOL == 0 and n >= 8 * TOP_K_POOL * k:
+        w = n // TOP_K_POOL
         pooled = logits[:w].copy()
-        for j in range(1, _POOL):
+        for j in range(1, TOP_K_POOL):
             row = logits[j * w:(j + 1) * w]
             for i in range(w):
                 if row[i] > pooled[i]:
@@ -370,7 +370,7 @@ def sample_top_k(logits, k, top_p, min_p, temperature, u):
         cnt = 0
         for i in range(w):
             if pooled[i] >= m:
-                for j in range(_POOL):
+                for j in range(TOP_K_POOL):
                     v = logits[j * w + i]
                     if v >= m:
                         cnt = _insert_top(vals, ids, cnt, k, v, j * w + i)

@@ -3,8 +3,9 @@
 Decode, on the q8 KV cache (int8 codes (Hkv, S, D) viewed as uint8, f16 scales (Hkv, S, D/32)), for the rows
 at slots s_first, s_first+1, ... of one kv head (wrapping at nslots; row r = base + slot starts at code byte
 r * D and scale element r * D/32):
-    scores_q8(codes, scales, base, nslots, s_first, n_pos, q, out)  out[i] = q . row(slot i)
     wsum_q8(codes, scales, base, nslots, s_first, n_pos, w, out)    out[:] += sum_i w[i] * row(slot i)
+    scores_q8_R(codes, scales, base, nslots, s_first, n_pos, q, r0, out, col0), R = 1, 2, 3
+                                   out[r0 + r, col0 + i] = q[r0 + r] . row(slot i), r < R (16 positions a pass)
 Prefill, one block of 32 positions already dequantized to float32:
     block_scores(q, kt, out)       out[j] = q . kt[:, j]   (kt = the block's keys transposed, (D, 32))
   also decode on the per-channel 8-bit keys, kt = one group's uint8 codes (D, 32) (q already times the scales)
@@ -104,31 +105,6 @@ def _q8_chunk(x: _IR, codes, scales, row, D, nbd, c):
 
 
 @intrinsic
-def scores_q8(typingctx, codes, scales, base, nslots, s_first, n_pos, q, out):
-    sig = types.void(codes, scales, types.intp, types.intp, types.intp, types.intp, q, out)
-
-    def codegen(context, builder, signature, args):
-        x = _IR(builder)
-        pc, ps, pq, po = data_ptrs(context, builder, signature, args, (0, 1, 6, 7))
-        base, nslots, s_first, n_pos = args[2:6]
-        D = _len(context, builder, signature, args, 6)
-        nbd = builder.udiv(D, _c(32))
-        with cgutils.for_range(builder, n_pos) as loop:
-            row = _kv_row(builder, base, nslots, s_first, loop.index)
-
-            def term(c):
-                vals, scale = _q8_chunk(x, pc, ps, row, D, nbd, c)
-                return builder.fmul(vals, x.at(pq, builder.mul(c, _c(128)), V32)), scale
-            acc = _fma_sum(x, nbd, _c(0), term)
-            s16 = builder.fadd(x.half_of(acc, 0), x.half_of(acc, 1))
-            s8 = builder.fadd(x.half_of(s16, 0), x.half_of(s16, 1))
-            optr = builder.bitcast(builder.gep(po, [builder.mul(loop.index, _c(4))]), F32.as_pointer())
-            builder.store(x.hsum8(s8), optr, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
 def wsum_q8(typingctx, codes, scales, base, nslots, s_first, n_pos, w, out):
     sig = types.void(codes, scales, types.intp, types.intp, types.intp, types.intp, w, out)
 
@@ -221,7 +197,7 @@ V16 = _vec(F32, 16)
 
 
 def _scores_q8_rows(rows: int):
-    """scores_q8 for `rows` query rows at once, 16 positions per pass: out[r0 + r, col0 + i] = q[r0 + r] . row(slot i)
+    """q8 scores of `rows` query rows at once, 16 positions per pass: out[r0 + r, col0 + i] = q[r0 + r] . row(slot i)
     for i < n_pos, r < rows (q (R, D), out (R, W) C-contiguous float32; columns outside col0..col0+n_pos-1 untouched).
     Each position's codes are converted to float and scaled once for all rows; each row's products over D are kept
     as 16 lanes and the 16 positions' vectors added lane-wise into one vector of 16 scores (_tree_steps), instead of

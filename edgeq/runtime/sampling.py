@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeq.cpu_kernels.ops import TOP_K_POOL as _POOL  # the prefilter's pools: one number for the kernel and this
 from edgeq.cpu_kernels.ops import sample_top_k
 
 FAST_TOP_K = 256  # top_k up to this goes through the kernel
@@ -101,9 +102,6 @@ class Sampler:
         w = np.exp(scaled)
         w /= w.sum()
         return int(idx[self.rng.choice(len(idx), p=w)])
-
-
-_POOL = 64
 
 
 def _top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
