@@ -7,7 +7,7 @@ are noisy), medians reported.
     python benchmarks/kv_cache_bench.py smollm2-135m-instruct --prefill 4096 -n 32 --types f16,q8,q4,q4c/q4
 
 Kernel mode (--kernel LAYOUT, no model file needed): the same cache types filled with P random positions,
-timing one decode step of attention over every layer of a model-shaped cache (smollm2 or gemma3).
+timing one decode step of attention over every layer of a model-shaped cache (smollm2, gemma3 or qwen3-1.7b).
 One JSON line per type: median over runs of the per-run median step time, and the minimum step time (the
 least disturbed by other processes on a shared machine); `vs_first` / `min_vs_first` are ratios to the first type.
 """
@@ -23,6 +23,7 @@ import numpy as np
 LAYOUTS = {  # (n_layer, n_kv_heads, n_heads, head_dim, window pattern)
     "smollm2": (30, 3, 9, 64, None),
     "gemma3": (18, 1, 4, 256, (512, 6)),
+    "qwen3-1.7b": (28, 8, 16, 128, None),
 }
 
 

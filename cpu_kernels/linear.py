@@ -218,6 +218,42 @@ def _quantize_act(X, qx, dx, bsums):
             bsums[t, 2 * b + 1] = s1
 
 
+@intrinsic
+def _quantize_super_block(typingctx, x, q, o, sums, so):
+    """One super-block of _SUPER floats x (C-contiguous) -> int8 codes q[o:o+_SUPER] on the scale amax/127, the sums
+    of each 16 codes -> sums[so:so+16]; returns the scale. _quantize_block's vector IR over 16 vectors of 16 (the
+    scalar loop it replaces, np.rint a call per value, took 5.8 us for 2048 values against 1.9 for the per-32
+    quantization): the same operations in the same order, the same bits."""
+    if not (isinstance(x, types.Array) and x.layout == "C" and x.dtype == types.float32):
+        return None
+    sig = types.float32(x, q, types.intp, sums, types.intp)
+
+    def codegen(context, builder, signature, args):
+        xi = simd._IR(builder)
+        px, pq, ps = simd.data_ptrs(context, builder, signature, args, (0, 1, 3))
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        v16f, v16i = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+        vs = [xi.at(px, ir.Constant(i64, 64 * h), v16f) for h in range(_SUPER // 16)]
+        m = xi.intr("llvm.fabs.v16f32", v16f, [vs[0]])
+        for v in vs[1:]:
+            m = xi.intr("llvm.maxnum.v16f32", v16f, [m, xi.intr("llvm.fabs.v16f32", v16f, [v])])
+        amax = xi.intr("llvm.vector.reduce.fmax.v16f32", f32, [m])
+        zero = ir.Constant(f32, 0.0)
+        d = builder.fdiv(amax, ir.Constant(f32, 127.0))
+        inv = builder.select(builder.fcmp_ordered(">", amax, zero), builder.fdiv(ir.Constant(f32, 1.0), d), zero)
+        sv = ir.Constant(ir.VectorType(i32, 16), None)
+        for h, v in enumerate(vs):
+            c = builder.fptosi(xi.intr("llvm.rint.v16f32", v16f, [builder.fmul(v, xi.splat(inv, 16))]), v16i)
+            dst = builder.gep(pq, [builder.add(args[2], ir.Constant(i64, 16 * h))])
+            builder.store(builder.trunc(c, ir.VectorType(ir.IntType(8), 16)),
+                          builder.bitcast(dst, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+            sv = builder.insert_element(sv, xi.intr("llvm.vector.reduce.add.v16i32", i32, [c]), ir.Constant(i32, h))
+        dst = builder.gep(builder.bitcast(ps, i32.as_pointer()), [args[4]])
+        builder.store(sv, builder.bitcast(dst, ir.VectorType(i32, 16).as_pointer()), align=4)
+        return d
+    return sig, codegen
+
+
 @njit(**_JIT)
 def _quantize_act_super(X, qx, dx, bsums):
     """_quantize_act with one scale per super-block of 256 (llama.cpp's Q8_K), for the types of simd.SUPER_ACT:
@@ -225,21 +261,9 @@ def _quantize_act_super(X, qx, dx, bsums):
     T, n = X.shape
     for t in range(T):
         for g in range(n // _SUPER):
-            x = X[t, g * _SUPER:(g + 1) * _SUPER]
-            amax = np.float32(0.0)
-            for j in range(_SUPER):
-                amax = max(amax, abs(x[j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+            d = _quantize_super_block(X[t, g * _SUPER:(g + 1) * _SUPER], qx[t], g * _SUPER, bsums[t], g * (_SUPER // 16))
             for b in range(_SUPER // QK):
                 dx[t, g * (_SUPER // QK) + b] = d
-            for s in range(_SUPER // 16):
-                acc = np.int32(0)
-                for j in range(16 * s, 16 * s + 16):
-                    c = np.int32(np.rint(x[j] * inv))
-                    qx[t, g * _SUPER + j] = c
-                    acc += c
-                bsums[t, g * (_SUPER // 16) + s] = acc
 
 
 def act_group(qtype: str) -> int:
