@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from edgeq import startup
+
 VERBS = {
     "chat": ("edgeq.cli.chat", "chat with a model in a terminal UI (default: SmolLM2-135M-Instruct)"),
     "run": ("edgeq.cli.run", "generate text from a prompt, streamed to stdout"),
@@ -42,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"edgeq: unknown command {verb!r} (try: {', '.join(VERBS)})", file=sys.stderr)
         return 2
+    if verb == "run":
+        startup.pause()  # the collector off until engine.Model has loaded the model (edgeq/startup.py)
+    try:
+        return _verb(verb, argv)
+    finally:
+        startup.resume()
+
+
+def _verb(verb: str, argv: list[str]) -> int:
     try:
         add, run = _load(verb)
     except (ImportError, AttributeError) as e:

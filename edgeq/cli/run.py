@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
+from edgeq import startup
 from edgeq.cli.common import (add_model_args, add_sampling_args, add_think_arg, load_model, sampling_kwargs,
                               template_kwargs)
 from edgeq.text import safe_terminal_text
@@ -81,10 +82,11 @@ def main(a) -> int:
     first = None
     try:
         for piece in pieces:
-            if first is None:
-                first = time.perf_counter() - t_start
             sys.stdout.write(show(piece))
             sys.stdout.flush()
+            if first is None:
+                first = time.perf_counter() - t_start
+                startup.resume()  # the collector, off since launch (edgeq/startup.py)
     except KeyboardInterrupt:
         pieces.close()
         sys.stdout.write("\n")

@@ -135,6 +135,27 @@ class Model:
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
                  cache_type_k: str | None = None, cache_type_v: str | None = None, device: str = "cpu",
                  warm_up: bool = True, report=None, early_start: bool = False, mmap: bool | None = None):
+        from edgeq import startup
+
+        t0 = time.perf_counter()
+        self._load(path, n_ctx, threads, cache_type_k, cache_type_v, device, mmap)
+        if self.device != "cuda" and warm_up:  # every kernel ready now, so that nothing compiles mid-reply
+            from edgeq.runtime.warmup import ready_stamp, warm_up as prepare_kernels  # (runtime/warmup.py)
+
+            stamp = ready_stamp(self)
+            if stamp is None or not os.path.exists(stamp):
+                startup.resume()  # edgeq run's collector back on before a compile (edgeq/startup.py)
+            prepare_kernels(self, report, early=early_start)
+        else:
+            startup.resume()
+        self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
+        self._prompt_logits: tuple[list[int], np.ndarray] | None = None  # last prefilled prompt, its logits
+        self._lock = threading.Lock()
+        self.last_stats: dict = {}
+        self.load_s = time.perf_counter() - t0
+
+    def _load(self, path, n_ctx, threads, cache_type_k, cache_type_v, device, mmap) -> None:
+        """The file, its weights, tokenizer, template and the KV cache (Model's constructor, less the kernels)."""
         from edgeq.runtime.chat_template import ChatTemplate
         from edgeq.formats.gguf_file import GGUFFile
         from edgeq.runtime.kv_cache import make_kv_cache
@@ -142,7 +163,6 @@ class Model:
         from edgeq.runtime.tokenizer import Tokenizer
         from edgeq.runtime.warmup import fast_cache_loads
 
-        t0 = time.perf_counter()
         self.device = select_device(device, cache_type_k, cache_type_v)  # before any slow work
         fast_cache_loads()
         self.path = Path(path)
@@ -197,15 +217,6 @@ class Model:
             self.cache_types = (cache_type_k, cache_type_v)  # as asked (None: the default type)
             self.cache = make_kv_cache(self.cfg.kv_layouts(), n_ctx, cache_type_k, cache_type_v, max_batch=N_BATCH)
             self.device_name = cpu_name()
-            if warm_up:  # every kernel ready now, so that nothing compiles mid-reply (runtime/warmup.py)
-                from edgeq.runtime.warmup import warm_up as prepare_kernels
-
-                prepare_kernels(self, report, early=early_start)
-        self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
-        self._prompt_logits: tuple[list[int], np.ndarray] | None = None  # last prefilled prompt, its logits
-        self._lock = threading.Lock()
-        self.last_stats: dict = {}
-        self.load_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------ facts
     @property
