@@ -70,6 +70,8 @@ RUN = textwrap.dedent('''
         out["fresh"] = float(fresh(x[0]))
     out["compiled"] = compiled
     out["nrt_compiled"] = bool(nrt_compiles)
+    from llvmlite.binding import ffi
+    out["lock_callbacks"] = len(ffi.lib._lock._cblist)
     print(json.dumps(out))
 ''')
 
@@ -101,8 +103,10 @@ def test_cached_kernels_load_and_run_without_the_full_refresh(tmp_path):
     assert plain["array_code_imported"] and not fast["array_code_imported"]
     for k, v in expected.items():
         assert fast[k] == v
-    # a miss after the fast loads compiles (Numba's compiler refreshes the context itself)
+    # a miss after the fast loads compiles (Numba's compiler refreshes the context itself), without Numba's
+    # llvm_lock events around every call into LLVM (warmup._quiet_llvm_lock)
     assert "fresh" in fast["compiled"] and fast["fresh"] == 6.0 * 2 + 3
+    assert plain["lock_callbacks"] == 1 and fast["lock_callbacks"] == 0
 
 
 def test_the_runtime_library_loads_from_the_cache(tmp_path):
