@@ -140,14 +140,12 @@ class Model:
         t0 = time.perf_counter()
         self._load(path, n_ctx, threads, cache_type_k, cache_type_v, device, mmap)
         if self.device != "cuda" and warm_up:  # every kernel ready now, so that nothing compiles mid-reply
-            from edgeq.runtime.warmup import ready_stamp, warm_up as prepare_kernels  # (runtime/warmup.py)
+            from edgeq.runtime.warmup import warm_up as prepare_kernels
 
-            stamp = ready_stamp(self)
-            if stamp is None or not os.path.exists(stamp):
-                startup.resume()  # edgeq run's collector back on before a compile (edgeq/startup.py)
+            # runtime/warmup.py; it turns edgeq run's collector back on before it compiles (edgeq/startup.py)
             prepare_kernels(self, report, early=early_start)
         else:
-            startup.resume()
+            startup.resume()  # edgeq run's collector back on: kernels compile at first use (edgeq/startup.py)
         self.tokens: list[int] = []  # what the KV cache holds: position i has tokens[i]
         self._prompt_logits: tuple[list[int], np.ndarray] | None = None  # last prefilled prompt, its logits
         self._lock = threading.Lock()

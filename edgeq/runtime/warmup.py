@@ -575,6 +575,9 @@ def warm_up(model, report: Report | None = None, early: bool = False) -> float:
     stamp = ready_stamp(model)
     if stamp is not None and os.path.exists(stamp):
         return 0.0
+    from edgeq import startup
+
+    startup.resume()  # edgeq run's garbage collector back on: a compile's cyclic garbage comes by the megabyte
     say = report or (lambda line: None)
     failure: list[BaseException] = []
     result: list = []
