@@ -80,6 +80,54 @@ BLAS_SLEEPS = "numpy" not in sys.modules or os.environ.get("OPENBLAS_THREAD_TIME
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
+def import_numba() -> None:
+    """Import Numba without PyYAML where there is no config file for it to read. Numba's config module imports yaml
+    whenever it is installed (huggingface-hub brings it), for a `.numba_config.yaml` in the working directory that
+    is rarely there: 16-38 ms of every start. Without that file, yaml is kept out of Numba's import only (anything
+    importing it later gets it); with it, Numba imports and reads it as ever."""
+    if "numba" in sys.modules:
+        return
+    keep_out = "yaml" not in sys.modules and not os.path.exists(".numba_config.yaml")
+    if keep_out:
+        sys.modules["yaml"] = None  # `import yaml` raises ImportError: Numba's config goes without it
+    try:
+        import numba  # noqa: F401
+    finally:
+        if keep_out and "yaml" in sys.modules and sys.modules["yaml"] is None:
+            del sys.modules["yaml"]
+
+
+def plain_array_typeof() -> None:
+    """Numba types an ndarray argument (each kernel's first call, a matrix's specialization) after checking it is no
+    `np.ma.MaskedArray`, and that attribute imports numpy.ma (10-22 ms of a start) in a process that has none. An
+    array whose type is exactly np.ndarray is never a masked one: it is typed as Numba's function does, less that
+    check, until numpy.ma has been imported anyway; subclasses, and everything once numpy.ma is loaded, go to
+    Numba's own function."""
+    import numpy as np
+    from numba.core import errors, types
+    from numba.core.typing import typeof
+    from numba.np import numpy_support
+
+    impl = getattr(typeof, "typeof_impl", None)
+    numba_fn = impl.dispatch(np.ndarray) if hasattr(impl, "dispatch") else None
+    if numba_fn is None or getattr(numba_fn, "edgeq_plain", False):
+        return
+    if not all(hasattr(numpy_support, a) for a in ("from_dtype", "map_layout")):
+        return
+
+    def typeof_ndarray(val, c):
+        if type(val) is not np.ndarray or "numpy.ma" in sys.modules:
+            return numba_fn(val, c)
+        try:
+            dtype = numpy_support.from_dtype(val.dtype)
+        except errors.NumbaNotImplementedError:
+            raise errors.NumbaValueError(f"Unsupported array dtype: {val.dtype}")
+        return types.Array(dtype, val.ndim, numpy_support.map_layout(val), readonly=not val.flags.writeable)
+
+    typeof_ndarray.edgeq_plain = True
+    impl.register(np.ndarray)(typeof_ndarray)
+
+
 def local_linked_copies() -> None:
     """Make each compiled kernel call its own copies of the functions it was linked with, in every process.
 

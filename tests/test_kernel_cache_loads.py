@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 KERNELS = textwrap.dedent('''
     import numpy as np
     from numba import njit, prange
@@ -31,6 +33,11 @@ KERNELS = textwrap.dedent('''
     @njit(cache=True)
     def pair(x):
         return x.min(), x.max()
+
+
+    @njit(cache=True)
+    def scaled(x, k):
+        return x * k + 1.0
 ''')
 
 RUN = textwrap.dedent('''
@@ -61,6 +68,9 @@ RUN = textwrap.dedent('''
            "pair": list(kernels.pair(x[1])), "registries_loaded": "numba.np.polynomial.polynomial_functions" in sys.modules,
            "array_code_imported": "numba.np.arrayobj" in sys.modules}
     out["compiled_before_miss"] = list(compiled)
+    out["scaled"] = kernels.scaled(2.0, 3.0)
+    library = kernels.scaled.overloads[kernels.scaled.signatures[0]].library
+    out["linking_module_parsed"] = library._shared_module is not None
     if len(sys.argv) > 2:  # a kernel that is not in the cache, after the fast loads
         from numba import njit
 
@@ -68,6 +78,11 @@ RUN = textwrap.dedent('''
         def fresh(a):
             return np.cumsum(a)[-1] * 2 + np.argmax(a)  # numpy lowering from the registries
         out["fresh"] = float(fresh(x[0]))
+
+        @njit
+        def caller(a):  # links the loaded kernel's module into its own
+            return kernels.scaled(a, 2.0) + kernels.scaled(1.0, a)
+        out["caller"] = caller(5.0)
     out["compiled"] = compiled
     out["nrt_compiled"] = bool(nrt_compiles)
     from llvmlite.binding import ffi
@@ -107,6 +122,10 @@ def test_cached_kernels_load_and_run_without_the_full_refresh(tmp_path):
     # llvm_lock events around every call into LLVM (warmup._quiet_llvm_lock)
     assert "fresh" in fast["compiled"] and fast["fresh"] == 6.0 * 2 + 3
     assert plain["lock_callbacks"] == 1 and fast["lock_callbacks"] == 0
+    # the loaded kernel's linking module stays bitcode until something links against it (warmup._lazy_linking_modules)
+    assert plain["linking_module_parsed"] and not fast["linking_module_parsed"]
+    assert plain["scaled"] == fast["scaled"] == 7.0
+    assert "caller" in fast["compiled"] and fast["caller"] == 11.0 + 6.0
 
 
 def test_the_runtime_library_loads_from_the_cache(tmp_path):
@@ -156,3 +175,55 @@ def test_a_kernel_computes_the_same_bits_compiled_and_loaded_from_the_cache(tmp_
     first, later = run(tmp_path, "-"), run(tmp_path, "-")
     assert first["compiled"] and not later["compiled"]
     assert first["digest"] == later["digest"]
+
+
+def test_elf_symbols_are_the_linking_modules_definitions(tmp_path):
+    """The symbols a cached kernel's object code defines (warmup.elf_defined_symbols) are those its linking module
+    defines, which Numba parses the bitcode to list; anything that is not an ELF-64 object is None."""
+    import llvmlite.binding as ll
+    import numba
+
+    from edgeq.runtime.warmup import elf_defined_symbols
+
+    @numba.njit
+    def kernel(x):
+        return np.sum(x * x) if x.size else 0.0
+
+    kernel(np.ones(3))
+    library = kernel.overloads[kernel.signatures[0]].library
+    object_code, bitcode = library.serialize_using_object_code()[2]
+    module = ll.parse_bitcode(bitcode)
+    defined = {g.name for gs in (module.functions, module.global_variables) for g in gs if not g.is_declaration}
+    assert len(defined) > 3 and elf_defined_symbols(object_code) == defined
+    for junk in (b"", b"\x7fELF", object_code[:100], b"\x7fELF\x02\x01" + b"\xff" * 200, b"MZ" + object_code[2:]):
+        assert elf_defined_symbols(junk) is None
+
+
+EXTENSIONS = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    import edgeq._numba_env  # noqa: F401
+    from edgeq.runtime.warmup import fast_cache_loads
+    fast_cache_loads()
+    from numba.core import entrypoints
+    from edgeq.cpu_kernels import ops
+    x = np.ones((3, 8), dtype=np.float32)
+    ops.rmsnorm(x, np.ones(8, dtype=np.float32), 1e-5)
+    out = {"compiled": bool(ops._rmsnorm_serial.stats.cache_misses), "after_edgeq": entrypoints._already_initialized}
+    from numba import njit
+    other = njit(lambda a: a + 1)
+    out["other"] = other(1)
+    out["after_other"] = entrypoints._already_initialized
+    print(json.dumps(out))
+''')
+
+
+def test_edgeq_kernels_load_without_reading_every_distribution(tmp_path):
+    """An edgeq kernel's first call skips Numba's extension entry points (found by reading the entry points of every
+    installed distribution) where it loads from the cache; a compile runs them first, and so does any other
+    dispatcher (warmup._defer_extension_init)."""
+    (tmp_path / "run.py").write_text(EXTENSIONS)
+    first, later = run(tmp_path, "-"), run(tmp_path, "-")
+    assert first["compiled"] and first["after_edgeq"], "a compile initializes the extensions first"
+    assert not later["compiled"] and not later["after_edgeq"]
+    assert later["other"] == 2 and later["after_other"]

@@ -257,6 +257,8 @@ def fast_cache_loads() -> None:
     caching.Cache.load_overload = load_overload
     _light_environments()
     _quiet_llvm_lock()
+    _lazy_linking_modules()
+    _defer_extension_init()
 
 
 def _quiet_llvm_lock() -> None:
@@ -274,6 +276,106 @@ def _quiet_llvm_lock() -> None:
     for acq, rel in list(callbacks):
         if getattr(acq, "__qualname__", "") == "_initialize_llvm_lock_event.<locals>.enter_fn":
             ffi.unregister_lock_callback(acq, rel)
+
+
+def elf_defined_symbols(obj: bytes) -> set[str] | None:
+    """Names of the symbols an ELF-64 little-endian object file defines (its .symtab, less undefined, section and
+    file symbols); None for any other format or a table that does not parse."""
+    import struct
+
+    try:
+        if obj[:6] != b"\x7fELF\x02\x01":
+            return None
+        shoff, = struct.unpack_from("<Q", obj, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
+        names = set()
+        for i in range(shnum):
+            sh = shoff + i * shentsize
+            if struct.unpack_from("<I", obj, sh + 4)[0] != 2:  # SHT_SYMTAB
+                continue
+            off, size, link = struct.unpack_from("<QQI", obj, sh + 24)
+            strings, = struct.unpack_from("<Q", obj, shoff + link * shentsize + 24)
+            for name, info, _, section, _, _ in struct.iter_unpack("<IBBHQQ", obj[off:off + size - size % 24]):
+                if section == 0 or name == 0 or info & 0xF in (3, 4):  # undefined, STT_SECTION, STT_FILE
+                    continue
+                start = strings + name
+                names.add(obj[start:obj.index(b"\0", start)].decode())
+        return names
+    except (struct.error, ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def _lazy_linking_modules() -> None:
+    """Load a cached kernel without parsing its linking module. Numba caches a kernel as its machine code and, beside
+    it, the LLVM bitcode of the same module that another function compiled later would link in; a load parses that
+    bitcode at once (2.4 ms a kernel here, 49 of the ~75 ms that SmolLM2's first token spends loading its 20 cached
+    libraries) only to list the symbols it defines, which the machine code's own symbol table lists as well
+    (identical sets on all of them). The bitcode is kept and parsed the first time something links against it
+    (`_get_module_for_linking`), which a warm run never does. Objects other than ELF-64 load Numba's way."""
+    import llvmlite.binding as ll
+    from numba.core import codegen
+
+    lib_cls = codegen.CPUCodeLibrary
+    if getattr(lib_cls._unserialize, "edgeq_lazy", False):
+        return
+    if not all(hasattr(lib_cls, a) for a in ("_unserialize", "_get_module_for_linking", "_set_compiled_object",
+                                             "enable_object_caching", "_finalize_final_module")):
+        return
+    numba_unserialize = lib_cls._unserialize.__func__
+    numba_linking = lib_cls._get_module_for_linking
+
+    def unserialize(cls, cg, state):
+        name, kind, data = state
+        engine = getattr(cg, "_engine", None)
+        names = elf_defined_symbols(data[0]) if kind == "object" else None
+        if names is None or not isinstance(getattr(engine, "_defined_symbols", None), set):
+            return numba_unserialize(cls, cg, state)
+        self = cg.create_library(name)
+        self.enable_object_caching()
+        self._set_compiled_object(data[0])
+        self._edgeq_linking_bitcode = data[1]
+        self._finalize_final_module()
+        engine._defined_symbols |= names
+        return self
+
+    def get_module_for_linking(self):
+        bitcode = self.__dict__.pop("_edgeq_linking_bitcode", None)
+        if bitcode is not None and self._shared_module is None:
+            self._shared_module = ll.parse_bitcode(bitcode)
+        return numba_linking(self)
+
+    unserialize.edgeq_lazy = True
+    lib_cls._unserialize = classmethod(unserialize)
+    lib_cls._get_module_for_linking = get_module_for_linking
+
+
+def _defer_extension_init() -> None:
+    """Numba's first call of any dispatcher runs every installed `numba_extensions` entry point, found by reading the
+    entry points of every installed distribution (10-15 ms with this venv's 90; more in a larger environment), so
+    that a type an extension defines can be typed. edgeq's kernels take numpy arrays and scalars only: their first
+    calls skip it, and a kernel that misses the cache runs it before it compiles (the same order as Numba's). Every
+    other dispatcher in the process keeps Numba's hook as it is."""
+    from numba.core import dispatcher, entrypoints
+
+    dispatcher_cls, compiler_cls = dispatcher.Dispatcher, getattr(dispatcher, "_FunctionCompiler", None)
+    numba_hook = getattr(dispatcher_cls, "_compilation_chain_init_hook", None)
+    if numba_hook is None or compiler_cls is None or not hasattr(entrypoints, "init_all"):
+        return
+    if getattr(numba_hook, "edgeq_deferred", False):
+        return
+    numba_compile = compiler_cls.compile
+
+    def hook(self):
+        if not str(getattr(self.py_func, "__module__", "")).startswith("edgeq."):
+            numba_hook(self)
+
+    def compile(self, args, return_type):
+        entrypoints.init_all()
+        return numba_compile(self, args, return_type)
+
+    hook.edgeq_deferred = True
+    dispatcher_cls._compilation_chain_init_hook = hook
+    compiler_cls.compile = compile
 
 
 def _light_environments() -> None:
