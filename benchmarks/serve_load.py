@@ -273,7 +273,7 @@ async def soak(srv: ServerProc, a) -> int:
                     if cut == "whole":
                         status = await whole_reply(http)
                     else:
-                        *_, status = await one_request(http, srv, a, rng, disconnect_after=cut)
+                        status = (await one_request(http, srv, a, rng, disconnect_after=cut))[3]
             except httpx.HTTPError:
                 status = 599
             statuses[status] = statuses.get(status, 0) + 1

@@ -328,8 +328,8 @@ def _lazy_linking_modules() -> None:
         name, kind, data = state
         engine = getattr(cg, "_engine", None)
         names = elf_defined_symbols(data[0]) if kind == "object" else None
-        if names is None or not isinstance(getattr(engine, "_defined_symbols", None), set):
-            return numba_unserialize(cls, cg, state)
+        if not names or not isinstance(getattr(engine, "_defined_symbols", None), set):
+            return numba_unserialize(cls, cg, state)  # not ELF-64, or no symbol found: Numba's way
         self = cg.create_library(name)
         self.enable_object_caching()
         self._set_compiled_object(data[0])
