@@ -7,8 +7,8 @@ the load left: 0.610 against 0.589 s to SmolLM2's first byte); `gc.freeze()` fir
 permanent generation, which later passes skip: 0.580 -> 0.548 s (medians of 9, alternated, on the 2-core Intel host).
 Only for `edgeq run` (cli.main), whose one model lives as long as the process: frozen objects are never collected, so
 a process that drops models (the chat's model picker, a library user, the tests) keeps the collector as it is. It
-runs again before a compile (engine.Model: a first run, a model without its ready stamp), whose cyclic garbage comes
-by the megabyte."""
+runs again before a compile (warmup.warm_up: a first run, a model without its ready stamp; engine.Model where it
+skips the warm-up), whose cyclic garbage comes by the megabyte."""
 from __future__ import annotations
 
 import gc

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgeq: unknown command {verb!r} (try: {', '.join(VERBS)})", file=sys.stderr)
         return 2
     if verb == "run":
-        startup.pause()  # the collector off until engine.Model has loaded the model (edgeq/startup.py)
+        startup.pause()  # the collector off until the first token, or a compile (edgeq/startup.py)
     try:
         return _verb(verb, argv)
     finally:
