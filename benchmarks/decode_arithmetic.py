@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""What the decode's arithmetic costs on top of its memory traffic: the same decode steps (a prompt of P tokens, then
+N tokens, greedy) with the single-token row dots of the chosen weight types replaced by loads only: every 64-byte
+line of every block still read, in the same order, with the same in-loop prefetch (cpu_kernels/simd.py ROW_AHEAD),
+its words folded into the row's sum so that nothing is optimised away. The products are wrong and the time is what
+reading the weights takes beside the rest of the step. Each variant runs in a fresh process, the variants
+alternated, medians of the rounds.
+
+    python benchmarks/decode_arithmetic.py ~/.cache/edgeq-bench/qwen3-1.7b-q4_k_m.gguf [--types Q4_K Q6_K]
+        [-p 512] [-n 48] [--rounds 3] [-t 2]
+
+Variants: "real" (the kernels as they are), "loads:T1+T2" (every type asked for without arithmetic), and each type
+alone. A decode that is x ms a token with the real kernels and y with the loads only spends x - y on the arithmetic
+that the memory stream does not hide; issue 17's 70% of the bandwidth bound needs the token at
+file size / (0.7 x bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _loads_block(block_bytes: int):
+    """Block IR (simd._row_dot's `block` argument) reading one 32-bit word of each 64-byte line of a block and its
+    last word, xor-folded into the row's scalar sum."""
+    from llvmlite import ir
+
+    from edgeq.cpu_kernels import simd
+
+    offs = list(range(0, block_bytes, 64)) + [block_bytes - 4]
+
+    def block(x, acc, row, o, b, qx, dx, bsums):
+        s = None
+        for off in offs:
+            v = x.at(row, x.b.add(o, ir.Constant(simd.I64, off)), simd.I32)
+            s = v if s is None else x.b.xor(s, v)
+        acc.add(x.b.sitofp(s, simd.F32))
+    return block
+
+
+def _install_loads_only(qtypes: list[str]) -> None:
+    """Replace the decode drivers of `qtypes` (linear._KERNELS, read by QuantLinear at load) with loads-only ones."""
+    from edgeq.cpu_kernels import linear as L
+    from edgeq.cpu_kernels import simd
+    from edgeq.formats.quants import QTYPES
+
+    tag = hashlib.sha1(inspect.getsource(_loads_block).encode()).hexdigest()[:8]  # its own cache entry per version
+    for q in qtypes:
+        dot = simd._row_dot(q, _loads_block(QTYPES[q].block_bytes), simd.ROW_AHEAD)
+        mm = L._specialize(L._mm_template, q, dot, suffix=f"_loads_{tag}", _ROW_BURST=0)
+        L._KERNELS[q] = (mm, L._KERNELS[q][1])
+
+
+def child(a) -> None:
+    import numpy as np
+
+    if a.child != "real":
+        _install_loads_only(a.child.removeprefix("loads:").split("+"))
+    import edgeq
+    from edgeq.assets import text_path
+
+    m = edgeq.load(a.model, n_ctx=a.prompt_tokens + a.gen_tokens + 16, threads=a.threads)
+    missing = [q for q in a.types if q not in {t.qtype for t in m.gguf.tensors.values()}]
+    ids = m.encode_prompt(text_path("hamlet").read_text(encoding="utf-8")[:40000])[:a.prompt_tokens]
+    m.reset()
+    m._forward(ids)
+    tok = ids[-1]
+    m._forward([tok])  # the single-token kernels load (or compile) here, outside the timed steps
+    t0 = time.perf_counter()
+    for _ in range(a.gen_tokens):
+        tok = int(np.argmax(m._forward([tok])))
+    print(f"RESULT {1000 * (time.perf_counter() - t0) / a.gen_tokens:.3f} {','.join(missing)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--types", nargs="+", default=["Q4_K", "Q6_K"])
+    ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
+    ap.add_argument("-n", "--gen-tokens", type=int, default=48)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.model = os.path.expanduser(a.model)
+    if a.child:
+        child(a)
+        return
+    variants = ["real", "loads:" + "+".join(a.types)] + (["loads:" + q for q in a.types] if len(a.types) > 1 else [])
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    base = [sys.executable, os.path.abspath(__file__), a.model, "--types", *a.types, "-p", str(a.prompt_tokens),
+            "-n", str(a.gen_tokens), "-t", str(a.threads)]
+    for r in range(a.rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            out = subprocess.run(base + ["--child", v], capture_output=True, text=True, check=True).stdout
+            ms, _, missing = out.split("RESULT ")[-1].strip().partition(" ")
+            if missing:
+                print(f"note: the file has no tensor of type {missing}")
+            times[v].append(float(ms))
+            print(f"round {r + 1}: {v:24s} {float(ms):7.2f} ms a token", flush=True)
+    real = statistics.median(times["real"])
+    print(f"\n{os.path.basename(a.model)}: decode after a {a.prompt_tokens}-token prompt, {a.gen_tokens} tokens, "
+          f"{a.threads} threads, medians of {a.rounds} (fresh processes, alternated)")
+    print("| variant | ms a token | less than real |\n|---|---|---|")
+    for v in variants:
+        t = statistics.median(times[v])
+        print(f"| {v} | {t:.2f} | {real - t:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
