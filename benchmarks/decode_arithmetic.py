@@ -50,9 +50,11 @@ def _loads_block(block_bytes: int):
 
 
 def _install_loads_only(qtypes: list[str]) -> None:
-    """Replace the decode drivers of `qtypes` (linear._KERNELS, read by QuantLinear at load) with loads-only ones."""
+    """Replace the decode drivers of `qtypes` (linear._KERNELS, read by QuantLinear at load) with loads-only ones. A
+    type that decodes through batch_dot's one-row tiles (ONE_ROW, on AVX2) loses them, so that its single-token
+    products take the loads-only driver instead of silently staying real."""
+    from edgeq.cpu_kernels import batch_dot, simd
     from edgeq.cpu_kernels import linear as L
-    from edgeq.cpu_kernels import simd
     from edgeq.formats.quants import QTYPES
 
     tag = hashlib.sha1(inspect.getsource(_loads_block).encode()).hexdigest()[:8]  # its own cache entry per version
@@ -60,6 +62,7 @@ def _install_loads_only(qtypes: list[str]) -> None:
         dot = simd._row_dot(q, _loads_block(QTYPES[q].block_bytes), simd.ROW_AHEAD)
         mm = L._specialize(L._mm_template, q, dot, suffix=f"_loads_{tag}", _ROW_BURST=0)
         L._KERNELS[q] = (mm, L._KERNELS[q][1])
+        batch_dot.ONE_ROW.pop(q, None)
 
 
 def child(a) -> None:

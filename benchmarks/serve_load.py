@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -104,11 +105,20 @@ def start_llamacpp(a, py: str, path: str, port: int) -> ServerProc:
     return ServerProc("llama-cpp-python", argv, port, "bench")
 
 
+class Reply(NamedTuple):
+    """One streaming request's outcome (one_request)."""
+    ttft: float | None        # seconds to the first token
+    tpot: float | None        # seconds per token after it
+    tokens: int               # tokens generated (the usage chunk's count where the server sends one)
+    status: int               # HTTP status; 500 a stream ending in an error, 599 a client error, 299 left on purpose
+    in_window: int = 0        # content chunks streamed by the level's deadline
+
+
 async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.Random, disconnect_after=None,
                       deadline: float = float("inf")):
-    """(ttft s, per-token s, tokens, status, tokens by the deadline) of one streaming chat request. Tokens are
-    counted as content chunks (one per token on both servers), or from the usage chunk where the server sends one
-    (edgeq); those streamed by `deadline` (perf_counter) as content chunks."""
+    """The Reply of one streaming chat request. Tokens are counted as content chunks (one per token on both
+    servers), or from the usage chunk where the server sends one (edgeq); those streamed by `deadline`
+    (perf_counter) as content chunks."""
     body = {"model": srv.model_name, "messages": [{"role": "user", "content": prompt_text(a.prompt_tokens, rng)}],
             "max_tokens": a.gen_tokens, "temperature": 0.7, "stream": True}
     if srv.kind == "edgeq":
@@ -120,13 +130,13 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
     async with http.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
-            return None, None, 0, r.status_code, 0
+            return Reply(None, None, 0, r.status_code)
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
-                return None, None, n, 500, n_window
+                return Reply(None, None, n, 500, n_window)
             if chunk.get("usage"):
                 usage = chunk["usage"]["completion_tokens"]
             choices = chunk.get("choices") or []
@@ -137,10 +147,10 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
                 n += 1
                 n_window += now <= deadline
                 if disconnect_after is not None and n >= disconnect_after:
-                    return t_first - t0, None, n, 299, n_window  # left on purpose
+                    return Reply(t_first - t0, None, n, 299, n_window)  # left on purpose
     ttft = (t_first - t0) if t_first else None
     tpot = (t_last - t_first) / (n - 1) if n > 1 else None
-    return ttft, tpot, usage if usage is not None else n, 200, n_window
+    return Reply(ttft, tpot, usage if usage is not None else n, 200, n_window)
 
 
 ENGINE = ("edgeq_engine_seconds_total{phase=\"prefill\"}", "edgeq_engine_seconds_total{phase=\"decode\"}",
@@ -160,16 +170,16 @@ async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
                 try:
                     results.append(await one_request(http, srv, a, rng, deadline=deadline))
                 except httpx.HTTPError:
-                    results.append((None, None, 0, 599, 0))
+                    results.append(Reply(None, None, 0, 599))
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - t_start
-    ok = [r for r in results if r[3] == 200]
-    ttfts = sorted(r[0] for r in ok if r[0] is not None)
-    tpots = sorted(r[1] for r in ok if r[1] is not None)
+    ok = [r for r in results if r.status == 200]
+    ttfts = sorted(r.ttft for r in ok if r.ttft is not None)
+    tpots = sorted(r.tpot for r in ok if r.tpot is not None)
     q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
     row = {"server": srv.kind, "clients": clients, "requests": len(ok), "errors": len(results) - len(ok),
-           "tok_s": sum(r[4] for r in ok) / duration, "tok_s_drained": sum(r[2] for r in ok) / wall,
+           "tok_s": sum(r.in_window for r in ok) / duration, "tok_s_drained": sum(r.tokens for r in ok) / wall,
            "ttft_p50": q(ttfts, 0.5), "ttft_p95": q(ttfts, 0.95),
            "tpot_p50": q(tpots, 0.5)}
     if before is not None:  # where the server's time went: its own counters over the level
@@ -273,7 +283,7 @@ async def soak(srv: ServerProc, a) -> int:
                     if cut == "whole":
                         status = await whole_reply(http)
                     else:
-                        status = (await one_request(http, srv, a, rng, disconnect_after=cut))[3]
+                        status = (await one_request(http, srv, a, rng, disconnect_after=cut)).status
             except httpx.HTTPError:
                 status = 599
             statuses[status] = statuses.get(status, 0) + 1
