@@ -80,6 +80,7 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
             c = lambda v: ir.Constant(I64, v)  # noqa: E731
             raw0, pqx, pdx, pbs, pout = data_ptrs(context, builder, signature, args, (0, 5, 6, 7, 9))
             off, row_bytes, nr, nb, t0, r0 = args[1], args[2], args[3], args[4], args[8], args[10]
+            x.nb = nb
             arrs = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (5, 6, 7, 9)]
             sqx, sdx, sbs, sout = (cgutils.unpack_tuple(builder, a.strides, 2)[0] for a in arrs)
             n_t = cgutils.unpack_tuple(builder, arrs[3].shape, 2)[0]
@@ -463,11 +464,10 @@ def _rows16_dot(qtype: str):
                     for g in range(8):
                         a = x.splat(x.at(pq, builder.add(qrow, c(4 * g)), I32), 16)
                         isum = x.intr("llvm.x86.avx512.vpdpbusd.512", v16i, [isum, codes[g], a])
-                    di = builder.add(builder.mul(t, nb_all), b)
-                    dxt = x.elem(pd, di, F32)
-                    bs = builder.add(x.elem(pb, builder.mul(di, c(2)), I32), x.elem(pb, builder.add(builder.mul(di, c(2)),
-                                                                                                     c(1)), I32))
-                    sxt = builder.fmul(dxt, builder.sitofp(bs, F32))
+                    dxt = x.elem(pd, builder.add(builder.mul(t, nb_all), b), F32)
+                    # dx * the block's code sum: bsums' float32 tail, after its 2 * nb_all sums of 16 (a row: 3 nb_all)
+                    sxt = x.elem(pb, builder.add(builder.mul(t, builder.mul(nb_all, c(3))),
+                                                 builder.add(builder.mul(nb_all, c(2)), b)), F32)
                     s = x.intr("llvm.fma.v16f32", v16f, [builder.sitofp(isum, v16f), builder.fmul(d, x.splat(dxt, 16)),
                                                          builder.load(acc)])
                     builder.store(x.intr("llvm.fma.v16f32", v16f, [e, x.splat(sxt, 16), s]), acc)

@@ -214,8 +214,9 @@ def _quantize_block(typingctx, x, q, o):
 
 
 @njit(**_JIT)
-def _quantize_act(X, qx, dx, bsums):
-    """X (T, n) float32 -> qx int8 (T, n), dx (T, n/32) scales, bsums (T, n/16) int32 sums of each 16 codes.
+def _quantize_act(X, qx, dx, bsums, dsums):
+    """X (T, n) float32 -> qx int8 (T, n), dx (T, n/32) scales, bsums (T, n/16) int32 sums of each 16 codes,
+    dsums (T, n/32) each block's scale times the sum of its 32 codes (the k-quants' min terms: _quantized).
 
     Serial: only used for T < _GEMM_MIN_T rows, where starting the thread pool costs more than the work."""
     T, n = X.shape
@@ -225,6 +226,7 @@ def _quantize_act(X, qx, dx, bsums):
             dx[t, b] = d
             bsums[t, 2 * b] = s0
             bsums[t, 2 * b + 1] = s1
+            dsums[t, b] = d * np.float32(s0 + s1)
 
 
 @intrinsic
@@ -251,7 +253,7 @@ def _quantize_super_block(typingctx, x, q, o, sums, so):
 
 
 @njit(**_JIT)
-def _quantize_act_super(X, qx, dx, bsums):
+def _quantize_act_super(X, qx, dx, bsums, dsums):
     """_quantize_act with one scale per super-block of 256 (llama.cpp's Q8_K), for the types of simd.SUPER_ACT:
     dx (T, n/32) holds each super-block's scale 8 times, so every row dot reads it as per-32 scales."""
     T, n = X.shape
@@ -259,7 +261,9 @@ def _quantize_act_super(X, qx, dx, bsums):
         for g in range(n // _SUPER):
             d = _quantize_super_block(X[t, g * _SUPER:(g + 1) * _SUPER], qx[t], g * _SUPER, bsums[t], g * (_SUPER // 16))
             for b in range(_SUPER // QK):
-                dx[t, g * (_SUPER // QK) + b] = d
+                k = g * (_SUPER // QK) + b
+                dx[t, k] = d
+                dsums[t, k] = d * np.float32(bsums[t, 2 * k] + bsums[t, 2 * k + 1])
 
 
 def act_group(qtype: str) -> int:
@@ -583,12 +587,16 @@ def _check(raw: np.ndarray, qtype: str, shape) -> tuple[int, int]:
 
 
 def _quantized(X: np.ndarray, group: int = QK):
-    """X's int8 codes, per-32 scales and sums of 16 codes, on one scale per `group` values (act_group)."""
+    """X's int8 codes qx (T, n), per-32 scales dx (T, n/32) and bsums (T, n/16 + n/32): the int32 sums of each 16
+    codes, then the float32 bits of each 32's scale times its codes' sum (simd.kquant_min_sums: a Q4_K/Q5_K
+    super-block's min term is one 8-float load and multiply there, not 16 sums added in pairs, widened and
+    converted), on one scale per `group` values (act_group)."""
     T, n = X.shape
     qx = np.empty((T, n), np.int8)
     dx = np.empty((T, n // QK), np.float32)
-    bsums = np.empty((T, n // 16), np.int32)
-    (_quantize_act_super if group == _SUPER else _quantize_act)(X, qx, dx, bsums)
+    bsums = np.empty((T, n // 16 + n // QK), np.int32)
+    dsums = bsums[:, n // 16:].view(np.float32)
+    (_quantize_act_super if group == _SUPER else _quantize_act)(X, qx, dx, bsums, dsums)
     return qx, dx, bsums
 
 

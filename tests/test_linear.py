@@ -81,7 +81,8 @@ def quantize_activations(X: np.ndarray, group: int = 32) -> np.ndarray:
 @pytest.mark.parametrize("group", [32, 256])
 def test_activation_quantizers_match_numpy(group):
     """linear._quantized on one scale per 32 or per 256 values: codes times scales equal the numpy twin, every
-    per-32 scale of a group is the group's one scale, and bsums are the sums of each 16 codes."""
+    per-32 scale of a group is the group's one scale, and bsums are the sums of each 16 codes followed by each
+    32's scale times its codes' sum (as float32 bits)."""
     from edgeq.cpu_kernels import linear
 
     X = np.random.default_rng(4).standard_normal((3, 1024)).astype(np.float32) * np.float32(3.0)
@@ -90,7 +91,10 @@ def test_activation_quantizers_match_numpy(group):
     np.testing.assert_allclose(qx * np.repeat(dx, 32, axis=1), quantize_activations(X, group), rtol=0, atol=1e-6)
     per = dx.reshape(3, -1, group // 32)
     np.testing.assert_array_equal(per, np.repeat(per[:, :, :1], group // 32, axis=2))
-    np.testing.assert_array_equal(bsums, qx.reshape(3, -1, 16).astype(np.int32).sum(axis=2))
+    sums16 = qx.reshape(3, -1, 16).astype(np.int32).sum(axis=2)
+    np.testing.assert_array_equal(bsums[:, :1024 // 16], sums16)
+    np.testing.assert_array_equal(bsums[:, 1024 // 16:].view(np.float32),
+                                  dx * (sums16[:, 0::2] + sums16[:, 1::2]).astype(np.float32))
     assert np.abs(qx).max() == 127 and not qx[1, 256:512].any()
 
 
