@@ -80,6 +80,39 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = N
     return o2.reshape(x.shape)
 
 
+@njit(**_JIT)
+def _add_rmsnorm_row(x, o, w, eps, out, r):
+    for i in range(x.shape[1]):
+        x[r, i] += o[r, i]
+    _rmsnorm_row(x, w, eps, out, r)
+
+
+@njit(parallel=True, **_JIT)
+def _add_rmsnorm(x, o, w, eps, out):
+    for r in prange(x.shape[0]):
+        _add_rmsnorm_row(x, o, w, eps, out, r)
+
+
+@njit(**_JIT)
+def _add_rmsnorm_serial(x, o, w, eps, out):
+    for r in range(x.shape[0]):
+        _add_rmsnorm_row(x, o, w, eps, out, r)
+
+
+def add_rmsnorm(x: np.ndarray, o: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x += o in place (a residual), then RMSNorm(x) as a new array: one kernel call for the two where x is a
+    C-contiguous float32 (T, n) array (else numpy's add, then `rmsnorm`)."""
+    if x.ndim != 2 or o.shape != x.shape or w.shape != (x.shape[1],):
+        raise ValueError(f"add_rmsnorm: x {x.shape}, o {o.shape}, weight {w.shape} do not match")
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x += o
+        return rmsnorm(x, w, eps)
+    out = np.empty_like(x)
+    (_add_rmsnorm if x.shape[0] > SERIAL_ROWS else _add_rmsnorm_serial)(
+        x, np.ascontiguousarray(o, dtype=np.float32), np.ascontiguousarray(w, dtype=np.float32), np.float32(eps), out)
+    return out
+
+
 # ---------------------------------------------------------------- RoPE
 @njit(**_JIT)
 def _rope_row(x, positions, inv_freq, neox, t):
@@ -133,6 +166,59 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, neox: bool)
         raise ValueError("rope: rotation width or positions do not match x")
     (_rope if x.shape[0] > SERIAL_ROWS else _rope_serial)(x, positions.astype(np.int64), inv_freq, neox)
     return x
+
+
+# ---------------------------------------------------------------- Q/K head norms and RoPE in one call
+# A decode token's queries and keys take one kernel call here instead of two RMSNorms and two RoPEs (Qwen3, Gemma 3)
+# or two RoPEs (Llama, Qwen2): each call from Python costs microseconds, and many more after a matrix product has
+# streamed its weights through the caches (the interpreter's code and data then come from L3).
+@njit(**_JIT)
+def _qk_row(q, k, qw, kw, eps, norm, positions, inv_freq, neox, t):
+    if norm:  # each head's RMSNorm in place: _rmsnorm_row reads a row before it writes it
+        for h in range(q.shape[1]):
+            _rmsnorm_row(q[t], qw, eps, q[t], h)
+        for h in range(k.shape[1]):
+            _rmsnorm_row(k[t], kw, eps, k[t], h)
+    if inv_freq.shape[0]:
+        _rope_row(q, positions, inv_freq, neox, t)
+        _rope_row(k, positions, inv_freq, neox, t)
+
+
+@njit(parallel=True, **_JIT)
+def _qk(q, k, qw, kw, eps, norm, positions, inv_freq, neox):
+    for t in prange(q.shape[0]):
+        _qk_row(q, k, qw, kw, eps, norm, positions, inv_freq, neox, t)
+
+
+@njit(**_JIT)
+def _qk_serial(q, k, qw, kw, eps, norm, positions, inv_freq, neox):
+    for t in range(q.shape[0]):
+        _qk_row(q, k, qw, kw, eps, norm, positions, inv_freq, neox, t)
+
+
+_NO_FREQ = np.zeros(0, np.float32)
+
+
+def qk_norm_rope(q: np.ndarray, k: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray | None, neox: bool,
+                 q_norm: np.ndarray | None = None, k_norm: np.ndarray | None = None, eps: float = 0.0):
+    """Queries q (T, H, D) and keys k (T, Hkv, D): each head RMSNorm'd with q_norm / k_norm (both or neither), then
+    rotated by `rope` (inv_freq None: no rotation); in place where q and k are C-contiguous float32, else on
+    copies. Returns (q, k). The same row functions as `rmsnorm` and `rope`, in one kernel call."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    k = np.ascontiguousarray(k, dtype=np.float32)
+    if q.ndim != 3 or k.ndim != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"qk_norm_rope: q {q.shape} and k {k.shape} are not (T, H, D) and (T, Hkv, D)")
+    norm = q_norm is not None
+    if norm and (k_norm is None or q_norm.shape != (q.shape[2],) or k_norm.shape != (q.shape[2],)):
+        raise ValueError(f"qk_norm_rope: q/k norm weights must both have the head size {q.shape[2]}")
+    freq = _NO_FREQ if inv_freq is None else inv_freq
+    if 2 * freq.shape[0] > q.shape[2] or (inv_freq is not None and positions.shape[0] != q.shape[0]):
+        raise ValueError("qk_norm_rope: rotation width or positions do not match q")
+    w_q = np.ascontiguousarray(q_norm, dtype=np.float32) if norm else _NO_FREQ
+    w_k = np.ascontiguousarray(k_norm, dtype=np.float32) if norm else _NO_FREQ
+    (_qk if q.shape[0] > SERIAL_ROWS else _qk_serial)(q, k, w_q, w_k, np.float32(eps), norm,
+                                                      positions.astype(np.int64, copy=False), freq, neox)
+    return q, k
 
 
 # ---------------------------------------------------------------- attention

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeq.cpu_kernels.ops import gelu_mul, rmsnorm, rope, rope_inv_freq
+from edgeq.cpu_kernels.ops import gelu_mul, qk_norm_rope, rmsnorm, rope_inv_freq
 from edgeq.errors import ModelError
 from edgeq.models import base
 from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, ForwardPlan,
@@ -189,11 +189,9 @@ def layer(w: Weights, L: Layer, cfg: Config, il: int, x: np.ndarray, positions: 
     # attention with q/k norms, then a post-attention norm before the residual
     h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
     q, k, v = products([L.wq, L.wk, L.wv], h)
-    q = np.ascontiguousarray(rmsnorm(q.reshape(T, cfg.n_head, hd), L.q_norm, cfg.rms_eps))
-    k = np.ascontiguousarray(rmsnorm(k.reshape(T, cfg.n_head_kv, hd), L.k_norm, cfg.rms_eps))
+    q, k = qk_norm_rope(q.reshape(T, cfg.n_head, hd), k.reshape(T, cfg.n_head_kv, hd), positions, inv_freq, True,
+                        L.q_norm, L.k_norm, cfg.rms_eps)
     v = v.reshape(T, cfg.n_head_kv, hd)
-    rope(q, positions, inv_freq, True)
-    rope(k, positions, inv_freq, True)
     a = attention(il, q, k, v)
     x += rmsnorm(products([L.wo], a.reshape(T, cfg.n_head * hd))[0], L.post_attn_norm, cfg.rms_eps)
     del q, k, v, a  # a prompt's (T, ...) arrays of the attention, freed before the feed-forward's larger ones

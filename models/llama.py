@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeq.cpu_kernels.ops import rmsnorm, rope, rope_inv_freq, silu_mul
+from edgeq.cpu_kernels.ops import add_rmsnorm, qk_norm_rope, rmsnorm, rope_inv_freq, silu_mul
 from edgeq.models import base
 from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, ForwardPlan,
                                KVLayout, Linear, Observer, TensorBinder, check_attention, check_vocab_and_layers,
@@ -234,23 +234,19 @@ def layer(L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray, 
     # attention
     h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
     q, k, v = products([L.wq, L.wk, L.wv], h)
-    q = np.ascontiguousarray(q.reshape(T, cfg.n_head, hd))
-    k = np.ascontiguousarray(k.reshape(T, cfg.n_head_kv, hd))
+    # each head's norm where the model has them (Qwen3), then RoPE: one kernel call for q and k
+    q, k = qk_norm_rope(q.reshape(T, cfg.n_head, hd), k.reshape(T, cfg.n_head_kv, hd), positions,
+                        inv_freq if cfg.uses_rope(il) else None, cfg.rope_neox, L.q_norm, L.k_norm, cfg.rms_eps)
     v = v.reshape(T, cfg.n_head_kv, hd)
-    if cfg.qk_norm:
-        q, k = rmsnorm(q, L.q_norm, cfg.rms_eps), rmsnorm(k, L.k_norm, cfg.rms_eps)
-    if cfg.uses_rope(il):
-        rope(q, positions, inv_freq, cfg.rope_neox)
-        rope(k, positions, inv_freq, cfg.rope_neox)
-        if cfg.rope_attn_factor != 1.0:
-            q[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
-            k[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
+    if cfg.uses_rope(il) and cfg.rope_attn_factor != 1.0:
+        q[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
+        k[..., :cfg.n_rot] *= np.float32(cfg.rope_attn_factor)
     a = attention(il, q, k, v)                                       # (T, n_head, hd)
     o = products([L.wo], a.reshape(T, cfg.n_head * hd))[0]
-    x += o if res == 1.0 else o * res
-    del q, k, v, a, o  # a prompt's (T, ...) arrays of the attention, freed before the feed-forward's larger ones
-    # feed-forward (SwiGLU, or a mixture of SwiGLU experts)
-    h = rmsnorm(x, L.ffn_norm, cfg.rms_eps)
+    del q, k, v, a  # a prompt's (T, ...) arrays of the attention, freed before the feed-forward's larger ones
+    # feed-forward (SwiGLU, or a mixture of SwiGLU experts) on the norm of x += o (one kernel call)
+    h = add_rmsnorm(x, o if res == 1.0 else o * res, L.ffn_norm, cfg.rms_eps)
+    del o
     if L.moe is not None:
         o = experts(L.moe, h, cfg.n_expert_used, observer)
     else:

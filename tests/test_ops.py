@@ -143,3 +143,52 @@ def test_softmax():
     x = rng.standard_normal((4, 50)).astype(np.float32) * 10
     e = np.exp(x - x.max(-1, keepdims=True))
     np.testing.assert_allclose(ops.softmax(x), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+@pytest.mark.parametrize("norm,rotate,neox", [(True, True, True), (False, True, False), (True, False, True)])
+def test_qk_norm_rope_is_the_norms_then_rope(T, norm, rotate, neox):
+    """qk_norm_rope: each head of q and k RMSNorm'd (when given weights), then RoPE (when given frequencies), the
+    same bits as rmsnorm and rope called one after the other, for a decode row and a prompt's rows (its parallel
+    kernel past SERIAL_ROWS); the rotation against the numpy twin."""
+    rng = np.random.default_rng(T)
+    H, Hkv, D = 6, 2, 32
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k = rng.standard_normal((T, Hkv, D)).astype(np.float32)
+    qw, kw = (rng.standard_normal(D).astype(np.float32) for _ in range(2))
+    pos = np.arange(5, 5 + T)
+    inv = ops.rope_inv_freq(D, 10000.0)
+    want_q = ops.rmsnorm(q, qw, 1e-6) if norm else q.copy()
+    want_k = ops.rmsnorm(k, kw, 1e-6) if norm else k.copy()
+    if rotate:
+        ops.rope(want_q, pos, inv, neox)
+        ops.rope(want_k, pos, inv, neox)
+    got_q, got_k = ops.qk_norm_rope(q.copy(), k.copy(), pos, inv if rotate else None, neox,
+                                    qw if norm else None, kw if norm else None, 1e-6)
+    np.testing.assert_array_equal(got_q, want_q)
+    np.testing.assert_array_equal(got_k, want_k)
+    if rotate and not norm:
+        np.testing.assert_allclose(got_q, np_rope(q, pos, 10000.0, D, neox), rtol=1e-4, atol=1e-5)
+
+
+def test_qk_norm_rope_refuses_mismatched_shapes():
+    q, k = np.zeros((2, 4, 16), np.float32), np.zeros((2, 2, 8), np.float32)
+    with pytest.raises(ValueError):
+        ops.qk_norm_rope(q, k, np.arange(2), ops.rope_inv_freq(16, 1e4), True)
+    with pytest.raises(ValueError):
+        ops.qk_norm_rope(q, np.zeros((2, 2, 16), np.float32), np.arange(2), None, True, np.ones(16, np.float32), None)
+
+
+@pytest.mark.parametrize("T", [1, 40])
+def test_add_rmsnorm_is_the_residual_then_the_norm(T):
+    """add_rmsnorm: x += o in place, then the same bits as rmsnorm(x), for a decode row and a prompt's rows."""
+    rng = np.random.default_rng(T)
+    x, o = (rng.standard_normal((T, 96)).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal(96).astype(np.float32)
+    want_x = x + o
+    want = ops.rmsnorm(want_x, w, 1e-5)
+    got = ops.add_rmsnorm(x, o, w, 1e-5)
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError):
+        ops.add_rmsnorm(x, o[:, :8], w, 1e-5)

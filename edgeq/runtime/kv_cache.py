@@ -161,6 +161,7 @@ class _Layer:
         self.k = _Store(layout_k, self.n_kv, self.nslots, self.D, k_side)
         self.v = _Store(layout_v, self.n_kv, self.nslots, self.D, v_side)
         self.n = 0  # positions held: 0..n-1 (the oldest nslots of them on a ring)
+        self.decode_kernel = None  # (kernel, fns) once looked up (_decode_kernel)
         # what the decode kernel reads: tuple(KVSide)s with a leading sequence axis (a KVPool sets its own)
         self.pooled = tuple((s.layout,) + tuple(a[None] for a in s[1:]) for s in (self.k.side, self.v.side))
 
@@ -273,15 +274,22 @@ _NO_KV = np.zeros((1, 1, 1), np.float32)  # k, v of a decode kernel call that on
 
 
 def _decode(L: _Layer, seqs: np.ndarray, positions: np.ndarray, held: np.ndarray, q: np.ndarray, k: np.ndarray,
-            v: np.ndarray, store: bool, scale: float) -> np.ndarray:
+            v: np.ndarray, store: bool, scale: float, threads: int | None = None) -> np.ndarray:
     """attention_q's decode kernel on layer L's pooled arrays: sequences seqs at positions (B,), holding `held`
     positions after the optional store of k, v (B, Hkv, D) -> (B, H, D)."""
     out = np.empty(q.shape, np.float32)
-    kl, vl = L.k.side.layout, L.v.side.layout
-    aq.attention_kernels(kl, vl)[1](q, k, v, L.pooled[0], L.pooled[1], seqs, positions, held, store, L.n_kv,
-                                    np.float32(scale), L.window, L.nslots, numba.get_num_threads(), out,
-                                    aq.addresses(kl, vl))
+    kernel, fns = L.decode_kernel or _decode_kernel(L)
+    kernel(q, k, v, L.pooled[0], L.pooled[1], seqs, positions, held, store, L.n_kv, np.float32(scale), L.window,
+           L.nslots, numba.get_num_threads() if threads is None else threads, out, fns)
     return out
+
+
+def _decode_kernel(L: _Layer) -> tuple:
+    """(decode kernel, its `fns`) for layer L's cache layouts, kept on the layer: a decode token looks them up
+    once per layer, and every lookup after a matrix product has streamed the caches costs microseconds."""
+    kl, vl = L.k.side.layout, L.v.side.layout
+    L.decode_kernel = (aq.attention_kernels(kl, vl)[1], aq.addresses(kl, vl))
+    return L.decode_kernel
 
 
 class _HugePageArena:
@@ -347,10 +355,13 @@ class DecodeStep:
         self.held = self.positions + 1
         self.together = bool(caches) and all(c.group is caches[0].group for c in caches) and \
             len(set(self.seqs.tolist())) == len(caches) and all(0 <= p < c.n_ctx for c, p in zip(caches, self.plist))
+        self.one = caches[0] if len(caches) == 1 else None  # a single sequence: its checks without the loops
+        self.threads = numba.get_num_threads()  # the pool this step runs on, asked once a step, not once a layer
 
     def attend(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-        caches = self.caches
-        if self.together and all(c.layers[il].n == p for c, p in zip(caches, self.plist)):
+        caches, one = self.caches, self.one
+        if self.together and (one.layers[il].n == self.plist[0] if one is not None else
+                              all(c.layers[il].n == p for c, p in zip(caches, self.plist))):
             L, B = caches[0].layers[il], len(caches)
             if q.ndim != 3 or q.shape[0] != B or q.shape[2] != L.D or q.shape[1] % L.n_kv or \
                     k.shape != (B, L.n_kv, L.D) or v.shape != k.shape:
@@ -358,9 +369,12 @@ class DecodeStep:
                                  f"{B} sequences of (H*{L.n_kv}, {L.D})")
             out = _decode(L, self.seqs, self.positions, self.held, np.ascontiguousarray(q, dtype=np.float32),
                           np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32), True,
-                          scale)
-            for c, p in zip(caches, self.plist):
-                c.layers[il].n = p + 1
+                          scale, self.threads)
+            if one is not None:
+                L.n = self.plist[0] + 1
+            else:
+                for c, p in zip(caches, self.plist):
+                    c.layers[il].n = p + 1
             return out
         out = np.empty((len(caches),) + q.shape[1:], np.float32)
         for i, (cache, p) in enumerate(zip(caches, self.plist)):
