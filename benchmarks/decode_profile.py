@@ -117,7 +117,7 @@ def main() -> None:
     m.reset()
     m._forward(ids)
     for mod in (llama, gemma3):  # the forward passes call these module globals
-        for fn in ("rmsnorm", "rope", "silu_mul", "gelu_mul"):
+        for fn in ("rmsnorm", "add_rmsnorm", "qk_norm_rope", "silu_mul", "gelu_mul"):
             if hasattr(mod, fn):
                 wrap(mod, fn, fn)
         wrap(mod, "linears", "matvec")  # Q/K/V and gate/up as one call each
