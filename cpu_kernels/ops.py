@@ -203,7 +203,8 @@ def qk_norm_rope(q: np.ndarray, k: np.ndarray, positions: np.ndarray, inv_freq: 
                  q_norm: np.ndarray | None = None, k_norm: np.ndarray | None = None, eps: float = 0.0):
     """Queries q (T, H, D) and keys k (T, Hkv, D): each head RMSNorm'd with q_norm / k_norm (both or neither), then
     rotated by `rope` (inv_freq None: no rotation); in place where q and k are C-contiguous float32, else on
-    copies. Returns (q, k). The same row functions as `rmsnorm` and `rope`, in one kernel call."""
+    copies. Returns (q, k). The same row functions as `rmsnorm` and `rope`, in one kernel call (equal to them within
+    float32 rounding: fastmath may order a norm's sum of squares differently in another compiled kernel)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     k = np.ascontiguousarray(k, dtype=np.float32)
     if q.ndim != 3 or k.ndim != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:

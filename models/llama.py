@@ -201,8 +201,11 @@ def forward_layers(w: Weights, cfg: Config, x: np.ndarray, pos0: int, cache, lay
     attention = base.prompt_attention(cache, pos0, _scale(cfg))
     products = lambda lins, h: linears(lins, h, observer)  # noqa: E731
     positions, inv_freq = np.arange(pos0, pos0 + x.shape[0]), rope_table(w, cfg, cache.n_ctx)
+    o = None
     for il in layers:
-        layer(w.layers[il], cfg, il, x, positions, inv_freq, attention, products, observer)
+        o = layer(w.layers[il], cfg, il, x, positions, inv_freq, attention, products, observer, o)
+    if o is not None:
+        x += o
 
 
 def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.ndarray, caches: list,
@@ -220,19 +223,24 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))          # (T + N, d)
     products = linears if prompt_rows else batch_linears           # a chunk's many rows: the prompt GEMM
     inv_freq = rope_table(w, cfg, caches[0].n_ctx)
+    o = None
     for il, L in enumerate(w.layers):
-        layer(L, cfg, il, x, positions, inv_freq, attention, products)
+        o = layer(L, cfg, il, x, positions, inv_freq, attention, products, None, o)
+    x += o
     return _logits(w, cfg, x[max(prompt_rows - 1, 0):], batch_linears)
 
 
 def layer(L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
-          attention: base.Attention, products: base.Products, observer: Observer | None = None) -> None:
-    """Decoder layer il on x (T, d) in place: the rows are a prompt's tokens (forward) or one token per sequence
-    (forward_batch); `attention` and `products` say which."""
+          attention: base.Attention, products: base.Products, observer: Observer | None = None,
+          residual: np.ndarray | None = None) -> np.ndarray:
+    """Decoder layer il on x (T, d): the rows are a prompt's tokens (forward) or one token per sequence
+    (forward_batch); `attention` and `products` say which. `residual`: the layer before's feed-forward output, not
+    yet added to x (None for the first layer); returns this layer's, for the next layer or the caller to add (each
+    residual add shares a kernel call with the norm after it)."""
     T, hd = x.shape[0], cfg.head_dim
     res = np.float32(cfg.residual_scale)
     # attention
-    h = rmsnorm(x, L.attn_norm, cfg.rms_eps)
+    h = rmsnorm(x, L.attn_norm, cfg.rms_eps) if residual is None else add_rmsnorm(x, residual, L.attn_norm, cfg.rms_eps)
     q, k, v = products([L.wq, L.wk, L.wv], h)
     # each head's norm where the model has them (Qwen3), then RoPE: one kernel call for q and k
     q, k = qk_norm_rope(q.reshape(T, cfg.n_head, hd), k.reshape(T, cfg.n_head_kv, hd), positions,
@@ -252,7 +260,7 @@ def layer(L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray, 
     else:
         g, u = products([L.w_gate, L.w_up], h)
         o = products([L.w_down], silu_mul(g, u, out=g))[0]
-    x += o if res == 1.0 else o * res
+    return o if res == 1.0 else o * res
 
 
 def _scale(cfg: Config) -> float:
