@@ -507,7 +507,10 @@ def _super_act(x, b, dx, bsums):
 
 def kquant_min_sums(x, bsums, b):
     """<8 x float> dx_k * (sum of the 32 codes of block k) for the 8 blocks of super-block b: the float32 tail of
-    linear._quantized's bsums, after the row's nb * 16 sums of 16 (x.nb: the row's super-blocks)."""
+    linear._quantized's bsums, after the row's nb * 16 sums of 16 (x.nb: the row's super-blocks, which every row
+    loop emitting BLOCK_IR sets: _row_dot, batch_dot._rows_dot)."""
+    if x.nb is None:
+        raise TypeError("kquant_min_sums: the row loop must set x.nb (the row's super-blocks) before its blocks")
     return x.at(bsums, x.b.mul(x.b.add(x.b.mul(x.nb, ir.Constant(I64, 16)), x.b.mul(b, ir.Constant(I64, 8))),
                                ir.Constant(I64, 4)), _vec(F32, 8))
 
@@ -521,13 +524,9 @@ def _kquant_super(x, acc, b, d, dmin, sc8, mn8, codes, qx, dx, bsums, pairs=None
     lane fix-up (vpermq), integer multiply (vpmulld) and conversion, 6 of the Q4_K loop's 81 instructions (its hot
     speed on one thread 17.2 -> 17.6-18.4 GB/s, `edgeq bench` decode of the 1.7B Q4_K_M 19.50 -> 19.74 t/s,
     medians of 5 alternated runs, each pair in its favour; the 3B 11.45 -> 11.54, 3 of 3)."""
-    if x.nb is not None:  # the row loops set x.nb: the min sums are there (1.7B Q4_K_M decode +1.2%, 3B +1-2%)
-        dxv = x.at(dx, x.b.mul(b, ir.Constant(I64, 32)), _vec(F32, 8))
-        mins = kquant_min_sums(x, bsums, b)                                          # dx_k bsum_k
-        acc.fma(x.b.fmul(x.b.sitofp(mn8, _vec(F32, 8)), mins), x.splat(x.b.fneg(dmin), 8), _N_ACC - 1)
-    else:
-        dxv, bs = _super_act(x, b, dx, bsums)
-        acc.fma(x.b.sitofp(x.b.mul(mn8, bs), _vec(F32, 8)), x.b.fmul(x.splat(x.b.fneg(dmin), 8), dxv), _N_ACC - 1)
+    dxv = x.at(dx, x.b.mul(b, ir.Constant(I64, 32)), _vec(F32, 8))
+    mins = kquant_min_sums(x, bsums, b)                                              # dx_k bsum_k
+    acc.fma(x.b.fmul(x.b.sitofp(mn8, _vec(F32, 8)), mins), x.splat(x.b.fneg(dmin), 8), _N_ACC - 1)
     coef = x.b.fmul(x.b.fmul(x.splat(d, 8), x.b.sitofp(sc8, _vec(F32, 8))), dxv)   # d sc_k dx_k
     kb0 = x.b.mul(b, ir.Constant(I64, 8))
     if _ZMM and pairs is not None:

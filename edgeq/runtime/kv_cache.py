@@ -355,13 +355,11 @@ class DecodeStep:
         self.held = self.positions + 1
         self.together = bool(caches) and all(c.group is caches[0].group for c in caches) and \
             len(set(self.seqs.tolist())) == len(caches) and all(0 <= p < c.n_ctx for c, p in zip(caches, self.plist))
-        self.one = caches[0] if len(caches) == 1 else None  # a single sequence: its checks without the loops
         self.threads = numba.get_num_threads()  # the pool this step runs on, asked once a step, not once a layer
 
     def attend(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-        caches, one = self.caches, self.one
-        if self.together and (one.layers[il].n == self.plist[0] if one is not None else
-                              all(c.layers[il].n == p for c, p in zip(caches, self.plist))):
+        caches = self.caches
+        if self.together and all(c.layers[il].n == p for c, p in zip(caches, self.plist)):
             L, B = caches[0].layers[il], len(caches)
             if q.ndim != 3 or q.shape[0] != B or q.shape[2] != L.D or q.shape[1] % L.n_kv or \
                     k.shape != (B, L.n_kv, L.D) or v.shape != k.shape:
@@ -370,11 +368,8 @@ class DecodeStep:
             out = _decode(L, self.seqs, self.positions, self.held, np.ascontiguousarray(q, dtype=np.float32),
                           np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32), True,
                           scale, self.threads)
-            if one is not None:
-                L.n = self.plist[0] + 1
-            else:
-                for c, p in zip(caches, self.plist):
-                    c.layers[il].n = p + 1
+            for c, p in zip(caches, self.plist):
+                c.layers[il].n = p + 1
             return out
         out = np.empty((len(caches),) + q.shape[1:], np.float32)
         for i, (cache, p) in enumerate(zip(caches, self.plist)):
