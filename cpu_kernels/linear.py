@@ -828,6 +828,16 @@ def matmul_rows_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]
     return ys
 
 
+def rows_calls(qs: list["QuantLinear"], T: int) -> list[tuple] | None:
+    """The kernel calls matmul_rows_many makes for these matrices on T rows, in its order: (kernel, activation group,
+    n_in, the call's 3 weight arrays, the matrices' indices in qs); None where a matrix has no integer kernel
+    (cpu_kernels/decode_pass.py makes the same calls from compiled code)."""
+    plan = _rows_plan(qs)
+    if plan.others:
+        return None
+    return [(owner._integer_kernel(T), owner._group, plan.n_in, raws3, idx) for owner, raws3, idx, _ in plan.fused]
+
+
 class _RowsPlan:
     """What matmul_rows_many does for one list of matrices: `others` (indices of matrices without an integer
     kernel: QuantLinear.matmul), `fused` (per kernel call: the QuantLinear whose kernel runs, the call's 3-tuple

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeq.cpu_kernels import decode_pass
+from edgeq.cpu_kernels.linear import rows_calls
 from edgeq.cpu_kernels.ops import add_rmsnorm, qk_norm_rope, rmsnorm, rope_inv_freq, silu_mul
 from edgeq.models import base
 from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, ForwardPlan,
@@ -189,6 +191,10 @@ def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
     """Run `tokens` (at positions pos0..) through the network, writing their keys/values into `cache`.
 
     Returns logits (T, n_vocab) if all_logits, else (1, n_vocab) for the last token."""
+    if len(tokens) == 1 and observer is None:  # a decode token: every layer in one compiled call where it can
+        logits = compiled_step(w, cfg, tokens, np.array([pos0], np.int64), [cache])
+        if logits is not None:
+            return logits
     x = embed(w, cfg, tokens)                                       # (T, d)
     forward_layers(w, cfg, x, pos0, cache, range(cfg.n_layer), observer)
     return _logits(w, cfg, x if all_logits else x[-1:], lambda layers, h: linears(layers, h, observer))
@@ -219,6 +225,10 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     the weights once for a prompt chunk and every decoding sequence. Returns logits (1 + N, n_vocab): the chunk's
     last token, then the N sequences."""
     positions = np.asarray(positions, dtype=np.int64)
+    if not prompt_rows:
+        logits = compiled_step(w, cfg, tokens, positions, caches)
+        if logits is not None:
+            return logits
     attention = base.batch_attention(caches, positions, _scale(cfg), prompt_rows)
     x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))          # (T + N, d)
     products = linears if prompt_rows else batch_linears           # a chunk's many rows: the prompt GEMM
@@ -261,6 +271,77 @@ def layer(L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray, 
         g, u = products([L.w_gate, L.w_up], h)
         o = products([L.w_down], silu_mul(g, u, out=g))[0]
     return o if res == 1.0 else o * res
+
+
+def compiled_step(w: Weights, cfg: Config, tokens, positions: np.ndarray, caches: list) -> np.ndarray | None:
+    """`forward_batch`'s decode step (one token of each of `caches`, at `positions`) as one compiled call
+    (cpu_kernels/decode_pass.py): the same kernels on the same arrays in the same order, so the same logits, without
+    ~10 Python dispatches a layer. None where it does not apply (a mixture of experts, LongRoPE's attention factor,
+    a matrix without an integer kernel, caches that are not one group each appending right after what it holds):
+    the caller then runs the layers from Python."""
+    B = len(caches)
+    tables = decode_tables(w, cfg, B)
+    if tables is None or not hasattr(caches[0], "decode_tables"):
+        return None
+    group, plist = caches[0].group, positions.tolist()
+    if len({id(c) for c in caches}) != B or any(getattr(c, "group", None) is not group for c in caches) or \
+            any(not 0 <= p < c.n_ctx or any(L.n != p for L in c.layers) for c, p in zip(caches, plist)):
+        return None
+    x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))
+    logits = np.empty((B, cfg.n_vocab), np.float32)
+    decode_pass.step(x, positions, np.array([c.index for c in caches], np.int64), tables, caches[0].decode_tables(),
+                     rope_table(w, cfg, caches[0].n_ctx), logits)
+    for c, p in zip(caches, plist):
+        for L in c.layers:
+            L.n = p + 1
+    return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
+
+
+def decode_tables(w: Weights, cfg: Config, B: int) -> "decode_pass.Tables | None":
+    """The weights' side of the compiled decode step for batches of B rows (its kernels depend on B), made once and
+    kept on `w`; None where the step does not apply (compiled_step)."""
+    cache = w.__dict__.setdefault("_decode_tables", {})
+    if B not in cache:
+        cache[B] = _make_decode_tables(w, cfg, B)
+    return cache[B]
+
+
+def _make_decode_tables(w: Weights, cfg: Config, B: int) -> "decode_pass.Tables | None":
+    if cfg.n_expert or cfg.rope_attn_factor != 1.0 or w.output.bias is not None:
+        return None
+    dp = decode_pass
+    calls, starts, keep = [], [], []
+    for L in w.layers + [None]:
+        phases = ([([L.wq, L.wk, L.wv], [dp._Q, dp._K, dp._V]), ([L.wo], [dp._O]),
+                   ([L.w_gate, L.w_up], [dp._G, dp._U]), ([L.w_down], [dp._DOWN])] if L is not None else
+                  [([w.output], [dp._LOGITS])])
+        for lins, dests in phases:
+            starts.append(len(calls))
+            if any(lin.bias is not None for lin in lins) and (L is None or lins[0] is not L.wq):
+                return None  # biases: only Q/K/V's (Qwen2)
+            fused = rows_calls([lin.q for lin in lins], B)
+            if fused is None:
+                return None
+            for kernel, group, n_in, raws3, idx in fused:
+                calls.append(dp.call_row(dp.product_address(kernel), group, n_in, raws3, [dests[i] for i in idx]))
+                keep.append(raws3)
+    starts.append(len(calls))
+    Ls = w.layers
+    if any(lin.bias is not None for L in Ls for lin in (L.wq, L.wk, L.wv)):
+        if any(lin.bias is None for L in Ls for lin in (L.wq, L.wk, L.wv)):
+            return None
+        biases = np.stack([np.concatenate([L.wq.bias, L.wk.bias, L.wv.bias]) for L in Ls]).astype(np.float32)
+    else:
+        biases = np.zeros((len(Ls), 0), np.float32)
+    no_norm = np.zeros((len(Ls), 0), np.float32)
+    stack = lambda vs: np.ascontiguousarray(np.stack(vs), dtype=np.float32)  # noqa: E731
+    return dp.Tables(
+        np.array(calls, np.int64), np.array(starts, np.int64), stack([L.attn_norm for L in Ls]),
+        stack([L.ffn_norm for L in Ls]), stack([L.q_norm for L in Ls]) if cfg.qk_norm else no_norm,
+        stack([L.k_norm for L in Ls]) if cfg.qk_norm else no_norm, cfg.qk_norm, biases,
+        np.array([cfg.uses_rope(il) for il in range(cfg.n_layer)]), cfg.rope_neox, cfg.rms_eps, cfg.residual_scale,
+        (cfg.n_head, cfg.n_head_kv, cfg.head_dim, Ls[0].w_gate.n_out, cfg.n_head * cfg.head_dim), _scale(cfg),
+        np.ascontiguousarray(w.output_norm, dtype=np.float32), keep)
 
 
 def _scale(cfg: Config) -> float:

@@ -17,15 +17,17 @@ def model(request):
     return edgeq.load(str(request.getfixturevalue(f"{request.param}_path")), n_ctx=256, threads=2)
 
 
-def _single_row_kernels(monkeypatch):
+def _single_row_kernels(monkeypatch, model):
     """Batches take the single-row dots (not cpu_kernels/batch_dot.py's tiles, equal only up to float32 rounding),
     and so do prompts (not the int8 GEMM): a server step that carries a prompt chunk and decoding sequences together
-    runs them through the prompt's products."""
+    runs them through the prompt's products. The compiled decode step's tables (models/llama.decode_tables, which
+    name their kernels once) are made afresh meanwhile."""
     from edgeq.cpu_kernels import batch_dot, linear
 
     for qtype in list(batch_dot.MIN_ROWS):
         monkeypatch.setitem(batch_dot.MIN_ROWS, qtype, 1 << 30)
     monkeypatch.setattr(linear, "_GEMM_MIN_T", 1 << 30)
+    monkeypatch.setattr(model.weights, "_decode_tables", {}, raising=False)
 
 
 def test_forward_batch_matches_each_sequence_alone(model, monkeypatch):
@@ -35,7 +37,7 @@ def test_forward_batch_matches_each_sequence_alone(model, monkeypatch):
     are checked for batch independence in test_forward_batch_rows_do_not_depend_on_the_batch."""
     from edgeq.runtime.kv_cache import make_kv_cache
 
-    _single_row_kernels(monkeypatch)
+    _single_row_kernels(monkeypatch, model)
     m = model
     m._set_threads()
     prompts = [m.tokenizer.encode(t) for t in ("Hello there", "One two three four five six", "A")]
@@ -61,7 +63,7 @@ def test_mixed_step_equals_the_prompt_chunk_and_the_decode_batch_apart(model, mo
     logits, moving with any change of a kernel's summation order), which would hide a real mixing error."""
     from edgeq.runtime.kv_cache import make_kv_cache
 
-    _single_row_kernels(monkeypatch)
+    _single_row_kernels(monkeypatch, model)
     m = model
     m._set_threads()
     prompts = [m.tokenizer.encode(t) for t in ("Once upon a time there was a", "Hello there", "One two three")]
@@ -132,7 +134,7 @@ def _run(sched, reqs, timeout=600):
 
 
 def test_scheduler_batched_equals_sequential_and_reuses_prompts(model, monkeypatch):
-    _single_row_kernels(monkeypatch)  # greedy text alone and batched: equal only where the products are (see above)
+    _single_row_kernels(monkeypatch, model)  # greedy text alone and batched: equal only where the products are (see above)
     m = model
     sched = Scheduler(m, n_slots=3, n_ctx=128, prefill_chunk=8).start()  # chunks of 8: prompts take several steps
     try:

@@ -57,9 +57,11 @@ def hf_smollm2(smollm2_path) -> Path:
     return materialize_from_gguf(smollm2_path, HF_CACHE / "SmolLM2-135M-Instruct")
 
 
-def _tiny_config(arch: str, vocab: int):
+def _tiny_config(arch: str, vocab: int, **sizes):
+    """sizes: overrides of the common sizes (hidden_size, intermediate_size, num_attention_heads, ...)."""
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rms_norm_eps=1e-5)
+    common.update(sizes)
     if arch == "llama":
         return transformers.LlamaConfig(**common, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                                         rope_theta=10000.0)
@@ -128,7 +130,8 @@ def _spm_style_tokenizer(folder: Path) -> int:
     return len(data["model"]["vocab"])
 
 
-def make_tiny(arch: str, folder: Path, smollm2_dir: Path | None, seed: int = 0, **save_kwargs) -> Path:
+def make_tiny(arch: str, folder: Path, smollm2_dir: Path | None, seed: int = 0, sizes: dict | None = None,
+              **save_kwargs) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if arch == "gemma3":
         vocab = _spm_style_tokenizer(folder)
@@ -137,7 +140,7 @@ def make_tiny(arch: str, folder: Path, smollm2_dir: Path | None, seed: int = 0, 
             if (smollm2_dir / name).is_file():
                 shutil.copy(smollm2_dir / name, folder / name)
         vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
-    cfg = _tiny_config(arch, vocab)
+    cfg = _tiny_config(arch, vocab, **(sizes or {}))
     torch.manual_seed(seed)
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
            "gemma3": transformers.Gemma3ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,

@@ -201,6 +201,25 @@ class KVCache:
         runtime)."""
         return DecodeStep(caches, positions)
 
+    def decode_tables(self):
+        """The layers' arrays as cpu_kernels/decode_pass.py's compiled decode step reads them (its CacheTables),
+        made once for this cache's group (a KVPool's are the pool's) and kept on it."""
+        group = self.group
+        tables = getattr(group, "_decode_tables", None)
+        if tables is None:
+            from edgeq.cpu_kernels import decode_pass
+
+            layers = self.layers
+            kernel, fns = layers[0].decode_kernel or _decode_kernel(layers[0])
+            if any((L.decode_kernel or _decode_kernel(L))[0] is not kernel for L in layers):
+                raise ValueError("KV cache: the compiled decode step needs one cache layout on every layer")
+            kv = np.array([[decode_pass.kv_row(side) for side in L.pooled] for L in layers], np.int64)
+            tables = group._decode_tables = decode_pass.CacheTables(
+                kv, np.array([[side[0] for side in L.pooled] for L in layers], np.int64),
+                np.array([L.window for L in layers], np.int64), np.array([L.nslots for L in layers], np.int64),
+                decode_pass.attend_address(kernel), fns, [L.pooled for L in layers])
+        return tables
+
     def mark(self, pos: int) -> None:
         """Remember what a rewind to pos (which every layer holds) needs to continue exactly as from here: the
         engine marks the end of a prompt whose logits it keeps, and a repeated prompt then continues with the

@@ -135,6 +135,15 @@ def _compile_decode_job(cfg, cache_types) -> None:
         aq.decode_splits(L.n_kv, pos, L.window, 1)
 
 
+def _compile_decode_step(arch) -> None:
+    """The compiled decode step of the Llama family (cpu_kernels/decode_pass.py), which needs no model to compile:
+    it calls every kernel through an address it is given."""
+    if getattr(arch.forward, "__module__", None) == "edgeq.models.llama":
+        from edgeq.cpu_kernels import decode_pass
+
+        decode_pass.compile()
+
+
 def scratch_passes(model, before_decode: Callable[[], None] = lambda: None) -> None:
     """Run every forward path of `model` once over a throwaway KV cache (the model's own cache is untouched);
     `before_decode()` runs before the single-token passes (warm_up waits there for its decode worker)."""
@@ -597,6 +606,7 @@ def _early_worker_passes(path: str, type_k: str | None, type_v: str | None, stam
                          stores: threading.Event) -> None:
     gf, arch, cfg = _open_in_worker(path)
     _compile_decode_job(cfg, (type_k, type_v))
+    _compile_decode_step(arch)
     stores.wait(_WORKER_WAIT_S)  # the parent's store rows, in the disk cache (or they compile here)
     _attention_passes(cfg, (type_k, type_v))
     with contextlib.suppress(OSError):
