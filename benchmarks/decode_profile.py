@@ -5,7 +5,9 @@ and the sampler, over N decode steps after a prompt of P tokens (2 threads by de
     python benchmarks/decode_profile.py smollm2-135m-instruct [-p 512] [-n 128] [-t 2] [--prefill]
     python benchmarks/decode_profile.py FILE.gguf --matrices [-n 8] [-t 1,2]
 
-Prints ms per token per part; "other" is the rest of the forward pass (Python glue).
+Prints ms per token per part; "other" is the rest of the forward pass (Python glue). A decode token runs as one
+compiled call (cpu_kernels/decode_pass.py: "compiled step", every layer's kernels and the classifier);
+--python-layers times the same kernels called from Python's layers instead, part by part.
 --matrices: the decode's matrix products alone, grouped by role and weight type, each group called as the
 forward pass calls it (Q/K/V, gate/up fused per type) over every layer in turn, so the weights come from DRAM
 as in a real step. Per group: ms per token by wall clock and by CPU time (process_time: on a shared machine the
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true", help="profile the prompt's prefill instead (3 runs)")
     ap.add_argument("--matrices", action="store_true", help="time the decode's matrix products per group (-t: a "
                     "comma list of thread counts)")
+    ap.add_argument("--python-layers", action="store_true", help="decode through models/llama.py's layers from "
+                    "Python (the kernels part by part) instead of the compiled step")
     ap.add_argument("-t", "--threads", default="2")
     ap.add_argument("--cpu", action="store_true", help="time with this thread's CPU clock instead of the wall "
                     "clock (with -t 1: steadier on a shared machine, where the wall clock counts other processes)")
@@ -121,6 +125,11 @@ def main() -> None:
             if hasattr(mod, fn):
                 wrap(mod, fn, fn)
         wrap(mod, "linears", "matvec")  # Q/K/V and gate/up as one call each
+    for mod in (llama, gemma3):
+        if a.python_layers:
+            mod.compiled_step = lambda *args: None
+        else:
+            wrap(mod, "compiled_step", "compiled step")
     wrap(base.Linear, "__call__", "matvec")
     wrap(base.Embedding, "__call__", "embed")
     from edgeq.runtime.kv_cache import DecodeStep

@@ -17,9 +17,12 @@ weights and the cache own: they live as long as those (the tables are kept on th
 """
 from __future__ import annotations
 
+import time
+
 import numba
 import numpy as np
 from numba import carray, njit, types
+from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic
 
 from . import linear, native_call, ops
@@ -49,6 +52,7 @@ _DECLARED = {
     ops._add_rmsnorm_serial: (_F32_2, _F32_2, _F32_1, types.float32, _F32_2),
     ops._qk_serial: (_F32_3, _F32_3, _F32_1, _F32_1, types.float32, types.boolean, _I64_1, _F32_1, types.boolean),
     ops._silu_mul_in_place_serial: (_F32_2, _F32_2),
+    ops._gelu_mul_in_place_serial: (_F32_2, _F32_2),
     linear._quantize_act: _QUANTIZE_ARGS,
     linear._quantize_act_super: _QUANTIZE_ARGS,
 }
@@ -74,8 +78,8 @@ native_call.declare(_attend, _ATTEND_ARGS)
 
 # the serial kernels' addresses, in this order, are the driver's `ops_addr`
 _OPS = (ops._rmsnorm_serial, ops._add_rmsnorm_serial, ops._qk_serial, ops._silu_mul_in_place_serial,
-        linear._quantize_act, linear._quantize_act_super)
-_RMS, _ADD_RMS, _QK, _SILU, _QUANT32, _QUANT256 = range(len(_OPS))
+        ops._gelu_mul_in_place_serial, linear._quantize_act, linear._quantize_act_super)
+_RMS, _ADD_RMS, _QK, _SILU, _GELU, _QUANT32, _QUANT256 = range(len(_OPS))
 
 
 def product_address(kernel) -> int:
@@ -90,8 +94,9 @@ def attend_address(kernel) -> int:
     return native_call.address(kernel)
 
 
-def ops_addresses() -> np.ndarray:
-    return np.array([native_call.address(fn) for fn in _OPS], np.int64)
+def ops_addresses(needed) -> np.ndarray:
+    """The addresses of `_OPS` (0 for those not in `needed`: a kernel the model never calls is never compiled)."""
+    return np.array([native_call.address(fn) if fn in needed else 0 for fn in _OPS], np.int64)
 
 
 # ---------------------------------------------------------------- tables
@@ -183,22 +188,26 @@ def _products(calls, c0, c1, X, bufs, ops_addr):
 
 
 @njit(**_JIT)
-def _step(x, positions, seqs, calls, starts, attn_norm, ffn_norm, q_norm, k_norm, qk_norm, biases, rope_on,
-          inv_freq, neox, eps, res_scale, dims, kv, kv_layout, windows, nslots, scale, threads, attend_addr, fns,
-          output_norm, logits, ops_addr):
+def _step(x, positions, seqs, calls, starts, norms, post_norms, q_norm, k_norm, qk_norm, biases, rope, freqs, neox,
+          eps, res_scale, gelu, dims, kv, kv_layout, windows, nslots, scale, threads, attend_addr, fns, output_norm,
+          logits, ops_addr):
     """Every layer of one decode token of each of B sequences, then the classifier.
 
-    x (B, d): the token embeddings, the residual stream in place (as llama.forward_batch leaves it); positions,
-    seqs (B,): each row's position and sequence in the pooled caches; calls, starts: the product table (call_row)
-    and call c of layer il's phase p in starts[il * PHASES + p] .. the next (the classifier's after the last);
-    attn_norm, ffn_norm (L, d), q_norm, k_norm (L, head_dim), biases: (L, n_q + 2 n_kv) q/k/v biases or (L, 0);
-    rope_on (L,) whether layer il rotates; dims: n_head, n_head_kv, head_dim, n_ff, n_q (n_head x head_dim);
-    kv (L, 2, 9, 6) and kv_layout (L, 2): the caches' arrays (kv_row); windows, nslots (L,); fns: the attention's
-    callee addresses; logits (B, n_vocab) out."""
+    x (B, d): the token embeddings, the residual stream in place; positions, seqs (B,): each row's position and
+    sequence in the pooled caches; calls, starts: the product table (call_row) and call c of layer il's phase p in
+    starts[il * PHASES + p] .. the next (the classifier's after the last); norms (L, 2, d): the attention's and the
+    feed-forward's input norms; post_norms (L, 2, d): norms of their outputs before the residual (Gemma 3), or (L, 2,
+    0) for none (Llama: each residual add shares a kernel call with the norm after it, as llama.layer's); q_norm,
+    k_norm (L, head_dim) (or (L, 0)) and qk_norm; biases: (L, n_q + 2 n_kv) q/k/v biases or (L, 0); rope (L,): the
+    row of freqs (tables of RoPE frequencies) layer il rotates with, -1 for none; res_scale: each sublayer's output
+    times this (Granite); gelu: GeGLU, else SwiGLU; dims: n_head, n_head_kv, head_dim, n_ff, n_q (n_head x
+    head_dim); kv (L, 2, 9, 6) and kv_layout (L, 2): the caches' arrays (kv_row); windows, nslots (L,); fns: the
+    attention's callee addresses; logits (B, n_vocab) out."""
     B, d = x.shape
     H, Hkv, D, ff, nq = dims[0], dims[1], dims[2], dims[3], dims[4]
     nkv = Hkv * D
-    L = attn_norm.shape[0]
+    L = norms.shape[0]
+    post = post_norms.shape[2] > 0
     held = positions + 1
     no_freq = np.empty(0, np.float32)
     h = np.empty((B, d), np.float32)
@@ -212,10 +221,10 @@ def _step(x, positions, seqs, calls, starts, attn_norm, ffn_norm, q_norm, k_norm
         u = np.empty((B, ff), np.float32)
         down = np.empty((B, d), np.float32)
         bufs = (q, k, v, o, g, u, down, logits)
-        if il == 0:
-            native_call.call(ops._rmsnorm_serial, ops_addr[_RMS], (x, attn_norm[0], eps, h))
+        if il == 0 or post:
+            native_call.call(ops._rmsnorm_serial, ops_addr[_RMS], (x, norms[il, 0], eps, h))
         else:
-            native_call.call(ops._add_rmsnorm_serial, ops_addr[_ADD_RMS], (x, res, attn_norm[il], eps, h))
+            native_call.call(ops._add_rmsnorm_serial, ops_addr[_ADD_RMS], (x, res, norms[il, 0], eps, h))
         p = il * PHASES
         _products(calls, starts[p], starts[p + 1], h, bufs, ops_addr)
         if biases.shape[1]:
@@ -228,36 +237,59 @@ def _step(x, positions, seqs, calls, starts, attn_norm, ffn_norm, q_norm, k_norm
         q3 = q.reshape((B, H, D))
         k3 = k.reshape((B, Hkv, D))
         native_call.call(ops._qk_serial, ops_addr[_QK], (q3, k3, q_norm[il], k_norm[il], eps, qk_norm, positions,
-                                                        inv_freq if rope_on[il] else no_freq, neox))
+                                                        freqs[rope[il]] if rope[il] >= 0 else no_freq, neox))
         a = np.empty((B, H, D), np.float32)
         native_call.call(_attend, attend_addr, (q3, k3, v.reshape((B, Hkv, D)), _side(kv, il, 0, kv_layout[il, 0]),
                                                 _side(kv, il, 1, kv_layout[il, 1]), seqs, positions, held, True, Hkv,
                                                 scale, windows[il], nslots[il], threads, a, fns))
         _products(calls, starts[p + 1], starts[p + 2], a.reshape((B, nq)), bufs, ops_addr)
-        if res_scale != 1.0:
-            for b in range(B):
-                for i in range(d):
-                    o[b, i] *= res_scale
-        native_call.call(ops._add_rmsnorm_serial, ops_addr[_ADD_RMS], (x, o, ffn_norm[il], eps, h))
+        if post:  # x += norm(o), then the feed-forward's norm
+            _add_normed(x, o, post_norms[il, 0], eps, h, ops_addr)
+            native_call.call(ops._rmsnorm_serial, ops_addr[_RMS], (x, norms[il, 1], eps, h))
+        else:
+            _scale_rows(o, res_scale)
+            native_call.call(ops._add_rmsnorm_serial, ops_addr[_ADD_RMS], (x, o, norms[il, 1], eps, h))
         _products(calls, starts[p + 2], starts[p + 3], h, bufs, ops_addr)
-        native_call.call(ops._silu_mul_in_place_serial, ops_addr[_SILU], (g, u))
+        if gelu:
+            native_call.call(ops._gelu_mul_in_place_serial, ops_addr[_GELU], (g, u))
+        else:
+            native_call.call(ops._silu_mul_in_place_serial, ops_addr[_SILU], (g, u))
         _products(calls, starts[p + 3], starts[p + 4], g, bufs, ops_addr)
-        if res_scale != 1.0:
-            for b in range(B):
-                for i in range(d):
-                    down[b, i] *= res_scale
-        res = down  # added to x by the next layer's norm call
-    for b in range(B):
-        for i in range(d):
-            x[b, i] += res[b, i]
+        if post:
+            _add_normed(x, down, post_norms[il, 1], eps, h, ops_addr)
+        else:
+            _scale_rows(down, res_scale)
+            res = down  # added to x by the next layer's norm call
+    if not post:
+        for b in range(B):
+            for i in range(d):
+                x[b, i] += res[b, i]
     native_call.call(ops._rmsnorm_serial, ops_addr[_RMS], (x, output_norm, eps, h))
     _products(calls, starts[L * PHASES], starts[L * PHASES + 1], h, (h, h, h, h, h, h, h, logits), ops_addr)
 
 
+@njit(inline="always", **_JIT)
+def _scale_rows(y, s):
+    if s != 1.0:
+        for b in range(y.shape[0]):
+            for i in range(y.shape[1]):
+                y[b, i] *= s
+
+
+@njit(inline="always", **_JIT)
+def _add_normed(x, y, w, eps, tmp, ops_addr):
+    """x += RMSNorm(y) with weight w (tmp: scratch of x's shape), as x += rmsnorm(y, w, eps) in numpy."""
+    native_call.call(ops._rmsnorm_serial, ops_addr[_RMS], (y, w, eps, tmp))
+    for b in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            x[b, i] += tmp[b, i]
+
+
+_F32_3C = types.Array(types.float32, 3, "C")
 # _step's argument types, as `step` passes them (compile(): a first run's worker compiles it ahead, cpu_kernels
 # callees by address need only their declared signatures)
-STEP_ARGS = (_F32_2, _I64_1, _I64_1, _I64_2, _I64_1, _F32_2, _F32_2, _F32_2, _F32_2, types.boolean, _F32_2,
-             types.Array(types.boolean, 1, "C"), _F32_1, types.boolean, types.float32, types.float32, _I64_1,
+STEP_ARGS = (_F32_2, _I64_1, _I64_1, _I64_2, _I64_1, _F32_3C, _F32_3C, _F32_2, _F32_2, types.boolean, _F32_2, _I64_1,
+             _F32_2, types.boolean, types.float32, types.float32, types.boolean, _I64_1,
              types.Array(types.int64, 4, "C"), _I64_2, _I64_1, _I64_1, types.float32, types.int64, types.int64,
              _I64_1, _F32_1, _F32_2, _I64_1)
 
@@ -267,29 +299,85 @@ def compile() -> None:
     _step.compile(STEP_ARGS)
 
 
+_next_look = [0.0]  # when ready() may next look in the disk cache
+
+
+def ready() -> bool:
+    """Whether `_step` can run now without compiling: compiled or loaded in this process, or found in Numba's disk
+    cache (looked for at most once a second). The warm-up compiles it (`compile`: a first run's worker process, so
+    that a first answer never waits ~3 s for it); until then the forward passes run their layers from Python."""
+    if _step.signatures:
+        return True
+    now = time.monotonic()
+    if now < _next_look[0]:
+        return False
+    _next_look[0] = now + 1.0
+    # Dispatcher.compile's disk-cache lookup, without its compile after a miss
+    with global_compiler_lock:
+        if not _step.signatures:
+            cres = _step._cache.load_overload(STEP_ARGS, _step.targetctx)
+            if cres is None:
+                return False
+            _step.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+            _step.add_overload(cres)
+    return True
+
+
 def step(x: np.ndarray, positions: np.ndarray, seqs: np.ndarray, model: "Tables", cache: "CacheTables",
-         inv_freq: np.ndarray, logits: np.ndarray) -> None:
-    """`_step` with a model's tables (`Tables`) and its caches' (`CacheTables`)."""
+         freqs: np.ndarray, logits: np.ndarray) -> None:
+    """`_step` with a model's tables (`Tables`), its caches' (`CacheTables`) and its RoPE tables (n, n_rot / 2)."""
     m, c = model, cache
-    _step(x, positions, seqs, m.calls, m.starts, m.attn_norm, m.ffn_norm, m.q_norm, m.k_norm, m.qk_norm, m.biases,
-          m.rope_on, inv_freq, m.neox, m.eps, m.res_scale, m.dims, c.kv, c.layout, c.windows, c.nslots, m.scale,
+    _step(x, positions, seqs, m.calls, m.starts, m.norms, m.post_norms, m.q_norm, m.k_norm, m.qk_norm, m.biases,
+          m.rope, freqs, m.neox, m.eps, m.res_scale, m.gelu, m.dims, c.kv, c.layout, c.windows, c.nslots, m.scale,
           numba.get_num_threads(), c.attend_addr, c.fns, m.output_norm, logits, m.ops_addr)
+
+
+def product_table(phases_of_layers, B: int, rows_calls) -> tuple[np.ndarray, np.ndarray, list] | None:
+    """(calls, starts, the weight arrays they address) for `_step`: phases_of_layers lists, per layer and then for
+    the classifier, its phases as (matrices, their destination buffers); rows_calls: linear.rows_calls. None where
+    a matrix has no integer kernel."""
+    calls, starts, keep = [], [], []
+    for phases in phases_of_layers:
+        for qs, dests in phases:
+            starts.append(len(calls))
+            fused = rows_calls(qs, B)
+            if fused is None:
+                return None
+            for kernel, group, n_in, raws3, idx in fused:
+                calls.append(call_row(product_address(kernel), group, n_in, raws3, [dests[i] for i in idx]))
+                keep.append(raws3)
+    starts.append(len(calls))
+    return np.array(calls, np.int64), np.array(starts, np.int64), keep
+
+
+def layer_phases(wq, wk, wv, wo, w_gate, w_up, w_down) -> list:
+    """A decoder layer's products as product_table's phases (QuantLinears)."""
+    return [([wq, wk, wv], [_Q, _K, _V]), ([wo], [_O]), ([w_gate, w_up], [_G, _U]), ([w_down], [_DOWN])]
+
+
+def classifier_phases(output) -> list:
+    return [([output], [_LOGITS])]
 
 
 class Tables:
     """A model's side of `_step`: the products' table (one per batch size: the kernels differ) and the layers'
-    small tensors, packed. Built by the model module (models/llama.py `decode_tables`)."""
+    small tensors, packed (see _step). Built by the model module (models/llama.py, models/gemma3.py)."""
 
-    def __init__(self, calls: np.ndarray, starts: np.ndarray, attn_norm, ffn_norm, q_norm, k_norm, qk_norm: bool,
-                 biases, rope_on, neox: bool, eps: float, res_scale: float, dims, scale: float, output_norm, keep):
-        self.calls, self.starts = calls, starts
-        self.attn_norm, self.ffn_norm, self.q_norm, self.k_norm = attn_norm, ffn_norm, q_norm, k_norm
-        self.qk_norm, self.biases, self.rope_on, self.neox = bool(qk_norm), biases, rope_on, bool(neox)
+    def __init__(self, table: tuple, norms, post_norms, q_norm, k_norm, qk_norm: bool, biases, rope, neox: bool,
+                 eps: float, res_scale: float, gelu: bool, dims, scale: float, output_norm):
+        self.calls, self.starts, self.keep = table  # keep: the weight arrays whose addresses `calls` holds
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+        self.norms, self.post_norms, self.q_norm, self.k_norm = f32(norms), f32(post_norms), f32(q_norm), f32(k_norm)
+        self.biases, self.output_norm = f32(biases), f32(output_norm)
+        self.rope = np.asarray(rope, np.int64)
+        self.qk_norm, self.neox, self.gelu = bool(qk_norm), bool(neox), bool(gelu)
         self.eps, self.res_scale, self.scale = np.float32(eps), np.float32(res_scale), np.float32(scale)
         self.dims = np.asarray(dims, np.int64)
-        self.output_norm = output_norm
-        self.ops_addr = ops_addresses()
-        self.keep = keep  # the weight arrays whose addresses `calls` holds
+        groups = set(self.calls[:, 1].tolist())
+        self.ops_addr = ops_addresses({ops._rmsnorm_serial, ops._add_rmsnorm_serial, ops._qk_serial,
+                                       ops._gelu_mul_in_place_serial if gelu else ops._silu_mul_in_place_serial}
+                                      | ({linear._quantize_act} if groups - {256} else set())
+                                      | ({linear._quantize_act_super} if 256 in groups else set()))
 
 
 class CacheTables:

@@ -154,6 +154,44 @@ def prompt_attention(cache, pos0: int, scale: float) -> Attention:
     return attention
 
 
+def decode_tables(w, B: int, make: Callable[[int], Any]):
+    """`make(B)`: a model's side of the compiled decode step (cpu_kernels/decode_pass.Tables, or None where it does
+    not apply) for batches of B rows, made once and kept on the weights `w`."""
+    cache = w.__dict__.setdefault("_decode_tables", {})
+    if B not in cache:
+        cache[B] = make(B)
+    return cache[B]
+
+
+def compiled_decode(w, make_tables: Callable[[int], Any], caches: list, positions: np.ndarray,
+                    embed: Callable[[], np.ndarray], freqs: Callable[[Any], np.ndarray],
+                    n_vocab: int) -> np.ndarray | None:
+    """One token of each of `caches` at `positions` through cpu_kernels/decode_pass.step with the model's tables
+    (`decode_tables(w, B, make_tables)`): logits (B, n_vocab), the caches advanced by one position. None where the
+    step is not compiled yet (decode_pass.ready), the tables are None, or the caches are not distinct caches of one
+    group (a KVPool's, or a single cache) each appending right after the positions it holds, as the decode
+    attention's one call per layer needs (runtime/kv_cache.DecodeStep). embed(): the rows' hidden states;
+    freqs(tables): the RoPE tables the step's layers index."""
+    from edgeq.cpu_kernels import decode_pass
+
+    B = len(caches)
+    if not hasattr(caches[0], "decode_tables") or not decode_pass.ready():
+        return None
+    tables = decode_tables(w, B, make_tables)
+    group, plist = caches[0].group, positions.tolist()
+    if tables is None or len({id(c) for c in caches}) != B or \
+            any(getattr(c, "group", None) is not group for c in caches) or \
+            any(not 0 <= p < c.n_ctx or any(L.n != p for L in c.layers) for c, p in zip(caches, plist)):
+        return None
+    logits = np.empty((B, n_vocab), np.float32)
+    decode_pass.step(embed(), positions, np.array([c.index for c in caches], np.int64), tables,
+                     caches[0].decode_tables(), freqs(tables), logits)
+    for c, p in zip(caches, plist):
+        for L in c.layers:
+            L.n = p + 1
+    return logits
+
+
 def batch_attention(caches: list, positions: np.ndarray, scale: float, prompt_rows: int = 0) -> Attention:
     """Attention for a decode batch: row i is one token at positions[i] of caches[i], each on its own cache
     (the caches' `decode_step`, runtime/kv_cache.DecodeStep: one kernel call per layer for a KVPool's slots).

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeq.cpu_kernels import decode_pass
+from edgeq.cpu_kernels.linear import rows_calls
 from edgeq.cpu_kernels.ops import gelu_mul, qk_norm_rope, rmsnorm, rope_inv_freq
 from edgeq.errors import ModelError
 from edgeq.models import base
@@ -141,6 +143,10 @@ def load_weights(gf, cfg: Config) -> Weights:
 
 def forward(w: Weights, cfg: Config, tokens: np.ndarray, pos0: int, cache,
             observer: Observer | None = None, all_logits: bool = False) -> np.ndarray:
+    if len(tokens) == 1 and observer is None:  # a decode token: every layer in one compiled call where it can
+        logits = compiled_step(w, cfg, tokens, np.array([pos0], np.int64), [cache])
+        if logits is not None:
+            return logits
     x = embed(w, cfg, tokens)                                       # (T, d)
     forward_layers(w, cfg, x, pos0, cache, range(cfg.n_layer), observer)
     x = x if all_logits else x[-1:]
@@ -172,12 +178,42 @@ def forward_batch(w: Weights, cfg: Config, tokens: np.ndarray, positions: np.nda
     """One decode step for N sequences at once (see llama.forward_batch, prompt_rows too): matrix products over
     the batch, attention per sequence on its own cache. Returns logits (N, n_vocab), or (1 + N, n_vocab)."""
     positions = np.asarray(positions, dtype=np.int64)
+    if not prompt_rows:
+        logits = compiled_step(w, cfg, tokens, positions, caches)
+        if logits is not None:
+            return logits
     attention = base.batch_attention(caches, positions, 1.0 / math.sqrt(cfg.head_dim), prompt_rows)
     x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))
     products = linears if prompt_rows else batch_linears
     for il, L in enumerate(w.layers):
         layer(w, L, cfg, il, x, positions, attention, products)
     return batch_linears([w.output], classifier_input(w, cfg, x[max(prompt_rows - 1, 0):]))[0]
+
+
+def compiled_step(w: Weights, cfg: Config, tokens, positions: np.ndarray, caches: list) -> np.ndarray | None:
+    """`forward_batch`'s decode step as one compiled call (cpu_kernels/decode_pass.py, as llama.compiled_step): the
+    same kernels in the same order as `layer`, so the same logits; None where it does not apply."""
+    return base.compiled_decode(w, lambda B: _make_decode_tables(w, cfg, B), caches, positions,
+                                lambda: embed(w, cfg, np.asarray(tokens, np.int64)), lambda t: t.freqs, cfg.n_vocab)
+
+
+def _make_decode_tables(w: Weights, cfg: Config, B: int) -> "decode_pass.Tables | None":
+    dp, Ls = decode_pass, w.layers
+    table = dp.product_table([dp.layer_phases(*(lin.q for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up,
+                                                                   L.w_down))) for L in Ls]
+                             + [dp.classifier_phases(w.output.q)], B, rows_calls)
+    if table is None or any(lin.bias is not None for L in Ls for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up,
+                                                                            L.w_down)):
+        return None
+    tables = dp.Tables(
+        table, np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in Ls]),
+        np.stack([np.stack([L.post_attn_norm, L.post_ffn_norm]) for L in Ls]), np.stack([L.q_norm for L in Ls]),
+        np.stack([L.k_norm for L in Ls]), True, np.zeros((len(Ls), 0)),
+        [0 if cfg.is_local(il) else 1 for il in range(len(Ls))], True, cfg.rms_eps, 1.0, True,
+        (cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_ff, cfg.n_head * cfg.head_dim), 1.0 / math.sqrt(cfg.head_dim),
+        w.output_norm)
+    tables.freqs = np.ascontiguousarray(np.stack([w.inv_freq_local, w.inv_freq_global]), dtype=np.float32)
+    return tables
 
 
 def layer(w: Weights, L: Layer, cfg: Config, il: int, x: np.ndarray, positions: np.ndarray,

@@ -279,69 +279,34 @@ def compiled_step(w: Weights, cfg: Config, tokens, positions: np.ndarray, caches
     ~10 Python dispatches a layer. None where it does not apply (a mixture of experts, LongRoPE's attention factor,
     a matrix without an integer kernel, caches that are not one group each appending right after what it holds):
     the caller then runs the layers from Python."""
-    B = len(caches)
-    tables = decode_tables(w, cfg, B)
-    if tables is None or not hasattr(caches[0], "decode_tables"):
-        return None
-    group, plist = caches[0].group, positions.tolist()
-    if len({id(c) for c in caches}) != B or any(getattr(c, "group", None) is not group for c in caches) or \
-            any(not 0 <= p < c.n_ctx or any(L.n != p for L in c.layers) for c, p in zip(caches, plist)):
-        return None
-    x = embed(w, cfg, np.asarray(tokens, dtype=np.int64))
-    logits = np.empty((B, cfg.n_vocab), np.float32)
-    decode_pass.step(x, positions, np.array([c.index for c in caches], np.int64), tables, caches[0].decode_tables(),
-                     rope_table(w, cfg, caches[0].n_ctx), logits)
-    for c, p in zip(caches, plist):
-        for L in c.layers:
-            L.n = p + 1
-    return logits if cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
-
-
-def decode_tables(w: Weights, cfg: Config, B: int) -> "decode_pass.Tables | None":
-    """The weights' side of the compiled decode step for batches of B rows (its kernels depend on B), made once and
-    kept on `w`; None where the step does not apply (compiled_step)."""
-    cache = w.__dict__.setdefault("_decode_tables", {})
-    if B not in cache:
-        cache[B] = _make_decode_tables(w, cfg, B)
-    return cache[B]
+    logits = base.compiled_decode(w, lambda B: _make_decode_tables(w, cfg, B), caches, positions,
+                                  lambda: embed(w, cfg, np.asarray(tokens, np.int64)),
+                                  lambda _: rope_table(w, cfg, caches[0].n_ctx)[None], cfg.n_vocab)
+    return logits if logits is None or cfg.logit_scale == 1.0 else logits / np.float32(cfg.logit_scale)
 
 
 def _make_decode_tables(w: Weights, cfg: Config, B: int) -> "decode_pass.Tables | None":
-    if cfg.n_expert or cfg.rope_attn_factor != 1.0 or w.output.bias is not None:
+    dp, Ls = decode_pass, w.layers
+    qkv = [lin for L in Ls for lin in (L.wq, L.wk, L.wv)]
+    if cfg.n_expert or cfg.rope_attn_factor != 1.0 or \
+            any(lin.bias is not None for L in Ls for lin in (L.wo, L.w_gate, L.w_up, L.w_down)) or \
+            w.output.bias is not None or len({lin.bias is None for lin in qkv}) > 1:
+        return None  # biases: on every Q/K/V matrix (Qwen2) or none
+    table = dp.product_table([dp.layer_phases(*(lin.q for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up,
+                                                                   L.w_down))) for L in Ls]
+                             + [dp.classifier_phases(w.output.q)], B, rows_calls)
+    if table is None:
         return None
-    dp = decode_pass
-    calls, starts, keep = [], [], []
-    for L in w.layers + [None]:
-        phases = ([([L.wq, L.wk, L.wv], [dp._Q, dp._K, dp._V]), ([L.wo], [dp._O]),
-                   ([L.w_gate, L.w_up], [dp._G, dp._U]), ([L.w_down], [dp._DOWN])] if L is not None else
-                  [([w.output], [dp._LOGITS])])
-        for lins, dests in phases:
-            starts.append(len(calls))
-            if any(lin.bias is not None for lin in lins) and (L is None or lins[0] is not L.wq):
-                return None  # biases: only Q/K/V's (Qwen2)
-            fused = rows_calls([lin.q for lin in lins], B)
-            if fused is None:
-                return None
-            for kernel, group, n_in, raws3, idx in fused:
-                calls.append(dp.call_row(dp.product_address(kernel), group, n_in, raws3, [dests[i] for i in idx]))
-                keep.append(raws3)
-    starts.append(len(calls))
-    Ls = w.layers
-    if any(lin.bias is not None for L in Ls for lin in (L.wq, L.wk, L.wv)):
-        if any(lin.bias is None for L in Ls for lin in (L.wq, L.wk, L.wv)):
-            return None
-        biases = np.stack([np.concatenate([L.wq.bias, L.wk.bias, L.wv.bias]) for L in Ls]).astype(np.float32)
-    else:
-        biases = np.zeros((len(Ls), 0), np.float32)
-    no_norm = np.zeros((len(Ls), 0), np.float32)
-    stack = lambda vs: np.ascontiguousarray(np.stack(vs), dtype=np.float32)  # noqa: E731
+    n = len(Ls)
+    biases = np.stack([np.concatenate([L.wq.bias, L.wk.bias, L.wv.bias]) for L in Ls]) if Ls[0].wq.bias is not None \
+        else np.zeros((n, 0))
     return dp.Tables(
-        np.array(calls, np.int64), np.array(starts, np.int64), stack([L.attn_norm for L in Ls]),
-        stack([L.ffn_norm for L in Ls]), stack([L.q_norm for L in Ls]) if cfg.qk_norm else no_norm,
-        stack([L.k_norm for L in Ls]) if cfg.qk_norm else no_norm, cfg.qk_norm, biases,
-        np.array([cfg.uses_rope(il) for il in range(cfg.n_layer)]), cfg.rope_neox, cfg.rms_eps, cfg.residual_scale,
+        table, np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in Ls]), np.zeros((n, 2, 0)),
+        np.stack([L.q_norm for L in Ls]) if cfg.qk_norm else np.zeros((n, 0)),
+        np.stack([L.k_norm for L in Ls]) if cfg.qk_norm else np.zeros((n, 0)), cfg.qk_norm, biases,
+        [0 if cfg.uses_rope(il) else -1 for il in range(n)], cfg.rope_neox, cfg.rms_eps, cfg.residual_scale, False,
         (cfg.n_head, cfg.n_head_kv, cfg.head_dim, Ls[0].w_gate.n_out, cfg.n_head * cfg.head_dim), _scale(cfg),
-        np.ascontiguousarray(w.output_norm, dtype=np.float32), keep)
+        w.output_norm)
 
 
 def _scale(cfg: Config) -> float:

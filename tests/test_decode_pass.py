@@ -8,6 +8,8 @@ several in one KVPool. Tiny random checkpoints by transformers, converted by `ed
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -18,7 +20,7 @@ from test_convert import HF_CACHE, IDS, LONG_IDS, convert, make_tiny, needs_quan
 
 # rows of 256 (the k-quants' super-block), 8 heads of 32 over 2 KV heads
 SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2)
-ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "granite")
+ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "granite", "gemma3")
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +48,25 @@ def files(tmp_path_factory, tokenizer_dir):
     return get
 
 
+def _module(m):
+    """The module whose compiled_step the model's forward passes call (llama.py for the whole family)."""
+    return sys.modules[m.arch.forward.__module__]
+
+
 def _decode(m, cache, prompt, steps, compiled, monkeypatch):
     """Logits of `steps` single-token forwards after `prompt` (greedy), the compiled step on or off."""
-    from edgeq.models import llama
-
+    mod = _module(m)
     with monkeypatch.context() as mp:
         if not compiled:
-            mp.setattr(llama, "compiled_step", lambda *a: None)
+            mp.setattr(mod, "compiled_step", lambda *a: None)
         else:
-            real = llama.compiled_step
+            real = mod.compiled_step
 
             def must(*a):
                 out = real(*a)
                 assert out is not None, "the compiled step did not apply"
                 return out
-            mp.setattr(llama, "compiled_step", must)
+            mp.setattr(mod, "compiled_step", must)
         m.arch.forward(m.weights, m.cfg, np.asarray(prompt, np.int64), 0, cache)
         tok, out = 11, []
         for i in range(steps):
@@ -112,11 +118,10 @@ def test_compiled_decode_cache_types(files, types, monkeypatch):
 
 
 @needs_quants
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
 def test_compiled_batch_step_equals_python_layers(files, arch, monkeypatch):
     """The server's step: one token of each of 3 sequences of a KVPool, at different positions."""
     import edgeq
-    from edgeq.models import llama
     from edgeq.runtime.kv_cache import KVPool
 
     m = edgeq.load(str(files(arch, "Q4_K_M")), n_ctx=128, threads=2)
@@ -129,15 +134,21 @@ def test_compiled_batch_step_equals_python_layers(files, arch, monkeypatch):
             m.arch.forward(m.weights, m.cfg, np.asarray(ids, np.int64), 0, c)
         pos, toks, steps = np.array([len(p) for p in prompts]), np.array([7, 8, 9]), []
         with monkeypatch.context() as mp:
-            if not compiled:
-                mp.setattr(llama, "compiled_step", lambda *a: None)
+            real, ran = _module(m).compiled_step, []
+
+            def step(*a):
+                out = real(*a) if compiled else None
+                ran.append(out is not None)
+                return out
+            mp.setattr(_module(m), "compiled_step", step)
             for _ in range(4):
                 lg = m.arch.forward_batch(m.weights, m.cfg, toks, pos, caches)
                 steps.append(lg.copy())
                 toks, pos = lg.argmax(1), pos + 1
         outs.append(np.array(steps))
+        assert ran == [compiled] * 4
     assert np.array_equal(outs[0], outs[1])
-    assert llama.decode_tables(m.weights, m.cfg, 3) is not None
+    assert m.weights._decode_tables[3] is not None  # the step's tables for 3 rows (base.decode_tables)
 
 
 @needs_quants
@@ -165,5 +176,5 @@ def test_compiled_step_declines_what_it_does_not_run(files, tokenizer_dir, tmp_p
             make_tiny(name, folder, tokenizer_dir)
         assert convert(folder, out, qtype) == 0
         m = edgeq.load(str(out), n_ctx=64, threads=1)
-        assert llama.decode_tables(m.weights, m.cfg, 1) is None, name
+        assert llama._make_decode_tables(m.weights, m.cfg, 1) is None, name
         assert np.isfinite(m.logits(IDS[:3])).all()

@@ -136,9 +136,10 @@ def _compile_decode_job(cfg, cache_types) -> None:
 
 
 def _compile_decode_step(arch) -> None:
-    """The compiled decode step of the Llama family (cpu_kernels/decode_pass.py), which needs no model to compile:
-    it calls every kernel through an address it is given."""
-    if getattr(arch.forward, "__module__", None) == "edgeq.models.llama":
+    """The compiled decode step (cpu_kernels/decode_pass.py) of an architecture that has one (the Llama family's
+    modules share llama.py's forward), which needs no model to compile: it calls every kernel through an address
+    it is given."""
+    if hasattr(sys.modules.get(getattr(arch.forward, "__module__", ""), None), "compiled_step"):
         from edgeq.cpu_kernels import decode_pass
 
         decode_pass.compile()
@@ -150,6 +151,9 @@ def scratch_passes(model, before_decode: Callable[[], None] = lambda: None) -> N
     model._set_threads()  # Numba's thread count is per calling thread
     _run_passes(model.arch, model.weights, model.cfg, _scratch_cache(model.cfg, model.cache_types), PASSES,
                 before_decode)
+    _compile_decode_step(model.arch)  # loaded from the disk cache where the decode worker compiled it
+    _run_passes(model.arch, model.weights, model.cfg,
+                _scratch_cache(model.cfg, model.cache_types, DECODE_PASSES[0][1]), DECODE_PASSES[:1])
 
 
 @contextlib.contextmanager
@@ -567,6 +571,7 @@ def _decode_worker(path: str, type_k: str | None, type_v: str | None) -> None:
     positions only look held. Exits when its parent does."""
     _watch_parent()
     gf, arch, cfg = _open_in_worker(path)
+    _compile_decode_step(arch)
     weights = arch.load_weights(gf, cfg)
     _run_passes(arch, weights, cfg, _scratch_cache(cfg, (type_k, type_v), DECODE_PASSES[0][1]), DECODE_PASSES)
 
@@ -606,12 +611,12 @@ def _early_worker_passes(path: str, type_k: str | None, type_v: str | None, stam
                          stores: threading.Event) -> None:
     gf, arch, cfg = _open_in_worker(path)
     _compile_decode_job(cfg, (type_k, type_v))
-    _compile_decode_step(arch)
     stores.wait(_WORKER_WAIT_S)  # the parent's store rows, in the disk cache (or they compile here)
     _attention_passes(cfg, (type_k, type_v))
     with contextlib.suppress(OSError):
         sys.stdout.write("attention\n")
         sys.stdout.flush()
+    _compile_decode_step(arch)  # the parent answers on the layers from Python until this is in the disk cache
     weights = arch.load_weights(gf, cfg)
     _run_passes(arch, weights, cfg, _scratch_cache(cfg, (type_k, type_v)), PASSES)
     _write_stamp(stamp)
