@@ -17,6 +17,7 @@ weights and the cache own: they live as long as those (the tables are kept on th
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numba
@@ -300,12 +301,16 @@ def compile() -> None:
 
 
 _next_look = [0.0]  # when ready() may next look in the disk cache
+_OFF = os.environ.get("EDGEQ_DECODE_PASS", "1") == "0"  # the layers from Python, for A/B measurements
 
 
 def ready() -> bool:
     """Whether `_step` can run now without compiling: compiled or loaded in this process, or found in Numba's disk
     cache (looked for at most once a second). The warm-up compiles it (`compile`: a first run's worker process, so
-    that a first answer never waits ~3 s for it); until then the forward passes run their layers from Python."""
+    that a first answer never waits ~3 s for it); until then the forward passes run their layers from Python, and
+    always with EDGEQ_DECODE_PASS=0."""
+    if _OFF:
+        return False
     if _step.signatures:
         return True
     now = time.monotonic()
