@@ -1,4 +1,4 @@
-"""A decode step of a Llama-family network as one compiled call: every layer's kernels, no Python between them.
+"""A decode step as one compiled call (the Llama family, Gemma 3): every layer's kernels, no Python between them.
 
 A decode token of models/llama.py's `layer` makes ~10 kernel calls a layer from Python (norms, the products'
 activation quantization and row kernels, q/k norms + RoPE, the decode attention, SiLU), each a Numba dispatch
@@ -9,9 +9,9 @@ through their machine-code addresses (native_call.py: the driver's module holds 
 includes none of theirs), in the same order on the same arrays: its logits are those of the Python path, bit
 for bit (tests/test_decode_pass.py).
 
-What the driver reads is tables of integers made once per model and per cache (models/llama.py `decode_tables`,
-runtime/kv_cache.py `KVCache.decode_tables`): the weights' and the caches' addresses and shapes, rebuilt as
-arrays in the driver (`numba.carray`), so it compiles once for every model and cache type instead of once per
+What the driver reads is tables of integers made once per model and batch size and once per cache group (the
+model modules' `_make_decode_tables`, kept by models/base.decode_tables; runtime/kv_cache.py
+`KVCache.decode_tables`): the weights' and the caches' addresses and shapes, rebuilt as arrays in the driver (`numba.carray`), so it compiles once for every model and cache type instead of once per
 layer count, and no Numba typed container is built at load time. The tables hold addresses of arrays that the
 weights and the cache own: they live as long as those (the tables are kept on them).
 """
@@ -104,7 +104,6 @@ def ops_addresses(needed) -> np.ndarray:
 # Products: one row per kernel call, in the Python path's order (linear._rows_plan): the kernel's address, the
 # activations' group (linear.act_group), the input width, then per matrix slot (3) its bytes' address and size
 # and the buffer it writes (_Q .. _LOGITS, or -1: a padding slot).
-CALL_COLS = 12
 _Q, _K, _V, _O, _G, _U, _DOWN, _LOGITS = range(8)
 PHASES = 4  # per layer: Q/K/V, attn_output, gate/up, down; the classifier's calls after the last layer's
 
@@ -286,10 +285,9 @@ def _add_normed(x, y, w, eps, tmp, ops_addr):
             x[b, i] += tmp[b, i]
 
 
-_F32_3C = types.Array(types.float32, 3, "C")
 # _step's argument types, as `step` passes them (compile(): a first run's worker compiles it ahead, cpu_kernels
 # callees by address need only their declared signatures)
-STEP_ARGS = (_F32_2, _I64_1, _I64_1, _I64_2, _I64_1, _F32_3C, _F32_3C, _F32_2, _F32_2, types.boolean, _F32_2, _I64_1,
+STEP_ARGS = (_F32_2, _I64_1, _I64_1, _I64_2, _I64_1, _F32_3, _F32_3, _F32_2, _F32_2, types.boolean, _F32_2, _I64_1,
              _F32_2, types.boolean, types.float32, types.float32, types.boolean, _I64_1,
              types.Array(types.int64, 4, "C"), _I64_2, _I64_1, _I64_1, types.float32, types.int64, types.int64,
              _I64_1, _F32_1, _F32_2, _I64_1)
@@ -337,31 +335,23 @@ def step(x: np.ndarray, positions: np.ndarray, seqs: np.ndarray, model: "Tables"
           numba.get_num_threads(), c.attend_addr, c.fns, m.output_norm, logits, m.ops_addr)
 
 
-def product_table(phases_of_layers, B: int, rows_calls) -> tuple[np.ndarray, np.ndarray, list] | None:
-    """(calls, starts, the weight arrays they address) for `_step`: phases_of_layers lists, per layer and then for
-    the classifier, its phases as (matrices, their destination buffers); rows_calls: linear.rows_calls. None where
-    a matrix has no integer kernel."""
+def product_table(layers, output, B: int) -> tuple[np.ndarray, np.ndarray, list] | None:
+    """(calls, starts, the weight arrays they address) for `_step` on B rows: each layer's products (Linears wq, wk,
+    wv, wo, w_gate, w_up, w_down, as the model modules name them) in its phases, then the classifier `output`, each
+    phase as linear.matmul_rows_many groups it (linear.rows_calls). None where a matrix has no integer kernel."""
+    phases = [phase for L in layers for phase in (
+        ((L.wq, L.wk, L.wv), (_Q, _K, _V)), ((L.wo,), (_O,)), ((L.w_gate, L.w_up), (_G, _U)), ((L.w_down,), (_DOWN,)))]
     calls, starts, keep = [], [], []
-    for phases in phases_of_layers:
-        for qs, dests in phases:
-            starts.append(len(calls))
-            fused = rows_calls(qs, B)
-            if fused is None:
-                return None
-            for kernel, group, n_in, raws3, idx in fused:
-                calls.append(call_row(product_address(kernel), group, n_in, raws3, [dests[i] for i in idx]))
-                keep.append(raws3)
+    for lins, dests in phases + [((output,), (_LOGITS,))]:
+        starts.append(len(calls))
+        fused = linear.rows_calls([lin.q for lin in lins], B)
+        if fused is None:
+            return None
+        for kernel, group, n_in, raws3, idx in fused:
+            calls.append(call_row(product_address(kernel), group, n_in, raws3, [dests[i] for i in idx]))
+            keep.append(raws3)
     starts.append(len(calls))
     return np.array(calls, np.int64), np.array(starts, np.int64), keep
-
-
-def layer_phases(wq, wk, wv, wo, w_gate, w_up, w_down) -> list:
-    """A decoder layer's products as product_table's phases (QuantLinears)."""
-    return [([wq, wk, wv], [_Q, _K, _V]), ([wo], [_O]), ([w_gate, w_up], [_G, _U]), ([w_down], [_DOWN])]
-
-
-def classifier_phases(output) -> list:
-    return [([output], [_LOGITS])]
 
 
 class Tables:

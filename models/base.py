@@ -178,10 +178,9 @@ def compiled_decode(w, make_tables: Callable[[int], Any], caches: list, position
     if not hasattr(caches[0], "decode_tables") or not decode_pass.ready():
         return None
     tables = decode_tables(w, B, make_tables)
-    group, plist = caches[0].group, positions.tolist()
-    if tables is None or len({id(c) for c in caches}) != B or \
-            any(getattr(c, "group", None) is not group for c in caches) or \
-            any(not 0 <= p < c.n_ctx or any(L.n != p for L in c.layers) for c, p in zip(caches, plist)):
+    plist = positions.tolist()
+    if tables is None or not caches[0].decode_step(caches, positions).together or \
+            any(L.n != p for c, p in zip(caches, plist) for L in c.layers):
         return None
     logits = np.empty((B, n_vocab), np.float32)
     decode_pass.step(embed(), positions, np.array([c.index for c in caches], np.int64), tables,

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.cpu_kernels import decode_pass
-from edgeq.cpu_kernels.linear import rows_calls
 from edgeq.cpu_kernels.ops import gelu_mul, qk_norm_rope, rmsnorm, rope_inv_freq
 from edgeq.errors import ModelError
 from edgeq.models import base
@@ -199,9 +198,7 @@ def compiled_step(w: Weights, cfg: Config, tokens, positions: np.ndarray, caches
 
 def _make_decode_tables(w: Weights, cfg: Config, B: int) -> "decode_pass.Tables | None":
     dp, Ls = decode_pass, w.layers
-    table = dp.product_table([dp.layer_phases(*(lin.q for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up,
-                                                                   L.w_down))) for L in Ls]
-                             + [dp.classifier_phases(w.output.q)], B, rows_calls)
+    table = dp.product_table(Ls, w.output, B)
     if table is None or any(lin.bias is not None for L in Ls for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up,
                                                                             L.w_down)):
         return None

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq.cpu_kernels import decode_pass
-from edgeq.cpu_kernels.linear import rows_calls
 from edgeq.cpu_kernels.ops import add_rmsnorm, qk_norm_rope, rmsnorm, rope_inv_freq, silu_mul
 from edgeq.models import base
 from edgeq.models.base import (MAX_CTX, MAX_EMBD, MAX_FF, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, ForwardPlan,
@@ -292,9 +291,7 @@ def _make_decode_tables(w: Weights, cfg: Config, B: int) -> "decode_pass.Tables 
             any(lin.bias is not None for L in Ls for lin in (L.wo, L.w_gate, L.w_up, L.w_down)) or \
             w.output.bias is not None or len({lin.bias is None for lin in qkv}) > 1:
         return None  # biases: on every Q/K/V matrix (Qwen2) or none
-    table = dp.product_table([dp.layer_phases(*(lin.q for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up,
-                                                                   L.w_down))) for L in Ls]
-                             + [dp.classifier_phases(w.output.q)], B, rows_calls)
+    table = dp.product_table(Ls, w.output, B)
     if table is None:
         return None
     n = len(Ls)
