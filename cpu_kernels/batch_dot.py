@@ -115,8 +115,9 @@ _row_fn = _block_elems = _block_bytes = None  # placeholders, bound per type by 
 # The tiles' and lanes' dots prefetch as the single-row dots do (simd.ROW_AHEAD: a line per 64 bytes of each weight
 # row as the block loop goes, in place of the drivers' burst two tiles ahead): Gemma 3's 8-sequence step (its Q4_K /
 # Q6_K tiles, Q5_0 / Q8_0 lanes; `python benchmarks/serve_step.py --model gemma3-270m --batches 8 --threads 2`, the two
-# alternated) 28.0 / 27.1 -> 25.9 / 25.4 ms of CPU. SmolLM2's (its Q4_1 on the rows16 gathers below, which keep their
-# burst: a line per row every 2 or 4 blocks there measured 15.9 / 14.9 -> 17.6-18.4 / 15.3-15.9 ms) unchanged.
+# alternated) 28.0 / 27.1 -> 25.9 / 25.4 ms of CPU. The rows16 gathers below (SmolLM2's Q4_1) prefetch the next tile
+# as they go instead (a line per row every 2 or 4 blocks measured worse than the burst there: 15.9 / 14.9 -> 17.6-18.4 /
+# 15.3-15.9 ms).
 
 
 @njit(inline="always", **_JIT)
@@ -446,6 +447,11 @@ def _rows16_dot(qtype: str):
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 blk = builder.add(row_off, x.splat(builder.trunc(builder.mul(b, c(block_bytes)), I32), 16))
+                # the next tile's bytes (16 rows on: contiguous), spread over the block loop as it goes: each block
+                # prefetches the next tile's 16 * block_bytes at the same share of it (see the note above
+                # _mm16_template)
+                pf = builder.add(builder.mul(row_bytes, c(16)), builder.mul(b, c(16 * block_bytes)))
+                simd._prefetch_ahead(x, base, builder.sub(pf, c(64)), 16 * block_bytes, 64)
                 hdr = x.gather16(base, blk)
                 d = builder.fpext(builder.bitcast(builder.trunc(hdr, _vec(I16, 16)), v16h), v16f)
                 if offset == "min":
@@ -485,14 +491,16 @@ def _rows16_dot(qtype: str):
 
 def _mm16_template(raws, n_in, qx, dx, bsums, outs):
     """outs[m][t, r] = W_m[r] . X[t] (as linear._mm_template), in tiles of 16 weight rows as vector lanes x
-    ROWS16_TOKENS activation rows."""
+    ROWS16_TOKENS activation rows. The row dot prefetches the next tile's bytes (one contiguous span) a share per
+    block as its loop goes, where a burst of the tile two ahead before each tile stalled on its own ~90 lines:
+    SmolLM2's 8-sequence decode step (2 threads, 300 positions, medians of 6 x 15 steps) 16.0 -> 13.8-14.0 ms (the
+    tile two ahead instead of the next one: 14.2-14.7)."""
     nb = n_in // _block_elems
     row_bytes = nb * _block_bytes
     T = qx.shape[0]
     for g in prange(_n_tiles(outs, 16)):
         m, r0, nr = _locate_tile(outs, g, 16)
         raw, out = raws[m], outs[m]
-        _prefetch_row(raw, (r0 + 32) * row_bytes, 16 * row_bytes)
         for t0 in range(0, T, ROWS16_TOKENS):
             _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
 
