@@ -4,7 +4,8 @@
     python benchmarks/serve_load.py --turns 8           # time to first token per chat turn, with / without reuse
     python benchmarks/serve_load.py --soak 600          # random connect / stream / disconnect, then checks
 
-Each client sends streaming chat requests of ~--prompt-tokens prompt tokens for --gen-tokens generated tokens,
+Each client sends streaming chat requests of ~--prompt-tokens prompt tokens (as the server counts them, the chat
+template's included: the message's length is set from the model's tokenizer, words_for) for --gen-tokens generated tokens,
 back to back, for --duration seconds. Reported per level: aggregate generated tokens/s, p50/p95 time to first
 token, p50 per-token latency, errors (any status but 200, a stream that ends in an error, a timeout). The
 throughput is the tokens streamed within the level's fixed time, over that time: the level's clients are all
@@ -55,10 +56,40 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def prompt_text(n_tokens: int, rng: random.Random) -> str:
-    # ~1.3 tokens per word for these words; a random head so no two prompts share a cached prefix
-    words = [rng.choice(WORDS) for _ in range(int(n_tokens / 1.3))]
+def prompt_text(n_words: int, rng: random.Random) -> str:
+    """A user message of n_words random words (prompt_words: how many make a request of --prompt-tokens), with a random
+    head so that no two prompts share a cached prefix beyond the chat template's."""
+    words = [rng.choice(WORDS) for _ in range(n_words)]
     return f"Request {rng.randrange(10 ** 9)}. Continue this list with more words: " + " ".join(words)
+
+
+def words_for(model, tokens: int) -> int:
+    """The word count of prompt_text whose chat request has ~`tokens` prompt tokens as a server counts them (its
+    usage.prompt_tokens: the model's chat template around the message included), from the model's own tokenizer and
+    template (Model.chat_ids) on two messages of 40 and 160 words: these words take 1.5-2 tokens each, and the
+    templates 20-35 (words at a fixed 1.3 tokens each made SmolLM2's requests of "200" tokens 274)."""
+    n = [len(model.chat_ids([{"role": "user", "content": prompt_text(w, random.Random(w))}])) for w in (40, 160)]
+    return max(1, round(40 + (tokens - n[0]) * 120 / (n[1] - n[0])))
+
+
+def request_shape(a, path: str) -> tuple[int, list[int]]:
+    """(words_for --prompt-tokens, the end-of-generation token ids) of the model at `path`, in a child process (as
+    own_decode). The load's requests bias those ids by -100 (OpenAI's logit_bias, which both servers take): every
+    request then generates its --gen-tokens, where SmolLM2 at temperature 0.7 ended ~1 in 4 early at an end of turn
+    (~100 tokens a request on average), so each generated token carried more of a prompt than the load describes."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from serve_load import words_for
+from edgeq.runtime.engine import load
+m = load({path!r}, n_ctx={a.ctx}, threads=1)
+print(words_for(m, {a.prompt_tokens}), *sorted(m.tokenizer.eog_ids))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=a.ready_timeout)
+    if out.returncode:
+        raise RuntimeError(f"prompt calibration failed: {out.stderr[-2000:]}")
+    words, *eog = (int(v) for v in out.stdout.splitlines()[-1].split())
+    return words, eog
 
 
 class ServerProc:
@@ -119,8 +150,10 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
     """The Reply of one streaming chat request. Tokens are counted as content chunks (one per token on both
     servers), or from the usage chunk where the server sends one (edgeq); those streamed by `deadline`
     (perf_counter) as content chunks."""
-    body = {"model": srv.model_name, "messages": [{"role": "user", "content": prompt_text(a.prompt_tokens, rng)}],
+    body = {"model": srv.model_name, "messages": [{"role": "user", "content": prompt_text(a.prompt_words, rng)}],
             "max_tokens": a.gen_tokens, "temperature": 0.7, "stream": True}
+    if getattr(a, "eog", None):  # --gen-tokens a request (request_shape)
+        body["logit_bias"] = {str(i): -100 for i in a.eog}
     if srv.kind == "edgeq":
         body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
@@ -154,7 +187,8 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
 
 
 ENGINE = ("edgeq_engine_seconds_total{phase=\"prefill\"}", "edgeq_engine_seconds_total{phase=\"decode\"}",
-          "edgeq_engine_seconds_total{phase=\"mixed\"}", "edgeq_decode_steps_total", "edgeq_decode_rows_total")
+          "edgeq_engine_seconds_total{phase=\"mixed\"}", "edgeq_decode_steps_total", "edgeq_decode_rows_total",
+          "edgeq_prompt_tokens_total", "edgeq_prompt_tokens_cached_total")
 
 
 async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
@@ -181,11 +215,13 @@ async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
     row = {"server": srv.kind, "clients": clients, "requests": len(ok), "errors": len(results) - len(ok),
            "tok_s": sum(r.in_window for r in ok) / duration, "tok_s_drained": sum(r.tokens for r in ok) / wall,
            "ttft_p50": q(ttfts, 0.5), "ttft_p95": q(ttfts, 0.95),
-           "tpot_p50": q(tpots, 0.5)}
+           "tpot_p50": q(tpots, 0.5), "gen_per_request": sum(r.tokens for r in ok) / len(ok) if ok else 0.0}
     if before is not None:  # where the server's time went: its own counters over the level
         after = metrics(srv.url)
-        prefill, decode, mixed, steps, rows = (after.get(k, 0.0) - before.get(k, 0.0) for k in ENGINE)
+        prefill, decode, mixed, steps, rows, prompt, cached = (after.get(k, 0.0) - before.get(k, 0.0) for k in ENGINE)
         row["chunk"] = after.get("edgeq_prefill_chunk_tokens")
+        n_req = len(results)
+        row["prompt"] = (prompt / n_req, cached / n_req) if n_req else (float("nan"), float("nan"))
         row["engine"] = {"wall": wall, "prefill_s": prefill, "decode_s": decode, "mixed_s": mixed, "steps": steps,
                          "rows": rows}
     return row
@@ -201,7 +237,7 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 from serve_load import prompt_text
 from edgeq.runtime.engine import load
 m = load({path!r}, n_ctx={a.ctx}, threads={a.threads})
-ids = m.tokenizer.encode(prompt_text({a.prompt_tokens}, random.Random(7)))
+ids = m.tokenizer.encode(prompt_text({a.prompt_words}, random.Random(7)))
 logits = m.append(ids)
 logits = m.append([int(numpy.argmax(logits))])
 t = time.perf_counter()
@@ -246,7 +282,8 @@ def verdicts(rows: list[dict], decode_s: float) -> list[str]:
 def report(row: dict) -> dict:
     print(f"{row['server']} {row['clients']} clients: {row['tok_s']:.1f} tok/s ({row['tok_s_drained']:.1f} with the "
           f"drain), TTFT p50 {row['ttft_p50']:.2f} s "
-          f"p95 {row['ttft_p95']:.2f} s, {row['errors']} errors", file=sys.stderr, flush=True)
+          f"p95 {row['ttft_p95']:.2f} s, {row['errors']} errors, {row['gen_per_request']:.0f} tokens a request",
+          file=sys.stderr, flush=True)
     return row
 
 
@@ -271,7 +308,7 @@ async def soak(srv: ServerProc, a) -> int:
 
     async def whole_reply(http) -> int:
         body = {"model": srv.model_name, "max_tokens": rng.choice([1, 16, a.gen_tokens]), "temperature": 0.7,
-                "messages": [{"role": "user", "content": prompt_text(a.prompt_tokens, rng)}]}
+                "messages": [{"role": "user", "content": prompt_text(a.prompt_words, rng)}]}
         r = await http.post(srv.url + "/v1/chat/completions", json=body)
         return r.status_code
 
@@ -318,7 +355,7 @@ def multi_turn(srv: ServerProc, a) -> list[float]:
     msgs, ttfts = [], []
     with httpx.Client(timeout=a.request_timeout) as http:
         for _ in range(a.turns):
-            msgs.append({"role": "user", "content": prompt_text(60, rng)})
+            msgs.append({"role": "user", "content": prompt_text(46, rng)})
             t0 = time.perf_counter()
             http.post(srv.url + "/v1/chat/completions", json={"model": srv.model_name, "messages": msgs,
                                                               "max_tokens": 1, "temperature": 0})
@@ -365,6 +402,7 @@ def main() -> int:
     from edgeq.runtime.engine import resolve_model
 
     path = str(resolve_model(a.model))
+    a.prompt_words, a.eog = request_shape(a, path) if not a.turns else (0, [])
     if a.turns:
         a.turns = min(a.turns, 32)
         res = {}
@@ -407,16 +445,19 @@ def main() -> int:
     decode.append(own_decode(a, path))
     decode_s = sum(decode) / len(decode)
     rows.sort(key=lambda r: (r["server"] != "edgeq", r["clients"]))
-    print(f"\nmodel {Path(path).name}, {a.threads} threads, {a.parallel} slots, ~{a.prompt_tokens} prompt + "
+    prompts = [r["prompt"] for r in rows if r.get("prompt")]
+    counted = (f" (as edgeq's server counted them: {sum(p[0] for p in prompts) / len(prompts):.0f} a request, "
+               f"{sum(p[1] for p in prompts) / len(prompts):.0f} of them reused from a slot's cache)") if prompts else ""
+    print(f"\nmodel {Path(path).name}, {a.threads} threads, {a.parallel} slots, ~{a.prompt_tokens} prompt{counted} + "
           f"{a.gen_tokens} generated tokens per request, {a.duration:.0f} s per level, {os.cpu_count()} CPUs, "
           f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; edgeq's own decode "
           f"{decode[0] * 1e3:.1f} / {decode[1] * 1e3:.1f} ms per token before / after\n")
-    print("| server | clients | requests | errors | gen tok/s | with the drain | TTFT p50 s | TTFT p95 s "
-          "| per-token p50 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| server | clients | requests | errors | tokens a request | gen tok/s | with the drain | TTFT p50 s "
+          "| TTFT p95 s | per-token p50 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | "
-              f"{r['tok_s_drained']:.1f} | "
+        print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['gen_per_request']:.0f} | "
+              f"{r['tok_s']:.1f} | {r['tok_s_drained']:.1f} | "
               f"{r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} |")
     print()
     print("Where edgeq's server spent each level (its /metrics counters): forward passes over a prompt chunk alone, "

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import prompt_text  # noqa: E402
+from serve_load import prompt_text, words_for  # noqa: E402
 
 
 class Clock:
@@ -79,8 +79,9 @@ def measure(m, n: int, a) -> dict:
     try:
         rng = random.Random(n)
         done = []
+        words = words_for(m, a.prompt_tokens)
         for i in range(n):
-            ids = m.chat_ids([{"role": "user", "content": prompt_text(a.prompt_tokens, rng)}], None)
+            ids = m.chat_ids([{"role": "user", "content": prompt_text(words, rng)}], None)
             s.submit(GenRequest(ids, max_tokens=a.gen_tokens, params=SamplingParams(temperature=0.7, seed=i)),
                      lambda ev: done.append(ev) if isinstance(ev, Done) else None)
         s._admit()
@@ -118,7 +119,7 @@ def measure(m, n: int, a) -> dict:
 
 def own_decode(m, a) -> tuple[float, float]:
     m.reset()
-    logits = m.append(m.tokenizer.encode(prompt_text(a.prompt_tokens, random.Random(7))))
+    logits = m.append(m.tokenizer.encode(prompt_text(words_for(m, a.prompt_tokens), random.Random(7))))
     c, w = time.thread_time(), time.perf_counter()
     for _ in range(a.gen_tokens):
         logits = m.append([int(np.argmax(logits))])

@@ -135,6 +135,22 @@ def test_logprobs(client):
         assert t.token == t.top_logprobs[0].token  # greedy: the chosen token is the best one
 
 
+def test_logit_bias_bans_and_forces_tokens(server, client):
+    """OpenAI's logit_bias: -100 on the end-of-turn tokens runs a reply that stops by itself to max_tokens; +100 on
+    one token makes it every greedy choice; logprobs still report the raw logits."""
+    tok = server.sched.model.tokenizer
+    free = chat(client, "Hi", max_tokens=40)
+    assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 40
+    ban = {str(i): -100 for i in tok.eog_ids}
+    r = chat(client, "Hi", max_tokens=40, logit_bias=ban)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 40
+    assert r.choices[0].message.content.startswith(free.choices[0].message.content.rstrip())
+    x = tok.encode("Hello")[-1]
+    r = chat(client, "Say yes.", max_tokens=4, logit_bias={str(x): 100}, logprobs=True, top_logprobs=1)
+    assert r.choices[0].message.content == tok.decode([x] * 4)
+    assert all(t.logprob < 0 for t in r.choices[0].logprobs.content)  # the raw logits: "Hello" was no sure thing
+
+
 def test_models_health_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
@@ -300,6 +316,10 @@ def _chat_body(**kw):
     (_chat_body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}),
      "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    (_chat_body(logit_bias={"hello": 1}), "logit_bias"),
+    (_chat_body(logit_bias={"12": 101}), "logit_bias"),
+    (_chat_body(logit_bias={"12": "1"}), "logit_bias.12"),
+    (_chat_body(logit_bias={"49152": 1}), "logit_bias"),
 ])
 def test_bad_requests_are_400_with_an_openai_error_body(server, body, param):
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)

@@ -49,6 +49,7 @@ class GenRequest:
     logprobs: int | None = None           # None: none; k: the chosen token's logprob and the k best
     constraint: object | None = None      # a runtime.grammar.Constraint, fresh for this request
     timeout_s: float | None = None
+    logit_bias: tuple[np.ndarray, np.ndarray] | None = None  # (token ids, float32 biases) added to the logits
 
 
 @dataclass
@@ -404,8 +405,10 @@ class Scheduler:
         r = s.job.req
         raw = logits
         penalties = s.counts and (r.presence_penalty or r.frequency_penalty)
-        if penalties or r.constraint is not None:  # changed on a copy: logprobs report the raw logits
-            logits = np.array(logits, dtype=np.float32)
+        if penalties or r.constraint is not None or r.logit_bias is not None:  # changed on a copy: logprobs report
+            logits = np.array(logits, dtype=np.float32)                      # the raw logits
+        if r.logit_bias is not None:
+            logits[r.logit_bias[0]] += r.logit_bias[1]
         if penalties:
             ids = np.fromiter(s.counts.keys(), np.int64)
             n = np.fromiter(s.counts.values(), np.float32)

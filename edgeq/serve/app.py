@@ -273,8 +273,17 @@ class Service:
     def gen_request(self, ids: list[int], max_tokens: int | None, *, temperature: float, top_p: float, top_k: int,
                     min_p: float, repeat_penalty: float, seed: int | None, stop: list[str],
                     presence: float = 0.0, frequency: float = 0.0, logprobs: int | None = None,
-                    constraint=None, n_ctx: int | None = None) -> GenRequest:
+                    constraint=None, n_ctx: int | None = None, logit_bias: dict[int, float] | None = None
+                    ) -> GenRequest:
         n_ctx = min(n_ctx or self.sched.n_ctx, self.sched.n_ctx)
+        bias = None
+        if logit_bias:
+            n_vocab = self.model.cfg.n_vocab
+            if max(logit_bias) >= n_vocab:
+                raise ApiError(400, f"logit_bias: token ids must be in 0..{n_vocab - 1}", param="logit_bias",
+                               code="invalid_value")
+            bias = (np.fromiter(logit_bias.keys(), np.int64, len(logit_bias)),
+                    np.fromiter(logit_bias.values(), np.float32, len(logit_bias)))
         if max_tokens is not None and max_tokens > self.sched.n_ctx:
             raise ApiError(400, f"max_tokens {max_tokens} is beyond the context ({self.sched.n_ctx} tokens)",
                            param="max_tokens", code="invalid_value")
@@ -287,7 +296,7 @@ class Service:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, seed=None if seed is None else seed % (1 << 64))
         return GenRequest(ids, max_tokens, params, list(stop or []), presence, frequency, logprobs, constraint,
-                          self.opts.request_timeout)
+                          self.opts.request_timeout, bias)
 
     def _flush(self) -> None:  # on the scheduler thread, after each step
         with self._outbox_lock:
@@ -604,7 +613,7 @@ def create_app(model, sched, opts: ServerOptions):
         req = svc.gen_request(ids, r.max_completion_tokens or r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, min_p=r.min_p, repeat_penalty=r.repeat_penalty, seed=r.seed, stop=r.stop,
                               presence=r.presence_penalty, frequency=r.frequency_penalty, logprobs=k,
-                              constraint=constraint)
+                              constraint=constraint, logit_bias=r.logit_bias)
         stream = svc.submit(req)
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         tools_on = tools is not None
@@ -687,7 +696,8 @@ def create_app(model, sched, opts: ServerOptions):
         req = svc.gen_request(ids, r.max_tokens if r.max_tokens is not None else 16, temperature=r.temperature,
                               top_p=r.top_p, top_k=r.top_k, min_p=r.min_p, repeat_penalty=r.repeat_penalty,
                               seed=r.seed, stop=r.stop, presence=r.presence_penalty, frequency=r.frequency_penalty,
-                              logprobs=r.logprobs, constraint=response_constraint(r.response_format))
+                              logprobs=r.logprobs, constraint=response_constraint(r.response_format),
+                              logit_bias=r.logit_bias)
         stream = svc.submit(req)
         cid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 16
 MAX_STOP_LEN = 256
+MAX_BIAS = 1024  # logit_bias entries (OpenAI documents none; llama-server none)
 
 
 class _Body(BaseModel):
@@ -98,6 +99,24 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # token id (a decimal string: JSON object keys) -> a bias added to its logit before sampling, -100 (a ban) to 100
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, v):
+        if not v:
+            return None
+        if len(v) > MAX_BIAS:
+            raise ValueError(f"at most {MAX_BIAS} entries")
+        out = {}
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:
+                raise ValueError(f"keys must be token ids (decimal integers), not {key[:20]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be between -100 and 100 (got {bias} for token {key})")
+            out[int(key)] = bias
+        return out
 
     @field_validator("stop")
     @classmethod
