@@ -66,8 +66,9 @@ def prompt_text(n_words: int, rng: random.Random) -> str:
 def words_for(model, tokens: int) -> int:
     """The word count of prompt_text whose chat request has ~`tokens` prompt tokens as a server counts them (its
     usage.prompt_tokens: the model's chat template around the message included), from the model's own tokenizer and
-    template (Model.chat_ids) on two messages of 40 and 160 words: these words take 1.5-2 tokens each, and the
-    templates 20-35 (words at a fixed 1.3 tokens each made SmolLM2's requests of "200" tokens 274)."""
+    template (Model.chat_ids) on two messages of 40 and 160 words: these words take about a token each, the template
+    and the message's head 20-50 (153 words, from a fixed 1.3 tokens a word, made SmolLM2's requests 202 tokens, Gemma
+    3's 173)."""
     n = [len(model.chat_ids([{"role": "user", "content": prompt_text(w, random.Random(w))}])) for w in (40, 160)]
     return max(1, round(40 + (tokens - n[0]) * 120 / (n[1] - n[0])))
 
@@ -75,8 +76,9 @@ def words_for(model, tokens: int) -> int:
 def request_shape(a, path: str) -> tuple[int, list[int]]:
     """(words_for --prompt-tokens, the end-of-generation token ids) of the model at `path`, in a child process (as
     own_decode). The load's requests bias those ids by -100 (OpenAI's logit_bias, which both servers take): every
-    request then generates its --gen-tokens, where SmolLM2 at temperature 0.7 ended ~1 in 4 early at an end of turn
-    (~100 tokens a request on average), so each generated token carried more of a prompt than the load describes."""
+    request then generates its --gen-tokens, where SmolLM2's at temperature 0.7 often ended early at an end of turn
+    (95 tokens a request on average at 8 clients), so each generated token carried more of a prompt than the load
+    describes."""
     code = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
