@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the decode's arithmetic costs on top of its memory traffic: the same decode steps (a prompt of P tokens, then
 N tokens, greedy) with the single-token row dots of the chosen weight types replaced by loads only: every 64-byte
-line of every block still read, in the same order, with the same in-loop prefetch (cpu_kernels/simd.py ROW_AHEAD),
+line of every block still read, in the same order, with the same in-loop prefetch (cpu_kernels/simd.py ROW_NEAR/FAR),
 its words folded into a test whose result goes into the row's sum, so that nothing is optimised away and the products
 stay ~0 (the activations stay bounded: garbage products slowed the rest of the step). The products are wrong and the time is
 what reading the weights takes beside the rest of the step. Each variant runs in a fresh process, the variants
@@ -68,7 +68,7 @@ def _install(qtypes: list[str], loads: bool) -> None:
     for q in qtypes:
         if loads:
             simd.PAIR_IR.pop(q, None)  # read when the row dot's IR is generated: the driver's first call, after this
-            dot = simd._row_dot(q, _loads_block(QTYPES[q].block_bytes), simd.ROW_AHEAD)
+            dot = simd._row_dot(q, _loads_block(QTYPES[q].block_bytes), simd.ROW_NEAR, simd.ROW_FAR)
         else:
             dot = simd.ROW_DOTS[q]
         mm = L._specialize(L._mm_template, q, dot, suffix=f"_{'loads' if loads else 'control'}_{tag}", _ROW_BURST=0)

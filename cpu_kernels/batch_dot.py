@@ -97,7 +97,8 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
                 b = loop.index
                 o = builder.mul(b, c(block_bytes))
                 for row in rows:
-                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_AHEAD)
+                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_NEAR)
+                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_FAR, 2)
                 for row, racc in zip(rows, accs):
                     for acc, (aq, ad, ab) in zip(racc, acts):
                         block(x, acc, row, o, b, aq, ad, ab)
@@ -112,8 +113,9 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
 
 
 _row_fn = _block_elems = _block_bytes = None  # placeholders, bound per type by _specialize
-# The tiles' and lanes' dots prefetch as the single-row dots do (simd.ROW_AHEAD: a line per 64 bytes of each weight
-# row as the block loop goes, in place of the drivers' burst two tiles ahead): Gemma 3's 8-sequence step (its Q4_K /
+# The tiles' and lanes' dots prefetch as the single-row dots do (simd.ROW_NEAR into L1 and ROW_FAR into L2: a line per
+# 64 bytes of each weight row each as the block loop goes; Gemma 3's 8-sequence step 26.9-27.05 -> 26.4-26.5 ms against
+# ROW_AHEAD into L1 alone, SmolLM2's level; before that, a burst two tiles ahead): Gemma 3's 8-sequence step (its Q4_K /
 # Q6_K tiles, Q5_0 / Q8_0 lanes; `python benchmarks/serve_step.py --model gemma3-270m --batches 8 --threads 2`, the two
 # alternated) 28.0 / 27.1 -> 25.9 / 25.4 ms of CPU. The rows16 gathers below (SmolLM2's Q4_1) prefetch the next tile
 # as they go instead (a line per row every 2 or 4 blocks measured worse than the burst there: 15.9 / 14.9 -> 17.6-18.4 /
@@ -258,7 +260,8 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
                 dv = x.at(pd, builder.mul(b, c(4 * lanes)), VF)
                 sv = x.at(ps, builder.mul(b, c(4 * lanes)), VF)
                 for row in rows:
-                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_AHEAD)
+                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_NEAR)
+                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_FAR, 2)
                 for row, (pf, pm) in zip(rows, accs):
                     codes, d, e = lane(x, row, o)
                     isum = builder.sitofp(lane_sums(x, codes, qv, row, o), VF)

@@ -337,20 +337,22 @@ def data_ptrs(context, builder, signature, args, which) -> list:
             for i in which]
 
 
-def _prefetch_ahead(x, row, o, span: int, ahead: int) -> None:
-    """Software prefetch into L1 (llvm.prefetch, locality 3: prefetcht0) of the `span` bytes `ahead` bytes past byte
-    offset `o` of the i8* `row`: one per 64-byte line, issued as the block loop reaches the bytes before them (never
-    faults, so reaching past the row or the matrix is harmless). ahead 0: none."""
+def _prefetch_ahead(x, row, o, span: int, ahead: int, locality: int = 3) -> None:
+    """Software prefetch into L1 (llvm.prefetch, locality 3: prefetcht0; 2: prefetcht1, into L2) of the `span` bytes
+    `ahead` bytes past byte offset `o` of the i8* `row`: one per 64-byte line, issued as the block loop reaches the
+    bytes before them (never faults, so reaching past the row or the matrix is harmless). ahead 0: none."""
     if not ahead:
         return
     fn = cgutils.get_or_insert_function(x.mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
                                         "llvm.prefetch.p0i8")
     for i in range(0, span, 64):
-        x.b.call(fn, [x.b.gep(row, [x.off(o, ahead + i)]), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        x.b.call(fn, [x.b.gep(row, [x.off(o, ahead + i)]), ir.Constant(I32, 0), ir.Constant(I32, locality),
+                      ir.Constant(I32, 1)])
 
 
-def _row_dot(qtype: str, block, ahead: int = 0):
-    """Numba intrinsic dot(raw, off, nb, qx, dx, bsums) -> float32 looping `block` over the row's nb blocks.
+def _row_dot(qtype: str, block, ahead: int = 0, far: int = 0):
+    """Numba intrinsic dot(raw, off, nb, qx, dx, bsums) -> float32 looping `block` over the row's nb blocks, the lines
+    `ahead` bytes on prefetched into L1 and those `far` bytes on into L2 as it goes (0: none).
 
     block(x, acc, row, o, b, qx, dx, bsums): emit the IR of one block at byte offset `o` (i64) of the i8*
     `row`, block index `b` (i64); qx/dx/bsums are i8* to the quantized activation row. The block stride is
@@ -371,8 +373,9 @@ def _row_dot(qtype: str, block, ahead: int = 0):
                 acc.shift = shift
                 block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
 
-            def fetch(b, blocks: int):  # the lines `ahead` of the `blocks` blocks from block b
+            def fetch(b, blocks: int):  # the lines `ahead` (L1) and `far` (L2) of the `blocks` blocks from block b
                 _prefetch_ahead(x, row, builder.mul(b, ir.Constant(I64, block_bytes)), blocks * block_bytes, ahead)
+                _prefetch_ahead(x, row, builder.mul(b, ir.Constant(I64, block_bytes)), blocks * block_bytes, far, 2)
 
             if qtype in PAIR_IR:  # _ZMM: two blocks per 512-bit byte dot, two pairs (on other sums) per turn
                 def emit_pair(b, shift: int = 0):
@@ -874,11 +877,23 @@ BLOCK_IR = {
 # Q4_K 25.8, Q6_K 28.8: linear._prefetch's note on L1 prefetches holds for a burst of a row's lines, not for one line
 # at a time). Decode (`edgeq bench FILE -p 16 -n 64 -t 2`, alternated): Qwen3-1.7B Q4_K_M 19.3 -> 22.0 t/s, Q8_0 13.8
 # -> 14.3, Llama-3.2-3B Q4_K_M 10.8 -> 12.5, Qwen2.5-0.5B Q4_K_M 43-47 -> 52-53, SmolLM2 135-140 -> 169-171, Gemma 3
-# 74-75 -> 76-78. The AMD hosts were measured with the burst only, so they keep it.
+# 74-75 -> 76-78. The AMD hosts were measured with the burst only, so they keep it. The half rows (HALF_DOTS) prefetch
+# ROW_AHEAD into L1; the row dots, and batch_dot's tiles and lanes, two levels (below).
 ROW_AHEAD = 2048 if proc_field("/proc/cpuinfo", "vendor_id") == "GenuineIntel" else 0
+# The single-row dots (ROW_DOTS) instead prefetch in two levels where ROW_AHEAD is on: into L2 ROW_FAR bytes ahead and
+# into L1 ROW_NEAR ahead, the L1 prefetch then served from L2 (an L1 prefetch from DRAM holds one of the core's few
+# L1 miss buffers for a DRAM round trip). The Xeon, 2 threads, huge pages, `python benchmarks/prefetch_distance.py
+# FILE --distances --in-loop 2048 512 --l2 0 3072`-style variants alternated in one process, medians of 15 passes,
+# GB/s: Qwen3-1.7B Q4_K 25.1 -> 26.1, Q6_K 26.5 -> 29.3 (one thread 12.8 -> 13.2, 12.9 -> 14.1), Q8_0 27.3 -> 29.0;
+# Qwen2.5-0.5B's Q5_0 19.2 -> 19.8, Q8_0 29.6 -> 30.9 (medians of 15); 256 / 2048 no better than one level, 4096 or
+# 6144 into L2 no better than 3072. Decode (`edgeq bench FILE -p 16 -n 96 -t 2`, the two alternated, 2026-12-06
+# evening): SmolLM2 119.7-120.7 -> 150.1-153.3 t/s (its 96 MB of weights fit in the 480 MB of L3 this host reports:
+# the far prefetch seems to hide its latency), Gemma 3 61.7-63.2 -> 76.5-76.9, Qwen2.5-0.5B Q4_K_M 51.9-54.8 -> 54.9-56.3, Qwen3-1.7B
+# Q4_K_M 21.0-21.7 -> 23.0-23.4, Llama-3.2-3B Q4_K_M 12.3-12.4 -> 12.9-13.1.
+ROW_NEAR, ROW_FAR = (512, 3072) if ROW_AHEAD else (0, 0)
 
 # qtype -> its row dot intrinsic
-ROW_DOTS = {qtype: _row_dot(qtype, block, ROW_AHEAD) for qtype, block in BLOCK_IR.items()}
+ROW_DOTS = {qtype: _row_dot(qtype, block, ROW_NEAR, ROW_FAR) for qtype, block in BLOCK_IR.items()}
 
 
 def _half_row_dot(qtype: str, ahead: int):
