@@ -57,7 +57,7 @@ def rss_mb(pid: int) -> float:
 
 
 def prompt_text(n_words: int, rng: random.Random) -> str:
-    """A user message of n_words random words (prompt_words: how many make a request of --prompt-tokens), with a random
+    """A user message of n_words random words (words_for: how many make a request of --prompt-tokens), with a random
     head so that no two prompts share a cached prefix beyond the chat template's."""
     words = [rng.choice(WORDS) for _ in range(n_words)]
     return f"Request {rng.randrange(10 ** 9)}. Continue this list with more words: " + " ".join(words)
@@ -154,7 +154,7 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
     (perf_counter) as content chunks."""
     body = {"model": srv.model_name, "messages": [{"role": "user", "content": prompt_text(a.prompt_words, rng)}],
             "max_tokens": a.gen_tokens, "temperature": 0.7, "stream": True}
-    if getattr(a, "eog", None):  # --gen-tokens a request (request_shape)
+    if a.eog:  # --gen-tokens a request (request_shape)
         body["logit_bias"] = {str(i): -100 for i in a.eog}
     if srv.kind == "edgeq":
         body["stream_options"] = {"include_usage": True}

@@ -79,9 +79,8 @@ def measure(m, n: int, a) -> dict:
     try:
         rng = random.Random(n)
         done = []
-        words = words_for(m, a.prompt_tokens)
         for i in range(n):
-            ids = m.chat_ids([{"role": "user", "content": prompt_text(words, rng)}], None)
+            ids = m.chat_ids([{"role": "user", "content": prompt_text(a.prompt_words, rng)}], None)
             s.submit(GenRequest(ids, max_tokens=a.gen_tokens, params=SamplingParams(temperature=0.7, seed=i)),
                      lambda ev: done.append(ev) if isinstance(ev, Done) else None)
         s._admit()
@@ -119,7 +118,7 @@ def measure(m, n: int, a) -> dict:
 
 def own_decode(m, a) -> tuple[float, float]:
     m.reset()
-    logits = m.append(m.tokenizer.encode(prompt_text(words_for(m, a.prompt_tokens), random.Random(7))))
+    logits = m.append(m.tokenizer.encode(prompt_text(a.prompt_words, random.Random(7))))
     c, w = time.thread_time(), time.perf_counter()
     for _ in range(a.gen_tokens):
         logits = m.append([int(np.argmax(logits))])
@@ -164,6 +163,7 @@ def main() -> int:
     from edgeq.runtime.engine import load
 
     m = load(a.model, n_ctx=a.ctx, threads=a.threads)
+    a.prompt_words = words_for(m, a.prompt_tokens)  # the message length of a --prompt-tokens request
     m._set_threads()
     rows = []
     for n in a.batches.split(","):  # own decode measured next to each level: a shared machine's load drifts

@@ -97,8 +97,7 @@ def _rows_dot(qtype: str, block, mr: int, nt: int):
                 b = loop.index
                 o = builder.mul(b, c(block_bytes))
                 for row in rows:
-                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_NEAR)
-                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_FAR, 2)
+                    simd._prefetch_levels(x, row, o, block_bytes, simd.ROW_NEAR, simd.ROW_FAR)
                 for row, racc in zip(rows, accs):
                     for acc, (aq, ad, ab) in zip(racc, acts):
                         block(x, acc, row, o, b, aq, ad, ab)
@@ -260,8 +259,7 @@ def _lanes_dot(qtype: str, lane, mr: int, lanes: int):
                 dv = x.at(pd, builder.mul(b, c(4 * lanes)), VF)
                 sv = x.at(ps, builder.mul(b, c(4 * lanes)), VF)
                 for row in rows:
-                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_NEAR)
-                    simd._prefetch_ahead(x, row, o, block_bytes, simd.ROW_FAR, 2)
+                    simd._prefetch_levels(x, row, o, block_bytes, simd.ROW_NEAR, simd.ROW_FAR)
                 for row, (pf, pm) in zip(rows, accs):
                     codes, d, e = lane(x, row, o)
                     isum = builder.sitofp(lane_sums(x, codes, qv, row, o), VF)
@@ -454,7 +452,7 @@ def _rows16_dot(qtype: str):
                 # prefetches the next tile's 16 * block_bytes at the same share of it (see the note above
                 # _mm16_template)
                 pf = builder.add(builder.mul(row_bytes, c(16)), builder.mul(b, c(16 * block_bytes)))
-                simd._prefetch_ahead(x, base, builder.sub(pf, c(64)), 16 * block_bytes, 64)
+                simd._prefetch_ahead(x, base, builder.sub(pf, c(64)), 16 * block_bytes, 64)  # 64 ahead of pf - 64: pf
                 hdr = x.gather16(base, blk)
                 d = builder.fpext(builder.bitcast(builder.trunc(hdr, _vec(I16, 16)), v16h), v16f)
                 if offset == "min":

@@ -350,6 +350,13 @@ def _prefetch_ahead(x, row, o, span: int, ahead: int, locality: int = 3) -> None
                       ir.Constant(I32, 1)])
 
 
+def _prefetch_levels(x, row, o, span: int, near: int, far: int) -> None:
+    """_prefetch_ahead of the same span into L1 `near` bytes ahead and into L2 `far` bytes ahead (0: none): the
+    decode dots' two-level prefetch (ROW_NEAR / ROW_FAR below)."""
+    _prefetch_ahead(x, row, o, span, near)
+    _prefetch_ahead(x, row, o, span, far, 2)
+
+
 def _row_dot(qtype: str, block, ahead: int = 0, far: int = 0):
     """Numba intrinsic dot(raw, off, nb, qx, dx, bsums) -> float32 looping `block` over the row's nb blocks, the lines
     `ahead` bytes on prefetched into L1 and those `far` bytes on into L2 as it goes (0: none).
@@ -374,8 +381,8 @@ def _row_dot(qtype: str, block, ahead: int = 0, far: int = 0):
                 block(x, acc, row, builder.mul(b, ir.Constant(I64, block_bytes)), b, pqx, pdx, pbsums)
 
             def fetch(b, blocks: int):  # the lines `ahead` (L1) and `far` (L2) of the `blocks` blocks from block b
-                _prefetch_ahead(x, row, builder.mul(b, ir.Constant(I64, block_bytes)), blocks * block_bytes, ahead)
-                _prefetch_ahead(x, row, builder.mul(b, ir.Constant(I64, block_bytes)), blocks * block_bytes, far, 2)
+                o = builder.mul(b, ir.Constant(I64, block_bytes))
+                _prefetch_levels(x, row, o, blocks * block_bytes, ahead, far)
 
             if qtype in PAIR_IR:  # _ZMM: two blocks per 512-bit byte dot, two pairs (on other sums) per turn
                 def emit_pair(b, shift: int = 0):
@@ -888,8 +895,8 @@ ROW_AHEAD = 2048 if proc_field("/proc/cpuinfo", "vendor_id") == "GenuineIntel" e
 # Qwen2.5-0.5B's Q5_0 19.2 -> 19.8, Q8_0 29.6 -> 30.9 (medians of 15); 256 / 2048 no better than one level, 4096 or
 # 6144 into L2 no better than 3072. Decode (`edgeq bench FILE -p 16 -n 96 -t 2`, the two alternated, 2026-12-06
 # evening): SmolLM2 119.7-120.7 -> 150.1-153.3 t/s (its 96 MB of weights fit in the 480 MB of L3 this host reports:
-# the far prefetch seems to hide its latency), Gemma 3 61.7-63.2 -> 76.5-76.9, Qwen2.5-0.5B Q4_K_M 51.9-54.8 -> 54.9-56.3, Qwen3-1.7B
-# Q4_K_M 21.0-21.7 -> 23.0-23.4, Llama-3.2-3B Q4_K_M 12.3-12.4 -> 12.9-13.1.
+# the far prefetch seems to hide its latency), Gemma 3 61.7-63.2 -> 76.5-76.9, Qwen2.5-0.5B Q4_K_M 51.9-54.8 ->
+# 54.9-56.3, Qwen3-1.7B Q4_K_M 21.0-21.7 -> 23.0-23.4, Llama-3.2-3B Q4_K_M 12.3-12.4 -> 12.9-13.1.
 ROW_NEAR, ROW_FAR = (512, 3072) if ROW_AHEAD else (0, 0)
 
 # qtype -> its row dot intrinsic
