@@ -30,17 +30,18 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-I8P, I64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+from edgeq.cpu_kernels.simd import I64, data_ptrs
+
 SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
 def has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False
-    return "amx_int8" in flags.split() and "amx_tile" in flags.split()
+    return "amx_int8" in flags and "amx_tile" in flags
 
 
 def request_tiles() -> int:
@@ -60,8 +61,7 @@ def _tiles(typingctx, cfg, a, b, c, reps, blocks):
     sig = types.void(cfg, a, b, c, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        pc, pa, pb, po = (builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data, I8P)
-                          for i in range(4))
+        pc, pa, pb, po = data_ptrs(context, builder, signature, args, range(4))
         stride = ir.Constant(I64, 64)
         _asm(builder, "ldtilecfg ($0)", [pc], "r,~{memory}")
         _asm(builder, "tileloadd ($0,$1,1), %tmm0", [po, stride], "r,r,~{memory}")

@@ -337,17 +337,22 @@ def data_ptrs(context, builder, signature, args, which) -> list:
             for i in which]
 
 
-def _prefetch_ahead(x, row, o, span: int, ahead: int, locality: int = 3) -> None:
-    """Software prefetch into L1 (llvm.prefetch, locality 3: prefetcht0; 2: prefetcht1, into L2) of the `span` bytes
-    `ahead` bytes past byte offset `o` of the i8* `row`: one per 64-byte line, issued as the block loop reaches the
-    bytes before them (never faults, so reaching past the row or the matrix is harmless). ahead 0: none."""
-    if not ahead:
-        return
+def _prefetch(x, ptr, locality: int = 3) -> None:
+    """llvm.prefetch (a read, into the data cache) of the line at the i8* `ptr`: locality 3 prefetcht0 (into L1), 2
+    prefetcht1 (into L2). Never faults, so an address past the data is harmless."""
     fn = cgutils.get_or_insert_function(x.mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
                                         "llvm.prefetch.p0i8")
+    x.b.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
+
+
+def _prefetch_ahead(x, row, o, span: int, ahead: int, locality: int = 3) -> None:
+    """Software prefetch (_prefetch; into L1 by default) of the `span` bytes `ahead` bytes past byte offset `o` of the
+    i8* `row`: one per 64-byte line, issued as the block loop reaches the bytes before them (reaching past the row or
+    the matrix is harmless). ahead 0: none."""
+    if not ahead:
+        return
     for i in range(0, span, 64):
-        x.b.call(fn, [x.b.gep(row, [x.off(o, ahead + i)]), ir.Constant(I32, 0), ir.Constant(I32, locality),
-                      ir.Constant(I32, 1)])
+        _prefetch(x, x.b.gep(row, [x.off(o, ahead + i)]), locality)
 
 
 def _prefetch_levels(x, row, o, span: int, near: int, far: int) -> None:

@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .ops import EXP2_POLY, LOG2E
-from .simd import _ZMM, F32, I8, I32, I64, _IR, _vec, data_ptrs
+from .simd import _ZMM, F32, I8, I32, I64, _IR, _prefetch, _vec, data_ptrs
 
 V32 = _vec(F32, 32)
 UNROLL = 4
@@ -433,26 +433,17 @@ def block_exp(typingctx, sc, r, a, z, mx):
 
 
 # ---------------------------------------------------------------- software prefetch of a span (decode attention)
-def _prefetch_span(locality: int):
-    """prefetch(arr, start, n): llvm.prefetch of bytes [start, start + n) of arr's data, one per 64-byte line
-    (locality 3: prefetcht0, into L1; 2: prefetcht1, into L2). A prefetch never faults: a span reaching past the
-    array is harmless, and it changes no value."""
-    @intrinsic
-    def prefetch(typingctx, arr, start, n):
-        sig = types.void(arr, types.intp, types.intp)
+@intrinsic
+def prefetch_l2(typingctx, arr, start, n):
+    """prefetch_l2(arr, start, n): bytes [start, start + n) of arr's data into L2 (simd._prefetch, prefetcht1), one per
+    64-byte line. A prefetch never faults: a span reaching past the array is harmless, and it changes no value."""
+    sig = types.void(arr, types.intp, types.intp)
 
-        def codegen(context, builder, signature, args):
-            p, = data_ptrs(context, builder, signature, args, (0,))
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8")
-            n_lines = builder.udiv(builder.add(_non_negative(builder, args[2]), _c(63)), _c(64))
-            with cgutils.for_range(builder, n_lines) as line:
-                builder.call(fn, [builder.gep(p, [builder.add(args[1], builder.mul(line.index, _c(64)))]),
-                                  ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
-            return context.get_dummy_value()
-        return sig, codegen
-    prefetch.__name__ = prefetch.__qualname__ = f"prefetch_l{4 - locality}"
-    return prefetch
-
-
-prefetch_l2 = _prefetch_span(2)
+    def codegen(context, builder, signature, args):
+        x = _IR(builder)
+        p, = data_ptrs(context, builder, signature, args, (0,))
+        n_lines = builder.udiv(builder.add(_non_negative(builder, args[2]), _c(63)), _c(64))
+        with cgutils.for_range(builder, n_lines) as line:
+            _prefetch(x, builder.gep(p, [builder.add(args[1], builder.mul(line.index, _c(64)))]), 2)
+        return context.get_dummy_value()
+    return sig, codegen
