@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Can edgeq's kernels use AMX here, and how fast is a tile product? A probe for a prompt GEMM on AMX, not a kernel.
+"""Can edgeq's kernels use AMX here, and how fast is an int8 tile product? The probe that led to the prompt GEMM on
+AMX (cpu_kernels/gemm_amx.py, which uses the bf16 tiles: its docstring says why not these int8 ones).
 
     python benchmarks/amx_probe.py
 
@@ -19,20 +20,17 @@ AT&T operand order: `tdpbsud %tmm_b, %tmm_a, %tmm_c` (Intel: TDPBSUD tmm_c, tmm_
 """
 from __future__ import annotations
 
-import ctypes
 import sys
 import time
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from edgeq.cpu_kernels.gemm_amx import _asm, request_tiles  # importing it sets up LLVM's native asm parser
 from edgeq.cpu_kernels.simd import I64, data_ptrs
-
-SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
 def has_amx() -> bool:
@@ -42,17 +40,6 @@ def has_amx() -> bool:
     except OSError:
         return False
     return "amx_int8" in flags and "amx_tile" in flags
-
-
-def request_tiles() -> int:
-    """0 when the process may use the tile registers."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-
-
-def _asm(builder, text: str, args: list, constraints: str) -> None:
-    fty = ir.FunctionType(ir.VoidType(), [a.type for a in args])
-    builder.call(ir.InlineAsm(fty, text, constraints, side_effect=True), args)
 
 
 @intrinsic
@@ -109,10 +96,10 @@ def main() -> int:
     if sys.platform != "linux" or not has_amx():
         print("no AMX (amx_tile + amx_int8) on this CPU: nothing to probe")
         return 0
-    if request_tiles() != 0:
-        print(f"arch_prctl(ARCH_REQ_XCOMP_PERM) refused (errno {ctypes.get_errno()}): the kernel does not lend AMX")
+    err = request_tiles()
+    if err != 0:
+        print(f"arch_prctl(ARCH_REQ_XCOMP_PERM) refused (errno {err}): the kernel does not lend AMX")
         return 1
-    llvm.initialize_native_asmparser()  # Numba's JIT accepts inline asm only with it
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, (16, 64)).astype(np.int8)
     bm = rng.integers(0, 16, (64, 16)).astype(np.uint8)

@@ -17,7 +17,7 @@ import time
 
 import edgeq
 from edgeq.assets import text_path
-from edgeq.cpu_kernels import gemm_i8
+from edgeq.cpu_kernels import gemm_amx, gemm_i8
 from edgeq.models import base, gemma3, llama
 
 
@@ -74,6 +74,9 @@ def main() -> None:
     for q in list(gemm_i8._DRIVERS):  # matmul_i8 looks its driver up per call
         wrap(gemm_i8._DRIVERS, q, f"gemm {q}", part_of_matvec=True)
     wrap(gemm_i8, "quantize_act", "quant act", part_of_matvec=True)
+    for q in list(gemm_amx._DRIVERS):  # where the prompt's products run on AMX tiles (gemm_amx.use)
+        wrap(gemm_amx._DRIVERS, q, f"amx {q}", part_of_matvec=True)
+    wrap(gemm_amx, "_round_tiles", "bf16 act", part_of_matvec=True)
 
     n = a.runs
     t0 = clock()

@@ -555,8 +555,38 @@ def quantized_activations(X: np.ndarray):
     return qx, dx, xs
 
 
-def matmul_i8(raw: np.ndarray, qtype: str, n_in: int, X: np.ndarray, out: np.ndarray, act=None) -> None:
+class Activations:
+    """A prompt's rows X (T, n) float32 as the prefill products take them, each form made once on first use, for
+    every matrix that shares them (linear.matmul_many): int8() = quantized_activations(X), bf16() =
+    gemm_amx.to_bf16(X)."""
+
+    def __init__(self, X: np.ndarray):
+        self.X = X
+        self._int8 = self._bf16 = None
+
+    def int8(self):
+        if self._int8 is None:
+            self._int8 = quantized_activations(self.X)
+        return self._int8
+
+    def bf16(self) -> np.ndarray:
+        if self._bf16 is None:
+            from . import gemm_amx
+
+            self._bf16 = gemm_amx.to_bf16(self.X)
+        return self._bf16
+
+
+def matmul_i8(raw: np.ndarray, qtype: str, n_in: int, X: np.ndarray, out: np.ndarray,
+              act: Activations | None = None) -> None:
     """out (T, n_out) = X (T, n_in) . W^T for W = raw (validated by the caller: linear._check) of `qtype`
-    in _UNPACK; `act`: X's quantized_activations when the caller already has them."""
-    qx, dx, xs = act if act is not None else quantized_activations(X)
+    in _UNPACK; `act`: X's Activations when the caller shares them between matrices. On the AMX tiles where
+    gemm_amx.use says so (bf16 activations), else on vpdpbusd (int8 activations)."""
+    from . import gemm_amx  # builds on this module
+
+    act = act if act is not None else Activations(X)
+    if gemm_amx.use(qtype, out.shape[0]) and out.flags.c_contiguous:
+        gemm_amx.matmul(raw, qtype, n_in, act.bf16(), out)
+        return
+    qx, dx, xs = act.int8()
     _DRIVERS[qtype](raw, n_in, qx, dx, xs, out)

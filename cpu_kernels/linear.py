@@ -700,7 +700,7 @@ class QuantLinear:
         return Y
 
     def _product(self, X: np.ndarray, Y: np.ndarray, act=None) -> None:
-        """Y = X W^T; `act`: X's gemm_i8.quantized_activations, when the caller shares them between matrices."""
+        """Y = X W^T; `act`: X's gemm_i8.Activations, when the caller shares them between matrices."""
         T = X.shape[0]
         if self._f32 is not None:
             gemm_f32.gemm_f32(self._f32, X, Y, 0)
@@ -772,7 +772,7 @@ def _multi_row(qtype: str):
 
 def matmul_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]:
     """[q.matmul(X) for q in qs] for matrices sharing a prompt's rows (Q/K/V, gate/up): the activations of those
-    that take the int8 GEMM are quantized once for all of them."""
+    that take the int8 GEMM are quantized (or rounded to bf16 for gemm_amx) once for all of them."""
     X = qs[0]._x2d(X, "matmul")
     if any(q.n_in != X.shape[1] for q in qs):
         raise ValueError(f"matmul: expected X of shape (T, {X.shape[1]}) for every matrix")
@@ -781,7 +781,7 @@ def matmul_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]:
     if int8:
         from . import gemm_i8
 
-        act = gemm_i8.quantized_activations(X)
+        act = gemm_i8.Activations(X)
     ys = []
     for q in qs:
         Y = np.empty((X.shape[0], q.n_out), np.float32)

@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeq.cpu_kernels import gemm_i8
+from edgeq.cpu_kernels import gemm_amx, gemm_i8
 from edgeq.cpu_kernels.linear import _GEMM_MIN_T, QuantLinear, act_group, matmul_many, matmul_rows_many
 from test_linear import make_weights, quantize_activations, rel_err
 
 TYPES = list(gemm_i8.INT8_GEMM)  # this SIMD level's (tests/test_simd_levels.py runs the others)
+
+
+@pytest.fixture(autouse=True)
+def _int8_kernel(monkeypatch):
+    """These tests are the vpdpbusd kernel's: long prompts stay on it even on an AMX CPU (tests/test_gemm_amx.py)."""
+    monkeypatch.setattr(gemm_amx, "use", lambda qtype, T: False)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
