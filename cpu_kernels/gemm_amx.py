@@ -65,7 +65,7 @@ _R = 32                 # weight rows per parallel iteration: gemm_i8's tile wit
 TYPES = frozenset(gemm_i8.UNPACK16) - {"Q8_0"}
 # fewer prompt rows than this stay on gemm_i8: the weights' unpacking and rounding to bf16 is paid per call, whatever
 # T (2 threads, SmolLM2's Q4_1 and Gemma 3's Q4_K shapes, AMX time over vpdpbusd time: T = 16 1.6-1.7x, 24 1.25-1.3x,
-# 32 1.04-1.06x, 64 0.63-0.73x; docs/performance.md "AMX")
+# 32 1.04-1.06x, 64 0.63-0.73x; docs/performance.md "Prefill on AMX bf16 tiles")
 MIN_T = 40
 # the A tiles PF_DIST steps ahead into L1 (PF_A: 1 = on, both 16-token tiles), the B tiles too (PF_B); measured on
 # SmolLM2's shapes, one thread: 5-15% faster than none, 1-4 steps ahead alike within the noise
