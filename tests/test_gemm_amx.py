@@ -55,18 +55,10 @@ def test_amx_gemm_equals_the_bf16_twin(qtype, n_out, n_blocks, T):
 @pytest.mark.parametrize("qtype", TYPES)
 def test_amx_gemm_at_the_extreme_codes(qtype):
     """Every code at its largest, activations of +-1 and large magnitudes: float32 sums, no overflow or lost row."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    from edgeq.formats.quants import QTYPES
-    from test_gemm_i8 import CODE_BYTES
+    from test_gemm_i8 import extreme_weights
 
     n_out, n_in, T = 40, 512, 48
-    raw, _ = make_weights(qtype, n_out, n_in, seed=3)
-    blocks = raw.copy().reshape(n_out, -1, QTYPES[qtype].block_bytes)
-    blocks[:, :, CODE_BYTES[qtype]] = 0xFF
-    raw = blocks.reshape(-1)
-    W = dequantize(raw.reshape(n_out, -1), GGMLQuantizationType[qtype]).astype(np.float64)
+    raw, W = extreme_weights(qtype, n_out, n_in)
     X = np.random.default_rng(1).choice([-1.0, 1.0, 3e4, -3e4], size=(T, n_in)).astype(np.float32)
     Y = np.full((T, n_out), np.nan, np.float32)
     gemm_i8.matmul_i8(raw, qtype, n_in, X, Y)

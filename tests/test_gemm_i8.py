@@ -38,22 +38,27 @@ CODE_BYTES = {"Q4_0": slice(2, 18), "Q4_1": slice(4, 20), "Q5_0": slice(2, 22), 
               "Q8_0": slice(2, 34), "Q4_K": slice(16, 144), "Q5_K": slice(16, 176), "Q6_K": slice(0, 192)}
 
 
-@pytest.mark.parametrize("qtype", TYPES)
-def test_int8_gemm_at_the_extreme_codes(qtype):
-    """Without 512-bit VNNI the micro-kernel adds several k-groups' byte products in int16 before widening them
-    (gemm_i8._per16): with every weight code at its largest against activations of +-127 (rows of +1, of -1, and
-    mixed signs), no sum overflows (the numpy twin agrees)."""
+def extreme_weights(qtype: str, n_out: int, n_in: int):
+    """make_weights' rows with every code byte (and high bit) at 0xFF: (raw, W float64 dequantized by gguf-py)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     from edgeq.formats.quants import QTYPES
 
-    n_out, n_in, T = 20, 512, 9
     raw, _ = make_weights(qtype, n_out, n_in, seed=3)
     blocks = raw.copy().reshape(n_out, -1, QTYPES[qtype].block_bytes)
     blocks[:, :, CODE_BYTES[qtype]] = 0xFF
     raw = blocks.reshape(-1)
-    W = dequantize(raw.reshape(n_out, -1), GGMLQuantizationType[qtype]).astype(np.float64)
+    return raw, dequantize(raw.reshape(n_out, -1), GGMLQuantizationType[qtype]).astype(np.float64)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_int8_gemm_at_the_extreme_codes(qtype):
+    """Without 512-bit VNNI the micro-kernel adds several k-groups' byte products in int16 before widening them
+    (gemm_i8._per16): with every weight code at its largest against activations of +-127 (rows of +1, of -1, and
+    mixed signs), no sum overflows (the numpy twin agrees)."""
+    n_out, n_in, T = 20, 512, 9
+    raw, W = extreme_weights(qtype, n_out, n_in)
     X = np.ones((T, n_in), np.float32)
     X[1] = -1.0
     X[2:] = np.random.default_rng(1).choice([-1.0, 1.0], size=(T - 2, n_in))
