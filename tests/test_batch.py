@@ -234,25 +234,28 @@ def test_chunk_for_fits_the_step_budget():
     from edgeq.runtime.scheduler import STEP_BUDGET_S
 
     assert STEP_BUDGET_S == 0.1
-    assert chunk_for(0.032, 64) == 192       # 0.5 ms a token: 200 fit in 0.1 s, in multiples of 32
-    assert chunk_for(0.064, 64) == 96        # 1 ms a token
-    assert chunk_for(0.001, 64) == MAX_CHUNK == 256  # a fast machine: the bound
-    assert chunk_for(2.0, 64) == 32          # a slow one: never below 32
-    assert chunk_for(0.0, 64) == MAX_CHUNK   # a clock that did not move
+    assert chunk_for(0.0, 0.5e-3) == 192      # 0.5 ms a token: 200 fit in 0.1 s, in multiples of 32
+    assert chunk_for(0.02, 0.5e-3) == 160     # a pass's fixed 20 ms leaves room for 160
+    assert chunk_for(0.0, 1e-3) == 96         # 1 ms a token
+    assert chunk_for(0.0, 1e-5) == MAX_CHUNK == 256  # a fast machine: the bound
+    assert chunk_for(0.0, 0.03) == 32         # a slow one: never below 32
+    assert chunk_for(0.05, 0.02) == 32        # ... even where the fixed part leaves room for 2
+    assert chunk_for(0.0, 0.0) == MAX_CHUNK   # a clock that did not move
 
 
 def test_the_default_prompt_chunk_is_measured_at_warm_up(model, monkeypatch):
-    """Without prefill_chunk the scheduler times two warm passes of a 64-token prompt after its warm-up and keeps
-    chunk_for's answer for its life; an explicit prefill_chunk is kept as given."""
+    """Without prefill_chunk the scheduler times warm passes of two prompt sizes after its warm-up, splits their
+    cost into a fixed part and a part per token, and keeps chunk_for's answer for its life; an explicit
+    prefill_chunk is kept as given."""
     from edgeq.runtime import scheduler as S
 
     seen = []
-    monkeypatch.setattr(S, "chunk_for", lambda seconds, tokens: seen.append((seconds, tokens)) or chunk_for(
-        seconds, tokens))
+    monkeypatch.setattr(S, "chunk_for", lambda pass_s, per_token: seen.append((pass_s, per_token)) or chunk_for(
+        pass_s, per_token))
     sched = Scheduler(model, n_slots=2, n_ctx=128).start()
     try:
         assert sched.ready.wait(600) and sched.failed is None
-        assert len(seen) == 1 and seen[0][1] == 64 and seen[0][0] > 0
+        assert len(seen) == 1 and 0 <= seen[0][0] <= S.STEP_BUDGET_S / 2 and seen[0][1] > 0
         assert sched.prefill_chunk == chunk_for(*seen[0])
         ids = model.chat_ids([{"role": "user", "content": "Hi"}])
         (text,), (done,) = _run(sched, [GenRequest(ids, 4, SamplingParams(temperature=0))])
@@ -266,17 +269,36 @@ def test_the_default_prompt_chunk_is_measured_at_warm_up(model, monkeypatch):
         fixed.stop()
 
 
+def test_the_chunk_books_a_passs_fixed_cost_once(model, monkeypatch):
+    """The warm-up's probes split a pass's cost into its fixed part and its per-token part: on a machine (here a
+    forward pass that sleeps) where a pass costs 17 ms + 0.4 ms a token, the chunk is the 192 tokens that fit in
+    the budget (83 ms), not the 160 that one probe's rate (total / tokens) would give."""
+    import time as _time
+
+    sched = Scheduler(model, n_slots=1, n_ctx=256)  # not started: the measurement alone
+    sizes = []
+    monkeypatch.setattr(model.arch, "forward", lambda w, cfg, tokens, *a, **k: sizes.append(len(tokens)) or
+                        _time.sleep(0.017 + 0.0004 * len(tokens)))
+    assert sched._measure_chunk() == 192
+    assert sorted(set(sizes)) == [48, 128]
+    assert abs(sched._pass_s - 0.017) < 0.004 and abs(sched._best_s_per_token - 0.0004) < 0.00004
+    assert chunk_for(0.0, (0.017 + 0.0004 * 64) / 64) == 128  # what the rate of one 64-token pass gave
+
+
 def test_prompt_passes_only_raise_the_chunk(model):
     """A prompt pass faster than any rate seen before raises the chunk (a warm-up probe on a busy machine does not
     set it for good); a slower one changes nothing; an explicit prefill_chunk is never touched."""
     sched = Scheduler(model, n_slots=1, n_ctx=64)  # not started: the rule alone
-    sched._best_s_per_token, sched.prefill_chunk = 1e-3, 96
-    sched._refine_chunk(2e-3)
+    sched._pass_s, sched._best_s_per_token, sched.prefill_chunk = 0.0, 1e-3, 96
+    sched._refine_chunk(100, 0.2)
     assert sched.prefill_chunk == 96
-    sched._refine_chunk(0.5e-3)
+    sched._refine_chunk(100, 0.05)
     assert sched.prefill_chunk == 192 and sched._best_s_per_token == 0.5e-3
-    sched._refine_chunk(0.9e-3)
+    sched._refine_chunk(100, 0.09)
     assert sched.prefill_chunk == 192
+    sched._pass_s = 0.02  # the fixed part is not booked on the tokens: 20 ms + 100 x 0.3 ms
+    sched._refine_chunk(100, 0.05)
+    assert sched.prefill_chunk == 256 and abs(sched._best_s_per_token - 0.3e-3) < 1e-12
     fixed = Scheduler(model, n_slots=1, n_ctx=128, prefill_chunk=48).start()
     try:
         assert fixed.ready.wait(600)
@@ -306,6 +328,32 @@ def test_a_prompt_alone_takes_the_largest_chunks(model, monkeypatch):
             calls.clear()
             _run(sched, [GenRequest(ids, 1, SamplingParams(temperature=0))])
             assert calls == expected
+        finally:
+            sched.stop()
+
+
+def test_a_small_remainder_joins_the_chunk_before_it(model, monkeypatch):
+    """Beside a decoding sequence a prompt goes in chunks; a remainder of at most an eighth of the chunk joins the
+    chunk before it (a pass of its own would cost a pass's fixed part for a few tokens), a larger one gets its own
+    pass; a chunk the caller fixed is never stretched."""
+    calls = []
+    forward_batch = model.arch.forward_batch
+    monkeypatch.setattr(model.arch, "forward_batch", lambda w, cfg, tokens, positions, caches, prompt_rows=0:
+                        calls.append(prompt_rows) or forward_batch(w, cfg, tokens, positions, caches, prompt_rows))
+    long = model.chat_ids([{"role": "user", "content": " ".join(["seven"] * 60)}])
+    first = model.chat_ids([{"role": "user", "content": "Hi"}])
+    for fixed, n, expected in ((None, 36, [36]), (None, 37, [32, 5]), (32, 36, [32, 4])):
+        sched = Scheduler(model, n_slots=2, n_ctx=160, prefill_chunk=fixed, prompt_reuse=False).start()
+        try:
+            assert sched.ready.wait(600)
+            sched.prefill_chunk = 32  # as measured on a slow machine (or as fixed)
+            calls.clear()
+            # the first request's prompt goes alone (nobody decodes yet), then it decodes beside the second's chunks
+            eog = np.array(sorted(model.tokenizer.eog_ids), np.int64)  # it decodes all 40: no end of turn
+            _run(sched, [GenRequest(first, 40, SamplingParams(temperature=0),
+                                    logit_bias=(eog, np.full(len(eog), -100, np.float32))),
+                         GenRequest(long[:n], 1, SamplingParams(temperature=0))])
+            assert [t for t in calls if t] == expected
         finally:
             sched.stop()
 

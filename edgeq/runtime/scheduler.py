@@ -7,7 +7,8 @@
 Each slot has its own KV cache, the slices of one KVPool (runtime/kv_cache.py). A step is one forward pass
 (`arch.forward_batch`) over at most one prefill chunk (one slot's prompt, `prefill_chunk` tokens: by default as many
 as this machine evaluates in ~STEP_BUDGET_S, measured at warm-up and by the prompt passes that follow, so a long
-prompt never stalls the others for long, and a short one takes one pass, not several that each read every weight)
+prompt never stalls the others for long, and a short one takes one pass, not several that each pay a pass's fixed
+cost; a remainder of at most an eighth of a chunk joins the chunk before it)
 and one token of every decoding slot: each weight matrix is read once for all of them, and the decoding slots
 attend in one kernel call per layer. New requests join between steps. A free slot whose cache starts with the new
 prompt's tokens is preferred, and only the rest is prefilled.
@@ -31,7 +32,7 @@ from edgeq.runtime.sampling import Sampler, SamplingParams
 
 STEP_BUDGET_S = 0.1  # a prompt chunk's share of a step: how long it may hold the decoding streams back
 MAX_CHUNK = 256      # prompt tokens per step at most (the KV pool's slack for them on sliding-window rings)
-_PROBE = 64          # prompt tokens of the warm-up pass that measures the prefill rate
+_PROBES = (48, 128)  # prompt tokens of the warm-up passes that measure a pass's fixed cost and a token's cost
 
 
 class QueueFull(EdgeqError):
@@ -138,7 +139,8 @@ class Scheduler:
         self.prompt_reuse = prompt_reuse  # False: every prompt is evaluated from position 0 (for measurements)
         # None: chosen at warm-up from the measured prefill rate (_measure_chunk); until then MAX_CHUNK bounds it
         self.fixed_chunk = prefill_chunk is not None
-        self._best_s_per_token = math.inf  # the fastest prompt rate seen (_measure_chunk, _refine_chunk)
+        # a prompt pass's cost, fixed + per token (_measure_chunk); the per-token part only falls (_refine_chunk)
+        self._pass_s, self._best_s_per_token = 0.0, math.inf
         self.prefill_chunk = max(1, prefill_chunk) if prefill_chunk is not None else MAX_CHUNK
         pool = KVPool(model.cfg.kv_layouts(), self.n_ctx, n_slots, cache_type_k, cache_type_v,
                       max_batch=self.prefill_chunk)  # a decode step attends over all slots in one call per layer
@@ -276,25 +278,37 @@ class Scheduler:
         # the caches now hold junk at positions 0..: slot.tokens stays empty, so nothing is ever reused
 
     def _measure_chunk(self) -> int:
-        """Prompt tokens per step (`chunk_for`) from the faster of two warm _PROBE-token passes (_refine_chunk may
-        raise it later)."""
+        """Prompt tokens per step (`chunk_for`) from warm passes of two sizes (_PROBES, the faster of two each): a
+        pass costs a fixed part (the weights' reads and the layers' calls, whatever the rows) and a part per token,
+        and a rate from one size alone (total / tokens) books the fixed part on every token, which made the chunk
+        128-160 where 192 fit (SmolLM2 on 2 threads: 48 tokens 37 ms, 160 tokens 75 ms, 175 tokens 82 ms).
+        _refine_chunk may raise it later."""
         m, cache = self.model, self.slots[0].cache
-        n = min(_PROBE, self.n_ctx - 1)
-        best = math.inf
-        for _ in range(2):
-            t = time.perf_counter()
-            m.arch.forward(m.weights, m.cfg, np.ones(n, np.int64), 0, cache)
-            best = min(best, time.perf_counter() - t)
-        self._best_s_per_token = best / n
-        return chunk_for(best, n)
+        big = min(_PROBES[1], self.n_ctx - 1)
+        sizes = (min(_PROBES[0], big // 2), big)
+        best = []
+        for n in sizes:
+            t_best = math.inf
+            for _ in range(2):
+                t = time.perf_counter()
+                m.arch.forward(m.weights, m.cfg, np.ones(n, np.int64), 0, cache)
+                t_best = min(t_best, time.perf_counter() - t)
+            best.append(t_best)
+        (n1, n2), (t1, t2) = sizes, best
+        per_token = (t2 - t1) / (n2 - n1) if t2 > t1 and n2 > n1 else t2 / n2
+        self._pass_s = min(max(0.0, t2 - per_token * n2), STEP_BUDGET_S / 2)
+        self._best_s_per_token = per_token
+        return chunk_for(self._pass_s, per_token)
 
-    def _refine_chunk(self, seconds_per_token: float) -> None:
-        """The rate of a pass over a prompt chunk alone (no decoding rows beside it) refines the chunk: the fastest
-        rate seen so far sets it, so a server whose warm-up probe ran on a busy machine (another server loading
-        beside it) does not keep small chunks for its life. It only grows, and settles within the first prompts."""
-        if seconds_per_token < self._best_s_per_token:
-            self._best_s_per_token = seconds_per_token
-            self.prefill_chunk = max(self.prefill_chunk, chunk_for(seconds_per_token, 1))
+    def _refine_chunk(self, tokens: int, seconds: float) -> None:
+        """A pass over a prompt chunk of `tokens` alone (no decoding rows beside it) that took `seconds` refines the
+        chunk: the fastest per-token cost seen so far (beyond the measured fixed part) sets it, so a server whose
+        warm-up probe ran on a busy machine (another server loading beside it) does not keep small chunks for its
+        life. It only grows, and settles within the first prompts."""
+        per_token = max(seconds - self._pass_s, seconds / 2) / tokens
+        if per_token < self._best_s_per_token:
+            self._best_s_per_token = per_token
+            self.prefill_chunk = max(self.prefill_chunk, chunk_for(self._pass_s, per_token))
 
     def _admit(self) -> None:
         """Move waiting jobs into free slots, preferring the slot whose cache shares the longest prefix."""
@@ -357,6 +371,9 @@ class Scheduler:
             # nobody back and reads the weights fewer times (a 1.7B model's chunk is 32 here: 512 prompt tokens took
             # 3.0-3.5 s in passes of 32, 2.1 s in passes of 256)
             size = self.prefill_chunk if batch or self.fixed_chunk else max(self.prefill_chunk, MAX_CHUNK)
+            if not self.fixed_chunk and len(p.todo) - size <= size // 8:
+                # a small remainder joins this pass (<= 1/8 over the budget) rather than paying a pass of its own
+                size = min(len(p.todo), MAX_CHUNK)
             chunk, p.todo = p.todo[:size], p.todo[size:]
         m, T = self.model, len(chunk)
         tokens = np.array(chunk + [s.next_token for s in batch], np.int64)
@@ -378,7 +395,7 @@ class Scheduler:
             elapsed = time.perf_counter() - t0
             self.busy_s[phase] += elapsed
         if phase == "prefill" and not self.fixed_chunk and T >= 32:
-            self._refine_chunk(elapsed / T)
+            self._refine_chunk(T, elapsed)
         if p is not None:
             p.tokens.extend(chunk)
             if not p.todo:
@@ -464,10 +481,10 @@ class Scheduler:
         self._finish(s, "error", msg if isinstance(e, EdgeqError) else f"internal error: {type(e).__name__}: {msg}")
 
 
-def chunk_for(seconds: float, tokens: int) -> int:
-    """Prompt tokens per step for a machine that evaluated `tokens` prompt tokens in `seconds`: as many as fit in
+def chunk_for(pass_s: float, per_token_s: float) -> int:
+    """Prompt tokens per step for a machine whose prompt pass costs pass_s + per_token_s a token: as many as fit in
     STEP_BUDGET_S, in multiples of 32, between 32 and MAX_CHUNK."""
-    fits = int(STEP_BUDGET_S * tokens / seconds) if seconds > 0 else MAX_CHUNK
+    fits = int((STEP_BUDGET_S - pass_s) / per_token_s) if per_token_s > 0 else MAX_CHUNK
     return max(32, min(MAX_CHUNK, fits // 32 * 32))
 
 
