@@ -3,10 +3,9 @@
 Where the CPU has AMX (amx_tile + amx_bf16, Sapphire Rapids and later) and Linux lends the tile registers, a prompt's
 products of the 4-, 5- and 6-bit types run here instead of on gemm_i8's vpdpbusd micro-kernel:
 
-* weights: each tile of 32 rows is unpacked by gemm_i8's `tile_filler` over its `_unpack16` (codes, scl, mins:
-  w = scl * code - mins) and dequantized to bf16 (`_to_bf16`: float32 w rounded to nearest even by
-  vcvtne2ps2bf16), laid out as the B operand wants: wt[p, c] = (bf16 w[c, 2p], bf16 w[c, 2p + 1]) as one uint32,
-  32 columns a row (4 KB per 64 codes);
+* weights: each tile of 32 rows is unpacked by gemm_i8's `_unpack16` (codes, scl, mins: w = scl * code - mins) and
+  dequantized to bf16 (`_to_bf16`: float32 w rounded to nearest even by vcvtne2ps2bf16), laid out as the B operand
+  wants: wt[p, c] = (bf16 w[c, 2p], bf16 w[c, 2p + 1]) as one uint32, 32 columns a row (4 KB per 64 codes);
 * activations: float32 rounded to bf16 once per prompt (`to_bf16`), stored tile by tile (each 16 tokens x 32 k tile
   load's 1 KB contiguous), rows padded with zeros to a multiple of 32;
 * per 32 tokens x 32 weight rows: four C tiles (float32 16 x 16) accumulate A (16 tokens x 32 k) . B (32 k x 16
@@ -297,7 +296,7 @@ def _dot_tiles(typingctx, wt, xa, t, n, dst, off, ldc):
 
 
 # ---------------------------------------------------------------- the parallel driver, one per type
-_fill_tile = None
+_unpack_16 = None
 _block_elems = _block_bytes = 0
 
 
@@ -310,7 +309,16 @@ def _gemm_template(raw, n_in, xa, out, cfg):
     for g in prange((n_out + R - 1) // R):
         r0 = g * R
         nr = min(R, n_out - r0)
-        tile, scl, mins = _fill_tile(raw, r0, nr, row_bytes, n_in, R)
+        tile = np.empty((n_in // 4, R), np.uint32)  # every column written below
+        scl = np.empty((n_in // 16, R), np.float32)
+        mins = np.empty((n_in // 16, R), np.float32)
+        for c in range(0, R, 16):
+            if c < nr:
+                _unpack_16(raw, (r0 + c) * row_bytes, row_bytes, min(16, nr - c), n_in, tile, c, scl, mins)
+            else:  # past the last row
+                tile[:, c:c + 16] = 0
+                scl[:, c:c + 16] = 0
+                mins[:, c:c + 16] = 0
         buf = np.empty(n_in // 2 * R + 16, np.uint32)
         o = _line_offset(buf) // 4
         wt = buf[o:o + n_in // 2 * R].reshape((n_in // 2, R))
@@ -331,7 +339,7 @@ def _specialize(qtype: str):
     """The parallel driver for `qtype` (a function with its own globals, as gemm_i8._specialize)."""
     q = QTYPES[qtype]
     bound = dict(_gemm_template.__globals__, _block_elems=q.block_size, _block_bytes=q.block_bytes,
-                 _fill_tile=gemm_i8.tile_filler(gemm_i8._unpack16(qtype)))
+                 _unpack_16=gemm_i8._unpack16(qtype))
     name = "_gemm_amx_" + qtype.lower()
     fn = pytypes.FunctionType(_gemm_template.__code__, bound, name)
     fn.__qualname__ = name

@@ -477,37 +477,25 @@ def _rows_unpacker(unpack):
     return rows16
 
 
-def tile_filler(unpack_16):
-    """fill(raw, r0, nr, row_bytes, n_in, R) -> (tile, scl, mins), inlined where it is called: weight rows r0 ..
-    r0 + nr - 1 (raw's bytes, row_bytes a row) unpacked 16 at a time by `unpack_16` (_unpack16's contract) into a
-    tile of R columns (uint32 (n_in / 4, R), four codes each) and their scales and mins (float32 (n_in / 16, R)), the
-    columns past nr zeros. The tile fill of this module's drivers and of gemm_amx's."""
-    @njit(inline="always", **_JIT)
-    def fill(raw, r0, nr, row_bytes, n_in, R):
-        tile = np.empty((n_in // 4, R), np.uint32)  # every column written below
-        scl = np.empty((n_in // 16, R), np.float32)
-        mins = np.empty((n_in // 16, R), np.float32)
-        for c in range(0, R, 16):
-            if c < nr:
-                unpack_16(raw, (r0 + c) * row_bytes, row_bytes, min(16, nr - c), n_in, tile, c, scl, mins)
-            else:  # past the last row
-                tile[:, c:c + 16] = 0
-                scl[:, c:c + 16] = 0
-                mins[:, c:c + 16] = 0
-        return tile, scl, mins
-    return fill
-
-
 def _gemm_template(raw, n_in, qx, dx, xs, out):
     """out[t, r] = W[r] . dequant(qx[t]) for t < out.shape[0], W = raw's rows (type bound by _specialize); the
-    tiles filled by _fill_tile (tile_filler over _unpack16's gathers, or _rows_unpacker)."""
+    tiles filled 16 rows at a time by _unpack_16 (_unpack16's gathers, or _rows_unpacker)."""
     T, n_out = out.shape
     R = _TILE_ROWS
     row_bytes = (n_in // _block_elems) * _block_bytes
     for g in prange((n_out + R - 1) // R):
         r0 = g * R
         nr = min(R, n_out - r0)
-        tile, scl, mins = _fill_tile(raw, r0, nr, row_bytes, n_in, R)
+        tile = np.empty((n_in // 4, R), np.uint32)  # every column written below
+        scl = np.empty((n_in // 16, R), np.float32)
+        mins = np.empty((n_in // 16, R), np.float32)
+        for c in range(0, R, 16):
+            if c < nr:
+                _unpack_16(raw, (r0 + c) * row_bytes, row_bytes, min(16, nr - c), n_in, tile, c, scl, mins)
+            else:  # past the last row
+                tile[:, c:c + 16] = 0
+                scl[:, c:c + 16] = 0
+                mins[:, c:c + 16] = 0
         res = np.empty((_MT, R), np.float32)
         for t in range(0, T, _MT):
             _dot_tile(tile, scl, mins, R, 0, qx, dx, xs, t, n_in, res)
@@ -515,7 +503,7 @@ def _gemm_template(raw, n_in, qx, dx, xs, out):
                 out[t + jj, r0:r0 + nr] = res[jj, :nr]
 
 
-_fill_tile = None  # bound per type by _specialize
+_unpack_16 = None  # bound per type by _specialize
 # with 512-bit VNNI (vpgatherdd) the types of _UNPACK16_IR unpack 16 rows at once
 UNPACK16 = frozenset(_UNPACK16_IR) if _WIDE else frozenset()
 
@@ -529,7 +517,7 @@ def _specialize(qtype: str, gather: bool | None = None):
     bound = dict(_gemm_template.__globals__, _block_elems=q.block_size,
                  _dot_tile=_DOTS[_GROUP.get(qtype, 32), _per16(simd.UNSIGNED_CODE_MAX[qtype])],
                  _block_bytes=q.block_bytes,
-                 _fill_tile=tile_filler(_unpack16(qtype) if gather else _rows_unpacker(_UNPACK[qtype])))
+                 _unpack_16=_unpack16(qtype) if gather else _rows_unpacker(_UNPACK[qtype]))
     name = "_gemm_i8_" + qtype.lower() + ("_gather" if gather else "")
     fn = pytypes.FunctionType(_gemm_template.__code__, bound, name)
     fn.__qualname__ = name
