@@ -272,7 +272,7 @@ def test_the_default_prompt_chunk_is_measured_at_warm_up(model, monkeypatch):
 def test_the_chunk_books_a_passs_fixed_cost_once(model, monkeypatch):
     """The warm-up's probes split a pass's cost into its fixed part and its per-token part: on a machine (here a
     forward pass that sleeps) where a pass costs 17 ms + 0.4 ms a token, the chunk is the 192 tokens that fit in
-    the budget (83 ms), not the 160 that one probe's rate (total / tokens) would give."""
+    the budget (83 ms), not the 128 that one 64-token probe's rate (total / tokens) gave."""
     import time as _time
 
     sched = Scheduler(model, n_slots=1, n_ctx=256)  # not started: the measurement alone
