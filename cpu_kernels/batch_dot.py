@@ -396,14 +396,20 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
 # ---------------------------------------------------------------- weight rows as vector lanes (AVX-512)
 # The lanes above broadcast each weight dword to 8 activation rows: per weight row and block, 4 dword shuffles, the
 # nibbles unpacked, the scales converted, for 8 rows' products. Here the 16 lanes of a vector are 16 weight rows
-# instead: one vpgatherdd fetches the same dword of a block from 16 rows (row addresses as 32-bit byte offsets),
-# so a block's codes for 16 rows take 4-8 gathers and a few ANDs and shifts, its scales one gather and two
-# conversions, and each activation row's 4 codes are broadcast from memory into one vpdpbusd per dword: per
+# instead: a block's 16 bytes of codes from 16 rows are 16 loads, put 4 to a 512-bit register and transposed as
+# dwords inside its 128-bit lanes (_rows16_words: word k, lane i = row i's dword k), then a few ANDs and shifts;
+# its scales one vpgatherdd (row addresses as 32-bit byte offsets) and two conversions; each activation row's 4
+# codes are broadcast from memory into one vpdpbusd per dword, the 8 activation rows' chains interleaved: per
 # block of 16 rows x 8 activation rows, 64 byte dots against ~100 other instructions. SmolLM2's Q4_1 matrices at
 # 8 rows (2 threads, matmul_rows_many, medians of 300 calls): gate + up 101 -> 68 us, Q/K/V 45 -> 28, down 59 -> 40
-# against the lanes above; at 16 rows 186 -> 126, 71 -> 48, 111 -> 72. The same for Q8_0 on its 49152 x 576
-# classifier, streamed from memory, was slower (1406 -> 1613 us at 8 rows: 16 rows' gathers per block against the
-# lanes' one stream per row), so Q8_0 keeps the lanes. Each output is one chain of two FMAs per block (scale,
+# against the lanes above; at 16 rows 186 -> 126, 71 -> 48, 111 -> 72 (with 5 gathers a block, the codes' 4
+# included). The codes' loads and transpose instead of their 4 gathers (Zen 4, where a 16-dword gather is slow; a
+# decode step's products at 8 rows, `benchmarks/batch_dot_bench.py --model smollm2-135m-instruct --rows 8`, 1
+# thread, same minute): Q/K/V 2.30 -> 1.69 ms, O 1.42 -> 1.06, gate + up 6.11 -> 4.42, down 4.55 -> 2.38; the
+# 8-sequence step (`benchmarks/serve_step.py --threads 2 --batches 8 --thread --gen-tokens 128`, alternated, 5
+# pairs) 12.6-16.0 ms -> 10.5-13.3. The header's gather as loads and a transpose too measured level; Q8_0 on its
+# 49152 x 576 classifier, streamed from memory, is no faster here than the lanes (with gathers it was slower:
+# 1406 -> 1613 us at 8 rows), so Q8_0 keeps the lanes. Each output is one chain of two FMAs per block (scale,
 # offset), where the lanes keep the offsets in a second sum: the same values to float32 rounding.
 # type -> (block header: d, an f16 at byte 0; e = the block's offset: "min" (an f16 at byte 2) or a multiple of d;
 # byte offset of the 16 bytes of nibbles)
@@ -438,7 +444,9 @@ def _rows16_dot(qtype: str):
             last = builder.trunc(builder.sub(nr, c(1)), I32)
             lanes = ir.Constant(v16i, list(range(16)))
             rows = builder.select(builder.icmp_signed("<", lanes, x.splat(last, 16)), lanes, x.splat(last, 16))
-            row_off = builder.mul(rows, x.splat(builder.trunc(row_bytes, I32), 16))
+            row_off = builder.mul(rows, x.splat(builder.trunc(row_bytes, I32), 16))  # the header's gather
+            row_offs = [builder.mul(builder.select(builder.icmp_signed("<", c(i), nr), c(i), builder.sub(nr, c(1))),
+                                    row_bytes) for i in range(16)]
             toks = [builder.add(t0, c(j)) for j in range(ROWS16_TOKENS)]
             toks = [builder.select(builder.icmp_signed("<", t, n_t), t, builder.sub(n_t, c(1))) for t in toks]
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in toks]
@@ -460,17 +468,17 @@ def _rows16_dot(qtype: str):
                                                                     _vec(I16, 16)), v16h), v16f)
                 else:
                     e = builder.fmul(d, ir.Constant(v16f, [offset] * 16))
-                words = [x.gather16(base, builder.add(blk, ir.Constant(v16i, [codes_at + 4 * k] * 16)))
-                         for k in range(4)]
+                words = _rows16_words(x, base, row_offs, builder.add(builder.mul(b, c(block_bytes)), c(codes_at)))
                 m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
                 codes = [builder.and_(w, m4) for w in words] + \
                         [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
-                for t, acc in zip(toks, accs):
-                    qrow = builder.add(builder.mul(t, n_in), builder.mul(b, c(32)))
-                    isum = ir.Constant(v16i, None)
-                    for g in range(8):
+                qrows = [builder.add(builder.mul(t, n_in), builder.mul(b, c(32))) for t in toks]
+                isums = [ir.Constant(v16i, None)] * len(toks)
+                for g in range(8):  # the activation rows' chains interleaved: 8 independent byte dots in flight
+                    for j, qrow in enumerate(qrows):
                         a = x.splat(x.at(pq, builder.add(qrow, c(4 * g)), I32), 16)
-                        isum = x.intr("llvm.x86.avx512.vpdpbusd.512", v16i, [isum, codes[g], a])
+                        isums[j] = x.intr("llvm.x86.avx512.vpdpbusd.512", v16i, [isums[j], codes[g], a])
+                for t, acc, isum in zip(toks, accs, isums):
                     dxt = x.elem(pd, builder.add(builder.mul(t, nb_all), b), F32)
                     # dx * the block's code sum: bsums' float32 tail, after its 2 * nb_all sums of 16 (a row: 3 nb_all)
                     sxt = x.elem(pb, builder.add(builder.mul(t, builder.mul(nb_all, c(3))),
@@ -488,6 +496,25 @@ def _rows16_dot(qtype: str):
     impl.__doc__ = f"16 {qtype} rows as lanes . {ROWS16_TOKENS} activation rows"
     impl.__name__ = impl.__qualname__ = "rows16_" + qtype.lower()
     return intrinsic(impl)
+
+
+def _rows16_words(x, base, row_offs, o):
+    """The 4 dwords of packed codes at byte o of 16 rows (base + row_offs[i] + o) as 4 <16 x i32>, word k lane i =
+    row i's dword k: 16 unaligned 16-byte loads, put 4 to a 512-bit register (rows j, 4 + j, 8 + j, 12 + j in its
+    128-bit lanes), then a 4 x 4 dword transpose inside the lanes (8 unpacks), where 4 vpgatherdd took ~30% of the
+    kernel's time on Zen 4."""
+    b = x.b
+    v4, v16 = _vec(I32, 4), _vec(I32, 16)
+    rows = [x.at(base, b.add(r, o), v4) for r in row_offs]
+    cat = lambda p, q, n: b.shuffle_vector(p, q, ir.Constant(_vec(I32, 2 * n), list(range(2 * n))))  # noqa: E731
+    a = [cat(cat(rows[j], rows[4 + j], 4), cat(rows[8 + j], rows[12 + j], 4), 8) for j in range(4)]
+
+    def unpack(p, q, idx):
+        return b.shuffle_vector(p, q, ir.Constant(v16, [4 * lane + i for lane in range(4) for i in idx]))
+    lo_dq, hi_dq, lo_qdq, hi_qdq = (0, 16, 1, 17), (2, 18, 3, 19), (0, 1, 16, 17), (2, 3, 18, 19)
+    t0, t1 = unpack(a[0], a[1], lo_dq), unpack(a[0], a[1], hi_dq)
+    t2, t3 = unpack(a[2], a[3], lo_dq), unpack(a[2], a[3], hi_dq)
+    return [unpack(t0, t2, lo_qdq), unpack(t0, t2, hi_qdq), unpack(t1, t3, lo_qdq), unpack(t1, t3, hi_qdq)]
 
 
 def _mm16_template(raws, n_in, qx, dx, bsums, outs):
