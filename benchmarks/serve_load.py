@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import NamedTuple
 
 import httpx
@@ -256,12 +257,6 @@ print((time.perf_counter() - t) / {a.gen_tokens})
     return float(out.stdout.split()[-1])
 
 
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return (xs[(n - 1) // 2] + xs[n // 2]) / 2
-
-
 def verdicts(rows: list[dict]) -> list[str]:
     """One line per target of issue #14 that this run's levels cover; each edgeq level against its own decode
     baseline (row["decode_s"]: the mean of the measurements just before and just after it), the ratio targets on
@@ -276,22 +271,22 @@ def verdicts(rows: list[dict]) -> list[str]:
         f"{x:.2f}" for x in xs) + ")"
     if one and all(r["tpot_p50"] == r["tpot_p50"] for r in one):
         xs = [r["tpot_p50"] / r["decode_s"] for r in one]
-        r = median(xs)
+        ratio = median(xs)
         out.append(f"- single stream: {median([r['tpot_p50'] for r in one]) * 1e3:.1f} ms per token in the server, "
-                   f"{median([r['decode_s'] for r in one]) * 1e3:.1f} ms in edgeq's own decode = {r:.2f}x{rounds(xs)} "
-                   f"(target <= 1.3x): {ok(r <= 1.3)}")
+                   f"{median([r['decode_s'] for r in one]) * 1e3:.1f} ms in edgeq's own decode = {ratio:.2f}x{rounds(xs)} "
+                   f"(target <= 1.3x): {ok(ratio <= 1.3)}")
     if eight:
         xs = [r["tok_s"] * r["decode_s"] for r in eight]
-        r = median(xs)
-        out.append(f"- 8 clients: {median([r['tok_s'] for r in eight]):.1f} tok/s = {r:.2f}x edgeq's single-stream "
+        ratio = median(xs)
+        out.append(f"- 8 clients: {median([r['tok_s'] for r in eight]):.1f} tok/s = {ratio:.2f}x edgeq's single-stream "
                    f"decode ({median([1 / r['decode_s'] for r in eight]):.1f} tok/s){rounds(xs)} (target >= 2.5x): "
-                   f"{ok(r >= 2.5)}; with the level's drain {median([r['tok_s_drained'] * r['decode_s'] for r in eight]):.2f}x")
+                   f"{ok(ratio >= 2.5)}; with the level's drain {median([r['tok_s_drained'] * r['decode_s'] for r in eight]):.2f}x")
         lc = by.get(("llama-cpp-python", 8))
         if lc and all(r["tok_s"] > 0 for r in lc):
             xs = [e["tok_s"] / r["tok_s"] for e, r in zip(eight, lc)]
-            r = median(xs)
-            out.append(f"- 8 clients: {r:.2f}x llama-cpp-python's server ({median([r['tok_s'] for r in lc]):.1f} "
-                       f"tok/s){rounds(xs)} (target >= 2x): {ok(r >= 2.0)}")
+            ratio = median(xs)
+            out.append(f"- 8 clients: {ratio:.2f}x llama-cpp-python's server ({median([r['tok_s'] for r in lc]):.1f} "
+                       f"tok/s){rounds(xs)} (target >= 2x): {ok(ratio >= 2.0)}")
     if four:
         p95 = max(r["ttft_p95"] for r in four)
         out.append(f"- 4 clients: p95 time to first token {p95:.2f} s{' (the worst round)' if len(four) > 1 else ''} "
