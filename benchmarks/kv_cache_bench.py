@@ -8,6 +8,11 @@ are noisy), medians reported.
 
 Kernel mode (--kernel LAYOUT, no model file needed): the same cache types filled with P random positions,
 timing one decode step of attention over every layer of a model-shaped cache (smollm2, gemma3 or qwen3-1.7b).
+With --batch B: B sequences of one KVPool (the server's slots) at P + 16 b positions, each timed step storing and
+attending one token of every sequence through one kernel call per layer (runtime/kv_cache.DecodeStep, the
+server's decode pass); the steps run on, so every sequence completes a group of 32 positions at its natural rate.
+
+    python benchmarks/kv_cache_bench.py --kernel smollm2 --prefill 200 --batch 8 -n 64 --types q8 -t 2
 One JSON line per type: median over runs of the per-run median step time, and the minimum step time (the
 least disturbed by other processes on a shared machine); `vs_first` / `min_vs_first` are ratios to the first type.
 """
@@ -43,8 +48,11 @@ def kernel_layouts(name: str):
     return [SimpleNamespace(n_kv_heads=n_kv, head_dim=D, window=win(i)) for i in range(n_layer)]
 
 
-def bench_kernel(name: str, types, n_pos: int, n_steps: int, repeat: int) -> list[dict]:
+def bench_kernel(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: int = 1) -> list[dict]:
     from edgeq.runtime.kv_cache import make_kv_cache
+
+    if batch > 1:
+        return bench_batch(name, types, n_pos, n_steps, repeat, batch)
 
     _, n_kv, H, D, _ = LAYOUTS[name]
     layouts = kernel_layouts(name)
@@ -81,6 +89,53 @@ def bench_kernel(name: str, types, n_pos: int, n_steps: int, repeat: int) -> lis
              "min_ms": 1e3 * min(mins[t]), "min_vs_first": min(mins[t]) / min(mins[types[0]]),
              "runs_ms": [round(1e3 * x, 3) for x in v], "kv_cache_mb": caches[t].nbytes / 2**20}
             for t, v in times.items()]
+
+
+def bench_batch(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: int) -> list[dict]:
+    """--batch: a decode step's attention for `batch` sequences of a KVPool, as the server runs it."""
+    from edgeq.runtime.kv_cache import DecodeStep, KVPool
+
+    _, n_kv, H, D, _ = LAYOUTS[name]
+    layouts = kernel_layouts(name)
+    rng = np.random.default_rng(0)
+    start = np.array([n_pos + 16 * b for b in range(batch)], np.int64)
+    pools = {}
+    for tk, tv in types:
+        pool = KVPool(layouts, int(start[-1]) + n_steps + 1, batch, tk, tv)
+        for c, n in zip(pool.caches, start.tolist()):
+            for il in range(len(layouts)):
+                c.store(il, 0, rng.standard_normal((n, n_kv, D), dtype=np.float32),
+                        rng.standard_normal((n, n_kv, D), dtype=np.float32))
+        pools[(tk, tv)] = pool
+    q = rng.standard_normal((batch, H, D), dtype=np.float32)
+    kv = rng.standard_normal((batch, n_kv, D), dtype=np.float32)
+    times = {t: [] for t in types}
+    mins = {t: [] for t in types}
+    for _ in range(repeat):
+        for t in types:
+            caches = pools[t].caches
+            ts = []
+            for s in range(-1, n_steps):  # step -1: warm-up / compile
+                step = DecodeStep(caches, start + max(s, 0))
+                t0 = time.perf_counter()
+                for il in range(len(layouts)):
+                    step.attend(il, q, kv, kv, 0.125)
+                if s >= 0:
+                    ts.append(time.perf_counter() - t0)
+                for c in caches:  # the warm-up's token is taken back
+                    for L in c.layers:
+                        L.n -= s < 0
+            for c, n in zip(caches, start.tolist()):  # back to the prefilled positions for the next run
+                for L in c.layers:
+                    L.n = n
+            times[t].append(statistics.median(ts))
+            mins[t].append(min(ts))
+    base = statistics.median(times[types[0]])
+    return [{"mode": "kernel", "layout": name, "ctk": t[0], "ctv": t[1], "batch": batch,
+             "context": f"{n_pos}..{int(start[-1]) + n_steps}", "attn_ms_per_step": 1e3 * statistics.median(v),
+             "attn_ms_per_token": 1e3 * statistics.median(v) / batch, "vs_first": statistics.median(v) / base,
+             "min_ms": 1e3 * min(mins[t]), "min_vs_first": min(mins[t]) / min(mins[types[0]]),
+             "runs_ms": [round(1e3 * x, 3) for x in v]} for t, v in times.items()]
 
 
 def bench_model(model_name: str, types, n_prefill: int, n_steps: int, repeat: int, threads: int, text: str | None):
@@ -133,13 +188,16 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--types", default="f16,q8,q4,q4c/q4", help="K[/V] cache types; the first is the baseline")
     ap.add_argument("--text", default=None)
+    ap.add_argument("--batch", type=int, default=1, help="kernel mode: sequences decoding together (1..64)")
     a = ap.parse_args()
+    if not 1 <= a.batch <= 64:
+        ap.error("--batch: 1..64")
     import numba
 
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
     types = parse_types(a.types)
     if a.kernel:
-        rows = bench_kernel(a.kernel, types, a.prefill, a.steps, a.repeat)
+        rows = bench_kernel(a.kernel, types, a.prefill, a.steps, a.repeat, a.batch)
     else:
         rows = bench_model(a.model, types, a.prefill, a.steps, a.repeat, a.threads, a.text)
     for r in rows:
