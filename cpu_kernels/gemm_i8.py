@@ -290,6 +290,16 @@ _UNPACK16_IR = {"Q8_0": _q8_0_16, "Q4_0": _legacy16(False, False), "Q4_1": _lega
                 "Q5_0": _legacy16(False, True), "Q5_1": _legacy16(True, True), "Q4_K": _q4_k_16, "Q6_K": _q6_k_16}
 
 
+# The fill's gathers read 16 rows at once, 16 streams a row's block apart that the hardware prefetchers did not
+# follow: the fill of a 1536 x 576 Q4_1 matrix took ~150-200 us, most of a prompt chunk's product at T = 8 and ~12%
+# of it at T = 176 (Zen 4, no AMX). Each block now prefetches into L2 its share of the next 16 rows (the other half
+# of the tile, or the next tile's first), as batch_dot's rows16 does. `python benchmarks/gemm_fill_ab.py [--model
+# gemma3-270m]` (the ffn gate + down products, both fills alternated in one process, 2 threads): SmolLM2 (Q4_1) T = 8
+# 9.76 -> 4.27 ms, T = 64 19.27 -> 14.12, T = 176 39.55 -> 35.06; Gemma 3 (Q4_K, Q5_0, Q6_K) 9.21 -> 4.10, 18.61 ->
+# 13.50, 36.95 -> 32.05. Into L1 instead: the same. Read when a fill is compiled (benchmarks/gemm_fill_ab.py sets it).
+FILL_AHEAD = True
+
+
 def _unpack16(qtype: str):
     """Numba intrinsic u(raw, off, row_bytes, nr, n, tile, col, scl, mins): _unpack_<type> of the rows whose bytes
     start at off + i * row_bytes (i < 16) into columns col..col+15 of tile, scl and mins; rows past nr (>= 1) repeat
@@ -315,6 +325,10 @@ def _unpack16(qtype: str):
             with cgutils.for_range(builder, builder.udiv(n, c(q.block_size))) as loop:
                 b = loop.index
                 blk = builder.add(row_off, x.splat(builder.trunc(builder.mul(b, c(q.block_bytes)), I32), 16))
+                # the next 16 rows' bytes (contiguous after these) into L2, a share per block as the loop goes
+                # (FILL_AHEAD)
+                pf = builder.add(builder.mul(row_bytes, c(16)), builder.mul(b, c(16 * q.block_bytes)))
+                simd._prefetch_ahead(x, base, builder.sub(pf, c(64)), 16 * q.block_bytes, 64 if FILL_AHEAD else 0, 2)
 
                 def gather(o):
                     return x.gather16(base, builder.add(blk, x.const(I32, 16, o)))
