@@ -4,9 +4,9 @@ alternated in one process over a model's own weights.
 
     python benchmarks/gemm_fill_ab.py [--model smollm2-135m-instruct] [--threads 2] [-T 8,64,176] [--rounds 10]
 
-Both variants are compiled here, uncached, from the same source: FILL_AHEAD is read when a driver's fill is
-compiled, so it is set before each variant's first call. Each round times every layer's ffn gate and down
-products once per variant (the order alternating by round, the first two rounds dropped); medians in ms. The
+Both variants are gemm_i8's drivers under names of their own (gemm_i8._specialize's suffix, each name only ever
+compiled, and cached, under its one setting): FILL_AHEAD is read when a driver's fill is compiled, so it is set before
+each variant's first call. Each round times every layer's ffn gate and down products once per variant (the order alternating by round, the first two rounds dropped); medians in ms. The
 machines this runs on drift by a third within minutes, so only variants alternated in one process compare.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types as pytypes
 
 
 def main() -> None:
@@ -32,10 +31,8 @@ def main() -> None:
 
     import numba
     import numpy as np
-    from numba import njit
 
     from edgeq.cpu_kernels import gemm_i8 as g
-    from edgeq.formats.quants import QTYPES
     from edgeq.runtime.engine import load
 
     model = load(a.model, n_ctx=256, threads=a.threads)
@@ -44,21 +41,13 @@ def main() -> None:
     if not mats:
         raise SystemExit(f"{a.model}: no ffn matrix of a type the gathered fill unpacks ({sorted(g.UNPACK16)})")
 
-    def driver(qtype: str, name: str):
-        q = QTYPES[qtype]
-        bound = dict(g._gemm_template.__globals__, _block_elems=q.block_size, _block_bytes=q.block_bytes,
-                     _dot_tile=g._DOTS[g._GROUP.get(qtype, 32), g._per16(g.simd.UNSIGNED_CODE_MAX[qtype])],
-                     _unpack_16=g._unpack16(qtype))
-        return njit(parallel=True, fastmath=g._FAST, nogil=True)(pytypes.FunctionType(g._gemm_template.__code__,
-                                                                                         bound, name))
-
     rng = np.random.default_rng(0)
     drivers, shipped = {}, g.FILL_AHEAD
     try:
         for ahead in (False, True):
             g.FILL_AHEAD = ahead
             for qt in sorted({q.qtype for q in mats}):
-                d = driver(qt, f"fill_ab_{qt.lower()}_{int(ahead)}")
+                d = g._specialize(qt, gather=True, suffix=f"_fill_ab{int(ahead)}")
                 q0 = next(q for q in mats if q.qtype == qt)
                 qx, dx, xs = g.quantized_activations(rng.standard_normal((4, q0.n_in)).astype(np.float32))
                 d(q0.raw, q0.n_in, qx, dx, xs, np.empty((4, q0.n_out), np.float32))  # compiled with this setting

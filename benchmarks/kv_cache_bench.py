@@ -109,25 +109,28 @@ def bench_batch(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: 
         pools[(tk, tv)] = pool
     q = rng.standard_normal((batch, H, D), dtype=np.float32)
     kv = rng.standard_normal((batch, n_kv, D), dtype=np.float32)
+
+    def step(caches, positions) -> float:
+        s = DecodeStep(caches, positions)
+        t0 = time.perf_counter()
+        for il in range(len(layouts)):
+            s.attend(il, q, kv, kv, 0.125)
+        return time.perf_counter() - t0
+
+    def rewind(caches) -> None:  # back to the prefilled positions
+        for c, n in zip(caches, start.tolist()):
+            for L in c.layers:
+                L.n = n
+
     times = {t: [] for t in types}
     mins = {t: [] for t in types}
     for _ in range(repeat):
         for t in types:
             caches = pools[t].caches
-            ts = []
-            for s in range(-1, n_steps):  # step -1: warm-up / compile
-                step = DecodeStep(caches, start + max(s, 0))
-                t0 = time.perf_counter()
-                for il in range(len(layouts)):
-                    step.attend(il, q, kv, kv, 0.125)
-                if s >= 0:
-                    ts.append(time.perf_counter() - t0)
-                for c in caches:  # the warm-up's token is taken back
-                    for L in c.layers:
-                        L.n -= s < 0
-            for c, n in zip(caches, start.tolist()):  # back to the prefilled positions for the next run
-                for L in c.layers:
-                    L.n = n
+            step(caches, start)  # warm-up / compile, its token taken back
+            rewind(caches)
+            ts = [step(caches, start + s) for s in range(n_steps)]
+            rewind(caches)
             times[t].append(statistics.median(ts))
             mins[t].append(min(ts))
     base = statistics.median(times[types[0]])

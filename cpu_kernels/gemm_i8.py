@@ -522,17 +522,17 @@ _unpack_16 = None  # bound per type by _specialize
 UNPACK16 = frozenset(_UNPACK16_IR) if _WIDE else frozenset()
 
 
-def _specialize(qtype: str, gather: bool | None = None):
+def _specialize(qtype: str, gather: bool | None = None, suffix: str = ""):
     """The parallel driver for `qtype` (as linear._specialize: a function with its own globals, so the
     on-disk cache finds it); gather: the tiles unpacked by _unpack16 (default: where UNPACK16 has the type) or row
-    by row (_rows_unpacker)."""
+    by row (_rows_unpacker); suffix: a name of its own for a variant compiled under other settings (a benchmark's)."""
     q = QTYPES[qtype]
     gather = qtype in UNPACK16 if gather is None else gather
     bound = dict(_gemm_template.__globals__, _block_elems=q.block_size,
                  _dot_tile=_DOTS[_GROUP.get(qtype, 32), _per16(simd.UNSIGNED_CODE_MAX[qtype])],
                  _block_bytes=q.block_bytes,
                  _unpack_16=_unpack16(qtype) if gather else _rows_unpacker(_UNPACK[qtype]))
-    name = "_gemm_i8_" + qtype.lower() + ("_gather" if gather else "")
+    name = "_gemm_i8_" + qtype.lower() + ("_gather" if gather else "") + suffix
     fn = pytypes.FunctionType(_gemm_template.__code__, bound, name)
     fn.__qualname__ = name
     fn.__doc__ = f"_gemm_template for {qtype}"
