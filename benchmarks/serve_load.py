@@ -194,7 +194,8 @@ async def one_request(http: httpx.AsyncClient, srv: ServerProc, a, rng: random.R
 
 ENGINE = ("edgeq_engine_seconds_total{phase=\"prefill\"}", "edgeq_engine_seconds_total{phase=\"decode\"}",
           "edgeq_engine_seconds_total{phase=\"mixed\"}", "edgeq_decode_steps_total", "edgeq_decode_rows_total",
-          "edgeq_prompt_tokens_total", "edgeq_prompt_tokens_cached_total")
+          "edgeq_prompt_tokens_total", "edgeq_prompt_tokens_cached_total", "edgeq_engine_passes_total{phase=\"decode\"}",
+          "edgeq_engine_passes_total{phase=\"mixed\"}")
 
 
 async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
@@ -224,12 +225,14 @@ async def load_level(srv: ServerProc, a, clients: int, duration: float) -> dict:
            "tpot_p50": q(tpots, 0.5), "gen_per_request": sum(r.tokens for r in ok) / len(ok) if ok else 0.0}
     if before is not None:  # where the server's time went: its own counters over the level
         after = metrics(srv.url)
-        prefill, decode, mixed, steps, rows, prompt, cached = (after.get(k, 0.0) - before.get(k, 0.0) for k in ENGINE)
+        prefill, decode, mixed, steps, rows, prompt, cached, decode_passes, mixed_passes = (
+            after.get(k, 0.0) - before.get(k, 0.0) for k in ENGINE)
         row["chunk"] = after.get("edgeq_prefill_chunk_tokens")
         n_req = len(results)
         row["prompt"] = (prompt / n_req, cached / n_req) if n_req else (float("nan"), float("nan"))
         row["engine"] = {"wall": wall, "prefill_s": prefill, "decode_s": decode, "mixed_s": mixed, "steps": steps,
-                         "rows": rows}
+                         "rows": rows, "decode_passes": decode_passes, "mixed_passes": mixed_passes,
+                         "requests": n_req}
     return row
 
 
@@ -255,6 +258,23 @@ print((time.perf_counter() - t) / {a.gen_tokens})
     if out.returncode:
         raise RuntimeError(f"decode baseline failed: {out.stderr[-2000:]}")
     return float(out.stdout.split()[-1])
+
+
+def pass_ceiling(r: dict) -> dict | None:
+    """The throughput an edgeq level's passes allow, by arithmetic on its own /metrics counters: a request costs
+    its prompt passes (prompt-only and mixed, the level's total over its requests) and, for each token after the
+    first that no mixed pass gave it, a mean-batch share of a decode pass (the level's mean decode pass over its
+    mean rows a pass, the same in mixed passes assumed); tokens a request / that cost. None without decode passes."""
+    e = r.get("engine")
+    if not e or not e.get("decode_passes") or not e.get("requests") or not e["steps"]:
+        return None
+    step_s = e["decode_s"] / e["decode_passes"]
+    batch = e["rows"] / e["steps"]
+    prompt_s = (e["prefill_s"] + e["mixed_s"]) / e["requests"]
+    riding = e["mixed_passes"] * batch / e["requests"]  # a request's tokens from the mixed passes
+    tokens = r["gen_per_request"]
+    cost = prompt_s + max(0.0, tokens - 1 - riding) * step_s / batch
+    return {"step_s": step_s, "batch": batch, "prompt_s": prompt_s, "tok_s": tokens / cost}
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -508,6 +528,21 @@ def main() -> int:
                   f"{100 * (1 - pf - mx - dc):.0f} | {batch:.1f} | {rate:.1f} | {rate * r['decode_s']:.2f} | "
                   f"{r.get('chunk') or 0:.0f} |")
     print()
+    ceilings = [(r, c) for r in rows if (c := pass_ceiling(r))]
+    if ceilings:
+        print("What each level's passes allow (`pass_ceiling`): a request's prompt passes (prompt-only and mixed, per "
+              "request) and its other tokens' share of the decode passes (the mean decode pass over its mean rows), "
+              "at the costs the level measured; tokens a request over that = the throughput of a server that spends "
+              "all its time in these passes, against edgeq's own decode beside the level, and the share of it "
+              "delivered.\n")
+        print("| round | clients | decode pass ms | rows a pass | prompt passes ms a request | ceiling tok/s "
+              "| x own decode | delivered |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r, c in ceilings:
+            print(f"| {r['round']} | {r['clients']} | {1e3 * c['step_s']:.1f} | {c['batch']:.1f} | "
+                  f"{1e3 * c['prompt_s']:.0f} | {c['tok_s']:.1f} | {c['tok_s'] * r['decode_s']:.2f}x | "
+                  f"{100 * r['tok_s'] / c['tok_s']:.0f}% |")
+        print()
     print("\n".join(verdicts(rows)))
     return 0
 

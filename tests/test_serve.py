@@ -169,18 +169,25 @@ def test_engine_time_metrics_count_prefill_and_decode(server, client):
         fams = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
         assert fams["edgeq_engine_seconds"].type == "counter"
         busy = {x.labels["phase"]: x.value for x in fams["edgeq_engine_seconds"].samples}
-        return busy, fams["edgeq_decode_steps"].samples[0].value, fams["edgeq_decode_rows"].samples[0].value
+        passes = {x.labels["phase"]: x.value for x in fams["edgeq_engine_passes"].samples}
+        assert fams["edgeq_engine_passes"].type == "counter" and set(passes) == set(busy)
+        return busy, fams["edgeq_decode_steps"].samples[0].value, fams["edgeq_decode_rows"].samples[0].value, passes
 
     fams = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
     chunk = fams["edgeq_prefill_chunk_tokens"].samples[0].value  # measured at warm-up (runtime/scheduler.chunk_for)
     assert fams["edgeq_prefill_chunk_tokens"].type == "gauge" and 32 <= chunk <= 256 and chunk % 32 == 0
-    busy0, steps0, rows0 = read()
+    busy0, steps0, rows0, passes0 = read()
     r = chat(client, "Count from one to ten.", max_tokens=6)
-    busy1, steps1, rows1 = read()
+    busy1, steps1, rows1, passes1 = read()
     n = r.usage.completion_tokens
     assert busy1["prefill"] > busy0["prefill"]
     assert n < 2 or busy1["decode"] > busy0["decode"]
     assert rows1 - rows0 >= n - 1 and rows1 - rows0 >= steps1 - steps0 >= (n - 1 > 0)
+    # one request alone: its prompt in prompt-only passes, then one decode pass a token after the first (one more
+    # when it ends on an end-of-generation token, which usage does not count); every pass that decodes is a step
+    d = {k: passes1[k] - passes0[k] for k in passes1}
+    assert d["prefill"] >= 1 and d["mixed"] == 0 and n - 1 <= d["decode"] <= n
+    assert steps1 - steps0 == d["decode"] + d["mixed"]
 
 
 def test_multi_turn_reuses_the_cached_prefix(client):

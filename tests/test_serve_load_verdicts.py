@@ -58,3 +58,21 @@ def test_time_to_first_token_takes_the_worst_round_and_errors_add_up(serve_load)
     assert _line(out, "- 4 clients:") == ("- 4 clients: p95 time to first token 1.60 s (the worst round) "
                                           "(target <= 1.5 s): FAIL")
     assert _line(out, "- edgeq errors:") == "- edgeq errors: 2: FAIL"
+
+
+def test_pass_ceiling_is_the_arithmetic_of_the_levels_counters(serve_load):
+    # 10 requests of 128 tokens: 1.0 s of prompt passes (0.1 s a request), 2 of them mixed; 150 decode passes in
+    # 1.5 s (10 ms) and 1216 rows over the 152 passes that decode (8 a pass, so the mixed passes gave 16 tokens:
+    # 1.6 a request): a request costs 0.1 + (127 - 1.6) x 10 ms / 8 = 0.2568 s, so 128 / 0.2568 = 498.5 tok/s
+    r = _row("edgeq", 8, 400.0, decode_s=1 / 200)
+    r["gen_per_request"] = 128
+    r["engine"] = {"wall": 3.0, "prefill_s": 0.6, "mixed_s": 0.4, "decode_s": 1.5, "steps": 152.0, "rows": 1216.0,
+                   "decode_passes": 150.0, "mixed_passes": 2.0, "requests": 10}
+    c = serve_load.pass_ceiling(r)
+    assert c["step_s"] == pytest.approx(0.01) and c["batch"] == pytest.approx(8.0)
+    assert c["prompt_s"] == pytest.approx(0.1)
+    assert c["tok_s"] == pytest.approx(128 / (0.1 + (127 - 1.6) * 0.01 / 8))
+    # nothing to say without decode passes (a level that only prefilled, or llama-cpp-python's rows)
+    r["engine"]["decode_passes"] = 0.0
+    assert serve_load.pass_ceiling(r) is None
+    assert serve_load.pass_ceiling(_row("llama-cpp-python", 8, 50.0)) is None

@@ -156,6 +156,8 @@ class Scheduler:
         # in one pass: mixed), and the count and rows of the passes that decode: where a loaded server's time goes
         # (/metrics)
         self.busy_s = {"prefill": 0.0, "decode": 0.0, "mixed": 0.0}
+        self.passes = {"prefill": 0, "decode": 0, "mixed": 0}  # and how many passes of each (seconds / passes: the
+        # mean cost of a pass: what a loaded server's throughput is made of)
         self.decode_steps = 0
         self.decode_rows = 0
         self.failed: str | None = None     # set when warm-up failed
@@ -394,6 +396,7 @@ class Scheduler:
         finally:
             elapsed = time.perf_counter() - t0
             self.busy_s[phase] += elapsed
+            self.passes[phase] += 1
         if phase == "prefill" and not self.fixed_chunk and T >= 32:
             self._refine_chunk(T, elapsed)
         if p is not None:

@@ -106,8 +106,9 @@ class Metrics:
 
 
 class _EngineTime:
-    """Counters the scheduler keeps itself (read at each scrape): seconds of forward passes by phase, decode steps
-    and the sequences they carried (rows / steps = the mean decode batch); the prompt chunk it chose."""
+    """Counters the scheduler keeps itself (read at each scrape): seconds and counts of forward passes by phase,
+    decode steps (every pass that decodes: decode and mixed) and the sequences they carried (rows / steps = the
+    mean decode batch); the prompt chunk it chose."""
 
     def __init__(self, sched):
         self.sched = sched
@@ -119,6 +120,11 @@ class _EngineTime:
         for phase, seconds in sorted(self.sched.busy_s.items()):
             busy.add_metric([phase], seconds)
         yield busy
+        passes = CounterMetricFamily("edgeq_engine_passes", "forward passes, by phase (a prompt chunk alone, decoding "
+                                     "slots alone, both in one pass: mixed)", labels=["phase"])
+        for phase, n in sorted(self.sched.passes.items()):
+            passes.add_metric([phase], n)
+        yield passes
         yield CounterMetricFamily("edgeq_decode_steps", "decode forward passes (one token of each decoding slot)",
                                   value=self.sched.decode_steps)
         yield CounterMetricFamily("edgeq_decode_rows", "sequences advanced by the decode passes, summed",
