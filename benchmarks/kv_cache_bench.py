@@ -13,6 +13,11 @@ attending one token of every sequence through one kernel call per layer (runtime
 server's decode pass); the steps run on, so every sequence completes a group of 32 positions at its natural rate.
 
     python benchmarks/kv_cache_bench.py --kernel smollm2 --prefill 200 --batch 8 -n 64 --types q8 -t 2
+With --aligned as well, the sequences start at the group boundaries at or below P (P // 32 * 32 + 32 b), so every
+sequence's step has the same position mod 32: the row adds the median step by that position (`ms_by_mod32`), where
+31 is the step whose store fills a group of per-channel keys and quantizes it.
+
+    python benchmarks/kv_cache_bench.py --kernel smollm2 --prefill 192 --batch 8 -n 64 --repeat 15 --types q8 -t 2 --aligned
 One JSON line per type: median over runs of the per-run median step time, and the minimum step time (the
 least disturbed by other processes on a shared machine); `vs_first` / `min_vs_first` are ratios to the first type.
 """
@@ -48,11 +53,12 @@ def kernel_layouts(name: str):
     return [SimpleNamespace(n_kv_heads=n_kv, head_dim=D, window=win(i)) for i in range(n_layer)]
 
 
-def bench_kernel(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: int = 1) -> list[dict]:
+def bench_kernel(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: int = 1,
+                 aligned: bool = False) -> list[dict]:
     from edgeq.runtime.kv_cache import make_kv_cache
 
     if batch > 1:
-        return bench_batch(name, types, n_pos, n_steps, repeat, batch)
+        return bench_batch(name, types, n_pos, n_steps, repeat, batch, aligned)
 
     _, n_kv, H, D, _ = LAYOUTS[name]
     layouts = kernel_layouts(name)
@@ -91,14 +97,15 @@ def bench_kernel(name: str, types, n_pos: int, n_steps: int, repeat: int, batch:
             for t, v in times.items()]
 
 
-def bench_batch(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: int) -> list[dict]:
-    """--batch: a decode step's attention for `batch` sequences of a KVPool, as the server runs it."""
+def bench_batch(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: int, aligned: bool) -> list[dict]:
+    """--batch: a decode step's attention for `batch` sequences of a KVPool, as the server runs it; aligned: the
+    sequences at group boundaries, the steps also kept by their position mod 32."""
     from edgeq.runtime.kv_cache import DecodeStep, KVPool
 
     _, n_kv, H, D, _ = LAYOUTS[name]
     layouts = kernel_layouts(name)
     rng = np.random.default_rng(0)
-    start = np.array([n_pos + 16 * b for b in range(batch)], np.int64)
+    start = np.array([n_pos // 32 * 32 + 32 * b if aligned else n_pos + 16 * b for b in range(batch)], np.int64)
     pools = {}
     for tk, tv in types:
         pool = KVPool(layouts, int(start[-1]) + n_steps + 1, batch, tk, tv)
@@ -124,6 +131,7 @@ def bench_batch(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: 
 
     times = {t: [] for t in types}
     mins = {t: [] for t in types}
+    by_mod = {t: {} for t in types}  # --aligned: every run's steps by their position mod 32
     for _ in range(repeat):
         for t in types:
             caches = pools[t].caches
@@ -133,12 +141,18 @@ def bench_batch(name: str, types, n_pos: int, n_steps: int, repeat: int, batch: 
             rewind(caches)
             times[t].append(statistics.median(ts))
             mins[t].append(min(ts))
+            for s, x in enumerate(ts):
+                by_mod[t].setdefault(int(start[0] + s) % 32, []).append(x)
     base = statistics.median(times[types[0]])
-    return [{"mode": "kernel", "layout": name, "ctk": t[0], "ctv": t[1], "batch": batch,
-             "context": f"{n_pos}..{int(start[-1]) + n_steps}", "attn_ms_per_step": 1e3 * statistics.median(v),
+    rows = [{"mode": "kernel", "layout": name, "ctk": t[0], "ctv": t[1], "batch": batch,
+             "context": f"{int(start[0])}..{int(start[-1]) + n_steps}", "attn_ms_per_step": 1e3 * statistics.median(v),
              "attn_ms_per_token": 1e3 * statistics.median(v) / batch, "vs_first": statistics.median(v) / base,
              "min_ms": 1e3 * min(mins[t]), "min_vs_first": min(mins[t]) / min(mins[types[0]]),
              "runs_ms": [round(1e3 * x, 3) for x in v]} for t, v in times.items()]
+    if aligned:
+        for r, t in zip(rows, types):
+            r["ms_by_mod32"] = {k: round(1e3 * statistics.median(v), 3) for k, v in sorted(by_mod[t].items())}
+    return rows
 
 
 def bench_model(model_name: str, types, n_prefill: int, n_steps: int, repeat: int, threads: int, text: str | None):
@@ -192,15 +206,19 @@ def main() -> None:
     ap.add_argument("--types", default="f16,q8,q4,q4c/q4", help="K[/V] cache types; the first is the baseline")
     ap.add_argument("--text", default=None)
     ap.add_argument("--batch", type=int, default=1, help="kernel mode: sequences decoding together (1..64)")
+    ap.add_argument("--aligned", action="store_true", help="--batch: sequences at group boundaries, steps by position "
+                    "mod 32")
     a = ap.parse_args()
     if not 1 <= a.batch <= 64:
         ap.error("--batch: 1..64")
+    if a.aligned and (a.batch < 2 or not a.kernel):
+        ap.error("--aligned: kernel mode with --batch 2 or more")
     import numba
 
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
     types = parse_types(a.types)
     if a.kernel:
-        rows = bench_kernel(a.kernel, types, a.prefill, a.steps, a.repeat, a.batch)
+        rows = bench_kernel(a.kernel, types, a.prefill, a.steps, a.repeat, a.batch, a.aligned)
     else:
         rows = bench_model(a.model, types, a.prefill, a.steps, a.repeat, a.threads, a.text)
     for r in rows:
