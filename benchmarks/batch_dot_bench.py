@@ -4,6 +4,7 @@
     python benchmarks/batch_dot_bench.py                                  # the serve types, T = 1,2,3,4,8,16
     python benchmarks/batch_dot_bench.py --types Q4_1,Q4_K --rows 2,8 --tiles 4x2,2x4,1x8
     python benchmarks/batch_dot_bench.py --model smollm2-135m-instruct --rows 1,2,4,8   # the model's own weights
+    python benchmarks/batch_dot_bench.py --classifier gemma3-270m [--rows 8] [--threads 2]
 
 For each type, shape and row count T: microseconds of this thread's CPU time per product (activation
 quantization included) for linear._mm_<type> (each activation row dotted by the single-row dot) and for the
@@ -13,6 +14,10 @@ crossover row count per type is what batch_dot.MIN_ROWS records. --model: a deco
 model's own (memory-mapped) weights, per group of matrices (the server's matmul_rows_many calls), with the tiles on
 and off (batch_dot.MIN_ROWS), interleaved, best of 5: large matrices stream from memory, small ones stay in cache. Shapes: SmolLM2-135M's FFN (1536 x 576)
 for 32-blocks, Gemma-3-270M's (2048 x 640 -> 2048 x 768, a multiple of 256) for k-quants and IQ4_XS.
+--classifier: a Q8_0 classifier's product at T rows (the model's own, streamed from memory) on the drivers that
+AVX-512 can run it on, alternated, medians and minima of --repeat calls (wall time with --threads > 1): the lanes
+(activation rows as lanes), the weight rows as lanes prefetching the next tile into L1, or the tile two on into L2
+(what batch_dot._ROWS16_LAYOUT ships).
 """
 from __future__ import annotations
 
@@ -90,6 +95,48 @@ def model_products(name: str, rows: list[int]) -> None:
         print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
 
 
+def classifier_drivers(name: str, T: int, threads: int, repeat: int) -> None:
+    import statistics
+
+    import numba
+
+    from edgeq.cpu_kernels import batch_dot as bd
+    from edgeq.cpu_kernels import simd
+    from edgeq.cpu_kernels.linear import _quantized, _run_fused, _specialize
+    from edgeq.runtime.engine import load
+
+    if not simd._ZMM:
+        raise SystemExit("--classifier: the weight-row lanes need AVX-512")
+    m = load(name, n_ctx=256, threads=threads)
+    m._set_threads()
+    numba.set_num_threads(threads)
+    q = m.weights.output.q
+    if q.qtype != "Q8_0":
+        raise SystemExit(f"--classifier: {name}'s classifier is {q.qtype}, not Q8_0")
+    qx, dx, bsums = _quantized(np.random.default_rng(0).standard_normal((T, q.n_in)).astype(np.float32))
+    drivers = {"lanes": _specialize(bd._mml_template, "Q8_0", bd._lanes_dot("Q8_0", bd._lane_q8_0, bd._MR_LANES,
+                                                                             bd.LANES), suffix="_bench_lanes"),
+               "rows16, next tile into L1": _specialize(bd._mm16_template, "Q8_0", bd._rows16_dot("Q8_0", far=False),
+                                                        suffix="_bench_near"),
+               "rows16, tile two on into L2": _specialize(bd._mm16_template, "Q8_0", bd._rows16_dot("Q8_0", far=True),
+                                                          suffix="_bench_far")}
+    outs = {k: np.zeros((T, q.n_out), np.float32) for k in drivers}
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    ms: dict[str, list[float]] = {k: [] for k in drivers}
+    for i in range(repeat + 1):  # the first round compiles and warms
+        for k, f in drivers.items():
+            t0 = clock()
+            _run_fused(f, [q.raw], q.n_in, qx, dx, bsums, [outs[k]])
+            if i:
+                ms[k].append((clock() - t0) * 1e3)
+    ref = outs["lanes"]
+    print(f"{m.path.name}: {q.n_out} x {q.n_in} Q8_0 classifier, {T} rows, {threads} thread(s), {repeat} calls each")
+    print("| driver | median ms | min ms | max abs diff vs lanes |")
+    print("|---|---:|---:|---:|")
+    for k, v in ms.items():
+        print(f"| {k} | {statistics.median(v):.3f} | {min(v):.3f} | {float(np.abs(outs[k] - ref).max()):.2g} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--types", default=SERVE)
@@ -97,7 +144,15 @@ def main() -> int:
     p.add_argument("--tiles", default="", help="extra tile shapes MRxNT, e.g. 2x4,1x8")
     p.add_argument("--min-time", type=float, default=0.3)
     p.add_argument("--model", default="", help="time the products of this model's decode step instead")
+    p.add_argument("--classifier", default="", metavar="MODEL", help="time this model's Q8_0 classifier on each "
+                   "AVX-512 driver instead (at the first of --rows)")
+    p.add_argument("--threads", type=int, default=1, help="--classifier: Numba threads")
+    p.add_argument("--repeat", type=int, default=21, help="--classifier: calls per driver")
     a = p.parse_args()
+    if a.classifier:
+        classifier_drivers(a.classifier, int(a.rows.split(",")[0]) if a.rows != p.get_default("rows") else 8,
+                           a.threads, a.repeat)
+        return 0
     if a.model:
         model_products(a.model, [int(t) for t in a.rows.split(",")])
         return 0

@@ -409,21 +409,31 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
 # 8-sequence step (`benchmarks/serve_step.py --threads 2 --batches 8 --thread --gen-tokens 128`, alternated, 5
 # pairs) 12.6-16.0 ms -> 10.5-13.3. The header's gather as loads and a transpose too measured level; Q8_0 on its
 # 49152 x 576 classifier, streamed from memory, is no faster here than the lanes (with gathers it was slower:
-# 1406 -> 1613 us at 8 rows), so Q8_0 keeps the lanes. Each output is one chain of two FMAs per block (scale,
+# 1406 -> 1613 us at 8 rows), so Q8_0 kept the lanes then. Each output is one chain of two FMAs per block (scale,
 # offset), where the lanes keep the offsets in a second sum: the same values to float32 rounding.
+# Q8_0 runs here too since 2026-12-08: its 32 codes are two such 16-byte transposes, the top bits flipped (w + 128,
+# offset -128 d). Loads and transposes where the gathers had lost to the lanes; its classifiers stream from memory, so
+# it prefetches the tile two on into L2 where the 4-bit types bring the next one into L1 (Zen 4, 8 rows, medians of
+# alternated calls, `python benchmarks/batch_dot_bench.py --classifier MODEL [--threads 2]`): SmolLM2's 49152 x 576
+# classifier 1 thread lanes 3.45 ms -> 3.61 (next tile into L1) / 2.41 (two on into L2), 2 threads 2.25 -> 2.27 /
+# 1.79; Gemma 3's 262144 x 640 1 thread 22.5 -> 23.6 / 16.3, 2 threads 10.1 -> 10.3 / 7.7 ms; at 3 rows (Gemma 3, 1
+# thread) 19.1 -> 14.3 / 14.5. SmolLM2's Q4_1 layers measured level either way (9.2 / 9.4 ms a step at 1 thread, an
+# ad-hoc timer of the two prefetches), so they keep theirs.
 # type -> (block header: d, an f16 at byte 0; e = the block's offset: "min" (an f16 at byte 2) or a multiple of d;
-# byte offset of the 16 bytes of nibbles)
-_ROWS16_LAYOUT = {"Q4_0": (-8.0, 2), "Q4_1": ("min", 4)}
+# byte offset of the codes (16 bytes of nibbles, or Q8_0's 32 bytes); prefetch into L2 two tiles on (else L1, next))
+_ROWS16_LAYOUT = {"Q4_0": (-8.0, 2, False), "Q4_1": ("min", 4, False), "Q8_0": (-128.0, 2, True)}
 ROWS16_TOKENS = 8  # activation rows per pass over a tile's blocks
 
 
-def _rows16_dot(qtype: str):
+def _rows16_dot(qtype: str, far: bool | None = None):
     """Numba intrinsic dot(raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0): out[t0 + j, r0 + i] = weight
     row i (raw's bytes from off + i * row_bytes, nb blocks) . activation row t0 + j, for i < min(16, nr) and j <
     ROWS16_TOKENS with t0 + j < out.shape[0]; qx (T, n) int8, dx (T, n/32), bsums (T, n/16) as linear._quantized,
     out (T, n_out) float32, C-contiguous. Rows past nr gather the last real one, activation rows past T the last
-    real one; neither is stored. 16 * row_bytes must fit in 31 bits."""
-    offset, codes_at = _ROWS16_LAYOUT[qtype]
+    real one; neither is stored. 16 * row_bytes must fit in 31 bits. far: the prefetch (None: the type's, from
+    _ROWS16_LAYOUT; benchmarks/batch_dot_bench.py --classifier times both)."""
+    offset, codes_at, type_far = _ROWS16_LAYOUT[qtype]
+    far = type_far if far is None else far
     block_bytes = QTYPES[qtype].block_bytes
 
     def impl(typingctx, raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0):
@@ -460,7 +470,10 @@ def _rows16_dot(qtype: str):
                 # prefetches the next tile's 16 * block_bytes at the same share of it (see the note above
                 # _mm16_template)
                 pf = builder.add(builder.mul(row_bytes, c(16)), builder.mul(b, c(16 * block_bytes)))
-                simd._prefetch_ahead(x, base, builder.sub(pf, c(64)), 16 * block_bytes, 64)  # 64 ahead of pf - 64: pf
+                if far:  # Q8_0: into L2, two tiles on (see _ROWS16_LAYOUT)
+                    simd._prefetch_ahead(x, base, builder.add(pf, builder.mul(row_bytes, c(16))), 16 * block_bytes, 64, 2)
+                else:
+                    simd._prefetch_ahead(x, base, builder.sub(pf, c(64)), 16 * block_bytes, 64)  # 64 ahead of pf - 64: pf
                 hdr = x.gather16(base, blk)
                 d = builder.fpext(builder.bitcast(builder.trunc(hdr, _vec(I16, 16)), v16h), v16f)
                 if offset == "min":
@@ -468,10 +481,16 @@ def _rows16_dot(qtype: str):
                                                                     _vec(I16, 16)), v16h), v16f)
                 else:
                     e = builder.fmul(d, ir.Constant(v16f, [offset] * 16))
-                words = _rows16_words(x, base, row_offs, builder.add(builder.mul(b, c(block_bytes)), c(codes_at)))
-                m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
-                codes = [builder.and_(w, m4) for w in words] + \
-                        [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
+                at = builder.add(builder.mul(b, c(block_bytes)), c(codes_at))
+                if qtype == "Q8_0":  # 32 signed codes, made unsigned by flipping the top bit (w + 128)
+                    words = _rows16_words(x, base, row_offs, at) + _rows16_words(x, base, row_offs, builder.add(at, c(16)))
+                    flip = ir.Constant(v16i, [-0x7F7F7F80] * 16)  # 0x80808080
+                    codes = [builder.xor(w, flip) for w in words]
+                else:
+                    words = _rows16_words(x, base, row_offs, at)
+                    m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
+                    codes = [builder.and_(w, m4) for w in words] + \
+                            [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
                 qrows = [builder.add(builder.mul(t, n_in), builder.mul(b, c(32))) for t in toks]
                 isums = [ir.Constant(v16i, None)] * len(toks)
                 for g in range(8):  # the activation rows' chains interleaved: 8 independent byte dots in flight

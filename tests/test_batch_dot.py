@@ -122,6 +122,29 @@ def test_lanes_reach_the_extreme_codes():
         assert rel_err(y, quantize_activations(X, act_group(qtype)) @ W.T) < 1e-5, qtype
 
 
+def test_rows16_prefetch_changes_no_bit():
+    """The weight-row lanes (AVX-512: Q4_0, Q4_1, Q8_0) prefetch the next tile into L1 or the tile two on into L2
+    (batch_dot._ROWS16_LAYOUT): hints only, the same products bit for bit, partial tiles included."""
+    from edgeq.cpu_kernels import linear, simd
+    from edgeq.cpu_kernels.linear import _specialize
+
+    if not simd._ZMM:
+        pytest.skip("the weight-row lanes run on AVX-512 only")
+    for qtype in ("Q4_1", "Q8_0"):
+        n_in, (q,), _ = _matrices(qtype, (37,), 2, seed=7)
+        X = np.random.default_rng(8).standard_normal((11, n_in)).astype(np.float32)
+        qx, dx, bsums = linear._quantized(X)
+        outs = []
+        for far in (False, True):
+            k = _specialize(batch_dot._mm16_template, qtype, batch_dot._rows16_dot(qtype, far=far),
+                            suffix=f"_test_far{int(far)}")
+            y = np.empty((11, 37), np.float32)
+            linear._run_fused(k, [q.raw], n_in, qx, dx, bsums, [y])
+            outs.append(y)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        np.testing.assert_array_equal(outs[0], matmul_rows_many([q], X)[0])
+
+
 def test_every_integer_type_has_a_multi_row_driver():
     """Built from the one table of block IR (simd.BLOCK_IR), so a new row-dot type gets one without a copy."""
     from edgeq.cpu_kernels import simd
