@@ -19,7 +19,7 @@ at 8 rows 1.6-1.9x faster than the tiles (2.3-3.3x the single-row dots). AVX2 (n
 the int16 pair sums of several dwords added before widening where they cannot overflow, the 4-bit codes
 broadcast straight from memory: at 8 rows 1.7x (Q8_0, Q5_0) to 2.9x (Q4_1) faster than the tiles. At 2 rows the
 tiles take half a lane group's time (a lane group costs the same with 2 rows as with 8), hence LANES_FROM. The
-k-quants keep the tiles.
+k-quants keep the tiles. On AVX-512, Q4_0, Q4_1 and Q8_0 make 16 weight rows the lanes instead (`_mm16_template`).
 
 On AVX2 the same tiles with one activation row (ONE_ROW: 4 weight rows, 2 for Q8_0) replace the single-row dots
 of the 32-weight types for decode and short prompts: four rows' block chains overlap where one row's chain and
@@ -411,7 +411,7 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
 # 49152 x 576 classifier, streamed from memory, is no faster here than the lanes (with gathers it was slower:
 # 1406 -> 1613 us at 8 rows), so Q8_0 kept the lanes then. Each output is one chain of two FMAs per block (scale,
 # offset), where the lanes keep the offsets in a second sum: the same values to float32 rounding.
-# Q8_0 runs here too since 2026-12-08: its 32 codes are two such 16-byte transposes, the top bits flipped (w + 128,
+# Q8_0 runs here too since 2026-12-07: its 32 codes are two such 16-byte transposes, the top bits flipped (w + 128,
 # offset -128 d). Loads and transposes where the gathers had lost to the lanes; its classifiers stream from memory, so
 # it prefetches the tile two on into L2 where the 4-bit types bring the next one into L1 (Zen 4, 8 rows, medians of
 # alternated calls, `python benchmarks/batch_dot_bench.py --classifier MODEL [--threads 2]`): SmolLM2's 49152 x 576
@@ -584,7 +584,7 @@ ONE_ROW = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, simd.BLOCK_
 # sign moved per dword) from 5.
 LANE_KERNELS = {qtype: _specialize(_mml_template, qtype, _lanes_dot(qtype, lane, _MR_LANES, LANES))
                 for qtype, lane in LANE_CODES.items()} if simd.LEVEL in ("vnni", "avx2") else {}
-# With AVX-512 (vpgatherdd, 512-bit vpdpbusd) Q4_0 and Q4_1 take the weight rows as lanes instead
+# With AVX-512 (vpgatherdd, 512-bit vpdpbusd) Q4_0, Q4_1 and Q8_0 take the weight rows as lanes instead
 if simd._ZMM:
     LANE_KERNELS.update({qtype: _specialize(_mm16_template, qtype, _rows16_dot(qtype), suffix="_rows16")
                          for qtype in _ROWS16_LAYOUT})
