@@ -114,12 +114,14 @@ def classifier_drivers(name: str, T: int, threads: int, repeat: int) -> None:
     if q.qtype != "Q8_0":
         raise SystemExit(f"--classifier: {name}'s classifier is {q.qtype}, not Q8_0")
     qx, dx, bsums = _quantized(np.random.default_rng(0).standard_normal((T, q.n_in)).astype(np.float32))
+    prefetch = {False: "next tile into L1", True: "tile two on into L2"}
+    shipped = bd._ROWS16_LAYOUT["Q8_0"][2]
     drivers = {"lanes": _specialize(bd._mml_template, "Q8_0", bd._lanes_dot("Q8_0", bd._lane_q8_0, bd._MR_LANES,
                                                                              bd.LANES), suffix="_bench_lanes"),
-               "rows16, next tile into L1": _specialize(bd._mm16_template, "Q8_0", bd._rows16_dot("Q8_0", far=False),
-                                                        suffix="_bench_near"),
-               "rows16, tile two on into L2": _specialize(bd._mm16_template, "Q8_0", bd._rows16_dot("Q8_0", far=True),
-                                                          suffix="_bench_far")}
+               f"rows16, {prefetch[shipped]} (shipped)": bd.LANE_KERNELS["Q8_0"],
+               f"rows16, {prefetch[not shipped]}": _specialize(bd._mm16_template, "Q8_0",
+                                                               bd._rows16_dot("Q8_0", far=not shipped),
+                                                               suffix="_bench_other_prefetch")}
     outs = {k: np.zeros((T, q.n_out), np.float32) for k in drivers}
     clock = time.thread_time if threads == 1 else time.perf_counter
     ms: dict[str, list[float]] = {k: [] for k in drivers}
@@ -145,7 +147,7 @@ def main() -> int:
     p.add_argument("--min-time", type=float, default=0.3)
     p.add_argument("--model", default="", help="time the products of this model's decode step instead")
     p.add_argument("--classifier", default="", metavar="MODEL", help="time this model's Q8_0 classifier on each "
-                   "AVX-512 driver instead (at the first of --rows)")
+                   "AVX-512 driver instead (8 rows, or the first of --rows where given)")
     p.add_argument("--threads", type=int, default=1, help="--classifier: Numba threads")
     p.add_argument("--repeat", type=int, default=21, help="--classifier: calls per driver")
     a = p.parse_args()
