@@ -311,6 +311,43 @@ def test_prompt_passes_only_raise_the_chunk(model):
         fixed.stop()
 
 
+def test_mixed_passes_raise_the_chunk_too(model):
+    """A loaded server runs its prompts beside decoding sequences (mixed passes) and rarely alone: those passes
+    refine a chunk that a warm-up probe on a slow minute left small too, the decoding rows counted with the chunk's
+    (each costs about a prompt token in the products)."""
+    sched = Scheduler(model, n_slots=2, n_ctx=256).start()
+    refined = []
+    refine = sched._refine_chunk
+    sched._refine_chunk = lambda tokens, seconds: refined.append((tokens, dict(sched.passes))) or refine(tokens, seconds)
+    try:
+        assert sched.ready.wait(600)
+        sched.prefill_chunk, sched._best_s_per_token = 32, 1.0  # as if the probe had run on a very slow machine
+        short = model.chat_ids([{"role": "user", "content": "Hi"}])
+        long = model.chat_ids([{"role": "user", "content": " ".join(["seven"] * 120)}])[:100]
+        assert len(short) < 32 and len(long) == 100  # the short prompt's pass alone refines nothing
+        eog = np.array(sorted(model.tokenizer.eog_ids), np.int64)
+        decoding, finished = threading.Event(), threading.Event()
+        done = []
+
+        def on_event(ev):
+            if isinstance(ev, Piece):
+                decoding.set()
+            elif isinstance(ev, Done):
+                done.append(ev)
+                if len(done) == 2:
+                    finished.set()
+        sched.submit(GenRequest(short, 60, SamplingParams(temperature=0),
+                                logit_bias=(eog, np.full(len(eog), -100.0, np.float32))), on_event)
+        assert decoding.wait(600)
+        sched.submit(GenRequest(long, 1, SamplingParams(temperature=0)), on_event)
+        assert finished.wait(600)
+    finally:
+        sched.stop()
+    assert [d.finish for d in done] == ["length", "length"] and done[0].completion_tokens == 1
+    # the long prompt's first pass: its chunk of 32 beside the decoding row, after no prompt pass alone of 32 or more
+    assert refined and refined[0][0] == 33 and refined[0][1]["mixed"] >= 1
+    assert sched.prefill_chunk > 32
+
 def test_a_prompt_alone_takes_the_largest_chunks(model, monkeypatch):
     """With no sequence decoding, a prompt pass holds nobody back: a prompt longer than the measured chunk goes in
     passes of MAX_CHUNK; a chunk the caller fixed is kept even then."""
