@@ -348,6 +348,7 @@ def test_mixed_passes_raise_the_chunk_too(model):
     assert refined and refined[0][0] == 33 and refined[0][1]["mixed"] >= 1
     assert sched.prefill_chunk > 32
 
+
 def test_a_prompt_alone_takes_the_largest_chunks(model, monkeypatch):
     """With no sequence decoding, a prompt pass holds nobody back: a prompt longer than the measured chunk goes in
     passes of MAX_CHUNK; a chunk the caller fixed is kept even then."""
