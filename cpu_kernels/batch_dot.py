@@ -19,7 +19,7 @@ at 8 rows 1.6-1.9x faster than the tiles (2.3-3.3x the single-row dots). AVX2 (n
 the int16 pair sums of several dwords added before widening where they cannot overflow, the 4-bit codes
 broadcast straight from memory: at 8 rows 1.7x (Q8_0, Q5_0) to 2.9x (Q4_1) faster than the tiles. At 2 rows the
 tiles take half a lane group's time (a lane group costs the same with 2 rows as with 8), hence LANES_FROM. The
-k-quants keep the tiles. On AVX-512, Q4_0, Q4_1 and Q8_0 make 16 weight rows the lanes instead (`_mm16_template`).
+k-quants keep the tiles. On AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 make 16 weight rows the lanes instead (`_mm16_template`).
 
 On AVX2 the same tiles with one activation row (ONE_ROW: 4 weight rows, 2 for Q8_0) replace the single-row dots
 of the 32-weight types for decode and short prompts: four rows' block chains overlap where one row's chain and
@@ -419,9 +419,25 @@ def _mml_template(raws, n_in, qx, dx, bsums, outs):
 # 1.79; Gemma 3's 262144 x 640 1 thread 22.5 -> 23.6 / 16.3, 2 threads 10.1 -> 10.3 / 7.7 ms; at 3 rows (Gemma 3, 1
 # thread) 19.1 -> 14.3 / 14.5. SmolLM2's Q4_1 layers measured level either way (9.2 / 9.4 ms a step at 1 thread, an
 # ad-hoc timer of the two prefetches), so they keep theirs.
+# Q5_0 and Q5_1 since 2026-12-07 (night): the 4-bit codes as Q4_0's / Q4_1's, each code's fifth bit from the
+# block's 32-bit qh (one more gather a block) put in place by a byte shuffle, a bit test and a masked add a dword of
+# codes (_rows16_fifth_bits). Gemma 3's Q5_0 matrices at 8 rows against the activation-row lanes they ran on (Zen 4,
+# alternated in one process, medians of 11): Q/K/V 2.65 -> 1.90 ms a step, gate + up 6.69 -> 4.55 on 1 thread; 2.00
+# -> 1.57 and 4.05 -> 3.22 on 2; its 8-sequence step (`python benchmarks/serve_step.py --model gemma3-270m --threads
+# 1 --batches 8 --thread`, alternated) 36.3-37.4 -> 33.5-34.1 ms of CPU.
+# The same night the 16 rows' loads took their addresses from five pointers and x86's scaled index (_ROW_BASES)
+# instead of 16 clamped offsets (LLVM had kept those in two vectors and moved each row's out every block: 22
+# vector-to-integer moves of ~210 instructions); a partial tile is padded to 16 rows by _mm16_template. `python
+# benchmarks/batch_dot_bench.py --model M --rows 8` (1 thread, two alternated runs): SmolLM2's Q/K/V 1.64 -> 1.49-1.53
+# ms, O 0.97-1.02 -> 0.89-0.92, gate + up 4.53-4.56 -> 4.11-4.38, down 2.37-2.42 -> 2.25-2.31, the classifier 2.42-2.46
+# -> 2.18-2.23; Gemma 3's classifier 3.99-4.14x -> 4.37-4.54x the tiles' speed, its Q5_0 gate + up 4.27-4.51x ->
+# 4.63-4.73x. What is left at ~130 cycles a block (3.6 GHz) against 64 byte dots is vector work on the same pipes: the
+# transposes, the float epilogue (8 conversions, 8 products, 16 FMAs for 16 rows x 8 activation rows).
 # type -> (block header: d, an f16 at byte 0; e = the block's offset: "min" (an f16 at byte 2) or a multiple of d;
-# byte offset of the codes (16 bytes of nibbles, or Q8_0's 32 bytes); prefetch into L2 two tiles on (else L1, next))
-_ROWS16_LAYOUT = {"Q4_0": (-8.0, 2, False), "Q4_1": ("min", 4, False), "Q8_0": (-128.0, 2, True)}
+# byte offset of the codes (16 bytes of nibbles, or Q8_0's 32 bytes); prefetch into L2 two tiles on (else L1, next);
+# byte offset of the fifth bits (a 32-bit qh) or None)
+_ROWS16_LAYOUT = {"Q4_0": (-8.0, 2, False, None), "Q4_1": ("min", 4, False, None), "Q8_0": (-128.0, 2, True, None),
+                  "Q5_0": (-16.0, 6, False, 2), "Q5_1": ("min", 8, False, 4)}
 ROWS16_TOKENS = 8  # activation rows per pass over a tile's blocks
 
 
@@ -429,10 +445,11 @@ def _rows16_dot(qtype: str, far: bool | None = None):
     """Numba intrinsic dot(raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0): out[t0 + j, r0 + i] = weight
     row i (raw's bytes from off + i * row_bytes, nb blocks) . activation row t0 + j, for i < min(16, nr) and j <
     ROWS16_TOKENS with t0 + j < out.shape[0]; qx (T, n) int8, dx (T, n/32), bsums (T, n/16) as linear._quantized,
-    out (T, n_out) float32, C-contiguous. Rows past nr gather the last real one, activation rows past T the last
-    real one; neither is stored. 16 * row_bytes must fit in 31 bits. far: the prefetch (None: the type's, from
+    out (T, n_out) float32, C-contiguous. 16 rows are read from off whatever nr (a partial tile's caller pads it:
+    _mm16_template), rows past nr are not stored; activation rows past T compute the last real one and are not
+    stored either. 16 * row_bytes must fit in 31 bits. far: the prefetch (None: the type's, from
     _ROWS16_LAYOUT; benchmarks/batch_dot_bench.py --classifier times both)."""
-    offset, codes_at, type_far = _ROWS16_LAYOUT[qtype]
+    offset, codes_at, type_far, qh_at = _ROWS16_LAYOUT[qtype]
     far = type_far if far is None else far
     block_bytes = QTYPES[qtype].block_bytes
 
@@ -455,8 +472,6 @@ def _rows16_dot(qtype: str, far: bool | None = None):
             lanes = ir.Constant(v16i, list(range(16)))
             rows = builder.select(builder.icmp_signed("<", lanes, x.splat(last, 16)), lanes, x.splat(last, 16))
             row_off = builder.mul(rows, x.splat(builder.trunc(row_bytes, I32), 16))  # the header's gather
-            row_offs = [builder.mul(builder.select(builder.icmp_signed("<", c(i), nr), c(i), builder.sub(nr, c(1))),
-                                    row_bytes) for i in range(16)]
             toks = [builder.add(t0, c(j)) for j in range(ROWS16_TOKENS)]
             toks = [builder.select(builder.icmp_signed("<", t, n_t), t, builder.sub(n_t, c(1))) for t in toks]
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in toks]
@@ -483,14 +498,17 @@ def _rows16_dot(qtype: str, far: bool | None = None):
                     e = builder.fmul(d, ir.Constant(v16f, [offset] * 16))
                 at = builder.add(builder.mul(b, c(block_bytes)), c(codes_at))
                 if qtype == "Q8_0":  # 32 signed codes, made unsigned by flipping the top bit (w + 128)
-                    words = _rows16_words(x, base, row_offs, at) + _rows16_words(x, base, row_offs, builder.add(at, c(16)))
+                    words = _rows16_words(x, base, row_bytes, at) + _rows16_words(x, base, row_bytes, builder.add(at, c(16)))
                     flip = ir.Constant(v16i, [-0x7F7F7F80] * 16)  # 0x80808080
                     codes = [builder.xor(w, flip) for w in words]
                 else:
-                    words = _rows16_words(x, base, row_offs, at)
+                    words = _rows16_words(x, base, row_bytes, at)
                     m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
                     codes = [builder.and_(w, m4) for w in words] + \
                             [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
+                    if qh_at is not None:  # Q5: code k's fifth bit is bit k of the block's qh
+                        qh = x.gather16(base, builder.add(blk, ir.Constant(v16i, [qh_at] * 16)))
+                        codes = _rows16_fifth_bits(x, qh, codes)
                 qrows = [builder.add(builder.mul(t, n_in), builder.mul(b, c(32))) for t in toks]
                 isums = [ir.Constant(v16i, None)] * len(toks)
                 for g in range(8):  # the activation rows' chains interleaved: 8 independent byte dots in flight
@@ -517,14 +535,41 @@ def _rows16_dot(qtype: str, far: bool | None = None):
     return intrinsic(impl)
 
 
-def _rows16_words(x, base, row_offs, o):
-    """The 4 dwords of packed codes at byte o of 16 rows (base + row_offs[i] + o) as 4 <16 x i32>, word k lane i =
+def _rows16_fifth_bits(x, qh, codes):
+    """Q5's 32 codes of 16 rows (codes: 8 <16 x i32>, word k lane i = row i's codes 4k..4k+3, each < 16) with their
+    fifth bits: byte j of word k gets 16 where bit 4k + j of its row's qh (<16 x i32>) is set. qh's byte k // 2 goes
+    to the word's 4 bytes (one in-lane byte shuffle), each tested against its own bit (a mask of 64 bits), and 16
+    added under it."""
+    b = x.b
+    v64 = _vec(I8, 64)
+    qb = b.bitcast(qh, v64)
+    out = []
+    for k, w in enumerate(codes):
+        spread = b.shuffle_vector(qb, ir.Constant(v64, None), ir.Constant(_vec(I32, 64), [
+            4 * i + k // 2 for i in range(16) for _ in range(4)]))
+        bits = ir.Constant(v64, [1 << (4 * (k % 2) + j) for _ in range(16) for j in range(4)])
+        on = b.icmp_unsigned("!=", b.and_(spread, bits), ir.Constant(v64, None))
+        wb = b.bitcast(w, v64)
+        out.append(b.bitcast(b.select(on, b.add(wb, x.const(I8, 64, 16)), wb), w.type))
+    return out
+
+
+# row i of a tile -> the row k whose address it is read from: row i = k + (0, 1, 2, 4 or 8), five pointers a block
+_ROW_BASES = {0: 0, 1: 0, 2: 0, 3: 3, 4: 0, 5: 5, 6: 5, 7: 3, 8: 0, 9: 5, 10: 10, 11: 10, 12: 10, 13: 5, 14: 10, 15: 15}
+
+
+def _rows16_words(x, base, row_bytes, o):
+    """The 4 dwords of packed codes at byte o of 16 rows (base + i * row_bytes + o) as 4 <16 x i32>, word k lane i =
     row i's dword k: 16 unaligned 16-byte loads, put 4 to a 512-bit register (rows j, 4 + j, 8 + j, 12 + j in its
     128-bit lanes), then a 4 x 4 dword transpose inside the lanes (8 unpacks), where 4 vpgatherdd took ~30% of the
-    kernel's time on Zen 4."""
+    kernel's time on Zen 4. The rows' addresses are _ROW_BASES' pointers plus row_bytes times 0, 1, 2, 4 or 8 (x86's
+    scaled index): 16 row offsets held apart had LLVM keep them in two vectors and extract each row's every block (22
+    vector-to-integer moves a block; see the note above _ROWS16_LAYOUT)."""
     b = x.b
     v4, v16 = _vec(I32, 4), _vec(I32, 16)
-    rows = [x.at(base, b.add(r, o), v4) for r in row_offs]
+    at = {k: b.gep(base, [b.add(o, b.mul(row_bytes, ir.Constant(I64, k)))]) for k in set(_ROW_BASES.values())}
+    rows = [b.load(b.bitcast(b.gep(at[k], [b.mul(row_bytes, ir.Constant(I64, i - k))]), v4.as_pointer()), align=1)
+            for i, k in _ROW_BASES.items()]
     cat = lambda p, q, n: b.shuffle_vector(p, q, ir.Constant(_vec(I32, 2 * n), list(range(2 * n))))  # noqa: E731
     a = [cat(cat(rows[j], rows[4 + j], 4), cat(rows[8 + j], rows[12 + j], 4), 8) for j in range(4)]
 
@@ -547,9 +592,15 @@ def _mm16_template(raws, n_in, qx, dx, bsums, outs):
     T = qx.shape[0]
     for g in prange(_n_tiles(outs, 16)):
         m, r0, nr = _locate_tile(outs, g, 16)
-        raw, out = raws[m], outs[m]
+        raw, out, off = raws[m], outs[m], r0 * row_bytes
+        if nr < 16:  # a matrix's last tile, short of rows: its rows, then the last one again, as 16 readable rows
+            pad = np.empty(16 * row_bytes, np.uint8)
+            pad[:nr * row_bytes] = raw[off:off + nr * row_bytes]
+            for i in range(nr, 16):
+                pad[i * row_bytes:(i + 1) * row_bytes] = raw[off + (nr - 1) * row_bytes:off + nr * row_bytes]
+            raw, off = pad, 0
         for t0 in range(0, T, ROWS16_TOKENS):
-            _row_fn(raw, r0 * row_bytes, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
+            _row_fn(raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
 
 
 # qtype -> the multi-row tiles (same arguments as linear._mm_<type>); compiled on first call
@@ -584,7 +635,7 @@ ONE_ROW = {qtype: _specialize(_mmb_template, qtype, _rows_dot(qtype, simd.BLOCK_
 # sign moved per dword) from 5.
 LANE_KERNELS = {qtype: _specialize(_mml_template, qtype, _lanes_dot(qtype, lane, _MR_LANES, LANES))
                 for qtype, lane in LANE_CODES.items()} if simd.LEVEL in ("vnni", "avx2") else {}
-# With AVX-512 (vpgatherdd, 512-bit vpdpbusd) Q4_0, Q4_1 and Q8_0 take the weight rows as lanes instead
+# With AVX-512 (vpgatherdd, 512-bit vpdpbusd) Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 take the weight rows as lanes instead
 if simd._ZMM:
     LANE_KERNELS.update({qtype: _specialize(_mm16_template, qtype, _rows16_dot(qtype), suffix="_rows16")
                          for qtype in _ROWS16_LAYOUT})

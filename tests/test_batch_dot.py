@@ -123,7 +123,7 @@ def test_lanes_reach_the_extreme_codes():
 
 
 def test_rows16_prefetch_changes_no_bit():
-    """The weight-row lanes (AVX-512: Q4_0, Q4_1, Q8_0) prefetch the next tile into L1 or the tile two on into L2
+    """The weight-row lanes (AVX-512: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) prefetch the next tile into L1 or the tile two on into L2
     (batch_dot._ROWS16_LAYOUT): hints only, the same products bit for bit, partial tiles included."""
     from edgeq.cpu_kernels import linear, simd
     from edgeq.cpu_kernels.linear import _specialize
