@@ -468,10 +468,8 @@ def _rows16_dot(qtype: str, far: bool | None = None):
             sout = cgutils.unpack_tuple(builder, context.make_array(signature.args[9])(context, builder, args[9]).strides,
                                         2)[0]
             base = builder.gep(raw0, [off])
-            last = builder.trunc(builder.sub(nr, c(1)), I32)
-            lanes = ir.Constant(v16i, list(range(16)))
-            rows = builder.select(builder.icmp_signed("<", lanes, x.splat(last, 16)), lanes, x.splat(last, 16))
-            row_off = builder.mul(rows, x.splat(builder.trunc(row_bytes, I32), 16))  # the header's gather
+            lanes = ir.Constant(v16i, list(range(16)))  # 16 readable rows (a partial tile comes padded)
+            row_off = builder.mul(lanes, x.splat(builder.trunc(row_bytes, I32), 16))  # the header's gather
             toks = [builder.add(t0, c(j)) for j in range(ROWS16_TOKENS)]
             toks = [builder.select(builder.icmp_signed("<", t, n_t), t, builder.sub(n_t, c(1))) for t in toks]
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in toks]
@@ -568,8 +566,7 @@ def _rows16_words(x, base, row_bytes, o):
     b = x.b
     v4, v16 = _vec(I32, 4), _vec(I32, 16)
     at = {k: b.gep(base, [b.add(o, b.mul(row_bytes, ir.Constant(I64, k)))]) for k in set(_ROW_BASES.values())}
-    rows = [b.load(b.bitcast(b.gep(at[k], [b.mul(row_bytes, ir.Constant(I64, i - k))]), v4.as_pointer()), align=1)
-            for i, k in _ROW_BASES.items()]
+    rows = [x.at(at[k], b.mul(row_bytes, ir.Constant(I64, i - k)), v4) for i, k in _ROW_BASES.items()]
     cat = lambda p, q, n: b.shuffle_vector(p, q, ir.Constant(_vec(I32, 2 * n), list(range(2 * n))))  # noqa: E731
     a = [cat(cat(rows[j], rows[4 + j], 4), cat(rows[8 + j], rows[12 + j], 4), 8) for j in range(4)]
 
