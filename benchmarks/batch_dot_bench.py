@@ -11,13 +11,14 @@ quantization included) for linear._mm_<type> (each activation row dotted by the 
 multi-row driver, at one Numba thread (CPU time of the thread is robust on a shared machine). --tiles times
 other weight x activation tile shapes than the shipped batch_dot._MR x _NT (compiled uncached). The
 crossover row count per type is what batch_dot.MIN_ROWS records. --model: a decode step's products over the
-model's own (memory-mapped) weights, per group of matrices (the server's matmul_rows_many calls), with the tiles on
-and off (batch_dot.MIN_ROWS), interleaved, best of 5: large matrices stream from memory, small ones stay in cache. Shapes: SmolLM2-135M's FFN (1536 x 576)
+model's own (memory-mapped) weights, per group of matrices (the server's matmul_rows_many calls): as shipped, with
+the lanes on the file's bytes instead of the packed copy (QuantLinear.packed_batches), and with the tiles off
+(batch_dot.MIN_ROWS), interleaved, best of 5: large matrices stream from memory, small ones stay in cache. Shapes: SmolLM2-135M's FFN (1536 x 576)
 for 32-blocks, Gemma-3-270M's (2048 x 640 -> 2048 x 768, a multiple of 256) for k-quants and IQ4_XS.
 --classifier: a Q8_0 classifier's product at T rows (the model's own, streamed from memory) on the drivers that
 AVX-512 can run it on, alternated, medians and minima of --repeat calls (wall time with --threads > 1): the lanes
-(activation rows as lanes), the weight rows as lanes prefetching the next tile into L1, or the tile two on into L2
-(what batch_dot._ROWS16_LAYOUT ships).
+(activation rows as lanes), the weight rows as lanes on the packed copy (what ships), on the file's bytes prefetching
+the next tile into L1, or the tile two on into L2 (batch_dot._ROWS16_LAYOUT's choice).
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ def model_products(name: str, rows: list[int]) -> None:
     off = {q: 1 << 30 for q in on}
     groups = {"qkv": lambda L: [L.wq, L.wk, L.wv], "o": lambda L: [L.wo], "gate_up": lambda L: [L.w_gate, L.w_up],
               "down": lambda L: [L.w_down]}
-    print(f"{m.path.name}: ms per decode step's products, tiles on / off (best of 5), speedup")
+    qs_all = [lin.q for L in w.layers for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)] + [w.output.q]
+    print(f"{m.path.name}: ms per decode step's products, shipped / the lanes on the file's bytes instead of the "
+          "packed copy / tiles off (best of 5), speedup of shipped over tiles off")
     print("| T | " + " | ".join(list(groups) + ["output"]) + " |")
     print("|---:|" + "---|" * (len(groups) + 1))
     for T in rows:
@@ -84,14 +87,16 @@ def model_products(name: str, rows: list[int]) -> None:
                     matmul_rows_many(qs, x)
             best = {}
             for _ in range(5):
-                for mode, table in (("on", on), ("off", off)):
+                for mode, table, packed in (("on", on, True), ("file", on, False), ("off", off, True)):
                     batch_dot.MIN_ROWS.update(table)
-                    run()
+                    for q in qs_all:
+                        q.packed_batches(packed)
+                    run()  # makes the packed copies (untimed)
                     t0 = time.thread_time()
                     run()
                     best[mode] = min(best.get(mode, 1e9), (time.thread_time() - t0) * 1e3)
             batch_dot.MIN_ROWS.update(on)
-            cells.append(f"{best['on']:.2f} / {best['off']:.2f} ({best['off'] / best['on']:.2f}x)")
+            cells.append(f"{best['on']:.2f} / {best['file']:.2f} / {best['off']:.2f} ({best['off'] / best['on']:.2f}x)")
         print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -118,7 +123,8 @@ def classifier_drivers(name: str, T: int, threads: int, repeat: int) -> None:
     shipped = bd._ROWS16_LAYOUT["Q8_0"][2]
     drivers = {"lanes": _specialize(bd._mml_template, "Q8_0", bd._lanes_dot("Q8_0", bd._lane_q8_0, bd._MR_LANES,
                                                                              bd.LANES), suffix="_bench_lanes"),
-               f"rows16, {prefetch[shipped]} (shipped)": bd.LANE_KERNELS["Q8_0"],
+               "rows16 on the packed copy (shipped)": bd.PACKED_KERNELS.get("Q8_0"),
+               f"rows16, {prefetch[shipped]} (as shipped)": bd.LANE_KERNELS["Q8_0"],
                f"rows16, {prefetch[not shipped]}": _specialize(bd._mm16_template, "Q8_0",
                                                                bd._rows16_dot("Q8_0", far=not shipped),
                                                                suffix="_bench_other_prefetch")}
@@ -128,7 +134,8 @@ def classifier_drivers(name: str, T: int, threads: int, repeat: int) -> None:
     for i in range(repeat + 1):  # the first round compiles and warms
         for k, f in drivers.items():
             t0 = clock()
-            _run_fused(f, [q.raw], q.n_in, qx, dx, bsums, [outs[k]])
+            _run_fused(f, [q.packed16() if f is bd.PACKED_KERNELS.get("Q8_0") else q.raw], q.n_in, qx, dx, bsums,
+                       [outs[k]])
             if i:
                 ms[k].append((clock() - t0) * 1e3)
     ref = outs["lanes"]
@@ -180,7 +187,7 @@ def main() -> int:
 
             def run(k):
                 qx, dx, bsums = _quantized(X, act_group(qtype))
-                _run_fused(k, [raw], n_in, qx, dx, bsums, [Y])
+                _run_fused(k, [q.packed16() if k is q._mm_packed else raw], n_in, qx, dx, bsums, [Y])
             us = [cpu_us(lambda k=k: run(k), a.min_time) for k in kernels]
             print(f"| {qtype} | {n_out}x{n_in} | {T} | " + " | ".join(f"{u:.0f}" for u in us) +
                   f" | {us[0] / us[1]:.2f}x |", flush=True)

@@ -441,17 +441,19 @@ _ROWS16_LAYOUT = {"Q4_0": (-8.0, 2, False, None), "Q4_1": ("min", 4, False, None
 ROWS16_TOKENS = 8  # activation rows per pass over a tile's blocks
 
 
-def _rows16_dot(qtype: str, far: bool | None = None):
+def _rows16_dot(qtype: str, far: bool | None = None, packed: bool = False):
     """Numba intrinsic dot(raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0): out[t0 + j, r0 + i] = weight
     row i (raw's bytes from off + i * row_bytes, nb blocks) . activation row t0 + j, for i < min(16, nr) and j <
     ROWS16_TOKENS with t0 + j < out.shape[0]; qx (T, n) int8, dx (T, n/32), bsums (T, n/16) as linear._quantized,
     out (T, n_out) float32, C-contiguous. 16 rows are read from off whatever nr (a partial tile's caller pads it:
     _mm16_template), rows past nr are not stored; activation rows past T compute the last real one and are not
     stored either. 16 * row_bytes must fit in 31 bits. far: the prefetch (None: the type's, from
-    _ROWS16_LAYOUT; benchmarks/batch_dot_bench.py --classifier times both)."""
-    offset, codes_at, type_far, qh_at = _ROWS16_LAYOUT[qtype]
+    _ROWS16_LAYOUT; benchmarks/batch_dot_bench.py --classifier times both). packed: raw is pack_rows16's copy of the
+    matrix (off: the tile's first row times row_bytes, as in the file's layout; nr only says which rows to store)."""
+    offset, _, type_far, qh_at = _ROWS16_LAYOUT[qtype]
     far = type_far if far is None else far
     block_bytes = QTYPES[qtype].block_bytes
+    d_at, e_at, qh_packed = _packed_parts(qtype) if packed else (0, 0, 0)
 
     def impl(typingctx, raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0):
         ip = types.intp
@@ -487,26 +489,20 @@ def _rows16_dot(qtype: str, far: bool | None = None):
                     simd._prefetch_ahead(x, base, builder.add(pf, builder.mul(row_bytes, c(16))), 16 * block_bytes, 64, 2)
                 else:
                     simd._prefetch_ahead(x, base, builder.sub(pf, c(64)), 16 * block_bytes, 64)  # 64 ahead of pf - 64: pf
-                hdr = x.gather16(base, blk)
-                d = builder.fpext(builder.bitcast(builder.trunc(hdr, _vec(I16, 16)), v16h), v16f)
-                if offset == "min":
-                    e = builder.fpext(builder.bitcast(builder.trunc(builder.lshr(hdr, ir.Constant(v16i, [16] * 16)),
-                                                                    _vec(I16, 16)), v16h), v16f)
-                else:
-                    e = builder.fmul(d, ir.Constant(v16f, [offset] * 16))
-                at = builder.add(builder.mul(b, c(block_bytes)), c(codes_at))
-                if qtype == "Q8_0":  # 32 signed codes, made unsigned by flipping the top bit (w + 128)
-                    words = _rows16_words(x, base, row_bytes, at) + _rows16_words(x, base, row_bytes, builder.add(at, c(16)))
-                    flip = ir.Constant(v16i, [-0x7F7F7F80] * 16)  # 0x80808080
-                    codes = [builder.xor(w, flip) for w in words]
-                else:
-                    words = _rows16_words(x, base, row_bytes, at)
+                if packed:  # the block's 16 rows side by side: 4 words of codes, then d (and m, qh) per row
+                    cb = builder.gep(base, [builder.mul(b, c(16 * block_bytes))])
+                    d = builder.fpext(x.at(cb, c(d_at), v16h), v16f)
+                    e = builder.fpext(x.at(cb, c(e_at), v16h), v16f) if offset == "min" else \
+                        builder.fmul(d, ir.Constant(v16f, [offset] * 16))
+                    words = [x.at(cb, c(64 * k), v16i) for k in range(d_at // 64)]
                     m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
-                    codes = [builder.and_(w, m4) for w in words] + \
-                            [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
-                    if qh_at is not None:  # Q5: code k's fifth bit is bit k of the block's qh
-                        qh = x.gather16(base, builder.add(blk, ir.Constant(v16i, [qh_at] * 16)))
-                        codes = _rows16_fifth_bits(x, qh, codes)
+                    codes = [builder.xor(w, ir.Constant(v16i, [-0x7F7F7F80] * 16)) for w in words] \
+                        if qtype == "Q8_0" else [builder.and_(w, m4) for w in words] + \
+                        [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
+                    if qh_at is not None:
+                        codes = _rows16_fifth_bits(x, x.at(cb, c(qh_packed), v16i), codes)
+                else:
+                    d, e, codes = _rows16_block(x, qtype, base, row_bytes, blk, b)
                 qrows = [builder.add(builder.mul(t, n_in), builder.mul(b, c(32))) for t in toks]
                 isums = [ir.Constant(v16i, None)] * len(toks)
                 for g in range(8):  # the activation rows' chains interleaved: 8 independent byte dots in flight
@@ -528,9 +524,86 @@ def _rows16_dot(qtype: str, far: bool | None = None):
                                   builder.extract_element(tot, ir.Constant(I32, i)))
             return context.get_dummy_value()
         return sig, codegen
-    impl.__doc__ = f"16 {qtype} rows as lanes . {ROWS16_TOKENS} activation rows"
-    impl.__name__ = impl.__qualname__ = "rows16_" + qtype.lower()
+    impl.__doc__ = f"16 {qtype} rows as lanes . {ROWS16_TOKENS} activation rows" + (" (packed)" if packed else "")
+    impl.__name__ = impl.__qualname__ = ("rows16p_" if packed else "rows16_") + qtype.lower()
     return intrinsic(impl)
+
+
+def _rows16_block(x, qtype: str, base, row_bytes, blk, b):
+    """Block b of 16 rows in the file's layout (row i at base + i * row_bytes; blk: the headers' 32-bit byte
+    offsets) -> (d, e: <16 x float> the rows' scales and offsets; codes: <16 x i32> words of unsigned codes, word k
+    lane i = row i's codes 4k..4k+3, 8 of them)."""
+    builder = x.b
+    c = lambda v: ir.Constant(I64, v)  # noqa: E731
+    offset, codes_at, _, qh_at = _ROWS16_LAYOUT[qtype]
+    v16i, v16f, v16h = _vec(I32, 16), _vec(F32, 16), _vec(ir.HalfType(), 16)
+    hdr = x.gather16(base, blk)
+    d = builder.fpext(builder.bitcast(builder.trunc(hdr, _vec(I16, 16)), v16h), v16f)
+    if offset == "min":
+        e = builder.fpext(builder.bitcast(builder.trunc(builder.lshr(hdr, ir.Constant(v16i, [16] * 16)),
+                                                        _vec(I16, 16)), v16h), v16f)
+    else:
+        e = builder.fmul(d, ir.Constant(v16f, [offset] * 16))
+    at = builder.add(builder.mul(b, c(QTYPES[qtype].block_bytes)), c(codes_at))
+    if qtype == "Q8_0":  # 32 signed codes, made unsigned by flipping the top bit (w + 128)
+        words = _rows16_words(x, base, row_bytes, at) + _rows16_words(x, base, row_bytes, builder.add(at, c(16)))
+        flip = ir.Constant(v16i, [-0x7F7F7F80] * 16)  # 0x80808080
+        return d, e, [builder.xor(w, flip) for w in words]
+    words = _rows16_words(x, base, row_bytes, at)
+    m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
+    codes = [builder.and_(w, m4) for w in words] + \
+            [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
+    if qh_at is not None:  # Q5: code k's fifth bit is bit k of the block's qh
+        qh = x.gather16(base, builder.add(blk, ir.Constant(v16i, [qh_at] * 16)))
+        codes = _rows16_fifth_bits(x, qh, codes)
+    return d, e, codes
+
+
+# ---------------------------------------------------------------- the lanes' types packed for them
+# pack_rows16: a copy of a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrix in the order the weight-row lanes read it, made
+# once when a batch first needs it (QuantLinear.packed16; a server's warm-up): per tile of 16 rows (the last padded
+# with copies of the matrix's last row), per block, 16 * block_bytes bytes: the codes' dwords as 64-byte words (word k,
+# lane i = row i's dword k: 4 of nibbles, Q8_0's 8 of bytes), the 16 rows' d (f16), their m (f16; Q4_1, Q5_1), their
+# qh (u32; Q5). The same bytes as the file's (so as large, a whole last tile), read as contiguous 64-byte loads
+# instead of 16 (Q8_0: 32) loads, a transpose and one or two gathers a block: the same codes and scales, so the same
+# products bit for bit. The file's bytes stay for everything else (one or two rows, prompts, the embedding); `edgeq
+# serve --no-packed-weights` goes without the copy. SmolLM2's step products at 8 rows, 1 thread (`python
+# benchmarks/batch_dot_bench.py --model smollm2-135m-instruct --rows 8`, best of 5, packed / file's bytes): Q/K/V
+# 1.37 / 1.56 ms, O 0.94 / 1.09, gate + up 3.49 / 4.13, down 2.05 / 2.24, the 49152 x 576 Q8_0 classifier 1.69 /
+# 2.38 (2 threads, `--classifier smollm2-135m-instruct --threads 2`: 1.80 / 2.21); the copies 96 MB (Gemma 3: 223 MB,
+# its Q5_0 layers and its 262144 x 640 classifier).
+PACKED16 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def _packed_parts(qtype: str) -> tuple[int, int, int]:
+    """Byte offsets in a packed block of 16 rows: (d, m, qh); -1 where the type has none (the codes' words at 0)."""
+    has_min, has_qh = _ROWS16_LAYOUT[qtype][0] == "min", _ROWS16_LAYOUT[qtype][3] is not None
+    d_at = 512 if qtype == "Q8_0" else 256  # after the codes' words: 8 of Q8_0's bytes, 4 of nibbles
+    return d_at, d_at + 32 if has_min else -1, d_at + (64 if has_min else 32) if has_qh else -1
+
+
+def pack_rows16(raw: np.ndarray, qtype: str, n_out: int, n_in: int) -> np.ndarray:
+    """The matrix raw (n_out rows of the type's blocks, the file's layout) in the packed layout above (read-only)."""
+    bb = QTYPES[qtype].block_bytes
+    nb = n_in // 32
+    _, codes_at, _, qh_at = _ROWS16_LAYOUT[qtype]
+    n_tiles = -(-n_out // 16)
+    blocks = np.asarray(raw, np.uint8).reshape(n_out, nb, bb)
+    if n_tiles * 16 > n_out:
+        blocks = np.concatenate([blocks, np.repeat(blocks[-1:], n_tiles * 16 - n_out, axis=0)])
+    tiles = blocks.reshape(n_tiles, 16, nb, bb).transpose(0, 2, 1, 3)  # (tile, block, row, bytes)
+    out = np.empty((n_tiles, nb, 16 * bb), np.uint8)
+    d_at, m_at, qh_packed = _packed_parts(qtype)
+    codes = tiles[..., codes_at:codes_at + d_at // 16].reshape(n_tiles, nb, 16, d_at // 64, 4).transpose(0, 1, 3, 2, 4)
+    out[..., :d_at] = codes.reshape(n_tiles, nb, d_at)
+    out[..., d_at:d_at + 32] = tiles[..., 0:2].reshape(n_tiles, nb, 32)
+    if m_at >= 0:
+        out[..., m_at:m_at + 32] = tiles[..., 2:4].reshape(n_tiles, nb, 32)
+    if qh_packed >= 0:
+        out[..., qh_packed:qh_packed + 64] = tiles[..., qh_at:qh_at + 4].reshape(n_tiles, nb, 64)
+    flat = out.reshape(-1)
+    flat.flags.writeable = False
+    return flat
 
 
 def _rows16_fifth_bits(x, qh, codes):
@@ -590,7 +663,7 @@ def _mm16_template(raws, n_in, qx, dx, bsums, outs):
     for g in prange(_n_tiles(outs, 16)):
         m, r0, nr = _locate_tile(outs, g, 16)
         raw, out, off = raws[m], outs[m], r0 * row_bytes
-        if nr < 16:  # a matrix's last tile, short of rows: its rows, then the last one again, as 16 readable rows
+        if nr < 16 and not _PACKED:  # a matrix's last tile, short of rows: its rows, then the last one again
             pad = np.empty(16 * row_bytes, np.uint8)
             pad[:nr * row_bytes] = raw[off:off + nr * row_bytes]
             for i in range(nr, 16):
@@ -598,6 +671,9 @@ def _mm16_template(raws, n_in, qx, dx, bsums, outs):
             raw, off = pad, 0
         for t0 in range(0, T, ROWS16_TOKENS):
             _row_fn(raw, off, row_bytes, nr, nb, qx, dx, bsums, t0, out, r0)
+
+
+_PACKED = False  # bound per driver by _specialize: _mm16_template's weights are pack_rows16's copy
 
 
 # qtype -> the multi-row tiles (same arguments as linear._mm_<type>); compiled on first call
@@ -634,8 +710,11 @@ LANE_KERNELS = {qtype: _specialize(_mml_template, qtype, _lanes_dot(qtype, lane,
                 for qtype, lane in LANE_CODES.items()} if simd.LEVEL in ("vnni", "avx2") else {}
 # With AVX-512 (vpgatherdd, 512-bit vpdpbusd) Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 take the weight rows as lanes instead
 if simd._ZMM:
-    LANE_KERNELS.update({qtype: _specialize(_mm16_template, qtype, _rows16_dot(qtype), suffix="_rows16")
+    LANE_KERNELS.update({qtype: _specialize(_mm16_template, qtype, _rows16_dot(qtype), suffix="_rows16", _PACKED=False)
                          for qtype in _ROWS16_LAYOUT})
+# qtype -> the weight-row lanes on pack_rows16's copy (AVX-512), which QuantLinear runs in place of LANE_KERNELS'
+PACKED_KERNELS = {qtype: _specialize(_mm16_template, qtype, _rows16_dot(qtype, packed=True), suffix="_rows16p",
+                                     _PACKED=True) for qtype in PACKED16} if simd._ZMM else {}
 # With the 512-bit lane sums the lanes win from 3 rows (a step's lane-type products at 3 rows: SmolLM2 6.93 ms on
 # the tiles, 5.05 on the lanes; Gemma 3 9.74 vs 7.62; at 2 rows the tiles keep it: 4.04 vs 4.97, 7.65 vs 8.86).
 LANES_FROM = {qtype: 3 if simd._ZMM else 4 if simd.LEVEL == "vnni" else 3 if qtype in _NIBBLES_AT else 5

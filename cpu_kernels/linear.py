@@ -664,6 +664,9 @@ class QuantLinear:
         # where measured faster, weight-row tiles for one activation row in place of the single-row dots
         self._mm_rows, self._min_rows, self._mm_lanes, self._lanes_from, one_row = _multi_row(qtype)
         self._mm = one_row or self._mm
+        # the lanes on a packed copy of the matrix (batch_dot.pack_rows16), made by the first batch that runs them
+        self._mm_packed = _packed_lanes(qtype)
+        self._packed: np.ndarray | None = None
         self._group = act_group(qtype)  # activations per int8 scale in the integer kernels
         self._raws3 = _fused_weights([raw])[0]  # the kernels take 3 matrices (see _fused_weights)
         # prefill on int8 dots (gemm_i8.py), or None
@@ -674,7 +677,29 @@ class QuantLinear:
         """The integer kernel for T activation rows: the multi-row drivers from the measured row counts on."""
         if self._mm_rows is None or T < self._min_rows[self.qtype]:
             return self._mm
-        return self._mm_lanes if self._mm_lanes is not None and T >= self._lanes_from else self._mm_rows
+        if self._mm_lanes is None or T < self._lanes_from:
+            return self._mm_rows
+        return self._mm_packed or self._mm_lanes
+
+    def packed_batches(self, on: bool) -> bool:
+        """Whether batches take the lanes on the packed copy (where the type has them), or the file's bytes only;
+        off drops a copy already made. -> whether that changed which kernel a batch runs."""
+        kernel = _packed_lanes(self.qtype) if on else None
+        changed, self._mm_packed = kernel is not self._mm_packed, kernel
+        if not on:
+            self._packed = None
+            for plan in self._plans.values():
+                plan.packed.clear()
+        return changed
+
+    def packed16(self) -> np.ndarray:
+        """The matrix in the packed lanes' layout (batch_dot.pack_rows16): made once, on the first call (a server's
+        first batch), as many bytes as the matrix; a single stream never makes it."""
+        if self._packed is None:
+            from . import batch_dot
+
+            self._packed = batch_dot.pack_rows16(self.raw, self.qtype, self.n_out, self.n_in)
+        return self._packed
 
     def _x2d(self, X: np.ndarray, what: str) -> np.ndarray:
         X = np.asarray(X)
@@ -770,6 +795,13 @@ def _multi_row(qtype: str):
             batch_dot.ONE_ROW.get(qtype))
 
 
+def _packed_lanes(qtype: str):
+    """batch_dot's lanes driver on the packed copy of a `qtype` matrix, or None (not AVX-512, or another type)."""
+    from . import batch_dot
+
+    return batch_dot.PACKED_KERNELS.get(qtype)
+
+
 def matmul_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]:
     """[q.matmul(X) for q in qs] for matrices sharing a prompt's rows (Q/K/V, gate/up): the activations of those
     that take the int8 GEMM are quantized (or rounded to bf16 for gemm_amx) once for all of them."""
@@ -819,10 +851,11 @@ def matmul_rows_many(qs: list["QuantLinear"], X: np.ndarray) -> list[np.ndarray]
         X = np.ascontiguousarray(X, dtype=np.float32)
         acts = {}  # act_group -> X quantized on it, once per call
         e = _no_out(T)
-        for owner, raws3, idx, n_outs in plan.fused:
+        for k, (owner, _, idx, n_outs) in enumerate(plan.fused):
             qx, dx, bsums = acts.get(owner._group) or acts.setdefault(owner._group, _quantized(X, owner._group))
             outs = [np.empty((T, n), np.float32) for n in n_outs]
-            owner._integer_kernel(T)(raws3, plan.n_in, qx, dx, bsums, tuple(outs + [e] * (_FUSED - len(outs))))
+            kernel = owner._integer_kernel(T)
+            kernel(plan.weights(k, kernel), plan.n_in, qx, dx, bsums, tuple(outs + [e] * (_FUSED - len(outs))))
             for i, y in zip(idx, outs):
                 ys[i] = y
     return ys
@@ -835,7 +868,8 @@ def rows_calls(qs: list["QuantLinear"], T: int) -> list[tuple] | None:
     plan = _rows_plan(qs)
     if plan.others:
         return None
-    return [(owner._integer_kernel(T), owner._group, plan.n_in, raws3, idx) for owner, raws3, idx, _ in plan.fused]
+    return [(kernel, owner._group, plan.n_in, plan.weights(k, kernel), idx)
+            for k, (owner, _, idx, _) in enumerate(plan.fused) for kernel in [owner._integer_kernel(T)]]
 
 
 class _RowsPlan:
@@ -843,7 +877,7 @@ class _RowsPlan:
     kernel: QuantLinear.matmul), `fused` (per kernel call: the QuantLinear whose kernel runs, the call's 3-tuple
     of weights (_fused_weights), the matrices' indices and output widths)."""
 
-    __slots__ = ("n_in", "others", "fused")
+    __slots__ = ("n_in", "others", "fused", "members", "packed")
 
     def __init__(self, qs: list["QuantLinear"]):
         self.n_in = qs[0].n_in
@@ -854,11 +888,23 @@ class _RowsPlan:
         for i, q in enumerate(qs):
             if q._mm is not None:
                 groups.setdefault(q.qtype, []).append(i)
-        self.fused = []
+        self.fused, self.members, self.packed = [], [], {}
         for idx in groups.values():
             for k, raws3 in zip(range(0, len(idx), _FUSED), _fused_weights([qs[i].raw for i in idx])):
                 part = idx[k:k + _FUSED]
                 self.fused.append((qs[idx[0]], raws3, part, [qs[i].n_out for i in part]))
+                self.members.append([qs[i] for i in part])
+
+    def weights(self, k: int, kernel) -> tuple:
+        """The 3 weight arrays of fused call k for `kernel`: the matrices' packed copies for the packed lanes
+        (QuantLinear.packed16, made here the first time), else the file's bytes."""
+        owner, raws3 = self.fused[k][:2]
+        if kernel is None or kernel is not owner._mm_packed:
+            return raws3
+        packed = self.packed.get(k)
+        if packed is None:
+            packed = self.packed[k] = _fused_weights([q.packed16() for q in self.members[k]])[0]
+        return packed
 
 
 def _rows_plan(qs: list["QuantLinear"]) -> _RowsPlan:

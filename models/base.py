@@ -5,6 +5,7 @@ and `forward(w, cfg, tokens, pos0, cache, observer=None, all_logits=False)`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -163,6 +164,12 @@ def decode_tables(w, B: int, make: Callable[[int], Any]):
     return cache[B]
 
 
+def forget_decode_tables(w) -> None:
+    """Drop the tables `decode_tables` kept on the weights `w` (they hold the weights' addresses: after a change of
+    which copy a batch reads, QuantLinear.packed_batches)."""
+    w.__dict__.pop("_decode_tables", None)
+
+
 def compiled_decode(w, make_tables: Callable[[int], Any], caches: list, positions: np.ndarray,
                     embed: Callable[[], np.ndarray], freqs: Callable[[Any], np.ndarray],
                     n_vocab: int) -> np.ndarray | None:
@@ -205,6 +212,18 @@ def batch_attention(caches: list, positions: np.ndarray, scale: float, prompt_ro
         return prompt
     rest = batch_attention(caches[1:], positions[T:], scale)
     return lambda il, q, k, v: np.concatenate([prompt(il, q[:T], k[:T], v[:T]), rest(il, q[T:], k[T:], v[T:])])
+
+
+def all_linears(obj):
+    """Every Linear inside a model's weights or one layer's (dataclass fields, lists of them: layers, experts)."""
+    if isinstance(obj, Linear):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from all_linears(x)
+    elif dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from all_linears(getattr(obj, f.name))
 
 
 class Embedding:

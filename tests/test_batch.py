@@ -433,3 +433,28 @@ def test_on_step_hands_over_each_steps_events(model):
     assert max(len({i for i, ev in step if isinstance(ev, Piece)}) for step in log) > 1  # decoding together
     dones = [ev for step in log for _, ev in step if isinstance(ev, Done)]
     assert len(dones) == 3 and all(d.finish in ("stop", "length") for d in dones)
+
+
+def test_packed_weights_change_no_token_and_can_be_off(model):
+    """A server's batches read a copy of the 4-, 5- and 8-bit legacy matrices packed for the weight-row lanes
+    (AVX-512: cpu_kernels/batch_dot.pack_rows16), made at warm-up; `packed_weights=False` (edgeq serve
+    --no-packed-weights) keeps the file's bytes only: no copy, and the same greedy answers (the same products, bit
+    for bit)."""
+    from edgeq.cpu_kernels import batch_dot
+    from edgeq.models.base import all_linears
+
+    m = model
+    prompts = [m.chat_ids([{"role": "user", "content": t}]) for t in ("Hi", "Name a color.", "What is 1+1?")]
+    reqs = lambda: [GenRequest(ids, 8, SamplingParams(temperature=0)) for ids in prompts]
+    packable = [lin.q for lin in all_linears(m.weights) if lin.q.qtype in batch_dot.PACKED_KERNELS]
+    answers = {}
+    for packed in (True, False, True):
+        sched = Scheduler(m, n_slots=3, n_ctx=128, packed_weights=packed).start()
+        try:
+            assert sched.ready.wait(600)
+            copies = [q for q in packable if q._packed is not None]
+            assert len(copies) == (len(packable) if packed else 0)
+            answers.setdefault(packed, []).append(_run(sched, reqs())[0])
+        finally:
+            sched.stop()
+    assert answers[True][0] == answers[True][1] == answers[False][0]

@@ -90,7 +90,7 @@ def test_lanes_take_batches_from_lanes_from_rows():
         # one row fewer: the tiles, or the single-row dots below the tiles' MIN_ROWS (VNNI's Q8_0 lanes start at 4)
         fewer = batch_dot.KERNELS[qtype] if start - 1 >= batch_dot.MIN_ROWS[qtype] else q._mm
         assert q._integer_kernel(start - 1) is fewer
-        assert q._integer_kernel(start) is q._integer_kernel(16) is batch_dot.LANE_KERNELS[qtype]
+        assert q._integer_kernel(start) is q._integer_kernel(16) is _shipped_lanes(qtype)
         X = np.random.default_rng(1).standard_normal((start + 8, n_in)).astype(np.float32)
         direct = np.empty((X.shape[0], 13), np.float32)
         qx, dx, bsums = linear._quantized(X)
@@ -117,7 +117,7 @@ def test_lanes_reach_the_extreme_codes():
         from gguf.quants import dequantize
 
         W = dequantize(raw.reshape(9, -1), GGMLQuantizationType[qtype]).astype(np.float64)
-        assert q2._integer_kernel(8) is batch_dot.LANE_KERNELS[qtype]
+        assert q2._integer_kernel(8) is _shipped_lanes(qtype)
         (y,) = matmul_rows_many([q2], X)
         assert rel_err(y, quantize_activations(X, act_group(qtype)) @ W.T) < 1e-5, qtype
 
@@ -139,8 +139,44 @@ def test_rows16_prefetch_changes_no_bit():
                         suffix=f"_test_far{int(other)}")
         y = np.empty((11, 37), np.float32)
         linear._run_fused(k, [q.raw], n_in, qx, dx, bsums, [y])
-        assert q._integer_kernel(11) is batch_dot.LANE_KERNELS[qtype]  # the shipped prefetch
+        assert q._integer_kernel(11) is _shipped_lanes(qtype)  # the shipped prefetch
         np.testing.assert_array_equal(y, matmul_rows_many([q], X)[0])
+
+
+def _shipped_lanes(qtype: str):
+    """The lanes driver QuantLinear runs for a batch: on the packed copy where batch_dot has one (AVX-512's 4- and
+    5-bit types), else on the file's bytes."""
+    return batch_dot.PACKED_KERNELS.get(qtype) or batch_dot.LANE_KERNELS[qtype]
+
+
+def test_packed_lanes_equal_the_lanes_on_the_files_bytes():
+    """The 4-, 5- and 8-bit types' weight-row lanes on batch_dot.pack_rows16's copy (AVX-512): the products of the lanes
+    on the file's bytes, bit for bit, for full and partial tiles (1, 13, 16, 37 rows), extreme codes and partial
+    activation tiles; the copy is as large as the file's bytes of its whole tiles, made once, and only by a batch."""
+    from edgeq.cpu_kernels import linear, simd
+
+    if not simd._ZMM:
+        assert batch_dot.PACKED_KERNELS == {}
+        pytest.skip("the packed lanes run on AVX-512 only")
+    assert set(batch_dot.PACKED_KERNELS) == set(batch_dot.PACKED16) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+    for qtype in batch_dot.PACKED16:
+        for n_out in (1, 13, 16, 37):
+            n_in, (q,), _ = _matrices(qtype, (n_out,), 3, seed=n_out)
+            raw = q.raw.copy().reshape(n_out, -1, QTYPES[qtype].block_bytes)
+            raw[: n_out // 2 + 1, 0, CODE_BYTES[qtype]] = 0xFF if qtype != "Q8_0" else 0x80  # extreme codes (-128)
+            q = QuantLinear(raw.reshape(-1), qtype, (n_out, n_in))
+            q.matvec(np.ones(n_in, np.float32))
+            matmul_rows_many([q], np.ones((2, n_in), np.float32))
+            assert q._packed is None  # one row, and two (the tiles), read the file's bytes
+            for T in (3, 8, 11):
+                X = np.random.default_rng(T).standard_normal((T, n_in)).astype(np.float32)
+                qx, dx, bsums = linear._quantized(X)
+                direct = np.empty((T, n_out), np.float32)
+                linear._run_fused(batch_dot.LANE_KERNELS[qtype], [q.raw], n_in, qx, dx, bsums, [direct])
+                np.testing.assert_array_equal(matmul_rows_many([q], X)[0], direct)
+                assert q._packed is not None
+            assert q._packed.nbytes == -(-n_out // 16) * 16 * (q.raw.nbytes // n_out)
+            assert q.packed16() is q._packed  # made once
 
 
 def test_every_integer_type_has_a_multi_row_driver():

@@ -24,6 +24,9 @@ def add_arguments(p):
                    help="prompt tokens per step at most (default: what this machine evaluates in ~0.1 s, 32..256)")
     p.add_argument("--no-prompt-reuse", action="store_true",
                    help="evaluate every prompt from the start (to measure what reuse saves)")
+    p.add_argument("--no-packed-weights", action="store_true",
+                   help="no second copy of the 4-, 5- and 8-bit legacy matrices packed for batches: less memory "
+                        "(about the model file's size), slower batches (see README)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     add_cache_args(p)
     add_mmap_arg(p)
@@ -55,7 +58,8 @@ def main(a) -> int:
         server = make_server(model, a.host, a.port, n_slots=a.parallel, n_ctx=a.ctx, max_queue=a.max_queue,
                              api_key=key, cors_origin=a.cors_origin, model_name=a.name or name,
                              request_timeout=a.timeout, cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                             prompt_reuse=not a.no_prompt_reuse, prefill_chunk=a.prefill_chunk)
+                             prompt_reuse=not a.no_prompt_reuse, prefill_chunk=a.prefill_chunk,
+                             packed_weights=not a.no_packed_weights)
     except OSError as e:
         raise EdgeqError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
     warning = exposure_warning(a.host, key)

@@ -95,19 +95,10 @@ def blas_threads(n: int):
 
 
 def _linears(obj):
-    """Every models.base.Linear inside a layer's weights (dataclass fields, lists of them: experts)."""
-    from dataclasses import fields, is_dataclass
+    """Every models.base.Linear inside a layer's weights (models.base.all_linears)."""
+    from edgeq.models.base import all_linears
 
-    from edgeq.models.base import Linear
-
-    if isinstance(obj, Linear):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            yield from _linears(x)
-    elif is_dataclass(obj):
-        for f in fields(obj):
-            yield from _linears(getattr(obj, f.name))
+    return all_linears(obj)
 
 
 def forward_linear(raw, qtype: str, shape: tuple[int, int]):

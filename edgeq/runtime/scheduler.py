@@ -121,7 +121,11 @@ class _Slot:
 class Scheduler:
     def __init__(self, model, n_slots: int = 4, n_ctx: int | None = None, max_queue: int = 64,
                  prefill_chunk: int | None = None, cache_type_k: str | None = None, cache_type_v: str | None = None,
-                 prompt_reuse: bool = True, on_step: Callable[[], None] | None = None):
+                 prompt_reuse: bool = True, on_step: Callable[[], None] | None = None, packed_weights: bool = True):
+        """packed_weights=False: batches read the weights in the file's layout only, instead of a copy packed for the
+        batch products (cpu_kernels/batch_dot.py pack_rows16: as many bytes again as the Q4_0 / Q4_1 / Q5 / Q8_0
+        matrices, made at warm-up)."""
+        from edgeq.models.base import all_linears, forget_decode_tables
         from edgeq.runtime.kv_cache import KVPool
 
         if n_slots < 1:
@@ -131,6 +135,8 @@ class Scheduler:
         if getattr(model, "device", "cpu") != "cpu":
             raise EdgeqError("the server runs on the CPU (batched decode has no CUDA path yet)")
         self.model = model
+        if any([lin.q.packed_batches(packed_weights) for lin in all_linears(model.weights)]):
+            forget_decode_tables(model.weights)
         self.n_ctx = n_ctx or model.n_ctx
         if self.n_ctx < 16 or self.n_ctx > model.cfg.n_ctx_train:
             raise ContextError(f"context {self.n_ctx} must be between 16 and the model's trained context "

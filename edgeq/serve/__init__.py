@@ -90,11 +90,12 @@ def make_server(model, host: str = "127.0.0.1", port: int = 8080, n_slots: int =
                 max_queue: int = 64, api_key: str | None = None, cors_origin: str | None = None,
                 model_name: str | None = None, request_timeout: float = 600.0, max_body: int = 8 << 20,
                 prefill_chunk: int | None = None, cache_type_k: str | None = None,
-                cache_type_v: str | None = None, prompt_reuse: bool = True) -> Server:
+                cache_type_v: str | None = None, prompt_reuse: bool = True, packed_weights: bool = True) -> Server:
     from edgeq.runtime.scheduler import Scheduler
 
     sched = Scheduler(model, n_slots=n_slots, n_ctx=n_ctx, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                      cache_type_k=cache_type_k, cache_type_v=cache_type_v, prompt_reuse=prompt_reuse)
+                      cache_type_k=cache_type_k, cache_type_v=cache_type_v, prompt_reuse=prompt_reuse,
+                      packed_weights=packed_weights)
     opts = ServerOptions(model_name=model_name or model.path.stem, api_key=api_key or None, cors_origin=cors_origin,
                          loopback_only=is_loopback(host), max_body=max_body, request_timeout=request_timeout)
     server = Server(model, sched, opts, host, port)
