@@ -26,7 +26,7 @@ def add_arguments(p):
                    help="evaluate every prompt from the start (to measure what reuse saves)")
     p.add_argument("--no-packed-weights", action="store_true",
                    help="no second copy of the 4-, 5- and 8-bit legacy matrices packed for batches: less memory "
-                        "(about the model file's size), slower batches (see README)")
+                        "(up to the model file's size), slower batches (see README)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     add_cache_args(p)
     add_mmap_arg(p)
