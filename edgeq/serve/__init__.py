@@ -47,8 +47,10 @@ class Server:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host.strip("[]"), port))
         self.host, self.port = host, self.sock.getsockname()[1]
+        # lifespan off: the app has no startup or shutdown hooks, and uvicorn's lifespan task logged its cancellation
+        # as a traceback when a second Ctrl-C came during the shutdown
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                                limit_concurrency=1024)
+                                limit_concurrency=1024, lifespan="off")
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
