@@ -480,7 +480,6 @@ def _rows16_dot(qtype: str, far: bool | None = None, packed: bool = False):
             nb_all = builder.udiv(n_in, c(32))
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
-                blk = builder.add(row_off, x.splat(builder.trunc(builder.mul(b, c(block_bytes)), I32), 16))
                 # the next tile's bytes (16 rows on: contiguous), spread over the block loop as it goes: each block
                 # prefetches the next tile's 16 * block_bytes at the same share of it (see the note above
                 # _mm16_template)
@@ -494,15 +493,10 @@ def _rows16_dot(qtype: str, far: bool | None = None, packed: bool = False):
                     d = builder.fpext(x.at(cb, c(d_at), v16h), v16f)
                     e = builder.fpext(x.at(cb, c(e_at), v16h), v16f) if offset == "min" else \
                         builder.fmul(d, ir.Constant(v16f, [offset] * 16))
-                    words = [x.at(cb, c(64 * k), v16i) for k in range(d_at // 64)]
-                    m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
-                    codes = [builder.xor(w, ir.Constant(v16i, [-0x7F7F7F80] * 16)) for w in words] \
-                        if qtype == "Q8_0" else [builder.and_(w, m4) for w in words] + \
-                        [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
-                    if qh_at is not None:
-                        codes = _rows16_fifth_bits(x, x.at(cb, c(qh_packed), v16i), codes)
+                    codes = _rows16_codes(x, qtype, [x.at(cb, c(64 * k), v16i) for k in range(d_at // 64)],
+                                          x.at(cb, c(qh_packed), v16i) if qh_at is not None else None)
                 else:
-                    d, e, codes = _rows16_block(x, qtype, base, row_bytes, blk, b)
+                    d, e, codes = _rows16_block(x, qtype, base, row_bytes, row_off, b)
                 qrows = [builder.add(builder.mul(t, n_in), builder.mul(b, c(32))) for t in toks]
                 isums = [ir.Constant(v16i, None)] * len(toks)
                 for g in range(8):  # the activation rows' chains interleaved: 8 independent byte dots in flight
@@ -529,14 +523,15 @@ def _rows16_dot(qtype: str, far: bool | None = None, packed: bool = False):
     return intrinsic(impl)
 
 
-def _rows16_block(x, qtype: str, base, row_bytes, blk, b):
-    """Block b of 16 rows in the file's layout (row i at base + i * row_bytes; blk: the headers' 32-bit byte
-    offsets) -> (d, e: <16 x float> the rows' scales and offsets; codes: <16 x i32> words of unsigned codes, word k
-    lane i = row i's codes 4k..4k+3, 8 of them)."""
+def _rows16_block(x, qtype: str, base, row_bytes, row_off, b):
+    """Block b of 16 rows in the file's layout (row i at base + i * row_bytes; row_off: <16 x i32> the rows' byte
+    offsets, for the header's gathers) -> (d, e: <16 x float> the rows' scales and offsets; codes: _rows16_codes)."""
     builder = x.b
     c = lambda v: ir.Constant(I64, v)  # noqa: E731
     offset, codes_at, _, qh_at = _ROWS16_LAYOUT[qtype]
+    block_bytes = QTYPES[qtype].block_bytes
     v16i, v16f, v16h = _vec(I32, 16), _vec(F32, 16), _vec(ir.HalfType(), 16)
+    blk = builder.add(row_off, x.splat(builder.trunc(builder.mul(b, c(block_bytes)), I32), 16))
     hdr = x.gather16(base, blk)
     d = builder.fpext(builder.bitcast(builder.trunc(hdr, _vec(I16, 16)), v16h), v16f)
     if offset == "min":
@@ -544,19 +539,27 @@ def _rows16_block(x, qtype: str, base, row_bytes, blk, b):
                                                         _vec(I16, 16)), v16h), v16f)
     else:
         e = builder.fmul(d, ir.Constant(v16f, [offset] * 16))
-    at = builder.add(builder.mul(b, c(QTYPES[qtype].block_bytes)), c(codes_at))
-    if qtype == "Q8_0":  # 32 signed codes, made unsigned by flipping the top bit (w + 128)
-        words = _rows16_words(x, base, row_bytes, at) + _rows16_words(x, base, row_bytes, builder.add(at, c(16)))
-        flip = ir.Constant(v16i, [-0x7F7F7F80] * 16)  # 0x80808080
-        return d, e, [builder.xor(w, flip) for w in words]
+    at = builder.add(builder.mul(b, c(block_bytes)), c(codes_at))
     words = _rows16_words(x, base, row_bytes, at)
-    m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)  # low nibbles: weights 0..15, high: 16..31
-    codes = [builder.and_(w, m4) for w in words] + \
-            [builder.and_(builder.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
-    if qh_at is not None:  # Q5: code k's fifth bit is bit k of the block's qh
-        qh = x.gather16(base, builder.add(blk, ir.Constant(v16i, [qh_at] * 16)))
-        codes = _rows16_fifth_bits(x, qh, codes)
-    return d, e, codes
+    if qtype == "Q8_0":  # 32 codes: two 16-byte transposes
+        words += _rows16_words(x, base, row_bytes, builder.add(at, c(16)))
+    # Q5: code k's fifth bit is bit k of the block's qh
+    qh = x.gather16(base, builder.add(blk, ir.Constant(v16i, [qh_at] * 16))) if qh_at is not None else None
+    return d, e, _rows16_codes(x, qtype, words, qh)
+
+
+def _rows16_codes(x, qtype: str, words, qh):
+    """A block's dwords of packed codes (words: <16 x i32>, word k lane i = row i's dword k; 4 of nibbles, Q8_0's
+    8 of bytes) -> its 8 words of unsigned codes (word k lane i = row i's codes 4k..4k+3): Q8_0's signed bytes with
+    the top bit flipped (w + 128), the 4-bit types' low nibbles (weights 0..15) then high ones (16..31), and with qh
+    (<16 x i32>, Q5) their fifth bits (_rows16_fifth_bits)."""
+    b = x.b
+    v16i = _vec(I32, 16)
+    if qtype == "Q8_0":
+        return [b.xor(w, ir.Constant(v16i, [-0x7F7F7F80] * 16)) for w in words]  # 0x80808080
+    m4 = ir.Constant(v16i, [0x0F0F0F0F] * 16)
+    codes = [b.and_(w, m4) for w in words] + [b.and_(b.lshr(w, ir.Constant(v16i, [4] * 16)), m4) for w in words]
+    return codes if qh is None else _rows16_fifth_bits(x, qh, codes)
 
 
 # ---------------------------------------------------------------- the lanes' types packed for them

@@ -640,7 +640,8 @@ def test_calibration_by_layer_sees_what_the_full_forward_sees(tiny, tmp_path, ar
     inputs are those of a full forward pass over the file quantized to Q8_0 by the converter (embedding kept), its
     matrices run as calibrate.forward_linear runs them (float tiles below its size floor: all of this tiny model's)."""
     from edgeq.convert import gptq
-    from edgeq.convert.calibrate import FORWARD_TYPE, _linears, calibrate_by_layer, forward_linear
+    from edgeq.convert.calibrate import FORWARD_TYPE, calibrate_by_layer, forward_linear
+    from edgeq.models.base import all_linears
     from edgeq.runtime import engine
 
     assert FORWARD_TYPE == "Q8_0"
@@ -653,7 +654,7 @@ def test_calibration_by_layer_sees_what_the_full_forward_sees(tiny, tmp_path, ar
     text = TEXT * 20
     model = engine.load(str(ref), n_ctx=32, threads=1)
     assert {lin.q.qtype for lin in (model.weights.layers[0].wq, model.weights.layers[0].w_down)} == {forward or "F32"}
-    for lin in _linears(model.weights.layers if forward else []):
+    for lin in all_linears(model.weights.layers if forward else []):
         lin.q = forward_linear(lin.q.raw, lin.q.qtype, (lin.q.n_out, lin.q.n_in))
     tok = model.tokenizer
     full = imatrix.collect(lambda c, obs: model.collect_activations(c, obs), tok.encode(text, add_special=False),

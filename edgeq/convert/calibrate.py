@@ -94,13 +94,6 @@ def blas_threads(n: int):
         put(old)
 
 
-def _linears(obj):
-    """Every models.base.Linear inside a layer's weights (models.base.all_linears)."""
-    from edgeq.models.base import all_linears
-
-    return all_linears(obj)
-
-
 def forward_linear(raw, qtype: str, shape: tuple[int, int]):
     """The QuantLinear the calibration forward runs for a `qtype` matrix: prefill on float tiles below
     FORWARD_INT8_MIN_WEIGHTS weights, on the runtime's int8 GEMM from there."""
@@ -114,10 +107,11 @@ def forward_weights(layer, qtype: str | None = FORWARD_TYPE):
     """Inside the block, the float matrices of `layer` (a model's Layer) are `qtype` copies (see FORWARD_TYPE);
     the originals are put back after it, and the copies freed: one layer's copies exist at a time."""
     from edgeq.formats.quants import block_size, dequantize, quantize
+    from edgeq.models.base import all_linears
 
     swapped = []
     if qtype is not None:
-        for lin in _linears(layer):
+        for lin in all_linears(layer):
             q = lin.q
             if q.qtype in ("F32", "F16", "BF16") and q.n_in % block_size(qtype) == 0:
                 x = dequantize(q.raw, q.qtype, (q.n_out, q.n_in))
